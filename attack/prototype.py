@@ -1,0 +1,28 @@
+"""Clean training with the attack harness (no poisoning): the clean reference model that
+some attacks (LF, TrojanNN) and defenses need, and the baseline accuracy of a recipe.
+
+    python attack/prototype.py --dataset cifar10 --save_folder_name prototype_cifar10
+"""
+from __future__ import annotations
+
+import torch
+
+from attack.base import Attack, register_attack, run
+
+
+@register_attack("prototype")
+class Prototype(Attack):
+    """Clean training: the dataset's recipe with no trigger and no poisoned sample."""
+
+    kind = "clean"
+    paper = "none (clean training)"
+
+    def __init__(self) -> None:
+        pass
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+if __name__ == "__main__":
+    run("prototype")

@@ -1,0 +1,335 @@
+"""The defense harness: the Defense base class, its registry, and ``run``, the one
+function behind every ``python defense/<name>.py``.
+
+``run`` loads the attack record, draws the defender's clean subset from the clean
+training set (seeded, never a poisoned sample; the indices are saved), evaluates the
+backdoored model, calls ``Defense.mitigate(model, data)``, evaluates the purified model
+with the same code for every defense, and writes ``record/<result_file>/defense/<name>/``:
+defense_result.pt, <name>_df.csv, summary.json, index.txt, <name>.log and <name>_plot.png.
+The folder appears only when the run has finished; an existing one is kept unless
+``--overwrite``.
+
+A defense sees only the defender's data (:class:`DefenseData`): its clean subset, the
+dataset's declared transforms and the device. It reports progress through
+``data.report(epoch, model, **losses)``; the harness decides when to evaluate, on test
+data the defense never sees.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils import config as cfg
+from utils.cli import entry
+from utils.config import Layer, Param
+from utils.datasets import DatasetInfo, ImageData, load_dataset, train_transform
+from utils.errors import UserError
+from utils.history import History
+from utils.metrics import Metrics, der, evaluate
+from utils.models import Classifier
+from utils.records import (AttackRecord, StagedFolder, load_record, record_dir, save_defense_result, save_json,
+                           save_text)
+from utils.registry import Registry
+from utils.runtime import autocast, log_to, resolve_device, seed_everything
+from utils.train import batches
+
+log = logging.getLogger("saubench")
+
+
+# -- what a defense sees -------------------------------------------------------------------------
+
+class Monitor:
+    """Collects one row per reported epoch and evaluates the model every ``eval_every``
+    epochs and at ``last_epoch``, with the harness's evaluation."""
+
+    def __init__(self, evaluate_fn: Callable[[nn.Module], Metrics], eval_every: int = 1,
+                 last_epoch: int | None = None):
+        self.evaluate_fn = evaluate_fn
+        self.eval_every = eval_every
+        self.last_epoch = last_epoch
+        self.history = History()
+        self.eval_seconds = 0.0
+
+    def report(self, epoch: int, model: nn.Module, **values: float) -> None:
+        row = self.history.add(epoch=epoch, **{k: float(v) for k, v in values.items()})
+        if (epoch + 1) % self.eval_every == 0 or epoch == self.last_epoch:
+            start = time.perf_counter()
+            metrics = self.evaluate_fn(model)
+            self.eval_seconds += time.perf_counter() - start
+            row.update(metrics.as_row())
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+            log.info("epoch %d: %s  C-Acc %.4f  ASR %.4f  RA %.4f", epoch, shown, metrics.clean_acc, metrics.asr,
+                     metrics.ra)
+
+
+@dataclass
+class DefenseData:
+    """The defender's resources: a small clean subset of the training set (uint8, on the
+    CPU), the dataset's declared info and train transform, the device, and a seed."""
+
+    clean: ImageData
+    info: DatasetInfo
+    device: torch.device
+    amp: bool = True
+    seed: int = 0
+    monitor: Monitor | None = None
+    _on_device: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole clean subset as float [0, 1] images and labels on the device (cached):
+        small subsets are cheaper held as one tensor than loaded batch by batch."""
+        if self._on_device is None:
+            self._on_device = (self.clean.images.to(self.device).float().div_(255.0), self.clean.labels.to(self.device))
+        return self._on_device
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, augment: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the clean subset on the device, with the train transform if ``augment``."""
+        x_all, y_all = self.tensors()
+        for x, y in batches(x_all, y_all, batch_size=batch_size, device=self.device, shuffle=shuffle,
+                            generator=generator):
+            yield (self.augment(x) if augment else x), y
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        return train_transform(self.info, x)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the run's seed (for shuffling)."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def autocast(self):
+        return autocast(self.device, self.amp)
+
+    def report(self, epoch: int, model: nn.Module, **values: float) -> None:
+        """Record this epoch's numbers (losses, rates); the harness may evaluate the model."""
+        if self.monitor is not None:
+            self.monitor.report(epoch, model, **values)
+
+    def split(self, fraction: float, seed_offset: int = 0) -> tuple["DefenseData", "DefenseData"]:
+        """Split the clean subset in two (seeded): ``fraction`` of it goes to the second part."""
+        order = torch.randperm(len(self.clean), generator=self.generator(seed_offset))
+        cut = len(order) - max(1, int(round(fraction * len(order))))
+        parts = []
+        for idx in (order[:cut], order[cut:]):
+            parts.append(DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor))
+        return parts[0], parts[1]
+
+
+# -- the contract ----------------------------------------------------------------------------------
+
+class Defense:
+    """Base class. A defense takes its hyperparameters as annotated keyword arguments of
+    ``__init__`` with the paper's defaults (kept as attributes of the same names),
+    documents its paper in its docstring, and implements :meth:`mitigate`. It parses no
+    argv, reads no record, evaluates nothing and prints nothing."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    kind: ClassVar[Literal["mitigation", "detection"]] = "mitigation"
+    param_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+
+    def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
+        """Return the purified model (same architecture) from the backdoored ``model``."""
+        raise NotImplementedError
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """Tensors saved with the result (a pruning mask, reversed triggers)."""
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """Plain values added to summary.json (e.g. a detection verdict)."""
+        return {}
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return cfg.hyperparameters_of(self)
+
+    @classmethod
+    def params(cls) -> list[Param]:
+        return cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
+
+
+DEFENSES: Registry[Defense] = Registry("defense")
+register_defense = DEFENSES.register
+
+
+def list_defenses() -> list[str]:
+    return DEFENSES.names()
+
+
+def create_defense(name: str, **hyperparameters: Any) -> Defense:
+    return DEFENSES.create(name, **hyperparameters)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode with no parameter gradients (a reference model)."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# -- the harness ----------------------------------------------------------------------------------
+
+COMMON: list[Param] = [
+    Param("result_file", str, help="attack record name (a folder of --record_root)"),
+    Param("yaml_path", str | None, None, "defense config (default: config/defense/<name>/<dataset>.yaml)"),
+    Param("ratio", float, 0.05, "defender's clean data, as a fraction of the training set", check=cfg.fraction),
+    Param("index", str | None, None, "file of clean training indices, one a line (instead of --ratio)"),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Param("amp", bool, True, "mixed precision on CUDA"),
+    Param("random_seed", int, 0, "random seed", check=cfg.non_negative),
+    Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
+    Param("record_root", str, "record", "folder of the records"),
+    Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
+    Param("download", bool, True, "download missing datasets where possible"),
+    Param("overwrite", bool, False, "replace an existing result"),
+    Param("debug", bool, False, "show tracebacks"),
+]
+IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset",
+                          "model", "dataset_path", "checkpoint_load", "checkpoint_save", "log"})
+
+
+def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple[dict[str, Any], AttackRecord]:
+    cls = DEFENSES.get(name)
+    params = [*COMMON, *cls.params()]
+    parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
+    cli = cfg.parse_cli(parser, argv)
+    first = {**overrides, **cli}
+    if "result_file" not in first:
+        raise UserError("missing required argument --result_file (an attack record in record/)")
+    record_root = Path(first.get("record_root", "record"))
+    record = load_record(record_dir(record_root, first["result_file"]))
+    layers = []
+    yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
+    if yaml_path is not None:
+        layers.append(Layer(cfg.shown(yaml_path), cfg.read_yaml(Path(yaml_path)), IGNORED_KEYS))
+    layers.append(Layer("keyword arguments", overrides))
+    values = cfg.resolve(params, layers, cli)
+    values["defense"] = cls.name
+    values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
+    if values["data_root"] is None:
+        values["data_root"] = record.config.get("data_root", "data")
+    return values, record
+
+
+def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run defense ``name`` on an attack record. From a script, ``run("sau")`` reads the
+    command line; from Python, ``run("sau", result_file="badnet_digits", epochs=5)``
+    returns the summary dict that is also written to summary.json."""
+    return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
+
+
+def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    values, record = resolve_config(name, argv, overrides)
+    cls = DEFENSES.get(name)
+    device = resolve_device(values["device"])
+    defense = cls(**{p.name: values[p.name] for p in cls.params()})
+    out = StagedFolder(record.path / "defense" / cls.name, values["overwrite"])
+    folder = out.open()
+    try:
+        with log_to(folder, f"{cls.name}.log"):
+            log.info("defense %s on %s: %s", cls.name, record.path, cfg.plain(values))
+            summary = _defend(defense, record, values, device, folder)
+        final = out.commit()
+    except BaseException:
+        out.discard()
+        raise
+    log.info("result written to %s", final)
+    return summary
+
+
+def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, ratio: float, seed: int,
+                  index_file: str | None = None) -> torch.Tensor:
+    """The defender's clean subset: from ``index_file`` (BackdoorBench's format: one index
+    a line) or ``round(ratio * N)`` indices drawn with ``seed`` among the samples that
+    were not poisoned. Sorted."""
+    n = len(train_labels)
+    poisoned = torch.zeros(n, dtype=torch.bool)
+    poisoned[poison_indices] = True
+    if index_file is not None:
+        try:
+            raw = np.loadtxt(index_file, dtype=np.int64, ndmin=1)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--index {index_file}: cannot read clean indices ({str(exc).splitlines()[0]})") from None
+        idx = torch.from_numpy(raw)
+        if len(idx) == 0:
+            raise UserError(f"--index {index_file}: the file holds no index")
+        if int(idx.min()) < 0 or int(idx.max()) >= n:
+            raise UserError(f"--index {index_file}: indices must be in 0..{n - 1}")
+        if poisoned[idx].any():
+            bad = idx[poisoned[idx]][:5].tolist()
+            raise UserError(f"--index {index_file}: indices {bad} are poisoned training samples")
+        return idx.unique()
+    pool = torch.nonzero(~poisoned).flatten()
+    count = int(round(ratio * n))
+    if count < 1:
+        raise UserError(f"--ratio {ratio} gives an empty clean subset ({n} training samples)")
+    count = min(count, len(pool))
+    rng = np.random.default_rng(seed)
+    return pool[torch.from_numpy(np.sort(rng.choice(len(pool), size=count, replace=False)))]
+
+
+def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
+            folder: Path) -> dict[str, Any]:
+    seed_everything(values["random_seed"])
+    data = load_dataset(record.clean_data, values["data_root"], download=values["download"],
+                        img_size=record.config.get("img_size"))
+    if data.info.img_size != tuple(record.img_size) or data.info.num_classes != record.num_classes:
+        raise UserError(f"{record.path}: the record says {record.clean_data} is {tuple(record.img_size)} with "
+                        f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
+                        f"{data.info.num_classes}")
+    model = record.build_model().to(device).eval()
+    idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
+                        values["index"])
+    save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
+    log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
+
+    def measure(m: nn.Module) -> Metrics:
+        return evaluate(m, data.test, record.bd_test, device=device, amp=values["amp"])
+
+    before = measure(model)
+    log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
+    epochs = getattr(defense, "epochs", None)
+    monitor = Monitor(measure, values["eval_every"], epochs - 1 if isinstance(epochs, int) else None)
+    defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor)
+
+    seed_everything(values["random_seed"])
+    start = time.perf_counter()
+    purified = defense.mitigate(model, defender)
+    seconds = time.perf_counter() - start
+    if not isinstance(purified, Classifier) or purified.name != record.model_name:
+        raise TypeError(f"{defense.name}.mitigate must return the model it was given (a {record.model_name})")
+    purified.eval()
+    after = measure(purified)
+    log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
+
+    save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), defense.extras())
+    monitor.history.save_csv(folder / f"{defense.name}_df.csv")
+    monitor.history.save_plot(folder / f"{defense.name}_plot.png",
+                              f"{defense.name} on {record.path.name} ({record.model_name})")
+    summary = {
+        "defense": defense.name, "result_file": values["result_file"],
+        "before": before.headline(), "after": after.headline(),
+        "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc),
+        "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
+        "device": str(device), "clean_samples": len(idx), **defense.report(),
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+    }
+    save_json(summary, folder / "summary.json")
+    return summary

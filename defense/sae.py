@@ -1,0 +1,192 @@
+"""Shared adversarial examples (SAE): the inner maximisation of Shared Adversarial
+Unlearning (Wei et al., NeurIPS 2023, arXiv:2307.10562, Sec. 4 and Alg. 1).
+
+A perturbation delta is *shared* on a sample when it fools both the model being purified
+(f) and the backdoored reference model (f_ref), and both predict the same label on
+x + delta. Backdoor triggers are such perturbations, so unlearning shared adversarial
+examples removes the backdoor without needing the trigger.
+
+The generator minimises, by signed projected gradient steps on delta only,
+
+    beta_1 * L_adv + beta_2 * L_share
+    L_adv   = -(1 / 2B) * sum over models m, over samples m is not yet fooled on, of CE(m(x + delta), y)
+    L_share =  (1 / B)  * sum over samples not yet shared of JS(softmax f(x + delta) || softmax f_ref(x + delta))
+
+where a model is fooled on a sample when its prediction on x + delta differs from its
+prediction on x, and JS is the Jensen-Shannon divergence (natural log).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.runtime import amp_dtype, autocast
+
+Norm = Literal["L_inf", "L2", "L1"]
+Init = Literal["max", "random", "zero"]
+
+
+def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jensen-Shannon divergence between softmax(logits_p) and softmax(logits_q),
+    computed in log space (no clamping needed)."""
+    log_p = F.log_softmax(logits_p.float(), dim=1)
+    log_q = F.log_softmax(logits_q.float(), dim=1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * ((log_p.exp() * (log_p - log_m)).sum(1) + (log_q.exp() * (log_q - log_m)).sum(1))
+
+
+def adversarial_loss(logits: torch.Tensor, logits_ref: torch.Tensor, labels: torch.Tensor,
+                     fooled: torch.Tensor, fooled_ref: torch.Tensor) -> torch.Tensor:
+    """L_adv: minus the cross-entropy to the true label, counted for each model only on
+    the samples it is not yet fooled on, averaged over the batch and both models."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    ce_ref = F.cross_entropy(logits_ref.float(), labels, reduction="none")
+    return -(ce[~fooled].sum() + ce_ref[~fooled_ref].sum()) / (2 * len(labels))
+
+
+def share_loss(logits: torch.Tensor, logits_ref: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """L_share: the JS divergence between the two models' predictions, summed over the
+    samples that are not yet shared, divided by the batch size."""
+    return js_divergence(logits, logits_ref)[~shared].sum() / len(shared)
+
+
+def project(delta: torch.Tensor, norm: Norm, bound: float) -> torch.Tensor:
+    """Euclidean projection of each sample's perturbation onto the ``norm`` ball of radius
+    ``bound``."""
+    if norm == "L_inf":
+        return delta.clamp(-bound, bound)
+    flat = delta.flatten(1)
+    if norm == "L2":
+        scale = (bound / flat.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        return (flat * scale[:, None]).view_as(delta)
+    if norm == "L1":
+        return _project_l1(flat, bound).view_as(delta)
+    raise ValueError(f"unknown norm '{norm}' (L_inf, L2 or L1)")
+
+
+def _project_l1(v: torch.Tensor, radius: float) -> torch.Tensor:
+    """Rows of ``v`` projected onto the L1 ball (Duchi et al. 2008, sort-based)."""
+    a = v.abs()
+    inside = a.sum(1) <= radius
+    mu, _ = a.sort(dim=1, descending=True)
+    cums = mu.cumsum(1) - radius
+    ks = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
+    rho = ((mu - cums / ks) > 0).to(v.dtype).mul(ks).argmax(1)  # last index where the condition holds
+    theta = (cums.gather(1, rho[:, None]) / (rho[:, None] + 1).to(v.dtype)).clamp_min(0)
+    out = v.sign() * (a - theta).clamp_min(0)
+    return torch.where(inside[:, None], v, out)
+
+
+@contextlib.contextmanager
+def no_param_grads(*models: nn.Module) -> Iterator[None]:
+    """Turn off parameter gradients for the duration (only delta needs them)."""
+    saved = [(p, p.requires_grad) for m in models for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+@dataclass
+class SAEStats:
+    """How the last search ended: shares of the batch fooling f, f_ref, both (with the
+    same label: shared), and the number of steps taken."""
+
+    fooled: float
+    fooled_ref: float
+    shared: float
+    steps: int
+
+
+class SharedAdversarialExamples:
+    """Shared adversarial perturbations for two models (SAU's inner maximisation).
+
+    Distance measure: L_inf (default), L2 or L1 on the perturbation, per sample, in
+    [0, 1] pixel space; x + delta is not clipped to [0, 1] (as in BackdoorBench and i-BAU).
+
+    Args:
+        model: the model being purified (f), in eval mode.
+        model_ref: the backdoored reference model (f_ref), in eval mode.
+        bound: radius of the norm ball (0.2).
+        step_size: size of each signed gradient step (0.2).
+        steps: maximum number of steps (5).
+        norm: ``"L_inf"``, ``"L2"`` or ``"L1"``.
+        init: ``"max"`` (delta = +bound, then projected), ``"random"`` (uniform in
+            [-bound, bound], projected) or ``"zero"``.
+        beta_1: weight of L_adv (0.01).
+        beta_2: weight of L_share (1).
+        amp: autocast the forward passes on CUDA.
+
+    Shape:
+        images: (N, C, H, W) floats in [0, 1]; labels: (N,) int64 -> delta: (N, C, H, W).
+
+    Example:
+        >>> sae = SharedAdversarialExamples(model, frozen_copy(model))
+        >>> delta = sae(images, labels)
+        >>> sae.stats.shared  # share of the batch on which delta is shared
+    """
+
+    def __init__(self, model: nn.Module, model_ref: nn.Module, bound: float = 0.2, step_size: float = 0.2,
+                 steps: int = 5, norm: Norm = "L_inf", init: Init = "max", beta_1: float = 0.01,
+                 beta_2: float = 1.0, amp: bool = True):
+        if bound <= 0 or step_size <= 0 or steps < 1:
+            raise ValueError("bound and step_size must be > 0 and steps >= 1")
+        if norm not in ("L_inf", "L2", "L1") or init not in ("max", "random", "zero"):
+            raise ValueError(f"unknown norm '{norm}' or init '{init}'")
+        self.model, self.model_ref = model, model_ref
+        self.bound, self.step_size, self.steps = bound, step_size, steps
+        self.norm, self.init = norm, init
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        self.amp = amp
+        self.stats = SAEStats(0.0, 0.0, 0.0, 0)
+        # f_ref's predictions on x and on x + delta at the end of the last search
+        self.pred_ref: torch.Tensor | None = None
+        self.clean_pred_ref: torch.Tensor | None = None
+
+    def initial(self, images: torch.Tensor) -> torch.Tensor:
+        if self.init == "max":
+            delta = torch.full_like(images, self.bound)
+        elif self.init == "random":
+            delta = torch.empty_like(images).uniform_(-self.bound, self.bound)
+        else:
+            delta = torch.zeros_like(images)
+        return project(delta, self.norm, self.bound)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        device = images.device
+        # Loss scaling for the sign of a float16 gradient (only the sign is used).
+        scale = 1024.0 if self.amp and amp_dtype(device) == torch.float16 else 1.0
+        with no_param_grads(self.model, self.model_ref):
+            with torch.no_grad(), autocast(device, self.amp):
+                clean_pred = self.model(images).argmax(1)
+                clean_pred_ref = self.model_ref(images).argmax(1)
+            delta = self.initial(images)
+            steps = 0
+            while True:
+                delta.requires_grad_(steps < self.steps)  # the last check needs no gradient
+                with torch.set_grad_enabled(steps < self.steps), autocast(device, self.amp):
+                    logits = self.model(images + delta)
+                    logits_ref = self.model_ref(images + delta)
+                pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
+                fooled, fooled_ref = pred != clean_pred, pred_ref != clean_pred_ref
+                shared = fooled & fooled_ref & (pred == pred_ref)
+                if bool(shared.all()) or steps == self.steps:
+                    break
+                loss = (self.beta_1 * adversarial_loss(logits, logits_ref, labels, fooled, fooled_ref)
+                        + self.beta_2 * share_loss(logits, logits_ref, shared))
+                (grad,) = torch.autograd.grad(loss * scale, delta)
+                delta = project(delta.detach() - self.step_size * grad.sign(), self.norm, self.bound)
+                steps += 1
+        self.stats = SAEStats(float(fooled.float().mean()), float(fooled_ref.float().mean()),
+                              float(shared.float().mean()), steps)
+        self.pred_ref, self.clean_pred_ref = pred_ref.detach(), clean_pred_ref
+        return delta.detach()

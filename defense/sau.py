@@ -1,0 +1,161 @@
+"""SAU: Shared Adversarial Unlearning. Wei, Zhang, Zha and Wu, "Shared Adversarial
+Unlearning: Backdoor Mitigation by Unlearning Shared Adversarial Examples", NeurIPS 2023
+(arXiv:2307.10562).
+
+Idea: the adversarial risk of the backdoored model on its poisoned samples is bounded by
+the risk on *shared* adversarial examples: perturbations that fool both the model being
+purified and the backdoored model, towards the same label. SAU alternates (Alg. 1): for
+each batch of the defender's clean data, find shared adversarial examples
+(:class:`defense.sae.SharedAdversarialExamples`), then take one step on
+
+    lmd_1 * CE(f(x), y) + lmd_2 * CE(f(x + delta), y) + lmd_3 * L_sar
+    L_sar = -(1 / B) * sum over samples where f_ref(x + delta) is wrong and differs from
+            f_ref(x) of log(1 - p_f(f_ref(x + delta) | x + delta)),
+
+which keeps clean accuracy and pushes f away from the backdoored model's label on the
+shared adversarial examples.
+
+Hyperparameters (BackdoorBench's reference configuration, config/defense/sau/):
+    epochs: unlearning rounds, one pass over the clean subset each (100; tiny: 20)
+    batch_size: batch size (256)
+    lr: Adam learning rate, amsgrad, no weight decay, constant (1e-4)
+    norm_type: norm of the perturbation ball, L_inf, L2 or L1 (L_inf)
+    trigger_norm: radius of the perturbation ball in [0, 1] pixel space (0.2)
+    adv_lr: step size of the perturbation search (0.2)
+    adv_steps: steps of the perturbation search (5)
+    pgd_init: initial perturbation, max, random or zero (max)
+    beta_1: weight of L_adv in the search (0.01)
+    beta_2: weight of L_share in the search (1)
+    lmd_1: weight of the clean loss (1)
+    lmd_2: weight of adversarial training on x + delta (0)
+    lmd_3: weight of the shared adversarial risk L_sar (1)
+    outer_steps: unlearning steps per found perturbation (1)
+    train_mode: BatchNorm in training mode during unlearning (off: BN statistics stay frozen)
+
+Deviations, each small and stated:
+* L_sar is computed exactly in log space, log(1 - p_k) = logsumexp_{j != k} z_j - logsumexp_j z_j;
+  BackdoorBench averages two clamped forms of the same quantity (clamps at 1e-3 / 0.999).
+* The search stops *before* a step once every sample is shared; BackdoorBench takes one
+  more step after the check.
+* L1 balls use the exact Euclidean projection; BackdoorBench rescales.
+* BackdoorBench builds a cosine scheduler for SAU but never steps it, so its learning rate
+  is constant; here there is no scheduler.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
+from defense.sae import SharedAdversarialExamples
+from utils import config as cfg
+from utils.runtime import grad_scaler
+from utils.train import check_finite, make_optimizer
+
+
+def shared_adversarial_risk(logits_adv: torch.Tensor, pred_ref_adv: torch.Tensor, pred_ref_clean: torch.Tensor,
+                            labels: torch.Tensor) -> torch.Tensor:
+    """L_sar: -(1/B) sum over the samples where the backdoored model's label on x + delta
+    is wrong and differs from its label on x, of log(1 - p_f(that label | x + delta))."""
+    mask = (pred_ref_adv != labels) & (pred_ref_adv != pred_ref_clean)
+    if not bool(mask.any()):
+        return logits_adv.sum() * 0.0
+    z = logits_adv[mask].float()
+    k = pred_ref_adv[mask]
+    others = z.masked_fill(F.one_hot(k, z.shape[1]).bool(), float("-inf"))
+    log_one_minus_p = torch.logsumexp(others, dim=1) - torch.logsumexp(z, dim=1)
+    return -log_one_minus_p.sum() / len(labels)
+
+
+@register_defense("sau")
+class SAU(Defense):
+    """Shared Adversarial Unlearning (Wei et al., NeurIPS 2023): unlearn shared adversarial examples.
+
+    Args:
+        epochs: unlearning rounds, one pass over the clean subset each
+        batch_size: batch size of the search and the unlearning step
+        lr: Adam (amsgrad) learning rate, constant
+        norm_type: norm of the perturbation ball
+        trigger_norm: radius of the perturbation ball in [0, 1] pixel space
+        adv_lr: step size of the perturbation search
+        adv_steps: maximum steps of the perturbation search
+        pgd_init: initial perturbation
+        beta_1: weight of L_adv in the search
+        beta_2: weight of L_share in the search
+        lmd_1: weight of the clean cross-entropy
+        lmd_2: weight of the cross-entropy on x + delta (adversarial training; off by default)
+        lmd_3: weight of the shared adversarial risk L_sar
+        outer_steps: unlearning steps per found perturbation
+        train_mode: BatchNorm in training mode during unlearning
+    """
+
+    paper = "Wei, Zhang, Zha and Wu, Shared Adversarial Unlearning, NeurIPS 2023, arXiv:2307.10562"
+    param_aliases = {"epochs": ("n_rounds",)}
+    param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
+                    "trigger_norm": cfg.positive, "adv_lr": cfg.positive, "adv_steps": cfg.positive,
+                    "outer_steps": cfg.positive}
+
+    def __init__(self, epochs: int = 100, batch_size: int = 256, lr: float = 1e-4,
+                 norm_type: Literal["L_inf", "L2", "L1"] = "L_inf", trigger_norm: float = 0.2, adv_lr: float = 0.2,
+                 adv_steps: int = 5, pgd_init: Literal["max", "random", "zero"] = "max", beta_1: float = 0.01,
+                 beta_2: float = 1.0, lmd_1: float = 1.0, lmd_2: float = 0.0, lmd_3: float = 1.0,
+                 outer_steps: int = 1, train_mode: bool = False):
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.norm_type, self.trigger_norm, self.adv_lr = norm_type, trigger_norm, adv_lr
+        self.adv_steps, self.pgd_init = adv_steps, pgd_init
+        self.beta_1, self.beta_2 = beta_1, beta_2
+        self.lmd_1, self.lmd_2, self.lmd_3 = lmd_1, lmd_2, lmd_3
+        self.outer_steps, self.train_mode = outer_steps, train_mode
+
+    def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
+        model_ref = frozen_copy(model)
+        model.eval()
+        sae = SharedAdversarialExamples(model, model_ref, bound=self.trigger_norm, step_size=self.adv_lr,
+                                        steps=self.adv_steps, norm=self.norm_type, init=self.pgd_init,
+                                        beta_1=self.beta_1, beta_2=self.beta_2, amp=data.amp)
+        optimizer = make_optimizer(model.parameters(), "adam", self.lr, weight_decay=0.0)
+        scaler = grad_scaler(data.device, data.amp)
+        generator = data.generator()
+        for epoch in range(self.epochs):
+            sums = {"loss": 0.0, "loss_cl": 0.0, "loss_at": 0.0, "loss_sar": 0.0, "shared_rate": 0.0,
+                    "fooled_rate": 0.0, "fooled_ref_rate": 0.0}
+            seen = 0
+            for step, (x, y) in enumerate(data.batches(self.batch_size, generator=generator)):
+                delta = sae(x, y)
+                for _ in range(self.outer_steps):
+                    terms = self.unlearning_step(model, optimizer, scaler, data, x, y, delta, sae, epoch, step)
+                n = len(y)
+                seen += n
+                for key, value in terms.items():
+                    sums[key] += value * n
+                sums["shared_rate"] += sae.stats.shared * n
+                sums["fooled_rate"] += sae.stats.fooled * n
+                sums["fooled_ref_rate"] += sae.stats.fooled_ref * n
+            data.report(epoch, model, **{k: v / max(seen, 1) for k, v in sums.items()})
+        return model.eval()
+
+    def unlearning_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                        data: DefenseData, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                        sae: SharedAdversarialExamples, epoch: int, step: int) -> dict[str, float]:
+        """One step on lmd_1 * L_clean + lmd_2 * L_adv-train + lmd_3 * L_sar; returns the terms."""
+        model.train(self.train_mode)
+        with data.autocast():
+            logits, logits_adv = model(torch.cat([x, x + delta])).float().split(len(x))
+        model.eval()
+        loss_cl = F.cross_entropy(logits, y)
+        loss_at = F.cross_entropy(logits_adv, y)
+        loss_sar = shared_adversarial_risk(logits_adv, sae.pred_ref, sae.clean_pred_ref, y)
+        loss = self.lmd_1 * loss_cl + self.lmd_2 * loss_at + self.lmd_3 * loss_sar
+        check_finite(loss, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": loss.item(), "loss_cl": loss_cl.item(), "loss_at": loss_at.item(), "loss_sar": loss_sar.item()}
+
+
+if __name__ == "__main__":
+    run("sau")

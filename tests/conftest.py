@@ -1,0 +1,33 @@
+"""Shared fixtures: a small BadNets record on digits, made once per test session."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("SAUBENCH_NO_PROGRESS", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_record_root(tmp_path_factory) -> Path:
+    """A record root holding ``badnet_digits``: BadNets on digits, 12 epochs (about 3 s)."""
+    from attack import run
+
+    root = tmp_path_factory.mktemp("records")
+    run("badnet", dataset="digits", save_folder_name="badnet_digits", record_root=str(root), epochs=12,
+        device="cpu")
+    return root
+
+
+@pytest.fixture
+def record_root(digits_record_root, tmp_path) -> Path:
+    """A private copy of the session's record root, for tests that write results."""
+    root = tmp_path / "record"
+    shutil.copytree(digits_record_root, root)
+    return root

@@ -1,0 +1,140 @@
+"""Config precedence and errors: command line > keyword arguments > method YAML > recipe
+YAML > defaults; unknown keys and wrong types stop with one line naming the key and file."""
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+
+from utils import config as cfg
+from utils.config import Layer, Param
+from utils.errors import UserError
+
+PARAMS = [
+    Param("epochs", int, 100, check=cfg.non_negative),
+    Param("lr", float, 0.01, check=cfg.positive),
+    Param("model", str, "preactresnet18"),
+    Param("norm", Literal["L_inf", "L2"], "L_inf"),
+    Param("train_mode", bool, False),
+    Param("index", str | None, None),
+    Param("betas", list[float], [0.9, 0.999]),
+    Param("rounds", int, 5, aliases=("n_rounds",)),
+]
+
+
+def resolve(*layers, cli=None):
+    return cfg.resolve(PARAMS, list(layers), cli or {})
+
+
+def test_defaults_when_nothing_is_given():
+    values = resolve()
+    assert values["epochs"] == 100 and values["lr"] == 0.01 and values["index"] is None
+
+
+def test_precedence_cli_over_yaml_over_recipe():
+    recipe = Layer("recipe.yaml", {"epochs": 10, "lr": 0.1, "model": "cnn"})
+    method = Layer("method.yaml", {"epochs": 20})
+    values = resolve(recipe, method, cli={"epochs": 30})
+    assert values["epochs"] == 30 and values["lr"] == 0.1 and values["model"] == "cnn"
+    assert resolve(recipe, method)["epochs"] == 20
+
+
+def test_ints_are_accepted_as_floats_but_not_the_reverse():
+    assert resolve(Layer("a.yaml", {"lr": 1}))["lr"] == 1.0
+    with pytest.raises(UserError, match=r"a\.yaml: 'epochs' must be int, got 1\.5"):
+        resolve(Layer("a.yaml", {"epochs": 1.5}))
+
+
+def test_unknown_key_names_the_key_and_the_file_and_suggests():
+    with pytest.raises(UserError, match=r"config/x\.yaml: unknown key 'epoch'.*did you mean 'epochs'"):
+        resolve(Layer("config/x.yaml", {"epoch": 3}))
+
+
+@pytest.mark.parametrize("key,value", [("train_mode", "yes"), ("train_mode", 1), ("model", 3), ("norm", "L1"),
+                                       ("betas", 0.9), ("epochs", True), ("lr", "fast")])
+def test_wrong_types_are_refused(key, value):
+    with pytest.raises(UserError, match=f"b.yaml: '{key}' must be"):
+        resolve(Layer("b.yaml", {key: value}))
+
+
+def test_checks_reject_out_of_range_values():
+    with pytest.raises(UserError, match="'epochs' must be >= 0"):
+        resolve(Layer("c.yaml", {"epochs": -1}))
+    with pytest.raises(UserError, match="command line: 'lr' must be > 0"):
+        resolve(cli={"lr": 0.0})
+
+
+def test_aliases_and_ignored_keys():
+    assert resolve(Layer("d.yaml", {"n_rounds": 7}))["rounds"] == 7
+    assert resolve(Layer("e.yaml", {"num_workers": 4}, ignore=frozenset({"num_workers"})))["epochs"] == 100
+
+
+def test_required_parameter_missing():
+    with pytest.raises(UserError, match="missing required argument.*--result_file"):
+        cfg.resolve([Param("result_file", str)], [], {})
+
+
+def test_command_line_parsing_types_bools_and_lists():
+    parser = cfg.build_parser("prog", PARAMS)
+    given = cfg.parse_cli(parser, ["--epochs", "3", "--train_mode", "--betas", "0.5", "0.6", "--index", "none",
+                                   "--n_rounds", "2"])
+    assert given == {"epochs": 3, "train_mode": True, "betas": [0.5, 0.6], "index": None, "rounds": 2}
+    assert cfg.parse_cli(parser, ["--no-train_mode"]) == {"train_mode": False}
+    with pytest.raises(UserError, match="invalid int value"):
+        cfg.parse_cli(parser, ["--epochs", "three"])
+    with pytest.raises(UserError, match="unrecognized arguments: --nope"):
+        cfg.parse_cli(parser, ["--nope", "1"])
+
+
+def test_read_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(UserError, match="bad.yaml: not valid YAML"):
+        cfg.read_yaml(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        cfg.read_yaml(listing)
+    (tmp_path / "empty.yaml").write_text("")
+    assert cfg.read_yaml(tmp_path / "empty.yaml") == {}
+    with pytest.raises(UserError, match="config file not found"):
+        cfg.read_yaml(tmp_path / "missing.yaml")
+
+
+def test_params_from_signature_reads_annotations_defaults_and_docstring():
+    class Method:
+        """A method.
+
+        Args:
+            alpha: the trade-off
+            steps: how many steps
+        """
+
+        def __init__(self, alpha: float = 0.2, steps: int = 5, mode: Literal["a", "b"] = "a"):
+            self.alpha, self.steps, self.mode = alpha, steps, mode
+
+    params = {p.name: p for p in cfg.params_from_signature(Method)}
+    assert params["alpha"].default == 0.2 and params["alpha"].type is float
+    assert params["alpha"].help == "the trade-off" and params["steps"].help == "how many steps"
+    assert cfg.hyperparameters_of(Method(alpha=0.5)) == {"alpha": 0.5, "steps": 5, "mode": "a"}
+
+
+def test_shipped_yaml_files_parse_and_use_known_keys():
+    """Every shipped YAML loads, and every key in it is a parameter of its harness."""
+    import attack
+    import defense
+    from attack.base import COMMON as ATTACK_COMMON, IGNORED_KEYS as ATTACK_IGNORED
+    from defense.base import COMMON as DEFENSE_COMMON, IGNORED_KEYS as DEFENSE_IGNORED
+
+    attack_keys = {p.name for p in ATTACK_COMMON} | ATTACK_IGNORED
+    for name in attack.list_attacks():
+        attack_keys |= {p.name for p in cfg.params_from_signature(attack.ATTACKS.get(name))}
+    files = sorted((cfg.CONFIG_DIR / "attack").rglob("*.yaml"))
+    assert files
+    for path in files:
+        assert set(cfg.read_yaml(path)) <= attack_keys, path
+    for path in sorted((cfg.CONFIG_DIR / "defense").rglob("*.yaml")):
+        cls = defense.DEFENSES.get(path.parent.name)
+        keys = {p.name for p in DEFENSE_COMMON} | DEFENSE_IGNORED | {
+            a for p in cls.params() for a in (p.name, *p.aliases)}
+        assert set(cfg.read_yaml(path)) <= keys, path

@@ -1,0 +1,65 @@
+"""The benchmark's metrics, one definition each, used by attacks and defenses alike.
+
+* C-Acc (``clean_acc``): accuracy on the clean test set.
+* ASR (``asr``): share of the backdoor test set classified as the attacker's label.
+* RA (``ra``): share of the backdoor test set classified as its true label.
+* DER: (max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1) / 2.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.datasets import ImageData
+from utils.records import PoisonedSet
+from utils.train import predict
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return int((logits.argmax(1) == labels).sum()) / len(labels) if len(labels) else float("nan")
+
+
+def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
+
+
+def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
+    """Defense effectiveness rating (BackdoorBench), in [0, 1]."""
+    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+@dataclass
+class Metrics:
+    clean_acc: float
+    asr: float
+    ra: float
+    clean_loss: float
+    bd_loss: float
+    ra_loss: float
+
+    def as_row(self) -> dict[str, float]:
+        """BackdoorBench's column names."""
+        return {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss,
+                "ra_test_loss_avg_over_batch": self.ra_loss, "test_acc": self.clean_acc,
+                "test_asr": self.asr, "test_ra": self.ra}
+
+    def headline(self) -> dict[str, float]:
+        return {"clean_acc": self.clean_acc, "asr": self.asr, "ra": self.ra}
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, device: torch.device,
+             batch_size: int = 512, amp: bool = True) -> Metrics:
+    """C-Acc, ASR, RA and their losses. One pass over the backdoor test set gives both
+    ASR (against its attacker labels) and RA (against its true labels)."""
+    clean = predict(model, clean_test.images, device=device, batch_size=batch_size, amp=amp)
+    bd = predict(model, bd_test.images, device=device, batch_size=batch_size, amp=amp)
+    return Metrics(clean_acc=accuracy(clean, clean_test.labels), asr=accuracy(bd, bd_test.labels),
+                   ra=accuracy(bd, bd_test.original_labels), clean_loss=mean_loss(clean, clean_test.labels),
+                   bd_loss=mean_loss(bd, bd_test.labels), ra_loss=mean_loss(bd, bd_test.original_labels))

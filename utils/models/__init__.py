@@ -1,0 +1,155 @@
+"""Model registry. Every model takes float images in [0, 1]: normalisation is its first
+layer (:class:`Normalize`), so triggers and adversarial perturbations live in pixel space.
+
+    create_model("preactresnet18", num_classes=10, in_channels=3, img_size=(32, 32),
+                 mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+    list_models()
+
+A :class:`Classifier` holds ``normalize`` (no parameters, no state) and ``net`` (the
+architecture), so state_dict keys are ``net.<the architecture's own keys>``. Each
+architecture declares the names of its feature stages (attention distillation) and of
+the layer whose output channels feed the classifier (pruning).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from utils.errors import UserError, unknown_name
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; the constants are buffers that are not saved."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture. ``build(num_classes, in_channels, img_size)`` returns
+    the network without normalisation; ``stages`` and ``feature_layer`` name modules of
+    that network (for defenses that look inside: NAD, FP)."""
+
+    name: str
+    build: Callable[[int, int, tuple[int, int]], nn.Module]
+    stages: tuple[str, ...] = ()
+    feature_layer: str | None = None
+    min_size: int = 1  # smallest input side the architecture accepts
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, *, stages: Sequence[str] = (), feature_layer: str | None = None, min_size: int = 1):
+    """Decorator: register ``build(num_classes, in_channels, img_size) -> nn.Module``."""
+
+    def wrap(build: Callable[[int, int, tuple[int, int]], nn.Module]):
+        _MODELS[name] = ModelSpec(name, build, tuple(stages), feature_layer, min_size)
+        return build
+
+    return wrap
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in _MODELS:
+        raise unknown_name("model", name, _MODELS)
+    return _MODELS[name]
+
+
+class Classifier(nn.Module):
+    """Normalisation followed by a registered architecture.
+
+    Channel masks (pruning) are part of the model: :meth:`set_mask` multiplies the output
+    channels of a named layer of ``net`` by a 0/1 mask kept as a buffer, so the mask is in
+    the state_dict (``masks.<layer>``) and is applied again when the weights are loaded."""
+
+    def __init__(self, spec: ModelSpec, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.spec = spec
+        self.normalize = Normalize(mean, std)
+        self.net = net
+        self.masks = nn.Module()
+        self._mask_hooks: dict[str, object] = {}
+
+    def set_mask(self, layer: str, mask: torch.Tensor) -> None:
+        """Multiply the output channels of ``net.<layer>`` by ``mask`` (1-D, one value a channel)."""
+        key = layer.replace(".", "__")
+        module = self.net.get_submodule(layer)
+        mask = mask.detach().float().to(next(self.parameters()).device)
+        if hasattr(self.masks, key):
+            getattr(self.masks, key).copy_(mask)
+            return
+        self.masks.register_buffer(key, mask)
+        self._mask_hooks[layer] = module.register_forward_hook(
+            lambda _m, _inp, out, key=key: out * getattr(self.masks, key).view(1, -1, *([1] * (out.dim() - 2))))
+
+    def mask(self, layer: str) -> torch.Tensor | None:
+        return getattr(self.masks, layer.replace(".", "__"), None)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def stage_modules(self) -> list[nn.Module]:
+        return [self.net.get_submodule(s) for s in self.spec.stages]
+
+    def feature_module(self) -> nn.Module:
+        if self.spec.feature_layer is None:
+            raise UserError(f"model '{self.name}' declares no feature layer")
+        return self.net.get_submodule(self.spec.feature_layer)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, img_size: tuple[int, int] = (32, 32),
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Classifier:
+    spec = model_spec(name)
+    if min(img_size) < spec.min_size:
+        raise UserError(f"model '{name}' needs inputs of at least {spec.min_size}x{spec.min_size}, got {img_size}")
+    mean = tuple(mean) if mean is not None else (0.0,) * in_channels
+    std = tuple(std) if std is not None else (1.0,) * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError("mean and std need one value per input channel")
+    return Classifier(spec, spec.build(num_classes, in_channels, tuple(img_size)), mean, std)
+
+
+def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str = "the record") -> Classifier:
+    """Load ``state`` strictly (channel masks in it are installed first); a mismatch is a
+    user-facing error naming ``source``."""
+    for key, value in state.items():
+        if key.startswith("masks."):
+            layer = key[len("masks."):].replace("__", ".")
+            try:
+                model.set_mask(layer, value)
+            except AttributeError:
+                raise UserError(f"{source}: mask for unknown layer '{layer}' of model '{model.name}'") from None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
+        raise UserError(f"{source}: the weights do not fit model '{model.name}' ({detail[:160]})") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3]) or "none"
+        unexpected = ", ".join(result.unexpected_keys[:3]) or "none"
+        raise UserError(f"{source}: the weights do not fit model '{model.name}' "
+                        f"(missing: {missing}; unexpected: {unexpected})")
+    return model
+
+
+# Register the architectures (each module registers itself on import).
+from utils.models import cnn, preactresnet, torchvision_models  # noqa: E402,F401

@@ -1,0 +1,112 @@
+"""Poisoning: which samples are poisoned, what their labels become, and the poisoned
+views of a dataset.
+
+A poisoned view is a clean split + poison indices + an image transform (the trigger,
+applied to float [0, 1] images) + a label transform (all2one or all2all). Poisoned
+images are quantised to uint8 when they are stored, as BackdoorBench stores PNGs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from utils.datasets import ImageData
+from utils.errors import UserError
+from utils.records import PoisonedSet
+
+log = logging.getLogger("saubench")
+
+Trigger = Callable[[torch.Tensor], torch.Tensor]  # float NCHW in [0, 1] -> same shape
+LabelTrans = Literal["all2one", "all2all"]
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [0, 1]."""
+    return images.float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float in [0, 1] -> uint8 (rounded, clipped)."""
+    return images.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def target_labels(labels: torch.Tensor, label_trans: LabelTrans, target: int, num_classes: int) -> torch.Tensor:
+    """all2one: every label becomes ``target``; all2all: y -> (y + 1) mod C."""
+    if label_trans == "all2one":
+        return torch.full_like(labels, target)
+    if label_trans == "all2all":
+        return (labels + 1) % num_classes
+    raise UserError(f"unknown label transform '{label_trans}' (all2one or all2all)")
+
+
+def check_target(target: int, num_classes: int) -> None:
+    if not 0 <= target < num_classes:
+        raise UserError(f"attack_target {target} is not a class of this dataset (0..{num_classes - 1})")
+
+
+def eligible(labels: torch.Tensor, label_trans: LabelTrans, target: int) -> torch.Tensor:
+    """Samples whose label the attack changes: all2one skips the target class."""
+    if label_trans == "all2one":
+        return torch.nonzero(labels != target).flatten()
+    return torch.arange(len(labels))
+
+
+def select_poison_indices(labels: torch.Tensor, pratio: float, *, label_trans: LabelTrans, target: int,
+                          clean_label: bool, rng: np.random.Generator) -> torch.Tensor:
+    """Seeded choice of the poisoned training samples, sorted.
+
+    Dirty-label: ``round(pratio * N)`` samples among those whose label changes (for
+    all2one, every class but the target), as BackdoorBench does. Clean-label:
+    ``round(pratio * N)`` samples of the target class, capped at its size with a warning."""
+    n = len(labels)
+    count = int(round(pratio * n))
+    pool = torch.nonzero(labels == target).flatten() if clean_label else eligible(labels, label_trans, target)
+    if count > len(pool):
+        log.warning("pratio %.3f asks for %d poisoned samples but only %d are eligible; using %d",
+                    pratio, count, len(pool), len(pool))
+        count = len(pool)
+    if count == 0 and pratio > 0:
+        raise UserError(f"pratio {pratio} poisons no sample of {n}")
+    chosen = rng.choice(len(pool), size=count, replace=False)
+    return pool[torch.from_numpy(np.sort(chosen))].sort().values
+
+
+def apply_trigger(images: torch.Tensor, trigger: Trigger, batch_size: int = 1024) -> torch.Tensor:
+    """Apply ``trigger`` to uint8 images in batches; returns uint8."""
+    out = torch.empty_like(images)
+    for start in range(0, len(images), batch_size):
+        out[start:start + batch_size] = to_uint8(trigger(to_float(images[start:start + batch_size])))
+    return out
+
+
+def poisoned_set(data: ImageData, indices: torch.Tensor, trigger: Trigger, labels: torch.Tensor) -> PoisonedSet:
+    """The samples ``indices`` of ``data`` with the trigger applied and ``labels``."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    return PoisonedSet(apply_trigger(data.images[idx], trigger), labels.long(), data.labels[idx].clone(), idx)
+
+
+def bd_test_indices(labels: torch.Tensor, label_trans: LabelTrans, target: int) -> torch.Tensor:
+    """The backdoor test set: every test sample whose label the attack changes."""
+    return eligible(labels, label_trans, target)
+
+
+def poisoned_training_set(clean: ImageData, bd_train: PoisonedSet | None) -> tuple[ImageData, torch.Tensor]:
+    """The training split with the poisoned samples swapped in, and a 0/1 poison indicator."""
+    indicator = torch.zeros(len(clean), dtype=torch.bool)
+    if bd_train is None or len(bd_train) == 0:
+        return clean, indicator
+    images, labels = clean.images.clone(), clean.labels.clone()
+    images[bd_train.indices] = bd_train.images
+    labels[bd_train.indices] = bd_train.labels
+    indicator[bd_train.indices] = True
+    return ImageData(images, labels), indicator
+
+
+def corner_patch(x: torch.Tensor, size: int, value: float = 1.0) -> torch.Tensor:
+    """A ``size`` x ``size`` square of ``value`` in the bottom-right corner."""
+    out = x.clone()
+    out[..., -size:, -size:] = value
+    return out
