@@ -143,6 +143,8 @@ class Defense:
     kind: ClassVar[Literal["mitigation", "detection"]] = "mitigation"
     param_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
     param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+    # Hyperparameters of a seconds-long run on digits (contract tests, smoke grids).
+    smoke_params: ClassVar[dict[str, Any]] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""

@@ -94,6 +94,7 @@ class SAU(Defense):
 
     paper = "Wei, Zhang, Zha and Wu, Shared Adversarial Unlearning, NeurIPS 2023, arXiv:2307.10562"
     param_aliases = {"epochs": ("n_rounds",)}
+    smoke_params = {"epochs": 2}
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
                     "trigger_norm": cfg.positive, "adv_lr": cfg.positive, "adv_steps": cfg.positive,
                     "outer_steps": cfg.positive}

@@ -67,7 +67,7 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, op
         else:
             loss.backward()
             optimizer.step()
-        total_loss += float(loss) * len(y)
+        total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return {"train_epoch_loss_avg_over_batch": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}

@@ -1,0 +1,141 @@
+"""The defense harness: configuration, the defender's clean subset, outputs, and the
+Python and command-line entry points."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import defense
+from defense.base import clean_indices
+from utils.errors import UserError
+from utils.history import read_csv
+from utils.records import load_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sau(root, **kw):
+    return defense.run("sau", result_file="badnet_digits", record_root=str(root), device="cpu", **kw)
+
+
+def cli(*args, cwd=ROOT):
+    env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_python_and_command_line_give_the_same_summary(record_root, tmp_path):
+    from_python = sau(record_root, epochs=2, random_seed=1)
+    out = record_root / "badnet_digits" / "defense" / "sau"
+    os.rename(out, tmp_path / "python_result")
+    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root),
+               "--epochs", "2", "--random_seed", "1", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    from_cli = json.loads((out / "summary.json").read_text())
+    assert from_cli["before"] == from_python["before"] and from_cli["after"] == from_python["after"]
+    assert from_cli["config"] == from_python["config"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clean_subset_never_holds_a_poisoned_index(seed):
+    labels = torch.arange(200) % 10
+    poisoned = torch.from_numpy(np.random.default_rng(seed).choice(200, 60, replace=False))
+    idx = clean_indices(labels, poisoned, 0.25, seed)
+    assert len(idx) == 50 and len(set(idx.tolist())) == 50
+    assert not set(idx.tolist()) & set(poisoned.tolist())
+    assert torch.equal(idx, clean_indices(labels, poisoned, 0.25, seed))
+
+
+def test_saved_indices_are_clean_and_follow_ratio(record_root):
+    summary = sau(record_root, epochs=1, ratio=0.1)
+    record = load_record(record_root / "badnet_digits")
+    saved = [int(line) for line in (record_root / "badnet_digits/defense/sau/index.txt").read_text().split()]
+    assert len(saved) == summary["clean_samples"] == round(0.1 * 1437)
+    assert not set(saved) & set(record.poison_indices.tolist())
+
+
+def test_index_file_is_used_and_checked(record_root, tmp_path):
+    record = load_record(record_root / "badnet_digits")
+    poisoned = set(record.poison_indices.tolist())
+    clean = [i for i in range(1437) if i not in poisoned][:40]
+    good = tmp_path / "good.txt"
+    good.write_text("\n".join(map(str, clean)) + "\n")
+    assert sau(record_root, epochs=1, index=str(good))["clean_samples"] == 40
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1\n99999\n")
+    with pytest.raises(UserError, match=r"--index .*bad.txt: indices must be in 0\.\.1436"):
+        sau(record_root, epochs=1, index=str(bad), overwrite=True)
+    bad.write_text(f"{clean[0]}\n{sorted(poisoned)[0]}\n")
+    with pytest.raises(UserError, match="are poisoned training samples"):
+        sau(record_root, epochs=1, index=str(bad), overwrite=True)
+
+
+def test_existing_result_is_refused_without_overwrite(record_root):
+    sau(record_root, epochs=1)
+    summary_file = record_root / "badnet_digits/defense/sau/summary.json"
+    first = summary_file.read_bytes()
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        sau(record_root, epochs=2)
+    assert summary_file.read_bytes() == first
+    sau(record_root, epochs=2, overwrite=True)
+    assert json.loads(summary_file.read_text())["config"]["epochs"] == 2
+
+
+def test_eval_every_evaluates_on_multiples_and_the_last_epoch(record_root):
+    sau(record_root, epochs=5, eval_every=2)
+    rows = read_csv(record_root / "badnet_digits/defense/sau/sau_df.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert [bool(r["test_asr"]) for r in rows] == [False, True, False, True, True]
+    assert {"loss", "loss_sar", "shared_rate", "test_acc", "test_ra", "bd_test_loss_avg_over_batch"} <= set(rows[0])
+
+
+def test_summary_matches_the_last_row_and_der(record_root):
+    s = sau(record_root, epochs=2)
+    last = read_csv(record_root / "badnet_digits/defense/sau/sau_df.csv")[-1]
+    assert float(last["test_asr"]) == pytest.approx(s["after"]["asr"])
+    assert float(last["test_acc"]) == pytest.approx(s["after"]["clean_acc"])
+    b, a = s["before"], s["after"]
+    assert s["der"] == pytest.approx((max(0, b["asr"] - a["asr"]) - max(0, b["clean_acc"] - a["clean_acc"]) + 1) / 2)
+
+
+def test_yaml_is_looked_up_by_dataset_and_overridden_by_arguments(record_root):
+    s = sau(record_root, epochs=1)
+    assert s["config"]["yaml_path"] == "config/defense/sau/digits.yaml"
+    assert s["config"]["trigger_norm"] == 0.3 and s["config"]["ratio"] == 0.2  # from digits.yaml
+    assert sau(record_root, epochs=1, trigger_norm=0.1, overwrite=True)["config"]["trigger_norm"] == 0.1
+
+
+def test_bad_yaml_key_names_the_file(record_root, tmp_path):
+    bad = tmp_path / "sau.yaml"
+    bad.write_text("epochs: 1\nadv_step: 3\n")
+    with pytest.raises(UserError, match=r"sau.yaml: unknown key 'adv_step' \(did you mean 'adv_steps'\?\)"):
+        sau(record_root, yaml_path=str(bad))
+    assert not (record_root / "badnet_digits/defense/sau").exists()
+
+
+def test_n_rounds_is_an_alias_of_epochs(record_root):
+    assert defense.run("sau", ["--result_file", "badnet_digits", "--record_root", str(record_root), "--n_rounds",
+                               "1", "--device", "cpu"])["config"]["epochs"] == 1
+
+
+def test_command_line_errors_are_one_line_and_exit_2(record_root):
+    proc = cli("defense/sau.py", "--result_file", "nope", "--record_root", str(record_root))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "records there: badnet_digits" in proc.stderr
+    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root), "--epochs",
+               "-3")
+    assert proc.returncode == 2 and "'epochs' must be >= 0" in proc.stderr
+    proc = cli("defense/sau.py", "--record_root", str(record_root))
+    assert proc.returncode == 2 and "--result_file" in proc.stderr
+    assert not (record_root / "badnet_digits/defense/sau").exists()
+
+
+def test_unknown_defense_name_suggests():
+    with pytest.raises(UserError, match="unknown defense 'saw'.*did you mean sau"):
+        defense.run("saw", result_file="x")
