@@ -36,6 +36,8 @@ class BadNet(Attack):
     kind = "dirty-label"
     paper = "Gu et al., BadNets, arXiv:1708.06733, 2017"
 
+    param_checks = {"patch_size": non_negative}
+
     def __init__(self, patch_size: int = 0):
         if non_negative(patch_size):
             raise ValueError("patch_size must be >= 0")

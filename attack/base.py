@@ -25,15 +25,15 @@ import torch
 from utils import config as cfg
 from utils.cli import entry
 from utils.config import Layer, Param
-from utils.datasets import Dataset, load_dataset, train_transform
+from utils.datasets import Dataset, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import Metrics, evaluate
-from utils.models import Classifier, create_model
+from utils.metrics import evaluate
+from utils.models import create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
 from utils.records import AttackRecord, PoisonedSet, StagedFolder, record_dir, save_json
-from utils.registry import Registry
+from utils.registry import Method, Registry
 from utils.runtime import grad_scaler, log_to, resolve_device, seed_everything
 from utils.train import BatchHook, make_optimizer, make_scheduler, train_epoch
 
@@ -59,7 +59,7 @@ class AttackContext:
         return self.dataset.info.num_classes
 
 
-class Attack:
+class Attack(Method):
     """Base class. Subclasses set ``kind`` and ``paper``, take their hyperparameters as
     annotated keyword arguments of ``__init__`` (with the paper's defaults) and implement
     :meth:`apply`.
@@ -69,9 +69,7 @@ class Attack:
     (the attacker poisons batches during training, see :meth:`batch_hook`) or ``clean``
     (no poisoning)."""
 
-    name: ClassVar[str] = ""
     kind: ClassVar[Kind] = "dirty-label"
-    paper: ClassVar[str] = ""
 
     def prepare(self, ctx: AttackContext) -> None:
         """Build what the trigger needs (a pattern, a generator); called once before poisoning."""
@@ -87,9 +85,6 @@ class Attack:
     def extras(self) -> dict[str, torch.Tensor]:
         """Tensors kept in the record (a trigger pattern, a warping field, ...)."""
         return {}
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return cfg.hyperparameters_of(self)
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -141,7 +136,7 @@ def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) ->
     """The run's parameters, by precedence: command line > keyword arguments > attack
     YAML > recipe YAML > defaults."""
     cls = ATTACKS.get(name)
-    params = [*COMMON, *cfg.params_from_signature(cls)]
+    params = [*COMMON, *cls.params()]
     parser = cfg.build_parser(f"attack/{name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
     cli = cfg.parse_cli(parser, argv)
     first = {**overrides, **cli}
@@ -170,14 +165,23 @@ def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[
 
 def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     values = resolve_config(name, argv, overrides)
+    # Everything that can be checked without data is checked before anything is written.
     device = resolve_device(values["device"])
-    hyper = {p.name: values[p.name] for p in cfg.params_from_signature(ATTACKS.get(name))}
-    attack = create_attack(name, **hyper)
+    info = dataset_info(values["dataset"])
+    model_spec(values["model"])
+    if info.num_classes > 0:
+        check_target(values["attack_target"], info.num_classes)
+    hyper = {p.name: values[p.name] for p in ATTACKS.get(name).params()}
+    try:
+        attack = create_attack(name, **hyper)
+    except ValueError as exc:
+        raise UserError(f"attack {name}: {exc}") from None
     out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"])
     folder = out.open()
     try:
         with log_to(folder, "attack.log"):
-            log.info("attack %s: %s", name, cfg.plain(values))
+            log.info("attack %s on %s (%s), record %s", name, values["dataset"], values["model"], out.final)
+            log.debug("config: %s", cfg.plain(values))
             summary = _attack(attack, values, device, folder)
         final = out.commit()
     except BaseException:

@@ -37,7 +37,7 @@ from utils.metrics import Metrics, der, evaluate
 from utils.models import Classifier
 from utils.records import (AttackRecord, StagedFolder, load_record, record_dir, save_defense_result, save_json,
                            save_text)
-from utils.registry import Registry
+from utils.registry import Method, Registry
 from utils.runtime import autocast, log_to, resolve_device, seed_everything
 from utils.train import batches
 
@@ -132,19 +132,13 @@ class DefenseData:
 
 # -- the contract ----------------------------------------------------------------------------------
 
-class Defense:
+class Defense(Method):
     """Base class. A defense takes its hyperparameters as annotated keyword arguments of
     ``__init__`` with the paper's defaults (kept as attributes of the same names),
     documents its paper in its docstring, and implements :meth:`mitigate`. It parses no
     argv, reads no record, evaluates nothing and prints nothing."""
 
-    name: ClassVar[str] = ""
-    paper: ClassVar[str] = ""
     kind: ClassVar[Literal["mitigation", "detection"]] = "mitigation"
-    param_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
-    param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
-    # Hyperparameters of a seconds-long run on digits (contract tests, smoke grids).
-    smoke_params: ClassVar[dict[str, Any]] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""
@@ -157,13 +151,6 @@ class Defense:
     def report(self) -> dict[str, Any]:
         """Plain values added to summary.json (e.g. a detection verdict)."""
         return {}
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return cfg.hyperparameters_of(self)
-
-    @classmethod
-    def params(cls) -> list[Param]:
-        return cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
 
 
 DEFENSES: Registry[Defense] = Registry("defense")
@@ -241,12 +228,16 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     values, record = resolve_config(name, argv, overrides)
     cls = DEFENSES.get(name)
     device = resolve_device(values["device"])
-    defense = cls(**{p.name: values[p.name] for p in cls.params()})
+    try:
+        defense = cls(**{p.name: values[p.name] for p in cls.params()})
+    except ValueError as exc:
+        raise UserError(f"defense {cls.name}: {exc}") from None
     out = StagedFolder(record.path / "defense" / cls.name, values["overwrite"])
     folder = out.open()
     try:
         with log_to(folder, f"{cls.name}.log"):
-            log.info("defense %s on %s: %s", cls.name, record.path, cfg.plain(values))
+            log.info("defense %s on %s", cls.name, record.path)
+            log.debug("config: %s", cfg.plain(values))
             summary = _defend(defense, record, values, device, folder)
         final = out.commit()
     except BaseException:

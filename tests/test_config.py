@@ -128,7 +128,7 @@ def test_shipped_yaml_files_parse_and_use_known_keys():
 
     attack_keys = {p.name for p in ATTACK_COMMON} | ATTACK_IGNORED
     for name in attack.list_attacks():
-        attack_keys |= {p.name for p in cfg.params_from_signature(attack.ATTACKS.get(name))}
+        attack_keys |= {p.name for p in attack.ATTACKS.get(name).params()}
     files = sorted((cfg.CONFIG_DIR / "attack").rglob("*.yaml"))
     assert files
     for path in files:

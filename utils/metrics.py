@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,8 +27,10 @@ def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
 
 
-def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
-    """Defense effectiveness rating (BackdoorBench), in [0, 1]."""
+def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float | None:
+    """Defense effectiveness rating (BackdoorBench), in [0, 1]; None without a backdoor test set."""
+    if math.isnan(asr_before) or math.isnan(asr_after):
+        return None
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
@@ -46,8 +49,10 @@ class Metrics:
                 "ra_test_loss_avg_over_batch": self.ra_loss, "test_acc": self.clean_acc,
                 "test_asr": self.asr, "test_ra": self.ra}
 
-    def headline(self) -> dict[str, float]:
-        return {"clean_acc": self.clean_acc, "asr": self.asr, "ra": self.ra}
+    def headline(self) -> dict[str, float | None]:
+        """C-Acc, ASR and RA as fractions; None where undefined (no backdoor test set)."""
+        return {k: None if math.isnan(v) else v for k, v in
+                {"clean_acc": self.clean_acc, "asr": self.asr, "ra": self.ra}.items()}
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -11,11 +11,33 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Generic, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Generic, Iterable, TypeVar
 
+from utils import config as cfg
 from utils.errors import unknown_name
 
 T = TypeVar("T")
+
+
+class Method:
+    """What attacks and defenses share: a registered name, the paper, and hyperparameters
+    declared as annotated keyword arguments of ``__init__`` with the paper's defaults,
+    each kept as an attribute of the same name. ``param_aliases`` and ``param_checks``
+    add command-line aliases and value checks; ``smoke_params`` are the hyperparameters of
+    a seconds-long run on digits (contract tests, smoke grids)."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    param_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
+    smoke_params: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def params(cls) -> list[cfg.Param]:
+        return cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return cfg.hyperparameters_of(self)
 
 
 class Registry(Generic[T]):

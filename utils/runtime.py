@@ -71,21 +71,23 @@ def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradSca
 
 @contextlib.contextmanager
 def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.INFO) -> Iterator[logging.Logger]:
-    """Send the project's log records to the console and, when ``folder`` is given, to a
-    file in it; handlers are removed again on exit so that runs in one process do not
+    """Send the project's log records to the console (``level`` and up) and, when
+    ``folder`` is given, to a file in it (everything, DEBUG included); handlers are removed again on exit so that runs in one process do not
     write into each other's logs."""
     handlers: list[logging.Handler] = []
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    console.setLevel(level)
     handlers.append(console)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(folder / filename, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        file_handler.setLevel(logging.DEBUG)  # the file also keeps the resolved config
         handlers.append(file_handler)
     previous_level = log.level
-    log.setLevel(level)
+    log.setLevel(logging.DEBUG)
     log.propagate = False
     for handler in handlers:
         log.addHandler(handler)
