@@ -5,10 +5,14 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
-
+# Before torch starts OpenMP: idle threads sleep instead of spinning, so that the tests'
+# command-line subprocesses and a busy machine do not slow the suite down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("SAUBENCH_NO_PROGRESS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]

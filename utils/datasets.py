@@ -15,6 +15,7 @@ import gzip
 import logging
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -176,8 +177,7 @@ def _locate(name: str, entry: DatasetEntry, root: Path, download: bool) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             entry.download(root)
         except Exception as exc:  # any network or archive failure
-            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            raise UserError(f"{name}: files not found and the download failed ({reason}); "
+            raise UserError(f"{name}: files not found and the download failed ({_reason(exc)}); "
                             f"put {entry.info.files} in {root / name}/") from None
         folder = find_files(name, root)
     if folder is None:
@@ -187,9 +187,18 @@ def _locate(name: str, entry: DatasetEntry, root: Path, download: bool) -> Path:
     return folder
 
 
+def _reason(exc: BaseException) -> str:
+    """An exception as a short phrase: the first line of its message, or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:160] if lines else type(exc).__name__
+
+
 def _check(info: DatasetInfo, train: ImageData, test: ImageData, folder: Path | str) -> DatasetInfo:
     """Fill in what a loader discovered (imagefolder) and check the files against the
     declaration."""
+    for split, data in (("train", train), ("test", test)):
+        if len(data) == 0:
+            raise UserError(f"{info.name} in {folder}: the {split} split is empty")
     c, h, w = train.images.shape[1:]
     if info.num_classes <= 0:  # discovered at load time
         info = replace(info, num_classes=int(max(train.labels.max(), test.labels.max())) + 1,
@@ -198,8 +207,6 @@ def _check(info: DatasetInfo, train: ImageData, test: ImageData, folder: Path | 
         raise UserError(f"{info.name} in {folder}: images are {tuple(train.images.shape[1:])} (train) and "
                         f"{tuple(test.images.shape[1:])} (test), expected {(info.channels, *info.size)}")
     for split, data in (("train", train), ("test", test)):
-        if len(data) == 0:
-            raise UserError(f"{info.name} in {folder}: the {split} split is empty")
         if int(data.labels.min()) < 0 or int(data.labels.max()) >= info.num_classes:
             raise UserError(f"{info.name} in {folder}: {split} labels outside 0..{info.num_classes - 1}")
     return info
@@ -220,15 +227,21 @@ def _first_existing(folder: Path, stem: str) -> Path | None:
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not, as a uint8 array."""
-    with _open_maybe_gz(path) as fh:
-        data = fh.read()
+    try:
+        with _open_maybe_gz(path) as fh:
+            data = fh.read()
+    except (OSError, EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
+        raise UserError(f"{path}: cannot read this file ({_reason(exc)}; truncated?)") from None
     if len(data) < 4:
         raise UserError(f"{path}: not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise UserError(f"{path}: not an unsigned-byte IDX file")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise UserError(f"{path}: the IDX header is cut short (truncated?)")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    body = np.frombuffer(data, dtype=np.uint8, offset=header)
     if body.size != int(np.prod(dims)):
         raise UserError(f"{path}: IDX header says {dims} but the file holds {body.size} bytes (truncated?)")
     return body.reshape(dims)
@@ -286,9 +299,14 @@ def _cifar_batches(files: Sequence[Path], label_key: bytes) -> ImageData:
     images, labels = [], []
     for path in files:
         batch = _unpickle(path)
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        try:
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64).reshape(-1))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}: not a CIFAR batch file (expected b'data', N x 3072 bytes, and "
+                            f"{label_key!r}; {type(exc).__name__}: {_reason(exc)})") from None
+        if len(labels[-1]) != len(images[-1]):
+            raise UserError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
     return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
@@ -442,11 +460,11 @@ def _load_imagefolder(folder: Path, info: DatasetInfo, options: dict) -> tuple[I
     test_classes = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir())
     if not classes or not set(test_classes) <= set(classes):
         raise UserError(f"{folder}: train/ must hold one folder per class, and test/ only classes found in train/")
-    size = options.get("img_size")
+    empty = [c for c in classes if not _images_in(folder / "train" / c)]
+    if empty:
+        raise UserError(f"{folder}: train/{empty[0]}/ holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    size = options.get("img_size")  # None: every image must already have the same size
     size = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
-    if size is None:
-        first = next(p for c in classes for p in _images_in(folder / "train" / c))
-        size = tuple(read_image(first, None).shape[1:])
     splits = []
     for split in ("train", "test"):
         paths, labels = [], []
@@ -455,7 +473,11 @@ def _load_imagefolder(folder: Path, info: DatasetInfo, options: dict) -> tuple[I
             paths += files
             labels += [i] * len(files)
         splits.append(read_images(paths, labels, size))
-    return splits[0], splits[1]
+    train, test = splits
+    if size is None and len(test) and train.images.shape[2:] != test.images.shape[2:]:
+        raise UserError(f"{folder}: train images are {'x'.join(map(str, train.images.shape[2:]))} but test images "
+                        f"are {'x'.join(map(str, test.images.shape[2:]))}; pass --img_size to resize them")
+    return train, test
 
 
 register_dataset(

@@ -70,6 +70,22 @@ def model_spec(name: str) -> ModelSpec:
     return _MODELS[name]
 
 
+class _ChannelMask:
+    """Forward hook that multiplies a layer's output channels by the buffer ``masks.<key>``.
+    The buffer is looked up on each call through ``masks`` (not through the model that
+    installed the hook), so a deep copy of the model applies its own masks."""
+
+    def __init__(self, masks: nn.Module, key: str, layer: str):
+        self.masks, self.key, self.layer = masks, key, layer
+
+    def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        mask = getattr(self.masks, self.key)
+        if mask.numel() != out.shape[1]:
+            raise UserError(f"the mask of layer '{self.layer}' has {mask.numel()} values, "
+                            f"but the layer has {out.shape[1]} channels")
+        return out * mask.to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
+
+
 class Classifier(nn.Module):
     """Normalisation followed by a registered architecture.
 
@@ -89,13 +105,15 @@ class Classifier(nn.Module):
         """Multiply the output channels of ``net.<layer>`` by ``mask`` (1-D, one value a channel)."""
         key = layer.replace(".", "__")
         module = self.net.get_submodule(layer)
-        mask = mask.detach().float().to(next(self.parameters()).device)
+        mask = mask.detach().float().flatten().to(next(self.parameters()).device)
         if hasattr(self.masks, key):
-            getattr(self.masks, key).copy_(mask)
+            current = getattr(self.masks, key)
+            if current.shape != mask.shape:
+                raise ValueError(f"the mask of layer '{layer}' has {current.numel()} values, got {mask.numel()}")
+            current.copy_(mask)
             return
         self.masks.register_buffer(key, mask)
-        self._mask_hooks[layer] = module.register_forward_hook(
-            lambda _m, _inp, out, key=key: out * getattr(self.masks, key).view(1, -1, *([1] * (out.dim() - 2))))
+        self._mask_hooks[layer] = module.register_forward_hook(_ChannelMask(self.masks, key, layer))
 
     def mask(self, layer: str) -> torch.Tensor | None:
         return getattr(self.masks, layer.replace(".", "__"), None)
@@ -138,6 +156,8 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
                 model.set_mask(layer, value)
             except AttributeError:
                 raise UserError(f"{source}: mask for unknown layer '{layer}' of model '{model.name}'") from None
+            except ValueError as exc:
+                raise UserError(f"{source}: {exc}") from None
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
