@@ -36,7 +36,7 @@ from utils.history import History
 from utils.metrics import Metrics, der, evaluate
 from utils.models import Classifier
 from utils.records import (AttackRecord, StagedFolder, load_record, record_dir, save_defense_result, save_json,
-                           save_text)
+                           save_png, save_text)
 from utils.registry import Method, Registry
 from utils.runtime import autocast, log_to, resolve_device, seed_everything
 from utils.train import batches
@@ -139,6 +139,9 @@ class Defense(Method):
     argv, reads no record, evaluates nothing and prints nothing."""
 
     kind: ClassVar[Literal["mitigation", "detection"]] = "mitigation"
+    # Keys of extras() that hold N x C x H x W images in [0, 1]; the harness also writes
+    # them as <key>/<i>.png (e.g. reversed triggers).
+    image_extras: ClassVar[tuple[str, ...]] = ()
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""
@@ -312,7 +315,11 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     after = measure(purified)
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
 
-    save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), defense.extras())
+    extras = defense.extras()
+    save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), extras)
+    for key in defense.image_extras:
+        for i, image in enumerate(extras.get(key, ())):
+            save_png(image, folder / key / f"{i}.png")
     monitor.history.save_csv(folder / f"{defense.name}_df.csv")
     monitor.history.save_plot(folder / f"{defense.name}_plot.png",
                               f"{defense.name} on {record.path.name} ({record.model_name})")

@@ -35,3 +35,17 @@ def record_root(digits_record_root, tmp_path) -> Path:
     root = tmp_path / "record"
     shutil.copytree(digits_record_root, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_defender(digits_record_root):
+    """The session's backdoored digits record and a defender's clean subset (20% of the
+    training set, drawn as the harness draws it), on the CPU."""
+    from defense.base import DefenseData, clean_indices
+    from utils.datasets import load_dataset
+    from utils.records import load_record
+
+    record = load_record(digits_record_root / "badnet_digits")
+    data = load_dataset("digits")
+    idx = clean_indices(data.train.labels, record.poison_indices, 0.2, 0)
+    return record, DefenseData(data.train.subset(idx), data.info, torch.device("cpu"))

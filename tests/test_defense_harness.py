@@ -139,3 +139,36 @@ def test_command_line_errors_are_one_line_and_exit_2(record_root):
 def test_unknown_defense_name_suggests():
     with pytest.raises(UserError, match="unknown defense 'saw'.*did you mean sau"):
         defense.run("saw", result_file="x")
+
+
+def test_image_extras_are_written_as_png(record_root):
+    import cv2
+
+    from defense.base import DEFENSES, Defense
+
+    class Painter(Defense):
+        """Returns the model unchanged and two images as extras (a test of the harness)."""
+
+        paper = "none"
+        image_extras = ("pictures",)
+
+        def __init__(self, epochs: int = 0):
+            self.epochs = epochs
+
+        def mitigate(self, model, data):
+            return model
+
+        def extras(self):
+            grey = torch.zeros(2, 1, 8, 8)
+            grey[1, 0, 2, 3] = 1.0
+            return {"pictures": grey}
+
+    DEFENSES.register("painter_test")(Painter)
+    try:
+        defense.run("painter_test", result_file="badnet_digits", record_root=str(record_root), device="cpu")
+    finally:
+        DEFENSES.unregister("painter_test")
+    folder = record_root / "badnet_digits/defense/painter_test/pictures"
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png"]
+    second = cv2.imread(str(folder / "1.png"), cv2.IMREAD_UNCHANGED)
+    assert second.shape == (8, 8) and second[2, 3] == 255 and second.sum() == 255

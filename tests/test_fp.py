@@ -5,19 +5,8 @@ import pytest
 import torch
 
 import defense
-from defense.base import DefenseData, clean_indices
 from defense.fp import FP, clean_accuracy, mean_activation
-from utils.datasets import load_dataset
-from utils.records import load_defense_result, load_record, save_defense_result
-
-
-@pytest.fixture(scope="module")
-def digits(digits_record_root):
-    """The session's backdoored digits record and a defender's subset (20% of the training set)."""
-    record = load_record(digits_record_root / "badnet_digits")
-    data = load_dataset("digits")
-    idx = clean_indices(data.train.labels, record.poison_indices, 0.2, 0)
-    return record, DefenseData(data.train.subset(idx), data.info, torch.device("cpu"))
+from utils.records import load_defense_result, save_defense_result
 
 
 def features(model, x):
@@ -26,8 +15,8 @@ def features(model, x):
     return net.layer3(net.layer2(net.layer1(model.normalize(x))))
 
 
-def test_mean_activation_is_the_channel_mean_of_the_feature_layer(digits):
-    record, data = digits
+def test_mean_activation_is_the_channel_mean_of_the_feature_layer(digits_defender):
+    record, data = digits_defender
     model = record.build_model().eval()
     x, _ = data.tensors()
     with torch.no_grad():
@@ -36,8 +25,8 @@ def test_mean_activation_is_the_channel_mean_of_the_feature_layer(digits):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_prunes_the_least_active_channels_while_accuracy_stays_within_the_bound(digits):
-    record, data = digits
+def test_prunes_the_least_active_channels_while_accuracy_stays_within_the_bound(digits_defender):
+    record, data = digits_defender
     model = record.build_model()
     fp = FP(epochs=0, once_prune_ratio=0.05)
     fp.mitigate(model, data)
@@ -56,8 +45,8 @@ def test_prunes_the_least_active_channels_while_accuracy_stays_within_the_bound(
         assert acc_0 - float(accs[-1]) > fp.acc_ratio * acc_0
 
 
-def test_tolerance_decides_how_far_pruning_goes(digits):
-    record, data = digits
+def test_tolerance_decides_how_far_pruning_goes(digits_defender):
+    record, data = digits_defender
     everything = FP(epochs=0, once_prune_ratio=0.05, acc_ratio=1.0)
     everything.mitigate(record.build_model(), data)
     assert everything.report()["pruned"] == 126  # steps of 7 up to 127: one channel always stays
@@ -67,8 +56,8 @@ def test_tolerance_decides_how_far_pruning_goes(digits):
     assert r["pruned"] < 126 and r["held_out_acc_pruned"] >= r["held_out_acc_unpruned"]
 
 
-def test_saved_result_reloads_with_the_mask_applied(digits, tmp_path):
-    record, data = digits
+def test_saved_result_reloads_with_the_mask_applied(digits_defender, tmp_path):
+    record, data = digits_defender
     fp = FP(epochs=1, once_prune_ratio=0.05, batch_size=64)
     purified = fp.mitigate(record.build_model(), data).eval()
     save_defense_result(tmp_path, record.model_name, record.num_classes, purified.state_dict(), fp.extras())

@@ -8,20 +8,10 @@ import math
 import pytest
 import torch
 
-from defense.base import DefenseData, clean_indices
 from defense.nad import NAD, attention_distance, attention_loss, attention_map
 from utils.datasets import load_dataset
 from utils.metrics import evaluate
-from utils.records import load_record
 from utils.runtime import seed_everything
-
-
-@pytest.fixture(scope="module")
-def digits(digits_record_root):
-    record = load_record(digits_record_root / "badnet_digits")
-    data = load_dataset("digits")
-    idx = clean_indices(data.train.labels, record.poison_indices, 0.2, 0)
-    return record, DefenseData(data.train.subset(idx), data.info, torch.device("cpu"))
 
 
 def test_attention_map_by_hand():
@@ -43,8 +33,8 @@ def test_attention_loss_by_hand_and_its_invariances():
     assert attention_loss(f, f.roll(1, dims=3)).item() > 1e-4
 
 
-def test_attention_loss_is_zero_between_a_model_and_itself_and_positive_otherwise(digits):
-    record, data = digits
+def test_attention_loss_is_zero_between_a_model_and_itself_and_positive_otherwise(digits_defender):
+    record, data = digits_defender
     model = record.build_model()
     assert attention_distance(model, model, data) == [0.0, 0.0, 0.0]
     other = record.build_model()
@@ -53,8 +43,8 @@ def test_attention_loss_is_zero_between_a_model_and_itself_and_positive_otherwis
     assert all(d > 0 for d in attention_distance(model, other, data))
 
 
-def test_distillation_pulls_the_student_towards_the_teacher_and_removes_the_backdoor(digits):
-    record, data = digits
+def test_distillation_pulls_the_student_towards_the_teacher_and_removes_the_backdoor(digits_defender):
+    record, data = digits_defender
     recipe = dict(epochs=10, te_epochs=10, batch_size=64, lr=0.05, beta_1=20.0, beta_2=40.0, beta_3=40.0)  # digits.yaml
     seed_everything(0)
     student = record.build_model()

@@ -69,6 +69,19 @@ def save_json(obj: Any, path: Path) -> None:
     save_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """A C x H x W image in [0, 1] (1 or 3 channels) as an 8-bit PNG."""
+    import cv2
+
+    pixels = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = pixels[0].numpy() if pixels.shape[0] == 1 else cv2.cvtColor(pixels.permute(1, 2, 0).numpy(),
+                                                                           cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {tuple(image.shape)} as PNG")
+    atomic_write(path, lambda tmp: tmp.write_bytes(encoded.tobytes()))
+
+
 class StagedFolder:
     """An output folder that appears only when complete.
 
