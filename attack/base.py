@@ -9,33 +9,40 @@ attack.log and attack_plot.png. The folder appears only when the run has finishe
 
 An attack file holds only what is particular to its attack: the trigger (a function of
 float [0, 1] images), how poisoned samples are chosen (its ``kind``), and what it keeps
-in the record.
+in the record. Attacks that need more than a trigger use optional hooks of the same
+harness: :meth:`AttackContext.clean_model` (a clean model to craft the trigger on: LF,
+TrojanNN), :meth:`Attack.batch_hook` (poison each batch on the fly: WaNet),
+:meth:`Attack.before_training` and :meth:`Attack.train_step` (train something together
+with the victim: Input-Aware's generators), :meth:`Attack.cross` (a "noise mode" test set
+with true labels, saved as the record's ``cross_test``).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from utils import config as cfg
 from utils.cli import entry
 from utils.config import Layer, Param
-from utils.datasets import Dataset, dataset_info, load_dataset, train_transform
+from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import evaluate
-from utils.models import create_model, model_spec
+from utils.metrics import Metrics, accuracy, evaluate, mean_loss
+from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
-from utils.records import AttackRecord, PoisonedSet, StagedFolder, record_dir, save_json
+from utils.records import AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_json
 from utils.registry import Method, Registry
-from utils.runtime import grad_scaler, log_to, resolve_device, seed_everything
-from utils.train import BatchHook, make_optimizer, make_scheduler, train_epoch
+from utils.runtime import autocast, grad_scaler, log_to, resolve_device, seed_everything
+from utils.train import BatchHook, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
 
@@ -58,6 +65,82 @@ class AttackContext:
     def num_classes(self) -> int:
         return self.dataset.info.num_classes
 
+    @property
+    def pratio(self) -> float:
+        return float(self.config["pratio"])
+
+    def seed(self) -> int:
+        """A fresh seed drawn from the run's generator (for an attack's own torch.Generator)."""
+        return int(self.rng.integers(2**31 - 1))
+
+    def clean_model(self, record: str | None = None) -> Classifier:
+        """A clean model of this dataset, in eval mode on the device, to craft a trigger
+        on: the prototype record ``record`` (a folder under --record_root, made by
+        attack/prototype.py), or, when None, one trained here with the dataset's recipe,
+        by the same training as attack/prototype.py."""
+        info = self.dataset.info
+        if record is None:
+            log.info("training a clean model (%s, %d epochs) to craft the trigger on", self.config["model"],
+                     self.config["epochs"])
+            model, _ = fit(self.config, info, self.dataset.train, self.device, desc="clean model")
+            model.eval()
+            acc = accuracy(predict(model, self.dataset.test.images, device=self.device, amp=self.config["amp"]),
+                           self.dataset.test.labels)
+            log.info("clean model: C-Acc %.4f", acc)
+            return model
+        rec = load_record(record_dir(Path(self.config["record_root"]), record))
+        if rec.attack != "prototype":
+            raise UserError(f"clean_model '{record}' is a {rec.attack} record, not a clean model "
+                            "(make one with attack/prototype.py)")
+        if rec.clean_data != info.name or tuple(rec.img_size) != info.img_size or rec.num_classes != info.num_classes:
+            raise UserError(f"clean_model '{record}' was trained on {rec.clean_data} {tuple(rec.img_size)} with "
+                            f"{rec.num_classes} classes, not on {info.name} {info.img_size} with {info.num_classes}")
+        log.info("clean model: record %s (%s)", rec.path, rec.model_name)
+        return rec.build_model().to(self.device).eval()
+
+
+class Training:
+    """The victim's training as the harness set it up: the model, the split it trains on,
+    the optimizers (the victim's first) and per-epoch schedulers the harness steps, the
+    gradient scaler and the shuffling generator. Attacks that train something together
+    with the victim receive it in :meth:`Attack.before_training` and
+    :meth:`Attack.train_step`; they may append their own optimizers and schedulers."""
+
+    def __init__(self, model: nn.Module, data: ImageData, info: DatasetInfo, device: torch.device,
+                 values: dict[str, Any]):
+        self.model, self.data, self.info, self.device = model, data, info, device
+        self.amp = bool(values["amp"])
+        self.batch_size = int(values["batch_size"])
+        self.epochs = int(values["epochs"])
+        optimizer = make_optimizer(model.parameters(), values["client_optimizer"], values["lr"],
+                                   values["sgd_momentum"], values["wd"])
+        scheduler = make_scheduler(optimizer, values["lr_scheduler"], values["epochs"])
+        self.optimizers: list[torch.optim.Optimizer] = [optimizer]
+        self.schedulers: list[Any] = [] if scheduler is None else [scheduler]
+        self.scaler = grad_scaler(device, self.amp)
+        self.generator = torch.Generator().manual_seed(int(values["random_seed"]))
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The dataset's train transform."""
+        return train_transform(self.info, x)
+
+    def autocast(self):
+        return autocast(self.device, self.amp)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` training images drawn at random (no repeats), augmented, float on the device."""
+        idx = torch.randperm(len(self.data), generator=self.generator)[:n]
+        return self.augment(self.data.images[idx].to(self.device).float().div_(255.0))
+
+    def run_epoch(self, step: Step, optimizers: Sequence[torch.optim.Optimizer] | None = None, *, epoch: int = 0,
+                  desc: str = "train") -> dict[str, float]:
+        """One pass over the training split (shuffled, augmented) minimising ``step``'s loss
+        with ``optimizers`` (default: all of :attr:`optimizers`); see utils.train.train_epoch."""
+        return train_epoch(self.model, self.data.images, self.data.labels,
+                           self.optimizers if optimizers is None else optimizers, batch_size=self.batch_size,
+                           device=self.device, epoch=epoch, augment=self.augment, step=step, scaler=self.scaler,
+                           amp=self.amp, generator=self.generator, desc=desc)
+
 
 class Attack(Method):
     """Base class. Subclasses set ``kind`` and ``paper``, take their hyperparameters as
@@ -66,10 +149,13 @@ class Attack(Method):
 
     kind: ``dirty-label`` (poisoned samples get the attacker's label), ``clean-label``
     (poisoned samples are target-class samples and keep their label), ``training-controlled``
-    (the attacker poisons batches during training, see :meth:`batch_hook`) or ``clean``
-    (no poisoning)."""
+    (the attacker poisons batches during training, see :meth:`batch_hook` and
+    :meth:`train_step`) or ``clean`` (no poisoning). ``trigger_trained``: the trigger
+    changes during training (a generator trained with the victim), so the harness
+    rebuilds the backdoor test sets at every evaluation."""
 
     kind: ClassVar[Kind] = "dirty-label"
+    trigger_trained: ClassVar[bool] = False
 
     def prepare(self, ctx: AttackContext) -> None:
         """Build what the trigger needs (a pattern, a generator); called once before poisoning."""
@@ -78,13 +164,46 @@ class Attack(Method):
         """The trigger: float NCHW images in [0, 1] -> poisoned images of the same shape."""
         raise NotImplementedError
 
+    def cross(self, x: torch.Tensor) -> torch.Tensor:
+        """Optional "noise mode" (WaNet, Input-Aware): images that carry a perturbed
+        trigger and keep their true label. When an attack defines it, the harness saves
+        every test sample through it as the record's ``cross_test`` and reports its
+        accuracy (``test_cross_acc``)."""
+        raise NotImplementedError
+
     def batch_hook(self, ctx: AttackContext) -> BatchHook | None:
-        """For training-controlled attacks: replace each training batch (x, y)."""
+        """For training-controlled attacks: replace each (augmented) training batch (x, y)."""
         return None
+
+    def before_training(self, training: Training) -> None:
+        """Optional: called once the victim and its optimizer exist, before its first epoch
+        (pre-train a generator, add optimizers to ``training``)."""
+
+    def train_step(self, training: Training, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Optional: the loss of one augmented training batch, for attacks that train
+        something with the victim; returns (loss, logits, targets). When an attack defines
+        it, the harness minimises that loss with all of ``training.optimizers`` instead of
+        the victim's cross-entropy (and ignores :meth:`batch_hook`)."""
+        raise NotImplementedError
 
     def extras(self) -> dict[str, torch.Tensor]:
         """Tensors kept in the record (a trigger pattern, a warping field, ...)."""
         return {}
+
+    @classmethod
+    def check_params(cls, values: dict[str, Any]) -> None:
+        """Raise ValueError for the first hyperparameter in ``values`` (e.g. an
+        ``__init__``'s ``locals()``) that fails its ``param_checks`` entry."""
+        for name, check in cls.param_checks.items():
+            complaint = check(values[name]) if name in values else None
+            if complaint:
+                raise ValueError(f"{name} {complaint}, got {values[name]!r}")
+
+    @classmethod
+    def defines(cls, hook: str) -> bool:
+        """Does this attack define the optional hook ``hook`` (``cross``, ``train_step``)?"""
+        return getattr(cls, hook) is not getattr(Attack, hook)
 
 
 ATTACKS: Registry[Attack] = Registry("attack")
@@ -171,6 +290,9 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     model_spec(values["model"])
     if info.num_classes > 0:
         check_target(values["attack_target"], info.num_classes)
+    if ATTACKS.get(name).kind == "clean-label" and values["attack_label_trans"] != "all2one":
+        raise UserError(f"attack {name} is clean-label: it poisons target-class samples only, so "
+                        "--attack_label_trans must be all2one")
     hyper = {p.name: values[p.name] for p in ATTACKS.get(name).params()}
     try:
         attack = create_attack(name, **hyper)
@@ -214,57 +336,111 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
             labels = target_labels(labels, label_trans, target, info.num_classes)
         bd_train = poisoned_set(data.train, poison_idx, attack.apply, labels)
         log.info("poisoned %d of %d training samples (%s)", len(poison_idx), len(data.train), attack.kind)
-    bd_test = _bd_test(attack, data, label_trans, target)
+    test_sets = _TestSets(attack, data, label_trans, target, device, values["amp"])
     train_set, _ = poisoned_training_set(data.train, bd_train)
 
     # The victim.
-    model = create_model(values["model"], info.num_classes, info.channels, info.size, info.mean, info.std).to(device)
-    optimizer = make_optimizer(model.parameters(), values["client_optimizer"], values["lr"], values["sgd_momentum"],
-                               values["wd"])
-    scheduler = make_scheduler(optimizer, values["lr_scheduler"], values["epochs"])
-    scaler = grad_scaler(device, values["amp"])
-    hook = attack.batch_hook(ctx)
-    generator = torch.Generator().manual_seed(values["random_seed"])
-    history = History()
-    metrics = None
-    for epoch in range(values["epochs"]):
-        stats = train_epoch(model, train_set.images, train_set.labels, optimizer, batch_size=values["batch_size"],
-                            device=device, epoch=epoch, augment=lambda x: train_transform(info, x), batch_hook=hook,
-                            scaler=scaler, amp=values["amp"], generator=generator, desc=f"epoch {epoch}")
-        if scheduler is not None:
-            scheduler.step()
-        row = history.add(epoch=epoch, **stats)
-        if (epoch + 1) % values["eval_every"] == 0 or epoch + 1 == values["epochs"]:
-            metrics = evaluate(model, data.test, bd_test, device=device, amp=values["amp"])
-            row.update(metrics.as_row())
-            log.info("epoch %d: loss %.4f  C-Acc %.4f  ASR %.4f  RA %.4f", epoch,
-                     stats["train_epoch_loss_avg_over_batch"], metrics.clean_acc, metrics.asr, metrics.ra)
-    if metrics is None:  # zero epochs
-        metrics = evaluate(model, data.test, bd_test, device=device, amp=values["amp"])
+    model, history = fit(values, info, train_set, device, attack=attack, ctx=ctx, on_eval=test_sets.evaluate)
+    if test_sets.metrics is None:  # zero epochs
+        test_sets.evaluate(model)
+    metrics = test_sets.metrics
     seconds = time.perf_counter() - start
 
     record = AttackRecord(
         model_name=values["model"], num_classes=info.num_classes, model=model.state_dict(), img_size=info.img_size,
         clean_data=info.name, attack=attack.name, attack_params=cfg.plain(attack.hyperparameters()),
-        poison_indices=poison_idx, bd_test=bd_test, bd_train=bd_train, mean=info.mean, std=info.std,
-        extras=attack.extras(), config=cfg.plain(values))
+        poison_indices=poison_idx, bd_test=test_sets.bd_test, bd_train=bd_train, cross_test=test_sets.cross_test,
+        mean=info.mean, std=info.std, extras=attack.extras(), config=cfg.plain(values))
     record.save(folder)
     history.save_csv(folder / "attack_df.csv")
     history.save_plot(folder / "attack_plot.png", f"{attack.name} on {info.name} ({values['model']})")
     summary = {**metrics.headline(), "seconds": round(seconds, 2), "attack": attack.name, "dataset": info.name,
                "model": values["model"], "epochs": values["epochs"], "device": str(device),
                "poisoned": int(len(poison_idx))}
+    if test_sets.cross_acc is not None:
+        summary["cross_acc"] = test_sets.cross_acc
     save_json(summary, folder / "attack_summary.json")
     log.info("C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", metrics.clean_acc, metrics.asr, metrics.ra, seconds)
     return summary
 
 
-def _bd_test(attack: Attack, data: Dataset, label_trans: str, target: int) -> PoisonedSet:
-    """Every test sample whose label the attack changes, with the trigger and the
-    attacker's label. A clean run has an empty backdoor test set."""
-    if attack.kind == "clean":
-        empty = torch.zeros(0, dtype=torch.long)
-        return PoisonedSet(data.test.images[:0].clone(), empty, empty, empty)
-    idx = bd_test_indices(data.test.labels, label_trans, target)
-    labels = target_labels(data.test.labels[idx], label_trans, target, data.info.num_classes)
-    return poisoned_set(data.test, idx, attack.apply, labels)
+def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: torch.device, *,
+        attack: Attack | None = None, ctx: AttackContext | None = None,
+        on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
+        desc: str = "epoch") -> tuple[Classifier, History]:
+    """Train a fresh ``values["model"]`` on ``train`` with the run's recipe: every
+    training of the harness (victims and clean models alike) goes through here. ``attack`` may poison
+    batches (:meth:`Attack.batch_hook`) or take over the loss (:meth:`Attack.train_step`);
+    ``on_eval(model)`` is called every ``eval_every`` epochs and after the last, and its
+    numbers join that epoch's row of the history."""
+    model = create_model(values["model"], info.num_classes, info.channels, info.size, info.mean, info.std).to(device)
+    training = Training(model, train, info, device, values)
+    step, hook = None, None
+    if attack is not None:
+        attack.before_training(training)
+        if attack.defines("train_step"):
+            step = partial(attack.train_step, training)
+        hook = attack.batch_hook(ctx)
+    history = History()
+    epochs = int(values["epochs"])
+    for epoch in range(epochs):
+        if step is not None:
+            stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
+        else:
+            stats = train_epoch(model, train.images, train.labels, training.optimizers, batch_size=training.batch_size,
+                                device=device, epoch=epoch, augment=training.augment, batch_hook=hook,
+                                scaler=training.scaler, amp=training.amp, generator=training.generator,
+                                desc=f"{desc} {epoch}")
+        for scheduler in training.schedulers:
+            scheduler.step()
+        row = history.add(epoch=epoch, **stats)
+        if on_eval is not None and ((epoch + 1) % values["eval_every"] == 0 or epoch + 1 == epochs):
+            row.update(on_eval(model))
+            log.info("epoch %d: loss %.4f  %s", epoch, stats["train_epoch_loss_avg_over_batch"],
+                     "  ".join(f"{name} {row[key]:.4f}" for key, name in _SHOWN.items() if key in row))
+    return model, history
+
+
+_SHOWN = {"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA", "test_cross_acc": "cross-Acc"}
+
+
+class _TestSets:
+    """The attack's test sets and the one evaluation of the victim: the backdoor test set
+    (every test sample whose label the attack changes, with the trigger and the attacker's
+    label) and, for attacks with a noise mode, the cross test set (every test sample
+    through :meth:`Attack.cross`, true labels). Built once, or at every evaluation when the
+    trigger is trained with the victim."""
+
+    def __init__(self, attack: Attack, data: Dataset, label_trans: str, target: int, device: torch.device,
+                 amp: bool):
+        self.attack, self.data, self.label_trans, self.target = attack, data, label_trans, target
+        self.device, self.amp = device, amp
+        self.metrics: Metrics | None = None
+        self.cross_acc: float | None = None
+        self._build()
+
+    def _build(self) -> None:
+        attack, test = self.attack, self.data.test
+        if attack.kind == "clean":
+            empty = torch.zeros(0, dtype=torch.long)
+            self.bd_test = PoisonedSet(test.images[:0].clone(), empty, empty, empty)
+        else:
+            idx = bd_test_indices(test.labels, self.label_trans, self.target)
+            labels = target_labels(test.labels[idx], self.label_trans, self.target, self.data.info.num_classes)
+            self.bd_test = poisoned_set(test, idx, attack.apply, labels)
+        self.cross_test = None
+        if attack.defines("cross"):
+            self.cross_test = poisoned_set(test, torch.arange(len(test)), attack.cross, test.labels)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """C-Acc, ASR, RA (and the cross accuracy) as columns of the history."""
+        if self.attack.trigger_trained:
+            self._build()
+        self.metrics = evaluate(model, self.data.test, self.bd_test, device=self.device, amp=self.amp)
+        row = self.metrics.as_row()
+        if self.cross_test is not None:
+            logits = predict(model, self.cross_test.images, device=self.device, amp=self.amp)
+            self.cross_acc = accuracy(logits, self.cross_test.labels)
+            row.update({"cross_test_loss_avg_over_batch": mean_loss(logits, self.cross_test.labels),
+                        "test_cross_acc": self.cross_acc})
+        return row

@@ -22,8 +22,9 @@ NAMES = attack.list_attacks()
 
 
 def quick(name: str, root: Path, **kw) -> dict:
-    return attack.run(name, dataset="digits", record_root=str(root), save_folder_name=name, epochs=2, device="cpu",
-                      **kw)
+    """A seconds-long run on digits (2 epochs, the attack's smoke_params)."""
+    kw = {"epochs": 2, **attack.ATTACKS.get(name).smoke_params, **kw}
+    return attack.run(name, dataset="digits", record_root=str(root), save_folder_name=name, device="cpu", **kw)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -52,6 +53,59 @@ def test_every_attack_writes_a_record_that_loads(name, tmp_path):
         assert torch.equal(record.bd_train.original_labels, data.train.labels[record.poison_indices])
         changed = (record.bd_train.images != data.train.images[record.poison_indices]).flatten(1).any(1)
         assert changed.float().mean() > 0.5, f"{name}: the trigger leaves most poisoned images unchanged"
+    if cls.kind == "training-controlled":  # poisoned batch by batch: nothing poisoned at rest
+        assert record.bd_train is None and len(record.poison_indices) == 0
+    if cls.defines("cross"):  # noise mode: every test sample, true labels
+        cross = record.cross_test
+        assert cross is not None and torch.equal(cross.indices, torch.arange(len(data.test)))
+        assert torch.equal(cross.labels, data.test.labels) and torch.equal(cross.original_labels, data.test.labels)
+        assert 0 <= summary["cross_acc"] <= 1
+    else:
+        assert record.cross_test is None and "cross_acc" not in summary
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_attack_is_deterministic_given_the_seed(name, tmp_path):
+    a = quick(name, tmp_path / "a", epochs=1, random_seed=3)
+    b = quick(name, tmp_path / "b", epochs=1, random_seed=3)
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    ra = torch.load(tmp_path / "a" / name / "attack_result.pt", weights_only=True)
+    rb = torch.load(tmp_path / "b" / name / "attack_result.pt", weights_only=True)
+    assert ra["sha256"] == rb["sha256"]
+    for part in ("extras", "bd_train", "cross_test", "poison_indices"):
+        assert _same(ra[part], rb[part]), f"{name}: {part} differs between two runs with the same seed"
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if attack.ATTACKS.get(n).kind in ("dirty-label",
+                                                                                     "training-controlled")])
+def test_all2all_for_every_label_flipping_attack(name, tmp_path):
+    quick(name, tmp_path, epochs=1, attack_label_trans="all2all")
+    record = load_record(tmp_path / name)
+    assert len(record.bd_test) == 360
+    assert torch.equal(record.bd_test.labels, (record.bd_test.original_labels + 1) % 10)
+    if record.bd_train is not None:
+        assert torch.equal(record.bd_train.labels, (record.bd_train.original_labels + 1) % 10)
+
+
+def test_clean_label_attacks_refuse_all2all(tmp_path):
+    clean_label = [n for n in NAMES if attack.ATTACKS.get(n).kind == "clean-label"]
+    assert clean_label
+    for name in clean_label:
+        with pytest.raises(UserError, match="clean-label.*all2one"):
+            quick(name, tmp_path, attack_label_trans="all2all")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_params_name_hyperparameters(name):
+    cls = attack.ATTACKS.get(name)
+    assert set(cls.smoke_params) <= {p.name for p in cls.params()}
 
 
 def test_badnet_on_digits_record_contents(digits_record_root):

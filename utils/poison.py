@@ -110,3 +110,14 @@ def corner_patch(x: torch.Tensor, size: int, value: float = 1.0) -> torch.Tensor
     out = x.clone()
     out[..., -size:, -size:] = value
     return out
+
+
+def batch_poison_count(pratio: float, batch_size: int, generator: torch.Generator | None = None) -> int:
+    """How many samples of a batch a training-controlled attack poisons: ``int(pratio *
+    batch_size)``; when that is below one, one sample with probability ``pratio *
+    batch_size`` and none otherwise, so that low ratios still poison about ``pratio`` of
+    the samples over an epoch (BackdoorBench's ``generalize_to_lower_pratio``)."""
+    expected = pratio * batch_size
+    if expected >= 1:
+        return int(expected)
+    return int(torch.rand((), generator=generator).item() < expected)

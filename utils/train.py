@@ -3,7 +3,7 @@ precision on CUDA. One place for the loops that attacks and defenses share."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,39 +37,56 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
                         "lower the learning rate or check the data")
 
 
-def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-                *, batch_size: int, device: torch.device, epoch: int = 0, augment: Callable | None = None,
-                batch_hook: BatchHook | None = None, scaler: torch.amp.GradScaler | None = None,
-                amp: bool = True, generator: torch.Generator | None = None, desc: str = "train") -> dict[str, float]:
-    """One epoch of cross-entropy training; returns the mean loss and accuracy.
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
-    ``augment`` is the dataset's train transform; ``batch_hook(x, y)`` may replace a
-    batch after augmentation (training-controlled attacks poison batches on the fly)."""
+
+def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *, batch_size: int,
+                device: torch.device, epoch: int = 0, augment: Callable | None = None,
+                batch_hook: BatchHook | None = None, step: Step | None = None,
+                scaler: torch.amp.GradScaler | None = None, amp: bool = True,
+                generator: torch.Generator | None = None, desc: str = "train") -> dict[str, float]:
+    """One epoch over shuffled batches; returns the mean loss and accuracy.
+
+    By default the loss is the cross-entropy of ``model``; ``augment`` is the dataset's
+    train transform; ``batch_hook(x, y)`` may replace a batch after augmentation
+    (training-controlled attacks poison batches on the fly). ``step(x, y)`` replaces the
+    loss altogether (attacks that train a generator with the victim) and returns
+    (loss, logits, targets), logits None when there is nothing to score. The loss is
+    minimised with every optimizer in ``optimizers`` that received a gradient."""
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     steps = math.ceil(len(images) / batch_size)
-    for step, (x, y) in enumerate(tqdm(batches(images, labels, batch_size=batch_size, device=device, shuffle=True,
-                                               generator=generator), total=steps, desc=desc, leave=False,
-                                       disable=tqdm_disable())):
+    for i, (x, y) in enumerate(tqdm(batches(images, labels, batch_size=batch_size, device=device, shuffle=True,
+                                            generator=generator), total=steps, desc=desc, leave=False,
+                                    disable=tqdm_disable())):
         if augment is not None:
             x = augment(x)
-        if batch_hook is not None:
+        if step is None and batch_hook is not None:
             x, y = batch_hook(x, y)
         with autocast(device, amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        check_finite(loss, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
+            if step is None:
+                logits = model(x)
+                loss, targets = F.cross_entropy(logits, y), y
+            else:
+                loss, logits, targets = step(x, y)
+        check_finite(loss, epoch, i)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for optimizer in optimizers:
+            if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
             scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
         total_loss += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
+        if logits is not None:
+            correct += int((logits.argmax(1) == targets).sum())
     return {"train_epoch_loss_avg_over_batch": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
