@@ -7,6 +7,6 @@ from defense.base import (DEFENSES, Defense, DefenseData, create_defense, list_d
                           run)
 from utils.registry import import_package_modules
 
-import_package_modules("defense", skip=("base",))
+import_package_modules("defense", skip=("base", "compare"))  # compare: the comparison command, no defense
 
 __all__ = ["DEFENSES", "Defense", "DefenseData", "create_defense", "list_defenses", "register_defense", "run"]

@@ -4,7 +4,8 @@ function behind every ``python defense/<name>.py``.
 ``run`` loads the attack record, draws the defender's clean subset from the clean
 training set (seeded, never a poisoned sample; the indices are saved), evaluates the
 backdoored model, calls ``Defense.mitigate(model, data)``, evaluates the purified model
-with the same code for every defense, and writes ``record/<result_file>/defense/<name>/``:
+with the same code for every defense, and writes ``record/<result_file>/defense/<name>/``
+(or ``defense/<result_name>/`` with ``--result_name``, e.g. one folder per seed):
 defense_result.pt, <name>_df.csv, summary.json, index.txt, <name>.log and <name>_plot.png.
 The folder appears only when the run has finished; an existing one is kept unless
 ``--overwrite``.
@@ -191,6 +192,8 @@ COMMON: list[Param] = [
     Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
     Param("download", bool, True, "download missing datasets where possible"),
     Param("overwrite", bool, False, "replace an existing result"),
+    Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
+          "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)"),
     Param("debug", bool, False, "show tracebacks"),
 ]
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset",
@@ -235,7 +238,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         defense = cls(**{p.name: values[p.name] for p in cls.params()})
     except ValueError as exc:
         raise UserError(f"defense {cls.name}: {exc}") from None
-    out = StagedFolder(record.path / "defense" / cls.name, values["overwrite"])
+    out = StagedFolder(record.path / "defense" / result_folder_name(cls.name, values["result_name"]),
+                       values["overwrite"])
     folder = out.open()
     try:
         with log_to(folder, f"{cls.name}.log"):
@@ -248,6 +252,15 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         raise
     log.info("result written to %s", final)
     return summary
+
+
+def result_folder_name(defense: str, result_name: str | None = None) -> str:
+    """The folder of a result under ``<record>/defense/``: ``result_name``, or the
+    defense's name (BackdoorBench's place). One plain folder name."""
+    name = defense if result_name is None else result_name
+    if not name or name.strip() != name or Path(name).name != name or name.startswith(".") or name in ("..", "."):
+        raise UserError(f"--result_name {name!r} must be a plain folder name (no '/', not hidden)")
+    return name
 
 
 def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, ratio: float, seed: int,

@@ -1,0 +1,528 @@
+"""Side-by-side comparison of defenses on attack records, over seeds, in one table.
+
+Every (record, defense, seed) without a finished result is run; the results are reported
+as one table (Markdown on stdout; .md, .csv, .json), plots and an HTML page.
+
+    python defense/compare.py --result_file badnet_digits blended_digits --defenses ft fp nad anp ibau nc sau --seeds 0 1 2
+    python defense/compare.py --grid config/grid/digits_smoke.yaml --html
+    python defense/compare.py --grid config/grid/cifar10_paper.yaml --jobs 4           # one worker per GPU
+    python defense/compare.py --grid config/grid/cifar10_paper.yaml --executor ray --ray_address auto
+
+What it runs. With ``--result_file``, the records must exist; with ``--grid`` (a YAML file
+naming datasets, models, attacks and defenses with their options, and seeds; see
+config/grid/), missing records are made first with the attack harness and each defense
+run waits only for its own record. A run whose result exists is reused when the
+config it recorded matches the requested one (keys that only say where or how it ran,
+such as device or record_root, are not compared); a mismatch is reported in the table
+and not re-run unless ``--overwrite``.
+
+Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
+``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
+harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
+table.md, table.csv, table.json, the plots (PNG), index.html with ``--html``, and
+logs/<record>/<run>.log with each run's console output (and traceback on failure).
+
+How it runs: ``--jobs 1`` (default) in this process; ``--jobs N`` in N worker processes
+(each sees one GPU, round robin, when there are GPUs); ``--executor ray`` as Ray tasks
+asking ``--cpus_per_run`` CPUs and ``--gpus_per_run`` GPUs each (default: 1 GPU when
+the cluster has GPUs). A run that fails is reported as "failed: reason (log: path)" and
+the others go on; the exit status is then 1. Bad input: one line on stderr, status 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import yaml
+
+from utils import config as cfg
+from utils.cli import entry
+from utils.compare import Run, Table, aggregate, config_diff, execute, markdown, read_json, to_csv, to_json, Progress
+from utils.config import Param
+from utils.errors import UserError
+from utils.executors import Resources, make_executor
+from utils.records import RECORD_FILE, load_record, record_dir, save_json, save_text
+
+log = logging.getLogger("saubench.compare")
+
+PARAMS: list[Param] = [
+    Param("result_file", list[str] | None, None, "attack records (folders of --record_root) to compare on"),
+    Param("grid", str | None, None, "a grid file (config/grid/*.yaml): attacks, defenses and seeds"),
+    Param("defenses", list[str] | None, None, "defenses; none given: every registered defense (with --grid: the grid's)"),
+    Param("seeds", list[int] | None, None, "defense seeds; none given: 0 (with --grid: the grid's)"),
+    Param("option", list[str] | None, None, "defense options KEY=VALUE (all defenses) or DEFENSE.KEY=VALUE"),
+    Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),
+    Param("name", str | None, None, "output folder record/compare/<name>; none given: the grid's name or the records' names"),
+    Param("record_root", str, "record", "folder of the records"),
+    Param("data_root", str | None, None, "folder holding the datasets; none given: the harnesses' (data, or the record's)"),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N, for every run"),
+    Param("jobs", int, 1, "parallel runs on this machine (worker processes; one GPU each when there are GPUs)",
+          check=cfg.positive),
+    Param("executor", Literal["local", "ray"], "local", "local (this machine) or ray"),
+    Param("ray_address", str | None, None, "Ray cluster address; none given: start a local instance"),
+    Param("cpus_per_run", float, 1.0, "Ray: CPUs each run asks for", check=cfg.positive),
+    Param("gpus_per_run", float | None, None, "Ray: GPUs each run asks for; none given: 1 when the cluster has GPUs",
+          check=cfg.non_negative),
+    Param("html", bool, False, "also write index.html: the table and the plots in one page"),
+    Param("plots", bool, True, "write the plots"),
+    Param("quiet", bool, False, "no progress bar: log lines only"),
+    Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
+    Param("debug", bool, False, "show tracebacks"),
+]
+
+GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "attacks", "defense_options", "defenses",
+             "seeds"}
+
+
+@dataclass
+class RecordSpec:
+    name: str
+    attack: str | None = None  # None: an existing record (--result_file)
+    options: dict[str, Any] = field(default_factory=dict)  # attack harness keywords
+
+
+@dataclass
+class Spec:
+    name: str
+    records: list[RecordSpec]
+    defenses: dict[str, dict[str, Any]]  # canonical name -> defense harness keywords
+    seeds: list[int]
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def run(argv: Sequence[str] | None = None, *, attack_fn: Callable[..., Any] | None = None,
+        defense_fn: Callable[..., Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Compare; returns the table as a dict (table.json's content, plus ``markdown`` and
+    ``outputs``). ``attack_fn(name, **kw)`` and ``defense_fn(name, **kw)`` replace
+    ``attack.run`` and ``defense.run`` (tests); they must be picklable for ``--jobs`` > 1
+    and Ray."""
+    return entry(lambda args, kw: _compare(args, kw, attack_fn, defense_fn), argv, overrides)
+
+
+def main() -> None:
+    result = run()
+    sys.stdout.write(result["markdown"])
+    sys.exit(1 if result["failed"] else 0)
+
+
+def resolve(argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    parser = cfg.build_parser("defense/compare.py", PARAMS, (__doc__ or "").strip().split("\n")[0])
+    cli = cfg.parse_cli(parser, argv)
+    values = cfg.resolve(PARAMS, [cfg.Layer("keyword arguments", overrides)], cli)
+    if (values["grid"] is None) == (values["result_file"] is None):
+        raise UserError("give either --result_file RECORD [RECORD ...] or --grid FILE")
+    if values["seeds"] is not None and any(s < 0 for s in values["seeds"]):
+        raise UserError(f"--seeds must be >= 0, got {values['seeds']}")
+    if values["executor"] == "ray" and values["jobs"] != 1:
+        raise UserError("--jobs is for the local executor; with --executor ray, Ray runs as many runs at once as "
+                        "the cluster's resources allow (--cpus_per_run, --gpus_per_run)")
+    return values
+
+
+def _compare(argv: Sequence[str], overrides: dict[str, Any], attack_fn: Callable[..., Any] | None,
+             defense_fn: Callable[..., Any] | None) -> dict[str, Any]:
+    values = resolve(argv, overrides)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        return _main(values, attack_fn, defense_fn)
+    finally:
+        log.removeHandler(handler)
+
+
+def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
+          defense_fn: Callable[..., Any] | None) -> dict[str, Any]:
+    import attack
+    import defense
+
+    root = Path(values["record_root"]).resolve()
+    spec = load_grid(Path(values["grid"]), values) if values["grid"] else spec_from_records(values)
+    if values["name"] is not None:
+        spec.name = values["name"]
+    out_dir = record_dir(root / "compare", spec.name)
+    runs = plan(spec, values, root, out_dir / "logs")
+    todo = [r for r in runs if r.status == "todo"]
+    counts = {s: sum(r.status == s for r in runs) for s in ("reused", "mismatch", "blocked", "failed")}
+    log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
+             "".join(f", {n} {s}" for s, n in counts.items() if n and s != "reused"))
+
+    if todo:
+        executor = make_executor(values["executor"], jobs=values["jobs"], gpus=_local_gpus(values),
+                                 ray_address=values["ray_address"])
+        progress = Progress(len(todo), values["quiet"], log.info)
+        try:
+            gpus = values["gpus_per_run"]
+            if gpus is None:
+                gpus = 1.0 if values["executor"] == "ray" and values["device"] != "cpu" and \
+                    executor.cluster_gpus() > 0 else 0.0  # type: ignore[attr-defined]
+            functions = {"attack": attack_fn or attack.run, "defense": defense_fn or defense.run}
+            execute(runs, executor, functions, Resources(values["cpus_per_run"], gpus), progress.finished)
+        except BaseException:
+            progress.close()
+            executor.close(cancel=True)
+            raise
+        progress.close()
+        executor.close()
+
+    _fill_missing_baselines(runs)
+    table = aggregate(spec.name, [r.name for r in spec.records], list(spec.defenses), spec.seeds, runs)
+    return write_outputs(table, out_dir, values)
+
+
+def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
+    text = markdown(table)
+    data = to_json(table)
+    save_text(text, out_dir / "table.md")
+    save_text(to_csv(table), out_dir / "table.csv")
+    save_json(data, out_dir / "table.json")
+    outputs = [out_dir / "table.md", out_dir / "table.csv", out_dir / "table.json"]
+    plots: list[tuple[str, Path]] = []
+    if values["plots"] or values["html"]:
+        from utils.report import make_plots
+
+        plots = make_plots(table, out_dir)
+        outputs += [p for _, p in plots]
+    if values["html"]:
+        from utils.report import html_page
+
+        save_text(html_page(table, plots), out_dir / "index.html")
+        outputs.append(out_dir / "index.html")
+    log.info("written to %s", out_dir)
+    return {**data, "markdown": text, "failed": len(table.failed), "outputs": [str(p) for p in outputs]}
+
+
+def _local_gpus(values: dict[str, Any]) -> list[int]:
+    """GPU indices for the local pool's workers: every visible GPU, unless the runs are
+    on the CPU or on one named GPU."""
+    if values["executor"] != "local" or values["jobs"] == 1 or values["device"] not in ("auto", "cuda"):
+        return []
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _fill_missing_baselines(runs: list[Run]) -> None:
+    """A record without attack_summary.json: its "no defense" numbers from the "before"
+    of a finished defense run on it."""
+    for run in runs:
+        if run.kind == "attack" and run.status == "reused" and run.summary is None:
+            for other in runs:
+                if other.kind == "defense" and other.record == run.record and other.ok:
+                    before = (other.summary or {}).get("before") or {}
+                    run.summary = {**before, "device": other.summary.get("device")}
+                    break
+
+
+# -- what to compare ------------------------------------------------------------------------------
+
+def _default_name(records: Sequence[str]) -> str:
+    name = "+".join(r.replace("/", "-") for r in records)
+    if len(name) > 80:
+        name = name[:60] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """--option KEY=VALUE (every defense) and DEFENSE.KEY=VALUE, values read as YAML."""
+    from defense import DEFENSES
+
+    out: dict[str, dict[str, Any]] = {d: {} for d in defenses}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE or DEFENSE.KEY=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"--option {item!r}: the value is not valid YAML") from None
+        target, dot, name = key.rpartition(".")
+        if not dot:
+            for d in out:
+                out[d][key] = value
+            continue
+        canonical = DEFENSES.canonical(target)
+        if canonical not in out:
+            raise UserError(f"--option {item!r}: defense {canonical} is not among the compared ones "
+                            f"({', '.join(out)})")
+        out[canonical][name] = value
+    return out
+
+
+def _defense_names(names: Sequence[str] | None, where: str) -> list[str]:
+    from defense import DEFENSES
+
+    if names is None:
+        return DEFENSES.names()
+    out: list[str] = []
+    for name in names:
+        try:
+            canonical = DEFENSES.canonical(name)
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
+        if canonical not in out:
+            out.append(canonical)
+    return out
+
+
+def spec_from_records(values: dict[str, Any]) -> Spec:
+    records = list(dict.fromkeys(values["result_file"]))
+    defenses = _defense_names(values["defenses"], "--defenses")
+    options = _parse_options(values["option"], defenses)
+    spec = Spec(_default_name(records), [RecordSpec(r) for r in records],
+                {d: _with_smoke("defense", d, options[d], values["smoke"], "--option") for d in defenses},
+                sorted(set(values["seeds"] or [0])))
+    for d, opts in spec.defenses.items():
+        _check_defense_keys(d, opts, "--option")
+    return spec
+
+
+def _with_smoke(kind: str, name: str, options: dict[str, Any], smoke: bool, where: str) -> dict[str, Any]:
+    """``options`` over the method's smoke_params when ``smoke`` (or the option ``smoke: true``)."""
+    from attack import ATTACKS
+    from defense import DEFENSES
+
+    options = dict(options)
+    flag = options.pop("smoke", False)
+    if not isinstance(flag, bool):
+        raise UserError(f"{where}: {kind} {name}: 'smoke' must be true or false, got {flag!r}")
+    cls = (ATTACKS if kind == "attack" else DEFENSES).get(name)
+    base = dict(cls.smoke_params) if (smoke or flag) else {}
+    return {**base, **options}
+
+
+def _mapping(value: Any, what: str, path: Path) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: {what} must be a mapping of option names to values")
+    return dict(value)
+
+
+def _methods(value: Any, what: str, path: Path) -> dict[str, dict[str, Any]]:
+    """``attacks``/``defenses`` of a grid: a list of names or a mapping name -> options."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return {v: {} for v in value}
+    if isinstance(value, dict) and value:
+        return {str(k): _mapping(v, f"'{what}: {k}'", path) for k, v in value.items()}
+    raise UserError(f"{path}: '{what}' must be a non-empty list of names or a mapping of names to options")
+
+
+def _names(value: Any, what: str, path: Path, required: bool = True) -> list[str]:
+    if value is None and not required:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{path}: '{what}' must be a non-empty list of names")
+    return value
+
+
+def load_grid(path: Path, values: dict[str, Any]) -> Spec:
+    """Read and check a grid file; every name is checked against its registry."""
+    from attack import ATTACKS
+    from attack.base import resolve_config as resolve_attack
+    from utils.datasets import dataset_info
+    from utils.models import model_spec
+
+    data = cfg.read_yaml(path)
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(GRID_KEYS))})")
+    for key in ("datasets", "attacks", "defenses"):
+        if key not in data:
+            raise UserError(f"{path}: missing '{key}'")
+    datasets = _names(data["datasets"], "datasets", path)
+    models = _names(data.get("models"), "models", path, required=False)
+    for name in datasets:
+        _checked(lambda: dataset_info(name), path)
+    for name in models:
+        _checked(lambda: model_spec(name), path)
+    attacks = {_checked(lambda: ATTACKS.canonical(k), path): v for k, v in
+               _methods(data["attacks"], "attacks", path).items()}
+    grid_defenses = {_defense_names([k], str(path))[0]: v
+                     for k, v in _methods(data["defenses"], "defenses", path).items()}
+    seeds = values["seeds"] if values["seeds"] is not None else data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                             for s in seeds):
+        raise UserError(f"{path}: 'seeds' must be a non-empty list of integers >= 0")
+    template = data.get("record_name", "{attack}_{dataset}_{model}" if models else "{attack}_{dataset}")
+    if not isinstance(template, str):
+        raise UserError(f"{path}: 'record_name' must be a string such as '{{attack}}_{{dataset}}_{{model}}'")
+    common_attack = _mapping(data.get("attack_options"), "'attack_options'", path)
+    common_defense = _mapping(data.get("defense_options"), "'defense_options'", path)
+
+    records: list[RecordSpec] = []
+    for dataset in datasets:
+        for model in models or [None]:
+            for name, opts in attacks.items():
+                try:
+                    record = template.format(attack=name, dataset=dataset, model=model or "")
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise UserError(f"{path}: 'record_name' {template!r}: {exc!r} (fields: attack, dataset, "
+                                    "model)") from None
+                options = {**_with_smoke("attack", name, {**common_attack, **opts}, values["smoke"], str(path)),
+                           "dataset": dataset, "save_folder_name": record}
+                if model is not None:
+                    options["model"] = model
+                try:  # checks every key and value before anything runs
+                    resolve_attack(name, [], options)
+                except UserError as exc:
+                    raise UserError(f"{path}: attack {name}: {exc}") from None
+                if any(r.name == record for r in records):
+                    raise UserError(f"{path}: two runs would write record '{record}' (make 'record_name' tell them "
+                                    "apart)")
+                records.append(RecordSpec(record, name, options))
+
+    if values["defenses"] is not None:
+        chosen = _defense_names(values["defenses"], "--defenses")
+        grid_defenses = {d: grid_defenses.get(d, {}) for d in chosen}
+    extra = _parse_options(values["option"], list(grid_defenses))
+    defenses = {d: _with_smoke("defense", d, {**common_defense, **opts, **extra[d]}, values["smoke"], str(path))
+                for d, opts in grid_defenses.items()}
+    for d, opts in defenses.items():
+        _check_defense_keys(d, opts, str(path))
+    name = data.get("name", path.stem)
+    if not isinstance(name, str):
+        raise UserError(f"{path}: 'name' must be a string")
+    return Spec(name, records, defenses, sorted(set(seeds)))
+
+
+def _checked(fn: Callable[[], Any], path: Path) -> Any:
+    try:
+        return fn()
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def _check_defense_keys(name: str, options: dict[str, Any], where: str) -> None:
+    """Every option names a parameter of the defense harness (types are checked when it runs)."""
+    from defense.base import COMMON, DEFENSES
+
+    known = {key for p in [*COMMON, *DEFENSES.get(name).params()] for key in (p.name, *p.aliases)}
+    for key in options:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{where}: defense {name}: unknown option '{key}'{hint}")
+
+
+# -- the plan: what exists, what to run ---------------------------------------------------------------
+
+def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run]:
+    """One attack run per record (reused, mismatched or to run) and one defense run per
+    (record, defense, seed), each checked against what already exists."""
+    runs: list[Run] = []
+    data_root = None if values["data_root"] is None else str(Path(values["data_root"]).resolve())
+    for rec in spec.records:
+        folder = record_dir(root, rec.name)
+        base = _attack_run(rec, folder, values, root, data_root, logs) if rec.attack is not None else \
+            _existing_record(rec, folder, values, root)
+        runs.append(base)
+        for defense_name, options in spec.defenses.items():
+            resolved: dict[str, Any] = {}
+            for seed in spec.seeds:
+                runs.append(_defense_run(base, defense_name, options, seed, values, root, data_root, logs, resolved))
+    return runs
+
+
+def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
+    record = load_record(folder)  # one line naming what is wrong, listing the records there
+    summary = read_json(folder / "attack_summary.json")
+    return Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", summary)
+
+
+def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None,
+                logs: Path) -> Run:
+    from attack.base import resolve_config as resolve_attack
+
+    # Absolute paths: worker processes and Ray tasks may start elsewhere.
+    options = {**rec.options, "record_root": str(root), "device": values["device"],
+               "data_root": data_root or str(Path(rec.options.get("data_root", "data")).resolve())}
+    run = Run("attack", rec.name, rec.attack or "", 0, options, folder, logs / rec.name / "attack.log")
+    if not (folder / RECORD_FILE).exists():
+        if folder.exists():
+            return _mismatch(run, values, f"{folder} exists but holds no {RECORD_FILE}")
+        return run
+    try:
+        record = load_record(folder)
+    except UserError as exc:
+        return _mismatch(run, values, str(exc))
+    requested = cfg.plain(resolve_attack(rec.attack, [], options))
+    diff = config_diff(requested, record.config)
+    if not diff:
+        run.status = "reused"
+        run.summary = read_json(folder / "attack_summary.json")
+        return run
+    return _mismatch(run, values, "record config differs: " + "; ".join(diff))
+
+
+def _mismatch(run: Run, values: dict[str, Any], message: str) -> Run:
+    if values["overwrite"]:
+        run.options = {**run.options, "overwrite": True}
+        return run
+    run.status, run.message = "mismatch", f"{message} (not reused; --overwrite re-runs it)"
+    return run
+
+
+def result_name(defense: str, seed: int) -> str:
+    """The seed layout: seed 0 in BackdoorBench's place (``defense/<name>/``), seed k in
+    ``defense/<name>_seed<k>/``."""
+    return defense if seed == 0 else f"{defense}_seed{seed}"
+
+
+def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, values: dict[str, Any], root: Path,
+                 data_root: str | None, logs: Path, resolved: dict[str, Any]) -> Run:
+    """``resolved``: the resolved config of this (record, defense), shared by its seeds:
+    resolved once (which checks every option's value before anything runs), then only
+    the seed and the result folder change."""
+    from defense.base import resolve_config as resolve_defense
+
+    folder_name = result_name(name, seed)
+    opts = {**options, "result_file": base.record, "record_root": str(root), "random_seed": seed,
+            "result_name": folder_name, "device": values["device"]}
+    if data_root is not None:
+        opts["data_root"] = data_root
+    folder = record_dir(root, base.record) / "defense" / folder_name
+    run = Run("defense", base.record, name, seed, opts, folder, logs / base.record / f"{folder_name}.log",
+              depends_on=base)
+    if base.status == "todo":
+        return run  # a new record: nothing below it yet
+    if base.status != "reused":
+        run.status, run.message = "blocked", f"record {base.record} not usable ({base.status})"
+        return run
+    if not resolved:
+        try:
+            config, _ = resolve_defense(name, [], opts)
+        except UserError as exc:
+            raise UserError(f"defense {name} on {base.record}: {exc}") from None
+        resolved.update(cfg.plain({k: v for k, v in config.items() if k != "debug"}))
+    if data_root is None and resolved.get("data_root"):  # the record's, made absolute for other processes
+        run.options["data_root"] = str(Path(resolved["data_root"]).resolve())
+    if not folder.exists():
+        return run
+    summary = read_json(folder / "summary.json")
+    if summary is None:
+        return _mismatch(run, values, f"{folder} holds no readable summary.json")
+    requested = {**resolved, "random_seed": seed, "result_name": folder_name}
+    diff = config_diff(requested, summary.get("config") or {})
+    if diff:
+        return _mismatch(run, values, "config differs: " + "; ".join(diff))
+    run.status, run.summary = "reused", summary
+    return run
+
+
+if __name__ == "__main__":
+    # Run as the package's module so that worker processes and Ray find its functions by name.
+    from defense.compare import main as _package_main
+
+    _package_main()

@@ -1,0 +1,362 @@
+"""defense/compare.py and its pieces: aggregation and table rendering (utils.compare),
+executors (utils.executors), resume, failures, config mismatches, grids, plots and the
+HTML page (utils.report)."""
+from __future__ import annotations
+
+import base64
+import json
+import operator
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import defense
+from defense import compare
+from utils.compare import NO_DEFENSE, Run, aggregate, config_diff, markdown, read_json, to_csv, to_json
+from utils.errors import UserError
+from utils.executors import DependencyFailed, InlineExecutor, ProcessExecutor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- aggregation on hand-made summaries ----------------------------------------------------------------
+
+def _write_summary(folder: Path, acc: float, asr: float, ra: float, der: float, seconds: float) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "before": {"clean_acc": 0.95, "asr": 1.0, "ra": 0.0},
+        "after": {"clean_acc": acc, "asr": asr, "ra": ra}, "der": der, "seconds": seconds, "device": "cpu"}))
+    return folder
+
+
+def _hand_made(tmp_path: Path) -> list[Run]:
+    """Record r1: defense a (ASR 10% and 20%), defense b (ASR 5% and 7%); b's C-Acc is lower."""
+    att = tmp_path / "r1"
+    att.mkdir()
+    (att / "attack_summary.json").write_text(json.dumps({"clean_acc": 0.95, "asr": 1.0, "ra": 0.0, "seconds": 9.0,
+                                                          "device": "cpu"}))
+    runs = [Run("attack", "r1", "badnet", 0, status="reused", summary=read_json(att / "attack_summary.json"))]
+    values = {("a", 0): (0.90, 0.10, 0.80, 0.90), ("a", 1): (0.92, 0.20, 0.70, 0.85),
+              ("b", 0): (0.80, 0.05, 0.60, 0.80), ("b", 1): (0.84, 0.07, 0.92, 0.80)}
+    for (d, seed), (acc, asr, ra, der) in values.items():
+        folder = _write_summary(att / "defense" / f"{d}_seed{seed}", acc, asr, ra, der, 2.0 + seed)
+        runs.append(Run("defense", "r1", d, seed, folder=folder, status="reused",
+                        summary=read_json(folder / "summary.json")))
+    return runs
+
+
+def test_aggregation_mean_std_and_best_marks(tmp_path):
+    table = aggregate("t", ["r1"], ["a", "b"], [0, 1], _hand_made(tmp_path))
+    a, b, base = table.row("r1", "a"), table.row("r1", "b"), table.row("r1", NO_DEFENSE)
+    assert a.cells["asr"].mean == pytest.approx(15.0) and a.cells["asr"].std == pytest.approx(7.0710678)
+    assert a.cells["c_acc"].text() == "91.00 ± 1.41"
+    assert a.best == {"c_acc", "der"} and b.best == {"asr", "ra"}  # ASR: lowest wins
+    assert base.best == set() and base.cells["c_acc"].text() == "95.00"  # "no defense" is never ranked
+    md = markdown(table)
+    assert "| a | **91.00 ± 1.41** | 15.00 ± 7.07 | 75.00 ± 7.07 | **87.50 ± 3.54** | 2.5 ± 0.7 s cpu |" in md
+    assert "| b | 82.00 ± 2.83 | **6.00 ± 1.41** | **76.00 ± 22.63** | 80.00 ± 0.00 |" in md
+    assert "| no defense | 95.00 | 100.00 | 0.00 | — | 9.0 s cpu |" in md
+    csv_lines = to_csv(table).splitlines()
+    assert csv_lines[0].startswith("record,defense,n,expected,c_acc,c_acc_std,asr,asr_std")
+    assert "r1,b,2,2,82.0,2.83,6.0,1.41,76.0,22.63,80.0,0.0,2.5,0.71,cpu,asr;ra," in csv_lines
+    rows = {r["defense"]: r for r in to_json(table)["rows"]}
+    assert rows["a"]["asr_values"] == pytest.approx([10.0, 20.0]) and rows["a"]["best"] == ["c_acc", "der"]
+
+
+def test_ties_are_all_marked_and_one_seed_has_no_std(tmp_path):
+    runs = [r for r in _hand_made(tmp_path) if r.seed == 0]
+    runs[2].summary["der"] = runs[1].summary["der"] = 0.9  # a and b tie on DER
+    table = aggregate("t", ["r1"], ["a", "b"], [0], runs)
+    assert "der" in table.row("r1", "a").best and "der" in table.row("r1", "b").best
+    assert table.row("r1", "a").cells["asr"].text() == "10.00"
+
+
+def test_config_diff_ignores_where_and_how():
+    stored = {"epochs": 3, "lr": 0.1, "device": "cuda", "record_root": "/a", "result_name": None}
+    assert config_diff({"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b"}, stored) == []
+    assert config_diff({"epochs": 2, "lr": 0.1}, stored) == ["epochs: result 3, requested 2"]
+    assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored) == ["new: result (absent), requested 1"]
+
+
+# -- executors ---------------------------------------------------------------------------------
+
+def _check_dependencies(ex, tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    slow = ex.submit(subprocess.run, (["sh", "-c", f"sleep 1 && echo x > {first}"],), )
+    after = ex.submit(shutil.copyfile, (str(first), str(second)), deps=[slow])  # fails if run before `slow`
+    bad = ex.submit(operator.truediv, (1, 0))
+    blocked = ex.submit(operator.add, (1, 2), deps=[bad])
+    fine = ex.submit(operator.add, (2, 3))
+    results = ex.gather([slow, after, bad, blocked, fine])
+    assert results[1] == str(second) and second.read_text() == "x\n"
+    assert isinstance(results[2], ZeroDivisionError)
+    assert isinstance(results[3], DependencyFailed) and isinstance(results[3].cause, ZeroDivisionError)
+    assert results[4] == 5
+
+
+def test_inline_executor_runs_in_order_and_blocks_dependents(tmp_path):
+    _check_dependencies(InlineExecutor(), tmp_path)
+
+
+def test_process_executor_runs_dependents_after_their_dependencies(tmp_path):
+    with ProcessExecutor(2) as ex:
+        _check_dependencies(ex, tmp_path)
+
+
+# -- the command on the session's digits record ------------------------------------------------------
+
+def _compare(root, **kw):
+    kw.setdefault("defense_fn", None)
+    return compare.run(result_file=["badnet_digits"], record_root=str(root), device="cpu", smoke=True,
+                       plots=False, quiet=True, **kw)
+
+
+class Counting:
+    """defense.run, counting its calls; raises ``exc`` at call number ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None, exc: BaseException | None = None, fail_for: str | None = None):
+        self.calls: list[tuple[str, int]] = []
+        self.fail_at, self.exc, self.fail_for = fail_at, exc, fail_for
+
+    def __call__(self, name, **kw):
+        self.calls.append((name, kw["random_seed"]))
+        if len(self.calls) == self.fail_at or name == self.fail_for:
+            raise self.exc
+        return defense.run(name, **kw)
+
+
+def test_seed_layout_and_resume_after_an_interruption(record_root):
+    interrupted = Counting(fail_at=3, exc=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _compare(record_root, defenses=["ft", "sau"], seeds=[0, 1], defense_fn=interrupted)
+    out = record_root / "badnet_digits" / "defense"
+    assert sorted(p.name for p in out.iterdir()) == ["ft", "ft_seed1"]  # seed 0 in BackdoorBench's place
+    assert json.loads((out / "ft_seed1" / "summary.json").read_text())["config"]["random_seed"] == 1
+
+    resumed = Counting()
+    first = _compare(record_root, defenses=["ft", "sau"], seeds=[0, 1], defense_fn=resumed)
+    assert resumed.calls == [("sau", 0), ("sau", 1)]
+    assert {(r["method"], r["seed"]): r["status"] for r in first["runs"] if r["kind"] == "defense"} == {
+        ("ft", 0): "reused", ("ft", 1): "reused", ("sau", 0): "done", ("sau", 1): "done"}
+    assert sorted(p.name for p in out.iterdir()) == ["ft", "ft_seed1", "sau", "sau_seed1"]
+
+    again = Counting()
+    second = _compare(record_root, defenses=["ft", "sau"], seeds=[0, 1], defense_fn=again)
+    assert again.calls == [] and second["markdown"] == first["markdown"]
+    assert (record_root / "compare" / "badnet_digits" / "table.md").read_text() == first["markdown"]
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(record_root):
+    failing = Counting(fail_for="nad", exc=RuntimeError("boom"))
+    result = _compare(record_root, defenses=["ft", "nad", "sau"], seeds=[0], defense_fn=failing)
+    assert [c[0] for c in failing.calls] == ["ft", "nad", "sau"] and result["failed"] == 1
+    log = record_root / "compare" / "badnet_digits" / "logs" / "badnet_digits" / "nad.log"
+    assert f"| nad | failed: RuntimeError: boom (log: {log}) | — |" in result["markdown"]
+    assert "Traceback" in log.read_text() and "boom" in log.read_text()
+    rows = {r["defense"]: r for r in result["rows"]}
+    assert rows["ft"]["n"] == 1 and rows["sau"]["n"] == 1 and rows["nad"]["n"] == 0
+    assert not (record_root / "badnet_digits" / "defense" / "nad").exists()
+
+
+def test_a_result_with_another_config_is_reported_not_reused(record_root):
+    _compare(record_root, defenses=["sau"], option=["epochs=1"])
+    calls = Counting()
+    result = _compare(record_root, defenses=["sau"], option=["sau.epochs=2"], defense_fn=calls)
+    assert calls.calls == []
+    run = next(r for r in result["runs"] if r["kind"] == "defense")
+    assert run["status"] == "mismatch" and "epochs: result 1, requested 2" in run["message"]
+    assert "| sau | mismatch: config differs: epochs: result 1, requested 2" in result["markdown"]
+    redone = _compare(record_root, defenses=["sau"], option=["sau.epochs=2"], overwrite=True, defense_fn=calls)
+    assert calls.calls == [("sau", 0)] and redone["rows"][1]["n"] == 1
+    summary = json.loads((record_root / "badnet_digits/defense/sau/summary.json").read_text())
+    assert summary["config"]["epochs"] == 2
+
+
+def test_bad_input_is_one_user_error(record_root, tmp_path):
+    with pytest.raises(UserError, match="unknown defense 'saux'; did you mean sau"):
+        _compare(record_root, defenses=["saux"])
+    with pytest.raises(UserError, match="no attack record named 'nope'"):
+        compare.run(result_file=["nope"], record_root=str(record_root))
+    with pytest.raises(UserError, match="either --result_file"):
+        compare.run(record_root=str(record_root))
+    with pytest.raises(UserError, match="unknown option 'epoch' \\(did you mean 'epochs'\\?\\)"):
+        _compare(record_root, defenses=["sau"], option=["epoch=1"])
+    with pytest.raises(UserError, match="must be a plain folder name"):
+        defense.run("ft", result_file="badnet_digits", record_root=str(record_root), result_name="../x")
+
+
+# -- grids ------------------------------------------------------------------------------------------
+
+def _grid(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+TINY_GRID = """
+datasets: [digits]
+attack_options: {epochs: 2}
+attacks: [badnet]
+defenses:
+  ft: {smoke: true}
+seeds: [0, 1]
+"""
+
+
+def test_grid_makes_missing_records_then_defends(tmp_path):
+    from attack import run as attack_run
+
+    calls: list[str] = []
+
+    def attack_fn(name, **kw):
+        calls.append(f"attack {name}")
+        return attack_run(name, **kw)
+
+    def defense_fn(name, **kw):
+        assert (tmp_path / "rec" / "badnet_digits" / "attack_result.pt").exists()
+        calls.append(f"{name} {kw['random_seed']}")
+        return defense.run(name, **kw)
+
+    grid = _grid(tmp_path, TINY_GRID)
+    kw = dict(grid=str(grid), record_root=str(tmp_path / "rec"), device="cpu", quiet=True, plots=False,
+              attack_fn=attack_fn, defense_fn=defense_fn)
+    result = compare.run(**kw)
+    assert calls == ["attack badnet", "ft 0", "ft 1"] and result["name"] == "grid"
+    assert [r["defense"] for r in result["rows"]] == [NO_DEFENSE, "ft"] and result["rows"][1]["n"] == 2
+    calls.clear()
+    again = compare.run(**kw)
+    assert calls == [] and again["markdown"] == result["markdown"]
+    # The record is checked against the grid too: another attack config is reported, its defenses blocked.
+    _grid(tmp_path, TINY_GRID.replace("epochs: 2", "epochs: 3"))
+    changed = compare.run(**kw)
+    assert calls == [] and [r["status"] for r in changed["runs"]] == ["mismatch", "blocked", "blocked"]
+    assert "epochs: result 2, requested 3" in changed["markdown"]
+
+
+def test_grid_names_are_checked_against_the_registries(tmp_path):
+    for text, message in [
+        (TINY_GRID.replace("[badnet]", "[badnett]"), "unknown attack 'badnett'; did you mean badnet"),
+        (TINY_GRID.replace("ft: {smoke: true}", "fx: {}"), "unknown defense 'fx'"),
+        (TINY_GRID.replace("[digits]", "[digitz]"), "unknown dataset 'digitz'"),
+        (TINY_GRID + "models: [cnnn]\n", "unknown model 'cnnn'"),
+        (TINY_GRID + "seed: [1]\n", "unknown key 'seed'"),
+        (TINY_GRID.replace("{epochs: 2}", "{epoch: 2}"), "attack badnet: keyword arguments: unknown key 'epoch'"),
+        (TINY_GRID.replace("{smoke: true}", "{lrr: 0.1}"), "defense ft: unknown option 'lrr'"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            compare.run(grid=str(_grid(tmp_path, text)), record_root=str(tmp_path / "rec"))
+
+
+def test_shipped_grids_are_valid():
+    """Both shipped grids load: every name is registered and every option is known."""
+    values = compare.resolve([], {"grid": "x"})
+    smoke = compare.load_grid(ROOT / "config/grid/digits_smoke.yaml", values)
+    assert [r.name for r in smoke.records] == ["badnet_digits_smoke", "blended_digits_smoke"]
+    assert list(smoke.defenses) == ["ft", "nad", "anp", "sau"] and smoke.seeds == [0, 1]
+    assert smoke.defenses["anp"]["nb_iter"] == 20  # ANP's smoke_params
+    paper = compare.load_grid(ROOT / "config/grid/cifar10_paper.yaml", values)
+    assert len(paper.records) == 6 and len(paper.defenses) == 7 and paper.defenses["sau"]["ratio"] == 0.05
+    assert all(r.options["model"] == "preactresnet18" for r in paper.records)
+    assert all(r.options.get("pratio") == 0.1 for r in paper.records if r.attack != "sig")
+
+
+def test_command_line_prints_the_table_and_exits_2_on_bad_input(record_root, tmp_path):
+    env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "defense/compare.py", "--grid", str(_grid(tmp_path, TINY_GRID.replace(
+        "[badnet]", "[badnett]"))), "--record_root", str(record_root)], cwd=ROOT, capture_output=True, text=True,
+        env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "unknown attack 'badnett'" in bad.stderr
+    _compare(record_root, defenses=["ft"])
+    ok = subprocess.run([sys.executable, "defense/compare.py", "--result_file", "badnet_digits", "--defenses", "ft",
+                         "--smoke", "--device", "cpu", "--record_root", str(record_root), "--no-plots"], cwd=ROOT,
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == (record_root / "compare" / "badnet_digits" / "table.md").read_text()
+    assert "0 to run, 2 reused" in ok.stderr
+
+
+# -- plots and the HTML page -------------------------------------------------------------------------
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.rows, self.bold, self.external = [], [], 0, 0, []
+        self._in_table = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append(attrs.get("id"))
+        elif tag == "tr":
+            self.rows += 1
+        elif tag == "b":
+            self.bold += 1
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        for key in ("href", "src"):
+            if key in attrs and not attrs[key].startswith("data:"):
+                self.external.append(attrs[key])
+
+
+@pytest.fixture
+def html_result(record_root):
+    return _compare(record_root, defenses=["ft", "sau"], seeds=[0, 1], html=True)
+
+
+def test_html_page_holds_the_table_and_embedded_plots(html_result, record_root):
+    out = record_root / "compare" / "badnet_digits"
+    assert sorted(p.name for p in out.glob("*.png")) == ["curves_badnet_digits.png", "sau_shared_rate.png",
+                                                         "scatter_badnet_digits.png"]
+    page = _Page()
+    page.feed((out / "index.html").read_text())
+    assert page.tables == ["compare"] and page.rows == 2 + 3  # two header rows; no defense, ft, sau
+    assert page.bold >= 4 and page.external == []
+    assert len(page.images) == 3
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_html_page_renders_in_headless_chromium(html_result, record_root, tmp_path):
+    page = record_root / "compare" / "badnet_digits" / "index.html"
+    proc = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert '<table id="compare">' in dom and "no defense" in dom and ">sau</td>" in dom
+    assert dom.count('src="data:image/png;base64,') == 3
+
+
+# -- Ray ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_runs_dependents_after_their_dependencies(local_ray, tmp_path):
+    from utils.executors import RayExecutor
+
+    _check_dependencies(RayExecutor(), tmp_path)
+
+
+def test_ray_compare_writes_to_the_shared_record_root(local_ray, record_root):
+    result = _compare(record_root, defenses=["ft"], seeds=[0, 1], executor="ray")
+    assert [r["status"] for r in result["runs"]] == ["reused", "done", "done"]
+    assert (record_root / "badnet_digits/defense/ft_seed1/summary.json").exists()
+    assert _compare(record_root, defenses=["ft"], seeds=[0, 1], executor="ray")["markdown"] == result["markdown"]

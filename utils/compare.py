@@ -1,0 +1,448 @@
+"""Side-by-side comparison of defenses: the runs of a grid, their execution on an
+executor (:mod:`utils.executors`), and the table built from the summaries they write.
+
+The command line and the planning (which runs exist, which must be made) are in
+``defense/compare.py``; this module knows nothing of attacks or defenses beyond the
+summary files (``attack_summary.json``, ``summary.json``) and is given the functions that
+run them.
+
+The table: one row per defense (and "no defense": the backdoored model, from the
+record's attack_summary.json), one column group per record with C-Acc, ASR, RA and DER in
+percent as mean ± sample standard deviation (ddof 1) over the seeds that finished, and
+the run time (``seconds`` of the summaries) with the device. The best value of each
+column among the defenses is marked (highest C-Acc, lowest ASR, highest RA, highest
+DER; ties at the shown precision are all marked; "no defense" is not a candidate).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+from utils.errors import UserError
+from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
+
+Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked"]
+NO_DEFENSE = "no defense"
+DIGITS = 2  # decimals of the percentages
+
+# Config keys that say where or how a run was made, not what was computed.
+IGNORED_CONFIG_KEYS = frozenset({"overwrite", "debug", "device", "record_root", "data_root", "download",
+                                 "result_name", "save_folder_name", "eval_every"})
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    higher_is_better: bool
+
+
+METRICS = (Metric("c_acc", "C-Acc", True), Metric("asr", "ASR", False), Metric("ra", "RA", True),
+           Metric("der", "DER", True))
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Run:
+    """One attack (making a record) or one defense run (a record, a defense, a seed)."""
+
+    kind: Literal["attack", "defense"]
+    record: str
+    method: str
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the harness's run
+    folder: Path | None = None  # where its result lives
+    log: Path | None = None  # the console output of the run, written by :func:`logged_call`
+    status: Status = "todo"
+    summary: dict[str, Any] | None = None
+    message: str = ""
+    depends_on: "Run | None" = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "attack":
+            return f"attack {self.method} -> {self.record}"
+        return f"{self.method} on {self.record} (seed {self.seed})"
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "reused") and self.summary is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "record": self.record, "method": self.method,
+                "seed": self.seed if self.kind == "defense" else None, "status": self.status,
+                "message": self.message, "folder": None if self.folder is None else str(self.folder),
+                "log": None if self.log is None else str(self.log),
+                "seconds": None if self.summary is None else self.summary.get("seconds"),
+                "device": None if self.summary is None else self.summary.get("device")}
+
+
+class RunFailed(JobFailed):
+    """A run raised: ``str`` is one line, ``log`` the file with its output and traceback."""
+
+    @property
+    def log(self) -> str | None:
+        return self.args[1]
+
+
+def reason_of(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    reason = text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+
+
+def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log: str | None) -> Any:
+    """``fn(name, **options)`` with its console output (stderr and stdout: the harness's
+    log lines, warnings) written to ``log`` and inner progress bars off; a failure is
+    raised as :class:`RunFailed` with one line and the log's path (the traceback is in
+    the log). Runs in whichever process the executor chose."""
+    previous = os.environ.get("SAUBENCH_NO_PROGRESS")
+    os.environ["SAUBENCH_NO_PROGRESS"] = "1"
+    with contextlib.ExitStack() as stack:
+        out = None
+        if log is not None:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            out = stack.enter_context(open(log, "w", encoding="utf-8"))
+            stack.enter_context(contextlib.redirect_stderr(out))
+            stack.enter_context(contextlib.redirect_stdout(out))
+        try:
+            return fn(name, **options)
+        except Exception as exc:
+            if out is not None:
+                traceback.print_exc(file=out)
+            raise RunFailed(reason_of(exc), log) from None
+        finally:
+            if previous is None:
+                os.environ.pop("SAUBENCH_NO_PROGRESS", None)
+            else:
+                os.environ["SAUBENCH_NO_PROGRESS"] = previous
+
+
+def config_diff(requested: dict[str, Any], stored: dict[str, Any],
+                ignore: Iterable[str] = IGNORED_CONFIG_KEYS) -> list[str]:
+    """The differences between a requested resolved config and the one a finished run
+    recorded, as ``key: result X, requested Y`` texts (keys in ``ignore`` are skipped)."""
+    ignore = set(ignore)
+    missing = object()
+    out = []
+    for key in sorted((set(requested) | set(stored)) - ignore):
+        want, have = requested.get(key, missing), stored.get(key, missing)
+        if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
+            if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
+                continue
+        if want != have:
+            out.append(f"{key}: result {'(absent)' if have is missing else repr(have)}, "
+                       f"requested {'(absent)' if want is missing else repr(want)}")
+    return out
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- execution ---------------------------------------------------------------------------------------
+
+def execute(runs: Sequence[Run], executor: Executor, functions: dict[str, Callable[..., Any]],
+            resources: Resources | None = None, on_finish: Callable[[Run], None] | None = None) -> None:
+    """Run every run whose status is ``todo`` on ``executor`` (``functions[run.kind]``
+    through :func:`logged_call`); a defense run whose record is being made waits for it.
+    Each run ends ``done`` (summary set), ``failed`` or ``blocked`` (its attack failed);
+    ``on_finish(run)`` is called as each one ends."""
+    handles: dict[int, Run] = {}
+    by_run: dict[int, Handle] = {}
+    for run in sorted((r for r in runs if r.status == "todo"), key=lambda r: r.kind != "attack"):
+        deps = []
+        if run.depends_on is not None and id(run.depends_on) in by_run:
+            deps.append(by_run[id(run.depends_on)])
+        handle = executor.submit(logged_call, (functions[run.kind], run.method, run.options,
+                                               None if run.log is None else str(run.log)), deps, resources)
+        handles[handle.id] = run
+        by_run[id(run)] = handle
+    for handle, result, error in executor.as_completed(list(by_run.values())):
+        run = handles[handle.id]
+        if error is None:
+            run.status, run.summary, run.message = "done", result, ""
+        elif isinstance(error, DependencyFailed):
+            dep = run.depends_on
+            run.status = "blocked"
+            run.message = f"attack record {dep.record} failed" if dep is not None else str(error)
+        else:
+            run.status = "failed"
+            run.message = str(error) if isinstance(error, RunFailed) else reason_of(error)
+        if on_finish is not None:
+            on_finish(run)
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    """A column of one row: the values of the seeds that finished, in percent."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.values) / len(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        if len(self.values) < 2:
+            return None if not self.values else 0.0
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
+
+    def text(self, digits: int = DIGITS) -> str:
+        if not self.values:
+            return "—"
+        if len(self.values) == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class Row:
+    record: str
+    defense: str  # NO_DEFENSE for the backdoored model
+    cells: dict[str, Cell] = field(default_factory=dict)
+    seconds: Cell = field(default_factory=Cell)
+    devices: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # seeds that finished
+    expected: int = 0  # runs asked for
+    problems: list[Run] = field(default_factory=list)  # failed, blocked or mismatched runs
+    best: set[str] = field(default_factory=set)
+
+    def time_text(self) -> str:
+        if not self.seconds.values:
+            return "—"
+        device = "/".join(sorted(set(self.devices))) or "?"
+        return f"{self.seconds.text(1)} s {device}"
+
+    def problem_text(self) -> str:
+        if not self.problems:
+            return ""
+        first = self.problems[0]
+        text = f"{first.status}: {first.message}" if first.message else first.status
+        if first.status == "failed" and first.log is not None:
+            text += f" (log: {first.log})"
+        return text
+
+
+@dataclass
+class Table:
+    name: str
+    records: list[str]
+    defenses: list[str]
+    seeds: list[int]
+    rows: list[Row]
+    runs: list[Run]
+
+    def row(self, record: str, defense: str) -> Row:
+        return next(r for r in self.rows if r.record == record and r.defense == defense)
+
+    @property
+    def failed(self) -> list[Run]:
+        """Runs that failed, or did not run because their record failed (not mismatches)."""
+        return [r for r in self.runs if r.status == "failed" or r.status == "blocked" and
+                r.depends_on is not None and r.depends_on.status == "failed"]
+
+
+def _percent(value: Any) -> float | None:
+    return None if not isinstance(value, (int, float)) or isinstance(value, bool) else 100.0 * float(value)
+
+
+def metrics_of(run: Run) -> dict[str, float | None]:
+    """C-Acc, ASR, RA, DER in percent from an attack summary (DER None) or a defense summary."""
+    s = run.summary or {}
+    if run.kind == "attack":
+        return {"c_acc": _percent(s.get("clean_acc")), "asr": _percent(s.get("asr")), "ra": _percent(s.get("ra")),
+                "der": None}
+    after = s.get("after") or {}
+    return {"c_acc": _percent(after.get("clean_acc")), "asr": _percent(after.get("asr")),
+            "ra": _percent(after.get("ra")), "der": _percent(s.get("der"))}
+
+
+def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds: Sequence[int],
+              runs: Sequence[Run]) -> Table:
+    """The table of ``runs``: attack runs give the "no defense" rows, defense runs the
+    others (mean ± std over the seeds that finished); best values are marked."""
+    rows = []
+    for record in records:
+        for defense in [NO_DEFENSE, *defenses]:
+            row = Row(record, defense, {m.key: Cell() for m in METRICS})
+            mine = [r for r in runs if r.record == record and
+                    (r.kind == "attack" if defense == NO_DEFENSE else r.kind == "defense" and r.method == defense)]
+            row.expected = len(mine)
+            for run in sorted(mine, key=lambda r: r.seed):
+                if not run.ok:
+                    if run.status != "todo":
+                        row.problems.append(run)
+                    continue
+                for key, value in metrics_of(run).items():
+                    if value is not None:
+                        row.cells[key].values.append(value)
+                seconds = (run.summary or {}).get("seconds")
+                if isinstance(seconds, (int, float)):
+                    row.seconds.values.append(float(seconds))
+                row.devices.append(str((run.summary or {}).get("device", "?")))
+                row.seeds.append(run.seed)
+            rows.append(row)
+    for record in records:
+        candidates = [r for r in rows if r.record == record and r.defense != NO_DEFENSE]
+        for metric in METRICS:
+            shown = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
+                     if r.cells[metric.key].mean is not None}
+            if not shown:
+                continue
+            best = max(shown.values()) if metric.higher_is_better else min(shown.values())
+            for r in candidates:
+                if shown.get(id(r)) == best:
+                    r.best.add(metric.key)
+    return Table(name, list(records), list(defenses), list(seeds), rows, list(runs))
+
+
+COLUMNS = [*(m.label for m in METRICS), "Time"]
+
+
+def _cells(row: Row, bold: Callable[[str], str]) -> list[str]:
+    """The five texts of one row's column group."""
+    if not row.seeds:
+        text = row.problem_text() or ("not run" if row.expected else "—")
+        return [text, *["—"] * (len(COLUMNS) - 1)]
+    out = []
+    for metric in METRICS:
+        cell = row.cells[metric.key]
+        text = cell.text()
+        out.append(bold(text) if metric.key in row.best else text)
+    out.append(row.time_text())
+    if row.problems or len(row.seeds) < row.expected:
+        out[0] += f" (n={len(row.seeds)}/{row.expected})"
+    return out
+
+
+def markdown(table: Table) -> str:
+    """The table as GitHub Markdown (best values in bold), with notes on runs that did
+    not finish below it."""
+    header = ["Defense"]
+    for record in table.records:
+        header += [f"{record} {COLUMNS[0]}", *COLUMNS[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
+    for defense in [NO_DEFENSE, *table.defenses]:
+        cells = [defense]
+        for record in table.records:
+            cells += _cells(table.row(record, defense), lambda t: f"**{t}**")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    lines.append(f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; "
+                 "best of each column in bold (among the defenses); Time: each run's wall time and device.")
+    notes = notes_of(table)
+    if notes:
+        lines.append("")
+        lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def notes_of(table: Table) -> list[str]:
+    out = []
+    for run in table.runs:
+        if run.status in ("failed", "blocked", "mismatch"):
+            text = f"{run.label}: {run.status}"
+            if run.message:
+                text += f": {run.message}"
+            if run.status == "failed" and run.log is not None:
+                text += f" (log: {run.log})"
+            out.append(text)
+    return out
+
+
+def to_records(table: Table) -> list[dict[str, Any]]:
+    """One plain dict per (record, defense): the numbers of the table, in percent."""
+    out = []
+    for row in table.rows:
+        item: dict[str, Any] = {"record": row.record, "defense": row.defense, "n": len(row.seeds),
+                                "expected": row.expected, "seeds": row.seeds}
+        for metric in METRICS:
+            cell = row.cells[metric.key]
+            item[metric.key] = cell.mean
+            item[f"{metric.key}_std"] = cell.std
+            item[f"{metric.key}_values"] = cell.values
+        item["seconds"] = row.seconds.mean
+        item["seconds_std"] = row.seconds.std
+        item["device"] = "/".join(sorted(set(row.devices))) or None
+        item["best"] = [m.key for m in METRICS if m.key in row.best]
+        item["problem"] = row.problem_text() or None
+        out.append(item)
+    return out
+
+
+def to_csv(table: Table) -> str:
+    """The table's numbers, one line per (record, defense), percentages rounded as shown."""
+    fields = ["record", "defense", "n", "expected"]
+    for metric in METRICS:
+        fields += [metric.key, f"{metric.key}_std"]
+    fields += ["seconds", "seconds_std", "device", "best", "problem"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for item in to_records(table):
+        row = {k: ("" if v is None else v) for k, v in item.items()}
+        for key in fields:
+            if isinstance(item.get(key), float):
+                row[key] = round(item[key], DIGITS)
+        row["best"] = ";".join(item["best"])
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def to_json(table: Table) -> dict[str, Any]:
+    return {"name": table.name, "records": table.records, "defenses": table.defenses, "seeds": table.seeds,
+            "rows": to_records(table), "runs": [r.as_dict() for r in table.runs], "notes": notes_of(table)}
+
+
+class Progress:
+    """The overall bar (runs done / total, elapsed, ETA) and one line per finished run."""
+
+    def __init__(self, total: int, quiet: bool, write: Callable[[str], None]):
+        from tqdm.auto import tqdm
+
+        from utils.runtime import tqdm_disable
+
+        self.total, self.count, self.start = total, 0, time.perf_counter()
+        disable = True if quiet or total == 0 else tqdm_disable()
+        self.bar = tqdm(total=total, desc="compare", unit="run", disable=disable, file=sys.stderr, dynamic_ncols=True)
+        self.write = write
+
+    def finished(self, run: Run) -> None:
+        self.count += 1
+        took = (run.summary or {}).get("seconds")
+        detail = f"in {took:.1f} s" if run.status == "done" and isinstance(took, (int, float)) else run.message
+        line = f"[{self.count}/{self.total}] {run.label}: {run.status}" + (f" ({detail})" if detail else "")
+        if run.status == "failed" and run.log is not None:
+            line += f", log {run.log}"
+        if self.bar.disable:
+            self.write(line)
+        else:
+            self.bar.write(line, file=sys.stderr)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

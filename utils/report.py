@@ -1,0 +1,239 @@
+"""Plots and the HTML page of a comparison (:mod:`utils.compare`), from the summaries and
+the per-epoch CSV files (``<defense>_df.csv``) that the runs wrote.
+
+* ``scatter_<record>.png``: C-Acc against ASR, one marker per defense (error bars: std
+  over seeds), the backdoored model as a black cross.
+* ``curves_<record>.png``: ASR and C-Acc per epoch of each defense (mean over seeds at
+  each epoch; rows without test metrics are skipped).
+* ``sau_shared_rate.png``: SAU's share of shared adversarial examples per round (the
+  ``shared_rate`` column of sau_df.csv), one line per record.
+* :func:`html_page`: the table and every plot in one self-contained page (PNG as base64).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from utils.compare import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of
+from utils.history import read_csv
+from utils.records import atomic_write
+
+MARKERS = "osD^v<>pPXh*"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def MaxNLocator(**kw: Any) -> Any:
+    from matplotlib.ticker import MaxNLocator as locator
+
+    return locator(**kw)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    plt = _pyplot()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def scatter(table: Table, record: str, path: Path) -> Path | None:
+    """C-Acc (y) against ASR (x) of each defense on ``record``; None when nothing finished."""
+    rows = [r for r in table.rows if r.record == record and r.cells["c_acc"].mean is not None
+            and r.cells["asr"].mean is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        acc, asr = row.cells["c_acc"], row.cells["asr"]
+        if row.defense == NO_DEFENSE:
+            style = {"marker": "X", "color": "black", "markersize": 10}
+        else:
+            i = table.defenses.index(row.defense)
+            style = {"marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}", "markersize": 8}
+        ax.errorbar(asr.mean, acc.mean, xerr=asr.std or None, yerr=acc.std or None, linestyle="none",
+                    capsize=3, label=row.defense, **style)
+    ax.set_xlabel("ASR (%)  (lower is better)")
+    ax.set_ylabel("C-Acc (%)  (higher is better)")
+    ax.set_xlim(-3, 103)
+    ax.set_title(f"C-Acc vs ASR on {record}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def _df_rows(run: Run) -> list[dict[str, str]]:
+    if run.folder is None:
+        return []
+    path = Path(run.folder) / f"{run.method}_df.csv"
+    try:
+        return read_csv(path)
+    except (OSError, ValueError):
+        return []
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def mean_curve(runs: Sequence[Run], column: str) -> list[tuple[float, float]]:
+    """(epoch, mean over runs) of ``column`` in the runs' ``<defense>_df.csv``, skipping
+    rows where the column is empty."""
+    by_epoch: dict[float, list[float]] = defaultdict(list)
+    for run in runs:
+        for row in _df_rows(run):
+            epoch, value = _number(row.get("epoch")), _number(row.get(column))
+            if epoch is not None and value is not None:
+                by_epoch[epoch].append(value)
+    return [(e, sum(v) / len(v)) for e, v in sorted(by_epoch.items())]
+
+
+def curves(table: Table, record: str, path: Path) -> Path | None:
+    """ASR and C-Acc (%) per epoch of each defense on ``record``."""
+    series = {}
+    for defense in table.defenses:
+        runs = [r for r in table.runs if r.kind == "defense" and r.record == record and r.method == defense and r.ok]
+        asr, acc = mean_curve(runs, "test_asr"), mean_curve(runs, "test_acc")
+        if asr or acc:
+            series[defense] = (asr, acc)
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, (ax_asr, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for defense, (asr, acc) in series.items():
+        i = table.defenses.index(defense)
+        style = {"marker": MARKERS[i % len(MARKERS)], "markersize": 3, "color": f"C{i % 10}", "label": defense}
+        if asr:
+            ax_asr.plot([e for e, _ in asr], [100 * v for _, v in asr], **style)
+        if acc:
+            ax_acc.plot([e for e, _ in acc], [100 * v for _, v in acc], **style)
+    for ax, name in ((ax_asr, "ASR"), (ax_acc, "C-Acc")):
+        ax.set_xlabel("epoch (as each defense reports it)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{name} per epoch on {record}")
+    ax_acc.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def shared_rate(table: Table, path: Path, defense: str = "sau") -> Path | None:
+    """SAU's share of shared adversarial examples per round (of the clean samples seen
+    in the round), one line per record."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for i, record in enumerate(table.records):
+        runs = [r for r in table.runs if r.kind == "defense" and r.record == record and r.method == defense and r.ok]
+        points = mean_curve(runs, "shared_rate")
+        if points:
+            ax.plot([e for e, _ in points], [100 * v for _, v in points], marker=MARKERS[i % len(MARKERS)],
+                    markersize=3, label=record)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("round")
+    ax.set_ylabel("shared adversarial examples (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(-2, 102)
+    ax.set_title("SAU: share of shared adversarial examples per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def make_plots(table: Table, folder: Path) -> list[tuple[str, Path]]:
+    """Every plot of the table, written in ``folder``: (title, path) pairs."""
+    out = []
+    for record in table.records:
+        for title, fn in ((f"C-Acc vs ASR on {record}", scatter), (f"Per-epoch curves on {record}", curves)):
+            prefix = "scatter" if fn is scatter else "curves"
+            path = fn(table, record, Path(folder) / f"{prefix}_{_safe(record)}.png")
+            if path is not None:
+                out.append((title, path))
+    if "sau" in table.defenses:
+        path = shared_rate(table, Path(folder) / "sau_shared_rate.png")
+        if path is not None:
+            out.append(("SAU: shared adversarial examples per round", path))
+    return out
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: center; white-space: nowrap; }
+th { background: #f2f2f2; }
+td.defense { text-align: left; font-weight: 600; }
+td.problem { color: #a00; white-space: normal; max-width: 22em; }
+figure { display: inline-block; margin: 1em; vertical-align: top; }
+figcaption { text-align: center; font-size: 13px; }
+img { max-width: 100%; border: 1px solid #ddd; }
+"""
+
+
+def html_table(table: Table) -> str:
+    """The table with a two-level header (record, then metric); best values in <b>."""
+    e = html.escape
+    head1 = ['<th rowspan="2">Defense</th>'] + [f'<th colspan="{len(COLUMNS)}">{e(r)}</th>' for r in table.records]
+    head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in COLUMNS]
+    body = []
+    for defense in [NO_DEFENSE, *table.defenses]:
+        cells = [f'<td class="defense">{e(defense)}</td>']
+        for record in table.records:
+            row = table.row(record, defense)
+            texts = _cells(row, lambda t: f"\0{t}\1")
+            for i, text in enumerate(texts):
+                safe = e(text).replace("\0", "<b>").replace("\1", "</b>")
+                cls = ' class="problem"' if i == 0 and not row.seeds and row.problems else ""
+                cells.append(f"<td{cls}>{safe}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ('<table id="compare">\n<thead><tr>' + "".join(head1) + "</tr>\n<tr>" + "".join(head2) +
+            "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
+
+
+def html_page(table: Table, plots: Sequence[tuple[str, Path]]) -> str:
+    """One self-contained page: the table, the notes and every plot as a base64 PNG."""
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>SAU-Bench comparison: {e(table.name)}</title>", f"<style>{_STYLE}</style></head><body>",
+             f"<h1>Comparison: {e(table.name)}</h1>",
+             f"<p>C-Acc, ASR, RA and DER in %, mean ± std over seeds {e(', '.join(map(str, table.seeds)))}; the best "
+             f"value of each column among the defenses in bold. Time: each run's wall time and device.</p>",
+             html_table(table)]
+    notes = notes_of(table)
+    if notes:
+        parts.append('<h2>Runs that did not finish</h2><ul id="notes">' +
+                     "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    if plots:
+        parts.append("<h2>Plots</h2>")
+    for title, path in plots:
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        parts.append(f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
+                     f"<figcaption>{e(title)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+__all__ = ["METRICS", "curves", "html_page", "html_table", "make_plots", "mean_curve", "scatter", "shared_rate"]
