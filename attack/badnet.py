@@ -35,6 +35,7 @@ class BadNet(Attack):
 
     kind = "dirty-label"
     paper = "Gu et al., BadNets, arXiv:1708.06733, 2017"
+    year = 2017
 
     param_checks = {"patch_size": non_negative}
 

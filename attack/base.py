@@ -7,6 +7,15 @@ set, trains the victim, evaluates it every ``--eval_every`` epochs and writes
 ``record/<save_folder_name>/``: attack_result.pt, attack_df.csv, attack_summary.json,
 attack.log and attack_plot.png. The folder appears only when the run has finished.
 
+The victim's training saves a checkpoint every ``--save_every`` epochs (and after the
+last) in the run's staging folder, ``record/.<save_folder_name>.partial/checkpoint.pt``:
+the model, every optimizer and scheduler of :class:`Training`, the gradient scaler, the
+shuffling generator, the attack's own modules and generators (:meth:`Attack.state`), the
+global random states and the history. ``--resume`` continues from it; on the same device
+with the same seed the resumed run ends with exactly the weights of an uninterrupted
+one. What comes before the victim's training (the trigger, a clean model to craft it on,
+Input-Aware's mask pre-training) is computed again, from the same seed, on resume.
+
 An attack file holds only what is particular to its attack: the trigger (a function of
 float [0, 1] images), how poisoned samples are chosen (its ``kind``), and what it keeps
 in the record. Attacks that need more than a trigger use optional hooks of the same
@@ -30,7 +39,7 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import entry
+from utils.cli import entry, guarded
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
@@ -41,8 +50,9 @@ from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_
                           select_poison_indices, target_labels)
 from utils.records import AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_json
 from utils.registry import Method, Registry
-from utils.runtime import autocast, grad_scaler, log_to, resolve_device, seed_everything
-from utils.train import BatchHook, Step, make_optimizer, make_scheduler, predict, train_epoch
+from utils.runtime import (autocast, check_data_root, grad_scaler, held_logs, log_to, replay, resolve_device,
+                           seed_everything)
+from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
 
@@ -191,6 +201,13 @@ class Attack(Method):
         """Tensors kept in the record (a trigger pattern, a warping field, ...)."""
         return {}
 
+    def state(self) -> dict[str, Any]:
+        """What of the attack changes while the victim trains, for checkpoints: by default
+        every module (a generator trained with the victim) and every torch.Generator
+        (per-batch poisoning draws) held as an attribute. Override to add or leave out."""
+        return {name: value for name, value in sorted(vars(self).items())
+                if isinstance(value, (nn.Module, torch.Generator))}
+
     @classmethod
     def check_params(cls, values: dict[str, Any]) -> None:
         """Raise ValueError for the first hyperparameter in ``values`` (e.g. an
@@ -239,25 +256,36 @@ COMMON: list[Param] = [
     Param("bd_yaml_path", str | None, None, "attack parameters (default: config/attack/<attack>/default.yaml)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Param("amp", bool, True, "mixed precision on CUDA"),
-    Param("random_seed", int, 0, "random seed", check=cfg.non_negative),
+    Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
-    Param("img_size", int | None, None, "imagefolder: resize images to this square size"),
+    Param("img_size", int | None, None, "imagefolder: resize images to this square size", check=cfg.positive),
     Param("download", bool, True, "download missing datasets where possible"),
     Param("overwrite", bool, False, "replace an existing record"),
+    Param("resume", bool, False, "continue an interrupted run from its checkpoint"),
+    Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
+          check=cfg.non_negative),
     Param("debug", bool, False, "show tracebacks"),
 ]
+# How a run is made, not what it computes: kept out of the record's config.
+CONTROL_KEYS = ("resume", "save_every")
 # Keys a shipped recipe may hold for BackdoorBench compatibility but that this harness does not use.
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "attack"})
 
 
 def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     """The run's parameters, by precedence: command line > keyword arguments > attack
-    YAML > recipe YAML > defaults."""
+    YAML > recipe YAML > defaults (without the run controls --resume and --save_every)."""
+    return _resolve(name, argv, overrides)[0]
+
+
+def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's parameters and, apart, its controls (CONTROL_KEYS)."""
     cls = ATTACKS.get(name)
     params = [*COMMON, *cls.params()]
     parser = cfg.build_parser(f"attack/{name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
     cli = cfg.parse_cli(parser, argv)
+    cfg.check_early(params, overrides, ("dataset", "yaml_path", "bd_yaml_path"))
     first = {**overrides, **cli}
     dataset = first.get("dataset", "digits")
     layers = []
@@ -272,7 +300,10 @@ def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) ->
     values["attack"] = name
     if values["save_folder_name"] is None:
         values["save_folder_name"] = f"{name}_{values['dataset']}"
-    return values
+    if cfg.given("data_root", layers, cli):
+        check_data_root(values["data_root"])
+    control = {key: values.pop(key) for key in CONTROL_KEYS}
+    return values, control
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -282,9 +313,11 @@ def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[
     return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
 
 
-def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
-    values = resolve_config(name, argv, overrides)
-    # Everything that can be checked without data is checked before anything is written.
+def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
+          ) -> tuple[dict[str, Any], dict[str, Any], Attack, torch.device]:
+    """Everything that can be checked without data, checked before anything is written:
+    the config, the run controls, the attack and the device."""
+    values, control = _resolve(name, argv, overrides)
     device = resolve_device(values["device"])
     info = dataset_info(values["dataset"])
     model_spec(values["model"])
@@ -298,29 +331,44 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         attack = create_attack(name, **hyper)
     except ValueError as exc:
         raise UserError(f"attack {name}: {exc}") from None
+    record_dir(Path(values["record_root"]), values["save_folder_name"])
+    return values, control, attack, device
+
+
+def load_data(values: dict[str, Any]) -> Dataset:
+    """The run's dataset, checked against the attack's target, before anything is written."""
+    data = load_dataset(values["dataset"], values["data_root"], download=values["download"],
+                        img_size=values["img_size"])
+    check_target(values["attack_target"], data.info.num_classes)
+    return data
+
+
+def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    values, control, attack, device = setup(name, argv, overrides)
+    with held_logs() as loading:
+        data = load_data(values)
     out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"])
-    folder = out.open()
-    try:
+    folder = out.open(resume=control["resume"])
+    checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"], values)
+    with guarded(out):
         with log_to(folder, "attack.log"):
             log.info("attack %s on %s (%s), record %s", name, values["dataset"], values["model"], out.final)
+            replay(loading)
             log.debug("config: %s", cfg.plain(values))
-            summary = _attack(attack, values, device, folder)
+            summary = _attack(attack, values, device, folder, checkpoint, data)
         final = out.commit()
-    except BaseException:
-        out.discard()
-        raise
     log.info("record written to %s", final)
     return summary
 
 
-def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder: Path) -> dict[str, Any]:
+def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder: Path,
+            checkpoint: Checkpoint | None = None, data: Dataset | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     seed_everything(values["random_seed"])
-    data = load_dataset(values["dataset"], values["data_root"], download=values["download"],
-                        img_size=values["img_size"])
+    if data is None:
+        data = load_data(values)
     info = data.info
     target, label_trans = values["attack_target"], values["attack_label_trans"]
-    check_target(target, info.num_classes)
     ctx = AttackContext(data, target, label_trans, device, np.random.default_rng(values["random_seed"]),
                         cfg.plain(values))
     attack.prepare(ctx)
@@ -340,7 +388,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     train_set, _ = poisoned_training_set(data.train, bd_train)
 
     # The victim.
-    model, history = fit(values, info, train_set, device, attack=attack, ctx=ctx, on_eval=test_sets.evaluate)
+    model, history = fit(values, info, train_set, device, attack=attack, ctx=ctx, on_eval=test_sets.evaluate,
+                         checkpoint=checkpoint)
     if test_sets.metrics is None:  # zero epochs
         test_sets.evaluate(model)
     metrics = test_sets.metrics
@@ -367,12 +416,14 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
 def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: torch.device, *,
         attack: Attack | None = None, ctx: AttackContext | None = None,
         on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
-        desc: str = "epoch") -> tuple[Classifier, History]:
+        desc: str = "epoch", checkpoint: Checkpoint | None = None) -> tuple[Classifier, History]:
     """Train a fresh ``values["model"]`` on ``train`` with the run's recipe: every
     training of the harness (victims and clean models alike) goes through here. ``attack`` may poison
     batches (:meth:`Attack.batch_hook`) or take over the loss (:meth:`Attack.train_step`);
     ``on_eval(model)`` is called every ``eval_every`` epochs and after the last, and its
-    numbers join that epoch's row of the history."""
+    numbers join that epoch's row of the history. With ``checkpoint``, the training state
+    is saved after every due epoch (before that epoch's evaluation) and, on resume,
+    restored, and the training goes on after the saved epoch."""
     model = create_model(values["model"], info.num_classes, info.channels, info.size, info.mean, info.std).to(device)
     training = Training(model, train, info, device, values)
     step, hook = None, None
@@ -383,7 +434,25 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
         hook = attack.batch_hook(ctx)
     history = History()
     epochs = int(values["epochs"])
-    for epoch in range(epochs):
+
+    def evaluate(epoch: int, row: dict[str, Any]) -> None:
+        if on_eval is not None and ((epoch + 1) % values["eval_every"] == 0 or epoch + 1 == epochs):
+            row.update(on_eval(model))
+            log.info("epoch %d: loss %.4f  %s", epoch, row["train_epoch_loss_avg_over_batch"],
+                     "  ".join(f"{name} {row[key]:.4f}" for key, name in _SHOWN.items() if key in row))
+
+    start = 0
+    if checkpoint is not None:
+        checkpoint.track(model=model, optimizers=training.optimizers, schedulers=training.schedulers,
+                         scaler=training.scaler, generator=training.generator,
+                         attack=attack.state() if attack is not None else {})
+        restored = checkpoint.restore()
+        if restored is not None:
+            history.rows = [dict(row) for row in restored["history"]]
+            start = restored["epoch"] + 1
+            if history.rows:
+                evaluate(restored["epoch"], history.rows[-1])  # the evaluation that followed the checkpoint
+    for epoch in range(start, epochs):
         if step is not None:
             stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
         else:
@@ -394,10 +463,9 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
         for scheduler in training.schedulers:
             scheduler.step()
         row = history.add(epoch=epoch, **stats)
-        if on_eval is not None and ((epoch + 1) % values["eval_every"] == 0 or epoch + 1 == epochs):
-            row.update(on_eval(model))
-            log.info("epoch %d: loss %.4f  %s", epoch, stats["train_epoch_loss_avg_over_batch"],
-                     "  ".join(f"{name} {row[key]:.4f}" for key, name in _SHOWN.items() if key in row))
+        if checkpoint is not None and checkpoint.due(epoch, epochs - 1):
+            checkpoint.save(epoch, history=history.rows)
+        evaluate(epoch, row)
     return model, history
 
 

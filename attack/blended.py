@@ -53,6 +53,7 @@ class Blended(Attack):
 
     kind = "dirty-label"
     paper = "Chen et al., Targeted Backdoor Attacks on Deep Learning Systems Using Data Poisoning, arXiv:1712.05526"
+    year = 2017
 
     param_checks = {"alpha": unit_interval, "pattern_seed": non_negative}
 

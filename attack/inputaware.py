@@ -157,6 +157,7 @@ class InputAware(Attack):
     kind = "training-controlled"
     trigger_trained = True
     paper = "Nguyen and Tran, Input-Aware Dynamic Backdoor Attack, NeurIPS 2020"
+    year = 2020
 
     param_checks = {"lr_G": positive, "lr_M": positive, "lambda_div": non_negative, "lambda_norm": non_negative,
                     "mask_density": unit_interval, "clean_train_epochs": non_negative,

@@ -112,6 +112,7 @@ class LowFrequency(Attack):
 
     kind = "dirty-label"
     paper = "Zeng et al., Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective, ICCV 2021"
+    year = 2021
 
     param_checks = {"sigma": non_negative, "magnitude": unit_interval, "num_images": positive,
                     "max_iter_uni": non_negative, "step_size": positive}

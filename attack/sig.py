@@ -53,6 +53,7 @@ class SIG(Attack):
 
     kind = "clean-label"
     paper = "Barni et al., A New Backdoor Attack in CNNs by Training Set Corruption without Label Poisoning, ICIP 2019"
+    year = 2019
 
     param_checks = {"delta": non_negative, "f": positive}
 

@@ -116,6 +116,7 @@ class TrojanNN(Attack):
 
     kind = "dirty-label"
     paper = "Liu et al., Trojaning Attack on Neural Networks, NDSS 2018"
+    year = 2018
 
     param_checks = {"mask_area": unit_interval, "num_neuron": positive, "mask_update_iters": non_negative,
                     "eps": non_negative, "alpha": positive}

@@ -86,6 +86,7 @@ class WaNet(Attack):
 
     kind = "training-controlled"
     paper = "Nguyen and Tran, WaNet - Imperceptible Warping-based Backdoor Attack, ICLR 2021"
+    year = 2021
 
     param_checks = {"k": positive, "s": non_negative, "grid_rescale": positive, "cross_ratio": non_negative}
 

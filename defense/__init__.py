@@ -2,11 +2,19 @@
 
     from defense import run, list_defenses
     summary = run("sau", result_file="badnet_digits", epochs=5)
+
+Every module of this package registers its defense on import; installed distributions add
+theirs through the entry-point group ``saubench.defenses`` (see utils.registry).
+``python -m defense list`` shows them all; ``python -m defense new NAME`` starts a new one.
 """
 from defense.base import (DEFENSES, Defense, DefenseData, create_defense, list_defenses, register_defense,
                           run)
-from utils.registry import import_package_modules
+from utils.registry import import_package_modules, load_plugins
 
-import_package_modules("defense", skip=("base", "compare"))  # compare: the comparison command, no defense
+PLUGIN_GROUP = "saubench.defenses"
+
+# compare: the comparison command; contract: the contract checks. Neither is a defense.
+import_package_modules("defense", skip=("base", "compare", "contract"))
+load_plugins(DEFENSES, PLUGIN_GROUP, Defense)
 
 __all__ = ["DEFENSES", "Defense", "DefenseData", "create_defense", "list_defenses", "register_defense", "run"]

@@ -58,6 +58,9 @@ Deviations, each stated:
   random start can reach 2 * eps (``clip_noise=False`` gives theirs).
 * LayerNorm layers (ConvNeXt, ViT) are treated like BatchNorm, as BackdoorBench does; a
   model with neither has no ANP neurons and is refused.
+
+--resume: the mask optimisation cannot resume (it is not checkpointed); an interrupted
+run starts again from the beginning, with the same seed, and gives the same result.
 """
 from __future__ import annotations
 
@@ -183,6 +186,7 @@ class ANP(Defense):
 
     paper = ("Wu and Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021, "
              "arXiv:2110.14430")
+    year = 2021
     param_aliases = {"eps": ("anp_eps",), "steps": ("anp_steps",), "alpha": ("anp_alpha",),
                      "report_every": ("print_every",), "threshold": ("pruning_threshold",)}
     param_checks = {"nb_iter": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,

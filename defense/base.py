@@ -14,12 +14,23 @@ A defense sees only the defender's data (:class:`DefenseData`): its clean subset
 dataset's declared transforms and the device. It reports progress through
 ``data.report(epoch, model, **losses)``; the harness decides when to evaluate, on test
 data the defense never sees.
+
+Checkpoints and ``--resume``: a defense's epoch loop becomes resumable with one line,
+``start = data.resume(model=..., optimizer=..., scheduler=..., generator=...)`` before the
+loop and ``for epoch in range(start, epochs)``; ``data.report`` then also saves a
+checkpoint (those objects, the random states, the history rows) every ``--save_every``
+epochs and after the last, in the result's staging folder. With ``--resume`` the run
+goes on after the saved epoch and ends, on the same device with the same seed, with
+exactly the weights and the <name>_df.csv rows of an uninterrupted run. Work done before
+``data.resume`` (a teacher, a pruning step, a trigger search) is done again on resume,
+from the same seed; a defense that never calls it restarts from the beginning.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
@@ -29,9 +40,9 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import entry
+from utils.cli import entry, guarded
 from utils.config import Layer, Param
-from utils.datasets import DatasetInfo, ImageData, load_dataset, train_transform
+from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
 from utils.metrics import Metrics, der, evaluate
@@ -39,8 +50,8 @@ from utils.models import Classifier
 from utils.records import (AttackRecord, StagedFolder, load_record, record_dir, save_defense_result, save_json,
                            save_png, save_text)
 from utils.registry import Method, Registry
-from utils.runtime import autocast, log_to, resolve_device, seed_everything
-from utils.train import batches
+from utils.runtime import autocast, check_data_root, held_logs, log_to, replay, resolve_device, seed_everything
+from utils.train import Checkpoint, batches
 
 log = logging.getLogger("saubench")
 
@@ -82,6 +93,7 @@ class DefenseData:
     amp: bool = True
     seed: int = 0
     monitor: Monitor | None = None
+    checkpoint: Checkpoint | None = field(default=None, repr=False)
     _on_device: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -116,10 +128,33 @@ class DefenseData:
     def autocast(self):
         return autocast(self.device, self.amp)
 
+    def resume(self, **objects: Any) -> int:
+        """Make the calling epoch loop resumable; returns the epoch to start from.
+
+        ``objects`` are what changes from epoch to epoch (the model, its optimizer,
+        scheduler and gradient scaler, shuffling generators; lists of them). From now on
+        :meth:`report` also saves them, with the random states and the history rows,
+        every ``--save_every`` epochs and after the last. With ``--resume`` and a
+        checkpoint, their states are restored and the epoch after the saved one is
+        returned; otherwise 0. One loop per run may call it."""
+        if self.checkpoint is None:
+            return 0
+        self.checkpoint.track(**objects)
+        restored = self.checkpoint.restore()
+        if restored is None:
+            return 0
+        if self.monitor is not None:
+            self.monitor.history.rows = [dict(row) for row in restored.get("history", [])]
+        return int(restored["epoch"]) + 1
+
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
-        """Record this epoch's numbers (losses, rates); the harness may evaluate the model."""
+        """Record this epoch's numbers (losses, rates); the harness may evaluate the model
+        and, after :meth:`resume`, save a checkpoint."""
         if self.monitor is not None:
             self.monitor.report(epoch, model, **values)
+        last = self.monitor.last_epoch if self.monitor is not None else None
+        if self.checkpoint is not None and self.checkpoint.due(epoch, last):
+            self.checkpoint.save(epoch, history=self.monitor.history.rows if self.monitor is not None else [])
 
     def split(self, fraction: float, seed_offset: int = 0) -> tuple["DefenseData", "DefenseData"]:
         """Split the clean subset in two (seeded): ``fraction`` of it goes to the second part."""
@@ -127,7 +162,8 @@ class DefenseData:
         cut = len(order) - max(1, int(round(fraction * len(order))))
         parts = []
         for idx in (order[:cut], order[cut:]):
-            parts.append(DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor))
+            parts.append(DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor,
+                                     self.checkpoint))
         return parts[0], parts[1]
 
 
@@ -186,7 +222,7 @@ COMMON: list[Param] = [
     Param("index", str | None, None, "file of clean training indices, one a line (instead of --ratio)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Param("amp", bool, True, "mixed precision on CUDA"),
-    Param("random_seed", int, 0, "random seed", check=cfg.non_negative),
+    Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
     Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
@@ -194,33 +230,56 @@ COMMON: list[Param] = [
     Param("overwrite", bool, False, "replace an existing result"),
     Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
           "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)"),
+    Param("resume", bool, False, "continue an interrupted run from its checkpoint"),
+    Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
+          check=cfg.non_negative),
+    Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
+          "can run code, so only for records from a source you trust"),
     Param("debug", bool, False, "show tracebacks"),
 ]
+# How a run is made, not what it computes: kept out of summary.json's config.
+CONTROL_KEYS = ("resume", "save_every", "trust_record")
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset",
                           "model", "dataset_path", "checkpoint_load", "checkpoint_save", "log"})
 
 
 def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple[dict[str, Any], AttackRecord]:
+    """The run's parameters (without the run controls --resume, --save_every and
+    --trust_record) and its attack record."""
+    values, _, record = _resolve(name, argv, overrides)
+    return values, record
+
+
+def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
+             ) -> tuple[dict[str, Any], dict[str, Any], AttackRecord]:
     cls = DEFENSES.get(name)
     params = [*COMMON, *cls.params()]
     parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
     cli = cfg.parse_cli(parser, argv)
+    cfg.check_early(params, overrides, ("result_file", "record_root", "yaml_path", "trust_record"))
     first = {**overrides, **cli}
     if "result_file" not in first:
         raise UserError("missing required argument --result_file (an attack record in record/)")
     record_root = Path(first.get("record_root", "record"))
-    record = load_record(record_dir(record_root, first["result_file"]))
+    record = load_record(record_dir(record_root, first["result_file"]), trust=first.get("trust_record", False))
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
     if yaml_path is not None:
         layers.append(Layer(cfg.shown(yaml_path), cfg.read_yaml(Path(yaml_path)), IGNORED_KEYS))
     layers.append(Layer("keyword arguments", overrides))
     values = cfg.resolve(params, layers, cli)
+    if values["trust_record"] != first.get("trust_record", False):
+        raise UserError(f"{yaml_path}: 'trust_record' can be given only on the command line (or as a keyword "
+                        "argument), not in a YAML file")
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
-    if values["data_root"] is None:
-        values["data_root"] = record.config.get("data_root", "data")
-    return values, record
+    if cfg.given("data_root", layers, cli):
+        check_data_root(values["data_root"])
+    if values["data_root"] is None:  # the record's, where it exists here (a record may come from elsewhere)
+        where = record.config.get("data_root")
+        values["data_root"] = where if isinstance(where, str) and Path(where).is_dir() else "data"
+    control = {key: values.pop(key) for key in CONTROL_KEYS}
+    return values, control, record
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
@@ -230,26 +289,38 @@ def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[
     return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
 
 
-def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
-    values, record = resolve_config(name, argv, overrides)
+def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
+          ) -> tuple[dict[str, Any], dict[str, Any], AttackRecord, torch.device, Defense, Classifier]:
+    """Everything that can be checked before the data is loaded, checked before anything
+    is written: the config, the run controls, the record (and that its weights fit its
+    model), the device and the defense."""
+    values, control, record = _resolve(name, argv, overrides)
     cls = DEFENSES.get(name)
     device = resolve_device(values["device"])
     try:
         defense = cls(**{p.name: values[p.name] for p in cls.params()})
     except ValueError as exc:
         raise UserError(f"defense {cls.name}: {exc}") from None
-    out = StagedFolder(record.path / "defense" / result_folder_name(cls.name, values["result_name"]),
+    result_folder_name(cls.name, values["result_name"])
+    return values, control, record, device, defense, record.build_model()
+
+
+def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    values, control, record, device, defense, model = setup(name, argv, overrides)
+    with held_logs() as loading:
+        inputs = load_inputs(record, values)
+    out = StagedFolder(record.path / "defense" / result_folder_name(defense.name, values["result_name"]),
                        values["overwrite"])
-    folder = out.open()
-    try:
-        with log_to(folder, f"{cls.name}.log"):
-            log.info("defense %s on %s", cls.name, record.path)
+    folder = out.open(resume=control["resume"])
+    checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"],
+                            {**values, "record_sha256": record.sha256})
+    with guarded(out):
+        with log_to(folder, f"{defense.name}.log"):
+            log.info("defense %s on %s", defense.name, record.path)
+            replay(loading)
             log.debug("config: %s", cfg.plain(values))
-            summary = _defend(defense, record, values, device, folder)
+            summary = _defend(defense, record, values, device, folder, model, checkpoint, inputs)
         final = out.commit()
-    except BaseException:
-        out.discard()
-        raise
     log.info("result written to %s", final)
     return summary
 
@@ -269,11 +340,16 @@ def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, rati
     a line) or ``round(ratio * N)`` indices drawn with ``seed`` among the samples that
     were not poisoned. Sorted."""
     n = len(train_labels)
+    if len(poison_indices) and (int(poison_indices.min()) < 0 or int(poison_indices.max()) >= n):
+        raise UserError(f"the record's poison indices reach {int(poison_indices.max())}, but the training set has "
+                        f"{n} samples: the record was not made on these dataset files")
     poisoned = torch.zeros(n, dtype=torch.bool)
     poisoned[poison_indices] = True
     if index_file is not None:
         try:
-            raw = np.loadtxt(index_file, dtype=np.int64, ndmin=1)
+            with warnings.catch_warnings():  # an empty file: said below, in one line
+                warnings.simplefilter("ignore", UserWarning)
+                raw = np.loadtxt(index_file, dtype=np.int64, ndmin=1)
         except (OSError, ValueError) as exc:
             raise UserError(f"--index {index_file}: cannot read clean indices ({str(exc).splitlines()[0]})") from None
         idx = torch.from_numpy(raw)
@@ -294,18 +370,29 @@ def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, rati
     return pool[torch.from_numpy(np.sort(rng.choice(len(pool), size=count, replace=False)))]
 
 
-def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
-            folder: Path) -> dict[str, Any]:
-    seed_everything(values["random_seed"])
-    data = load_dataset(record.clean_data, values["data_root"], download=values["download"],
-                        img_size=record.config.get("img_size"))
+def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, torch.Tensor]:
+    """The record's dataset, checked against what the record says of it, and the
+    defender's clean indices: loaded and checked before anything is written."""
+    img_size = record.config.get("img_size")
+    if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 1):
+        raise UserError(f"{record.path}: the record's config has img_size {cfg.brief(img_size)}, "
+                        "not a positive integer")
+    data = load_dataset(record.clean_data, values["data_root"], download=values["download"], img_size=img_size)
     if data.info.img_size != tuple(record.img_size) or data.info.num_classes != record.num_classes:
         raise UserError(f"{record.path}: the record says {record.clean_data} is {tuple(record.img_size)} with "
                         f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
                         f"{data.info.num_classes}")
-    model = record.build_model().to(device).eval()
     idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
                         values["index"])
+    return data, idx
+
+
+def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
+            folder: Path, model: Classifier | None = None, checkpoint: Checkpoint | None = None,
+            inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
+    seed_everything(values["random_seed"])
+    data, idx = load_inputs(record, values) if inputs is None else inputs
+    model = (record.build_model() if model is None else model).to(device).eval()
     save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
     log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
 
@@ -316,7 +403,8 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
     epochs = getattr(defense, "epochs", None)
     monitor = Monitor(measure, values["eval_every"], epochs - 1 if isinstance(epochs, int) else None)
-    defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor)
+    defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
+                           checkpoint)
 
     seed_everything(values["random_seed"])
     start = time.perf_counter()

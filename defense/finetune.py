@@ -1,5 +1,7 @@
 """Fine-tuning on the defender's data: the loop shared by FT, FP (after pruning), NAD (its
-teacher) and NC (unlearning). Not a defense itself: it registers nothing."""
+teacher) and NC (unlearning). Not a defense itself: it registers nothing. A reported
+fine-tuning is the run's resumable loop (``data.resume``); NAD's teacher, not reported,
+is trained again on resume."""
 from __future__ import annotations
 
 import torch
@@ -18,14 +20,17 @@ def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0
     """SGD with momentum and weight decay, a per-epoch schedule, and the dataset's train
     transform, on ``images``/``labels`` (default: the defender's clean subset). With
     ``report``, each epoch's loss and accuracy go to ``data.report`` as epoch
-    ``epoch_offset + e``. Returns ``model`` in eval mode."""
+    ``epoch_offset + e``, and the loop checkpoints and resumes (``data.resume``).
+    Returns ``model`` in eval mode."""
     if images is None:
         images, labels = data.tensors()
     optimizer = make_optimizer(model.parameters(), "sgd", lr, momentum, weight_decay)
     scheduler = make_scheduler(optimizer, lr_scheduler, epochs)
     scaler = grad_scaler(data.device, data.amp)
     generator = data.generator(seed_offset)
-    for epoch in range(epochs):
+    start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        generator=generator) if report else 0
+    for epoch in range(start, epochs):
         stats = train_epoch(model, images, labels, optimizer, batch_size=batch_size, device=data.device,
                             epoch=epoch, augment=data.augment if augment else None, scaler=scaler, amp=data.amp,
                             generator=generator, desc=f"fine-tune {epoch}")

@@ -54,6 +54,9 @@ Deviations:
 * BackdoorBench's cosine schedule has T_max = 100 whatever ``epochs`` is; here T_max =
   ``epochs`` (identical at 100). Its tiny config uses ReduceLROnPlateau for 200 epochs;
   config/defense/fp/tiny.yaml keeps 200 epochs with the cosine schedule.
+
+--resume: the pruning (a few forward passes) is done again, from the same seed, and the
+fine-tuning goes on exactly from its checkpoint.
 """
 from __future__ import annotations
 
@@ -124,6 +127,7 @@ class FP(Defense):
 
     paper = ("Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
              "Networks, RAID 2018, arXiv:1805.12185")
+    year = 2018
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
     param_checks = {"acc_ratio": cfg.unit_interval, "once_prune_ratio": cfg.unit_interval,
                     "val_ratio": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",

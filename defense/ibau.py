@@ -58,6 +58,9 @@ Deviations, each stated:
   batches once, with its train transform (``augment=True`` adds the transform here).
 * Adam without amsgrad (the official code); BackdoorBench's optimizer uses amsgrad and
   builds a cosine schedule that it never steps, so its rate is constant too.
+
+--resume continues the rounds exactly (each round's perturbation is searched again from
+zero, so only the model, Adam's state and the generators are checkpointed).
 """
 from __future__ import annotations
 
@@ -156,6 +159,7 @@ class IBAU(Defense):
 
     paper = ("Zeng, Chen, Park, Mao, Jin and Jia, Adversarial Unlearning of Backdoors via Implicit Hypergradient, "
              "ICLR 2022, arXiv:2110.03735")
+    year = 2022
     param_aliases = {"epochs": ("n_rounds",)}
     param_checks = {"epochs": cfg.non_negative, "K": cfg.non_negative, "batch_size": cfg.positive,
                     "lr": cfg.positive, "delta_lr": cfg.positive, "fp_lr": cfg.positive, "lmd": cfg.non_negative,
@@ -178,8 +182,9 @@ class IBAU(Defense):
         generator = data.generator()
         pick = data.generator(1)
         x0, _ = data.tensors()
-        for epoch in range(self.epochs):
-            delta, inner = self.find_perturbation(model, data, x0[:1], generator)
+        start = data.resume(model=model, optimizer=optimizer, scaler=scaler, generators=[generator, pick])
+        for epoch in range(start, self.epochs):
+            delta, inner = self.find_perturbation(model, data, x0[:1], generator, epoch)
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches(self.batch_size, augment=self.augment, generator=generator)):
                 carries = torch.zeros(len(y), 1, 1, 1, device=x.device)
@@ -205,7 +210,7 @@ class IBAU(Defense):
         return -F.cross_entropy(logits.float(), y) + self.lmd * delta.float().pow(2).sum()
 
     def find_perturbation(self, model: nn.Module, data: DefenseData, like: torch.Tensor,
-                          generator: torch.Generator) -> tuple[torch.Tensor, float]:
+                          generator: torch.Generator, epoch: int = 0) -> tuple[torch.Tensor, float]:
         """One universal delta (shape 1 x C x H x W) from zero: one SGD step on G per batch,
         ``inner_passes`` passes. Returns delta and the mean cross-entropy of the last pass
         (each batch measured just before its step)."""
@@ -217,6 +222,7 @@ class IBAU(Defense):
             total, seen = 0.0, 0
             for x, y in data.batches(self.batch_size, augment=self.augment, generator=generator):
                 objective = self.inner_objective(model, data, x, y, delta)
+                check_finite(objective, epoch, seen // self.batch_size, "inner objective")
                 (grad,) = torch.autograd.grad(objective * scale, delta)
                 total += (self.lmd * float(delta.detach().pow(2).sum()) - objective.item()) * len(y)  # the CE
                 seen += len(y)

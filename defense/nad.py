@@ -50,6 +50,9 @@ Deviations:
 summary.json gets ``attention_distance_before`` and ``attention_distance_after``: the mean
 L_AT between student and teacher at each stage on the clean subset (unweighted), which
 distillation should lower.
+
+--resume: the teacher cannot resume (it is not checkpointed); it is fine-tuned again, from
+the same seed, and the student's distillation goes on exactly from its checkpoint.
 """
 from __future__ import annotations
 
@@ -149,6 +152,7 @@ class NAD(Defense):
 
     paper = ("Li, Lyu, Koren, Lyu, Li and Ma, Neural Attention Distillation: Erasing Backdoor Triggers from Deep "
              "Neural Networks, ICLR 2021, arXiv:2101.05930")
+    year = 2021
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",), "beta_1": ("beta1",),
                      "beta_2": ("beta2",), "beta_3": ("beta3",)}
     param_checks = {"epochs": cfg.non_negative, "te_epochs": cfg.non_negative, "batch_size": cfg.positive,
@@ -204,7 +208,8 @@ class NAD(Defense):
         scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
         scaler = grad_scaler(data.device, data.amp)
         generator = data.generator(2)
-        for epoch in range(self.epochs):
+        start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator)
+        for epoch in range(start, self.epochs):
             sums = {"loss": 0.0, "loss_ce": 0.0, "loss_at": 0.0, "train_acc": 0.0}
             seen = 0
             model.train()

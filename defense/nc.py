@@ -60,6 +60,9 @@ Deviations, each stated:
   0.99; the authors' code uses 0.99 and 1.0 (and batches of 32).
 * The unlearning optimiser is the shared SGD fine-tuning loop (FT's recipe): BackdoorBench's
   nc config names no optimiser.
+
+--resume: the reverse engineering cannot resume (it is not checkpointed); it runs again,
+from the same seed, and the unlearning goes on exactly from its checkpoint.
 """
 from __future__ import annotations
 
@@ -76,6 +79,7 @@ from defense.base import Defense, DefenseData, frozen_copy, register_defense, ru
 from defense.finetune import fine_tune
 from utils import config as cfg
 from utils.runtime import LOGGER_NAME, grad_scaler
+from utils.train import check_finite
 
 CONSISTENCY = 1.4826  # MAD of a normal distribution times this is its standard deviation
 TANH_EPS = 1e-7  # keeps tanh(.) / (2 + eps) + 0.5 strictly inside (0, 1)
@@ -200,6 +204,7 @@ class NeuralCleanse(Defense):
 
     paper = ("Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, Neural Cleanse: Identifying and Mitigating Backdoor "
              "Attacks in Neural Networks, IEEE S&P 2019")
+    year = 2019
     param_aliases = {"nc_epochs": ("nc_epoch",), "momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
     param_checks = {"nc_epochs": cfg.positive, "mask_lr": cfg.positive, "init_cost": cfg.positive,
                     "atk_succ_threshold": cfg.unit_interval, "patience": cfg.positive,
@@ -251,6 +256,7 @@ class NeuralCleanse(Defense):
                     logits = model(stamp(x, mask, pattern))
                 norm = mask.sum()
                 loss = F.cross_entropy(logits.float(), labels) + schedule.cost * norm
+                check_finite(loss, epoch, steps, f"trigger search loss of class {target}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)

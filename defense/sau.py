@@ -40,6 +40,9 @@ Deviations, each small and stated:
 * L1 balls use the exact Euclidean projection; BackdoorBench rescales.
 * BackdoorBench builds a cosine scheduler for SAU but never steps it, so its learning rate
   is constant; here there is no scheduler.
+
+--resume continues the unlearning rounds exactly (the model, Adam's state, the shuffling
+and random states are checkpointed; the reference model is the record's).
 """
 from __future__ import annotations
 
@@ -93,6 +96,7 @@ class SAU(Defense):
     """
 
     paper = "Wei, Zhang, Zha and Wu, Shared Adversarial Unlearning, NeurIPS 2023, arXiv:2307.10562"
+    year = 2023
     param_aliases = {"epochs": ("n_rounds",)}
     smoke_params = {"epochs": 2}
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
@@ -120,12 +124,14 @@ class SAU(Defense):
         optimizer = make_optimizer(model.parameters(), "adam", self.lr, weight_decay=0.0)
         scaler = grad_scaler(data.device, data.amp)
         generator = data.generator()
-        for epoch in range(self.epochs):
+        start = data.resume(model=model, optimizer=optimizer, scaler=scaler, generator=generator)
+        for epoch in range(start, self.epochs):
             sums = {"loss": 0.0, "loss_cl": 0.0, "loss_at": 0.0, "loss_sar": 0.0, "shared_rate": 0.0,
                     "fooled_rate": 0.0, "fooled_ref_rate": 0.0}
             seen = 0
             for step, (x, y) in enumerate(data.batches(self.batch_size, generator=generator)):
                 delta = sae(x, y)
+                check_finite(delta, epoch, step, "shared adversarial perturbation")
                 for _ in range(self.outer_steps):
                     terms = self.unlearning_step(model, optimizer, scaler, data, x, y, delta, sae, epoch, step)
                 n = len(y)

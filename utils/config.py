@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import re
 import types
 import typing
@@ -59,6 +60,14 @@ def unit_interval(value: Any) -> str | None:
     return None if value is None or 0 <= value <= 1 else "must be in [0, 1]"
 
 
+MAX_SEED = 2**32 - 1
+
+
+def seed(value: Any) -> str | None:
+    """A random seed: what Python, NumPy and torch all accept."""
+    return None if value is None or 0 <= value <= MAX_SEED else f"must be in 0..{MAX_SEED}"
+
+
 # -- types ----------------------------------------------------------------------------
 
 def _split_optional(tp: Any) -> tuple[Any, bool]:
@@ -78,6 +87,8 @@ def type_name(tp: Any) -> str:
     elif typing.get_origin(base) in (list, tuple):
         inner = typing.get_args(base)[0] if typing.get_args(base) else Any
         name = f"a list of {getattr(inner, '__name__', str(inner))}"
+    elif base is float:
+        name = "a finite float"
     else:
         name = getattr(base, "__name__", str(base))
     return name + (" or null" if optional else "")
@@ -112,7 +123,12 @@ def coerce(value: Any, tp: Any) -> Any:
         raise TypeError
     if base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                raise TypeError from None
+            if math.isfinite(number):
+                return number
         raise TypeError
     if base is str:
         if isinstance(value, str):
@@ -189,7 +205,7 @@ def _cli_converter(tp: Any) -> Callable[[str], Any]:
             return float(text)
         return text
 
-    convert.__name__ = type_name(base)
+    convert.__name__ = getattr(base, "__name__", None) or type_name(base)
     return convert
 
 
@@ -227,6 +243,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
         raise UserError(f"{path}: not valid YAML{at}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2021-13-45
+        raise UserError(f"{path}: a value YAML cannot read ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -243,14 +262,20 @@ class Layer:
     ignore: frozenset[str] = field(default_factory=frozenset)  # keys allowed but not used
 
 
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (for error messages)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _checked(param: Param, value: Any, source: str) -> Any:
     try:
         value = coerce(value, param.type)
     except TypeError:
-        raise UserError(f"{source}: '{param.name}' must be {type_name(param.type)}, got {value!r}") from None
+        raise UserError(f"{source}: '{param.name}' must be {type_name(param.type)}, got {brief(value)}") from None
     complaint = param.check(value) if param.check else None
     if complaint:
-        raise UserError(f"{source}: '{param.name}' {complaint}, got {value!r}")
+        raise UserError(f"{source}: '{param.name}' {complaint}, got {brief(value)}")
     return value
 
 
@@ -266,8 +291,8 @@ def resolve(params: Sequence[Param], layers: Sequence[Layer], cli: Mapping[str, 
         for key, value in layer.values.items():
             if key in layer.ignore:
                 continue
-            if key not in by_name:
-                raise UserError(f"{layer.source}: unknown key '{key}'" + _suggest(key, by_name))
+            if not isinstance(key, str) or key not in by_name:
+                raise UserError(f"{layer.source}: unknown key '{key}'" + _suggest(str(key), by_name))
             param = by_name[key]
             values[param.name] = _checked(param, value, layer.source)
     for key, value in (cli or {}).items():
@@ -277,6 +302,21 @@ def resolve(params: Sequence[Param], layers: Sequence[Layer], cli: Mapping[str, 
     if missing:
         raise UserError("missing required argument(s): " + ", ".join(f"--{m}" for m in missing))
     return values
+
+
+def check_early(params: Sequence[Param], values: Mapping[str, Any], names: Iterable[str],
+                source: str = "keyword arguments") -> None:
+    """Check the values of ``names`` that are used before the layers are resolved (the
+    files to read, the dataset or record they depend on)."""
+    by_name = {p.name: p for p in params}
+    for name in names:
+        if name in values:
+            _checked(by_name[name], values[name], source)
+
+
+def given(name: str, layers: Sequence[Layer], cli: Mapping[str, Any] | None = None) -> bool:
+    """Was ``name`` set explicitly (in a layer or on the command line), not by its default?"""
+    return name in (cli or {}) or any(name in layer.values and name not in layer.ignore for layer in layers)
 
 
 def _suggest(key: str, known: Iterable[str]) -> str:

@@ -137,11 +137,16 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The declared info of a registered dataset (no files are read)."""
+def dataset_entry(name: str) -> DatasetEntry:
+    """The registration of dataset ``name``: its info, where its files may be, how they are fetched."""
     if name not in _DATASETS:
         raise unknown_name("dataset", name, _DATASETS)
-    return _DATASETS[name].info
+    return _DATASETS[name]
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The declared info of a registered dataset (no files are read)."""
+    return dataset_entry(name).info
 
 
 def find_files(name: str, data_root: Path) -> Path | None:

@@ -8,26 +8,36 @@ write discipline every output of the project follows.
   when the run has finished, so a killed run leaves the previous complete result or none.
 * Records carry SHA-256 digests of the model weights and the backdoor test tensors;
   loading checks them and names the file that changed.
+* A run's checkpoint (``checkpoint.pt``) lives in its ``.<name>.partial`` folder, so that
+  ``--resume`` finds it there and a finished run leaves none behind.
+* A file that only pickle can read (a foreign record, an old format) is read only with
+  ``trust=True`` (the defense harness's ``--trust_record``); foreign formats plug in as
+  readers (:func:`register_record_reader`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from utils.config import brief
 from utils.errors import UserError
 
 RECORD_FILE = "attack_result.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FORMAT = "saubench-attack-record"
 RESULT_FORMAT = "saubench-defense-result"
+CHECKPOINT_FORMAT = "saubench-checkpoint"
 RECORD_VERSION = 1
 
 
@@ -61,6 +71,14 @@ def save_torch(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def remove_temporary_files(folder: Path) -> None:
+    """Delete the temporary files (``.<name>.*.tmp``) that a killed :func:`atomic_write`
+    left in ``folder``; the files they were meant to replace are intact."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
 def save_text(text: str, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -88,27 +106,52 @@ class StagedFolder:
     Files are written under ``<parent>/.<name>.partial``; :meth:`commit` moves the
     finished folder to ``<parent>/<name>`` (replacing an old one only when
     ``overwrite``). A stale ``.partial`` folder of an earlier, killed run is removed
-    when a new run starts. Files in ``keep`` that sit in the old folder (for example the
-    ``defense/`` results below an attack record) are not carried over: a new record
-    invalidates them."""
+    when a new run starts, unless the run resumes (``open(resume=True)``) and the folder
+    holds that run's checkpoint. What the old final folder held (for example the
+    ``defense/`` results below an attack record) is not carried over: a new record
+    invalidates it."""
 
     def __init__(self, final: Path, overwrite: bool = False):
         self.final = Path(final)
         self.partial = self.final.parent / f".{self.final.name}.partial"
+        self.old = self.final.parent / f".{self.final.name}.old"
         self.overwrite = overwrite
+        if self.old.is_dir() and not self.final.exists():  # killed between the two renames of commit()
+            os.replace(self.old, self.final)
 
-    def open(self) -> Path:
+    @property
+    def checkpoint(self) -> Path:
+        """Where the run's checkpoint is kept while it runs."""
+        return self.partial / CHECKPOINT_FILE
+
+    def open(self, resume: bool = False) -> Path:
+        """The staging folder, empty, or as an interrupted run left it when ``resume`` and
+        it holds a checkpoint (stray temporary files removed)."""
         if self.final.exists() and not self.overwrite:
+            if resume:
+                raise UserError(f"{self.final} is complete: there is nothing to resume "
+                                "(pass --overwrite to run it again)")
             raise UserError(f"{self.final} already exists; pass --overwrite to replace it")
         if self.partial.exists():
+            if resume and self.checkpoint.is_file():
+                remove_temporary_files(self.partial)
+                return self.partial
+            if self.checkpoint.is_file():
+                logging.getLogger("saubench").warning(
+                    "discarding the checkpoint of an interrupted run in %s (--resume would continue from it)",
+                    self.partial)
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
         return self.partial
 
     def commit(self) -> Path:
+        """Move the finished folder into place (without its checkpoint)."""
+        if self.checkpoint.exists():
+            self.checkpoint.unlink()
+        remove_temporary_files(self.partial)
         old = None
         if self.final.exists():
-            old = self.final.parent / f".{self.final.name}.old"
+            old = self.old
             if old.exists():
                 shutil.rmtree(old)
             os.replace(self.final, old)
@@ -210,6 +253,7 @@ class AttackRecord:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # where it was loaded from (not saved)
+    sha256: dict[str, str] = field(default_factory=dict)  # the digests checked when loaded (not saved)
 
     @property
     def in_channels(self) -> int:
@@ -248,56 +292,188 @@ class AttackRecord:
         return path
 
 
-def _safe_load(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into one line."""
+def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = True) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into one line; with
+    ``trust``, a file that needs pickle is unpickled (``weights_only=False``);
+    ``trustable`` False: a kind of file that is never unpickled (checkpoints)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file
-        text = str(exc)
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if needs:
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if not needs:
+            raise UserError(f"{path}: cannot read this {what}: not a complete torch file (truncated or "
+                            "corrupted?)") from None
+        if not trust:
+            how = ": pass --trust_record to unpickle it if you trust where it came from" if trustable else ""
             raise UserError(f"{path}: this {what} holds a Python object ({needs.group(1)}) that only pickle can "
-                            "load; SAU-Bench does not unpickle files") from None
-        raise UserError(f"{path}: cannot read this {what}: not a complete torch file (truncated or corrupted?)") from None
+                            "load, and unpickling a file can run any code in it; SAU-Bench's own files never need "
+                            f"it{how}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot unpickle this {what} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})") from None
 
 
-def load_record(folder: Path) -> AttackRecord:
-    """Read and check ``folder/attack_result.pt``; raises UserError naming what is wrong."""
+# Readers of foreign record formats (e.g. BackdoorBench's): ``reader(data, path)`` gets
+# what ``path`` held and returns an AttackRecord when it recognises the format, else None.
+RecordReader = Callable[[Any, Path], "AttackRecord | None"]
+RECORD_READERS: list[RecordReader] = []
+
+
+def register_record_reader(reader: RecordReader) -> RecordReader:
+    """Add a reader of a foreign record format to :func:`load_record` (usable as a decorator)."""
+    if reader not in RECORD_READERS:
+        RECORD_READERS.append(reader)
+    return reader
+
+
+def load_record(folder: Path, trust: bool = False) -> AttackRecord:
+    """Read and check ``folder/attack_result.pt``; raises UserError naming what is wrong.
+
+    SAU-Bench's records load with ``weights_only=True``. A file that needs pickle is
+    read only with ``trust`` (``--trust_record``); a format other than SAU-Bench's is
+    offered to the registered foreign readers (:func:`register_record_reader`)."""
     folder = Path(folder)
     path = folder / RECORD_FILE
-    if not folder.is_dir():
+    if not path.is_file():
         root = folder.parent
         known = existing_records(root)
         listing = ", ".join(known) if known else "none"
+        if folder.is_dir():
+            raise UserError(f"{folder} holds no {RECORD_FILE} (records in {root}: {listing})")
         raise UserError(f"no attack record named '{folder.name}' in {root} (records there: {listing})")
-    data = _safe_load(path, "attack record")
-    if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
-        raise UserError(f"{path}: not a SAU-Bench attack record (unknown format)")
-    if data.get("version") != RECORD_VERSION:
-        raise UserError(f"{path}: record version {data.get('version')!r} is not supported "
-                        f"(this SAU-Bench reads version {RECORD_VERSION})")
+    data = _safe_load(path, "attack record", trust)
+    if _tagged(data, "format", RECORD_FORMAT):
+        if not _tagged(data, "version", RECORD_VERSION):
+            raise UserError(f"{path}: record version {brief(data.get('version'))} is not supported "
+                            f"(this SAU-Bench reads version {RECORD_VERSION})")
+        return _parse_record(data, path, folder)
+    for reader in RECORD_READERS:  # foreign formats are recognised here
+        record = reader(data, path)
+        if record is not None:
+            record.path = folder
+            return record
+    raise UserError(f"{path}: not a SAU-Bench attack record (unknown format)")
+
+
+def _tagged(data: Any, key: str, expected: str | int) -> bool:
+    """Does the mapping ``data`` hold exactly ``expected`` (a str or an int) at ``key``?"""
+    value = data.get(key) if isinstance(data, Mapping) else None
+    return type(value) is type(expected) and value == expected
+
+
+class _Malformed(Exception):
+    """A field of a record that is missing or of the wrong kind (message: which)."""
+
+
+_MISSING = object()
+
+
+def _field(data: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], what: str,
+           optional: bool = False) -> Any:
+    value = data.get(key, _MISSING) if isinstance(data, Mapping) else _MISSING
+    if value is _MISSING or (value is None and not optional):
+        raise _Malformed(f"'{key}' is missing" if value is _MISSING else f"'{key}' is null")
+    if value is None:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise _Malformed(f"'{key}' must be {what}, not {type(value).__name__}")
+    return value
+
+
+def _tensor(value: Any, key: str, *, dims: int | None = None, integer: bool = False) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized:
+        raise _Malformed(f"'{key}' must be a dense tensor, not {type(value).__name__}")
+    if dims is not None and value.dim() != dims:
+        raise _Malformed(f"'{key}' must have {dims} dimension(s), not {value.dim()}")
+    if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        raise _Malformed(f"'{key}' must hold integers, not {value.dtype}")
+    return value
+
+
+def _tensors(value: Any, key: str) -> dict[str, torch.Tensor]:
+    if not isinstance(value, Mapping):
+        raise _Malformed(f"'{key}' must be a mapping of names to tensors, not {type(value).__name__}")
+    for name, t in value.items():
+        if not isinstance(name, str):
+            raise _Malformed(f"'{key}' has a key {name!r} that is not a string")
+        _tensor(t, f"{key}.{name}")
+    return dict(value)
+
+
+def _numbers(value: Any, key: str) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise _Malformed(f"'{key}' must be a list of numbers")
+    return tuple(float(v) for v in value)
+
+
+def _poisoned(value: Any, key: str, chw: tuple[int, int, int]) -> PoisonedSet:
+    if not isinstance(value, Mapping):
+        raise _Malformed(f"'{key}' must be a mapping of tensors, not {type(value).__name__}")
+    images = _tensor(_field(value, "images", torch.Tensor, "a tensor"), f"{key}.images", dims=4)
+    if images.dtype != torch.uint8:
+        raise _Malformed(f"'{key}.images' must be uint8, not {images.dtype}")
+    if tuple(images.shape[1:]) != chw:
+        raise _Malformed(f"'{key}.images' are {'x'.join(map(str, images.shape[1:]))} but img_size says "
+                         f"{'x'.join(map(str, chw))} (C x H x W)")
+    parts = {}
+    for name in ("labels", "original_labels", "indices"):
+        t = _tensor(_field(value, name, torch.Tensor, "a tensor"), f"{key}.{name}", dims=1, integer=True)
+        if t.shape[0] != images.shape[0]:
+            raise _Malformed(f"'{key}.{name}' holds {t.shape[0]} values for {images.shape[0]} images")
+        parts[name] = t.long()
+    return PoisonedSet(images, parts["labels"], parts["original_labels"], parts["indices"])
+
+
+def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecord:
+    """A SAU-Bench record dict, checked field by field and against its digests."""
     try:
+        model_name = _field(data, "model_name", str, "a string")
+        num_classes = _field(data, "num_classes", int, "an integer")
+        if num_classes < 1:
+            raise _Malformed(f"'num_classes' must be >= 1, not {num_classes}")
+        img_size = _field(data, "img_size", (list, tuple), "a list [H, W, C]")
+        if len(img_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in img_size):
+            raise _Malformed(f"'img_size' must be three positive integers [H, W, C], not {brief(img_size)}")
+        chw = (img_size[2], img_size[0], img_size[1])
+        normalization = _field(data, "normalization", Mapping, "a mapping with mean and std")
+        bd_train = _field(data, "bd_train", Mapping, "a mapping of tensors", optional=True)
+        cross_test = data.get("cross_test")
         record = AttackRecord(
-            model_name=data["model_name"], num_classes=int(data["num_classes"]), model=data["model"],
-            img_size=tuple(int(v) for v in data["img_size"]), clean_data=data["clean_data"],
-            attack=data["attack"], attack_params=dict(data["attack_params"]),
-            poison_indices=data["poison_indices"].long(),
-            bd_test=PoisonedSet.from_dict(data["bd_test"]),
-            bd_train=None if data["bd_train"] is None else PoisonedSet.from_dict(data["bd_train"]),
-            cross_test=None if data.get("cross_test") is None else PoisonedSet.from_dict(data["cross_test"]),
-            mean=tuple(float(v) for v in data["normalization"]["mean"]),
-            std=tuple(float(v) for v in data["normalization"]["std"]),
-            extras=dict(data.get("extras") or {}), config=dict(data.get("config") or {}), path=folder)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            model_name=model_name, num_classes=num_classes,
+            model=_tensors(_field(data, "model", Mapping, "a state_dict"), "model"),
+            img_size=tuple(img_size), clean_data=_field(data, "clean_data", str, "a dataset name"),
+            attack=_field(data, "attack", str, "an attack name"),
+            attack_params=dict(_field(data, "attack_params", Mapping, "a mapping")),
+            poison_indices=_tensor(_field(data, "poison_indices", torch.Tensor, "a tensor"), "poison_indices",
+                                   dims=1, integer=True).long(),
+            bd_test=_poisoned(_field(data, "bd_test", Mapping, "a mapping of tensors"), "bd_test", chw),
+            bd_train=None if bd_train is None else _poisoned(bd_train, "bd_train", chw),
+            cross_test=None if cross_test is None else _poisoned(cross_test, "cross_test", chw),
+            mean=_numbers(normalization.get("mean"), "normalization.mean"),
+            std=_numbers(normalization.get("std"), "normalization.std"),
+            extras=_tensors(data.get("extras") or {}, "extras"),
+            config=dict(_field(data, "config", Mapping, "a mapping", optional=True) or {}), path=folder)
+        if len(record.poison_indices) and int(record.poison_indices.min()) < 0:
+            raise _Malformed("'poison_indices' holds negative indices")
+        digests = _field(data, "sha256", Mapping, "a mapping of digests")
+    except _Malformed as exc:
+        raise UserError(f"{path}: malformed attack record ({exc})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise UserError(f"{path}: malformed attack record ({type(exc).__name__}: {exc})") from None
-    digests = data.get("sha256") or {}
-    if digests.get("model") != tensor_digest(record.model):
+    record.sha256 = {"model": tensor_digest(record.model), "bd_test": tensor_digest(record.bd_test.to_dict())}
+    if not _tagged(digests, "model", record.sha256["model"]):
         raise UserError(f"{path}: the model weights do not match their SHA-256 (the file was changed)")
-    if digests.get("bd_test") != tensor_digest(record.bd_test.to_dict()):
+    if not _tagged(digests, "bd_test", record.sha256["bd_test"]):
         raise UserError(f"{path}: the backdoor test set does not match its SHA-256 (the file was changed)")
     return record
 
@@ -316,11 +492,46 @@ def save_defense_result(folder: Path, model_name: str, num_classes: int, model: 
     return path
 
 
-def load_defense_result(path: Path) -> dict[str, Any]:
+def load_defense_result(path: Path, trust: bool = False) -> dict[str, Any]:
     path = Path(path)
-    data = _safe_load(path, "defense result")
-    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
+    data = _safe_load(path, "defense result", trust)
+    if not _tagged(data, "format", RESULT_FORMAT):
         raise UserError(f"{path}: not a SAU-Bench defense result")
-    if (data.get("sha256") or {}).get("model") != tensor_digest(data["model"]):
+    try:
+        model = _tensors(data.get("model"), "model")
+        _tensors(data.get("extras") or {}, "extras")
+        digests = _field(data, "sha256", Mapping, "a mapping of digests")
+    except _Malformed as exc:
+        raise UserError(f"{path}: malformed defense result ({exc})") from None
+    if not _tagged(digests, "model", tensor_digest(model)):
         raise UserError(f"{path}: the model weights do not match their SHA-256 (the file was changed)")
     return data
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+
+def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """Write a run's checkpoint atomically; Ctrl-C waits until it is in place."""
+    from utils.runtime import deferred_interrupts
+
+    with deferred_interrupts():
+        save_torch({"format": CHECKPOINT_FORMAT, "version": RECORD_VERSION, **state}, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` (weights_only)."""
+    data = _safe_load(Path(path), "checkpoint", trustable=False)
+    if not _tagged(data, "format", CHECKPOINT_FORMAT):
+        raise UserError(f"{path}: not a SAU-Bench checkpoint")
+    if not _tagged(data, "version", RECORD_VERSION):
+        raise UserError(f"{path}: checkpoint version {brief(data.get('version'))} is not supported")
+    return data
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a readable checkpoint at ``path`` was saved after, else None."""
+    try:
+        epoch = load_checkpoint(path).get("epoch") if Path(path).is_file() else None
+    except UserError:
+        return None
+    return epoch if isinstance(epoch, int) else None

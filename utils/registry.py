@@ -6,11 +6,25 @@ Method files are discovered by importing every module of their package, so a new
 is registered by adding its file. Running a method file as a script (``python
 defense/sau.py``) executes it a second time as ``__main__``; that copy does not replace
 the registered class.
+
+Methods of other installed packages register through entry points (:func:`load_plugins`):
+a distribution that declares, in its packaging metadata,
+
+    [project.entry-points."saubench.defenses"]
+    my_defense = "my_package.my_defense:MyDefense"
+
+has its class registered under ``my_defense`` when ``defense`` is imported (group
+``saubench.attacks`` for attacks). The value may also name a module whose import
+registers its classes with the decorator.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import inspect
 import pkgutil
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Generic, Iterable, TypeVar
 
 from utils import config as cfg
@@ -20,14 +34,18 @@ T = TypeVar("T")
 
 
 class Method:
-    """What attacks and defenses share: a registered name, the paper, and hyperparameters
-    declared as annotated keyword arguments of ``__init__`` with the paper's defaults,
-    each kept as an attribute of the same name. ``param_aliases`` and ``param_checks``
-    add command-line aliases and value checks; ``smoke_params`` are the hyperparameters of
-    a seconds-long run on digits (contract tests, smoke grids)."""
+    """What attacks and defenses share: a registered name, the paper and its year, a kind
+    (set by each side's base class), and hyperparameters declared as annotated keyword
+    arguments of ``__init__`` with the paper's defaults, each kept as an attribute of the
+    same name. ``param_aliases`` and ``param_checks`` add command-line aliases and value
+    checks; ``smoke_params`` are the hyperparameters of a seconds-long run on digits
+    (contract tests, smoke grids). The first line of the class docstring is the method's
+    one-line summary (``--help``, ``python -m defense list``, the README's tables)."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    year: ClassVar[int | None] = None  # the paper's year
+    kind: ClassVar[str] = ""
     param_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
     param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
     smoke_params: ClassVar[dict[str, Any]] = {}
@@ -38,6 +56,17 @@ class Method:
 
     def hyperparameters(self) -> dict[str, Any]:
         return cfg.hyperparameters_of(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The hyperparameters' defaults, by name (``cfg.REQUIRED`` where there is none)."""
+        return {p.name: p.default for p in cls.params()}
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the class docstring."""
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        return doc.splitlines()[0].strip() if doc else ""
 
 
 class Registry(Generic[T]):
@@ -79,6 +108,14 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._classes)
 
+    def holds(self, cls: type) -> bool:
+        """Is ``cls`` the class registered under its ``name``?"""
+        name = getattr(cls, "name", "")
+        return bool(name) and self._classes.get(name) is cls
+
+    def aliases_of(self, name: str) -> list[str]:
+        return sorted(a for a, n in self._aliases.items() if n == name)
+
     def __contains__(self, name: str) -> bool:
         return self._aliases.get(name, name) in self._classes
 
@@ -96,3 +133,59 @@ def import_package_modules(package: str, skip: Iterable[str] = ()) -> None:
     for info in pkgutil.iter_modules(pkg.__path__):
         if info.name not in skip and not info.name.startswith("_"):
             importlib.import_module(f"{package}.{info.name}")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``python -m defense list`` and the README's tables show of a registered method."""
+
+    name: str
+    summary: str
+    paper: str
+    year: int | None
+    kind: str
+    defaults: dict[str, Any]
+    aliases: tuple[str, ...]
+    source: str  # the method's file, relative to the project, or "plugin <distribution>"
+    plugin: bool
+
+
+def describe(registry: Registry[Any], name: str) -> MethodInfo:
+    """The registered method ``name`` as the registry and its docstrings declare it."""
+    name = registry.canonical(name)
+    cls = registry.get(name)
+    dist = getattr(cls, "_plugin_distribution", None)
+    if dist is not None:
+        source = f"plugin {dist} ({cls.__module__})"
+    else:
+        source = cls.__module__.replace(".", "/") + ".py"
+    defaults = {k: ("required" if v is cfg.REQUIRED else v) for k, v in cls.defaults().items()}
+    return MethodInfo(name, cls.summary(), cls.paper, cls.year, cls.kind, defaults,
+                      tuple(registry.aliases_of(name)), source, dist is not None)
+
+
+def load_plugins(registry: Registry[Any], group: str, base: type) -> list[str]:
+    """Register the methods that installed distributions declare in entry-point ``group``
+    (after the package's own modules). An entry point names a subclass of ``base``
+    (registered under the entry point's name unless its module registers it) or a module
+    whose import registers its classes. A plugin that fails to load is skipped with a
+    warning that names it. Returns the names registered."""
+    loaded = []
+    for ep in importlib.metadata.entry_points(group=group):
+        dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
+        before = set(registry.names())
+        try:
+            obj = ep.load()
+            if isinstance(obj, type):
+                if not issubclass(obj, base):
+                    raise TypeError(f"{ep.value} is not a subclass of {base.__module__}.{base.__qualname__}")
+                if not registry.holds(obj):
+                    registry.register(ep.name)(obj)
+        except Exception as exc:  # any failure of third-party code: skip it, say which
+            warnings.warn(f"{registry.kind} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
+                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            continue
+        for name in sorted(set(registry.names()) - before):
+            registry.get(name)._plugin_distribution = dist
+            loaded.append(name)
+    return loaded

@@ -1,14 +1,16 @@
-"""Devices, seeds, mixed precision and logging: the run-time plumbing shared by every
-entry point."""
+"""Devices, seeds, mixed precision, logging, random states and Ctrl-C: the run-time
+plumbing shared by every entry point."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise UserError(f"unknown device '{spec}' (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -37,6 +39,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"unsupported device '{spec}' (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def check_data_root(path: str | Path | None) -> None:
+    """A ``--data_root`` the user named must exist; the default, ``./data``, may be
+    created by a download."""
+    if path is None or Path(path).is_dir() or Path(path).resolve() == Path("data").resolve():
+        return
+    what = "is not a folder" if Path(path).exists() else "does not exist"
+    raise UserError(f"--data_root {path} {what} (create it, or leave --data_root out to use ./data)")
 
 
 def seed_everything(seed: int) -> None:
@@ -100,7 +111,95 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
         log.setLevel(previous_level)
 
 
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_logs() -> Iterator[list[logging.LogRecord]]:
+    """Hold the project's log records back for the duration (work done before a run's
+    folder and log exist): a run refused meanwhile prints its one error line only. Pass
+    the list to :func:`replay` once the run's log is open."""
+    held = _Held()
+    previous_level, previous_propagate = log.level, log.propagate
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    log.addHandler(held)
+    try:
+        yield held.records
+    finally:
+        log.removeHandler(held)
+        log.setLevel(previous_level)
+        log.propagate = previous_propagate
+
+
+def replay(records: list[logging.LogRecord]) -> None:
+    """Send held records (see :func:`held_logs`) to the handlers now attached."""
+    for record in records:
+        log.handle(record)
+
+
 def tqdm_disable() -> bool | None:
     """tqdm's ``disable`` value: bars on a terminal, off in logs and CI (None lets tqdm
     decide by the stream), forced off with SAUBENCH_NO_PROGRESS=1."""
     return True if os.environ.get("SAUBENCH_NO_PROGRESS") == "1" else None
+
+
+# -- random states, for checkpoints ----------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """The global random states of Python, NumPy and torch (CPU and every CUDA device), as
+    tensors and plain values only, so that a checkpoint holding them loads with
+    ``torch.load(weights_only=True)``."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])[:torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) for the duration, so that a checkpoint being written is
+    finished and renamed into place; the interrupt is raised on exit. Outside the main
+    thread (where no signal handler can be set) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not in the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if caught:
+        raise KeyboardInterrupt

@@ -1,17 +1,25 @@
 """Training and inference loops over in-memory uint8 splits, on any device, with mixed
-precision on CUDA. One place for the loops that attacks and defenses share."""
+precision on CUDA, and the checkpoints that make a loop resumable. One place for the
+loops that attacks and defenses share."""
 from __future__ import annotations
 
+import collections
+import logging
 import math
-from typing import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from utils.config import brief, plain
 from utils.errors import UserError
-from utils.runtime import autocast, tqdm_disable
+from utils.records import load_checkpoint, save_checkpoint
+from utils.runtime import autocast, rng_state, set_rng_state, tqdm_disable
+
+log = logging.getLogger("saubench")
 
 BatchHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -31,9 +39,13 @@ def batches(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, devi
         yield (x.float().div_(255.0) if x.dtype == torch.uint8 else x), y
 
 
-def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise UserError(f"the loss became {loss.item()} at epoch {epoch}, batch {step}; "
+def check_finite(value: torch.Tensor, epoch: int, step: int, what: str = "loss") -> None:
+    """Stop the run with one line naming the epoch and batch when ``value`` (a loss, or
+    any tensor a loop computed) holds a NaN or an infinity."""
+    finite = torch.isfinite(value.detach())
+    if not bool(finite.all()):
+        bad = float(value.detach()[~finite].flatten()[0])
+        raise UserError(f"the {what} became {bad} at epoch {epoch}, batch {step}; "
                         "lower the learning rate or check the data")
 
 
@@ -122,3 +134,147 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int):
     if name in ("none", "None", ""):
         return None
     raise UserError(f"unknown lr_scheduler '{name}' (CosineAnnealingLR or none)")
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+# Config keys that say where or how a run is made, not what it computes: a run may resume
+# with other values of these.
+RESUME_IGNORES = frozenset({"debug", "overwrite", "device", "download", "data_root", "record_root", "resume",
+                            "save_every", "trust_record"})
+
+
+class Checkpoint:
+    """The resumable state of one training loop, written to ``path`` every ``every``
+    epochs and after the last (``every`` 0: never), and restored with ``resume``.
+
+    The loop registers what changes from epoch to epoch with :meth:`track`: models,
+    optimizers, schedulers, gradient scalers and CPU or CUDA ``torch.Generator``s, or
+    lists and dicts of them. :meth:`save` stores their states with the global random
+    states (Python, NumPy, torch), the epoch and the loop's own plain values (its history
+    rows); :meth:`restore` puts them back, so that a resumed run on the same device and
+    seed ends with exactly the weights of an uninterrupted one. Only tensors and plain
+    values are written (utils.records.save_checkpoint: atomically, Ctrl-C held back), so
+    the file loads with ``torch.load(weights_only=True)``. ``config`` (the run's resolved
+    values) is stored and must match on resume, except the keys in RESUME_IGNORES."""
+
+    def __init__(self, path: Path | None, every: int = 1, resume: bool = False,
+                 config: Mapping[str, Any] | None = None):
+        self.path = None if path is None else Path(path)
+        self.every = int(every)
+        self.resume = resume
+        self.config = plain({k: v for k, v in (config or {}).items() if k not in RESUME_IGNORES})
+        self.objects: dict[str, Any] | None = None
+        self.saved: int | None = None  # the epoch of the last checkpoint written or restored
+
+    def track(self, **objects: Any) -> None:
+        """Register the loop's state (None values are skipped). One loop per run."""
+        if self.objects is not None:
+            raise RuntimeError("a run checkpoints one training loop; track() was called twice")
+        self.objects = {name: obj for name, obj in objects.items() if obj is not None}
+
+    def due(self, epoch: int, last_epoch: int | None = None) -> bool:
+        """Is a checkpoint due after ``epoch`` (every ``every`` epochs, and after the last)?"""
+        if self.path is None or self.every <= 0 or self.objects is None:
+            return False
+        return (epoch + 1) % self.every == 0 or epoch == last_epoch
+
+    def save(self, epoch: int, **extra: Any) -> None:
+        """Write the tracked state after ``epoch`` with ``extra`` (plain values)."""
+        if self.path is None or self.objects is None:
+            return
+        save_checkpoint({"epoch": int(epoch), "config": self.config, "rng": rng_state(),
+                         "objects": {name: _state_of(obj) for name, obj in self.objects.items()},
+                         "extra": extra}, self.path)
+        self.saved = int(epoch)
+        log.debug("checkpoint after epoch %d written to %s", epoch, self.path)
+
+    def restore(self) -> dict[str, Any] | None:
+        """With ``resume`` and a checkpoint at ``path``: restore the tracked objects and
+        the random states, and return ``{"epoch": e, **extra}`` (the loop goes on at
+        ``e + 1``); otherwise None (the loop starts from the beginning)."""
+        if not self.resume or self.path is None or self.objects is None:
+            return None
+        if not self.path.is_file():
+            log.info("--resume: no checkpoint in %s; starting from the beginning", self.path.parent)
+            return None
+        data = load_checkpoint(self.path)
+        try:
+            stored, objects, epoch = data["config"], data["objects"], int(data["epoch"])
+            if stored != self.config:
+                raise UserError(f"cannot resume from {self.path}: it was made with other settings ("
+                                f"{_config_diff(stored, self.config)}); run without --resume to start again")
+            if set(objects) != set(self.objects):
+                raise UserError(f"cannot resume from {self.path}: it holds the state of {sorted(objects)}, "
+                                f"this run trains {sorted(self.objects)}")
+            for name, obj in self.objects.items():
+                _load_state(obj, objects[name], name)
+            set_rng_state(data["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise UserError(f"cannot resume from {self.path}: it does not fit this run "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        self.saved = epoch
+        log.info("resuming after epoch %d from %s", epoch, self.path)
+        return {**dict(data.get("extra") or {}), "epoch": epoch}
+
+
+def _config_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    shown = [f"{k}: checkpoint {brief(stored.get(k))}, now {brief(current.get(k))}" for k in keys[:4]]
+    return "; ".join(shown) + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _state_of(obj: Any) -> Any:
+    """A tensors-and-plain-values state of ``obj`` (see Checkpoint.track)."""
+    if isinstance(obj, torch.Generator):
+        return {"generator": obj.get_state()}
+    if isinstance(obj, (list, tuple)):
+        return [_state_of(o) for o in obj]
+    if isinstance(obj, dict):
+        return {str(k): _state_of(v) for k, v in obj.items()}
+    if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+        return {"state_dict": _plain_state(obj.state_dict())}
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _load_state(obj: Any, state: Any, name: str) -> None:
+    if isinstance(obj, torch.Generator):
+        obj.set_state(state["generator"])
+    elif isinstance(obj, (list, tuple)):
+        if not isinstance(state, list) or len(state) != len(obj):
+            raise ValueError(f"'{name}' holds {len(state) if isinstance(state, list) else '?'} states for "
+                             f"{len(obj)} objects")
+        for i, (o, st) in enumerate(zip(obj, state)):
+            _load_state(o, st, f"{name}[{i}]")
+    elif isinstance(obj, dict):
+        if not isinstance(state, dict) or set(state) != {str(k) for k in obj}:
+            raise ValueError(f"'{name}' holds other entries than this run's")
+        for k, o in obj.items():
+            _load_state(o, state[str(k)], f"{name}.{k}")
+    else:
+        sd = _unplain_state(state["state_dict"])
+        if isinstance(obj, torch.amp.GradScaler) and not sd:
+            return  # saved by a disabled scaler (a CPU run): nothing to restore
+        obj.load_state_dict(sd)
+
+
+def _plain_state(value: Any) -> Any:
+    """``value`` with the collections.Counter of some schedulers (MultiStepLR's milestones)
+    turned into a tagged list, so that the file needs no pickle on any torch version."""
+    if isinstance(value, collections.Counter):
+        return {"__counter__": [[k, v] for k, v in value.items()]}
+    if isinstance(value, dict):
+        return {k: _plain_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_state(v) for v in value]
+    return value
+
+
+def _unplain_state(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__counter__"}:
+            return collections.Counter({k: v for k, v in value["__counter__"]})
+        return {k: _unplain_state(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unplain_state(v) for v in value]
+    return value

@@ -28,4 +28,5 @@ class SmallCNN(nn.Module):
 
 @register_model("cnn", stages=("layer1", "layer2", "layer3"), feature_layer="layer3", min_size=4)
 def cnn(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """A small CNN for 28x28 and 8x8 inputs (MNIST, Fashion-MNIST, digits)."""
     return SmallCNN(num_classes, in_channels)

@@ -52,4 +52,5 @@ class PreActResNet(nn.Module):
 
 @register_model("preactresnet18", stages=("layer2", "layer3", "layer4"), feature_layer="layer4")
 def preactresnet18(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """PreAct-ResNet-18, BackdoorBench's default architecture."""
     return PreActResNet((2, 2, 2, 2), num_classes, in_channels)

@@ -47,6 +47,7 @@ def _replace_first_conv(conv: nn.Conv2d, in_channels: int, init: Callable[[nn.Co
 
 @register_model("resnet18", stages=("layer2", "layer3", "layer4"), feature_layer="layer4")
 def resnet18(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """torchvision's ResNet-18."""
     net = tvm.resnet18(weights=None, num_classes=num_classes)
     net.conv1 = _replace_first_conv(net.conv1, in_channels, _kaiming_fan_out)
     return net
@@ -55,6 +56,7 @@ def resnet18(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> n
 @register_model("vgg19_bn", stages=("features.25", "features.38", "features.51"), feature_layer="features.51",
                 min_size=32)
 def vgg19_bn(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """torchvision's VGG-19 with BatchNorm."""
     net = tvm.vgg19_bn(weights=None, num_classes=num_classes)
     net.features[0] = _replace_first_conv(net.features[0], in_channels, _kaiming_fan_out)
     return net
@@ -63,6 +65,7 @@ def vgg19_bn(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> n
 @register_model("mobilenet_v3_large", stages=("features.6", "features.12", "features.16"),
                 feature_layer="features.16")
 def mobilenet_v3_large(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """torchvision's MobileNetV3-Large."""
     net = tvm.mobilenet_v3_large(weights=None, num_classes=num_classes)
     net.features[0][0] = _replace_first_conv(net.features[0][0], in_channels, _kaiming_fan_out)
     return net
@@ -71,6 +74,7 @@ def mobilenet_v3_large(num_classes: int, in_channels: int, img_size: tuple[int, 
 @register_model("convnext_tiny", stages=("features.3", "features.5", "features.7"), feature_layer="features.7",
                 min_size=32)
 def convnext_tiny(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """torchvision's ConvNeXt-Tiny."""
     net = tvm.convnext_tiny(weights=None, num_classes=num_classes)
     net.features[0][0] = _replace_first_conv(net.features[0][0], in_channels, _convnext_init)
     return net
@@ -92,6 +96,7 @@ class Resize(nn.Module):
 @register_model("vit_b_16", stages=("1.encoder.layers.encoder_layer_3", "1.encoder.layers.encoder_layer_7",
                                     "1.encoder.layers.encoder_layer_11"), feature_layer=None)
 def vit_b_16(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
+    """torchvision's ViT-B/16; resizes its input to 224x224 first, as BackdoorBench does."""
     vit = tvm.vit_b_16(weights=None, num_classes=num_classes, image_size=224)
     vit.conv_proj = _replace_first_conv(vit.conv_proj, in_channels, _vit_patch_init)
     return nn.Sequential(Resize(224), vit)
