@@ -6,6 +6,9 @@ defaults), loads the dataset, lets the attack build its trigger, poisons the tra
 set, trains the victim, evaluates it every ``--eval_every`` epochs and writes
 ``record/<save_folder_name>/``: attack_result.pt, attack_df.csv, attack_summary.json,
 attack.log and attack_plot.png. The folder appears only when the run has finished.
+With ``--export_backdoorbench`` it also holds ``backdoorbench/``: the same record in
+BackdoorBench's layout (its attack_result.pt dict and PNG folders, utils/backdoorbench.py),
+for BackdoorBench's defenses; our defenses read it too (``--result_file <name>/backdoorbench``).
 
 The victim's training saves a checkpoint every ``--save_every`` epochs (and after the
 last) in the run's staging folder, ``record/.<save_folder_name>.partial/checkpoint.pt``:
@@ -265,10 +268,12 @@ COMMON: list[Param] = [
     Param("resume", bool, False, "continue an interrupted run from its checkpoint"),
     Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
           check=cfg.non_negative),
+    Param("export_backdoorbench", bool, False, "also write the record in BackdoorBench's layout, in "
+          "<record>/backdoorbench/ (attack_result.pt and PNG folders)"),
     Param("debug", bool, False, "show tracebacks"),
 ]
 # How a run is made, not what it computes: kept out of the record's config.
-CONTROL_KEYS = ("resume", "save_every")
+CONTROL_KEYS = ("resume", "save_every", "export_backdoorbench")
 # Keys a shipped recipe may hold for BackdoorBench compatibility but that this harness does not use.
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "attack"})
 
@@ -355,14 +360,15 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             log.info("attack %s on %s (%s), record %s", name, values["dataset"], values["model"], out.final)
             replay(loading)
             log.debug("config: %s", cfg.plain(values))
-            summary = _attack(attack, values, device, folder, checkpoint, data)
+            summary = _attack(attack, values, device, folder, checkpoint, data, control["export_backdoorbench"])
         final = out.commit()
     log.info("record written to %s", final)
     return summary
 
 
 def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder: Path,
-            checkpoint: Checkpoint | None = None, data: Dataset | None = None) -> dict[str, Any]:
+            checkpoint: Checkpoint | None = None, data: Dataset | None = None,
+            export_backdoorbench: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     seed_everything(values["random_seed"])
     if data is None:
@@ -401,6 +407,13 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
         poison_indices=poison_idx, bd_test=test_sets.bd_test, bd_train=bd_train, cross_test=test_sets.cross_test,
         mean=info.mean, std=info.std, extras=attack.extras(), config=cfg.plain(values))
     record.save(folder)
+    if export_backdoorbench:
+        from utils.backdoorbench import EXPORT_FOLDER, export_record
+
+        where = export_record(record, folder / EXPORT_FOLDER, f"{values['save_folder_name']}/{EXPORT_FOLDER}",
+                              len(data.train), len(data.test))
+        log.info("BackdoorBench's layout of the record written to %s", Path(values["record_root"]) /
+                 values["save_folder_name"] / where.name)
     history.save_csv(folder / "attack_df.csv")
     history.save_plot(folder / "attack_plot.png", f"{attack.name} on {info.name} ({values['model']})")
     summary = {**metrics.headline(), "seconds": round(seconds, 2), "attack": attack.name, "dataset": info.name,

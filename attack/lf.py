@@ -50,6 +50,7 @@ from torch import nn
 from attack.base import Attack, AttackContext, register_attack, run
 from utils.config import non_negative, positive, unit_interval
 from utils.runtime import autocast
+from utils.train import check_finite
 
 log = logging.getLogger("saubench")
 
@@ -86,10 +87,11 @@ def universal_perturbation(model: nn.Module, images: torch.Tensor, target: int, 
     towards ``target`` on ``model`` (in eval mode)."""
     v = torch.zeros_like(images[:1])
     labels = torch.full((len(images),), target, device=images.device)
-    for _ in range(steps):
+    for step in range(steps):
         v.requires_grad_(True)
         with autocast(images.device, amp):
             loss = F.cross_entropy(model((images + v).clamp(0, 1)).float(), labels)
+        check_finite(loss, 0, step, "LF perturbation search loss")
         (grad,) = torch.autograd.grad(loss, v)
         with torch.no_grad():
             v = v - step_size * grad / grad.abs().max().clamp_min(1e-12)

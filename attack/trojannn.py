@@ -49,6 +49,7 @@ from attack.base import Attack, AttackContext, register_attack, run
 from utils.config import non_negative, positive, unit_interval
 from utils.datasets import read_image
 from utils.errors import UserError
+from utils.train import check_finite
 
 log = logging.getLogger("saubench")
 
@@ -83,11 +84,12 @@ def neuron_trigger(model: nn.Module, start: torch.Tensor, mask: torch.Tensor, ne
     handle = last_linear(model).register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
     x = start.clone()
     try:
-        for _ in range(iters):
+        for step in range(iters):
             x.requires_grad_(True)
             features.clear()
             model(x * mask)
             cost = (features[0][:, neurons].float() - value).pow(2).sum()
+            check_finite(cost, 0, step, "TrojanNN trigger cost")
             (grad,) = torch.autograd.grad(cost, x)
             with torch.no_grad():
                 x = (start + (x - alpha * grad.sign() - start).clamp(-eps, eps)).clamp(0, 1)
@@ -95,7 +97,7 @@ def neuron_trigger(model: nn.Module, start: torch.Tensor, mask: torch.Tensor, ne
                 break
     finally:
         handle.remove()
-    log.info("TrojanNN trigger: neurons %s, cost %.4g after %d steps", neurons.tolist(), cost.item(), _ + 1)
+    log.info("TrojanNN trigger: neurons %s, cost %.4g after %d steps", neurons.tolist(), cost.item(), step + 1)
     return x.detach()
 
 

@@ -6,9 +6,19 @@ training set (seeded, never a poisoned sample; the indices are saved), evaluates
 backdoored model, calls ``Defense.mitigate(model, data)``, evaluates the purified model
 with the same code for every defense, and writes ``record/<result_file>/defense/<name>/``
 (or ``defense/<result_name>/`` with ``--result_name``, e.g. one folder per seed):
-defense_result.pt, <name>_df.csv, summary.json, index.txt, <name>.log and <name>_plot.png.
-The folder appears only when the run has finished; an existing one is kept unless
-``--overwrite``.
+defense_result.pt, <name>_df.csv, <name>_df_summary.csv, summary.json, index.txt,
+<name>.log and <name>_plot.png. The folder appears only when the run has finished; an
+existing one is kept unless ``--overwrite``.
+
+The files BackdoorBench's defenses write have its names and columns, so its analysis
+scripts read ours: defense_result.pt holds model_name, num_classes and model (the
+architecture's keys), <name>_df.csv has an unnamed index column, then epoch and
+BackdoorBench's six metric columns, then the defense's own numbers (losses, rates), and
+<name>_df_summary.csv its summary (rows last, valid_max, exist_nan_value). The last row
+of <name>_df.csv always holds the returned model's metrics: when the last reported epoch
+did not evaluate that model (nothing reported, an epoch left out by --eval_every, a
+defense that changes the model after its last report), a row without an epoch is added.
+The attack record may be BackdoorBench's own (utils/backdoorbench.py reads it).
 
 A defense sees only the defender's data (:class:`DefenseData`): its clean subset, the
 dataset's declared transforms and the device. It reports progress through
@@ -45,7 +55,7 @@ from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import Metrics, der, evaluate
+from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, der, evaluate
 from utils.models import Classifier
 from utils.records import (AttackRecord, StagedFolder, load_record, record_dir, save_defense_result, save_json,
                            save_png, save_text)
@@ -306,11 +316,15 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
 
 
 def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
-    values, control, record, device, defense, model = setup(name, argv, overrides)
-    with held_logs() as loading:
+    with held_logs() as loading:  # what reading the record says goes to the run's log
+        values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
     out = StagedFolder(record.path / "defense" / result_folder_name(defense.name, values["result_name"]),
                        values["overwrite"])
+    if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
+            any(out.final.glob("*_df*.csv")):
+        raise UserError(f"{out.final} holds BackdoorBench's own {out.final.name} result: pass --result_name NAME "
+                        "to write ours beside it (or --overwrite to replace it)")
     folder = out.open(resume=control["resume"])
     checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"],
                             {**values, "record_sha256": record.sha256})
@@ -387,6 +401,11 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
     return data, idx
 
 
+def _same(a: Any, b: float) -> bool:
+    """Equal numbers, NaN equal to NaN."""
+    return a == b or (isinstance(a, float) and a != a and b != b)
+
+
 def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
             folder: Path, model: Classifier | None = None, checkpoint: Checkpoint | None = None,
             inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -421,7 +440,13 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     for key in defense.image_extras:
         for i, image in enumerate(extras.get(key, ())):
             save_png(image, folder / key / f"{i}.png")
-    monitor.history.save_csv(folder / f"{defense.name}_df.csv")
+    final = after.as_row()
+    last = monitor.history.rows[-1] if monitor.history.rows else {}
+    if any(not _same(last.get(k), v) for k, v in final.items()):  # the returned model's row, without an epoch
+        monitor.history.add(epoch=None, **final)
+    columns = ("epoch", *METRIC_COLUMNS)
+    monitor.history.save_csv(folder / f"{defense.name}_df.csv", columns)
+    save_text(monitor.history.summary_csv(columns), folder / f"{defense.name}_df_summary.csv")
     monitor.history.save_plot(folder / f"{defense.name}_plot.png",
                               f"{defense.name} on {record.path.name} ({record.model_name})")
     summary = {

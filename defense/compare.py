@@ -16,6 +16,11 @@ config it recorded matches the requested one (keys that only say where or how it
 such as device or record_root, are not compared); a mismatch is reported in the table
 and not re-run unless ``--overwrite``.
 
+BackdoorBench's own results. A record's ``defense/<name>/`` folder written by
+BackdoorBench's defenses (its ``<name>_df_summary.csv``, no summary.json of ours) is
+listed as the row "<name> (BackdoorBench)" beside ours: its last C-Acc, ASR and RA, and
+the DER against the record's "no defense" numbers. Nothing is run for it.
+
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
@@ -173,8 +178,35 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
         executor.close()
 
     _fill_missing_baselines(runs)
-    table = aggregate(spec.name, [r.name for r in spec.records], list(spec.defenses), spec.seeds, runs)
+    found = backdoorbench_runs(spec, root, runs)
+    names = list(dict.fromkeys(r.method for r in found))
+    table = aggregate(spec.name, [r.name for r in spec.records], [*spec.defenses, *names], spec.seeds,
+                      [*runs, *found])
     return write_outputs(table, out_dir, values)
+
+
+BACKDOORBENCH_MARK = " (BackdoorBench)"
+
+
+def backdoorbench_runs(spec: Spec, root: Path, runs: Sequence[Run]) -> list[Run]:
+    """BackdoorBench's own results found in the compared records' ``defense/`` folders,
+    as finished runs named "<folder> (BackdoorBench)", with the DER against the
+    record's "no defense" numbers where those are known."""
+    from utils.backdoorbench import defense_results
+    from utils.metrics import der
+
+    out = []
+    for rec in spec.records:
+        folder = record_dir(root, rec.name)
+        base = next((r for r in runs if r.kind == "attack" and r.record == rec.name), None)
+        before = (base.summary or {}) if base is not None else {}
+        for name, after in defense_results(folder):
+            numbers = [before.get("asr"), after["asr"], before.get("clean_acc"), after["clean_acc"]]
+            known = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+            summary = {"after": after, "der": der(*numbers) if known else None, "device": "BackdoorBench"}
+            out.append(Run("defense", rec.name, name + BACKDOORBENCH_MARK, 0, {}, folder / "defense" / name,
+                           status="reused", summary=summary))
+    return out
 
 
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[str, Any]:

@@ -29,12 +29,17 @@ def digits_record_root(tmp_path_factory) -> Path:
     return root
 
 
+def private_copy(root: Path, tmp_path: Path) -> Path:
+    """A copy of the record root ``root`` in ``tmp_path/record``, for a test that writes results."""
+    copy = tmp_path / "record"
+    shutil.copytree(root, copy)
+    return copy
+
+
 @pytest.fixture
 def record_root(digits_record_root, tmp_path) -> Path:
     """A private copy of the session's record root, for tests that write results."""
-    root = tmp_path / "record"
-    shutil.copytree(digits_record_root, root)
-    return root
+    return private_copy(digits_record_root, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -114,8 +114,10 @@ def test_defense_result_round_trip_and_tamper_check(tmp_path):
     path = save_defense_result(tmp_path, "cnn", 3, state, {"mask": torch.ones(4)})
     raw = torch.load(path, weights_only=True)
     assert set(raw) >= {"model_name", "num_classes", "model"}  # BackdoorBench's keys
-    assert load_defense_result(path)["extras"]["mask"].shape == (4,)
-    raw["model"]["net.linear.bias"] += 1
+    assert set(raw["model"]) == {k[len("net."):] for k in state}  # and its key layout
+    loaded = load_defense_result(path)
+    assert loaded["extras"]["mask"].shape == (4,) and set(loaded["model"]) == set(state)
+    raw["model"]["linear.bias"] += 1
     torch.save(raw, path)
     with pytest.raises(UserError, match="SHA-256"):
         load_defense_result(path)

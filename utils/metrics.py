@@ -34,6 +34,11 @@ def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
+# BackdoorBench's metric columns of a <defense>_df.csv (after "epoch"), in its order.
+COLUMNS = ("clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch", "ra_test_loss_avg_over_batch",
+           "test_acc", "test_asr", "test_ra")
+
+
 @dataclass
 class Metrics:
     clean_acc: float
@@ -44,10 +49,8 @@ class Metrics:
     ra_loss: float
 
     def as_row(self) -> dict[str, float]:
-        """BackdoorBench's column names."""
-        return {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss,
-                "ra_test_loss_avg_over_batch": self.ra_loss, "test_acc": self.clean_acc,
-                "test_asr": self.asr, "test_ra": self.ra}
+        """BackdoorBench's column names (:data:`COLUMNS`)."""
+        return dict(zip(COLUMNS, (self.clean_loss, self.bd_loss, self.ra_loss, self.clean_acc, self.asr, self.ra)))
 
     def headline(self) -> dict[str, float | None]:
         """C-Acc, ASR and RA as fractions; None where undefined (no backdoor test set)."""

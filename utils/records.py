@@ -12,11 +12,17 @@ write discipline every output of the project follows.
   ``--resume`` finds it there and a finished run leaves none behind.
 * A file that only pickle can read (a foreign record, an old format) is read only with
   ``trust=True`` (the defense harness's ``--trust_record``); foreign formats plug in as
-  readers (:func:`register_record_reader`).
+  readers (:func:`register_record_reader`), which may allow exactly the Python types
+  their files hold (torch's safe globals; BackdoorBench's: NumPy arrays, see
+  :mod:`utils.backdoorbench`) so that those files load without pickle.
+* ``defense_result.pt`` holds the weights in the architecture's own key layout (as
+  BackdoorBench writes them: no ``net.`` prefix; channel masks as ``masks.<layer>``);
+  :func:`load_defense_result` returns them as a Classifier's keys.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -26,7 +32,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -292,17 +298,24 @@ class AttackRecord:
         return path
 
 
-def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = True) -> Any:
+def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = True,
+               safe_globals: Sequence[Any] = ()) -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into one line; with
     ``trust``, a file that needs pickle is unpickled (``weights_only=False``);
-    ``trustable`` False: a kind of file that is never unpickled (checkpoints)."""
+    ``trustable`` False: a kind of file that is never unpickled (checkpoints).
+    ``safe_globals``: Python types the file may hold besides tensors and plain values
+    (torch's safe-globals list; ignored by a torch too old to have it)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
+    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
         with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
             warnings.simplefilter("ignore")
+            if safe_globals and allowed is not None:
+                with allowed(list(safe_globals)):
+                    return torch.load(path, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -325,13 +338,24 @@ def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = Tru
 # what ``path`` held and returns an AttackRecord when it recognises the format, else None.
 RecordReader = Callable[[Any, Path], "AttackRecord | None"]
 RECORD_READERS: list[RecordReader] = []
+RECORD_SAFE_GLOBALS: list[Any] = []  # Python types the readers' files may hold (torch's safe globals)
+BUILTIN_READERS = ("utils.backdoorbench",)  # modules that register a reader when imported
 
 
-def register_record_reader(reader: RecordReader) -> RecordReader:
-    """Add a reader of a foreign record format to :func:`load_record` (usable as a decorator)."""
-    if reader not in RECORD_READERS:
-        RECORD_READERS.append(reader)
-    return reader
+def register_record_reader(reader: RecordReader | None = None, *, safe_globals: Sequence[Any] = ()):
+    """Add a reader of a foreign record format to :func:`load_record` (usable as a
+    decorator, with or without arguments). ``safe_globals``: the Python types (or
+    ``(type, "module.name")`` pairs, torch's form) that files of this format hold and that
+    are harmless to rebuild, so that they load with ``weights_only=True``, without
+    --trust_record."""
+
+    def add(fn: RecordReader) -> RecordReader:
+        if fn not in RECORD_READERS:
+            RECORD_READERS.append(fn)
+        RECORD_SAFE_GLOBALS.extend(g for g in safe_globals if g not in RECORD_SAFE_GLOBALS)
+        return fn
+
+    return add if reader is None else add(reader)
 
 
 def load_record(folder: Path, trust: bool = False) -> AttackRecord:
@@ -340,6 +364,8 @@ def load_record(folder: Path, trust: bool = False) -> AttackRecord:
     SAU-Bench's records load with ``weights_only=True``. A file that needs pickle is
     read only with ``trust`` (``--trust_record``); a format other than SAU-Bench's is
     offered to the registered foreign readers (:func:`register_record_reader`)."""
+    for module in BUILTIN_READERS:  # imported here: they import this module
+        importlib.import_module(module)
     folder = Path(folder)
     path = folder / RECORD_FILE
     if not path.is_file():
@@ -349,7 +375,7 @@ def load_record(folder: Path, trust: bool = False) -> AttackRecord:
         if folder.is_dir():
             raise UserError(f"{folder} holds no {RECORD_FILE} (records in {root}: {listing})")
         raise UserError(f"no attack record named '{folder.name}' in {root} (records there: {listing})")
-    data = _safe_load(path, "attack record", trust)
+    data = _safe_load(path, "attack record", trust, safe_globals=RECORD_SAFE_GLOBALS)
     if _tagged(data, "format", RECORD_FORMAT):
         if not _tagged(data, "version", RECORD_VERSION):
             raise UserError(f"{path}: record version {brief(data.get('version'))} is not supported "
@@ -480,19 +506,30 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
 
 # -- defense results --------------------------------------------------------------------------------
 
+BARE_LAYOUT = "backdoorbench"  # defense_result.pt's "layout": weights keyed as the architecture's own
+
+
 def save_defense_result(folder: Path, model_name: str, num_classes: int, model: Mapping[str, torch.Tensor],
                         extras: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """``defense_result.pt``: BackdoorBench's keys (model_name, num_classes, model) plus
-    the format tag, a digest and the defense's extra tensors (e.g. a pruning mask)."""
-    state = {k: v.detach().cpu() for k, v in model.items()}
+    """``defense_result.pt``: BackdoorBench's keys (model_name, num_classes, model: the
+    weights in the architecture's key layout, so that BackdoorBench's
+    ``generate_cls_model(...).load_state_dict`` takes them) plus the format tag, the
+    layout, a digest and the defense's extra tensors (e.g. a pruning mask)."""
+    from utils.models import bare_state
+
+    state = bare_state({k: v.detach().cpu() for k, v in model.items()})
     path = Path(folder) / "defense_result.pt"
     save_torch({"format": RESULT_FORMAT, "version": RECORD_VERSION, "model_name": model_name,
-                "num_classes": int(num_classes), "model": state, "extras": dict(extras or {}),
-                "sha256": {"model": tensor_digest(state)}}, path)
+                "num_classes": int(num_classes), "model": state, "layout": BARE_LAYOUT,
+                "extras": dict(extras or {}), "sha256": {"model": tensor_digest(state)}}, path)
     return path
 
 
 def load_defense_result(path: Path, trust: bool = False) -> dict[str, Any]:
+    """A result written by :func:`save_defense_result`, checked; ``model`` holds a
+    Classifier's keys (``net.*``, ``masks.*``) whatever layout the file has."""
+    from utils.models import classifier_state
+
     path = Path(path)
     data = _safe_load(path, "defense result", trust)
     if not _tagged(data, "format", RESULT_FORMAT):
@@ -505,6 +542,8 @@ def load_defense_result(path: Path, trust: bool = False) -> dict[str, Any]:
         raise UserError(f"{path}: malformed defense result ({exc})") from None
     if not _tagged(digests, "model", tensor_digest(model)):
         raise UserError(f"{path}: the model weights do not match their SHA-256 (the file was changed)")
+    if _tagged(data, "layout", BARE_LAYOUT):  # results written before it kept a Classifier's keys
+        data["model"] = classifier_state(model)
     return data
 
 

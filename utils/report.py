@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from utils.compare import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of
-from utils.history import read_csv
+from utils.history import cell_number, read_csv
 from utils.records import atomic_write
 
 MARKERS = "osD^v<>pPXh*"
@@ -88,21 +87,13 @@ def _df_rows(run: Run) -> list[dict[str, str]]:
         return []
 
 
-def _number(text: Any) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
-
-
 def mean_curve(runs: Sequence[Run], column: str) -> list[tuple[float, float]]:
     """(epoch, mean over runs) of ``column`` in the runs' ``<defense>_df.csv``, skipping
     rows where the column is empty."""
     by_epoch: dict[float, list[float]] = defaultdict(list)
     for run in runs:
         for row in _df_rows(run):
-            epoch, value = _number(row.get("epoch")), _number(row.get(column))
+            epoch, value = cell_number(row.get("epoch")), cell_number(row.get(column))
             if epoch is not None and value is not None:
                 by_epoch[epoch].append(value)
     return [(e, sum(v) / len(v)) for e, v in sorted(by_epoch.items())]

@@ -204,7 +204,10 @@ class ${Class}(Defense):
         # yields (x, y) on data.device, x float N x C x H x W in [0, 1]. Optimisers: utils.train.make_optimizer;
         # mixed precision: data.autocast(). A fine-tuning loop is defense/finetune.py; CONTRIBUTING.md has a
         # worked example.
-        for epoch in range(self.epochs):
+        # data.resume(...) makes the loop resumable (--resume, --save_every): pass it everything that changes
+        # from epoch to epoch (model, optimizer=..., scheduler=..., generator=...); it returns the epoch to start at.
+        start = data.resume(model=model)
+        for epoch in range(start, self.epochs):
             # <one pass over the clean subset>
             data.report(epoch, model)  # add the epoch's losses as keywords: data.report(epoch, model, loss=...)
         return model.eval()

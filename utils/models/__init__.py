@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -146,12 +146,35 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, img_size: tu
     return Classifier(spec, spec.build(num_classes, in_channels, tuple(img_size)), mean, std)
 
 
+NET_PREFIX = "net."
+MASK_PREFIX = "masks."
+DATA_PARALLEL_PREFIX = "module."
+
+
+def bare_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A :class:`Classifier`'s state_dict in its architecture's own key layout (the layout
+    of BackdoorBench's and torchvision's models): ``net.`` removed; channel masks stay
+    ``masks.<layer>``."""
+    return {k[len(NET_PREFIX):] if k.startswith(NET_PREFIX) else k: v for k, v in state.items()}
+
+
+def classifier_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`bare_state`: architecture keys (with or without DataParallel's
+    ``module.`` prefix) as a :class:`Classifier`'s keys, ``net.<key>``."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(DATA_PARALLEL_PREFIX):
+            key = key[len(DATA_PARALLEL_PREFIX):]
+        out[key if key.startswith(MASK_PREFIX) else NET_PREFIX + key] = value
+    return out
+
+
 def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str = "the record") -> Classifier:
     """Load ``state`` strictly (channel masks in it are installed first); a mismatch is a
     user-facing error naming ``source``."""
     for key, value in state.items():
-        if key.startswith("masks."):
-            layer = key[len("masks."):].replace("__", ".")
+        if key.startswith(MASK_PREFIX):
+            layer = key[len(MASK_PREFIX):].replace("__", ".")
             try:
                 model.set_mask(layer, value)
             except AttributeError:
