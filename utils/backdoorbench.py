@@ -45,7 +45,8 @@ import torch
 
 from utils.errors import UserError
 from utils.history import cell_number
-from utils.records import AttackRecord, PoisonedSet, StagedFolder, register_record_reader, save_torch, tensor_digest
+from utils.records import (AttackRecord, MalformedRecord, PoisonedSet, StagedFolder, png_bytes,
+                           register_record_reader, save_torch, tensor_digest)
 
 log = logging.getLogger("saubench")
 
@@ -83,10 +84,6 @@ def _numpy_globals() -> list[Any]:
 SAFE_GLOBALS = _numpy_globals()
 
 
-class _Malformed(Exception):
-    """A part of a BackdoorBench record that is missing or of the wrong kind."""
-
-
 # -- reading -----------------------------------------------------------------------------------
 
 def is_backdoorbench(data: Any) -> bool:
@@ -104,7 +101,7 @@ def read_backdoorbench(data: Any, path: Path) -> AttackRecord | None:
     folder = Path(path).parent
     try:
         record, notes = _parse(data, folder)
-    except _Malformed as exc:
+    except MalformedRecord as exc:
         raise UserError(f"{path}: malformed BackdoorBench record ({exc})") from None
     h, w, c = record.img_size
     poisoned = f"{len(record.bd_train)} poisoned training images" if record.bd_train is not None else \
@@ -124,7 +121,7 @@ def _short(values: Sequence[float]) -> str:
 def _integer(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
             isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
-        raise _Malformed(f"'{key}' must be an integer, not {type(value).__name__}")
+        raise MalformedRecord(f"'{key}' must be an integer, not {type(value).__name__}")
     return int(value)
 
 
@@ -145,27 +142,27 @@ def _parse(data: Mapping[str, Any], folder: Path) -> tuple[AttackRecord, list[st
     notes = []
     model_name = data["model_name"]
     if not isinstance(model_name, str):
-        raise _Malformed(f"'model_name' must be a string, not {type(model_name).__name__}")
+        raise MalformedRecord(f"'model_name' must be a string, not {type(model_name).__name__}")
     try:
         model_spec(model_name)
     except UserError as exc:
-        raise _Malformed(f"{exc}: SAU-Bench has no architecture of that name") from None
+        raise MalformedRecord(f"{exc}: SAU-Bench has no architecture of that name") from None
     num_classes = _integer(data["num_classes"], "num_classes")
     img_size = data["img_size"]
     if not isinstance(img_size, (list, tuple)) or len(img_size) != 3:
-        raise _Malformed(f"'img_size' must be (H, W, C), not {img_size!r}")
+        raise MalformedRecord(f"'img_size' must be (H, W, C), not {img_size!r}")
     hwc = tuple(_integer(v, "img_size") for v in img_size)
     clean_data = data["clean_data"]
     if not isinstance(clean_data, str):
-        raise _Malformed(f"'clean_data' must be a dataset name, not {type(clean_data).__name__}")
+        raise MalformedRecord(f"'clean_data' must be a dataset name, not {type(clean_data).__name__}")
     try:
         mean, std = normalization(clean_data)
     except UserError as exc:
-        raise _Malformed(f"dataset {exc}") from None
+        raise MalformedRecord(f"dataset {exc}") from None
     weights = data["model"]
     if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                    for k, v in weights.items()):
-        raise _Malformed("'model' must be a state_dict (names to tensors)")
+        raise MalformedRecord("'model' must be a state_dict (names to tensors)")
     if any(k.startswith(DATA_PARALLEL_PREFIX) for k in weights):
         notes.append("DataParallel's 'module.' prefixes removed")
     bd_test, _ = _poisoned_set(data["bd_test"], "bd_test", folder, hwc, shown_only=True)
@@ -201,9 +198,9 @@ def _array(value: Any, key: str) -> np.ndarray:
     try:
         array = np.asarray(value).reshape(-1)
     except (TypeError, ValueError):
-        raise _Malformed(f"'{key}' must be an array, not {type(value).__name__}") from None
+        raise MalformedRecord(f"'{key}' must be an array, not {type(value).__name__}") from None
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise _Malformed(f"'{key}' must be a numeric array, not {array.dtype}")
+        raise MalformedRecord(f"'{key}' must be a numeric array, not {array.dtype}")
     return array
 
 
@@ -216,24 +213,24 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
     from utils.datasets import read_images
 
     if not isinstance(state, Mapping):
-        raise _Malformed(f"'{key}' must be a dataset state (a mapping), not {type(state).__name__}")
+        raise MalformedRecord(f"'{key}' must be a dataset state (a mapping), not {type(state).__name__}")
     if "x" in state and "poison_indicator" not in state:
-        raise _Malformed(f"'{key}' is in BackdoorBench 1.x's layout (x, y tensors, no original labels), which is "
+        raise MalformedRecord(f"'{key}' is in BackdoorBench 1.x's layout (x, y tensors, no original labels), which is "
                          "not read; re-run the attack with BackdoorBench 2")
     for part in ("poison_indicator", "original_index_array", "bd_data_container"):
         if part not in state:
-            raise _Malformed(f"'{key}.{part}' is missing")
+            raise MalformedRecord(f"'{key}.{part}' is missing")
     indicator = _array(state["poison_indicator"], f"{key}.poison_indicator") == 1
     shown = _array(state["original_index_array"], f"{key}.original_index_array").astype(np.int64)
     container = state["bd_data_container"]
     if not isinstance(container, Mapping) or not isinstance(container.get("data_dict"), Mapping):
-        raise _Malformed(f"'{key}.bd_data_container' must hold a data_dict")
+        raise MalformedRecord(f"'{key}.bd_data_container' must hold a data_dict")
     if container.get("save_file_format", ".png") != ".png":
-        raise _Malformed(f"'{key}' images are saved as {container.get('save_file_format')!r}; only .png is read")
+        raise MalformedRecord(f"'{key}' images are saved as {container.get('save_file_format')!r}; only .png is read")
     if container.get("save_folder_path") is None and container["data_dict"]:
-        raise _Malformed(f"'{key}' keeps its images inside the file (an in-memory container), not as PNG files")
+        raise MalformedRecord(f"'{key}' keeps its images inside the file (an in-memory container), not as PNG files")
     if len(shown) and (shown.min() < 0 or shown.max() >= len(indicator)):
-        raise _Malformed(f"'{key}.original_index_array' points outside its poison_indicator")
+        raise MalformedRecord(f"'{key}.original_index_array' points outside its poison_indicator")
     poisoned = np.flatnonzero(indicator)
     indices = shown[indicator[shown]] if shown_only else poisoned
     if shown_only and len(indices) < len(shown):
@@ -246,7 +243,7 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
     for i in indices.tolist():
         entry = entries.get(i)
         if not isinstance(entry, Mapping) or "path" not in entry or len(entry.get("other_info") or ()) < 2:
-            raise _Malformed(f"'{key}' marks sample {i} as poisoned but its data_dict has no "
+            raise MalformedRecord(f"'{key}' marks sample {i} as poisoned but its data_dict has no "
                              "{path, other_info: [bd_label, label]} for it")
         paths.append(_image_file(folder, str(entry["path"]), key, i))
         labels.append(_integer(entry["other_info"][0], f"{key} label"))
@@ -262,7 +259,7 @@ def _image_file(folder: Path, stored: str, key: str, index: int) -> Path:
     BackdoorBench ran) found inside the record folder."""
     parts = [p for p in re.split(r"[\\/]", stored) if p]
     if len(parts) < 3 or ".." in parts[-3:]:
-        raise _Malformed(f"'{key}' sample {index} has the path {stored!r}, not <folder>/<label>/<index>.png")
+        raise MalformedRecord(f"'{key}' sample {index} has the path {stored!r}, not <folder>/<label>/<index>.png")
     path = folder.joinpath(*parts[-3:])
     if not path.is_file():
         raise UserError(f"{path}: missing ({key} sample {index} of the BackdoorBench record in {folder}; its "
@@ -340,18 +337,11 @@ def _dataset_state(data: PoisonedSet, staging: Path, base: str, key: str, size: 
 def _write_pngs(data: PoisonedSet, folder: Path) -> list[str]:
     """``folder/<original label>/<index>.png`` for each image (uint8, exact); returns the
     paths relative to ``folder``. Plain writes: the export is staged as a whole."""
-    import cv2
-
     rel = []
     for image, label, index in zip(data.images, data.original_labels.tolist(), data.indices.tolist()):
-        array = image[0].numpy() if image.shape[0] == 1 else cv2.cvtColor(image.permute(1, 2, 0).numpy(),
-                                                                          cv2.COLOR_RGB2BGR)
-        ok, encoded = cv2.imencode(".png", array)
-        if not ok:
-            raise ValueError(f"cannot encode an image of shape {tuple(image.shape)} as PNG")
         path = folder / str(label) / f"{index}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encoded.tobytes())
+        path.write_bytes(png_bytes(image))
         rel.append(f"{label}/{index}.png")
     return rel
 

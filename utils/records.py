@@ -93,17 +93,23 @@ def save_json(obj: Any, path: Path) -> None:
     save_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """A C x H x W image in [0, 1] (1 or 3 channels) as an 8-bit PNG."""
+def png_bytes(pixels: torch.Tensor) -> bytes:
+    """A uint8 C x H x W image (1 or 3 channels, RGB) encoded as an 8-bit PNG, exactly."""
     import cv2
 
-    pixels = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
     array = pixels[0].numpy() if pixels.shape[0] == 1 else cv2.cvtColor(pixels.permute(1, 2, 0).numpy(),
                                                                            cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(".png", array)
     if not ok:
-        raise ValueError(f"cannot encode an image of shape {tuple(image.shape)} as PNG")
-    atomic_write(path, lambda tmp: tmp.write_bytes(encoded.tobytes()))
+        raise ValueError(f"cannot encode an image of shape {tuple(pixels.shape)} as PNG")
+    return encoded.tobytes()
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """A C x H x W image in [0, 1] (1 or 3 channels) as an 8-bit PNG."""
+    pixels = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    encoded = png_bytes(pixels)
+    atomic_write(path, lambda tmp: tmp.write_bytes(encoded))
 
 
 class StagedFolder:
@@ -395,7 +401,7 @@ def _tagged(data: Any, key: str, expected: str | int) -> bool:
     return type(value) is type(expected) and value == expected
 
 
-class _Malformed(Exception):
+class MalformedRecord(Exception):
     """A field of a record that is missing or of the wrong kind (message: which)."""
 
 
@@ -406,31 +412,31 @@ def _field(data: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], wh
            optional: bool = False) -> Any:
     value = data.get(key, _MISSING) if isinstance(data, Mapping) else _MISSING
     if value is _MISSING or (value is None and not optional):
-        raise _Malformed(f"'{key}' is missing" if value is _MISSING else f"'{key}' is null")
+        raise MalformedRecord(f"'{key}' is missing" if value is _MISSING else f"'{key}' is null")
     if value is None:
         return None
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise _Malformed(f"'{key}' must be {what}, not {type(value).__name__}")
+        raise MalformedRecord(f"'{key}' must be {what}, not {type(value).__name__}")
     return value
 
 
 def _tensor(value: Any, key: str, *, dims: int | None = None, integer: bool = False) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.layout != torch.strided or value.is_quantized:
-        raise _Malformed(f"'{key}' must be a dense tensor, not {type(value).__name__}")
+        raise MalformedRecord(f"'{key}' must be a dense tensor, not {type(value).__name__}")
     if dims is not None and value.dim() != dims:
-        raise _Malformed(f"'{key}' must have {dims} dimension(s), not {value.dim()}")
+        raise MalformedRecord(f"'{key}' must have {dims} dimension(s), not {value.dim()}")
     if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
-        raise _Malformed(f"'{key}' must hold integers, not {value.dtype}")
+        raise MalformedRecord(f"'{key}' must hold integers, not {value.dtype}")
     return value
 
 
 def _tensors(value: Any, key: str) -> dict[str, torch.Tensor]:
     if not isinstance(value, Mapping):
-        raise _Malformed(f"'{key}' must be a mapping of names to tensors, not {type(value).__name__}")
+        raise MalformedRecord(f"'{key}' must be a mapping of names to tensors, not {type(value).__name__}")
     for name, t in value.items():
         if not isinstance(name, str):
-            raise _Malformed(f"'{key}' has a key {name!r} that is not a string")
+            raise MalformedRecord(f"'{key}' has a key {name!r} that is not a string")
         _tensor(t, f"{key}.{name}")
     return dict(value)
 
@@ -438,24 +444,24 @@ def _tensors(value: Any, key: str) -> dict[str, torch.Tensor]:
 def _numbers(value: Any, key: str) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise _Malformed(f"'{key}' must be a list of numbers")
+        raise MalformedRecord(f"'{key}' must be a list of numbers")
     return tuple(float(v) for v in value)
 
 
 def _poisoned(value: Any, key: str, chw: tuple[int, int, int]) -> PoisonedSet:
     if not isinstance(value, Mapping):
-        raise _Malformed(f"'{key}' must be a mapping of tensors, not {type(value).__name__}")
+        raise MalformedRecord(f"'{key}' must be a mapping of tensors, not {type(value).__name__}")
     images = _tensor(_field(value, "images", torch.Tensor, "a tensor"), f"{key}.images", dims=4)
     if images.dtype != torch.uint8:
-        raise _Malformed(f"'{key}.images' must be uint8, not {images.dtype}")
+        raise MalformedRecord(f"'{key}.images' must be uint8, not {images.dtype}")
     if tuple(images.shape[1:]) != chw:
-        raise _Malformed(f"'{key}.images' are {'x'.join(map(str, images.shape[1:]))} but img_size says "
+        raise MalformedRecord(f"'{key}.images' are {'x'.join(map(str, images.shape[1:]))} but img_size says "
                          f"{'x'.join(map(str, chw))} (C x H x W)")
     parts = {}
     for name in ("labels", "original_labels", "indices"):
         t = _tensor(_field(value, name, torch.Tensor, "a tensor"), f"{key}.{name}", dims=1, integer=True)
         if t.shape[0] != images.shape[0]:
-            raise _Malformed(f"'{key}.{name}' holds {t.shape[0]} values for {images.shape[0]} images")
+            raise MalformedRecord(f"'{key}.{name}' holds {t.shape[0]} values for {images.shape[0]} images")
         parts[name] = t.long()
     return PoisonedSet(images, parts["labels"], parts["original_labels"], parts["indices"])
 
@@ -466,10 +472,10 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
         model_name = _field(data, "model_name", str, "a string")
         num_classes = _field(data, "num_classes", int, "an integer")
         if num_classes < 1:
-            raise _Malformed(f"'num_classes' must be >= 1, not {num_classes}")
+            raise MalformedRecord(f"'num_classes' must be >= 1, not {num_classes}")
         img_size = _field(data, "img_size", (list, tuple), "a list [H, W, C]")
         if len(img_size) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in img_size):
-            raise _Malformed(f"'img_size' must be three positive integers [H, W, C], not {brief(img_size)}")
+            raise MalformedRecord(f"'img_size' must be three positive integers [H, W, C], not {brief(img_size)}")
         chw = (img_size[2], img_size[0], img_size[1])
         normalization = _field(data, "normalization", Mapping, "a mapping with mean and std")
         bd_train = _field(data, "bd_train", Mapping, "a mapping of tensors", optional=True)
@@ -490,9 +496,9 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
             extras=_tensors(data.get("extras") or {}, "extras"),
             config=dict(_field(data, "config", Mapping, "a mapping", optional=True) or {}), path=folder)
         if len(record.poison_indices) and int(record.poison_indices.min()) < 0:
-            raise _Malformed("'poison_indices' holds negative indices")
+            raise MalformedRecord("'poison_indices' holds negative indices")
         digests = _field(data, "sha256", Mapping, "a mapping of digests")
-    except _Malformed as exc:
+    except MalformedRecord as exc:
         raise UserError(f"{path}: malformed attack record ({exc})") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise UserError(f"{path}: malformed attack record ({type(exc).__name__}: {exc})") from None
@@ -538,7 +544,7 @@ def load_defense_result(path: Path, trust: bool = False) -> dict[str, Any]:
         model = _tensors(data.get("model"), "model")
         _tensors(data.get("extras") or {}, "extras")
         digests = _field(data, "sha256", Mapping, "a mapping of digests")
-    except _Malformed as exc:
+    except MalformedRecord as exc:
         raise UserError(f"{path}: malformed defense result ({exc})") from None
     if not _tagged(digests, "model", tensor_digest(model)):
         raise UserError(f"{path}: the model weights do not match their SHA-256 (the file was changed)")
