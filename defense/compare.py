@@ -24,7 +24,9 @@ the DER against the record's "no defense" numbers. Nothing is run for it.
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
-table.md, table.csv, table.json, the plots (PNG), index.html with ``--html``, and
+table.md (a row per defense), table_by_record.md (a row per record, the SAU paper's
+layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
+index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).
 
 How it runs: ``--jobs 1`` (default) in this process; ``--jobs N`` in N worker processes
@@ -72,6 +74,8 @@ PARAMS: list[Param] = [
     Param("cpus_per_run", float, 1.0, "Ray: CPUs each run asks for", check=cfg.positive),
     Param("gpus_per_run", float | None, None, "Ray: GPUs each run asks for; none given: 1 when the cluster has GPUs",
           check=cfg.non_negative),
+    Param("rows", Literal["defenses", "records"], "defenses",
+          "layout of the printed table: a row per defense, or a row per record (both are written)"),
     Param("html", bool, False, "also write index.html: the table and the plots in one page"),
     Param("plots", bool, True, "write the plots"),
     Param("quiet", bool, False, "no progress bar: log lines only"),
@@ -210,12 +214,13 @@ def backdoorbench_runs(spec: Spec, root: Path, runs: Sequence[Run]) -> list[Run]
 
 
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
-    text = markdown(table)
+    texts = {rows: markdown(table, rows) for rows in ("defenses", "records")}
     data = to_json(table)
-    save_text(text, out_dir / "table.md")
+    save_text(texts["defenses"], out_dir / "table.md")
+    save_text(texts["records"], out_dir / "table_by_record.md")
     save_text(to_csv(table), out_dir / "table.csv")
     save_json(data, out_dir / "table.json")
-    outputs = [out_dir / "table.md", out_dir / "table.csv", out_dir / "table.json"]
+    outputs = [out_dir / n for n in ("table.md", "table_by_record.md", "table.csv", "table.json")]
     plots: list[tuple[str, Path]] = []
     if values["plots"] or values["html"]:
         from utils.report import make_plots
@@ -228,7 +233,7 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[s
         save_text(html_page(table, plots), out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
-    return {**data, "markdown": text, "failed": len(table.failed), "outputs": [str(p) for p in outputs]}
+    return {**data, "markdown": texts[values["rows"]], "failed": len(table.failed), "outputs": [str(p) for p in outputs]}
 
 
 def _local_gpus(values: dict[str, Any]) -> list[int]:

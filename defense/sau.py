@@ -31,6 +31,7 @@ Hyperparameters (BackdoorBench's reference configuration, config/defense/sau/):
     lmd_3: weight of the shared adversarial risk L_sar (1)
     outer_steps: unlearning steps per found perturbation (1)
     train_mode: BatchNorm in training mode during unlearning (off: BN statistics stay frozen)
+    lr_scheduler: per-round schedule, none (constant) or CosineAnnealingLR (none)
 
 Deviations, each small and stated:
 * L_sar is computed exactly in log space, log(1 - p_k) = logsumexp_{j != k} z_j - logsumexp_j z_j;
@@ -39,7 +40,8 @@ Deviations, each small and stated:
   more step after the check.
 * L1 balls use the exact Euclidean projection; BackdoorBench rescales.
 * BackdoorBench builds a cosine scheduler for SAU but never steps it, so its learning rate
-  is constant; here there is no scheduler.
+  is constant; here the default is no scheduler (the same constant rate), and
+  lr_scheduler: CosineAnnealingLR steps a cosine over the rounds (a flag, off by default).
 
 --resume continues the unlearning rounds exactly (the model, Adam's state, the shuffling
 and random states are checkpointed; the reference model is the record's).
@@ -56,7 +58,7 @@ from defense.base import Defense, DefenseData, frozen_copy, register_defense, ru
 from defense.sae import SharedAdversarialExamples
 from utils import config as cfg
 from utils.runtime import grad_scaler
-from utils.train import check_finite, make_optimizer
+from utils.train import check_finite, make_optimizer, make_scheduler
 
 
 def shared_adversarial_risk(logits_adv: torch.Tensor, pred_ref_adv: torch.Tensor, pred_ref_clean: torch.Tensor,
@@ -93,6 +95,7 @@ class SAU(Defense):
         lmd_3: weight of the shared adversarial risk L_sar
         outer_steps: unlearning steps per found perturbation
         train_mode: BatchNorm in training mode during unlearning
+        lr_scheduler: per-round learning-rate schedule (none: constant, as BackdoorBench runs it)
     """
 
     paper = "Wei, Zhang, Zha and Wu, Shared Adversarial Unlearning, NeurIPS 2023, arXiv:2307.10562"
@@ -107,13 +110,15 @@ class SAU(Defense):
                  norm_type: Literal["L_inf", "L2", "L1"] = "L_inf", trigger_norm: float = 0.2, adv_lr: float = 0.2,
                  adv_steps: int = 5, pgd_init: Literal["max", "random", "zero"] = "max", beta_1: float = 0.01,
                  beta_2: float = 1.0, lmd_1: float = 1.0, lmd_2: float = 0.0, lmd_3: float = 1.0,
-                 outer_steps: int = 1, train_mode: bool = False):
+                 outer_steps: int = 1, train_mode: bool = False,
+                 lr_scheduler: Literal["none", "CosineAnnealingLR"] = "none"):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.norm_type, self.trigger_norm, self.adv_lr = norm_type, trigger_norm, adv_lr
         self.adv_steps, self.pgd_init = adv_steps, pgd_init
         self.beta_1, self.beta_2 = beta_1, beta_2
         self.lmd_1, self.lmd_2, self.lmd_3 = lmd_1, lmd_2, lmd_3
         self.outer_steps, self.train_mode = outer_steps, train_mode
+        self.lr_scheduler = lr_scheduler
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         model_ref = frozen_copy(model)
@@ -122,9 +127,11 @@ class SAU(Defense):
                                         steps=self.adv_steps, norm=self.norm_type, init=self.pgd_init,
                                         beta_1=self.beta_1, beta_2=self.beta_2, amp=data.amp)
         optimizer = make_optimizer(model.parameters(), "adam", self.lr, weight_decay=0.0)
+        scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
         scaler = grad_scaler(data.device, data.amp)
         generator = data.generator()
-        start = data.resume(model=model, optimizer=optimizer, scaler=scaler, generator=generator)
+        start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            generator=generator)
         for epoch in range(start, self.epochs):
             sums = {"loss": 0.0, "loss_cl": 0.0, "loss_at": 0.0, "loss_sar": 0.0, "shared_rate": 0.0,
                     "fooled_rate": 0.0, "fooled_ref_rate": 0.0}
@@ -141,6 +148,8 @@ class SAU(Defense):
                 sums["shared_rate"] += sae.stats.shared * n
                 sums["fooled_rate"] += sae.stats.fooled * n
                 sums["fooled_ref_rate"] += sae.stats.fooled_ref * n
+            if scheduler is not None:
+                scheduler.step()
             data.report(epoch, model, **{k: v / max(seen, 1) for k, v in sums.items()})
         return model.eval()
 

@@ -200,3 +200,23 @@ def test_sau_only_uses_the_reference_for_labels_and_leaves_it_unchanged(record_r
     purified = SAU(epochs=1, batch_size=32, lr=1e-3).mitigate(model, subset)
     changed = [k for k, v in purified.state_dict().items() if not torch.equal(v, original[k])]
     assert changed and all("running" not in k for k in changed)  # BN statistics frozen (eval mode)
+
+
+@pytest.mark.parametrize("schedule, factors", [("none", [1.0, 1.0, 1.0]), ("CosineAnnealingLR", [1.0, 0.75, 0.25])])
+def test_learning_rate_schedule_over_the_rounds(monkeypatch, digits_defender, schedule, factors):
+    """The default keeps Adam's rate constant (as BackdoorBench runs SAU); the cosine flag
+    anneals it once per round."""
+    import defense.sau as sau_module
+
+    rates = []
+    make = sau_module.make_optimizer
+
+    def recording_optimizer(*args, **kwargs):
+        optimizer = make(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(sau_module, "make_optimizer", recording_optimizer)
+    record, data = digits_defender
+    sau_module.SAU(epochs=3, batch_size=len(data), lr=1e-3, lr_scheduler=schedule).mitigate(record.build_model(), data)
+    assert rates == pytest.approx([1e-3 * f for f in factors])  # one batch, so one step, a round

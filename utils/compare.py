@@ -339,21 +339,26 @@ def _cells(row: Row, bold: Callable[[str], str]) -> list[str]:
     return out
 
 
-def markdown(table: Table) -> str:
+def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") -> str:
     """The table as GitHub Markdown (best values in bold), with notes on runs that did
-    not finish below it."""
-    header = ["Defense"]
-    for record in table.records:
-        header += [f"{record} {COLUMNS[0]}", *COLUMNS[1:]]
+    not finish below it. ``rows="defenses"``: one row per defense, a column group per
+    record; ``rows="records"``: one row per record (attack), a column group per defense,
+    as the SAU paper and BackdoorBench lay out their tables."""
+    defenses = [NO_DEFENSE, *table.defenses]
+    outer, inner = (defenses, table.records) if rows == "defenses" else (table.records, defenses)
+    header = ["Defense" if rows == "defenses" else "Record"]
+    for name in inner:
+        header += [f"{name} {COLUMNS[0]}", *COLUMNS[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
-    for defense in [NO_DEFENSE, *table.defenses]:
-        cells = [defense]
-        for record in table.records:
+    for name in outer:
+        cells = [name]
+        for other in inner:
+            record, defense = (other, name) if rows == "defenses" else (name, other)
             cells += _cells(table.row(record, defense), lambda t: f"**{t}**")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     lines.append(f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; "
-                 "best of each column in bold (among the defenses); Time: each run's wall time and device.")
+                 "best of each metric and record in bold (among the defenses); Time: each run's wall time and device.")
     notes = notes_of(table)
     if notes:
         lines.append("")
