@@ -79,6 +79,8 @@ def test_by_record_layout_has_a_row_per_record_and_the_same_cells(tmp_path):
                      "| 80.00 | **5.00** | 60.00 | 80.00 | 2.0 s cpu |")
     assert md[3] == "| r2 |" + " — |" * 15
     assert len([line for line in md if line.startswith("| r")]) == 2
+    alone = aggregate("t", ["r1"], ["a"], [0], [r for r in runs if r.method != "b"])
+    assert alone.row("r1", "a").best == set()  # one defense: nothing to mark
 
 
 def test_ties_are_all_marked_and_one_seed_has_no_std(tmp_path):

@@ -284,7 +284,8 @@ def metrics_of(run: Run) -> dict[str, float | None]:
 def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds: Sequence[int],
               runs: Sequence[Run]) -> Table:
     """The table of ``runs``: attack runs give the "no defense" rows, defense runs the
-    others (mean ± std over the seeds that finished); best values are marked."""
+    others (mean ± std over the seeds that finished); best values are marked where at
+    least two defenses have one."""
     rows = []
     for record in records:
         for defense in [NO_DEFENSE, *defenses]:
@@ -311,7 +312,7 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
         for metric in METRICS:
             shown = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
                      if r.cells[metric.key].mean is not None}
-            if not shown:
+            if len(shown) < 2:  # nothing to compare with
                 continue
             best = max(shown.values()) if metric.higher_is_better else min(shown.values())
             for r in candidates:
