@@ -215,8 +215,8 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
     if not isinstance(state, Mapping):
         raise MalformedRecord(f"'{key}' must be a dataset state (a mapping), not {type(state).__name__}")
     if "x" in state and "poison_indicator" not in state:
-        raise MalformedRecord(f"'{key}' is in BackdoorBench 1.x's layout (x, y tensors, no original labels), which is "
-                         "not read; re-run the attack with BackdoorBench 2")
+        raise MalformedRecord(f"'{key}' is in BackdoorBench 1.x's layout (x, y tensors, no original labels), "
+                              "which is not read; re-run the attack with BackdoorBench 2")
     for part in ("poison_indicator", "original_index_array", "bd_data_container"):
         if part not in state:
             raise MalformedRecord(f"'{key}.{part}' is missing")
@@ -244,7 +244,7 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
         entry = entries.get(i)
         if not isinstance(entry, Mapping) or "path" not in entry or len(entry.get("other_info") or ()) < 2:
             raise MalformedRecord(f"'{key}' marks sample {i} as poisoned but its data_dict has no "
-                             "{path, other_info: [bd_label, label]} for it")
+                                  "{path, other_info: [bd_label, label]} for it")
         paths.append(_image_file(folder, str(entry["path"]), key, i))
         labels.append(_integer(entry["other_info"][0], f"{key} label"))
         original.append(_integer(entry["other_info"][1], f"{key} original label"))

@@ -456,7 +456,7 @@ def _poisoned(value: Any, key: str, chw: tuple[int, int, int]) -> PoisonedSet:
         raise MalformedRecord(f"'{key}.images' must be uint8, not {images.dtype}")
     if tuple(images.shape[1:]) != chw:
         raise MalformedRecord(f"'{key}.images' are {'x'.join(map(str, images.shape[1:]))} but img_size says "
-                         f"{'x'.join(map(str, chw))} (C x H x W)")
+                              f"{'x'.join(map(str, chw))} (C x H x W)")
     parts = {}
     for name in ("labels", "original_labels", "indices"):
         t = _tensor(_field(value, name, torch.Tensor, "a tensor"), f"{key}.{name}", dims=1, integer=True)
