@@ -34,6 +34,10 @@ How it runs: ``--jobs 1`` (default) in this process; ``--jobs N`` in N worker pr
 asking ``--cpus_per_run`` CPUs and ``--gpus_per_run`` GPUs each (default: 1 GPU when
 the cluster has GPUs). A run that fails is reported as "failed: reason (log: path)" and
 the others go on; the exit status is then 1. Bad input: one line on stderr, status 2.
+
+``--report`` runs nothing: it writes and prints the table of the results that exist
+(for example while a long grid runs elsewhere); the runs not yet finished show as
+"not run".
 """
 from __future__ import annotations
 
@@ -80,6 +84,7 @@ PARAMS: list[Param] = [
     Param("plots", bool, True, "write the plots"),
     Param("quiet", bool, False, "no progress bar: log lines only"),
     Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
+    Param("report", bool, False, "run nothing: report the results that exist (the rest show as 'not run')"),
     Param("debug", bool, False, "show tracebacks"),
 ]
 
@@ -163,7 +168,9 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
              "".join(f", {n} {s}" for s, n in counts.items() if n and s != "reused"))
 
-    if todo:
+    if todo and values["report"]:
+        log.info("--report: %d runs not run", len(todo))
+    elif todo:
         executor = make_executor(values["executor"], jobs=values["jobs"], gpus=_local_gpus(values),
                                  ray_address=values["ray_address"])
         progress = Progress(len(todo), values["quiet"], log.info)

@@ -166,6 +166,18 @@ def test_seed_layout_and_resume_after_an_interruption(record_root):
     assert (record_root / "compare" / "badnet_digits" / "table.md").read_text() == first["markdown"]
 
 
+def test_report_runs_nothing_and_shows_what_exists(record_root):
+    _compare(record_root, defenses=["ft"], seeds=[0])
+    calls = Counting()
+    result = _compare(record_root, defenses=["ft", "sau"], seeds=[0], report=True, defense_fn=calls)
+    assert calls.calls == [] and not (record_root / "badnet_digits" / "defense" / "sau").exists()
+    assert {r["method"]: r["status"] for r in result["runs"] if r["kind"] == "defense"} == {
+        "ft": "reused", "sau": "todo"}
+    rows = {r["defense"]: r for r in result["rows"]}
+    assert rows["ft"]["n"] == 1 and rows["sau"]["n"] == 0
+    assert "| sau | not run | — |" in result["markdown"] and result["failed"] == 0
+
+
 def test_a_failed_run_is_reported_and_the_others_finish(record_root):
     failing = Counting(fail_for="nad", exc=RuntimeError("boom"))
     result = _compare(record_root, defenses=["ft", "nad", "sau"], seeds=[0], defense_fn=failing)
