@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -381,6 +383,47 @@ def test_a_killed_commit_restores_the_previous_result(tmp_path):
     os.replace(final, tmp_path / ".run.old")  # killed between the two renames of a second commit
     StagedFolder(final)
     assert (final / "summary.json").read_text().strip() == '{\n  "a": 1\n}'
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_run_on_a_folder_being_written_stops_and_leaves_the_first_alone(tmp_path):
+    final = tmp_path / "run"
+    first = StagedFolder(final)
+    staging = first.open()
+    save_json({"epoch": 3}, staging / "progress.json")
+    alive = os.getppid()  # another live process of this host
+    first.lock.write_text(f"{alive} {socket.gethostname()}\n")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(final))} is being written by another run \(process "
+                                        rf"{alive}\); wait for it to finish, or remove .*\.run\.lock if that run"):
+        StagedFolder(final, overwrite=True).open()
+    first.lock.write_text(f"{alive} another-host\n")
+    with pytest.raises(UserError, match=rf"\(process {alive} on host another-host\)"):
+        StagedFolder(final).open()
+    assert (staging / "progress.json").exists()  # the first run's folder is untouched
+
+    first.lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # its process was killed
+    second = StagedFolder(final)
+    assert list(second.open().iterdir()) == []
+    assert first.lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
+    second.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the lock is given back
+    third = StagedFolder(tmp_path / "other")
+    third.open()
+    third.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_on_a_locked_result_folder_is_one_line_and_writes_nothing(record_root, monkeypatch, capsys):
+    lock = record_root / "badnet_digits" / "defense" / ".ft.lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}\n")
+    line = refused(monkeypatch, capsys, record_root, "defense/ft.py", *sau_args(record_root, "--epochs", "1"))
+    assert line.endswith(f"remove {lock} if that run is gone")
 
 
 def test_checkpoints_load_weights_only_and_finished_runs_keep_none(record_root, monkeypatch):

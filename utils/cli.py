@@ -46,7 +46,8 @@ def entry(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] 
 def guarded(out: StagedFolder) -> Iterator[None]:
     """The body of a staged run. When it fails or is interrupted, the staging folder is
     removed, unless it holds a checkpoint: then the folder is kept for ``--resume`` and
-    the error's one line says where (a NaN loss keeps the last good checkpoint)."""
+    the error's one line says where (a NaN loss keeps the last good checkpoint). The
+    folder's lock is given back either way."""
     try:
         yield
     except BaseException as exc:
@@ -54,6 +55,7 @@ def guarded(out: StagedFolder) -> Iterator[None]:
         if epoch is None:
             out.discard()
             raise
+        out.release()
         where = f"the checkpoint of epoch {epoch} is kept in {out.partial}"
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted: {where}; run the same command with --resume to continue") from exc

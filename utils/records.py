@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -121,13 +122,22 @@ class StagedFolder:
     when a new run starts, unless the run resumes (``open(resume=True)``) and the folder
     holds that run's checkpoint. What the old final folder held (for example the
     ``defense/`` results below an attack record) is not carried over: a new record
-    invalidates it."""
+    invalidates it.
+
+    One run at a time: :meth:`open` takes ``<parent>/.<name>.lock`` (the process id and
+    host of the run) and :meth:`commit`, :meth:`discard` and :meth:`release` give it
+    back. A second run on the same folder, while the first is alive, stops with one
+    line instead of removing the first one's staging folder; a lock whose process is
+    gone (killed) is taken over. A lock of another host cannot be checked and is
+    respected: its message names the file to remove if that run is gone."""
 
     def __init__(self, final: Path, overwrite: bool = False):
         self.final = Path(final)
         self.partial = self.final.parent / f".{self.final.name}.partial"
         self.old = self.final.parent / f".{self.final.name}.old"
+        self.lock = self.final.parent / f".{self.final.name}.lock"
         self.overwrite = overwrite
+        self._locked = False
         if self.old.is_dir() and not self.final.exists():  # killed between the two renames of commit()
             os.replace(self.old, self.final)
 
@@ -144,6 +154,14 @@ class StagedFolder:
                 raise UserError(f"{self.final} is complete: there is nothing to resume "
                                 "(pass --overwrite to run it again)")
             raise UserError(f"{self.final} already exists; pass --overwrite to replace it")
+        self._acquire()
+        try:
+            return self._staging(resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _staging(self, resume: bool) -> Path:
         if self.partial.exists():
             if resume and self.checkpoint.is_file():
                 remove_temporary_files(self.partial)
@@ -170,10 +188,56 @@ class StagedFolder:
         os.replace(self.partial, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.release()
         return self.final
 
     def discard(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+        self.release()
+
+    def _acquire(self) -> None:
+        me = f"{os.getpid()} {socket.gethostname()}"
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None:
+                    raise UserError(f"{self.final} is being written by another run ({holder}); wait for it to "
+                                    f"finish, or remove {self.lock} if that run is gone") from None
+                self.lock.unlink(missing_ok=True)  # its process is gone: a killed run
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me + "\n")
+            self._locked = True
+            return
+        raise UserError(f"cannot take the lock {self.lock}: other runs keep taking it")
+
+    def _holder(self) -> str | None:
+        """Who holds the lock, when that run may still be alive; None for a dead one."""
+        try:
+            pid_text, _, host = self.lock.read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None  # gone meanwhile, or half-written by a killed run
+        if host != socket.gethostname():
+            return f"process {pid} on host {host}"
+        if pid == os.getpid():
+            return None  # this process: an earlier run of it that failed
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+        return f"process {pid}"
+
+    def release(self) -> None:
+        """Give the lock back (nothing when this folder does not hold it)."""
+        if self._locked:
+            self.lock.unlink(missing_ok=True)
+            self._locked = False
 
 
 # -- names and places ----------------------------------------------------------------------------
