@@ -406,6 +406,11 @@ def test_a_second_run_on_a_folder_being_written_stops_and_leaves_the_first_alone
         StagedFolder(final).open()
     assert (staging / "progress.json").exists()  # the first run's folder is untouched
 
+    first.lock.write_text("")  # just created by a run that has not written its pid yet
+    with pytest.raises(UserError, match=r"another run \(a run that is starting\)"):
+        StagedFolder(final).open()
+    os.utime(first.lock, (time.time() - 60, time.time() - 60))  # left empty by a run killed then
+    assert StagedFolder(final).open() == staging and first.lock.read_text().startswith(f"{os.getpid()} ")
     first.lock.write_text(f"{_dead_pid()} {socket.gethostname()}\n")  # its process was killed
     second = StagedFolder(final)
     assert list(second.open().iterdir()) == []

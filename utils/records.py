@@ -30,6 +30,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,8 +220,14 @@ class StagedFolder:
         try:
             pid_text, _, host = self.lock.read_text().strip().partition(" ")
             pid = int(pid_text)
-        except (OSError, ValueError):
-            return None  # gone meanwhile, or half-written by a killed run
+        except OSError:
+            return None  # given back meanwhile
+        except ValueError:  # not written yet by a run starting now, or half-written by a killed one
+            try:
+                fresh = time.time() - self.lock.stat().st_mtime < 10
+            except OSError:
+                return None
+            return "a run that is starting" if fresh else None
         if host != socket.gethostname():
             return f"process {pid} on host {host}"
         if pid == os.getpid():
