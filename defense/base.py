@@ -311,7 +311,9 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
         defense = cls(**{p.name: values[p.name] for p in cls.params()})
     except ValueError as exc:
         raise UserError(f"defense {cls.name}: {exc}") from None
-    result_folder_name(cls.name, values["result_name"])
+    # the folder's name, so that a run that names it (as compare does) and one that leaves
+    # it to the default are the same run (one checkpoint, one config)
+    values["result_name"] = result_folder_name(cls.name, values["result_name"])
     return values, control, record, device, defense, record.build_model()
 
 

@@ -521,7 +521,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(record_root, monke
     partial = record_root / "badnet_digits/defense/.sau.partial"
     assert checkpoint_epoch(partial / CHECKPOINT_FILE) == 0  # kept
     defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2,
-                resume=True)
+                result_name="sau", resume=True)  # naming the default folder (as compare does) is the same run
     with pytest.raises(UserError, match="is complete: there is nothing to resume"):
         defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2,
                     resume=True)
