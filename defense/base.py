@@ -321,8 +321,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     with held_logs() as loading:  # what reading the record says goes to the run's log
         values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
-    out = StagedFolder(record.path / "defense" / result_folder_name(defense.name, values["result_name"]),
-                       values["overwrite"])
+    out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"])
     if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
             any(out.final.glob("*_df*.csv")):
         raise UserError(f"{out.final} holds BackdoorBench's own {out.final.name} result: pass --result_name NAME "
