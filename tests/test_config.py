@@ -137,4 +137,29 @@ def test_shipped_yaml_files_parse_and_use_known_keys():
         cls = defense.DEFENSES.get(path.parent.name)
         keys = {p.name for p in DEFENSE_COMMON} | DEFENSE_IGNORED | {
             a for p in cls.params() for a in (p.name, *p.aliases)}
-        assert set(cfg.read_yaml(path)) <= keys, path
+        assert set(cfg.read_yaml(path)) <= keys | cfg.RECIPE_KEYS, path
+
+
+def test_every_shipped_defense_recipe_says_where_it_comes_from():
+    """Each config/defense yaml is 'reference' (naming its BackdoorBench file or paper) or
+    'tuned' (naming the study, or saying it was read off the test set); a default run
+    on fashion_mnist uses SAU's reference recipe, not the one chosen on test numbers."""
+    for path in sorted((cfg.CONFIG_DIR / "defense").rglob("*.yaml")):
+        meta = cfg.recipe_of(cfg.read_yaml(path), str(path))
+        assert meta.get("recipe") in cfg.RECIPE_FAMILIES and meta.get("recipe_source"), path
+        if meta["recipe"] == "reference":
+            assert "BackdoorBench" in meta["recipe_source"] or "paper" in meta["recipe_source"], path
+    default = cfg.method_yaml("defense", "sau", "fashion_mnist")
+    assert cfg.recipe_of(cfg.read_yaml(default), "x")["recipe"] == "reference"
+    on_test = cfg.recipe_of(cfg.read_yaml(default.parent / "fashion_mnist_tuned_on_test.yaml"), "x")
+    assert on_test["recipe"] == "tuned" and "test" in on_test["recipe_note"]
+
+
+def test_recipe_metadata_is_checked_and_kept_out_of_the_values(tmp_path):
+    params = [cfg.Param("lr", float, 0.1)]
+    values = cfg.resolve(params, [cfg.Layer("f.yaml", {"lr": 0.5, "recipe": "tuned", "recipe_source": "study x"})])
+    assert values == {"lr": 0.5}
+    with pytest.raises(UserError, match="'recipe' must be one of reference, tuned"):
+        cfg.resolve(params, [cfg.Layer("f.yaml", {"recipe": "best"})])
+    with pytest.raises(UserError, match="'recipe_source' must be a non-empty string"):
+        cfg.resolve(params, [cfg.Layer("f.yaml", {"recipe": "tuned", "recipe_source": 3})])

@@ -5,6 +5,12 @@ Precedence, lowest first (as in BackdoorBench): code defaults < ``--yaml_path`` 
 training recipe) < ``--bd_yaml_path`` (the method's parameters) < keyword arguments given
 in Python < the command line. Every YAML key must name a known parameter and carry a
 value of its type; otherwise the run stops with one line naming the key and the file.
+
+A recipe file may also say where its values come from (:data:`RECIPE_KEYS`):
+``recipe: reference`` (BackdoorBench's values for the dataset, or the paper's) or
+``recipe: tuned`` (chosen by a study), ``recipe_source`` (the file or study they come
+from) and ``recipe_note``. These are metadata: checked, never a run parameter, so they
+stay out of a run's config and of the comparison's reuse check.
 """
 from __future__ import annotations
 
@@ -279,6 +285,24 @@ def _checked(param: Param, value: Any, source: str) -> Any:
     return value
 
 
+RECIPE_KEYS = frozenset({"recipe", "recipe_source", "recipe_note"})
+RECIPE_FAMILIES = ("reference", "tuned")
+
+
+def recipe_of(data: Mapping[str, Any], source: str) -> dict[str, str]:
+    """The recipe metadata of a YAML mapping (``recipe``, ``recipe_source``,
+    ``recipe_note``; absent keys left out), checked."""
+    out: dict[str, str] = {}
+    for key in sorted(RECIPE_KEYS & set(k for k in data if isinstance(k, str))):
+        value = data[key]
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{source}: '{key}' must be a non-empty string, got {brief(value)}")
+        out[key] = value
+    if "recipe" in out and out["recipe"] not in RECIPE_FAMILIES:
+        raise UserError(f"{source}: 'recipe' must be one of {', '.join(RECIPE_FAMILIES)}, got {brief(out['recipe'])}")
+    return out
+
+
 def resolve(params: Sequence[Param], layers: Sequence[Layer], cli: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge ``layers`` (lowest precedence first) over the defaults, then ``cli`` on top.
     Unknown keys, wrong types, failed checks and missing required values raise UserError."""
@@ -288,8 +312,9 @@ def resolve(params: Sequence[Param], layers: Sequence[Layer], cli: Mapping[str, 
             by_name[key] = p
     values: dict[str, Any] = {p.name: p.default for p in params}
     for layer in layers:
+        recipe_of(layer.values, layer.source)  # metadata: checked, not a parameter
         for key, value in layer.values.items():
-            if key in layer.ignore:
+            if key in layer.ignore or key in RECIPE_KEYS:
                 continue
             if not isinstance(key, str) or key not in by_name:
                 raise UserError(f"{layer.source}: unknown key '{key}'" + _suggest(str(key), by_name))
