@@ -13,8 +13,9 @@ from utils.registry import import_package_modules, load_plugins
 
 PLUGIN_GROUP = "saubench.defenses"
 
-# compare: the comparison command; contract: the contract checks. Neither is a defense.
-import_package_modules("defense", skip=("base", "compare", "contract"))
+# compare: the comparison command; contract: the contract checks; tune: the tuning command.
+# None is a defense.
+import_package_modules("defense", skip=("base", "compare", "contract", "tune"))
 load_plugins(DEFENSES, PLUGIN_GROUP, Defense)
 
 __all__ = ["DEFENSES", "Defense", "DefenseData", "create_defense", "list_defenses", "register_defense", "run"]

@@ -1,6 +1,15 @@
-"""python -m defense list | new NAME | run NAME ARGS: the registered defenses, a skeleton for a
-new one, or a run of one (see utils/scaffold.py and CONTRIBUTING.md)."""
+"""python -m defense list | new NAME | run NAME ARGS | tune NAME ARGS: the registered defenses,
+a skeleton for a new one, a run of one (see utils/scaffold.py and CONTRIBUTING.md), or a
+study that tunes one on a validation split (see defense/tune.py)."""
+import sys
+
 from defense import DEFENSES, run
 from utils.scaffold import main
 
-main("defense", DEFENSES, run)
+if len(sys.argv) > 1 and sys.argv[1] == "tune":
+    from defense.tune import main as tune_main
+
+    sys.argv = [sys.argv[0], *sys.argv[2:]]
+    tune_main()
+else:
+    main("defense", DEFENSES, run)

@@ -187,6 +187,8 @@ class ANP(Defense):
     paper = ("Wu and Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021, "
              "arXiv:2110.14430")
     year = 2021
+    search_space = {"eps": ("float", 0.1, 0.6), "alpha": ("float", 0.1, 0.5), "threshold": ("float", 0.05, 0.5),
+                    "nb_iter": ("int", 500, 2000)}
     param_aliases = {"eps": ("anp_eps",), "steps": ("anp_steps",), "alpha": ("anp_alpha",),
                      "report_every": ("print_every",), "threshold": ("pruning_threshold",)}
     param_checks = {"nb_iter": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,

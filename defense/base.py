@@ -57,8 +57,8 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, der, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, StagedFolder, load_record, record_dir, save_defense_result, save_json,
-                           save_png, save_text)
+from utils.records import (AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_defense_result,
+                           save_json, save_png, save_text)
 from utils.registry import Method, Registry
 from utils.runtime import autocast, check_data_root, held_logs, log_to, replay, resolve_device, seed_everything
 from utils.train import Checkpoint, batches
@@ -177,6 +177,60 @@ class DefenseData:
         return parts[0], parts[1]
 
 
+# -- the validation split (tuning) ---------------------------------------------------------------------
+
+@dataclass
+class ValidationSplit:
+    """What tuning reads instead of the test set: ``train``, the defender's clean subset
+    minus a held-out part (what each trial trains on); ``clean``, that held-out part
+    (validation C-Acc); ``backdoor``, poisoned *training* images of the record
+    (``record.bd_train``, whose label the attack changed; never test images) for
+    validation ASR. ``backdoor`` is empty when the record keeps no such images (attacks
+    that poison each batch afresh, clean-label attacks)."""
+
+    train: DefenseData
+    clean: ImageData
+    backdoor: PoisonedSet
+
+
+def validation_split(defender: DefenseData, record: AttackRecord, fraction: float = 0.2, seed: int = 0,
+                     max_backdoor: int | None = 1000) -> ValidationSplit:
+    """Cut a validation split from what the defender holds: ``fraction`` of the clean
+    subset (at least one sample, at least one left to train on), drawn with ``seed``, and
+    up to ``max_backdoor`` of the record's poisoned training images whose label differs
+    from their true one (drawn with ``seed``). The train part keeps the defender's
+    device, precision and seed, without a monitor or checkpoint."""
+    n = len(defender.clean)
+    if n < 2:
+        raise UserError(f"the defender's clean subset has {n} sample(s): too few to hold out a validation part "
+                        "(raise --ratio)")
+    if not 0 < fraction < 1:
+        raise UserError(f"the validation fraction must be in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    held = min(n - 1, max(1, int(round(fraction * n))))
+    train = DefenseData(defender.clean.subset(order[held:].sort().values), defender.info, defender.device,
+                        defender.amp, defender.seed)
+    clean = defender.clean.subset(order[:held].sort().values)
+    poisoned = record.bd_train
+    if poisoned is None:
+        keep = torch.zeros(0, dtype=torch.long)
+        c, h, w = defender.clean.images.shape[1:]
+        poisoned = PoisonedSet(torch.zeros(0, c, h, w, dtype=torch.uint8), keep, keep, keep)
+    keep = torch.nonzero(poisoned.labels != poisoned.original_labels).flatten()
+    if max_backdoor is not None and len(keep) > max_backdoor:
+        keep = keep[torch.randperm(len(keep), generator=generator)[:max_backdoor]].sort().values
+    backdoor = PoisonedSet(poisoned.images[keep], poisoned.labels[keep], poisoned.original_labels[keep],
+                           poisoned.indices[keep])
+    return ValidationSplit(train, clean, backdoor)
+
+
+def evaluate_validation(model: nn.Module, split: ValidationSplit, device: torch.device, amp: bool = True) -> Metrics:
+    """The harness's metrics on a validation split: C-Acc on its held-out clean part, ASR
+    (and RA) on its poisoned training images (NaN when it has none)."""
+    return evaluate(model, split.clean, split.backdoor, device=device, amp=amp)
+
+
 # -- the contract ----------------------------------------------------------------------------------
 
 class Defense(Method):
@@ -189,6 +243,9 @@ class Defense(Method):
     # Keys of extras() that hold N x C x H x W images in [0, 1]; the harness also writes
     # them as <key>/<i>.png (e.g. reversed triggers).
     image_extras: ClassVar[tuple[str, ...]] = ()
+    # What ``python -m defense tune`` may search, next to the hyperparameters:
+    # {param: ("float_log", lo, hi) | ("float", lo, hi) | ("int", lo, hi) | ("choice", [values])}.
+    search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""

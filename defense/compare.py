@@ -35,6 +35,14 @@ asking ``--cpus_per_run`` CPUs and ``--gpus_per_run`` GPUs each (default: 1 GPU 
 the cluster has GPUs). A run that fails is reported as "failed: reason (log: path)" and
 the others go on; the exit status is then 1. Bad input: one line on stderr, status 2.
 
+Recipes. ``--recipes reference`` (default) runs every defense with its reference recipe
+(config/defense/<name>/<dataset>.yaml, BackdoorBench's values or the paper's);
+``--recipes tuned`` runs every defense with the recipe ``python -m defense tune`` chose
+for that record on its validation split (record/<record>/tune/<name>/recipe.yaml), in
+``defense/<name>_tuned/`` (``_tuned_seed<k>`` for seed k). A defense without one is
+reported as "no tuned recipe", never run with its reference recipe instead. One family
+for every defense alike; the table says which; the default output name gets "_tuned".
+
 ``--report`` runs nothing: it writes and prints the table of the results that exist
 (for example while a long grid runs elsewhere); the runs not yet finished show as
 "not run".
@@ -85,6 +93,9 @@ PARAMS: list[Param] = [
     Param("quiet", bool, False, "no progress bar: log lines only"),
     Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
     Param("report", bool, False, "run nothing: report the results that exist (the rest show as 'not run')"),
+    Param("recipes", Literal["reference", "tuned"], "reference",
+          "recipe family of every defense: reference (config/defense/<name>/<dataset>.yaml) or tuned "
+          "(record/<record>/tune/<name>/recipe.yaml, written by python -m defense tune)"),
     Param("debug", bool, False, "show tracebacks"),
 ]
 
@@ -161,10 +172,12 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     spec = load_grid(Path(values["grid"]), values) if values["grid"] else spec_from_records(values)
     if values["name"] is not None:
         spec.name = values["name"]
+    elif values["recipes"] == "tuned":
+        spec.name += "_tuned"
     out_dir = record_dir(root / "compare", spec.name)
     runs = plan(spec, values, root, out_dir / "logs")
     todo = [r for r in runs if r.status == "todo"]
-    counts = {s: sum(r.status == s for r in runs) for s in ("reused", "mismatch", "blocked", "failed")}
+    counts = {s: sum(r.status == s for r in runs) for s in ("reused", "mismatch", "blocked", "failed", "unavailable")}
     log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
              "".join(f", {n} {s}" for s, n in counts.items() if n and s != "reused"))
 
@@ -220,9 +233,18 @@ def backdoorbench_runs(spec: Spec, root: Path, runs: Sequence[Run]) -> list[Run]
     return out
 
 
+RECIPE_LINES = {
+    "reference": "Recipes: reference, for every defense (config/defense/<name>/<dataset>.yaml: BackdoorBench's values "
+                 "or the paper's).",
+    "tuned": "Recipes: tuned, for every defense (record/<record>/tune/<name>/recipe.yaml: chosen by python -m defense "
+             "tune on a validation split; a defense without one is reported, not run).",
+}
+
+
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
-    texts = {rows: markdown(table, rows) for rows in ("defenses", "records")}
-    data = to_json(table)
+    family = values.get("recipes", "reference")
+    texts = {rows: markdown(table, rows) + "\n" + RECIPE_LINES[family] + "\n" for rows in ("defenses", "records")}
+    data = {**to_json(table), "recipes": family}
     save_text(texts["defenses"], out_dir / "table.md")
     save_text(texts["records"], out_dir / "table_by_record.md")
     save_text(to_csv(table), out_dir / "table.csv")
@@ -518,10 +540,29 @@ def _mismatch(run: Run, values: dict[str, Any], message: str) -> Run:
     return run
 
 
-def result_name(defense: str, seed: int) -> str:
+def result_name(defense: str, seed: int, recipes: str = "reference") -> str:
     """The seed layout: seed 0 in BackdoorBench's place (``defense/<name>/``), seed k in
-    ``defense/<name>_seed<k>/``."""
-    return defense if seed == 0 else f"{defense}_seed{seed}"
+    ``defense/<name>_seed<k>/``; tuned recipes in ``defense/<name>_tuned[_seed<k>]/``."""
+    stem = defense if recipes == "reference" else f"{defense}_tuned"
+    return stem if seed == 0 else f"{stem}_seed{seed}"
+
+
+def tuned_recipe(root: Path, record: str, defense: str) -> tuple[Path | None, str]:
+    """The tuned recipe of ``defense`` for ``record`` (``record/<record>/tune/<defense>/recipe.yaml``,
+    marked ``recipe: tuned``), or None and why not."""
+    path = record_dir(root, record) / "tune" / defense / "recipe.yaml"
+    hint = f"no tuned recipe (python -m defense tune {defense} --result_file {record})"
+    if not path.is_file():
+        return None, hint
+    if not path.resolve().is_relative_to(root.resolve()):
+        return None, f"no tuned recipe: {path} leads outside {root}"
+    try:
+        family = cfg.recipe_of(cfg.read_yaml(path), str(path)).get("recipe")
+    except UserError as exc:
+        return None, f"no tuned recipe: {exc}"
+    if family != "tuned":
+        return None, f"no tuned recipe: {path} is not marked 'recipe: tuned'"
+    return path, ""
 
 
 def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, values: dict[str, Any], root: Path,
@@ -531,7 +572,8 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     the seed and the result folder change."""
     from defense.base import resolve_config as resolve_defense
 
-    folder_name = result_name(name, seed)
+    recipes = values.get("recipes", "reference")
+    folder_name = result_name(name, seed, recipes)
     opts = {**options, "result_file": base.record, "record_root": str(root), "random_seed": seed,
             "result_name": folder_name, "device": values["device"]}
     if data_root is not None:
@@ -539,6 +581,14 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     folder = record_dir(root, base.record) / "defense" / folder_name
     run = Run("defense", base.record, name, seed, opts, folder, logs / base.record / f"{folder_name}.log",
               depends_on=base)
+    if recipes == "tuned":
+        if "yaml_path" in options:
+            raise UserError(f"defense {name}: 'yaml_path' and --recipes tuned both choose the recipe; give one")
+        recipe, why = tuned_recipe(root, base.record, name)
+        if recipe is None:
+            run.status, run.message = "unavailable", why
+            return run
+        opts["yaml_path"] = str(recipe)
     if base.status == "todo":
         return run  # a new record: nothing below it yet
     if base.status != "reused":

@@ -128,6 +128,7 @@ class FP(Defense):
     paper = ("Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
              "Networks, RAID 2018, arXiv:1805.12185")
     year = 2018
+    search_space = {"acc_ratio": ("float", 0.02, 0.2), "lr": ("float_log", 1e-3, 1e-1), "epochs": ("int", 10, 100)}
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
     param_checks = {"acc_ratio": cfg.unit_interval, "once_prune_ratio": cfg.unit_interval,
                     "val_ratio": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",

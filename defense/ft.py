@@ -54,6 +54,8 @@ class FT(Defense):
     paper = ("Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
              "Networks, RAID 2018, arXiv:1805.12185 (fine-tuning baseline; BackdoorBench's configuration)")
     year = 2018
+    search_space = {"lr": ("float_log", 1e-3, 1e-1), "weight_decay": ("float_log", 1e-5, 1e-3),
+                    "epochs": ("int", 10, 100)}
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
                     "momentum": cfg.non_negative, "weight_decay": cfg.non_negative}

@@ -160,6 +160,8 @@ class IBAU(Defense):
     paper = ("Zeng, Chen, Park, Mao, Jin and Jia, Adversarial Unlearning of Backdoors via Implicit Hypergradient, "
              "ICLR 2022, arXiv:2110.03735")
     year = 2022
+    search_space = {"lr": ("float_log", 1e-5, 1e-3), "delta_lr": ("float_log", 0.1, 10.0), "K": ("int", 3, 10),
+                    "epochs": ("int", 5, 20)}
     param_aliases = {"epochs": ("n_rounds",)}
     param_checks = {"epochs": cfg.non_negative, "K": cfg.non_negative, "batch_size": cfg.positive,
                     "lr": cfg.positive, "delta_lr": cfg.positive, "fp_lr": cfg.positive, "lmd": cfg.non_negative,

@@ -153,6 +153,9 @@ class NAD(Defense):
     paper = ("Li, Lyu, Koren, Lyu, Li and Ma, Neural Attention Distillation: Erasing Backdoor Triggers from Deep "
              "Neural Networks, ICLR 2021, arXiv:2101.05930")
     year = 2021
+    search_space = {"lr": ("float_log", 1e-3, 1e-1), "beta_1": ("float_log", 1.0, 1000.0),
+                    "beta_2": ("float_log", 1.0, 2000.0), "beta_3": ("float_log", 1.0, 2000.0),
+                    "te_epochs": ("int", 5, 20)}
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",), "beta_1": ("beta1",),
                      "beta_2": ("beta2",), "beta_3": ("beta3",)}
     param_checks = {"epochs": cfg.non_negative, "te_epochs": cfg.non_negative, "batch_size": cfg.positive,

@@ -205,6 +205,8 @@ class NeuralCleanse(Defense):
     paper = ("Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, Neural Cleanse: Identifying and Mitigating Backdoor "
              "Attacks in Neural Networks, IEEE S&P 2019")
     year = 2019
+    search_space = {"init_cost": ("float_log", 1e-4, 1e-2), "anomaly_threshold": ("float", 1.5, 3.0),
+                    "unlearning_ratio": ("float", 0.1, 0.3), "epochs": ("int", 10, 100)}
     param_aliases = {"nc_epochs": ("nc_epoch",), "momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
     param_checks = {"nc_epochs": cfg.positive, "mask_lr": cfg.positive, "init_cost": cfg.positive,
                     "atk_succ_threshold": cfg.unit_interval, "patience": cfg.positive,

@@ -100,6 +100,10 @@ class SAU(Defense):
 
     paper = "Wei, Zhang, Zha and Wu, Shared Adversarial Unlearning, NeurIPS 2023, arXiv:2307.10562"
     year = 2023
+    # python -m defense tune's search space: the unlearning rate, the ball, the search's
+    # steps, the loss weights and the rounds (the clean weight lmd_1 stays 1: a scale).
+    search_space = {"lr": ("float_log", 1e-5, 1e-3), "trigger_norm": ("float", 0.1, 0.4), "adv_steps": ("int", 3, 10),
+                    "lmd_2": ("float", 0.0, 1.0), "lmd_3": ("float_log", 0.1, 10.0), "epochs": ("int", 10, 100)}
     param_aliases = {"epochs": ("n_rounds",)}
     smoke_params = {"epochs": 2}
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,

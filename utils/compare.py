@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 from utils.errors import UserError
 from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
 
-Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked"]
+# unavailable: not run because what it needs does not exist (e.g. no tuned recipe)
+Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "unavailable"]
 NO_DEFENSE = "no defense"
 DIGITS = 2  # decimals of the percentages
 
@@ -370,7 +371,7 @@ def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") ->
 def notes_of(table: Table) -> list[str]:
     out = []
     for run in table.runs:
-        if run.status in ("failed", "blocked", "mismatch"):
+        if run.status in ("failed", "blocked", "mismatch", "unavailable"):
             text = f"{run.label}: {run.status}"
             if run.message:
                 text += f": {run.message}"

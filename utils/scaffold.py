@@ -31,7 +31,7 @@ from utils.errors import UserError
 from utils.registry import MethodInfo, Registry, describe
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RESERVED = {"base", "compare", "contract"}  # modules of the packages that are not methods
+RESERVED = {"base", "compare", "contract", "tune"}  # modules of the packages that are not methods
 
 
 class _Parser(argparse.ArgumentParser):
