@@ -25,6 +25,10 @@ dataset's declared transforms and the device. It reports progress through
 ``data.report(epoch, model, **losses)``; the harness decides when to evaluate, on test
 data the defense never sees.
 
+Tuning (``python -m defense tune``, defense/tune.py) reads a validation split the harness
+cuts from what the defender holds (:func:`validation_split`): part of the clean subset for
+C-Acc and the record's poisoned *training* images for ASR; never the test sets.
+
 Checkpoints and ``--resume``: a defense's epoch loop becomes resumable with one line,
 ``start = data.resume(model=..., optimizer=..., scheduler=..., generator=...)`` before the
 loop and ``for epoch in range(start, epochs)``; ``data.report`` then also saves a

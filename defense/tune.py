@@ -198,10 +198,6 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
                         "hyperparameter fixed by --option)")
 
     folder = _tune_folder(Path(values["record_root"]), values["result_file"], cls.name)
-    storage_file = folder / "study.db"
-    if values["overwrite"]:
-        for leftover in ("study.db", "recipe.yaml", "summary.json"):
-            (folder / leftover).unlink(missing_ok=True)
     device = resolve_device(values["device"])
     setting = cfg.plain({"defense": cls.name, "result_file": values["result_file"], "record_sha256": record.sha256,
                          "objective": values["objective"], "seed": values["seed"], "val_ratio": values["val_ratio"],
@@ -216,6 +212,9 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
     if len(split.backdoor) == 0:
         raise UserError(f"{record.path}: the record keeps no poisoned training images whose label the attack "
                         f"changed (bd_train; attack {record.attack}), so the validation ASR cannot be estimated")
+    if values["overwrite"]:  # only once every check has passed
+        for leftover in ("study.db", "recipe.yaml", "summary.json", "tune.log"):
+            (folder / leftover).unlink(missing_ok=True)
     with log_to(folder, "tune.log"):
         return _study(optuna, cls, values, base, record, hyper, space, split, device, folder, setting)
 

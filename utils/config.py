@@ -293,7 +293,7 @@ def recipe_of(data: Mapping[str, Any], source: str) -> dict[str, str]:
     """The recipe metadata of a YAML mapping (``recipe``, ``recipe_source``,
     ``recipe_note``; absent keys left out), checked."""
     out: dict[str, str] = {}
-    for key in sorted(RECIPE_KEYS & set(k for k in data if isinstance(k, str))):
+    for key in sorted(RECIPE_KEYS & {k for k in data if isinstance(k, str)}):
         value = data[key]
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"{source}: '{key}' must be a non-empty string, got {brief(value)}")

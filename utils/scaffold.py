@@ -195,6 +195,8 @@ class ${Class}(Defense):
     kind = "mitigation"  # or "detection"
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive}
     smoke_params = {"epochs": 1}  # a seconds-long run on digits (contract tests, smoke grids)
+    # what `python -m defense tune ${name}` searches (on a validation split, never the test set)
+    search_space = {"lr": ("float_log", 1e-3, 1e-1), "epochs": ("int", 1, 20)}
 
     def __init__(self, epochs: int = 10, batch_size: int = 128, lr: float = 0.01):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
@@ -220,6 +222,8 @@ if __name__ == "__main__":
 DEFENSE_CONFIG = '''# ${Class}: the configuration for every dataset (add <dataset>.yaml beside this file for a
 # dataset that needs other values). Keys: the harness's (ratio: the defender's clean share of
 # the training set) and the hyperparameters of defense/${name}.py, with the paper's values.
+recipe: reference
+recipe_source: "<the paper, or BackdoorBench's config/defense/<name>/<dataset>.yaml: where these values come from>"
 ratio: 0.05
 epochs: 10
 batch_size: 128
