@@ -123,6 +123,8 @@ def test_a_study_resumes_up_to_n_trials_and_refuses_other_settings(record_root):
     with pytest.raises(UserError, match=r"other settings \(base.epochs\).*--overwrite"):
         tune("ft", trials=3, option=["epochs=2"], **common)
     assert tune("ft", trials=1, option=["epochs=2"], overwrite=True, **common)["trials"] == 1
+    again = tune("ft", trials=2, option=["epochs=1"], overwrite=True, **common)  # same seed, same study
+    assert [(t["params"], t["value"]) for t in again["history"]] == [(t["params"], t["value"]) for t in first["history"]]
 
 
 def test_tune_refuses_what_it_cannot_do(record_root):
@@ -134,6 +136,12 @@ def test_tune_refuses_what_it_cannot_do(record_root):
     with pytest.raises(UserError, match="'epochs' must be int"):
         tune("ft", trials=1, option=["epochs=many"], **common)
     assert not (record_root / "badnet_digits" / "tune").exists()
+    outside = record_root.parent / "outside"
+    outside.mkdir()
+    (record_root / "badnet_digits" / "tune").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError, match="leads outside .*symbolic link"):
+        tune("ft", trials=1, option=["epochs=1"], **common)
+    assert not any(outside.iterdir())
 
 
 def test_command_line_tune(digits_record_root, tmp_path):
