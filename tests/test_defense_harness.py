@@ -70,6 +70,14 @@ def test_saved_indices_follow_ratio(record_root):
     assert summary["config"]["exclude_poisoned"] is False
 
 
+def test_mixed_precision_is_opt_in_for_defenses():
+    from defense.base import COMMON, DefenseData
+
+    amp = {p.name: p for p in COMMON}["amp"]
+    assert amp.default is False and "opt-in; BackdoorBench runs fp32" in amp.help
+    assert DefenseData.__dataclass_fields__["amp"].default is False
+
+
 def test_index_file_is_used_and_checked(record_root, tmp_path):
     record = load_record(record_root / "badnet_digits")
     poisoned = set(record.poison_indices.tolist())
