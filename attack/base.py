@@ -254,11 +254,14 @@ COMMON: list[Param] = [
     Param("pratio", float, 0.1, "poisoning ratio (of the whole training set)", check=cfg.fraction),
     Param("attack_target", int, 0, "target label (all2one)", check=cfg.non_negative),
     Param("attack_label_trans", Literal["all2one", "all2all"], "all2one", "label transform"),
+    Param("exclude_target_class", bool, False, "dirty-label all2one: draw the poisoned training samples from the "
+          "non-target classes only (off: from all samples, as BackdoorBench; a target-class sample drawn keeps "
+          "its label)"),
     Param("save_folder_name", str | None, None, "record folder name (default: <attack>_<dataset>)"),
     Param("yaml_path", str | None, None, "training recipe (default: config/attack/prototype/<dataset>.yaml)"),
     Param("bd_yaml_path", str | None, None, "attack parameters (default: config/attack/<attack>/default.yaml)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
-    Param("amp", bool, True, "mixed precision on CUDA"),
+    Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
@@ -384,7 +387,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     bd_train = None
     if attack.kind in ("dirty-label", "clean-label"):
         poison_idx = select_poison_indices(data.train.labels, values["pratio"], label_trans=label_trans, target=target,
-                                           clean_label=attack.kind == "clean-label", rng=ctx.rng)
+                                           clean_label=attack.kind == "clean-label", rng=ctx.rng,
+                                           exclude_target_class=values["exclude_target_class"])
         labels = data.train.labels[poison_idx]
         if attack.kind == "dirty-label":
             labels = target_labels(labels, label_trans, target, info.num_classes)

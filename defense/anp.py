@@ -11,7 +11,8 @@ BatchNorm layer) a mask m in [0, 1] and solves
 on the defender's clean data, where the BN affine weight of a neuron is scaled by m (or
 m + delta) and its bias by 1 (or 1 + xi), and L is the cross-entropy. Each iteration draws
 a batch, starts delta and xi uniformly in [-eps, eps], takes ``steps`` signed gradient
-ascent steps of size eps / steps on them, then one SGD step on m, which is clipped back
+ascent steps of size eps / steps on them (not clipped, as in the official code and
+BackdoorBench, so they can reach 2 * eps), then one SGD step on m, which is clipped back
 to [0, 1]. Neurons whose mask ends small are the ones the loss wants removed under
 perturbation; they are pruned.
 
@@ -23,39 +24,45 @@ uses the same values except the batch size):
     eps: perturbation budget of delta and xi (0.4)
     steps: signed ascent steps of the perturbation per iteration (1)
     alpha: weight of the natural loss; 1 - alpha weighs the perturbed loss (0.2)
-    pruning_by: prune every neuron with mask <= ``threshold`` (threshold), the ``number``
-        neurons with the smallest masks (number), or choose the threshold on the defender's
-        clean data (clean_acc, below)
-    threshold: pruning threshold on the mask (0.2, the paper's default)
+    pruning_by: prune every neuron with mask <= ``threshold`` (threshold, the default), the
+        ``number`` neurons with the smallest masks (number), or choose the threshold on a
+        held-out part of the defender's clean subset (clean_acc, below)
+    threshold: pruning threshold on the mask (0.2, the paper's default; BackdoorBench's
+        fixed-threshold option, its ``pruning_number``, has no default value)
     number: neurons to prune when pruning by number (required then)
-    pruning_max, pruning_step, acc_ratio: with ``pruning_by=clean_acc``, the thresholds 0,
-        pruning_step, ..., pruning_max are tried (BackdoorBench's 0.9 and 0.05) and the largest
-        one is kept whose accuracy on the defender's clean subset differs from the unpruned
-        model's by less than acc_ratio of it (BackdoorBench's tolerance, 0.1)
+    pruning_max, pruning_step, acc_ratio, val_fraction: with ``pruning_by=clean_acc``,
+        ``val_fraction`` of the clean subset (0.2) is held out before the masks are fitted
+        on the rest; the thresholds 0, pruning_step, ..., pruning_max are tried
+        (BackdoorBench's 0.9 and 0.05) and the largest one is kept whose accuracy on the
+        held-out part differs from the unpruned model's by less than acc_ratio of it
+        (BackdoorBench's tolerance, 0.1)
+    prune_bias: also zero the pruned neurons' BN bias (off: only the weight, as the official
+        code and BackdoorBench; the neuron then still outputs its bias)
+    clip_noise: clip delta and xi to [-eps, eps] after each ascent step (off, as the official
+        code and BackdoorBench)
 Every batch uses the dataset's train transform, and BatchNorm uses batch statistics during
 the optimisation, as in the official code (``train_mode``); the optimisation runs on a copy
 of the model, so the returned model's running statistics are untouched.
 
 The masks are never written into the architecture: the optimisation substitutes scaled BN
 weights and biases in each forward pass (``torch.func.functional_call``), and pruning zeroes
-the pruned neurons' BN weight and bias in place, so the returned model is the same
+the pruned neurons' BN weight (and bias with ``prune_bias``) in place, so the returned model is the same
 Classifier and its state_dict reproduces the pruning. ``extras()`` holds each layer's mask
 values and pruned channels; ``report()`` adds the counts to summary.json.
 
-Deviations, each stated:
+Deviations from BackdoorBench that remain, each stated:
 * The threshold is the paper's fixed 0.2 by default. BackdoorBench sweeps the threshold
   (0 to ``pruning_max`` 0.9 by 0.05) and keeps the model with the lowest ASR on the backdoor
   *test* set among those whose *test* accuracy stayed within 10%: that needs the attacker's
-  test data, which a defender does not have, so it is not offered. ``pruning_by=clean_acc``
-  is its defender-side counterpart: the same sweep and tolerance, measured on the
-  defender's clean subset (the data the masks were fitted on; there is no held-out part),
-  keeping the largest threshold, since more pruning removes more of the backdoor.
-* A pruned neuron has its BN weight *and bias* zeroed, so it outputs zero as a removed
-  neuron does; the official code and BackdoorBench zero only the weight, so the neuron
-  still outputs its bias (``prune_bias=False`` gives theirs).
-* delta and xi are clipped to [-eps, eps] after each ascent step, the constraint of the
-  paper's objective; the official code and BackdoorBench do not clip, so one step from a
-  random start can reach 2 * eps (``clip_noise=False`` gives theirs).
+  test data, which a defender never sees, so it is not offered. ``pruning_by=clean_acc``
+  is its defender-side counterpart: the same sweep and tolerance, measured on a held-out
+  part of the defender's clean subset (not used to fit the masks), keeping the largest
+  threshold, since more pruning removes more of the backdoor (there is no ASR to read).
+* The mask batches are drawn with replacement, ``nb_iter`` of them, as BackdoorBench's
+  RandomSampler does, from this project's generator.
+* Opt-in variants of the paper's objective: ``clip_noise=True`` keeps delta and xi in
+  [-eps, eps], its constraint; ``prune_bias=True`` makes a pruned neuron output zero, as a
+  removed neuron does.
 * LayerNorm layers (ConvNeXt, ViT) are treated like BatchNorm, as BackdoorBench does; a
   model with neither has no ANP neurons and is refused.
 
@@ -172,14 +179,15 @@ class ANP(Defense):
         eps: budget of the multiplicative neuron perturbation (delta on BN weights, xi on biases)
         steps: signed ascent steps of the perturbation per iteration
         alpha: weight of the natural loss; 1 - alpha weighs the loss under perturbation
-        pruning_by: a fixed mask threshold, a number of neurons, or the threshold chosen on the clean subset
+        pruning_by: a fixed mask threshold, a number of neurons, or the threshold chosen on a held-out clean part
         threshold: prune every neuron whose mask is <= threshold (pruning_by threshold)
         number: prune this many neurons with the smallest masks (pruning_by number)
         pruning_max: largest threshold tried (pruning_by clean_acc)
         pruning_step: step between the thresholds tried (pruning_by clean_acc)
-        acc_ratio: tolerated relative change of the clean subset's accuracy (pruning_by clean_acc)
-        prune_bias: zero the pruned neurons' BN bias too, so they output zero (the official code zeroes only the weight)
-        clip_noise: clip the perturbation to [-eps, eps] after each step (the official code does not)
+        acc_ratio: tolerated relative change of the held-out accuracy (pruning_by clean_acc)
+        val_fraction: share of the clean subset held out to choose the threshold (pruning_by clean_acc)
+        prune_bias: zero the pruned neurons' BN bias too, so they output zero (BackdoorBench zeroes only the weight)
+        clip_noise: clip the perturbation to [-eps, eps] after each step (BackdoorBench does not: up to 2 eps)
         train_mode: BatchNorm uses batch statistics during the mask optimisation (as the official code)
         report_every: iterations between two progress rows (each evaluated by the harness)
     """
@@ -194,21 +202,23 @@ class ANP(Defense):
     param_checks = {"nb_iter": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
                     "eps": cfg.non_negative, "steps": cfg.positive, "alpha": cfg.unit_interval,
                     "threshold": cfg.unit_interval, "number": cfg.non_negative, "report_every": cfg.positive,
-                    "pruning_max": cfg.unit_interval, "pruning_step": cfg.positive, "acc_ratio": cfg.non_negative}
+                    "pruning_max": cfg.unit_interval, "pruning_step": cfg.positive, "acc_ratio": cfg.non_negative,
+                    "val_fraction": lambda v: None if 0 < v < 1 else "must be in (0, 1)"}
     smoke_params = {"nb_iter": 20, "batch_size": 32, "report_every": 10}
 
     def __init__(self, nb_iter: int = 2000, batch_size: int = 128, lr: float = 0.2, eps: float = 0.4,
                  steps: int = 1, alpha: float = 0.2,
                  pruning_by: Literal["threshold", "number", "clean_acc"] = "threshold", threshold: float = 0.2,
                  number: int | None = None, pruning_max: float = 0.9, pruning_step: float = 0.05,
-                 acc_ratio: float = 0.1, prune_bias: bool = True,
-                 clip_noise: bool = True, train_mode: bool = True, report_every: int = 500):
+                 acc_ratio: float = 0.1, val_fraction: float = 0.2, prune_bias: bool = False,
+                 clip_noise: bool = False, train_mode: bool = True, report_every: int = 500):
         if pruning_by == "number" and number is None:
             raise ValueError("pruning_by 'number' needs --number (how many neurons to prune)")
         self.nb_iter, self.batch_size, self.lr = nb_iter, batch_size, lr
         self.eps, self.steps, self.alpha = eps, steps, alpha
         self.pruning_by, self.threshold, self.number = pruning_by, threshold, number
         self.pruning_max, self.pruning_step, self.acc_ratio = pruning_max, pruning_step, acc_ratio
+        self.val_fraction = val_fraction
         self.prune_bias, self.clip_noise, self.train_mode = prune_bias, clip_noise, train_mode
         self.report_every = report_every
         self._extras: dict[str, torch.Tensor] = {}
@@ -218,10 +228,13 @@ class ANP(Defense):
         layers = neuron_layers(model)
         if not layers:
             raise UserError(f"ANP prunes BatchNorm (or LayerNorm) neurons; model '{model.name}' has none")
-        values = self.optimize_masks(model, data)
         threshold = self.threshold
         if self.pruning_by == "clean_acc":
-            threshold = self.choose_threshold(model, data, values)
+            fit, held_out = data.split(self.val_fraction)
+            values = self.optimize_masks(model, fit)
+            threshold = self.choose_threshold(model, held_out, values)
+        else:
+            values = self.optimize_masks(model, data)
         pruned = select_pruned(values, "number" if self.pruning_by == "number" else "threshold", threshold,
                                self.number)
         prune_neurons(layers, pruned, zero_bias=self.prune_bias)
@@ -238,7 +251,8 @@ class ANP(Defense):
 
     def choose_threshold(self, model: Classifier, data: DefenseData, values: torch.Tensor) -> float:
         """The largest of 0, pruning_step, ..., pruning_max whose pruned model's accuracy on
-        the clean subset is within acc_ratio (relative) of the unpruned model's."""
+        ``data`` (clean samples the masks were not fitted on) is within acc_ratio (relative)
+        of the unpruned model's."""
         images, labels = data.clean.images, data.clean.labels
 
         def clean_acc(m: nn.Module) -> float:
@@ -298,7 +312,9 @@ class ANP(Defense):
     def perturb(self, masks: NeuronMasks, work: nn.Module, data: DefenseData, x: torch.Tensor, y: torch.Tensor,
                 sign_scale: float) -> None:
         """delta, xi: uniform in [-eps, eps], then ``steps`` signed ascent steps of size
-        eps / steps on the cross-entropy (clipped to [-eps, eps] with ``clip_noise``)."""
+        eps / steps on the cross-entropy, unclipped as in BackdoorBench (its noise optimizer:
+        SGD with rate eps / steps on the sign of the gradient), so they reach up to 2 * eps;
+        clipped to [-eps, eps] after each step with ``clip_noise``."""
         masks.delta = [torch.empty_like(d).uniform_(-self.eps, self.eps) for d in masks.delta]
         masks.xi = [torch.empty_like(x_).uniform_(-self.eps, self.eps) for x_ in masks.xi]
         size = self.eps / self.steps

@@ -2,7 +2,7 @@
 function behind every ``python defense/<name>.py``.
 
 ``run`` loads the attack record, draws the defender's clean subset from the clean
-training set (seeded, never a poisoned sample; the indices are saved), evaluates the
+training set (seeded, the clean versions of the images; the indices are saved), evaluates the
 backdoored model, calls ``Defense.mitigate(model, data)``, evaluates the purified model
 with the same code for every defense, and writes ``record/<result_file>/defense/<name>/``
 (or ``defense/<result_name>/`` with ``--result_name``, e.g. one folder per seed):
@@ -104,7 +104,7 @@ class DefenseData:
     clean: ImageData
     info: DatasetInfo
     device: torch.device
-    amp: bool = True
+    amp: bool = False
     seed: int = 0
     monitor: Monitor | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
@@ -291,8 +291,11 @@ COMMON: list[Param] = [
     Param("yaml_path", str | None, None, "defense config (default: config/defense/<name>/<dataset>.yaml)"),
     Param("ratio", float, 0.05, "defender's clean data, as a fraction of the training set", check=cfg.fraction),
     Param("index", str | None, None, "file of clean training indices, one a line (instead of --ratio)"),
+    Param("exclude_poisoned", bool, False, "draw the clean subset only among training samples that were not "
+          "poisoned, and refuse an --index file naming poisoned ones (off: from all samples, as BackdoorBench; "
+          "the images are the clean versions either way)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
-    Param("amp", bool, True, "mixed precision on CUDA"),
+    Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
@@ -411,16 +414,28 @@ def result_folder_name(defense: str, result_name: str | None = None) -> str:
 
 
 def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, ratio: float, seed: int,
-                  index_file: str | None = None) -> torch.Tensor:
-    """The defender's clean subset: from ``index_file`` (BackdoorBench's format: one index
-    a line) or ``round(ratio * N)`` indices drawn with ``seed`` among the samples that
-    were not poisoned. Sorted."""
+                  index_file: str | None = None, exclude_poisoned: bool = False) -> torch.Tensor:
+    """The defender's clean subset, sorted: the indices in ``index_file`` or
+    ``int(ratio * N)`` indices drawn with ``seed`` from all N training samples.
+
+    As BackdoorBench (utils/choose_index.py: ``random.sample(range(N), int(N * ratio))``
+    on the clean training set, or ``np.loadtxt(index)``), a poisoned index may be drawn:
+    the harness takes the images from the clean dataset, so the defender holds the clean
+    version of that sample. ``index_file`` is BackdoorBench's format (``np.savetxt(...,
+    fmt='%d')``: one index a line, no header), so its index.txt files are read as they
+    are. With ``exclude_poisoned`` the draw skips the poisoned samples and a file naming
+    one is refused (this project's earlier rule).
+
+    Remaining deviations: the draw uses numpy's Generator seeded with ``seed``, not
+    Python's global ``random`` state, so the same seed picks other samples; repeated
+    indices in a file are kept once."""
     n = len(train_labels)
     if len(poison_indices) and (int(poison_indices.min()) < 0 or int(poison_indices.max()) >= n):
         raise UserError(f"the record's poison indices reach {int(poison_indices.max())}, but the training set has "
                         f"{n} samples: the record was not made on these dataset files")
     poisoned = torch.zeros(n, dtype=torch.bool)
-    poisoned[poison_indices] = True
+    if exclude_poisoned:
+        poisoned[poison_indices] = True
     if index_file is not None:
         try:
             with warnings.catch_warnings():  # an empty file: said below, in one line
@@ -435,10 +450,11 @@ def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, rati
             raise UserError(f"--index {index_file}: indices must be in 0..{n - 1}")
         if poisoned[idx].any():
             bad = idx[poisoned[idx]][:5].tolist()
-            raise UserError(f"--index {index_file}: indices {bad} are poisoned training samples")
+            raise UserError(f"--index {index_file}: indices {bad} are poisoned training samples "
+                            "(--exclude_poisoned refuses them)")
         return idx.unique()
     pool = torch.nonzero(~poisoned).flatten()
-    count = int(round(ratio * n))
+    count = int(ratio * n)
     if count < 1:
         raise UserError(f"--ratio {ratio} gives an empty clean subset ({n} training samples)")
     count = min(count, len(pool))
@@ -459,7 +475,7 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
                         f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
                         f"{data.info.num_classes}")
     idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
-                        values["index"])
+                        values["index"], values["exclude_poisoned"])
     return data, idx
 
 

@@ -2,7 +2,7 @@
 Backdooring Attacks on Deep Neural Networks", RAID 2018 (arXiv:1805.12185).
 
 Idea: a backdoor tends to live in neurons that clean inputs leave dormant. Run the
-defender's clean data through the model and record the mean activation of every channel
+defender's clean data (with the train transform, as BackdoorBench) through the model and record the mean activation of every channel
 of the last convolutional layer (the model's ``feature_layer``, whose channels feed the
 classifier); prune channels in increasing order of activation, one step at a time,
 while the clean accuracy stays within a tolerance of the unpruned model's; then fine-tune
@@ -27,8 +27,11 @@ Hyperparameters (BackdoorBench's config/defense/fp/, except where noted):
     momentum: SGD momentum (0.9)
     weight_decay: SGD weight decay (5e-4)
     lr_scheduler: per-epoch schedule of fine-tuning (CosineAnnealingLR)
+    rank_augment: the activation pass applies the dataset's train transform, one random
+        draw per sample, as BackdoorBench's (its loader is the clean subset with the train
+        transform; the model in eval mode) (on; off ranks on the images as they are)
 
-Deviations:
+Deviations from BackdoorBench that remain:
 * Where the accuracy is measured. BackdoorBench checks the clean accuracy of each pruning
   step on the TEST set, which leaks test data into the defense. Here, as in the paper
   (the defender's validation data), it is measured on a held-out part of the defender's
@@ -77,9 +80,11 @@ log = logging.getLogger("saubench")
 
 
 @torch.no_grad()
-def mean_activation(model: nn.Module, layer: nn.Module, data: DefenseData, batch_size: int = 256) -> torch.Tensor:
+def mean_activation(model: nn.Module, layer: nn.Module, data: DefenseData, batch_size: int = 256,
+                    augment: bool = False) -> torch.Tensor:
     """The mean output of each channel of ``layer`` over ``data`` (over samples and
-    positions), with the model in eval mode; a float32 vector on the CPU."""
+    positions), with the model in eval mode; a float32 vector on the CPU. With
+    ``augment``, each image goes through the dataset's train transform first."""
     total: list[torch.Tensor] = []
     count = [0]
 
@@ -93,7 +98,7 @@ def mean_activation(model: nn.Module, layer: nn.Module, data: DefenseData, batch
     model.eval()
     handle = layer.register_forward_hook(record)
     try:
-        for x, _ in data.batches(batch_size, shuffle=False):
+        for x, _ in data.batches(batch_size, shuffle=False, augment=augment):
             with data.autocast():
                 model(x)
     finally:
@@ -123,6 +128,7 @@ class FP(Defense):
         momentum: SGD momentum
         weight_decay: SGD weight decay
         lr_scheduler: per-epoch learning-rate schedule of fine-tuning
+        rank_augment: rank the channels on train-transformed images, as BackdoorBench (off: the images as they are)
     """
 
     paper = ("Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
@@ -139,10 +145,11 @@ class FP(Defense):
     def __init__(self, acc_ratio: float = 0.1, once_prune_ratio: float = 0.0, val_ratio: float = 0.2,
                  epochs: int = 100, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
                  weight_decay: float = 5e-4,
-                 lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR"):
+                 lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR", rank_augment: bool = True):
         self.acc_ratio, self.once_prune_ratio, self.val_ratio = acc_ratio, once_prune_ratio, val_ratio
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
+        self.rank_augment = rank_augment
         self._result: dict[str, Any] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
@@ -158,7 +165,7 @@ class FP(Defense):
         rank_data, held_out = data.split(self.val_ratio) if self.val_ratio > 0 else (data, data)
         if len(rank_data) == 0:  # a subset too small to split: rank on all of it
             rank_data = data
-        activation = mean_activation(model, module, rank_data, self.batch_size)
+        activation = mean_activation(model, module, rank_data, self.batch_size, augment=self.rank_augment)
         order = torch.argsort(activation, stable=True)  # least active first
         channels = len(order)
         step = max(1, math.ceil(channels * self.once_prune_ratio))

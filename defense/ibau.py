@@ -22,11 +22,17 @@ terms of its Neumann series. Each round, as in the official code: find one unive
 over the clean subset (one SGD step on G per batch, from zero), then one Adam step on theta
 per batch along the hypergradient, with that delta.
 
-Perturbations live in [0, 1] pixel space (the models normalise internally). As in the
-official code, x + delta is not clipped and, by default, the norm bound of the paper is
-only the penalty lmd * ||delta||^2; ``delta_bound`` projects delta onto the L2 ball of
-radius C after every search step (the official CIFAR-10 notebook projects once, after the
-search, with C = 10). The hypergradient differentiates the model twice: for it, Hardsigmoid
+The perturbation is searched in normalised space, as BackdoorBench and the official code
+add it to normalised inputs: the variable is delta_n and the model sees x + std * delta_n
+(the models normalise internally, (x - mean) / std per channel, so x + std * delta_n is
+normalised to x_n + delta_n). delta_lr, fp_lr, lmd and delta_bound therefore act on
+delta_n exactly as BackdoorBench's on its delta; in pixel space, with a per-channel std s,
+the same values would make steps 1/s^2 larger and the penalty 1/s^2 weaker. The
+perturbation handed between the search and the outer steps is the pixel-space
+std * delta_n. As in the official code, x + delta is not clipped and, by default, the norm
+bound of the paper is only the penalty lmd * ||delta_n||^2; ``delta_bound`` projects delta_n
+onto the L2 ball of radius C after every search step (the official CIFAR-10 notebook
+projects once, after the search, with C = 10). The hypergradient differentiates the model twice: for it, Hardsigmoid
 and Hardswish (MobileNetV3), which PyTorch cannot differentiate twice, are computed with
 clamp, and attention (ViT) by its math kernel.
 
@@ -36,19 +42,18 @@ BackdoorBench has none):
     K: fixed-point iterations of the hypergradient (5)
     batch_size: batch size (256; the official code: 100)
     lr: Adam learning rate of the outer step, constant (1e-4; the official code: 1e-3)
-    delta_lr: SGD learning rate of the perturbation search (10)
-    fp_lr: step size of the fixed-point map Phi (0.1)
-    lmd: weight of ||delta||_2^2 in the inner objective G (0.001)
+    delta_lr: SGD learning rate of the perturbation search, on delta_n (10)
+    fp_lr: step size of the fixed-point map Phi, on delta_n (0.1)
+    lmd: weight of ||delta_n||_2^2 in the inner objective G (0.001)
     inner_passes: passes of the perturbation search over the clean subset per round (1)
-    delta_bound: radius C of the L2 ball delta is projected onto after every search step
+    delta_bound: radius C of the L2 ball delta_n is projected onto after every search step
         (none: unbounded, as the official defense.py and BackdoorBench)
-    portion: share of each batch that carries delta in the outer loss (1.0)
+    portion: share of each batch that carries delta in the outer loss (0.01, BackdoorBench's
+        and the official code's hard-coded value: int(0.01 * batch) samples, so none at all
+        in batches under 100; 1.0 is the paper's H, every sample perturbed)
     augment: apply the dataset's train transform to the batches (off)
 
-Deviations, each stated:
-* The outer loss perturbs every sample of the batch (``portion=1``), as the paper's H
-  does; the official code and BackdoorBench add delta to a random 1% of each batch
-  (``portion=0.01``; int(0.01 * batch) samples, so none at all in batches under 100).
+Deviations from BackdoorBench that remain, each stated:
 * The fixed-point map uses the current batch; the official code and BackdoorBench always
   use the first batch of the loader.
 * The perturbation search uses the true labels, as H does; the official code uses the
@@ -148,12 +153,12 @@ class IBAU(Defense):
         K: fixed-point iterations that approximate the inverse Hessian-vector product
         batch_size: batch size of the search and the outer steps
         lr: Adam learning rate of the outer step (constant)
-        delta_lr: SGD learning rate of the universal perturbation search
-        fp_lr: step size of the fixed-point map delta - fp_lr * dG/ddelta
-        lmd: weight of the squared L2 norm of delta in the inner objective
+        delta_lr: SGD learning rate of the universal perturbation search (on the normalised-space delta_n)
+        fp_lr: step size of the fixed-point map delta_n - fp_lr * dG/ddelta_n
+        lmd: weight of the squared L2 norm of delta_n in the inner objective
         inner_passes: passes of the perturbation search over the clean subset per round
-        delta_bound: radius of the L2 ball delta is projected onto after every search step (none: unbounded)
-        portion: share of each batch that carries delta in the outer loss (official code: 0.01)
+        delta_bound: radius of the L2 ball delta_n is projected onto after every search step (none: unbounded)
+        portion: share of each batch that carries delta in the outer loss (BackdoorBench: 0.01; the paper: 1.0)
         augment: apply the dataset's train transform to the batches
     """
 
@@ -170,7 +175,7 @@ class IBAU(Defense):
 
     def __init__(self, epochs: int = 5, K: int = 5, batch_size: int = 256, lr: float = 1e-4, delta_lr: float = 10.0,
                  fp_lr: float = 0.1, lmd: float = 0.001, inner_passes: int = 1, delta_bound: float | None = None,
-                 portion: float = 1.0, augment: bool = False):
+                 portion: float = 0.01, augment: bool = False):
         self.epochs, self.K, self.batch_size, self.lr = epochs, K, batch_size, lr
         self.delta_lr, self.fp_lr, self.lmd = delta_lr, fp_lr, lmd
         self.inner_passes, self.delta_bound = inner_passes, delta_bound
@@ -204,66 +209,93 @@ class IBAU(Defense):
         (and its gradient scaled back), so that small gradients do not underflow."""
         return 1024.0 if data.amp and amp_dtype(data.device) == torch.float16 else 1.0
 
+    @staticmethod
+    def input_std(model: nn.Module, data: DefenseData, like: torch.Tensor) -> torch.Tensor:
+        """The per-channel std of the model's normalisation (1 x C x 1 x 1): a delta_n in
+        normalised space is std * delta_n in pixel space. The model's own
+        :class:`~utils.models.Normalize` where it has one, else the dataset's std."""
+        normalize = getattr(model, "normalize", None)
+        std = getattr(normalize, "std", None)
+        if not isinstance(std, torch.Tensor):
+            std = torch.tensor(list(data.info.std), dtype=torch.float32)
+        return std.detach().to(device=like.device, dtype=like.dtype).reshape(1, -1, 1, 1)
+
     def inner_objective(self, model: nn.Module, data: DefenseData, x: torch.Tensor, y: torch.Tensor,
-                        delta: torch.Tensor) -> torch.Tensor:
-        """G(delta, theta) = -CE(f(x + delta), y) + lmd * ||delta||^2 (mean over the batch)."""
+                        delta_n: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """G(delta_n, theta) = -CE(f(x + std * delta_n), y) + lmd * ||delta_n||^2 (mean over
+        the batch): BackdoorBench's loss_inner on normalised inputs x_n + delta_n."""
         with data.autocast():
-            logits = model(x + delta)
-        return -F.cross_entropy(logits.float(), y) + self.lmd * delta.float().pow(2).sum()
+            logits = model(x + std * delta_n)
+        return -F.cross_entropy(logits.float(), y) + self.lmd * delta_n.float().pow(2).sum()
 
     def find_perturbation(self, model: nn.Module, data: DefenseData, like: torch.Tensor,
                           generator: torch.Generator, epoch: int = 0) -> tuple[torch.Tensor, float]:
-        """One universal delta (shape 1 x C x H x W) from zero: one SGD step on G per batch,
-        ``inner_passes`` passes. Returns delta and the mean cross-entropy of the last pass
+        """One universal perturbation from zero: one SGD step on G per batch over delta_n
+        (shape 1 x C x H x W, normalised space), ``inner_passes`` passes. Returns the
+        pixel-space delta = std * delta_n and the mean cross-entropy of the last pass
         (each batch measured just before its step)."""
         scale = self.inner_scale(data)
-        delta = torch.zeros_like(like, requires_grad=True)
-        optimizer = torch.optim.SGD([delta], lr=self.delta_lr)
+        std = self.input_std(model, data, like)
+        delta_n = torch.zeros_like(like, requires_grad=True)
+        optimizer = torch.optim.SGD([delta_n], lr=self.delta_lr)
         total, seen = 0.0, 0
         for _ in range(self.inner_passes):
             total, seen = 0.0, 0
             for x, y in data.batches(self.batch_size, augment=self.augment, generator=generator):
-                objective = self.inner_objective(model, data, x, y, delta)
+                objective = self.inner_objective(model, data, x, y, delta_n, std)
                 check_finite(objective, epoch, seen // self.batch_size, "inner objective")
-                (grad,) = torch.autograd.grad(objective * scale, delta)
-                total += (self.lmd * float(delta.detach().pow(2).sum()) - objective.item()) * len(y)  # the CE
+                (grad,) = torch.autograd.grad(objective * scale, delta_n)
+                total += (self.lmd * float(delta_n.detach().pow(2).sum()) - objective.item()) * len(y)  # the CE
                 seen += len(y)
                 optimizer.zero_grad(set_to_none=True)
-                delta.grad = grad / scale
+                delta_n.grad = grad / scale
                 optimizer.step()
                 if self.delta_bound is not None:
                     with torch.no_grad():
-                        delta.mul_((self.delta_bound / delta.norm().clamp_min(1e-12)).clamp(max=1.0))
-        return delta.detach(), total / max(seen, 1)
+                        delta_n.mul_((self.delta_bound / delta_n.norm().clamp_min(1e-12)).clamp(max=1.0))
+        return (std * delta_n).detach(), total / max(seen, 1)
+
+    def hypergradient(self, model: nn.Module, params: list[torch.Tensor], data: DefenseData, x: torch.Tensor,
+                      y: torch.Tensor, delta: torch.Tensor, carries: torch.Tensor,
+                      scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The implicit hypergradient of the outer loss CE(f(x + carries * delta), y) on this
+        batch with respect to ``params``, and that loss. The fixed point and its map are
+        taken over delta_n = delta / std (BackdoorBench's normalised-space variable):
+        Phi(delta_n) = delta_n - fp_lr * dG/ddelta_n."""
+        value = {}
+        scale = self.inner_scale(data)
+        std = self.input_std(model, data, delta)
+
+        def outer_loss(d_n: torch.Tensor, _params: Sequence[torch.Tensor]) -> torch.Tensor:
+            with data.autocast():
+                logits = model(x + carries * (std * d_n))
+            loss = F.cross_entropy(logits.float(), y)
+            value["loss"] = loss.detach()
+            return scale_loss(loss)
+
+        def fixed_point_map(d_n: torch.Tensor, _params: Sequence[torch.Tensor]) -> torch.Tensor:
+            objective = self.inner_objective(model, data, x, y, d_n, std)
+            (grad,) = torch.autograd.grad(objective * scale, d_n, create_graph=True)
+            return d_n - self.fp_lr * grad / scale
+
+        with twice_differentiable(model):
+            grads = implicit_hypergradient(delta / std, params, fixed_point_map, outer_loss, self.K)
+        return grads, value["loss"]
 
     def outer_step(self, model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, data: DefenseData, x: torch.Tensor, y: torch.Tensor,
                    delta: torch.Tensor, carries: torch.Tensor, epoch: int, step: int) -> float:
-        """One Adam step along the implicit hypergradient of the outer loss on this batch."""
-        value = {}
-        scale = self.inner_scale(data)
-
-        def outer_loss(d: torch.Tensor, _params: Sequence[torch.Tensor]) -> torch.Tensor:
-            with data.autocast():
-                logits = model(x + carries * d)
-            loss = F.cross_entropy(logits.float(), y)
-            value["loss"] = loss.detach()
-            return scaler.scale(loss)
-
-        def fixed_point_map(d: torch.Tensor, _params: Sequence[torch.Tensor]) -> torch.Tensor:
-            objective = self.inner_objective(model, data, x, y, d)
-            (grad,) = torch.autograd.grad(objective * scale, d, create_graph=True)
-            return d - self.fp_lr * grad / scale
-
-        with twice_differentiable(model):
-            grads = implicit_hypergradient(delta, params, fixed_point_map, outer_loss, self.K)
-        check_finite(value["loss"], epoch, step)
+        """One Adam step along the implicit hypergradient of the outer loss on this batch
+        (``delta`` in pixel space, as :meth:`find_perturbation` returns it)."""
+        grads, loss = self.hypergradient(model, params, data, x, y, delta, carries, scaler.scale)
+        check_finite(loss, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g.detach()
         scaler.step(optimizer)
         scaler.update()
-        return float(value["loss"])
+        return float(loss)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,20 @@ def test_all2all_for_every_label_flipping_attack(name, tmp_path):
         assert torch.equal(record.bd_train.labels, (record.bd_train.original_labels + 1) % 10)
 
 
+def test_exclude_target_class_poisons_non_target_samples_only(tmp_path):
+    quick("badnet", tmp_path, epochs=0, exclude_target_class=True)
+    record = load_record(tmp_path / "badnet")
+    data = load_dataset("digits")
+    assert len(record.poison_indices) == round(0.1 * len(data.train))
+    assert torch.all(data.train.labels[record.poison_indices] != 0)
+    assert torch.equal(record.bd_test.indices, torch.nonzero(data.test.labels != 0).flatten())  # bd test unchanged
+
+
+def test_mixed_precision_is_opt_in():
+    assert resolve_config("badnet", [], {"dataset": "digits"})["amp"] is False
+    assert resolve_config("badnet", ["--amp"], {"dataset": "digits"})["amp"] is True
+
+
 def test_clean_label_attacks_refuse_all2all(tmp_path):
     clean_label = [n for n in NAMES if attack.ATTACKS.get(n).kind == "clean-label"]
     assert clean_label
@@ -112,8 +126,10 @@ def test_badnet_on_digits_record_contents(digits_record_root):
     record = load_record(digits_record_root / "badnet_digits")
     data = load_dataset("digits")
     assert len(record.poison_indices) == round(0.1 * len(data.train))
-    assert torch.all(data.train.labels[record.poison_indices] != 0)
+    # BackdoorBench's draw: all samples, so some target-class samples are poisoned (and keep label 0)
+    assert (data.train.labels[record.poison_indices] == 0).any()
     assert torch.all(record.bd_train.labels == 0)
+    assert record.config["exclude_target_class"] is False and record.config["amp"] is False
     assert torch.all(record.bd_test.images[:, :, -1, -1] == 255)  # the 1x1 patch at 8x8
     assert record.attack_params == {"patch_size": 0} and int(record.extras["patch_size"]) == 1
     assert record.config["epochs"] == 12 and record.config["model"] == "cnn"

@@ -43,21 +43,39 @@ def test_python_and_command_line_give_the_same_summary(record_root, tmp_path):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_clean_subset_never_holds_a_poisoned_index(seed):
+def test_clean_subset_with_exclude_poisoned_never_holds_a_poisoned_index(seed):
     labels = torch.arange(200) % 10
     poisoned = torch.from_numpy(np.random.default_rng(seed).choice(200, 60, replace=False))
-    idx = clean_indices(labels, poisoned, 0.25, seed)
+    idx = clean_indices(labels, poisoned, 0.25, seed, exclude_poisoned=True)
     assert len(idx) == 50 and len(set(idx.tolist())) == 50
     assert not set(idx.tolist()) & set(poisoned.tolist())
-    assert torch.equal(idx, clean_indices(labels, poisoned, 0.25, seed))
+    assert torch.equal(idx, clean_indices(labels, poisoned, 0.25, seed, exclude_poisoned=True))
 
 
-def test_saved_indices_are_clean_and_follow_ratio(record_root):
+def test_clean_subset_is_drawn_from_all_samples_with_int_rounding_by_default():
+    """BackdoorBench's choose_index: int(N * ratio) of all N samples, poisoned ones included."""
+    labels = torch.arange(200) % 10
+    poisoned = torch.arange(0, 200, 2)  # half the training set
+    drawn = [set(clean_indices(labels, poisoned, 0.25, seed).tolist()) for seed in range(5)]
+    assert all(len(d) == 50 for d in drawn)
+    assert all(d & set(poisoned.tolist()) for d in drawn)  # about 25 poisoned indices each
+    assert len(clean_indices(labels, poisoned, 0.0549, 0)) == 10  # int(10.98), not round
+    assert len(clean_indices(labels, poisoned, 0.0549, 0, exclude_poisoned=True)) == 10
+
+
+def test_saved_indices_follow_ratio(record_root):
     summary = sau(record_root, epochs=1, ratio=0.1)
-    record = load_record(record_root / "badnet_digits")
     saved = [int(line) for line in (record_root / "badnet_digits/defense/sau/index.txt").read_text().split()]
-    assert len(saved) == summary["clean_samples"] == round(0.1 * 1437)
-    assert not set(saved) & set(record.poison_indices.tolist())
+    assert len(saved) == summary["clean_samples"] == int(0.1 * 1437) == 143
+    assert summary["config"]["exclude_poisoned"] is False
+
+
+def test_mixed_precision_is_opt_in_for_defenses():
+    from defense.base import COMMON, DefenseData
+
+    amp = {p.name: p for p in COMMON}["amp"]
+    assert amp.default is False and "opt-in; BackdoorBench runs fp32" in amp.help
+    assert DefenseData.__dataclass_fields__["amp"].default is False
 
 
 def test_index_file_is_used_and_checked(record_root, tmp_path):
@@ -72,8 +90,23 @@ def test_index_file_is_used_and_checked(record_root, tmp_path):
     with pytest.raises(UserError, match=r"--index .*bad.txt: indices must be in 0\.\.1436"):
         sau(record_root, epochs=1, index=str(bad), overwrite=True)
     bad.write_text(f"{clean[0]}\n{sorted(poisoned)[0]}\n")
-    with pytest.raises(UserError, match="are poisoned training samples"):
-        sau(record_root, epochs=1, index=str(bad), overwrite=True)
+    with pytest.raises(UserError, match=r"are poisoned training samples \(--exclude_poisoned refuses them\)"):
+        sau(record_root, epochs=1, index=str(bad), overwrite=True, exclude_poisoned=True)
+
+
+def test_backdoorbench_index_file_with_poisoned_indices_is_accepted(record_root, tmp_path):
+    """BackdoorBench writes its index.txt with np.savetxt(fmt='%d') over all samples,
+    poisoned ones included; --index reads such a file as it is."""
+    record = load_record(record_root / "badnet_digits")
+    poisoned = sorted(set(record.poison_indices.tolist()))
+    rng = np.random.default_rng(3)
+    chosen = np.concatenate([rng.choice(1437, 30, replace=False), poisoned[:5]])  # unsorted, as random.sample
+    path = tmp_path / "index.txt"
+    np.savetxt(path, chosen, fmt="%d")  # BackdoorBench's writer
+    summary = sau(record_root, epochs=1, index=str(path))
+    assert summary["clean_samples"] == len(set(chosen.tolist()))
+    saved = [int(line) for line in (record_root / "badnet_digits/defense/sau/index.txt").read_text().split()]
+    assert saved == sorted(set(chosen.tolist())) and set(poisoned[:5]) <= set(saved)
 
 
 def test_existing_result_is_refused_without_overwrite(record_root):

@@ -25,6 +25,25 @@ def test_mean_activation_is_the_channel_mean_of_the_feature_layer(digits_defende
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_channels_are_ranked_on_train_transformed_images_by_default(digits_defender, monkeypatch):
+    """BackdoorBench's activation pass reads the clean subset through its train transform."""
+    record, data = digits_defender
+    model = record.build_model().eval()
+    assert FP().rank_augment is True
+    seen = []
+    monkeypatch.setattr(type(data), "augment", lambda self, x: seen.append(len(x)) or torch.zeros_like(x))
+    FP(epochs=0, once_prune_ratio=0.05, val_ratio=0.0).prune(model, data)
+    assert sum(seen) == len(data)  # every image once, transformed
+    fresh = record.build_model().eval()
+    blank = mean_activation(fresh, fresh.feature_module(), data, augment=True)  # every image "transformed" to 0
+    x, _ = data.tensors()
+    with torch.no_grad():
+        assert torch.allclose(blank, features(fresh, torch.zeros_like(x[:1])).mean(dim=(0, 2, 3)), atol=1e-5)
+    seen.clear()
+    FP(epochs=0, once_prune_ratio=0.05, val_ratio=0.0, rank_augment=False).prune(record.build_model(), data)
+    assert seen == []
+
+
 def test_prunes_the_least_active_channels_while_accuracy_stays_within_the_bound(digits_defender):
     record, data = digits_defender
     model = record.build_model()

@@ -1,12 +1,16 @@
-"""i-BAU: the implicit hypergradient against its closed form on a quadratic problem, and
-the universal perturbation search on the backdoored digits model."""
+"""i-BAU: the implicit hypergradient against its closed form on a quadratic problem,
+BackdoorBench's normalised-space steps against the project's, and the universal
+perturbation search on the backdoored digits model."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defense.base import DefenseData
 from defense.ibau import IBAU, implicit_hypergradient, twice_differentiable
+from utils.datasets import ImageData, dataset_info
+from utils.models import create_model
 
 
 def quadratic_problem(seed: int = 0):
@@ -68,10 +72,12 @@ def test_universal_perturbation_raises_the_backdoored_models_loss(digits_defende
     record, data = digits_defender
     model = record.build_model().eval()
     x, y = data.tensors()
-    ibau = IBAU(batch_size=50, delta_lr=1.0, delta_bound=1.5, inner_passes=2)
+    # digits' std is 0.5: delta_lr 4 on delta_n is a pixel-space step of 1, the bound 3 on
+    # ||delta_n|| a pixel-space bound of 1.5
+    ibau = IBAU(batch_size=50, delta_lr=4.0, delta_bound=3.0, inner_passes=2)
     delta, reached = ibau.find_perturbation(model, data, x[:1], data.generator())
     assert delta.shape == (1, *x.shape[1:])
-    assert float(delta.norm()) <= 1.5 + 1e-5
+    assert float(delta.norm()) <= 0.5 * 3.0 + 1e-5
     with torch.no_grad():
         clean_loss = F.cross_entropy(model(x), y)
         adv_logits = model(x + delta)
@@ -85,7 +91,7 @@ def test_a_round_lowers_the_loss_under_the_round_perturbation(digits_defender):
     model = record.build_model().eval()
     x, y = data.tensors()
     x, y = x[:100], y[:100]
-    ibau = IBAU(epochs=1, batch_size=50, lr=1e-3, delta_lr=1.0, delta_bound=1.5)
+    ibau = IBAU(epochs=1, batch_size=50, lr=1e-3, delta_lr=4.0, delta_bound=3.0)
     torch.manual_seed(0)
     delta, _ = ibau.find_perturbation(model, data, x[:1], data.generator(5))
     with torch.no_grad():
@@ -121,3 +127,89 @@ def test_hard_activations_are_differentiated_twice_and_restored():
         grads = hypergradient()
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert "forward" not in vars(model[2]) and "forward" not in vars(model[4])  # restored
+
+
+# -- BackdoorBench's procedure, on normalised inputs ----------------------------------------------
+
+STD = (0.25, 0.5, 0.1)
+
+
+def tiny_setup(seed: int = 0):
+    """A small cnn on 3 x 8 x 8 inputs with per-channel std STD, and 16 clean samples."""
+    torch.manual_seed(seed)
+    model = create_model("cnn", num_classes=3, in_channels=3, img_size=(8, 8), mean=(0.4, 0.5, 0.6), std=STD).eval()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (16, 3, 8, 8), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (16,), generator=g)
+    data = DefenseData(ImageData(images, labels), dataset_info("cifar10"), torch.device("cpu"))
+    x, y = data.tensors()
+    return model, data, x, y
+
+
+def backdoorbench_search(net, x_n, y, lr, passes):
+    """BackdoorBench's search (defense/i-bau.py): SGD on batch_pert, added to normalised
+    images, loss mean(-CE) + 0.001 * ||batch_pert||^2 (one batch, ``passes`` steps)."""
+    pert = torch.zeros(1, *x_n.shape[1:], requires_grad=True)
+    opt = torch.optim.SGD([pert], lr=lr)
+    for _ in range(passes):
+        loss = torch.mean(-F.cross_entropy(net(x_n + pert), y, reduction="none")) + 0.001 * torch.norm(pert) ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return pert.detach()
+
+
+def backdoorbench_hypergradient(net, params, x_n, y, pert, patching_mask, K):
+    """BackdoorBench's fixed_point(pert, params, K, GradientDescent(loss_inner, 0.1),
+    loss_outer) written out: inner loss mean(-CE) + 0.001 ||p||^2 on x_n + p, outer loss
+    CE on x_n + mask * p, vs from zero, K iterations."""
+    p = pert.detach().requires_grad_(True)
+    outer = F.cross_entropy(net(x_n + patching_mask * p), y)
+    (gow,) = torch.autograd.grad(outer, p, retain_graph=True)
+    goh = torch.autograd.grad(outer, params, allow_unused=True)
+    inner = torch.mean(-F.cross_entropy(net(x_n + p), y, reduction="none")) + 0.001 * torch.norm(p) ** 2
+    (g,) = torch.autograd.grad(inner, p, create_graph=True)
+    w_mapped = p - 0.1 * g
+    vs = torch.zeros_like(p)
+    for _ in range(K):
+        (vs,) = torch.autograd.grad(w_mapped, p, grad_outputs=vs, retain_graph=True)
+        vs = vs + gow
+    grads = torch.autograd.grad(w_mapped, params, grad_outputs=vs, allow_unused=True)
+    return [v if h is None else h + v for h, v in zip(grads, goh)]
+
+
+def test_perturbation_search_equals_backdoorbenchs_step_in_normalised_space():
+    model, data, x, y = tiny_setup()
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    x_n = model.normalize(x)
+    reference = backdoorbench_search(model.net, x_n, y, lr=10.0, passes=2)
+    assert reference.abs().max() > 1e-3  # a step was taken
+    ibau = IBAU(batch_size=len(y), delta_lr=10.0, inner_passes=2)
+    delta, _ = ibau.find_perturbation(model, data, x[:1], data.generator())
+    assert torch.allclose(delta, std * reference, rtol=1e-4, atol=1e-6)  # pixel delta = std * delta_n
+    # The same values applied in pixel space (the earlier procedure) are another step.
+    pixel = torch.zeros_like(reference, requires_grad=True)
+    loss = -F.cross_entropy(model(x + pixel), y) + 0.001 * pixel.pow(2).sum()
+    (grad,) = torch.autograd.grad(loss, pixel)
+    first_n = backdoorbench_search(model.net, x_n, y, lr=10.0, passes=1)
+    assert not torch.allclose(-10.0 * grad, std * first_n, rtol=1e-2)
+
+
+def test_hypergradient_equals_backdoorbenchs_in_normalised_space():
+    model, data, x, y = tiny_setup(1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    x_n = model.normalize(x)
+    pert = backdoorbench_search(model.net, x_n, y, lr=10.0, passes=1)
+    mask = torch.zeros(len(y), 1, 1, 1)
+    mask[[1, 4, 9]] = 1.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = backdoorbench_hypergradient(model.net, params, x_n, y, pert, mask, K=5)
+    ibau = IBAU(K=5, fp_lr=0.1, lmd=0.001)
+    ours, _ = ibau.hypergradient(model, params, data, x, y, std * pert, mask)
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(b.abs().sum() > 0 for b in reference)
+
+
+def test_backdoorbench_portion_is_the_default():
+    assert IBAU().portion == 0.01

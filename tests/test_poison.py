@@ -46,17 +46,30 @@ def test_label_transforms():
         target_labels(y, "one2one", 0, 10)
 
 
-def test_dirty_label_selection_count_excludes_target_and_is_seeded():
+def test_dirty_label_selection_draws_from_all_samples_by_default_and_is_seeded():
+    """BackdoorBench: round(pratio * N) of all N samples, target class included."""
     idx = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
                                 rng=np.random.default_rng(1))
     assert len(idx) == 5 and len(set(idx.tolist())) == 5
-    assert torch.all(LABELS[idx] != 0)
     assert torch.equal(idx, idx.sort().values)
     again = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
                                   rng=np.random.default_rng(1))
     other = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
                                   rng=np.random.default_rng(2))
     assert torch.equal(idx, again) and not torch.equal(idx, other)
+    hits = [bool((LABELS[select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
+                                               rng=np.random.default_rng(seed))] == 0).any()) for seed in range(10)]
+    assert any(hits)  # some draws poison a target-class sample
+    everything = select_poison_indices(LABELS, 1.0, label_trans="all2one", target=0, clean_label=False,
+                                       rng=np.random.default_rng(0))
+    assert everything.tolist() == list(range(20))
+
+
+def test_dirty_label_selection_with_exclude_target_class_skips_the_target():
+    for seed in range(10):
+        idx = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
+                                    rng=np.random.default_rng(seed), exclude_target_class=True)
+        assert len(idx) == 5 and torch.all(LABELS[idx] != 0)
 
 
 def test_all2all_selection_may_take_any_class():

@@ -286,12 +286,14 @@ def test_index_files_out_of_range_poisoned_or_unreadable(monkeypatch, capsys, re
     poisoned = sorted(load_record(record_root / "badnet_digits").poison_indices.tolist())
     clean = next(i for i in range(1437) if i not in set(poisoned))
     index = tmp_path / "index.txt"
-    for text, message in [("1\n99999\n", "indices must be in 0..1436"),
-                          (f"{clean}\n{poisoned[0]}\n", f"indices [{poisoned[0]}] are poisoned training samples"),
-                          ("one\ntwo\n", "cannot read clean indices"), ("", "the file holds no index")]:
+    for text, message, extra in [
+            ("1\n99999\n", "indices must be in 0..1436", ()),
+            (f"{clean}\n{poisoned[0]}\n", f"indices [{poisoned[0]}] are poisoned training samples "
+             "(--exclude_poisoned refuses them)", ("--exclude_poisoned",)),  # accepted without the flag
+            ("one\ntwo\n", "cannot read clean indices", ()), ("", "the file holds no index", ())]:
         index.write_text(text)
         line = refused(monkeypatch, capsys, record_root, "defense/sau.py",
-                       *sau_args(record_root, "--index", str(index)))
+                       *sau_args(record_root, "--index", str(index), *extra))
         assert f"--index {index}: {message}" in line
 
 

@@ -55,15 +55,29 @@ def eligible(labels: torch.Tensor, label_trans: LabelTrans, target: int) -> torc
 
 
 def select_poison_indices(labels: torch.Tensor, pratio: float, *, label_trans: LabelTrans, target: int,
-                          clean_label: bool, rng: np.random.Generator) -> torch.Tensor:
+                          clean_label: bool, rng: np.random.Generator,
+                          exclude_target_class: bool = False) -> torch.Tensor:
     """Seeded choice of the poisoned training samples, sorted.
 
-    Dirty-label: ``round(pratio * N)`` samples among those whose label changes (for
-    all2one, every class but the target), as BackdoorBench does. Clean-label:
-    ``round(pratio * N)`` samples of the target class, capped at its size with a warning."""
+    Dirty-label: ``round(pratio * N)`` samples drawn from all N training samples, as
+    BackdoorBench does (utils/backdoor_generate_poison_index.py: "in train state, all2one
+    non-clean-label case NO NEED TO AVOID target class img"); under all2one a chosen
+    target-class sample gets the trigger and keeps its label, and is one of the poison
+    indices. With ``exclude_target_class`` (all2one only; this project's earlier rule)
+    the draw skips the target class, so that every poisoned sample changes its label.
+    Clean-label: ``round(pratio * N)`` samples of the target class, capped at its size
+    with a warning (as BackdoorBench, which fails rather than caps).
+
+    Remaining deviation: the draw uses ``rng`` (numpy's Generator), not BackdoorBench's
+    global ``np.random.choice``, so the same seed chooses other samples."""
     n = len(labels)
     count = int(round(pratio * n))
-    pool = torch.nonzero(labels == target).flatten() if clean_label else eligible(labels, label_trans, target)
+    if clean_label:
+        pool = torch.nonzero(labels == target).flatten()
+    elif exclude_target_class:
+        pool = eligible(labels, label_trans, target)
+    else:
+        pool = torch.arange(n)
     if count > len(pool):
         log.warning("pratio %.3f asks for %d poisoned samples but only %d are eligible; using %d",
                     pratio, count, len(pool), len(pool))
