@@ -198,12 +198,13 @@ class ValidationSplit:
 
 
 def validation_split(defender: DefenseData, record: AttackRecord, fraction: float = 0.2, seed: int = 0,
-                     max_backdoor: int | None = 1000) -> ValidationSplit:
+                     max_backdoor: int | None = 1000, held_indices: torch.Tensor | None = None) -> ValidationSplit:
     """Cut a validation split from what the defender holds: ``fraction`` of the clean
     subset (at least one sample, at least one left to train on), drawn with ``seed``, and
     up to ``max_backdoor`` of the record's poisoned training images whose label differs
-    from their true one (drawn with ``seed``). The train part keeps the defender's
-    device, precision and seed, without a monitor or checkpoint."""
+    from their true one (drawn with ``seed``), leaving out those whose clean version the
+    defender holds (``held_indices``: the clean subset's training indices). The train
+    part keeps the defender's device, precision and seed, without a monitor or checkpoint."""
     n = len(defender.clean)
     if n < 2:
         raise UserError(f"the defender's clean subset has {n} sample(s): too few to hold out a validation part "
@@ -221,7 +222,10 @@ def validation_split(defender: DefenseData, record: AttackRecord, fraction: floa
         keep = torch.zeros(0, dtype=torch.long)
         c, h, w = defender.clean.images.shape[1:]
         poisoned = PoisonedSet(torch.zeros(0, c, h, w, dtype=torch.uint8), keep, keep, keep)
-    keep = torch.nonzero(poisoned.labels != poisoned.original_labels).flatten()
+    usable = poisoned.labels != poisoned.original_labels
+    if held_indices is not None:
+        usable &= ~torch.isin(poisoned.indices, torch.as_tensor(held_indices, dtype=torch.long))
+    keep = torch.nonzero(usable).flatten()
     if max_backdoor is not None and len(keep) > max_backdoor:
         keep = keep[torch.randperm(len(keep), generator=generator)[:max_backdoor]].sort().values
     backdoor = PoisonedSet(poisoned.images[keep], poisoned.labels[keep], poisoned.original_labels[keep],

@@ -208,7 +208,7 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
 
     data, idx = load_inputs(record, base)  # the training split and the clean indices only
     defender = DefenseData(data.train.subset(idx), data.info, device, base["amp"], base["random_seed"])
-    split = validation_split(defender, record, values["val_ratio"], values["seed"], values["val_backdoor"])
+    split = validation_split(defender, record, values["val_ratio"], values["seed"], values["val_backdoor"], idx)
     if len(split.backdoor) == 0:
         raise UserError(f"{record.path}: the record keeps no poisoned training images whose label the attack "
                         f"changed (bd_train; attack {record.attack}), so the validation ASR cannot be estimated")

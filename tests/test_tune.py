@@ -73,6 +73,9 @@ def test_validation_split_is_seeded_disjoint_and_cut_from_poisoned_training_imag
     assert split.train.monitor is None and split.train.checkpoint is None
     few = validation_split(defender, record, 0.25, seed=3, max_backdoor=5)
     assert len(few.backdoor) == 5
+    held = record.bd_train.indices[:10]
+    assert not set(validation_split(defender, record, 0.25, seed=3, held_indices=held).backdoor.indices.tolist()) \
+        & set(held.tolist())
     without = validation_split(defender, dataclasses.replace(record, bd_train=None), 0.25, seed=3)
     assert len(without.backdoor) == 0
 
