@@ -259,7 +259,11 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[s
     if values["html"]:
         from utils.report import html_page
 
-        save_text(html_page(table, plots), out_dir / "index.html")
+        import html
+
+        line = f'<p id="recipes">{html.escape(RECIPE_LINES[family])}</p>'
+        page = html_page(table, plots).replace("</h1>", "</h1>" + line, 1)
+        save_text(page, out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
     return {**data, "markdown": texts[values["rows"]], "failed": len(table.failed), "outputs": [str(p) for p in outputs]}

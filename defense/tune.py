@@ -24,7 +24,9 @@ backdoored model on the same split). ``--max_epochs`` caps the range of ``epochs
 
 Where it writes, inside the record: ``record/<result_file>/tune/<NAME>/``: study.db (the
 Optuna study, SQLite: running the command again resumes it, adding trials up to
-``--trials``; a study made with other settings is refused unless ``--overwrite``),
+``--trials``, though the sampler restarts from its seed, so the added trials may differ
+from those of an uninterrupted study; a study made with other settings is refused
+unless ``--overwrite``; trials a killed run left running are marked failed),
 recipe.yaml (the defense's full recipe with the best values, ``recipe: tuned`` naming
 the study; what ``--yaml_path`` and ``compare --recipes tuned`` read) and summary.json
 (trials, best value and parameters, seed, objective, budget, every trial's numbers).

@@ -103,7 +103,7 @@ def test_tune_never_reads_the_test_set_and_compare_runs_its_recipe(record_root, 
     monkeypatch.undo()
 
     table = compare.run(result_file=["badnet_digits"], record_root=str(record_root), defenses=["sau", "ft"],
-                        recipes="tuned", device="cpu", plots=False, quiet=True)
+                        recipes="tuned", device="cpu", plots=False, html=True, quiet=True)
     assert table["recipes"] == "tuned" and "Recipes: tuned" in table["markdown"]
     rows = {r["defense"]: r for r in table["rows"]}
     assert rows["sau"]["n"] == 1 and rows["sau"]["asr"] is not None
@@ -113,7 +113,8 @@ def test_tune_never_reads_the_test_set_and_compare_runs_its_recipe(record_root, 
     assert result["config"]["lr"] == pytest.approx(summary["best_params"]["lr"])
     assert not set(result["config"]) & cfg.RECIPE_KEYS  # metadata, not config
     assert not (record_root / "badnet_digits" / "defense" / "ft_tuned").exists()
-    assert (record_root / "compare" / "badnet_digits_tuned" / "table.md").is_file()
+    out = record_root / "compare" / "badnet_digits_tuned"
+    assert "Recipes: tuned" in (out / "table.md").read_text() and 'id="recipes"' in (out / "index.html").read_text()
 
 
 def test_a_study_resumes_up_to_n_trials_and_refuses_other_settings(record_root):
@@ -127,7 +128,8 @@ def test_a_study_resumes_up_to_n_trials_and_refuses_other_settings(record_root):
         tune("ft", trials=3, option=["epochs=2"], **common)
     assert tune("ft", trials=1, option=["epochs=2"], overwrite=True, **common)["trials"] == 1
     again = tune("ft", trials=2, option=["epochs=1"], overwrite=True, **common)  # same seed, same study
-    assert [(t["params"], t["value"]) for t in again["history"]] == [(t["params"], t["value"]) for t in first["history"]]
+    assert [(t["params"], t["value"]) for t in again["history"]] == \
+        [(t["params"], t["value"]) for t in first["history"]]
 
 
 def test_tune_refuses_what_it_cannot_do(record_root):
