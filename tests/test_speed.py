@@ -86,3 +86,99 @@ def test_cached_reference_labels_give_the_same_search():
     calls.clear()
     assert torch.equal(sae(x, y, cached), delta)
     assert len(calls) == without - 1  # no pass over x for f_ref's clean labels
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+def test_evaluation_is_one_float32_pass_per_test_image_even_under_autocast(digits_record_root):
+    from utils.datasets import load_dataset
+    from utils.records import load_record
+
+    record = load_record(digits_record_root / "badnet_digits")
+    test = load_dataset("digits").test
+    model = record.build_model().eval()
+    seen: list[int] = []
+    dtypes: set[torch.dtype] = set()
+
+    def count(m, i, o) -> None:
+        seen.append(len(i[0]))
+
+    def dtype(m, i, o) -> None:
+        dtypes.add(o.dtype)
+
+    model.register_forward_hook(count)
+    for layer in model.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.register_forward_hook(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller under autocast, and --amp
+        metrics = evaluate(model, test, record.bd_test, device=torch.device("cpu"), amp=True)
+    assert sum(seen) == len(test) + len(record.bd_test)  # ASR and RA from the same pass
+    assert dtypes == {torch.float32}
+    assert metrics == evaluate(model, test, record.bd_test, device=torch.device("cpu"))
+    assert not model.training
+
+
+def fake_metrics(value: float) -> Metrics:
+    return Metrics(value, value, value, value, value, value)
+
+
+def test_monitor_reuses_an_evaluation_only_while_the_model_is_unchanged():
+    model = tiny_cnn(0)
+    calls: list[int] = []
+
+    def measure(m: nn.Module) -> Metrics:
+        calls.append(1)
+        return fake_metrics(float(len(calls)))
+
+    monitor = Monitor(measure, eval_every=2, last_epoch=3)
+    monitor.report(0, model, loss=1.0)  # not evaluated (every 2)
+    assert calls == []
+    monitor.report(1, model, loss=1.0)
+    assert len(calls) == 1 and monitor.evaluate(model) == fake_metrics(1.0) and len(calls) == 1
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1e-3  # a parameter
+    assert monitor.evaluate(model) == fake_metrics(2.0)
+    assert monitor.evaluate(model) == fake_metrics(2.0) and len(calls) == 2
+    model[1].running_mean.add_(0.5)  # a buffer
+    assert monitor.evaluate(model) == fake_metrics(3.0)
+    handle = model[2].register_forward_hook(lambda m, i, o: o * 0)  # a hook
+    assert monitor.evaluate(model) == fake_metrics(4.0)
+    handle.remove()
+    assert monitor.evaluate(model) == fake_metrics(5.0)
+    assert monitor.evaluate(frozen_copy(model)) == fake_metrics(6.0)  # another model, even if equal
+    assert len(calls) == 6
+
+
+def test_the_after_evaluation_reuses_the_last_report_unless_the_model_changed(record_root, monkeypatch):
+    import defense
+    import defense.base as base
+    import defense.sau as sau_module
+
+    calls: list[int] = []
+    real = base.evaluate
+
+    def counted(model, *args, **kwargs):
+        calls.append(1)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(base, "evaluate", counted)
+    run = dict(result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2, eval_every=1)
+    summary = defense.run("sau", **run)
+    assert len(calls) == 3  # before, epoch 0, epoch 1 (= after)
+    rows = (record_root / "badnet_digits/defense/sau/sau_df.csv").read_text().splitlines()
+    assert len(rows) == 3 and summary["after"]["asr"] is not None
+
+    mitigate = sau_module.SAU.mitigate
+
+    def changes_after_its_last_report(self, model, data):
+        model = mitigate(self, model, data)
+        with torch.no_grad():
+            next(model.parameters()).mul_(0.5)
+        return model
+
+    monkeypatch.setattr(sau_module.SAU, "mitigate", changes_after_its_last_report)
+    calls.clear()
+    defense.run("sau", **run, overwrite=True)
+    assert len(calls) == 4  # the returned model is evaluated again
+    rows = (record_root / "badnet_digits/defense/sau/sau_df.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[-1].split(",")[1] == ""  # its row, without an epoch
