@@ -47,7 +47,11 @@ Cost (nothing here changes a number): the search runs on the active set (see
 :mod:`defense.sae`); the backdoored model's labels on the clean subset, which the search
 and L_sar need every round, are computed once (SAU searches on the unaugmented clean
 images, so they never change); non-finite values are checked once a round (the message
-still names the first bad batch), not with a host sync per batch.
+still names the first bad batch), not with a host sync per batch. On the CPU, models with
+convolutions run in channels_last memory format (oneDNN's faster kernels, about 25% less
+time a search step measured on cnn and preactresnet18): the same function, with other
+floating-point rounding (logits within 1e-8 on cnn), so a CPU run's numbers are not bit
+for bit those of a run before this change; the returned model is contiguous again.
 
 --resume continues the unlearning rounds exactly (the model, Adam's state, the shuffling
 and random states are checkpointed; the reference model is the record's).
@@ -77,6 +81,13 @@ def shared_adversarial_risk(logits_adv: torch.Tensor, pred_ref_adv: torch.Tensor
     others = z.masked_fill(F.one_hot(k, z.shape[1]).bool(), float("-inf"))
     log_one_minus_p = torch.logsumexp(others, dim=1) - torch.logsumexp(z, dim=1)
     return -log_one_minus_p.sum() / len(labels)
+
+
+def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
+    """Whether SAU runs ``model`` in channels_last: on the CPU, for models with 2-D
+    convolutions (measured: about 25% less time a search step for cnn and preactresnet18
+    with oneDNN; on CUDA the default layout is kept)."""
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def first_non_finite(value: torch.Tensor) -> torch.Tensor:
@@ -141,6 +152,9 @@ class SAU(Defense):
         self.lr_scheduler = lr_scheduler
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
+        # channels_last on the CPU: measured faster for convolutional models (see the docstring)
+        fmt = torch.channels_last if channels_last_helps(model, data.device) else torch.contiguous_format
+        model.to(memory_format=fmt)
         model_ref = frozen_copy(model)
         model.eval()
         sae = SharedAdversarialExamples(model, model_ref, bound=self.trigger_norm, step_size=self.adv_lr,
@@ -161,7 +175,7 @@ class SAU(Defense):
             # the order data.batches(self.batch_size, generator=generator) gives, as indices
             for step, (idx, y) in enumerate(batches(torch.arange(len(y_all)), y_all, batch_size=self.batch_size,
                                                     device=data.device, shuffle=True, generator=generator)):
-                x = x_all[idx]
+                x = x_all[idx].contiguous(memory_format=fmt)
                 delta = sae(x, y, clean_pred_ref[idx])
                 checked.append((first_non_finite(delta), step, "shared adversarial perturbation"))
                 for _ in range(self.outer_steps):
@@ -181,7 +195,7 @@ class SAU(Defense):
             for j, key in enumerate(("shared_rate", "fooled_rate", "fooled_ref_rate")):
                 sums[key] = sum(r[j] * n for r, n in zip(rates, sizes))
             data.report(epoch, model, **{k: v / seen for k, v in sums.items()})
-        return model.eval()
+        return model.to(memory_format=torch.contiguous_format).eval()
 
     def unlearning_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                         data: DefenseData, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
