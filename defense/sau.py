@@ -37,7 +37,9 @@ Deviations, each small and stated:
 * L_sar is computed exactly in log space, log(1 - p_k) = logsumexp_{j != k} z_j - logsumexp_j z_j;
   BackdoorBench averages two clamped forms of the same quantity (clamps at 1e-3 / 0.999).
 * The search stops *before* a step once every sample is shared; BackdoorBench takes one
-  more step after the check.
+  more step after the check (a step with zero gradient, so the same delta).
+* The JS divergence of L_share (probabilities clamped at 1e-8) and pgd_init: random
+  (torch.rand_like, then projected) are BackdoorBench's (see :mod:`defense.sae`).
 * L1 balls use the exact Euclidean projection; BackdoorBench rescales.
 * BackdoorBench builds a cosine scheduler for SAU but never steps it, so its learning rate
   is constant; here the default is no scheduler (the same constant rate), and
