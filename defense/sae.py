@@ -37,7 +37,6 @@ became shared. For L_inf, the default, the clamp is exact.)
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
