@@ -10,8 +10,8 @@ Each model is measured on synthetic tensors of the shape of the first dataset
 input size when that is larger. Training: the recipe's batch size (capped
 so that a batch is at most about ``--max_gflop`` GFLOP of forward work), SGD with momentum,
 cross-entropy, the dataset's train transform, autocast as the harness runs it (``--amp``:
-on CUDA only); evaluation: ``utils.metrics.logits_fp32`` (the harness's float32 pass,
-batches of 1024 capped the same way). One warm-up batch, then batches for about
+on CUDA only); evaluation: ``utils.metrics.logits_fp32`` (the harness's float32 pass and
+batch size, capped the same way). One warm-up batch, then batches for about
 ``--seconds`` seconds each; FLOPs from torch.utils.flop_counter.FlopCounterMode.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.config import read_yaml  # noqa: E402
 from utils.datasets import DatasetInfo, dataset_info, list_datasets, train_transform  # noqa: E402
-from utils.metrics import logits_fp32  # noqa: E402
+from utils.metrics import eval_batch_size, logits_fp32  # noqa: E402
 from utils.models import create_model, list_models, model_spec  # noqa: E402
 from utils.runtime import autocast, resolve_device  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
-        eval_batch = min(1024, cap)
+        eval_batch = min(eval_batch_size(device), cap)
         images = (torch.rand(eval_batch, info.channels, *size) * 255).to(torch.uint8)
         train_rate = rate(train_step, batch, args.seconds, device)
         eval_rate = rate(lambda: logits_fp32(model, images, device=device, batch_size=eval_batch), eval_batch,

@@ -60,11 +60,19 @@ class Metrics:
         return asdict(self)
 
 
+def eval_batch_size(device: torch.device) -> int:
+    """Evaluation's batch size: 1024 on CUDA; 256 on the CPU, where larger batches measured
+    slower (cnn on Fashion-MNIST's shape: 4096 images in 7.6 s at 256, 10.0 s at 1024)."""
+    return 1024 if device.type == "cuda" else 256
+
+
 def logits_fp32(model: nn.Module, images: torch.Tensor, *, device: torch.device,
-                batch_size: int = 1024) -> torch.Tensor:
+                batch_size: int | None = None) -> torch.Tensor:
     """Logits (float32, on the CPU) of every image, in order, in one pass: in
     ``torch.inference_mode`` and float32 whatever autocast the caller runs under (metrics
-    are never computed in reduced precision); the model's mode is kept."""
+    are never computed in reduced precision); the model's mode is kept. ``batch_size``
+    defaults to :func:`eval_batch_size`."""
+    batch_size = batch_size or eval_batch_size(device)
     was_training = model.training
     model.eval()
     out = []
@@ -80,7 +88,7 @@ def logits_fp32(model: nn.Module, images: torch.Tensor, *, device: torch.device,
 
 
 def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, device: torch.device,
-             batch_size: int = 1024, amp: bool | None = None) -> Metrics:
+             batch_size: int | None = None, amp: bool | None = None) -> Metrics:
     """C-Acc, ASR, RA and their losses: one float32 forward pass of each clean test image
     and of each backdoor test image, whose logits give both ASR (against the attacker's
     labels) and RA (against the true labels). ``amp`` is accepted and ignored: evaluation
