@@ -222,7 +222,9 @@ def main() -> int:
     parser.add_argument("--exact-only", dest="exact_only", action="store_true",
                         help="(b) in float32 and evaluated every round; compare every round's metrics")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--data_root", default=None, help="default: the record's, else ./data")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled round")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counted rounds")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,8 +235,9 @@ def main() -> int:
     ratio = options.pop("ratio", 0.05)
     sau = SAU(**{k: v for k, v in options.items() if k in SAU().hyperparameters()})
     device = resolve_device(args.device)
-    where = record.config.get("data_root")
-    data = load_dataset(record.clean_data, where if isinstance(where, str) and Path(where).is_dir() else "data")
+    where = args.data_root or record.config.get("data_root")
+    data = load_dataset(record.clean_data, where if isinstance(where, str) and Path(where).is_dir() else "data",
+                        img_size=record.config.get("img_size"))
     idx = clean_indices(data.train.labels, record.poison_indices, ratio, args.seed)
     amp = not args.exact_only
     eval_every = 1 if args.exact_only else args.eval_every
@@ -287,26 +290,27 @@ def main() -> int:
         print(f"{r:>5} | {a.clean_acc:9.4f} {a.asr:6.4f} {a.ra:6.4f} | {shown_b}" + ("" if b is None or same
                                                                                    else "  DIFFERENT"))
 
-    # FLOPs of one round (a fresh copy of the backdoored model, one round each), and GFLOP/s
-    flops = {}
-    for k in ("a", "b"):
-        seed_everything(args.seed)
-        m, d, c = copy.deepcopy(backdoored), defender(), Clock(device)
-        if k == "a":
-            flops[k] = round_flops(lambda: reference_rounds(sau, m, d, 1, c, lambda _: None))
-        else:
-            nan = Metrics(*[float("nan")] * 6)
-            flops[k] = round_flops(lambda: default_rounds(sau, m, d, 1, c, lambda _: nan, 1))
-    with torch.no_grad():
-        per_sample = round_flops(lambda: backdoored(data.train.images[:64].to(device).float() / 255)) / 64
-    n_eval = len(data.test) + len(record.bd_test)
-    print(f"\nmodel forward: {per_sample / 1e6:.2f} MFLOP a sample; one evaluation: (a) "
-          f"{(n_eval + len(record.bd_test)) * per_sample / 1e9:.2f} GFLOP, (b) {n_eval * per_sample / 1e9:.2f} GFLOP")
-    for k in ("a", "b"):
-        work = sum(clocks[k].part(r, p) for r in range(args.rounds) for p in ("search", "unlearning")) / args.rounds
-        print(f"({k}) one round's search + unlearning: {flops[k] / 1e9:.2f} GFLOP "
-              f"(= {flops[k] / per_sample / len(idx):.1f} forward passes a clean sample), "
-              f"{flops[k] / 1e9 / max(work, 1e-9):.1f} GFLOP/s achieved")
+    if args.flops:
+        # FLOPs of one round (a fresh copy of the backdoored model, one round each), and GFLOP/s
+        flops = {}
+        for k in ("a", "b"):
+            seed_everything(args.seed)
+            m, d, c = copy.deepcopy(backdoored), defender(), Clock(device)
+            if k == "a":
+                flops[k] = round_flops(lambda: reference_rounds(sau, m, d, 1, c, lambda _: None))
+            else:
+                nan = Metrics(*[float("nan")] * 6)
+                flops[k] = round_flops(lambda: default_rounds(sau, m, d, 1, c, lambda _: nan, 1))
+        with torch.no_grad():
+            per_sample = round_flops(lambda: backdoored(data.train.images[:64].to(device).float() / 255)) / 64
+        n_eval = len(data.test) + len(record.bd_test)
+        print(f"\nmodel forward: {per_sample / 1e6:.2f} MFLOP a sample; one evaluation: (a) "
+              f"{(n_eval + len(record.bd_test)) * per_sample / 1e9:.2f} GFLOP, (b) {n_eval * per_sample / 1e9:.2f} GFLOP")
+        for k in ("a", "b"):
+            work = sum(clocks[k].part(r, p) for r in range(args.rounds) for p in ("search", "unlearning")) / args.rounds
+            print(f"({k}) one round's search + unlearning: {flops[k] / 1e9:.2f} GFLOP "
+                  f"(= {flops[k] / per_sample / len(idx):.1f} forward passes a clean sample), "
+                  f"{flops[k] / 1e9 / max(work, 1e-9):.1f} GFLOP/s achieved")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
