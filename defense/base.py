@@ -72,9 +72,27 @@ log = logging.getLogger("saubench")
 
 # -- what a defense sees -------------------------------------------------------------------------
 
+def _model_signature(model: nn.Module) -> tuple:
+    """What, besides its tensors, decides what ``model`` computes: its modules (names and
+    types) and the hooks installed on them."""
+    return tuple((name, type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+                 for name, m in model.named_modules())
+
+
+def _model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``model`` (non-persistent buffers such as pruning
+    masks included)."""
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
 class Monitor:
     """Collects one row per reported epoch and evaluates the model every ``eval_every``
-    epochs and at ``last_epoch``, with the harness's evaluation."""
+    epochs and at ``last_epoch``, with the harness's evaluation.
+
+    :meth:`evaluate` reuses the last evaluation when asked again about the same model
+    unchanged: same object, same modules and hooks, and every parameter and buffer equal
+    (``torch.equal`` against a copy kept from that evaluation): an exact check, so a
+    defense that changes its model after its last report is evaluated again."""
 
     def __init__(self, evaluate_fn: Callable[[nn.Module], Metrics], eval_every: int = 1,
                  last_epoch: int | None = None):
@@ -83,12 +101,28 @@ class Monitor:
         self.last_epoch = last_epoch
         self.history = History()
         self.eval_seconds = 0.0
+        self._last: tuple[int, tuple, list[tuple[str, torch.Tensor]], Metrics] | None = None
+
+    def evaluate(self, model: nn.Module) -> Metrics:
+        """The harness's metrics of ``model``, reused when ``model`` has not changed since
+        the last evaluation."""
+        signature = _model_signature(model)
+        tensors = _model_tensors(model)
+        if self._last is not None:
+            ident, last_signature, last_tensors, metrics = self._last
+            if ident == id(model) and last_signature == signature and len(last_tensors) == len(tensors) and all(
+                    n == m and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+                    for (n, a), (m, b) in zip(tensors, last_tensors)):
+                return metrics
+        metrics = self.evaluate_fn(model)
+        self._last = (id(model), signature, [(n, t.detach().clone()) for n, t in tensors], metrics)
+        return metrics
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
         row = self.history.add(epoch=epoch, **{k: float(v) for k, v in values.items()})
         if (epoch + 1) % self.eval_every == 0 or epoch == self.last_epoch:
             start = time.perf_counter()
-            metrics = self.evaluate_fn(model)
+            metrics = self.evaluate(model)
             self.eval_seconds += time.perf_counter() - start
             row.update(metrics.as_row())
             shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
@@ -301,7 +335,7 @@ COMMON: list[Param] = [
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
     Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
-    Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
+    Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
     Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
     Param("download", bool, True, "download missing datasets where possible"),
@@ -497,13 +531,13 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
     log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
 
-    def measure(m: nn.Module) -> Metrics:
-        return evaluate(m, data.test, record.bd_test, device=device, amp=values["amp"])
+    def measure(m: nn.Module) -> Metrics:  # float32, whatever --amp says
+        return evaluate(m, data.test, record.bd_test, device=device)
 
-    before = measure(model)
-    log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
     epochs = getattr(defense, "epochs", None)
     monitor = Monitor(measure, values["eval_every"], epochs - 1 if isinstance(epochs, int) else None)
+    before = monitor.evaluate(model)
+    log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
     defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
                            checkpoint)
 
@@ -514,7 +548,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
         raise TypeError(f"{defense.name}.mitigate must return the model it was given (a {record.model_name})")
     purified.eval()
-    after = measure(purified)
+    after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
 
     extras = defense.extras()

@@ -14,11 +14,29 @@ The generator minimises, by signed projected gradient steps on delta only,
 
 where a model is fooled on a sample when its prediction on x + delta differs from its
 prediction on x, and JS is the Jensen-Shannon divergence (natural log).
+
+As in BackdoorBench's ``Shared_PGD`` (defense/sau.py there): the JS divergence is computed
+from softmax probabilities clamped at 1e-8 (a class with a smaller probability passes no
+gradient), and ``init="random"`` draws delta uniformly in [0, 1) (``torch.rand_like``) and
+projects it, so for L_inf every coordinate lands in [0, bound], most of them at bound.
+``init="min"`` starts at -bound.
+
+The search runs on the *active set*: a sample that is shared after a step is left out of
+every later forward and backward pass. This changes no number. A shared sample is fooled
+by both models, so it is masked out of L_adv for both and out of L_share: its gradient is
+exactly zero, its signed step is zero, and delta - step_size * 0 is delta bit for bit; the
+projection is still applied to every row (it is per row and cheap), so delta is the same
+tensor the dense search would produce. With the models in eval mode (no batch statistics)
+every sample's forward and backward pass is independent of the others, and the loss keeps
+the full batch size in its denominators. The search ends when no sample is active or
+after ``steps`` steps. (For L2 and L1 the projection of a point already on the sphere may
+move it by a rounding error; the dense search would then see the shared sample's
+prediction on that rounded delta, the active set keeps the prediction it had when it
+became shared. For L_inf, the default, the clamp is exact.)
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -29,31 +47,33 @@ from torch import nn
 from utils.runtime import amp_dtype, autocast
 
 Norm = Literal["L_inf", "L2", "L1"]
-Init = Literal["max", "random", "zero"]
+Init = Literal["max", "random", "zero", "min"]
 
 
 def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """Per-sample Jensen-Shannon divergence between softmax(logits_p) and softmax(logits_q),
-    computed in log space (no clamping needed)."""
-    log_p = F.log_softmax(logits_p.float(), dim=1)
-    log_q = F.log_softmax(logits_q.float(), dim=1)
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    return 0.5 * ((log_p.exp() * (log_p - log_m)).sum(1) + (log_q.exp() * (log_q - log_m)).sum(1))
+    as BackdoorBench computes it: probabilities clamped at 1e-8, natural log."""
+    p = F.softmax(logits_p.float(), dim=1).clamp(min=1e-8)
+    q = F.softmax(logits_q.float(), dim=1).clamp(min=1e-8)
+    log_m = (0.5 * (p + q)).log()
+    return (0.5 * (p * p.log() + q * q.log()) - 0.5 * (p * log_m + q * log_m)).sum(1)
 
 
 def adversarial_loss(logits: torch.Tensor, logits_ref: torch.Tensor, labels: torch.Tensor,
-                     fooled: torch.Tensor, fooled_ref: torch.Tensor) -> torch.Tensor:
+                     fooled: torch.Tensor, fooled_ref: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """L_adv: minus the cross-entropy to the true label, counted for each model only on
-    the samples it is not yet fooled on, averaged over the batch and both models."""
+    the samples it is not yet fooled on, averaged over the batch (``batch_size``, default
+    the number of rows) and both models."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     ce_ref = F.cross_entropy(logits_ref.float(), labels, reduction="none")
-    return -(ce[~fooled].sum() + ce_ref[~fooled_ref].sum()) / (2 * len(labels))
+    return -(ce[~fooled].sum() + ce_ref[~fooled_ref].sum()) / (2 * (batch_size or len(labels)))
 
 
-def share_loss(logits: torch.Tensor, logits_ref: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+def share_loss(logits: torch.Tensor, logits_ref: torch.Tensor, shared: torch.Tensor,
+               batch_size: int | None = None) -> torch.Tensor:
     """L_share: the JS divergence between the two models' predictions, summed over the
-    samples that are not yet shared, divided by the batch size."""
-    return js_divergence(logits, logits_ref)[~shared].sum() / len(shared)
+    samples that are not yet shared, divided by the batch size (default: the number of rows)."""
+    return js_divergence(logits, logits_ref)[~shared].sum() / (batch_size or len(shared))
 
 
 def project(delta: torch.Tensor, norm: Norm, bound: float) -> torch.Tensor:
@@ -120,8 +140,8 @@ class SharedAdversarialExamples:
         step_size: size of each signed gradient step (0.2).
         steps: maximum number of steps (5).
         norm: ``"L_inf"``, ``"L2"`` or ``"L1"``.
-        init: ``"max"`` (delta = +bound, then projected), ``"random"`` (uniform in
-            [-bound, bound], projected) or ``"zero"``.
+        init: ``"max"`` (delta = +bound, then projected), ``"min"`` (-bound), ``"random"``
+            (uniform in [0, 1), projected, as BackdoorBench) or ``"zero"``.
         beta_1: weight of L_adv (0.01).
         beta_2: weight of L_share (1).
         amp: autocast the forward passes on CUDA.
@@ -140,7 +160,7 @@ class SharedAdversarialExamples:
                  beta_2: float = 1.0, amp: bool = True):
         if bound <= 0 or step_size <= 0 or steps < 1:
             raise ValueError("bound and step_size must be > 0 and steps >= 1")
-        if norm not in ("L_inf", "L2", "L1") or init not in ("max", "random", "zero"):
+        if norm not in ("L_inf", "L2", "L1") or init not in ("max", "random", "zero", "min"):
             raise ValueError(f"unknown norm '{norm}' or init '{init}'")
         self.model, self.model_ref = model, model_ref
         self.bound, self.step_size, self.steps = bound, step_size, steps
@@ -155,38 +175,63 @@ class SharedAdversarialExamples:
     def initial(self, images: torch.Tensor) -> torch.Tensor:
         if self.init == "max":
             delta = torch.full_like(images, self.bound)
-        elif self.init == "random":
-            delta = torch.empty_like(images).uniform_(-self.bound, self.bound)
+        elif self.init == "min":
+            delta = torch.full_like(images, -self.bound)
+        elif self.init == "random":  # BackdoorBench: torch.rand_like, then the projection
+            delta = torch.rand_like(images)
         else:
             delta = torch.zeros_like(images)
         return project(delta, self.norm, self.bound)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        device = images.device
+    @torch.no_grad()
+    def reference_predictions(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """f_ref's labels on ``images`` (its clean predictions: f_ref never changes, so a
+        caller may compute them once and pass them to every search)."""
+        with autocast(images.device, self.amp):
+            return torch.cat([self.model_ref(images[i:i + batch_size]).argmax(1)
+                              for i in range(0, len(images), batch_size)])
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
+                 clean_pred_ref: torch.Tensor | None = None) -> torch.Tensor:
+        """delta for ``images``; ``clean_pred_ref``: f_ref's labels on ``images`` when
+        known (:meth:`reference_predictions`), else computed here."""
+        device, n = images.device, len(images)
         # Loss scaling for the sign of a float16 gradient (only the sign is used).
         scale = 1024.0 if self.amp and amp_dtype(device) == torch.float16 else 1.0
         with no_param_grads(self.model, self.model_ref):
             with torch.no_grad(), autocast(device, self.amp):
                 clean_pred = self.model(images).argmax(1)
-                clean_pred_ref = self.model_ref(images).argmax(1)
+                if clean_pred_ref is None:
+                    clean_pred_ref = self.model_ref(images).argmax(1)
             delta = self.initial(images)
+            # each sample's state at its last forward pass (a dropped sample's stays as it was)
+            pred_ref = torch.empty_like(clean_pred_ref)
+            fooled = torch.zeros(n, dtype=torch.bool, device=device)
+            fooled_ref, shared = torch.zeros_like(fooled), torch.zeros_like(fooled)
+            active = torch.arange(n, device=device)  # samples not yet shared
             steps = 0
             while True:
-                delta.requires_grad_(steps < self.steps)  # the last check needs no gradient
-                with torch.set_grad_enabled(steps < self.steps), autocast(device, self.amp):
-                    logits = self.model(images + delta)
-                    logits_ref = self.model_ref(images + delta)
-                pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
-                fooled, fooled_ref = pred != clean_pred, pred_ref != clean_pred_ref
-                shared = fooled & fooled_ref & (pred == pred_ref)
-                if bool(shared.all()) or steps == self.steps:
+                last = steps == self.steps  # the last check needs no gradient
+                x, d = images[active], delta[active].requires_grad_(not last)
+                with torch.set_grad_enabled(not last), autocast(device, self.amp):
+                    logits = self.model(x + d)
+                    logits_ref = self.model_ref(x + d)
+                pred_a, pred_ref_a = logits.argmax(1), logits_ref.argmax(1)
+                fooled_a, fooled_ref_a = pred_a != clean_pred[active], pred_ref_a != clean_pred_ref[active]
+                shared_a = fooled_a & fooled_ref_a & (pred_a == pred_ref_a)
+                pred_ref[active], fooled[active], fooled_ref[active], shared[active] = (
+                    pred_ref_a, fooled_a, fooled_ref_a, shared_a)
+                if last or bool(shared_a.all()):
                     break
-                loss = (self.beta_1 * adversarial_loss(logits, logits_ref, labels, fooled, fooled_ref)
-                        + self.beta_2 * share_loss(logits, logits_ref, shared))
-                (grad,) = torch.autograd.grad(loss * scale, delta)
-                delta = project(delta.detach() - self.step_size * grad.sign(), self.norm, self.bound)
+                loss = (self.beta_1 * adversarial_loss(logits, logits_ref, labels[active], fooled_a, fooled_ref_a, n)
+                        + self.beta_2 * share_loss(logits, logits_ref, shared_a, n))
+                (grad,) = torch.autograd.grad(loss * scale, d)
+                step = torch.zeros_like(delta)  # zero for the samples left out: their gradient is zero
+                step[active] = grad.sign()
+                delta = project(delta - self.step_size * step, self.norm, self.bound)
+                active = active[~shared_a]
                 steps += 1
-        self.stats = SAEStats(float(fooled.float().mean()), float(fooled_ref.float().mean()),
-                              float(shared.float().mean()), steps)
-        self.pred_ref, self.clean_pred_ref = pred_ref.detach(), clean_pred_ref
+        rates = torch.stack([fooled, fooled_ref, shared]).float().mean(1).tolist()
+        self.stats = SAEStats(rates[0], rates[1], rates[2], steps)
+        self.pred_ref, self.clean_pred_ref = pred_ref, clean_pred_ref
         return delta.detach()

@@ -220,3 +220,20 @@ def test_learning_rate_schedule_over_the_rounds(monkeypatch, digits_defender, sc
     record, data = digits_defender
     sau_module.SAU(epochs=3, batch_size=len(data), lr=1e-3, lr_scheduler=schedule).mitigate(record.build_model(), data)
     assert rates == pytest.approx([1e-3 * f for f in factors])  # one batch, so one step, a round
+
+
+def test_js_divergence_and_random_init_are_backdoorbenchs():
+    """BackdoorBench's Shared_PGD: JS from probabilities clamped at 1e-8; a random start
+    drawn in [0, 1) then projected."""
+    torch.manual_seed(0)
+    logits, logits_ref = torch.randn(64, 10) * 12, torch.randn(64, 10) * 12  # some probabilities below 1e-8
+    p = torch.softmax(logits, dim=1).clamp(min=1e-8)
+    q = torch.softmax(logits_ref, dim=1).clamp(min=1e-8)
+    m = 0.5 * (p + q)
+    theirs = (0.5 * (p * p.log() + q * q.log()) - 0.5 * (p * m.log() + q * m.log())).sum(dim=1)
+    assert torch.equal(js_divergence(logits, logits_ref), theirs)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    sae = SharedAdversarialExamples(model, frozen_copy(model), bound=0.2, init="random")
+    delta = sae.initial(torch.rand(50, 3, 2, 2))
+    assert delta.min() >= 0 and delta.max() <= 0.2
+    assert 0.7 < (delta == 0.2).float().mean() < 0.9  # rand_like > 0.2 is clamped to the bound

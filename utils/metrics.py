@@ -16,7 +16,6 @@ from torch import nn
 
 from utils.datasets import ImageData
 from utils.records import PoisonedSet
-from utils.train import predict
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -61,13 +60,42 @@ class Metrics:
         return asdict(self)
 
 
-@torch.no_grad()
+def eval_batch_size(device: torch.device) -> int:
+    """Evaluation's batch size: 1024 on CUDA; 256 on the CPU, where larger batches measured
+    slower (cnn on Fashion-MNIST's shape: 4096 images in 7.6 s at 256, 10.0 s at 1024)."""
+    return 1024 if device.type == "cuda" else 256
+
+
+def logits_fp32(model: nn.Module, images: torch.Tensor, *, device: torch.device,
+                batch_size: int | None = None) -> torch.Tensor:
+    """Logits (float32, on the CPU) of every image, in order, in one pass: in
+    ``torch.inference_mode`` and float32 whatever autocast the caller runs under (metrics
+    are never computed in reduced precision); the model's mode is kept. ``batch_size``
+    defaults to :func:`eval_batch_size`."""
+    batch_size = batch_size or eval_batch_size(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, enabled=False):
+            for start in range(0, len(images), batch_size):
+                x = images[start:start + batch_size].to(device, non_blocking=True)
+                x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+                out.append(model(x).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
 def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, device: torch.device,
-             batch_size: int = 512, amp: bool = True) -> Metrics:
-    """C-Acc, ASR, RA and their losses. One pass over the backdoor test set gives both
-    ASR (against its attacker labels) and RA (against its true labels)."""
-    clean = predict(model, clean_test.images, device=device, batch_size=batch_size, amp=amp)
-    bd = predict(model, bd_test.images, device=device, batch_size=batch_size, amp=amp)
+             batch_size: int | None = None, amp: bool | None = None) -> Metrics:
+    """C-Acc, ASR, RA and their losses: one float32 forward pass of each clean test image
+    and of each backdoor test image, whose logits give both ASR (against the attacker's
+    labels) and RA (against the true labels). ``amp`` is accepted and ignored: evaluation
+    never runs under autocast."""
+    del amp  # metrics are float32 always
+    clean = logits_fp32(model, clean_test.images, device=device, batch_size=batch_size)
+    bd = logits_fp32(model, bd_test.images, device=device, batch_size=batch_size)
     return Metrics(clean_acc=accuracy(clean, clean_test.labels), asr=accuracy(bd, bd_test.labels),
                    ra=accuracy(bd, bd_test.original_labels), clean_loss=mean_loss(clean, clean_test.labels),
                    bd_loss=mean_loss(bd, bd_test.labels), ra_loss=mean_loss(bd, bd_test.original_labels))
