@@ -337,6 +337,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     with held_logs() as loading:  # what reading the record says goes to the run's log
         values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
+        check_finite_outputs(model, inputs[0].train.images[inputs[1][:64]], record)
     out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"])
     if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
             any(out.final.glob("*_df*.csv")):
@@ -354,6 +355,16 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         final = out.commit()
     log.info("result written to %s", final)
     return summary
+
+
+def check_finite_outputs(model: nn.Module, images: torch.Tensor, record: AttackRecord) -> None:
+    """Refuse a record whose model gives NaN or infinite outputs on clean images (a zero
+    or non-finite std or mean in its normalization) before the defense starts, so that
+    the run does not blame its learning rate later."""
+    logits = predict(model, images, device=torch.device("cpu"), amp=False)
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"{record.path}: the record's model gives NaN/inf outputs on clean images before the defense "
+                        "started (its normalization: a std of 0, or a NaN/inf mean or std?)")
 
 
 def result_folder_name(defense: str, result_name: str | None = None) -> str:
@@ -442,10 +453,6 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
                            checkpoint)
 
-    probe = predict(model, defender.clean.images[:64], device=device, amp=values["amp"])
-    if not bool(torch.isfinite(probe).all()):
-        raise UserError(f"{record.path}: the record's model gives NaN/inf outputs on clean images before the defense "
-                        "started (its normalization: a std of 0, or NaN/inf mean or std?)")
     seed_everything(values["random_seed"])
     start = time.perf_counter()
     if checkpoint is not None:

@@ -103,7 +103,7 @@ def guarded(out: StagedFolder) -> Iterator[None]:
         epoch = checkpoint_epoch(out.checkpoint)
         if epoch is None:
             out.discard()
-            if isinstance(exc, UserError) and str(out.checkpoint) in str(exc):  # an unreadable checkpoint
+            if exc is raised and isinstance(exc, UserError) and str(out.checkpoint) in str(exc):  # unreadable
                 raise UserError(f"{exc}; it was removed with {out.partial}, so the next run starts from the "
                                 "beginning") from raised
             if exc is raised:
@@ -113,7 +113,7 @@ def guarded(out: StagedFolder) -> Iterator[None]:
         where = f"the checkpoint of epoch {epoch} is kept in {out.partial}"
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(f"interrupted: {where}; run the same command with --resume to continue") from exc
-        if isinstance(exc, UserError) and str(out.checkpoint) not in str(exc):
+        if isinstance(exc, UserError) and (exc is not raised or str(out.checkpoint) not in str(exc)):
             raise UserError(f"{exc}; {where} (--resume continues from it)") from raised
         if exc is raised:
             raise

@@ -316,7 +316,8 @@ class _Brief(reprlib.Repr):
         self.maxlevel = 3
         self.maxtuple = self.maxlist = self.maxarray = self.maxdict = self.maxset = self.maxfrozenset = \
             self.maxdeque = 6
-        self.maxstring = self.maxother = self.maxlong = max(limit, 12)
+        # twice the limit: brief() cuts the end itself, so a long string reads from its start
+        self.maxstring = self.maxother = self.maxlong = min(2 * limit + 10, 1000)
 
     def repr_int(self, x: int, level: int) -> str:
         if x.bit_length() > 4 * self.maxlong:  # also beyond what str() of an int may convert
