@@ -218,7 +218,7 @@ class Attack(Method):
         for name, check in cls.param_checks.items():
             complaint = check(values[name]) if name in values else None
             if complaint:
-                raise ValueError(f"{name} {complaint}, got {values[name]!r}")
+                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
 
     @classmethod
     def defines(cls, hook: str) -> bool:

@@ -372,7 +372,7 @@ def result_folder_name(defense: str, result_name: str | None = None) -> str:
     defense's name (BackdoorBench's place). One plain folder name."""
     name = defense if result_name is None else result_name
     if not name or name.strip() != name or Path(name).name != name or name.startswith(".") or name in ("..", "."):
-        raise UserError(f"--result_name {name!r} must be a plain folder name (no '/', not hidden)")
+        raise UserError(f"--result_name {cfg.brief(name)} must be a plain folder name (no '/', not hidden)")
     return name
 
 

@@ -371,3 +371,15 @@ def test_a_refused_run_changes_nothing_it_did_not_create(monkeypatch, capsys, re
     before = snapshot(record_root)
     refused(monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--lr", "1e39"))
     assert snapshot(record_root) == before and not list(record_root.rglob(".*.lock"))
+
+
+def test_a_full_disk_under_the_run_log_prints_no_logging_traceback(tmp_path, capsys):
+    from utils.runtime import log_to
+
+    with log_to(tmp_path, "run.log") as log:
+        handler = next(h for h in log.handlers if isinstance(h, __import__("logging").FileHandler))
+        handler.stream.close()
+        handler.stream = open("/dev/full", "w", encoding="utf-8")  # every write: ENOSPC
+        log.info("a line the file cannot take")
+    err = capsys.readouterr().err
+    assert "a line the file cannot take" in err and "Traceback" not in err and "Logging error" not in err

@@ -105,7 +105,7 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
     handlers.append(console)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(folder / filename, encoding="utf-8")
+        file_handler = _RunLogFile(folder / filename, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         file_handler.setLevel(logging.DEBUG)  # the file also keeps the resolved config
         handlers.append(file_handler)
@@ -121,6 +121,25 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
             log.removeHandler(handler)
             handler.close()
         log.setLevel(previous_level)
+
+
+class _RunLogFile(logging.FileHandler):
+    """The run's log file. A write the file system refuses (a full disk) drops the record
+    from the file instead of printing logging's traceback: the console handler still shows
+    it, and the run's own next write stops it with one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
 
 
 class _Held(logging.Handler):
