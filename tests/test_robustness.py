@@ -383,3 +383,12 @@ def test_a_full_disk_under_the_run_log_prints_no_logging_traceback(tmp_path, cap
         log.info("a line the file cannot take")
     err = capsys.readouterr().err
     assert "a line the file cannot take" in err and "Traceback" not in err and "Logging error" not in err
+
+
+def test_a_float_that_overflows_inside_torch_is_one_line(monkeypatch, capsys, record_root):
+    # 3e38 is within float32's range, but Adam's step lr / (1 - beta_1) is not
+    code, err = command_line(monkeypatch, capsys, "defense/sau.py", *sau_args(record_root, "--epochs", "1",
+                                                                              "--lr", "3e38"))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: a value overflowed float32 inside torch during the run")
+    assert not (record_root / "badnet_digits" / "defense").exists()

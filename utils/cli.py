@@ -88,17 +88,29 @@ def os_error(exc: OSError) -> UserError | None:
     return UserError(f"cannot write {path}: {reason}")
 
 
+def overflow_error(exc: BaseException) -> UserError | None:
+    """The one line for torch's float overflow (``value cannot be converted to type float
+    without overflow``: a hyperparameter that is finite and within float32's range, but
+    that a step multiplies beyond it, e.g. Adam's lr / (1 - beta_1^t)); else None."""
+    if isinstance(exc, RuntimeError) and "without overflow" in str(exc):
+        return UserError("a value overflowed float32 inside torch during the run (value cannot be converted to "
+                         "type float without overflow): a hyperparameter is too large (a learning rate or a step "
+                         "size?)")
+    return None
+
+
 @contextlib.contextmanager
 def guarded(out: StagedFolder) -> Iterator[None]:
     """The body of a staged run. When it fails or is interrupted, the staging folder is
     removed (with any folder the run created for it), unless it holds a checkpoint: then
     the folder is kept for ``--resume`` and the error's one line says where (a NaN loss
     keeps the last good checkpoint). An OSError of the file system becomes a UserError
-    naming the path (:func:`os_error`). The folder's lock is given back either way."""
+    naming the path (:func:`os_error`), and torch's float overflow one naming the likely
+    cause (:func:`overflow_error`). The folder's lock is given back either way."""
     try:
         yield
     except BaseException as raised:
-        exc = os_error(raised) if isinstance(raised, OSError) else None
+        exc = os_error(raised) if isinstance(raised, OSError) else overflow_error(raised)
         exc = raised if exc is None else exc
         epoch = checkpoint_epoch(out.checkpoint)
         if epoch is None:
