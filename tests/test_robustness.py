@@ -392,3 +392,13 @@ def test_a_float_that_overflows_inside_torch_is_one_line(monkeypatch, capsys, re
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: a value overflowed float32 inside torch during the run")
     assert not (record_root / "badnet_digits" / "defense").exists()
+
+
+def test_a_full_disk_during_an_attack_removes_the_folders_the_run_made(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch, "save", _full_disk_after(0))
+    root = tmp_path / "new" / "records"
+    code, err = command_line(monkeypatch, capsys, "attack/badnet.py", *badnet_args(root))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == \
+        f"error: cannot write {root / '.badnet_digits.partial' / CHECKPOINT_FILE}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # record/, new/ and the staging folder: all gone
