@@ -234,6 +234,9 @@ class StagedFolder:
         for _ in range(3):
             try:
                 fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileNotFoundError:  # a failing run removed the empty folder it had made, just now
+                self.final.parent.mkdir(parents=True, exist_ok=True)
+                continue
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None:
