@@ -13,6 +13,8 @@ Hyperparameters:
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import torch
 
 from attack.base import Attack, AttackContext, register_attack, run

@@ -53,8 +53,8 @@ from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_
                           select_poison_indices, target_labels)
 from utils.records import AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_json
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, grad_scaler, held_logs, log_to, replay, resolve_device,
-                           seed_everything)
+from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, replay,
+                           resolve_device, seed_everything)
 from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
@@ -218,7 +218,7 @@ class Attack(Method):
         for name, check in cls.param_checks.items():
             complaint = check(values[name]) if name in values else None
             if complaint:
-                raise ValueError(f"{name} {complaint}, got {values[name]!r}")
+                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
 
     @classmethod
     def defines(cls, hook: str) -> bool:
@@ -339,6 +339,7 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
         attack = create_attack(name, **hyper)
     except ValueError as exc:
         raise UserError(f"attack {name}: {exc}") from None
+    check_record_root(values["record_root"])
     record_dir(Path(values["record_root"]), values["save_folder_name"])
     return values, control, attack, device
 
@@ -373,6 +374,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
             checkpoint: Checkpoint | None = None, data: Dataset | None = None,
             export_backdoorbench: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint.start_clock()
     seed_everything(values["random_seed"])
     if data is None:
         data = load_data(values)
@@ -403,7 +406,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     if test_sets.metrics is None:  # zero epochs
         test_sets.evaluate(model)
     metrics = test_sets.metrics
-    seconds = time.perf_counter() - start
+    # a resumed run: the time of every part (stored in the checkpoint), not this part's only
+    seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
 
     record = AttackRecord(
         model_name=values["model"], num_classes=info.num_classes, model=model.state_dict(), img_size=info.img_size,

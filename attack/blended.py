@@ -25,6 +25,8 @@ keys with the same default value); the default pattern is seeded noise, not Hell
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 from pathlib import Path
 
 import numpy as np

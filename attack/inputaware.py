@@ -43,6 +43,8 @@ is None).
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import contextlib
 import logging
 from typing import Iterator, Sequence

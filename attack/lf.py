@@ -40,6 +40,8 @@ perturbation (crafted towards --attack_target).
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import logging
 import math
 

@@ -5,6 +5,8 @@ some attacks (LF, TrojanNN) and defenses need, and the baseline accuracy of a re
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import torch
 
 from attack.base import Attack, register_attack, run

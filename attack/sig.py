@@ -26,6 +26,8 @@ truncates).
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import math
 
 import torch

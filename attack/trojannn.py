@@ -38,6 +38,8 @@ wrap around); the selected layer is found automatically (the last linear layer).
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import logging
 import math
 from pathlib import Path

@@ -37,6 +37,8 @@ set is kept at rest (``bd_train`` is None): every batch is poisoned afresh.
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import torch
 import torch.nn.functional as F
 

@@ -7,6 +7,7 @@ Every module of this package registers its defense on import; installed distribu
 theirs through the entry-point group ``saubench.defenses`` (see utils.registry).
 ``python -m defense list`` shows them all; ``python -m defense new NAME`` starts a new one.
 """
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
 from defense.base import (DEFENSES, Defense, DefenseData, create_defense, list_defenses, register_defense,
                           run)
 from utils.registry import import_package_modules, load_plugins

@@ -71,6 +71,8 @@ run starts again from the beginning, with the same seed, and gives the same resu
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import copy
 import math
 from typing import Literal

@@ -64,8 +64,9 @@ from utils.models import Classifier
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_defense_result,
                            save_json, save_png, save_text)
 from utils.registry import Method, Registry
-from utils.runtime import autocast, check_data_root, held_logs, log_to, replay, resolve_device, seed_everything
-from utils.train import Checkpoint, batches
+from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, replay, resolve_device,
+                           seed_everything)
+from utils.train import Checkpoint, batches, predict
 
 log = logging.getLogger("saubench")
 
@@ -373,6 +374,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     if "result_file" not in first:
         raise UserError("missing required argument --result_file (an attack record in record/)")
     record_root = Path(first.get("record_root", "record"))
+    check_record_root(record_root)
     record = load_record(record_dir(record_root, first["result_file"]), trust=first.get("trust_record", False))
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
@@ -416,13 +418,28 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
     # the folder's name, so that a run that names it (as compare does) and one that leaves
     # it to the default are the same run (one checkpoint, one config)
     values["result_name"] = result_folder_name(cls.name, values["result_name"])
-    return values, control, record, device, defense, record.build_model()
+    model = record.build_model()
+    check_finite_model(model, record)
+    return values, control, record, device, defense, model
+
+
+def check_finite_model(model: nn.Module, record: AttackRecord) -> None:
+    """Refuse a record whose model is already non-finite: weights (or buffers) holding NaN
+    or infinity, so that the run does not start and blame its learning rate later."""
+    bad = [name for name, t in model.state_dict().items()
+           if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())]
+    if bad:
+        where = record.path / "attack_result.pt" if record.path is not None else "the record"
+        raise UserError(f"{where}: the record's weights hold NaN/inf ({len(bad)} tensor(s), e.g. "
+                        f"{cfg.clip(bad[0], 60)}): the model was broken before the defense started (the attack's "
+                        "training diverged?)")
 
 
 def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     with held_logs() as loading:  # what reading the record says goes to the run's log
         values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
+        check_finite_outputs(model, inputs[0].train.images[inputs[1][:64]], record)
     out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"])
     if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
             any(out.final.glob("*_df*.csv")):
@@ -442,12 +459,22 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     return summary
 
 
+def check_finite_outputs(model: nn.Module, images: torch.Tensor, record: AttackRecord) -> None:
+    """Refuse a record whose model gives NaN or infinite outputs on clean images (a zero
+    or non-finite std or mean in its normalization) before the defense starts, so that
+    the run does not blame its learning rate later."""
+    logits = predict(model, images, device=torch.device("cpu"), amp=False)
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"{record.path}: the record's model gives NaN/inf outputs on clean images before the defense "
+                        "started (its normalization: a std of 0, or a NaN/inf mean or std?)")
+
+
 def result_folder_name(defense: str, result_name: str | None = None) -> str:
     """The folder of a result under ``<record>/defense/``: ``result_name``, or the
     defense's name (BackdoorBench's place). One plain folder name."""
     name = defense if result_name is None else result_name
     if not name or name.strip() != name or Path(name).name != name or name.startswith(".") or name in ("..", "."):
-        raise UserError(f"--result_name {name!r} must be a plain folder name (no '/', not hidden)")
+        raise UserError(f"--result_name {cfg.brief(name)} must be a plain folder name (no '/', not hidden)")
     return name
 
 
@@ -543,8 +570,11 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
 
     seed_everything(values["random_seed"])
     start = time.perf_counter()
+    if checkpoint is not None:
+        checkpoint.start_clock()
     purified = defense.mitigate(model, defender)
-    seconds = time.perf_counter() - start
+    # a resumed run: the time of every part (stored in the checkpoint), not this part's only
+    seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
         raise TypeError(f"{defense.name}.mitigate must return the model it was given (a {record.model_name})")
     purified.eval()

@@ -49,14 +49,14 @@ for every defense alike; the table says which; the default output name gets "_tu
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import hashlib
 import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
-
-import yaml
 
 from utils import config as cfg
 from utils.cli import entry
@@ -308,11 +308,12 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--option {item!r}: expected KEY=VALUE or DEFENSE.KEY=VALUE")
+            raise UserError(f"--option {cfg.brief(item)}: expected KEY=VALUE or DEFENSE.KEY=VALUE")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserError(f"--option {item!r}: the value is not valid YAML") from None
+            value = cfg.load_yaml(text, "--option")
+        except UserError as exc:
+            raise UserError(f"--option {cfg.brief(item)}: the value is not valid YAML "
+                            f"({str(exc).removeprefix('--option: ')})") from None
         target, dot, name = key.rpartition(".")
         if not dot:
             for d in out:
@@ -320,7 +321,7 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
             continue
         canonical = DEFENSES.canonical(target)
         if canonical not in out:
-            raise UserError(f"--option {item!r}: defense {canonical} is not among the compared ones "
+            raise UserError(f"--option {cfg.brief(item)}: defense {canonical} is not among the compared ones "
                             f"({', '.join(out)})")
         out[canonical][name] = value
     return out
@@ -362,7 +363,7 @@ def _with_smoke(kind: str, name: str, options: dict[str, Any], smoke: bool, wher
     options = dict(options)
     flag = options.pop("smoke", False)
     if not isinstance(flag, bool):
-        raise UserError(f"{where}: {kind} {name}: 'smoke' must be true or false, got {flag!r}")
+        raise UserError(f"{where}: {kind} {name}: 'smoke' must be true or false, got {cfg.brief(flag)}")
     cls = (ATTACKS if kind == "attack" else DEFENSES).get(name)
     base = dict(cls.smoke_params) if (smoke or flag) else {}
     return {**base, **options}
@@ -434,10 +435,9 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
         for model in models or [None]:
             for name, opts in attacks.items():
                 try:
-                    record = template.format(attack=name, dataset=dataset, model=model or "")
-                except (KeyError, IndexError, ValueError) as exc:
-                    raise UserError(f"{path}: 'record_name' {template!r}: {exc!r} (fields: attack, dataset, "
-                                    "model)") from None
+                    record = cfg.fill_template(template, {"attack": name, "dataset": dataset, "model": model or ""})
+                except ValueError as exc:
+                    raise UserError(f"{path}: 'record_name' {cfg.brief(template, 60)}: {exc}") from None
                 options = {**_with_smoke("attack", name, {**common_attack, **opts}, values["smoke"], str(path)),
                            "dataset": dataset, "save_folder_name": record}
                 if model is not None:

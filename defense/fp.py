@@ -63,6 +63,8 @@ fine-tuning goes on exactly from its checkpoint.
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import logging
 import math
 from typing import Any, Literal

@@ -29,6 +29,8 @@ Deviations:
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 from typing import Literal
 
 from torch import nn

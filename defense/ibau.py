@@ -69,6 +69,8 @@ zero, so only the model, Adam's state and the generators are checkpointed).
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import contextlib
 from typing import Callable, Iterator, Sequence
 

@@ -56,6 +56,8 @@ the same seed, and the student's distillation goes on exactly from its checkpoin
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import contextlib
 import copy
 import logging

@@ -66,6 +66,8 @@ from the same seed, and the unlearning goes on exactly from its checkpoint.
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 import logging
 import math
 from dataclasses import dataclass

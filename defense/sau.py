@@ -60,6 +60,8 @@ and random states are checkpointed; the reference model is the record's).
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 from typing import Literal
 
 import torch

@@ -18,6 +18,8 @@ import argparse
 import inspect
 import math
 import re
+import reprlib
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,23 +237,65 @@ def build_parser(prog: str, params: Sequence[Param], description: str = "") -> a
     return parser
 
 
+class _Refused(yaml.YAMLError):
+    """YAML that parses but that a config file may not hold (aliases, duplicate keys)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, minus what lets a small file mislead or blow up: anchors and
+    aliases (``&a`` / ``*a``: a few hundred bytes of nested aliases expand to gigabytes)
+    and duplicate keys (YAML says they are an error; PyYAML keeps the last silently)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"YAML aliases (*{clip(event.anchor, 40)}) are not allowed in config files")
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(f"YAML anchors (&{clip(event.anchor, 40)}) are not allowed in config files")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeConstructor refuses it itself
+                continue
+            if duplicate:
+                raise _Refused(f"duplicate key {brief(key, 60)} (line {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``text`` read as YAML with :class:`StrictLoader`; bad YAML raises UserError with one
+    line that starts with ``source`` (a file name, or ``--option KEY=VALUE``)."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    except _Refused as exc:
+        raise UserError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise UserError(f"{source}: not valid YAML{at}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2021-13-45
+        raise UserError(f"{source}: a value YAML cannot read ({type(exc).__name__}: "
+                        f"{clip(str(exc).splitlines()[0], 120) if str(exc) else 'no detail'})") from None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; an empty file is an empty mapping."""
+    """A YAML mapping from ``path`` (no aliases, no duplicate keys); an empty file is an
+    empty mapping."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read config file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        raise UserError(f"{path}: not valid YAML{at}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2021-13-45
-        raise UserError(f"{path}: a value YAML cannot read ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'})") from None
+    data = load_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -268,10 +312,58 @@ class Layer:
     ignore: frozenset[str] = field(default_factory=frozenset)  # keys allowed but not used
 
 
+class _Brief(reprlib.Repr):
+    """reprlib with limits on depth, breadth and every string and number, so that a
+    message never walks more than a bounded part of a value (a YAML structure, a huge
+    integer)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = self.maxset = self.maxfrozenset = \
+            self.maxdeque = 6
+        # twice the limit: brief() cuts the end itself, so a long string reads from its start
+        self.maxstring = self.maxother = self.maxlong = min(2 * limit + 10, 1000)
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * self.maxlong:  # also beyond what str() of an int may convert
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        try:
+            return super().repr_instance(x, level)
+        except Exception:  # a value whose repr fails: its type is enough
+            return f"<{type(x).__name__}>"
+
+
 def brief(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` on one line, cut to ``limit`` characters (for error messages)."""
-    text = " ".join(repr(value).split())
+    """``repr(value)`` on one line, cut to ``limit`` characters (for error messages); a
+    nested or long value is abbreviated (reprlib-style), never walked in full."""
+    text = " ".join(_Brief(limit).repr(value).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def clip(text: Any, limit: int = 80) -> str:
+    """``str(text)`` on one line, cut to ``limit`` characters (for names and paths in
+    messages, shown without quotes)."""
+    text = str(text)[:limit * 4]
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# The largest magnitude a float parameter may have: float32's (torch's default dtype), so
+# that no value overflows when torch turns it into a tensor or a step size.
+FLOAT_LIMIT = float(3.4028234663852886e38)
+
+
+def _out_of_range(value: Any) -> bool:
+    """Is ``value`` (a float, or a list of them) beyond float32's range?"""
+    if isinstance(value, float):
+        return abs(value) > FLOAT_LIMIT
+    if isinstance(value, list):
+        return any(_out_of_range(v) for v in value)
+    return False
 
 
 def _checked(param: Param, value: Any, source: str) -> Any:
@@ -279,6 +371,9 @@ def _checked(param: Param, value: Any, source: str) -> Any:
         value = coerce(value, param.type)
     except TypeError:
         raise UserError(f"{source}: '{param.name}' must be {type_name(param.type)}, got {brief(value)}") from None
+    if _out_of_range(value):
+        raise UserError(f"{source}: '{param.name}' must be within float32's range (at most {FLOAT_LIMIT:.4g} in "
+                        f"magnitude), got {brief(value)}")
     complaint = param.check(value) if param.check else None
     if complaint:
         raise UserError(f"{source}: '{param.name}' {complaint}, got {brief(value)}")
@@ -317,7 +412,7 @@ def resolve(params: Sequence[Param], layers: Sequence[Layer], cli: Mapping[str, 
             if key in layer.ignore or key in RECIPE_KEYS:
                 continue
             if not isinstance(key, str) or key not in by_name:
-                raise UserError(f"{layer.source}: unknown key '{key}'" + _suggest(str(key), by_name))
+                raise UserError(f"{layer.source}: unknown key '{clip(key, 60)}'" + _suggest(clip(key, 60), by_name))
             param = by_name[key]
             values[param.name] = _checked(param, value, layer.source)
     for key, value in (cli or {}).items():
@@ -367,6 +462,24 @@ def plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def fill_template(template: str, fields: Mapping[str, Any]) -> str:
+    """``template`` with each ``{name}`` replaced by ``fields[name]``: plain field names
+    only (no attributes, indices, conversions or format specs, which would let a file
+    reach into objects or ask for gigabytes of padding). Raises ValueError saying what
+    is wrong."""
+    out = []
+    for literal, name, spec, conversion in string.Formatter().parse(template):  # ValueError on '{' alone
+        out.append(literal)
+        if name is None:
+            continue
+        if name not in fields or conversion is not None or spec:
+            shown = "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
+            raise ValueError(f"{clip(shown, 40)} is not one of the plain fields "
+                             + ", ".join("{" + k + "}" for k in fields))
+        out.append(str(fields[name]))
+    return "".join(out)
 
 
 # -- where the shipped YAML files live ------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from utils.config import brief
+from utils.config import brief, clip
 from utils.errors import UserError
 
 RECORD_FILE = "attack_result.pt"
@@ -64,6 +64,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # a full or read-only disk: name the file meant, not the temporary one
+        if exc.filename is None or exc.filename == str(tmp):
+            exc.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -76,7 +80,14 @@ def _umask() -> int:
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: _torch_save(obj, tmp))
+
+
+def _torch_save(obj: Any, tmp: Path) -> None:
+    # through a Python file object: a full disk is then an OSError (ENOSPC) naming the
+    # file, where torch's own file writer raises a RuntimeError ("unexpected pos ...")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def remove_temporary_files(folder: Path) -> None:
@@ -139,6 +150,7 @@ class StagedFolder:
         self.lock = self.final.parent / f".{self.final.name}.lock"
         self.overwrite = overwrite
         self._locked = False
+        self._created: list[Path] = []  # the folders above the staging folder that this run made
         if self.old.is_dir() and not self.final.exists():  # killed between the two renames of commit()
             os.replace(self.old, self.final)
 
@@ -155,11 +167,16 @@ class StagedFolder:
                 raise UserError(f"{self.final} is complete: there is nothing to resume "
                                 "(pass --overwrite to run it again)")
             raise UserError(f"{self.final} already exists; pass --overwrite to replace it")
-        self._acquire()
+        try:
+            self._acquire()
+        except BaseException:
+            self._remove_created()
+            raise
         try:
             return self._staging(resume)
         except BaseException:
             self.release()
+            self._remove_created()
             raise
 
     def _staging(self, resume: bool) -> Path:
@@ -193,15 +210,33 @@ class StagedFolder:
         return self.final
 
     def discard(self) -> None:
+        """Remove the staging folder, and the folders above it that this run made (when
+        empty), and give the lock back."""
         shutil.rmtree(self.partial, ignore_errors=True)
         self.release()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another run wrote there meanwhile), or gone
+                break
+        self._created = []
 
     def _acquire(self) -> None:
         me = f"{os.getpid()} {socket.gethostname()}"
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        missing = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+        finally:
+            self._created = [p for p in missing if p.is_dir()]
         for _ in range(3):
             try:
                 fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileNotFoundError:  # a failing run removed the empty folder it had made, just now
+                self.final.parent.mkdir(parents=True, exist_ok=True)
+                continue
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None:
@@ -395,8 +430,18 @@ def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = Tru
                     return torch.load(path, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        text = str(exc)
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
+        if blocked:  # os.system and the like: never unpickled, --trust_record or not
+            raise UserError(f"{path}: this {what} holds a reference to {clip(blocked.group(1), 60)}, from a module "
+                            f"torch's safe loader blocks ({clip(blocked.group(2), 40)}); no {what} needs it, and "
+                            "unpickling it could run code: the file is refused") from None
         if not needs:
+            refusal = _weights_only_refusal(text)
+            if refusal is not None:
+                raise UserError(f"{path}: cannot read this {what}: torch's weights-only loader refused it "
+                                f"({refusal})") from None
             raise UserError(f"{path}: cannot read this {what}: not a complete torch file (truncated or "
                             "corrupted?)") from None
         if not trust:
@@ -409,6 +454,21 @@ def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = Tru
     except Exception as exc:
         raise UserError(f"{path}: cannot unpickle this {what} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})") from None
+
+
+def _weights_only_refusal(text: str) -> str | None:
+    """What torch's weights-only unpickler objected to in a complete file (its
+    ``WeightsUnpickler error:`` line), or None when the file is not a complete torch file
+    (truncated, corrupted, not a pickle: an unknown opcode)."""
+    if "Weights only load failed" not in text or re.search(r"Unsupported operand|truncated|EOF", text):
+        return None
+    lines = [line.strip() for line in text.splitlines()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or next(
+                (rest for rest in lines[i + 1:] if rest), "")
+            return clip(reason, 160) if reason else None
+    return None
 
 
 # Readers of foreign record formats (e.g. BackdoorBench's): ``reader(data, path)`` gets

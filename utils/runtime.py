@@ -50,6 +50,18 @@ def check_data_root(path: str | Path | None) -> None:
     raise UserError(f"--data_root {path} {what} (create it, or leave --data_root out to use ./data)")
 
 
+def check_record_root(path: str | Path) -> None:
+    """A ``--record_root`` must be a folder or a place where one can be made: not a file,
+    nor below one."""
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                what = "is a file" if place == path else f"is below {place}, which is a file"
+                raise UserError(f"--record_root {path} {what}, not a folder")
+            return
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices). Same seed and device: same numbers."""
     random.seed(seed)
@@ -93,7 +105,7 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
     handlers.append(console)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(folder / filename, encoding="utf-8")
+        file_handler = _RunLogFile(folder / filename, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         file_handler.setLevel(logging.DEBUG)  # the file also keeps the resolved config
         handlers.append(file_handler)
@@ -109,6 +121,25 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
             log.removeHandler(handler)
             handler.close()
         log.setLevel(previous_level)
+
+
+class _RunLogFile(logging.FileHandler):
+    """The run's log file. A write the file system refuses (a full disk) drops the record
+    from the file instead of printing logging's traceback: the console handler still shows
+    it, and the run's own next write stops it with one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            super().flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            super().close()
 
 
 class _Held(logging.Handler):
@@ -181,13 +212,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-# -- Ctrl-C ----------------------------------------------------------------------------------------
+# -- Ctrl-C and SIGTERM ------------------------------------------------------------------------------
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a command-line run (see utils.cli.entry): handled like Ctrl-C (the
+    staging folder is removed or its checkpoint kept), but the process exits with 143."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """A SIGTERM handler that raises :class:`Terminated`."""
+    raise Terminated
+
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) for the duration, so that a checkpoint being written is
-    finished and renamed into place; the interrupt is raised on exit. Outside the main
-    thread (where no signal handler can be set) this does nothing."""
+    """Hold back Ctrl-C (SIGINT), and SIGTERM where it is handled as an interrupt (a
+    command-line run), for the duration, so that a checkpoint being written is finished
+    and renamed into place; the interrupt is raised on exit. Outside the main thread
+    (where no signal handler can be set) this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -197,9 +239,16 @@ def deferred_interrupts() -> Iterator[None]:
     except ValueError:  # not in the main interpreter
         yield
         return
+    terminate = signal.getsignal(signal.SIGTERM)
+    if terminate is raise_terminated:
+        signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        if terminate is raise_terminated:
+            signal.signal(signal.SIGTERM, raise_terminated)
+    if signal.SIGTERM in caught:
+        raise Terminated
     if caught:
         raise KeyboardInterrupt

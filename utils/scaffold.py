@@ -174,6 +174,8 @@ Deviations from the paper or from BackdoorBench: <none yet>.
 """
 from __future__ import annotations
 
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
+
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
@@ -267,6 +269,8 @@ Deviations from the paper or from BackdoorBench: <none yet>.
     python attack/${name}.py --dataset digits --save_folder_name ${name}_digits
 """
 from __future__ import annotations
+
+import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
 
 import torch
 

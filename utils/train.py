@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -166,6 +167,17 @@ class Checkpoint:
         self.config = plain({k: v for k, v in (config or {}).items() if k not in RESUME_IGNORES})
         self.objects: dict[str, Any] | None = None
         self.saved: int | None = None  # the epoch of the last checkpoint written or restored
+        self.earlier_seconds = 0.0  # the run's time before the checkpoint it resumed from
+        self._clock: float | None = None
+
+    def start_clock(self) -> None:
+        """Start timing the run (the harness calls it where its ``seconds`` start)."""
+        self._clock = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """The run's seconds so far, every part of it: the time stored in the checkpoint it
+        resumed from plus this part's since :meth:`start_clock`."""
+        return self.earlier_seconds + (0.0 if self._clock is None else time.perf_counter() - self._clock)
 
     def track(self, **objects: Any) -> None:
         """Register the loop's state (None values are skipped). One loop per run."""
@@ -183,7 +195,7 @@ class Checkpoint:
         """Write the tracked state after ``epoch`` with ``extra`` (plain values)."""
         if self.path is None or self.objects is None:
             return
-        save_checkpoint({"epoch": int(epoch), "config": self.config, "rng": rng_state(),
+        save_checkpoint({"epoch": int(epoch), "config": self.config, "rng": rng_state(), "seconds": self.elapsed(),
                          "objects": {name: _state_of(obj) for name, obj in self.objects.items()},
                          "extra": extra}, self.path)
         self.saved = int(epoch)
@@ -210,6 +222,10 @@ class Checkpoint:
             for name, obj in self.objects.items():
                 _load_state(obj, objects[name], name)
             set_rng_state(data["rng"])
+            seconds = data.get("seconds", 0.0)  # absent in checkpoints of older versions
+            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) \
+                    and seconds >= 0:
+                self.earlier_seconds = float(seconds)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise UserError(f"cannot resume from {self.path}: it does not fit this run "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
