@@ -52,7 +52,8 @@ import yaml
 
 from utils import config as cfg
 from utils.cli import entry
-from utils.compare import Run, Table, aggregate, config_diff, execute, markdown, read_json, to_csv, to_json, Progress
+from utils.compare import (Progress, Run, Table, aggregate, config_diff, execute, identity_problem, markdown, read_json,
+                           to_csv, to_json)
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
@@ -481,8 +482,29 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
 
 def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
     record = load_record(folder)  # one line naming what is wrong, listing the records there
+    run = Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", identity=record.identity)
+    problem = _baseline(run, folder)
+    if problem is not None:
+        run.status, run.message = "mismatch", problem
+    return run
+
+
+def _baseline(run: Run, folder: Path) -> str | None:
+    """Set ``run.summary`` from the record's attack_summary.json when it names the record
+    in place (``run.identity``); a summary without an identity (older) is left out (the
+    "no defense" numbers then come from a defense's "before"); returns the problem of a
+    summary made on another record."""
     summary = read_json(folder / "attack_summary.json")
-    return Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", summary)
+    if summary is None:
+        return None
+    if "record_identity" not in summary:
+        log.info("%s: attack_summary.json names no record identity: its numbers are not used", folder)
+        return None
+    problem = identity_problem(summary, run.identity)
+    if problem is None:
+        run.summary = summary
+        return None
+    return f"attack_summary.json is {problem}"
 
 
 def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None,
@@ -503,11 +525,13 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
         return _mismatch(run, values, str(exc))
     requested = cfg.plain(resolve_attack(rec.attack, [], options))
     diff = config_diff(requested, record.config)
-    if not diff:
-        run.status = "reused"
-        run.summary = read_json(folder / "attack_summary.json")
-        return run
-    return _mismatch(run, values, "record config differs: " + "; ".join(diff))
+    if diff:
+        return _mismatch(run, values, "record config differs: " + "; ".join(diff))
+    run.status, run.identity = "reused", record.identity
+    problem = _baseline(run, folder)
+    if problem is not None:
+        return _mismatch(run, values, problem)
+    return run
 
 
 def _mismatch(run: Run, values: dict[str, Any], message: str) -> Run:
@@ -541,7 +565,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
               depends_on=base)
     if base.status == "todo":
         return run  # a new record: nothing below it yet
-    if base.status != "reused":
+    if base.identity is None:
         run.status, run.message = "blocked", f"record {base.record} not usable ({base.status})"
         return run
     if not resolved:
@@ -558,6 +582,9 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     if summary is None:
         return _mismatch(run, values, f"{folder} holds no readable summary.json")
     requested = {**resolved, "random_seed": seed, "result_name": folder_name}
+    problem = identity_problem(summary, base.identity)
+    if problem is not None:
+        return _mismatch(run, values, problem)
     diff = config_diff(requested, summary.get("config") or {})
     if diff:
         return _mismatch(run, values, "config differs: " + "; ".join(diff))
