@@ -11,10 +11,13 @@ as one table (Markdown on stdout; .md, .csv, .json), plots and an HTML page.
 What it runs. With ``--result_file``, the records must exist; with ``--grid`` (a YAML file
 naming datasets, models, attacks and defenses with their options, and seeds; see
 config/grid/), missing records are made first with the attack harness and each defense
-run waits only for its own record. A run whose result exists is reused when the
-config it recorded matches the requested one (keys that only say where or how it ran,
-such as device or record_root, are not compared); a mismatch is reported in the table
-and not re-run unless ``--overwrite``.
+run waits only for its own record. A run whose result exists is reused when it names
+the identity of the record in place (its summary.json's ``record_identity``, see
+utils.records) and the config it recorded matches the requested one (keys that only say
+where or how it ran, such as device or record_root, are not compared); a mismatch
+(``stale: made on another version of the record``, or the config's differences) is
+reported in the table and not re-run unless ``--overwrite``. The "no defense" row comes
+from the record's attack_summary.json only when that names the record's identity too.
 
 BackdoorBench's own results. A record's ``defense/<name>/`` folder written by
 BackdoorBench's defenses (its ``<name>_df_summary.csv``, no summary.json of ours) is

@@ -8,8 +8,8 @@ write discipline every output of the project follows.
   when the run has finished, so a killed run leaves the previous complete result or none.
 * Records carry SHA-256 digests of every tensor a defense or the comparison reads (the
   model, bd_test, bd_train, cross_test, poison_indices, extras) and of the record's other
-  fields (names, sizes, normalisation, attack_params, config without its ``data_root``,
-  which says where the data was, not what was computed); loading checks them and names
+  fields (names, sizes, normalisation, attack_params, config without the keys that say
+  where or how the run was made, :data:`LOCATION_KEYS`); loading checks them and names
   the part that changed. Records written before the full set (digests of the model and
   bd_test only) load with a warning; a record holding some of the new digests but not all
   is refused.
@@ -328,7 +328,10 @@ DIGEST_PARTS = {"model": "the model weights", "bd_test": "the backdoor test set"
                 "bd_train": "the poisoned training set (bd_train)", "cross_test": "the cross test set (cross_test)",
                 "poison_indices": "the poison indices", "extras": "the attack's extra tensors (extras)",
                 "fields": "the record's fields (names, sizes, normalization, attack_params, config)"}
-LOCATION_KEYS = ("data_root",)  # config keys that say where the data was, not what was computed
+# Config keys that say where or how a run was made (folders, names, flags), not what it
+# computed: left out of the fields' digest, so that the same run made in two places gives
+# the same record identity.
+LOCATION_KEYS = ("data_root", "record_root", "save_folder_name", "overwrite", "debug", "download")
 
 
 def _canonical(value: Any) -> Any:
