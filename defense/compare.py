@@ -18,6 +18,8 @@ where or how it ran, such as device or record_root, are not compared); a mismatc
 (``stale: made on another version of the record``, or the config's differences) is
 reported in the table and not re-run unless ``--overwrite``. The "no defense" row comes
 from the record's attack_summary.json only when that names the record's identity too.
+Records written before identities (digests of the model and bd_test only) keep their
+results: summaries that name no identity are reused beside them as before.
 
 BackdoorBench's own results. A record's ``defense/<name>/`` folder written by
 BackdoorBench's defenses (its ``<name>_df_summary.csv``, no summary.json of ours) is
@@ -485,7 +487,8 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
 
 def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
     record = load_record(folder)  # one line naming what is wrong, listing the records there
-    run = Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", identity=record.identity)
+    run = Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", identity=record.identity,
+              legacy=record.legacy)
     problem = _baseline(run, folder)
     if problem is not None:
         run.status, run.message = "mismatch", problem
@@ -494,16 +497,17 @@ def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root
 
 def _baseline(run: Run, folder: Path) -> str | None:
     """Set ``run.summary`` from the record's attack_summary.json when it names the record
-    in place (``run.identity``); a summary without an identity (older) is left out (the
+    in place (``run.identity``), or names none beside a record as old as it
+    (``run.legacy``); a summary without an identity beside a newer record is left out (the
     "no defense" numbers then come from a defense's "before"); returns the problem of a
     summary made on another record."""
     summary = read_json(folder / "attack_summary.json")
     if summary is None:
         return None
-    if "record_identity" not in summary:
+    if "record_identity" not in summary and not run.legacy:
         log.info("%s: attack_summary.json names no record identity: its numbers are not used", folder)
         return None
-    problem = identity_problem(summary, run.identity)
+    problem = identity_problem(summary, run.identity, run.legacy)
     if problem is None:
         run.summary = summary
         return None
@@ -530,7 +534,7 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     diff = config_diff(requested, record.config)
     if diff:
         return _mismatch(run, values, "record config differs: " + "; ".join(diff))
-    run.status, run.identity = "reused", record.identity
+    run.status, run.identity, run.legacy = "reused", record.identity, record.legacy
     problem = _baseline(run, folder)
     if problem is not None:
         return _mismatch(run, values, problem)
@@ -585,7 +589,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     if summary is None:
         return _mismatch(run, values, f"{folder} holds no readable summary.json")
     requested = {**resolved, "random_seed": seed, "result_name": folder_name}
-    problem = identity_problem(summary, base.identity)
+    problem = identity_problem(summary, base.identity, base.legacy)
     if problem is not None:
         return _mismatch(run, values, problem)
     diff = config_diff(requested, summary.get("config") or {})

@@ -155,6 +155,30 @@ def test_compare_does_not_reuse_a_result_that_names_no_identity(record_root):
     assert run["status"] == "mismatch" and "names no record identity" in run["message"]
 
 
+def _strip(path: Path) -> None:
+    data = json.loads(path.read_text())
+    del data["record_identity"]
+    path.write_text(json.dumps(data))
+
+
+def test_results_made_before_identities_beside_a_record_as_old_are_still_reused(record_root):
+    """A record and its results written before this change (main's grids) keep working."""
+    folder = record_root / NAME
+    defense.run("sau", result_file=NAME, record_root=str(record_root), device="cpu", epochs=0)
+    _strip(folder / "attack_summary.json")
+    _strip(folder / "defense" / "sau" / "summary.json")
+    raw = torch.load(folder / RECORD_FILE, weights_only=True)
+    raw["sha256"] = {k: raw["sha256"][k] for k in ("model", "bd_test")}
+    torch.save(raw, folder / RECORD_FILE)
+    result = _report(record_root)
+    assert {r["kind"]: r["status"] for r in result["runs"]} == {"attack": "reused", "defense": "reused"}
+    assert {r["defense"]: r["n"] for r in result["rows"]} == {"no defense": 1, "sau": 1}
+    path = folder / "defense" / "sau" / "summary.json"  # one that names another record is still stale
+    path.write_text(json.dumps({**json.loads(path.read_text()), "record_identity": "0" * 64}))
+    run = next(r for r in _report(record_root)["runs"] if r["kind"] == "defense")
+    assert run["status"] == "mismatch" and "stale: made on another version of the record" in run["message"]
+
+
 # -- 4: files that belong together; records that make no sense ----------------------------------------------------
 
 def test_a_swapped_attack_result_is_not_reported_with_the_other_record_s_numbers(record_root, tmp_path):

@@ -69,6 +69,7 @@ class Run:
     message: str = ""
     depends_on: "Run | None" = None
     identity: str | None = None  # attack runs: the identity of the record in place, when it is usable
+    legacy: bool = False  # attack runs: that record was written before records had identities
 
     @property
     def label(self) -> str:
@@ -151,11 +152,15 @@ def config_diff(requested: dict[str, Any], stored: dict[str, Any],
 STALE = "stale: made on another version of the record"
 
 
-def identity_problem(summary: dict[str, Any], identity: str | None) -> str | None:
+def identity_problem(summary: dict[str, Any], identity: str | None, legacy: bool = False) -> str | None:
     """Why a summary (attack_summary.json, a defense's summary.json) cannot be reused for
-    the record of identity ``identity``; None when it names that identity."""
+    the record of identity ``identity``; None when it names that identity. ``legacy``: the
+    record was written before records had identities; a summary that names none (as
+    every summary of that time) is then accepted, one that names another is not."""
     have = summary.get("record_identity")
     if identity is not None and have == identity:
+        return None
+    if have is None and legacy:
         return None
     if have is None:
         return "it names no record identity (made before results named one), so it may be " + STALE

@@ -436,6 +436,7 @@ class AttackRecord:
     sha256: dict[str, str] = field(default_factory=dict)  # the digests checked when loaded (not saved)
     identity: str = ""  # record_identity(sha256), set when loaded (not saved)
     stamp: tuple[int, int, int] | None = None  # (inode, size, mtime) of the file loaded (not saved)
+    legacy: bool = False  # a SAU-Bench record written before the full digests and identities (not saved)
 
     @property
     def in_channels(self) -> int:
@@ -799,6 +800,7 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
             raise _changed(path, key)
     present = [key for key in NEW_DIGESTS if key in digests]
     if not present:
+        record.legacy = True
         log.warning("%s: written before records carried digests of every tensor: only the model and the backdoor "
                     "test set are checked (re-run the attack to cover the rest)", path)
     elif len(present) < len(NEW_DIGESTS):
