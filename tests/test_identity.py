@@ -123,6 +123,15 @@ def test_attack_overwrite_refuses_while_a_defense_writes_into_the_record(record_
     assert (record_root / NAME / RECORD_FILE).read_bytes() != before
 
 
+def test_the_refusal_is_one_line_and_exit_status_2_on_the_command_line(monkeypatch, capsys, record_root):
+    from test_reliability import badnet_args, refused
+
+    lock_of_a_live_run(record_root / NAME, "ft")
+    line = refused(monkeypatch, capsys, record_root, "attack/badnet.py",
+                   *badnet_args(record_root, "--save_folder_name", NAME, "--overwrite"))
+    assert "badnet_digits is in use by a defense run" in line and ".ft.lock" in line
+
+
 def _report(root: Path, **kw):
     return compare.run(result_file=[NAME], record_root=str(root), device="cpu", defenses=["sau"], option=["epochs=0"],
                        plots=False, quiet=True, report=True, **kw)
