@@ -113,7 +113,8 @@ def test_a_defense_still_writes_when_the_record_was_only_rewritten_the_same(reco
 def test_attack_overwrite_refuses_while_a_defense_writes_into_the_record(record_root):
     lock = lock_of_a_live_run(record_root / NAME)
     before = (record_root / NAME / RECORD_FILE).read_bytes()
-    with pytest.raises(UserError, match=r"badnet_digits is in use by a defense run \(process \d+, lock .*\.sau\.lock\)"):
+    busy = r"badnet_digits is in use by a defense run \(process \d+, lock .*\.sau\.lock\)"
+    with pytest.raises(UserError, match=busy):
         attack.run("badnet", dataset="digits", save_folder_name=NAME, record_root=str(record_root), epochs=1,
                    device="cpu", overwrite=True)
     assert (record_root / NAME / RECORD_FILE).read_bytes() == before

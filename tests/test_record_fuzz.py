@@ -73,7 +73,7 @@ def _corrupt(value: Any, kind: str, position: int) -> Any:
             if value.numel() == 0:
                 return None
             t = value.clone()
-            raw = t.view(-1).view(torch.uint8) if t.dtype != torch.bool else t.view(-1).view(torch.uint8)
+            raw = t.view(-1).view(torch.uint8)
             raw[position % raw.numel()] ^= 1 << (position % 8)
             return t
         if kind == "range":
@@ -180,7 +180,8 @@ def _our_paths() -> list[tuple]:
     """Every field and part, with three of the weights (the first, a counter, the output layer's)."""
     weights = list(synthetic_record().model)
     keep = {weights[0], next(k for k in weights if k.endswith("num_batches_tracked")), weights[-2]}
-    return [p for p in _leaves(synthetic_record().to_dict()) if not (p[0] == "model" and len(p) > 1 and p[1] not in keep)]
+    return [p for p in _leaves(synthetic_record().to_dict())
+            if not (p[0] == "model" and len(p) > 1 and p[1] not in keep)]
 
 
 @pytest.mark.parametrize("path", _our_paths(), ids=lambda p: ".".join(map(str, p)))

@@ -815,8 +815,8 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
 
 def _changed(path: Path, key: str) -> UserError:
     plural = key in ("model", "poison_indices", "extras", "fields")
-    return UserError(f"{path}: {DIGEST_PARTS[key]} {'do' if plural else 'does'} not match {'their' if plural else 'its'} "
-                     "SHA-256 (the file was changed)")
+    verb, pronoun = ("do", "their") if plural else ("does", "its")
+    return UserError(f"{path}: {DIGEST_PARTS[key]} {verb} not match {pronoun} SHA-256 (the file was changed)")
 
 
 # -- defense results --------------------------------------------------------------------------------
