@@ -51,7 +51,8 @@ from utils.metrics import Metrics, accuracy, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
-from utils.records import AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_json
+from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
+                           save_json)
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, replay,
                            resolve_device, seed_everything)
@@ -357,6 +358,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     with held_logs() as loading:
         data = load_data(values)
     out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"])
+    if values["overwrite"]:
+        check_no_defense_running(out.final)
     folder = out.open(resume=control["resume"])
     checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"], values)
     with guarded(out):
@@ -365,9 +368,21 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             replay(loading)
             log.debug("config: %s", cfg.plain(values))
             summary = _attack(attack, values, device, folder, checkpoint, data, control["export_backdoorbench"])
+        check_no_defense_running(out.final)  # a defense may have started on the old record meanwhile
         final = out.commit()
     log.info("record written to %s", final)
     return summary
+
+
+def check_no_defense_running(record: Path) -> None:
+    """UserError while a defense run writes a result into the existing record ``record``
+    (its lock in ``record/defense/``, holder alive): replacing the record under it would
+    leave that result on the wrong record."""
+    busy = live_defense_locks(record)
+    if busy:
+        lock, holder = busy[0]
+        raise UserError(f"{record} is in use by a defense run ({holder}, lock {lock}): wait for it to finish "
+                        "before replacing the record, or remove the lock if that run is gone")
 
 
 def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder: Path,
@@ -415,6 +430,7 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
         poison_indices=poison_idx, bd_test=test_sets.bd_test, bd_train=bd_train, cross_test=test_sets.cross_test,
         mean=info.mean, std=info.std, extras=attack.extras(), config=cfg.plain(values))
     record.save(folder)
+    identity = record.compute_identity()
     if export_backdoorbench:
         from utils.backdoorbench import EXPORT_FOLDER, export_record
 
@@ -426,7 +442,7 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     history.save_plot(folder / "attack_plot.png", f"{attack.name} on {info.name} ({values['model']})")
     summary = {**metrics.headline(), "seconds": round(seconds, 2), "attack": attack.name, "dataset": info.name,
                "model": values["model"], "epochs": values["epochs"], "device": str(device),
-               "poisoned": int(len(poison_idx))}
+               "poisoned": int(len(poison_idx)), "record_identity": identity}
     if test_sets.cross_acc is not None:
         summary["cross_acc"] = test_sets.cross_acc
     save_json(summary, folder / "attack_summary.json")

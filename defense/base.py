@@ -61,8 +61,8 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, der, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, load_record, record_dir, save_defense_result,
-                           save_json, save_png, save_text)
+from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, record_dir,
+                           save_defense_result, save_json, save_png, save_text)
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, replay, resolve_device,
                            seed_everything)
@@ -410,6 +410,9 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
     model), the device and the defense."""
     values, control, record = _resolve(name, argv, overrides)
     cls = DEFENSES.get(name)
+    if len(record.bd_test) == 0:
+        raise UserError(f"{record.path}: the record's backdoor test set (bd_test) is empty: ASR and RA cannot be "
+                        "measured (a clean model's record has nothing to defend)")
     device = resolve_device(values["device"])
     try:
         defense = cls(**{p.name: values[p.name] for p in cls.params()})
@@ -454,6 +457,11 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             replay(loading)
             log.debug("config: %s", cfg.plain(values))
             summary = _defend(defense, record, values, device, folder, model, checkpoint, inputs)
+        try:
+            check_record_unchanged(record, trust=control["trust_record"])
+        except UserError:
+            discard_stale(out)
+            raise
         final = out.commit()
     log.info("result written to %s", final)
     return summary
@@ -467,6 +475,19 @@ def check_finite_outputs(model: nn.Module, images: torch.Tensor, record: AttackR
     if not bool(torch.isfinite(logits).all()):
         raise UserError(f"{record.path}: the record's model gives NaN/inf outputs on clean images before the defense "
                         "started (its normalization: a std of 0, or a NaN/inf mean or std?)")
+
+
+def discard_stale(out: StagedFolder) -> None:
+    """Remove a result staged for a record that was replaced meanwhile (checkpoint and
+    all: it belongs to the old record), and the record's ``defense/`` folder when that
+    leaves it empty."""
+    if out.checkpoint.exists():
+        out.checkpoint.unlink()
+    out.discard()
+    try:
+        out.final.parent.rmdir()
+    except OSError:
+        pass  # not empty: other results
 
 
 def result_folder_name(defense: str, result_name: str | None = None) -> str:
@@ -598,7 +619,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     summary = {
         "defense": defense.name, "result_file": values["result_file"],
         "before": before.headline(), "after": after.headline(),
-        "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc),
+        "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
         "device": str(device), "clean_samples": len(idx), **defense.report(),
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),

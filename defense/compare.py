@@ -11,10 +11,15 @@ as one table (Markdown on stdout; .md, .csv, .json), plots and an HTML page.
 What it runs. With ``--result_file``, the records must exist; with ``--grid`` (a YAML file
 naming datasets, models, attacks and defenses with their options, and seeds; see
 config/grid/), missing records are made first with the attack harness and each defense
-run waits only for its own record. A run whose result exists is reused when the
-config it recorded matches the requested one (keys that only say where or how it ran,
-such as device or record_root, are not compared); a mismatch is reported in the table
-and not re-run unless ``--overwrite``.
+run waits only for its own record. A run whose result exists is reused when it names
+the identity of the record in place (its summary.json's ``record_identity``, see
+utils.records) and the config it recorded matches the requested one (keys that only say
+where or how it ran, such as device or record_root, are not compared); a mismatch
+(``stale: made on another version of the record``, or the config's differences) is
+reported in the table and not re-run unless ``--overwrite``. The "no defense" row comes
+from the record's attack_summary.json only when that names the record's identity too.
+Records written before identities (digests of the model and bd_test only) keep their
+results: summaries that name no identity are reused beside them as before.
 
 BackdoorBench's own results. A record's ``defense/<name>/`` folder written by
 BackdoorBench's defenses (its ``<name>_df_summary.csv``, no summary.json of ours) is
@@ -60,7 +65,8 @@ from typing import Any, Callable, Literal, Sequence
 
 from utils import config as cfg
 from utils.cli import entry
-from utils.compare import Run, Table, aggregate, config_diff, execute, markdown, read_json, to_csv, to_json, Progress
+from utils.compare import (Progress, Run, Table, aggregate, config_diff, execute, identity_problem, markdown, read_json,
+                           to_csv, to_json)
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
@@ -507,8 +513,31 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
 
 def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
     record = load_record(folder)  # one line naming what is wrong, listing the records there
+    run = Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", identity=record.identity,
+              legacy=record.legacy)
+    problem = _baseline(run, folder)
+    if problem is not None:
+        run.status, run.message = "mismatch", problem
+    return run
+
+
+def _baseline(run: Run, folder: Path) -> str | None:
+    """Set ``run.summary`` from the record's attack_summary.json when it names the record
+    in place (``run.identity``), or names none beside a record as old as it
+    (``run.legacy``); a summary without an identity beside a newer record is left out (the
+    "no defense" numbers then come from a defense's "before"); returns the problem of a
+    summary made on another record."""
     summary = read_json(folder / "attack_summary.json")
-    return Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", summary)
+    if summary is None:
+        return None
+    if "record_identity" not in summary and not run.legacy:
+        log.info("%s: attack_summary.json names no record identity: its numbers are not used", folder)
+        return None
+    problem = identity_problem(summary, run.identity, run.legacy)
+    if problem is None:
+        run.summary = summary
+        return None
+    return f"attack_summary.json is {problem}"
 
 
 def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None,
@@ -529,11 +558,13 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
         return _mismatch(run, values, str(exc))
     requested = cfg.plain(resolve_attack(rec.attack, [], options))
     diff = config_diff(requested, record.config)
-    if not diff:
-        run.status = "reused"
-        run.summary = read_json(folder / "attack_summary.json")
-        return run
-    return _mismatch(run, values, "record config differs: " + "; ".join(diff))
+    if diff:
+        return _mismatch(run, values, "record config differs: " + "; ".join(diff))
+    run.status, run.identity, run.legacy = "reused", record.identity, record.legacy
+    problem = _baseline(run, folder)
+    if problem is not None:
+        return _mismatch(run, values, problem)
+    return run
 
 
 def _mismatch(run: Run, values: dict[str, Any], message: str) -> Run:
@@ -595,7 +626,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
         opts["yaml_path"] = str(recipe)
     if base.status == "todo":
         return run  # a new record: nothing below it yet
-    if base.status != "reused":
+    if base.identity is None:
         run.status, run.message = "blocked", f"record {base.record} not usable ({base.status})"
         return run
     if not resolved:
@@ -612,6 +643,9 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     if summary is None:
         return _mismatch(run, values, f"{folder} holds no readable summary.json")
     requested = {**resolved, "random_seed": seed, "result_name": folder_name}
+    problem = identity_problem(summary, base.identity, base.legacy)
+    if problem is not None:
+        return _mismatch(run, values, problem)
     diff = config_diff(requested, summary.get("config") or {})
     if diff:
         return _mismatch(run, values, "config differs: " + "; ".join(diff))

@@ -24,7 +24,7 @@ def tiny_record() -> AttackRecord:
                      torch.tensor([1, 2, 1, 2]), torch.tensor([0, 3, 5, 6]))
     return AttackRecord(model_name="cnn", num_classes=3, model=model.state_dict(), img_size=(8, 8, 1),
                         clean_data="digits", attack="badnet", attack_params={"patch_size": 1},
-                        poison_indices=torch.tensor([2, 7]), bd_test=bd, bd_train=bd, mean=(0.5,), std=(0.5,),
+                        poison_indices=torch.tensor([0, 3, 5, 6]), bd_test=bd, bd_train=bd, mean=(0.5,), std=(0.5,),
                         extras={"pattern": torch.ones(1, 8, 8)}, config={"epochs": 3, "nested": {"a": [1, 2]}})
 
 

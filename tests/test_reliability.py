@@ -77,6 +77,23 @@ def raw_record(record_root: Path) -> dict:
     return torch.load(record_root / "badnet_digits" / RECORD_FILE, weights_only=True)
 
 
+def signed(raw: dict) -> dict:
+    """``raw`` (a record's dict, changed) with the digests of what it now holds: another
+    version of the record, not a tampered one."""
+    from utils.records import AttackRecord, PoisonedSet, record_digests
+
+    def part(key):
+        return None if raw.get(key) is None else PoisonedSet.from_dict(raw[key])
+
+    record = AttackRecord(model_name=raw["model_name"], num_classes=raw["num_classes"], model=raw["model"],
+                          img_size=tuple(raw["img_size"]), clean_data=raw["clean_data"], attack=raw["attack"],
+                          attack_params=raw["attack_params"], poison_indices=raw["poison_indices"],
+                          bd_test=part("bd_test"), bd_train=part("bd_train"), cross_test=part("cross_test"),
+                          mean=tuple(raw["normalization"]["mean"]), std=tuple(raw["normalization"]["std"]),
+                          extras=raw["extras"], config=raw["config"])
+    return {**raw, "sha256": record_digests(record)}
+
+
 def write_raw(record_root: Path, name: str, data) -> Path:
     folder = record_root / name
     folder.mkdir(parents=True)
@@ -131,7 +148,7 @@ def _damaged(record_root: Path, damage: str):
     if damage == "unknown version":
         return {**raw, "version": 7}, "record version 7 is not supported (this SAU-Bench reads version 1)"
     if damage == "weights of another model":
-        return {**raw, "model_name": "preactresnet18"}, "the weights do not fit model 'preactresnet18'"
+        return signed({**raw, "model_name": "preactresnet18"}), "the weights do not fit model 'preactresnet18'"
     if damage == "changed weights":
         raw["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in raw["model"].items()}
         return raw, "the model weights do not match their SHA-256 (the file was changed)"
@@ -156,7 +173,7 @@ def test_damaged_records_are_refused_with_one_line(monkeypatch, capsys, record_r
 
 def test_record_whose_dataset_files_are_missing(monkeypatch, capsys, record_root, tmp_path):
     raw = raw_record(record_root)
-    write_raw(record_root, "on_mnist", {**raw, "clean_data": "mnist"})
+    write_raw(record_root, "on_mnist", signed({**raw, "clean_data": "mnist"}))
     empty = tmp_path / "no_data_here"
     empty.mkdir()
     line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "on_mnist", "--record_root",
@@ -199,7 +216,8 @@ def test_record_whose_dataset_has_another_shape_or_class_count(monkeypatch, caps
 
 def test_record_whose_poison_indices_do_not_fit_the_dataset(monkeypatch, capsys, record_root):
     raw = raw_record(record_root)
-    write_raw(record_root, "elsewhere", {**raw, "poison_indices": torch.tensor([3, 5000])})
+    poisoned = torch.cat([raw["poison_indices"], torch.tensor([5000])])
+    write_raw(record_root, "elsewhere", signed({**raw, "poison_indices": poisoned}))
     line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "elsewhere", "--record_root",
                    str(record_root), "--device", "cpu")
     assert "the record's poison indices reach 5000, but the training set has 1437 samples" in line
@@ -314,14 +332,15 @@ def test_paths_never_leave_the_record_folder(monkeypatch, capsys, record_root, s
 def test_a_record_that_needs_pickle_needs_trust_record(monkeypatch, capsys, record_root):
     raw = raw_record(record_root)
     raw["config"]["made_in"] = Path("/somewhere")  # a Python object: only pickle restores it
-    write_raw(record_root, "foreign", raw)
+    write_raw(record_root, "foreign", signed(raw))
     line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "foreign", "--record_root",
                    str(record_root), "--device", "cpu")
     assert "holds a Python object (pathlib.PosixPath) that only pickle can load" in line
     assert "pass --trust_record to unpickle it if you trust where it came from" in line
     record = load_record(record_root / "foreign", trust=True)
-    assert record.config["made_in"] == Path("/somewhere") and record.sha256 == \
-        load_record(record_root / "badnet_digits").sha256
+    original = load_record(record_root / "badnet_digits").sha256
+    assert record.config["made_in"] == Path("/somewhere") and record.sha256["model"] == original["model"]
+    assert record.sha256["fields"] != original["fields"]  # its config differs
     summary = defense.run("sau", result_file="foreign", record_root=str(record_root), device="cpu", epochs=0,
                           trust_record=True)
     assert "trust_record" not in summary["config"]  # how a run was made, not what it computed

@@ -45,8 +45,8 @@ import torch
 
 from utils.errors import UserError
 from utils.history import cell_number
-from utils.records import (AttackRecord, MalformedRecord, PoisonedSet, StagedFolder, png_bytes,
-                           register_record_reader, save_torch, tensor_digest)
+from utils.records import (AttackRecord, MalformedRecord, PoisonedSet, StagedFolder, check_img_size, png_bytes,
+                           register_record_reader, save_torch)
 
 log = logging.getLogger("saubench")
 
@@ -152,6 +152,7 @@ def _parse(data: Mapping[str, Any], folder: Path) -> tuple[AttackRecord, list[st
     if not isinstance(img_size, (list, tuple)) or len(img_size) != 3:
         raise MalformedRecord(f"'img_size' must be (H, W, C), not {img_size!r}")
     hwc = tuple(_integer(v, "img_size") for v in img_size)
+    check_img_size(hwc)  # before any image is read at that size
     clean_data = data["clean_data"]
     if not isinstance(clean_data, str):
         raise MalformedRecord(f"'clean_data' must be a dataset name, not {type(clean_data).__name__}")
@@ -178,8 +179,7 @@ def _parse(data: Mapping[str, Any], folder: Path) -> tuple[AttackRecord, list[st
                           img_size=hwc, clean_data=clean_data, attack=SOURCE, attack_params={},
                           poison_indices=poison_indices, bd_test=bd_test, bd_train=bd_train, cross_test=cross_test,
                           mean=tuple(mean), std=tuple(std), config=config, path=folder)
-    record.sha256 = {"model": tensor_digest(record.model), "bd_test": tensor_digest(bd_test.to_dict())}
-    return record, notes
+    return record, notes  # checked, digested and given its identity by load_record (utils.records)
 
 
 def _data_root(folder: Path) -> str | None:

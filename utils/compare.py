@@ -69,6 +69,8 @@ class Run:
     summary: dict[str, Any] | None = None
     message: str = ""
     depends_on: "Run | None" = None
+    identity: str | None = None  # attack runs: the identity of the record in place, when it is usable
+    legacy: bool = False  # attack runs: that record was written before records had identities
 
     @property
     def label(self) -> str:
@@ -146,6 +148,24 @@ def config_diff(requested: dict[str, Any], stored: dict[str, Any],
             out.append(f"{key}: result {'(absent)' if have is missing else repr(have)}, "
                        f"requested {'(absent)' if want is missing else repr(want)}")
     return out
+
+
+STALE = "stale: made on another version of the record"
+
+
+def identity_problem(summary: dict[str, Any], identity: str | None, legacy: bool = False) -> str | None:
+    """Why a summary (attack_summary.json, a defense's summary.json) cannot be reused for
+    the record of identity ``identity``; None when it names that identity. ``legacy``: the
+    record was written before records had identities; a summary that names none (as
+    every summary of that time) is then accepted, one that names another is not."""
+    have = summary.get("record_identity")
+    if identity is not None and have == identity:
+        return None
+    if have is None and legacy:
+        return None
+    if have is None:
+        return "it names no record identity (made before results named one), so it may be " + STALE
+    return f"{STALE} ({str(have)[:12]}, the record in place is {str(identity)[:12]})"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -6,8 +6,22 @@ write discipline every output of the project follows.
 * Files are written to a temporary name in the same folder and renamed; a run's output
   folder is built as ``.<name>.partial`` beside its final place and renamed into place
   when the run has finished, so a killed run leaves the previous complete result or none.
-* Records carry SHA-256 digests of the model weights and the backdoor test tensors;
-  loading checks them and names the file that changed.
+* Records carry SHA-256 digests of every tensor a defense or the comparison reads (the
+  model, bd_test, bd_train, cross_test, poison_indices, extras) and of the record's other
+  fields (names, sizes, normalisation, attack_params, config without the keys that say
+  where or how the run was made, :data:`LOCATION_KEYS`); loading checks them and names
+  the part that changed. Records written before the full set (digests of the model and
+  bd_test only) load with a warning; a record holding some of the new digests but not all
+  is refused.
+* A record's identity (:func:`record_identity`) is the SHA-256 of those digests,
+  computed from what was loaded (so also for BackdoorBench's records, which carry no
+  digests): attack_summary.json and every defense summary.json name it
+  (``record_identity``), a defense writes its result only if the record in place still has
+  it (:func:`check_record_unchanged`), and the comparison reuses a result only when it
+  matches.
+* Every reader's record goes through :func:`check_record` (labels within the classes,
+  a sane class count that fits the model's output layer, a normalisation of one finite
+  mean and positive std per channel, poisoned samples listed in poison_indices).
 * A run's checkpoint (``checkpoint.pt``) lives in its ``.<name>.partial`` folder, so that
   ``--resume`` finds it there and a finished run leaves none behind.
 * A file that only pickle can read (a foreign record, an old format) is read only with
@@ -21,10 +35,12 @@ write discipline every output of the project follows.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -34,12 +50,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from utils.config import brief, clip
 from utils.errors import UserError
+
+log = logging.getLogger("saubench")
 
 RECORD_FILE = "attack_result.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,6 +65,9 @@ RECORD_FORMAT = "saubench-attack-record"
 RESULT_FORMAT = "saubench-defense-result"
 CHECKPOINT_FORMAT = "saubench-checkpoint"
 RECORD_VERSION = 1
+MAX_CLASSES = 100_000  # a larger class count in a record is refused (a 10**12-way output layer never fits)
+MAX_IMAGE_SIDE = 8192
+MAX_CHANNELS = 4
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -252,34 +273,54 @@ class StagedFolder:
 
     def _holder(self) -> str | None:
         """Who holds the lock, when that run may still be alive; None for a dead one."""
-        try:
-            pid_text, _, host = self.lock.read_text().strip().partition(" ")
-            pid = int(pid_text)
-        except OSError:
-            return None  # given back meanwhile
-        except ValueError:  # not written yet by a run starting now, or half-written by a killed one
-            try:
-                fresh = time.time() - self.lock.stat().st_mtime < 10
-            except OSError:
-                return None
-            return "a run that is starting" if fresh else None
-        if host != socket.gethostname():
-            return f"process {pid} on host {host}"
-        if pid == os.getpid():
-            return None  # this process: an earlier run of it that failed
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass  # alive, another user's
-        return f"process {pid}"
+        return lock_holder(self.lock)
 
     def release(self) -> None:
         """Give the lock back (nothing when this folder does not hold it)."""
         if self._locked:
             self.lock.unlink(missing_ok=True)
             self._locked = False
+
+
+def lock_holder(lock: Path) -> str | None:
+    """Who holds the StagedFolder lock file ``lock``, when that run may still be alive;
+    None for a dead one (or no lock)."""
+    try:
+        pid_text, _, host = lock.read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except OSError:
+        return None  # given back meanwhile
+    except ValueError:  # not written yet by a run starting now, or half-written by a killed one
+        try:
+            fresh = time.time() - lock.stat().st_mtime < 10
+        except OSError:
+            return None
+        return "a run that is starting" if fresh else None
+    if host != socket.gethostname():
+        return f"process {pid} on host {host}"
+    if pid == os.getpid():
+        return None  # this process: an earlier run of it that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return f"process {pid}"
+
+
+def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
+    """The locks of defense runs writing into ``record_folder/defense/`` that may still
+    be alive: (lock file, holder)."""
+    folder = Path(record_folder) / "defense"
+    if not folder.is_dir():
+        return []
+    out = []
+    for lock in sorted(folder.glob(".*.lock")):
+        holder = lock_holder(lock)
+        if holder is not None:
+            out.append((lock, holder))
+    return out
 
 
 # -- names and places ----------------------------------------------------------------------------
@@ -313,6 +354,62 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+NO_SET = "none"  # the digest of an absent poisoned set (bd_train, cross_test)
+LEGACY_DIGESTS = ("model", "bd_test")  # what records written before the full set carry
+NEW_DIGESTS = ("bd_train", "cross_test", "poison_indices", "extras", "fields")
+DIGEST_PARTS = {"model": "the model weights", "bd_test": "the backdoor test set",
+                "bd_train": "the poisoned training set (bd_train)", "cross_test": "the cross test set (cross_test)",
+                "poison_indices": "the poison indices", "extras": "the attack's extra tensors (extras)",
+                "fields": "the record's fields (names, sizes, normalization, attack_params, config)"}
+# Config keys that say where or how a run was made (folders, names, flags), not what it
+# computed: left out of the fields' digest, so that the same run made in two places gives
+# the same record identity.
+LOCATION_KEYS = ("data_root", "record_root", "save_folder_name", "overwrite", "debug", "download")
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as JSON-able data that is the same for the same content (keys sorted by
+    their repr, tuples as lists, floats and other scalars by repr, tensors by digest)."""
+    if isinstance(value, Mapping):
+        return {"map": [[repr(k), _canonical(v)] for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))]}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return {"tensor": tensor_digest({"t": value})}
+    if isinstance(value, str):
+        return value
+    return {type(value).__name__: repr(value)}
+
+
+def fields_digest(record: "AttackRecord") -> str:
+    """SHA-256 of a record's fields other than its tensors (the config without
+    :data:`LOCATION_KEYS`)."""
+    config = {k: v for k, v in record.config.items() if k not in LOCATION_KEYS}
+    fields = {"model_name": record.model_name, "num_classes": int(record.num_classes),
+              "img_size": [int(v) for v in record.img_size], "clean_data": record.clean_data,
+              "attack": record.attack, "attack_params": record.attack_params,
+              "mean": [float(v) for v in record.mean], "std": [float(v) for v in record.std], "config": config}
+    text = json.dumps(_canonical(fields), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def record_digests(record: "AttackRecord") -> dict[str, str]:
+    """The SHA-256 of each part of ``record`` (see :data:`DIGEST_PARTS`)."""
+    def of(s: "PoisonedSet | None") -> str:
+        return NO_SET if s is None else tensor_digest(s.to_dict())
+
+    return {"model": tensor_digest(record.model), "bd_test": of(record.bd_test), "bd_train": of(record.bd_train),
+            "cross_test": of(record.cross_test),
+            "poison_indices": tensor_digest({"poison_indices": record.poison_indices.long()}),
+            "extras": tensor_digest(record.extras), "fields": fields_digest(record)}
+
+
+def record_identity(digests: Mapping[str, str]) -> str:
+    """A record's identity: SHA-256 over the digests of all its parts (:func:`record_digests`)."""
+    text = json.dumps({k: digests[k] for k in sorted(digests)}, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -- the attack record --------------------------------------------------------------------------------
@@ -372,6 +469,9 @@ class AttackRecord:
     config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None  # where it was loaded from (not saved)
     sha256: dict[str, str] = field(default_factory=dict)  # the digests checked when loaded (not saved)
+    identity: str = ""  # record_identity(sha256), set when loaded (not saved)
+    stamp: tuple[int, int, int] | None = None  # (inode, size, mtime) of the file loaded (not saved)
+    legacy: bool = False  # a SAU-Bench record written before the full digests and identities (not saved)
 
     @property
     def in_channels(self) -> int:
@@ -401,8 +501,12 @@ class AttackRecord:
             "bd_train": opt(self.bd_train), "bd_test": opt(self.bd_test), "cross_test": opt(self.cross_test),
             "normalization": {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]},
             "extras": dict(self.extras), "config": self.config,
-            "sha256": {"model": tensor_digest(self.model), "bd_test": tensor_digest(self.bd_test.to_dict())},
+            "sha256": record_digests(self),
         }
+
+    def compute_identity(self) -> str:
+        """This record's identity (:func:`record_identity`), as loading it would give."""
+        return record_identity(record_digests(self))
 
     def save(self, folder: Path) -> Path:
         path = Path(folder) / RECORD_FILE
@@ -513,17 +617,136 @@ def load_record(folder: Path, trust: bool = False) -> AttackRecord:
             raise UserError(f"{folder} holds no {RECORD_FILE} (records in {root}: {listing})")
         raise UserError(f"no attack record named '{folder.name}' in {root} (records there: {listing})")
     data = _safe_load(path, "attack record", trust, safe_globals=RECORD_SAFE_GLOBALS)
+    stamp = _stamp(path)  # before reading: a file replaced meanwhile differs from it
     if _tagged(data, "format", RECORD_FORMAT):
         if not _tagged(data, "version", RECORD_VERSION):
             raise UserError(f"{path}: record version {brief(data.get('version'))} is not supported "
                             f"(this SAU-Bench reads version {RECORD_VERSION})")
-        return _parse_record(data, path, folder)
+        record = _parse_record(data, path, folder)
+        _finish(record, path, stamp, own=True)
+        return record
     for reader in RECORD_READERS:  # foreign formats are recognised here
         record = reader(data, path)
         if record is not None:
             record.path = folder
+            _finish(record, path, stamp, own=False)
             return record
     raise UserError(f"{path}: not a SAU-Bench attack record (unknown format)")
+
+
+def _finish(record: AttackRecord, path: Path, stamp: tuple[int, int, int] | None, own: bool) -> None:
+    """What every reader's record goes through: :func:`check_record`, then its digests
+    and identity (from the content read; a reader's own are not trusted) and the stamp
+    of its file."""
+    try:
+        check_record(record)
+    except MalformedRecord as exc:
+        raise UserError(f"{path}: malformed attack record ({exc})") from None
+    if not own or set(record.sha256) != set(DIGEST_PARTS):
+        record.sha256 = record_digests(record)
+    record.identity = record_identity(record.sha256)
+    record.stamp = stamp
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_record(record: AttackRecord) -> None:
+    """Raise MalformedRecord naming the first field of ``record`` that makes no sense:
+    the class count (1..MAX_CLASSES, and the model's output layer's size where it has
+    one), the image size, the normalisation (one finite mean and one finite std > 0 per
+    channel), labels outside 0..num_classes-1, negative indices, and poisoned training
+    samples (bd_train) that poison_indices leaves out."""
+    n = record.num_classes
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CLASSES:
+        raise MalformedRecord(f"'num_classes' must be an integer in 1..{MAX_CLASSES}, not {brief(n)}")
+    check_img_size(record.img_size)
+    channels = int(record.img_size[2])
+    for key, values in (("normalization.mean", record.mean), ("normalization.std", record.std)):
+        if len(values) != channels:
+            raise MalformedRecord(f"'{key}' must have one entry per channel ({channels}), not {len(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise MalformedRecord(f"'{key}' must be finite, not {brief(list(values))}")
+    if not all(v > 0 for v in record.std):
+        raise MalformedRecord(f"'normalization.std' must be > 0, not {brief(list(record.std))}")
+    head = _output_layer(record.model)
+    if head is not None and head[1] != n:
+        raise MalformedRecord(f"'num_classes' is {n} but the model's output layer ({head[0]}) has {head[1]} outputs")
+    for key in ("bd_test", "bd_train", "cross_test"):
+        part = getattr(record, key)
+        if part is None:
+            continue
+        for name in ("labels", "original_labels"):
+            t = getattr(part, name)
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+                bad = int(t.min()) if int(t.min()) < 0 else int(t.max())
+                raise MalformedRecord(f"'{key}.{name}' holds {bad}, outside 0..{n - 1} (num_classes {n})")
+        if part.indices.numel() and int(part.indices.min()) < 0:
+            raise MalformedRecord(f"'{key}.indices' holds negative indices")
+    poison = record.poison_indices
+    if poison.numel() and int(poison.min()) < 0:
+        raise MalformedRecord("'poison_indices' holds negative indices")
+    if record.bd_train is not None and len(record.bd_train):
+        left_out = ~torch.isin(record.bd_train.indices, poison.long())
+        if left_out.any():
+            raise MalformedRecord(f"'poison_indices' leaves out poisoned training samples of bd_train (e.g. "
+                                  f"{int(record.bd_train.indices[left_out][0])})")
+
+
+def check_img_size(hwc: Sequence[Any]) -> None:
+    """``hwc``: (H, W, C) with sides in 1..MAX_IMAGE_SIDE and C in 1..MAX_CHANNELS."""
+    ok = len(hwc) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in hwc)
+    if not ok or not (1 <= hwc[0] <= MAX_IMAGE_SIDE and 1 <= hwc[1] <= MAX_IMAGE_SIDE and 1 <= hwc[2] <= MAX_CHANNELS):
+        raise MalformedRecord(f"'img_size' must be [H, W, C] with H, W in 1..{MAX_IMAGE_SIDE} and C in "
+                              f"1..{MAX_CHANNELS}, not {brief(list(hwc) if isinstance(hwc, (list, tuple)) else hwc)}")
+
+
+def _output_layer(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(name, outputs) of the last 2-D floating-point weight of a state_dict (the
+    classifier's output layer in every architecture of utils.models), or None."""
+    for name in reversed(list(state)):
+        t = state[name]
+        if not name.startswith("masks.") and t.dim() == 2 and t.is_floating_point():
+            return name, int(t.shape[0])
+    return None
+
+
+def check_record_unchanged(record: AttackRecord, trust: bool = False) -> None:
+    """UserError unless the record at ``record.path`` is still the one ``record`` was
+    loaded from (same identity): a defense calls it just before it writes its result, so
+    that a record replaced meanwhile (``--overwrite``) never receives a result computed
+    on the old one."""
+    if record.path is None:
+        return
+    path = record.path / RECORD_FILE
+    if record.stamp is not None and _stamp(path) == record.stamp:
+        return
+    stale = UserError(f"{record.path}: the attack record was replaced while this run used it (its identity "
+                      f"{record.identity[:12]} is gone): the result is not written; run it again on the new record")
+    try:
+        with _quiet():
+            now = load_record(record.path, trust=trust)
+    except UserError:
+        raise stale from None
+    if now.identity != record.identity:
+        raise stale
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The 'saubench' logger's info lines held back (a reload says nothing new)."""
+    logger = logging.getLogger("saubench")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _tagged(data: Any, key: str, expected: str | int) -> bool:
@@ -626,19 +849,34 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
             std=_numbers(normalization.get("std"), "normalization.std"),
             extras=_tensors(data.get("extras") or {}, "extras"),
             config=dict(_field(data, "config", Mapping, "a mapping", optional=True) or {}), path=folder)
-        if len(record.poison_indices) and int(record.poison_indices.min()) < 0:
-            raise MalformedRecord("'poison_indices' holds negative indices")
         digests = _field(data, "sha256", Mapping, "a mapping of digests")
     except MalformedRecord as exc:
         raise UserError(f"{path}: malformed attack record ({exc})") from None
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise UserError(f"{path}: malformed attack record ({type(exc).__name__}: {exc})") from None
-    record.sha256 = {"model": tensor_digest(record.model), "bd_test": tensor_digest(record.bd_test.to_dict())}
-    if not _tagged(digests, "model", record.sha256["model"]):
-        raise UserError(f"{path}: the model weights do not match their SHA-256 (the file was changed)")
-    if not _tagged(digests, "bd_test", record.sha256["bd_test"]):
-        raise UserError(f"{path}: the backdoor test set does not match its SHA-256 (the file was changed)")
+    record.sha256 = record_digests(record)
+    for key in LEGACY_DIGESTS:
+        if not _tagged(digests, key, record.sha256[key]):
+            raise _changed(path, key)
+    present = [key for key in NEW_DIGESTS if key in digests]
+    if not present:
+        record.legacy = True
+        log.warning("%s: written before records carried digests of every tensor: only the model and the backdoor "
+                    "test set are checked (re-run the attack to cover the rest)", path)
+    elif len(present) < len(NEW_DIGESTS):
+        missing = [key for key in NEW_DIGESTS if key not in digests]
+        raise UserError(f"{path}: malformed attack record ('sha256' lacks the digests of {', '.join(missing)}: "
+                        "a record carries all of them or, written before them, none)")
+    for key in present:
+        if not _tagged(digests, key, record.sha256[key]):
+            raise _changed(path, key)
     return record
+
+
+def _changed(path: Path, key: str) -> UserError:
+    plural = key in ("model", "poison_indices", "extras", "fields")
+    verb, pronoun = ("do", "their") if plural else ("does", "its")
+    return UserError(f"{path}: {DIGEST_PARTS[key]} {verb} not match {pronoun} SHA-256 (the file was changed)")
 
 
 # -- defense results --------------------------------------------------------------------------------
