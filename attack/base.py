@@ -352,7 +352,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     values, control, attack, device = setup(name, argv, overrides)
     with held_logs() as loading:
         data = load_data(values)
-    out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"])
+    out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"],
+                      root=Path(values["record_root"]))
     folder = out.open(resume=control["resume"])
     checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"], values)
     with guarded(out):

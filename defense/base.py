@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ COMMON: list[Param] = [
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
-    Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
+    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)"),
     Param("download", bool, True, "download missing datasets where possible"),
     Param("overwrite", bool, False, "replace an existing result"),
     Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
@@ -285,9 +286,12 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):
         check_data_root(values["data_root"])
-    if values["data_root"] is None:  # the record's, where it exists here (a record may come from elsewhere)
+    if values["data_root"] is None:  # the project's default: a record never chooses where data is read from
+        values["data_root"] = "data"
         where = record.config.get("data_root")
-        values["data_root"] = where if isinstance(where, str) and Path(where).is_dir() else "data"
+        if isinstance(where, str) and where and os.path.abspath(where) != os.path.abspath("data"):
+            log.info("the record's data_root %s is ignored (a record does not choose where datasets are read "
+                     "from); ./data is used: pass --data_root DIR to read them elsewhere", cfg.brief(where))
     control = {key: values.pop(key) for key in CONTROL_KEYS}
     return values, control, record
 
@@ -321,7 +325,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     with held_logs() as loading:  # what reading the record says goes to the run's log
         values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
-    out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"])
+    out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"],
+                       root=Path(values["record_root"]))
     if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
             any(out.final.glob("*_df*.csv")):
         raise UserError(f"{out.final} holds BackdoorBench's own {out.final.name} result: pass --result_name NAME "

@@ -56,7 +56,7 @@ from utils.compare import Run, Table, aggregate, config_diff, execute, markdown,
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
-from utils.records import RECORD_FILE, load_record, record_dir, save_json, save_text
+from utils.records import RECORD_FILE, inside_root, load_record, record_dir, save_json, save_text
 
 log = logging.getLogger("saubench.compare")
 
@@ -69,7 +69,7 @@ PARAMS: list[Param] = [
     Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),
     Param("name", str | None, None, "output folder record/compare/<name>; none given: the grid's name or the records' names"),
     Param("record_root", str, "record", "folder of the records"),
-    Param("data_root", str | None, None, "folder holding the datasets; none given: the harnesses' (data, or the record's)"),
+    Param("data_root", str | None, None, "folder holding the datasets; none given: ./data (never a record's own)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N, for every run"),
     Param("jobs", int, 1, "parallel runs on this machine (worker processes; one GPU each when there are GPUs)",
           check=cfg.positive),
@@ -161,8 +161,11 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     spec = load_grid(Path(values["grid"]), values) if values["grid"] else spec_from_records(values)
     if values["name"] is not None:
         spec.name = values["name"]
-    out_dir = record_dir(root / "compare", spec.name)
-    runs = plan(spec, values, root, out_dir / "logs")
+    out_dir = inside_root(root, record_dir(root / "compare", spec.name))  # checked before anything runs
+    runs = plan(spec, values, root, inside_root(root, out_dir / "logs"))
+    for run in runs:
+        if run.log is not None:
+            inside_root(root, run.log)
     todo = [r for r in runs if r.status == "todo"]
     counts = {s: sum(r.status == s for r in runs) for s in ("reused", "mismatch", "blocked", "failed")}
     log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
@@ -550,7 +553,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
         except UserError as exc:
             raise UserError(f"defense {name} on {base.record}: {exc}") from None
         resolved.update(cfg.plain({k: v for k, v in config.items() if k != "debug"}))
-    if data_root is None and resolved.get("data_root"):  # the record's, made absolute for other processes
+    if data_root is None and resolved.get("data_root"):  # the harness's default, made absolute for other processes
         run.options["data_root"] = str(Path(resolved["data_root"]).resolve())
     if not folder.exists():
         return run
