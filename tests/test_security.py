@@ -32,7 +32,8 @@ import defense.compare
 from conftest import private_copy
 from utils.errors import UserError
 from utils.models import bare_state, create_model
-from utils.records import RECORD_FILE, AttackRecord, PoisonedSet, StagedFolder, inside_root, record_dir
+import utils.records
+from utils.records import RECORD_FILE, AttackRecord, PoisonedSet, StagedFolder, record_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 HOW = ["cli", "api"]
@@ -435,6 +436,7 @@ def test_compare_outputs_and_logs_stay_inside_the_root(record_root, elsewhere, h
 
 
 def test_inside_root(tmp_path, elsewhere):
+    inside_root = utils.records.inside_root
     root = tmp_path / "record"
     (root / "a").mkdir(parents=True)
     (root / "in").symlink_to(root / "a")
