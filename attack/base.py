@@ -301,6 +301,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
     if bd_yaml is not None and name != "prototype":
         layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(Path(bd_yaml)), IGNORED_KEYS))
     layers.append(Layer("keyword arguments", overrides))
+    cfg.refuse_user_only(layers, ("data_root", "record_root"))  # never from a YAML file
     values = cfg.resolve(params, layers, cli)
     values["attack"] = name
     if values["save_folder_name"] is None:

@@ -278,10 +278,8 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     if yaml_path is not None:
         layers.append(Layer(cfg.shown(yaml_path), cfg.read_yaml(Path(yaml_path)), IGNORED_KEYS))
     layers.append(Layer("keyword arguments", overrides))
+    cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
-    if values["trust_record"] != first.get("trust_record", False):
-        raise UserError(f"{yaml_path}: 'trust_record' can be given only on the command line (or as a keyword "
-                        "argument), not in a YAML file")
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):

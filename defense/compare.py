@@ -405,6 +405,10 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
         raise UserError(f"{path}: 'record_name' must be a string such as '{{attack}}_{{dataset}}_{{model}}'")
     common_attack = _mapping(data.get("attack_options"), "'attack_options'", path)
     common_defense = _mapping(data.get("defense_options"), "'defense_options'", path)
+    # where runs read and write, and --trust_record: the user's choice, never a grid file's
+    cfg.refuse_user_only([cfg.Layer(str(path), options) for options in (common_attack, common_defense,
+                                                                        *attacks.values(), *grid_defenses.values())],
+                         what="a grid file")
 
     records: list[RecordSpec] = []
     for dataset in datasets:

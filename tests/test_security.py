@@ -325,6 +325,73 @@ def test_no_loader_unpickles_outside_the_gated_places():
     assert len(unpickling_torch) == 1 and unpickling_torch[0].startswith("utils/records.py:"), unpickling_torch
 
 
+# -- YAML and grid files: they do not choose where runs read and write, nor trust ----------------------------
+
+@pytest.mark.parametrize("how,kind,key", [
+    ("cli", "defense", "data_root"),
+    *(("api", "defense", key) for key in ("data_root", "record_root", "trust_record")),
+    *(("api", "attack", key) for key in ("data_root", "record_root"))])
+def test_a_yaml_file_cannot_choose_the_data_or_record_root(digits_record_root, tmp_path, elsewhere, how, kind, key):
+    yaml_file = tmp_path / "x.yaml"
+    yaml_file.write_text(f"{key}: {'true' if key == 'trust_record' else elsewhere}\n")
+    root = digits_record_root
+    if kind == "defense":
+        args = ["defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(root), "--yaml_path",
+                str(yaml_file), "--device", "cpu"]
+        api = lambda: defense.run("sau", result_file="badnet_digits", record_root=str(root),  # noqa: E731
+                                  yaml_path=str(yaml_file), device="cpu")
+    else:
+        root = tmp_path / "record"
+        args = []
+        api = lambda: attack.run("badnet", dataset="digits", epochs=1, record_root=str(root),  # noqa: E731
+                                 bd_yaml_path=str(yaml_file), device="cpu")
+    if how == "cli":
+        line = one_line_error(cli(*args))
+    else:
+        with pytest.raises(UserError) as info:
+            api()
+        line = str(info.value)
+    assert f"x.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a YAML " \
+           "file" in line
+    assert list(elsewhere.iterdir()) == []
+    if kind == "attack":
+        assert not root.exists()
+
+
+@pytest.mark.parametrize("how,where,key", [
+    ("cli", "defense_options", "trust_record"),
+    *(("api", where, key) for where in ("attack_options", "defense_options", "defenses")
+      for key in ("data_root", "record_root", "trust_record"))])
+def test_a_grid_file_cannot_choose_the_data_or_record_root_nor_trust(tmp_path, elsewhere, how, where, key):
+    value = "true" if key == "trust_record" else str(elsewhere)
+    defenses = f"defenses: {{ft: {{{key}: {value}}}}}" if where == "defenses" else "defenses: [ft]"
+    options = "" if where == "defenses" else f"{where}: {{{key}: {value}}}\n"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"datasets: [digits]\nattacks: [badnet]\n{options}{defenses}\n")
+    root = tmp_path / "record"
+    if how == "cli":
+        line = one_line_error(cli("defense/compare.py", "--grid", str(grid), "--record_root", str(root), "--report"))
+    else:
+        with pytest.raises(UserError) as info:
+            defense.compare.run(grid=str(grid), record_root=str(root), report=True)
+        line = str(info.value)
+    assert f"grid.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a grid " \
+           "file" in line
+    assert not root.exists() and list(elsewhere.iterdir()) == []
+
+
+def test_a_record_does_not_choose_its_yaml_file(tmp_path):
+    from utils.config import CONFIG_DIR, method_yaml
+
+    assert method_yaml("defense", "sau", "digits") == CONFIG_DIR / "defense" / "sau" / "digits.yaml"
+    planted = tmp_path / "planted.yaml"
+    planted.write_text("epochs: 1\n")
+    sneaky = os.path.relpath(tmp_path / "planted", CONFIG_DIR / "defense" / "sau")
+    assert (CONFIG_DIR / "defense" / "sau" / f"{sneaky}.yaml").resolve() == planted.resolve()
+    found = method_yaml("defense", "sau", sneaky)  # a record's clean_data '../../..': not looked up
+    assert found is None or found.resolve() != planted.resolve()
+
+
 # -- 2. writes outside the record root ---------------------------------------------------------------------
 
 @pytest.fixture
