@@ -286,10 +286,11 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
         check_data_root(values["data_root"])
     if values["data_root"] is None:  # the project's default: a record never chooses where data is read from
         values["data_root"] = "data"
-        where = record.config.get("data_root")
-        if isinstance(where, str) and where and os.path.abspath(where) != os.path.abspath("data"):
-            log.info("the record's data_root %s is ignored (a record does not choose where datasets are read "
-                     "from); ./data is used: pass --data_root DIR to read them elsewhere", cfg.brief(where))
+    where = record.config.get("data_root")
+    if isinstance(where, str) and where and os.path.abspath(where) != os.path.abspath(values["data_root"]):
+        log.info("the record's data_root %s is ignored (a record does not choose where datasets are read from); "
+                 "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where),
+                 values["data_root"])
     control = {key: values.pop(key) for key in CONTROL_KEYS}
     return values, control, record
 

@@ -28,6 +28,10 @@ table.md (a row per defense), table_by_record.md (a row per record, the SAU pape
 layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
 index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).
+Every one of these paths is checked before anything runs: one that a symlink leads
+outside --record_root stops the comparison with one line (docs/security.md). A grid
+file cannot set data_root, record_root or trust_record; without --data_root, runs read
+./data, never a record's own data root.
 
 How it runs: ``--jobs 1`` (default) in this process; ``--jobs N`` in N worker processes
 (each sees one GPU, round robin, when there are GPUs); ``--executor ray`` as Ray tasks

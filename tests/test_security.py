@@ -157,7 +157,9 @@ def test_the_ignored_record_data_root_is_logged(tmp_path):
     from defense.base import resolve_config
 
     root = tmp_path / "record"
-    cifar_record(root / "evil", {"data_root": "/somewhere/else"})
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    cifar_record(root / "evil", {"data_root": str(theirs)})
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda r: seen.append(r.getMessage())  # type: ignore[method-assign]
@@ -168,14 +170,19 @@ def test_the_ignored_record_data_root_is_logged(tmp_path):
     try:
         values, _ = resolve_config("sau", [], {"result_file": "evil", "record_root": str(root)})
         assert values["data_root"] == "data"
+        ignored = [m for m in seen if "the record's data_root" in m]
+        assert len(ignored) == 1 and f"{str(theirs)!r} is ignored" in ignored[0]
+        assert "read from data: pass --data_root DIR" in ignored[0]
         values, _ = resolve_config("sau", [], {"result_file": "evil", "record_root": str(root),
                                                "data_root": str(tmp_path)})
         assert values["data_root"] == str(tmp_path)  # a root the user passes is used
+        values, _ = resolve_config("sau", [], {"result_file": "evil", "record_root": str(root),
+                                               "data_root": str(theirs)})
+        assert values["data_root"] == str(theirs)  # the record's, when the user passes it
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
-    ignored = [m for m in seen if "the record's data_root" in m]
-    assert len(ignored) == 1 and "'/somewhere/else' is ignored" in ignored[0] and "--data_root" in ignored[0]
+    assert len([m for m in seen if "the record's data_root" in m]) == 2  # not when it is the one used
 
 
 @pytest.mark.parametrize("how", HOW)
