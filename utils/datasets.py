@@ -301,10 +301,15 @@ register_dataset(DatasetInfo("fashion_mnist", 10, 1, (28, 28), (0.5,), (0.5,), c
 # and, for files that Python 3 wrote with protocol 2, ``_codecs.encode`` limited to
 # latin-1 (how that protocol spells bytes). Anything else is refused before it is called.
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a callable that a CIFAR batch never holds (message: which)."""
+
+
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it (bytes spelled as latin-1 text), and only so."""
-    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    if not isinstance(text, str) or not isinstance(encoding, str) or \
+            encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise RefusedGlobal(f"it calls _codecs.encode with {encoding!r}"[:120])
     return text.encode("latin-1")
 
 
@@ -322,14 +327,14 @@ def _cifar_globals() -> dict[tuple[str, str], object]:
 class CifarUnpickler(pickle.Unpickler):
     """An unpickler of CIFAR batch files that can build nothing but their contents
     (dicts, lists, bytes, numbers and NumPy arrays): any other global a file names is
-    refused with :class:`pickle.UnpicklingError` before it is looked up, let alone called."""
+    refused with :class:`RefusedGlobal` before it is looked up, let alone called."""
 
     ALLOWED = _cifar_globals()
 
     def find_class(self, module: str, name: str) -> object:
         found = self.ALLOWED.get((module, name))
         if found is None:
-            raise pickle.UnpicklingError(f"it names {module}.{name}"[:120])
+            raise RefusedGlobal(f"it names {module}.{name}"[:120])
         return found
 
     def persistent_load(self, pid: object) -> object:
@@ -341,7 +346,7 @@ def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             data = CifarUnpickler(fh, encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except RefusedGlobal as exc:
         raise UserError(f"{path}: not a CIFAR batch file ({_reason(exc)}; a CIFAR batch holds only arrays, lists "
                         "and numbers, and dataset files are never unpickled)") from None
     except Exception as exc:  # any damage: truncated, not a pickle, wrong values
