@@ -305,6 +305,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
     if bd_yaml is not None and name != "prototype":
         layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(Path(bd_yaml)), IGNORED_KEYS))
     layers.append(Layer("keyword arguments", overrides))
+    cfg.refuse_user_only(layers, ("data_root", "record_root"))  # never from a YAML file
     values = cfg.resolve(params, layers, cli)
     values["attack"] = name
     if values["save_folder_name"] is None:
@@ -357,7 +358,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     values, control, attack, device = setup(name, argv, overrides)
     with held_logs() as loading:
         data = load_data(values)
-    out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"])
+    out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"],
+                       root=Path(values["record_root"]))
     if values["overwrite"]:
         check_no_defense_running(out.final)
     folder = out.open(resume=control["resume"])

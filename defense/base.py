@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -338,7 +339,7 @@ COMMON: list[Param] = [
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive),
     Param("record_root", str, "record", "folder of the records"),
-    Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
+    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)"),
     Param("download", bool, True, "download missing datasets where possible"),
     Param("overwrite", bool, False, "replace an existing result"),
     Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
@@ -381,17 +382,19 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     if yaml_path is not None:
         layers.append(Layer(cfg.shown(yaml_path), cfg.read_yaml(Path(yaml_path)), IGNORED_KEYS))
     layers.append(Layer("keyword arguments", overrides))
+    cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
-    if values["trust_record"] != first.get("trust_record", False):
-        raise UserError(f"{yaml_path}: 'trust_record' can be given only on the command line (or as a keyword "
-                        "argument), not in a YAML file")
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):
         check_data_root(values["data_root"])
-    if values["data_root"] is None:  # the record's, where it exists here (a record may come from elsewhere)
-        where = record.config.get("data_root")
-        values["data_root"] = where if isinstance(where, str) and Path(where).is_dir() else "data"
+    if values["data_root"] is None:  # the project's default: a record never chooses where data is read from
+        values["data_root"] = "data"
+    where = record.config.get("data_root")
+    if isinstance(where, str) and where and os.path.abspath(where) != os.path.abspath(values["data_root"]):
+        log.info("the record's data_root %s is ignored (a record does not choose where datasets are read from); "
+                 "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where),
+                 values["data_root"])
     control = {key: values.pop(key) for key in CONTROL_KEYS}
     return values, control, record
 
@@ -443,7 +446,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
         check_finite_outputs(model, inputs[0].train.images[inputs[1][:64]], record)
-    out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"])
+    out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"],
+                       root=Path(values["record_root"]))
     if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
             any(out.final.glob("*_df*.csv")):
         raise UserError(f"{out.final} holds BackdoorBench's own {out.final.name} result: pass --result_name NAME "

@@ -33,6 +33,10 @@ table.md (a row per defense), table_by_record.md (a row per record, the SAU pape
 layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
 index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).
+Every one of these paths is checked before anything runs: one that a symlink leads
+outside --record_root stops the comparison with one line (docs/security.md). A grid
+file cannot set data_root, record_root or trust_record; without --data_root, runs read
+./data, never a record's own data root.
 
 How it runs: ``--jobs 1`` (default) in this process; ``--jobs N`` in N worker processes
 (each sees one GPU, round robin, when there are GPUs); ``--executor ray`` as Ray tasks
@@ -70,7 +74,7 @@ from utils.compare import (Progress, Run, Table, aggregate, config_diff, execute
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
-from utils.records import RECORD_FILE, load_record, record_dir, save_json, save_text
+from utils.records import RECORD_FILE, inside_root, load_record, record_dir, save_json, save_text
 
 log = logging.getLogger("saubench.compare")
 
@@ -83,7 +87,7 @@ PARAMS: list[Param] = [
     Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),
     Param("name", str | None, None, "output folder record/compare/<name>; none given: the grid's name or the records' names"),
     Param("record_root", str, "record", "folder of the records"),
-    Param("data_root", str | None, None, "folder holding the datasets; none given: the harnesses' (data, or the record's)"),
+    Param("data_root", str | None, None, "folder holding the datasets; none given: ./data (never a record's own)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N, for every run"),
     Param("jobs", int, 1, "parallel runs on this machine (worker processes; one GPU each when there are GPUs)",
           check=cfg.positive),
@@ -180,8 +184,11 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
         spec.name = values["name"]
     elif values["recipes"] == "tuned":
         spec.name += "_tuned"
-    out_dir = record_dir(root / "compare", spec.name)
-    runs = plan(spec, values, root, out_dir / "logs")
+    out_dir = inside_root(root, record_dir(root / "compare", spec.name))  # checked before anything runs
+    runs = plan(spec, values, root, inside_root(root, out_dir / "logs"))
+    for run in runs:
+        if run.log is not None:
+            inside_root(root, run.log)
     todo = [r for r in runs if r.status == "todo"]
     counts = {s: sum(r.status == s for r in runs) for s in ("reused", "mismatch", "blocked", "failed", "unavailable")}
     log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
@@ -435,6 +442,10 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
         raise UserError(f"{path}: 'record_name' must be a string such as '{{attack}}_{{dataset}}_{{model}}'")
     common_attack = _mapping(data.get("attack_options"), "'attack_options'", path)
     common_defense = _mapping(data.get("defense_options"), "'defense_options'", path)
+    # where runs read and write, and --trust_record: the user's choice, never a grid file's
+    cfg.refuse_user_only([cfg.Layer(str(path), options) for options in (common_attack, common_defense,
+                                                                        *attacks.values(), *grid_defenses.values())],
+                         what="a grid file")
 
     records: list[RecordSpec] = []
     for dataset in datasets:
@@ -635,7 +646,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
         except UserError as exc:
             raise UserError(f"defense {name} on {base.record}: {exc}") from None
         resolved.update(cfg.plain({k: v for k, v in config.items() if k != "debug"}))
-    if data_root is None and resolved.get("data_root"):  # the record's, made absolute for other processes
+    if data_root is None and resolved.get("data_root"):  # the harness's default, made absolute for other processes
         run.options["data_root"] = str(Path(resolved["data_root"]).resolve())
     if not folder.exists():
         return run

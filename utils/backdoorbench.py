@@ -18,8 +18,9 @@ bd_train and bd_test are the state of its poisoned-dataset class:
 
 The poisoned images are PNG files in ``bd_train_dataset/`` and ``bd_test_dataset/`` of the
 record (and ``cross_test_dataset/`` for WaNet and Input-Aware, not named in the dict).
-Clean data is not in the record; it is rebuilt from the dataset's name. Its models take
-normalised inputs (:data:`NORMALIZATION`, its ``get_dataset_normalization``), so the
+Clean data is not in the record; it is rebuilt from the dataset's name, read from
+``--data_root`` (default ./data; never a folder the record names or sits beside). Its
+models take normalised inputs (:data:`NORMALIZATION`, its ``get_dataset_normalization``), so the
 reader builds our model of the same name with that normalisation as its first layer: our
 [0, 1] convention holds and the network computes what BackdoorBench's did.
 
@@ -171,25 +172,13 @@ def _parse(data: Mapping[str, Any], folder: Path) -> tuple[AttackRecord, list[st
     if data["bd_train"] is not None:
         bd_train, poison_indices = _poisoned_set(data["bd_train"], "bd_train", folder, hwc, shown_only=False)
     cross_test = _cross_test(folder / FOLDERS["cross_test"], hwc)
+    # data_path is kept as information only: a record never chooses where clean data is read from
     config: dict[str, Any] = {"source": SOURCE, "data_path": str(data["data_path"])}
-    data_root = _data_root(folder)
-    if data_root is not None:
-        config["data_root"] = data_root
     record = AttackRecord(model_name=model_name, num_classes=num_classes, model=classifier_state(weights),
                           img_size=hwc, clean_data=clean_data, attack=SOURCE, attack_params={},
                           poison_indices=poison_indices, bd_test=bd_test, bd_train=bd_train, cross_test=cross_test,
                           mean=tuple(mean), std=tuple(std), config=config, path=folder)
     return record, notes  # checked, digested and given its identity by load_record (utils.records)
-
-
-def _data_root(folder: Path) -> str | None:
-    """Where BackdoorBench would look for the clean data: ``data/`` beside the ``record``
-    folder that holds this record (its load_attack_result does so), when it exists."""
-    for parent in Path(folder).resolve().parents:
-        if parent.name == "record":
-            candidate = parent.parent / "data"
-            return str(candidate) if candidate.is_dir() else None
-    return None
 
 
 def _array(value: Any, key: str) -> np.ndarray:

@@ -439,6 +439,24 @@ def given(name: str, layers: Sequence[Layer], cli: Mapping[str, Any] | None = No
     return name in (cli or {}) or any(name in layer.values and name not in layer.ignore for layer in layers)
 
 
+# Where a run reads and writes, and whether it may unpickle: the user's choice (command line
+# or keyword arguments), never a file's (a YAML or grid file may come from someone else).
+USER_ONLY_KEYS = ("data_root", "record_root", "trust_record")
+
+
+def refuse_user_only(layers: Sequence[Layer], keys: Iterable[str] = USER_ONLY_KEYS,
+                     what: str = "a YAML file") -> None:
+    """One line when a file layer (any layer but the keyword arguments) sets one of
+    ``keys`` (default :data:`USER_ONLY_KEYS`)."""
+    for layer in layers:
+        if layer.source == "keyword arguments":
+            continue
+        for key in keys:
+            if key in layer.values:
+                raise UserError(f"{layer.source}: '{key}' can be given only on the command line (or as a keyword "
+                                f"argument), not in {what}")
+
+
 def _suggest(key: str, known: Iterable[str]) -> str:
     import difflib
 
@@ -488,8 +506,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 
 def method_yaml(kind: str, name: str, dataset: str) -> Path | None:
-    """``config/<kind>/<name>/<dataset>.yaml``, else ``.../default.yaml``, else None."""
-    for candidate in (CONFIG_DIR / kind / name / f"{dataset}.yaml", CONFIG_DIR / kind / name / "default.yaml"):
+    """``config/<kind>/<name>/<dataset>.yaml``, else ``.../default.yaml``, else None. A
+    ``dataset`` that is not a plain name (it may come from a record) is not looked up."""
+    plain_name = bool(dataset) and Path(dataset).name == dataset and not dataset.startswith(".")
+    mine = [CONFIG_DIR / kind / name / f"{dataset}.yaml"] if plain_name else []
+    for candidate in (*mine, CONFIG_DIR / kind / name / "default.yaml"):
         if candidate.is_file():
             return candidate
     return None

@@ -291,13 +291,69 @@ register_dataset(DatasetInfo("fashion_mnist", 10, 1, (28, 28), (0.5,), (0.5,), c
 
 
 # CIFAR: the "python version" pickled batches -------------------------------------------------------
+#
+# Dataset files are never unpickled as such: a dataset folder may come from anyone, and
+# pickle.load runs whatever a file asks it to. A CIFAR batch is a dict of bytes keys to
+# bytes, lists of ints or bytes, and one uint8 NumPy array; :class:`CifarUnpickler`
+# rebuilds exactly that: the only callables it lets a file name are NumPy's array
+# reconstruction (``numpy.core.multiarray._reconstruct`` in files written by NumPy 1.x
+# such as the real ones, ``numpy._core`` in 2.x; ``numpy.ndarray``, ``numpy.dtype``)
+# and, for files that Python 3 wrote with protocol 2, ``_codecs.encode`` limited to
+# latin-1 (how that protocol spells bytes). Anything else is refused before it is called.
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a callable that a CIFAR batch never holds (message: which)."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as protocol-2 pickles use it (bytes spelled as latin-1 text), and only so."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or \
+            encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise RefusedGlobal(f"it calls _codecs.encode with {encoding!r}"[:120])
+    return text.encode("latin-1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1_encode}
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler of CIFAR batch files that can build nothing but their contents
+    (dicts, lists, bytes, numbers and NumPy arrays): any other global a file names is
+    refused with :class:`RefusedGlobal` before it is looked up, let alone called."""
+
+    ALLOWED = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise RefusedGlobal(f"it names {module}.{name}"[:120])
+        return found
+
+    def persistent_load(self, pid: object) -> object:
+        raise pickle.UnpicklingError("it holds a persistent id")
+
 
 def _unpickle(path: Path) -> dict:
+    """A CIFAR batch file, read with :class:`CifarUnpickler` (never plain pickle)."""
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")
-    except Exception as exc:
+            data = CifarUnpickler(fh, encoding="bytes").load()
+    except RefusedGlobal as exc:
+        raise UserError(f"{path}: not a CIFAR batch file ({_reason(exc)}; a CIFAR batch holds only arrays, lists "
+                        "and numbers, and dataset files are never unpickled)") from None
+    except Exception as exc:  # any damage: truncated, not a pickle, wrong values
         raise UserError(f"{path}: not a CIFAR batch file ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a CIFAR batch file (it holds a {type(data).__name__}, not a dict)")
+    return data
 
 
 def _cifar_batches(files: Sequence[Path], label_key: bytes) -> ImageData:
@@ -313,6 +369,20 @@ def _cifar_batches(files: Sequence[Path], label_key: bytes) -> ImageData:
         if len(labels[-1]) != len(images[-1]):
             raise UserError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
     return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
+
+
+def _cifar_download(cls_name: str) -> Callable[[Path], None]:
+    """Fetch and unpack torchvision's CIFAR archive (its URL and MD5) without building
+    torchvision's dataset class, which would unpickle the files; they are then read
+    with :class:`CifarUnpickler` like any others."""
+    def download(root: Path) -> None:
+        import torchvision.datasets as tvd
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        cls = getattr(tvd, cls_name)
+        download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+
+    return download
 
 
 _CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
@@ -332,13 +402,13 @@ register_dataset(
                 hflip=True, files="cifar-10-batches-py/ (data_batch_1..5, test_batch)"),
     present=lambda f: all((f / n).is_file() for n in [*_CIFAR10_TRAIN, "test_batch"]),
     subfolders=("cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
-    download=_torchvision_download("CIFAR10"))(_load_cifar10)
+    download=_cifar_download("CIFAR10"))(_load_cifar10)
 register_dataset(
     DatasetInfo("cifar100", 100, 3, (32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4,
                 hflip=False, files="cifar-100-python/ (train, test)"),
     present=lambda f: (f / "train").is_file() and (f / "test").is_file(),
     subfolders=("cifar-100-python", "cifar100/cifar-100-python"),
-    download=_torchvision_download("CIFAR100"))(_load_cifar100)
+    download=_cifar_download("CIFAR100"))(_load_cifar100)
 
 
 # Folders of image files (GTSRB, Tiny-ImageNet, a user's own) ---------------------------------------

@@ -29,6 +29,9 @@ write discipline every output of the project follows.
   readers (:func:`register_record_reader`), which may allow exactly the Python types
   their files hold (torch's safe globals; BackdoorBench's: NumPy arrays, see
   :mod:`utils.backdoorbench`) so that those files load without pickle.
+* Nothing is written outside the record root: :func:`inside_root` resolves a path
+  (symlinks included) and refuses one that leaves the resolved root; :func:`record_dir`
+  and :class:`StagedFolder` (its final, staging, lock and old folders) go through it.
 * ``defense_result.pt`` holds the weights in the architecture's own key layout (as
   BackdoorBench writes them: no ``net.`` prefix; channel masks as ``masks.<layer>``);
   :func:`load_defense_result` returns them as a Classifier's keys.
@@ -162,16 +165,25 @@ class StagedFolder:
     back. A second run on the same folder, while the first is alive, stops with one
     line instead of removing the first one's staging folder; a lock whose process is
     gone (killed) is taken over. A lock of another host cannot be checked and is
-    respected: its message names the file to remove if that run is gone."""
+    respected: its message names the file to remove if that run is gone.
 
-    def __init__(self, final: Path, overwrite: bool = False):
+    ``root`` (the record root; default: the folder that holds ``final``): every one of
+    these paths must resolve inside it (:func:`inside_root`), so that a symlink planted
+    in a record (``defense -> /elsewhere``, ``.<name>.partial -> /elsewhere``) cannot
+    send the run's files elsewhere; a resumed staging folder is checked for such links
+    too. Refused with one line before anything is written."""
+
+    def __init__(self, final: Path, overwrite: bool = False, root: Path | None = None):
         self.final = Path(final)
         self.partial = self.final.parent / f".{self.final.name}.partial"
         self.old = self.final.parent / f".{self.final.name}.old"
         self.lock = self.final.parent / f".{self.final.name}.lock"
         self.overwrite = overwrite
+        self.root = Path(root) if root is not None else self.final.parent
         self._locked = False
         self._created: list[Path] = []  # the folders above the staging folder that this run made
+        for path in (self.final, self.partial, self.old, self.lock):  # before anything is moved or written
+            inside_root(self.root, path)
         if self.old.is_dir() and not self.final.exists():  # killed between the two renames of commit()
             os.replace(self.old, self.final)
 
@@ -203,6 +215,7 @@ class StagedFolder:
     def _staging(self, resume: bool) -> Path:
         if self.partial.exists():
             if resume and self.checkpoint.is_file():
+                _links_inside(self.root, self.partial)
                 remove_temporary_files(self.partial)
                 return self.partial
             if self.checkpoint.is_file():
@@ -325,15 +338,40 @@ def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
 
 # -- names and places ----------------------------------------------------------------------------
 
+def inside_root(root: Path, path: Path) -> Path:
+    """``path``, after checking that it stays inside ``root`` once both are resolved
+    (symlinks followed, ``..`` removed; parts that do not exist yet are taken as
+    written). The one check behind every place the project writes under the record
+    root: a symlink planted in a record folder (``record/link -> /elsewhere``) cannot
+    redirect a write. ``root`` itself may be a symlink. Checks only: creates nothing."""
+    path = Path(path)
+    real_root = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(path))
+    if real != real_root and real_root not in real.parents:
+        raise UserError(f"{path} leads outside the record root {root} (to {real}, through a symlink): SAU-Bench "
+                        "writes and reads records only inside the record root")
+    return path
+
+
+def _links_inside(root: Path, folder: Path) -> None:
+    """Every symlink below ``folder`` (not followed) resolves inside ``root``."""
+    for parent, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            entry = Path(parent) / name
+            if entry.is_symlink():
+                inside_root(root, entry)
+
+
 def record_dir(record_root: Path, name: str) -> Path:
-    """``record_root/name``, refusing names that would leave the record folder."""
+    """``record_root/name``, refusing names that would leave the record folder, literally
+    or through a symlink (:func:`inside_root`)."""
     if not name or name.strip() != name:
         raise UserError(f"invalid record name {name!r}")
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
         raise UserError(f"record name {name!r} must be a folder name inside {record_root} "
                         "(no absolute paths, '..' or hidden folders)")
-    return Path(record_root) / name
+    return inside_root(record_root, Path(record_root) / name)
 
 
 def existing_records(record_root: Path) -> list[str]:
