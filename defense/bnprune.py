@@ -1,0 +1,70 @@
+"""Channel pruning through BatchNorm layers: the pieces CLP, BNP and EP share (Zheng et
+al.'s three pruning defenses, as BackdoorBench implements them). Not a defense itself: it
+registers nothing.
+
+Each of these methods gives every output channel of a ``BatchNorm2d`` layer a score, marks
+the channels whose score is an outlier within their layer (beyond the layer's mean by
+``u`` standard deviations) and prunes them by zeroing the layer's affine weight and bias,
+so that the channel outputs zero before its activation."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The model's ``BatchNorm2d`` layers with affine weights and running statistics, in
+    module order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats]
+
+
+def require_batchnorm(model: nn.Module, method: str) -> list[tuple[str, nn.BatchNorm2d]]:
+    """``batchnorm_layers(model)``, or a UserError saying that ``method`` does not apply."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        name = getattr(model, "name", type(model).__name__)
+        raise UserError(f"{method} prunes the channels of BatchNorm2d layers; model '{name}' has none, "
+                        "so it does not apply (use a model with BatchNorm, e.g. preactresnet18 or cnn)")
+    return layers
+
+
+def outliers(score: torch.Tensor, u: float, upper: bool = True) -> torch.Tensor:
+    """Boolean selection of the channels whose ``score`` exceeds the layer's mean + u * std
+    (``upper``) or falls below mean - u * std; std is the sample standard deviation
+    (``Tensor.std``, as BackdoorBench). Strict inequalities, so a layer whose scores are
+    all equal selects nothing."""
+    score = score.float()
+    mean, std = score.mean(), score.std()
+    return score > mean + u * std if upper else score < mean - u * std
+
+
+@torch.no_grad()
+def zero_channels(bn: nn.BatchNorm2d, index: torch.Tensor) -> None:
+    """Prune the selected channels of ``bn``: zero their affine weight and bias (as
+    BackdoorBench's CLP, BNP and EP do)."""
+    index = index.to(bn.weight.device)
+    bn.weight[index] = 0.0
+    bn.bias[index] = 0.0
+
+
+@contextmanager
+def capture_inputs(layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor]]:
+    """While the context is open, every forward pass stores each layer's input (float32,
+    detached) under the layer's name in the yielded dict, replacing the previous one."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in layers:
+        def hook(_module, inputs, _name=name):
+            seen[_name] = inputs[0].detach().float()
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
