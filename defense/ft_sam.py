@@ -87,11 +87,15 @@ def sam_perturbation(params: list[nn.Parameter], rho: float, adaptive: bool = Tr
     if not with_grad:
         return [None] * len(params)
     norm = torch.norm(torch.stack([((p.abs() if adaptive else 1.0) * p.grad).float().norm(2) for p in with_grad]), 2)
-    scale = rho / (norm + eps) if torch.isfinite(norm) else torch.zeros_like(norm)
+    finite = bool(torch.isfinite(norm))
+    scale = rho / (norm + eps)
     out: list[torch.Tensor | None] = []
     for p in params:
         if p.grad is None:
             out.append(None)
+            continue
+        if not finite:
+            out.append(torch.zeros_like(p.grad))
             continue
         e = p.grad * scale.to(p.grad)
         out.append(e * p.pow(2) if adaptive else e)
