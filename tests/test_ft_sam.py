@@ -64,7 +64,9 @@ def test_step_uses_the_gradient_at_the_perturbed_point_and_updates_from_w():
     w = [p.detach().clone() for p in model.parameters()]
     # by hand: the gradient at w, the perturbation, the gradient at w + epsilon
     ref = [p.clone().requires_grad_(True) for p in w]
-    loss_fn = lambda out: F.cross_entropy(out, y)  # noqa: E731
+
+    def loss_fn(out):
+        return F.cross_entropy(out, y)
 
     def forward(ps, inp):
         return torch.tanh(inp @ ps[0].T + ps[1]) @ ps[2].T + ps[3]
