@@ -679,6 +679,21 @@ class TrainingData:
             x = self.train.images[start:start + batch_size].to(self.device).float().div_(255.0)
             yield x, self.train.labels[start:start + batch_size].to(self.device)
 
+    def penultimate(self, model: Classifier, batch_size: int = 256) -> torch.Tensor:
+        """The model's penultimate representation (the input of its classifier layer,
+        :meth:`Classifier.penultimate`) of every training sample, in order: (N, D) float32
+        on the CPU."""
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                for x, _ in self.batches(batch_size):
+                    out.append(model.penultimate(x).float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out)
+
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the run's seed."""
         return torch.Generator().manual_seed(self.seed + offset)
