@@ -211,3 +211,20 @@ def test_listing_shows_the_detectors_kinds():
     assert "strip  (input_detection, 2019)" in text
     assert "spectral  (data_detection, 2018)" in text and "ac  (data_detection, 2018)" in text
     assert "sau  (mitigation, " in text
+
+
+def test_compare_puts_detectors_in_their_own_table(record_root):
+    from defense import compare
+
+    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
+                         plots=False, quiet=True, defenses=["ft", "spectral", "strip"], seeds=[0])
+    assert result["failed"] == 0
+    assert [r["defense"] for r in result["rows"]] == ["no defense", "ft"]  # the mitigation table as before
+    table = result["detection"]
+    assert table["detectors"] == ["spectral", "strip"] and table["records"] == ["badnet_digits"]
+    for row in table["rows"]:
+        summary = json.loads((record_root / "badnet_digits" / "defense" / row["detector"] / "summary.json").read_text())
+        assert row["cells"]["badnet_digits"]["auroc"] == pytest.approx(100 * summary["detection"]["auroc"])
+    assert "| detector | badnet_digits: AUROC |" in result["markdown"]
+    text = (record_root / "compare" / "badnet_digits" / "table.md").read_text()
+    assert "| spectral | " in text and "| strip | " in text and "| ft | " in text
