@@ -121,7 +121,8 @@ class AC(Defense):
                  cluster_analysis: Literal["smaller", "silhouette"] = "smaller", size_threshold: float = 0.35,
                  silhouette_threshold: float = 0.15, batch_size: int = 256):
         self.nb_dims, self.nb_clusters, self.cluster_analysis = nb_dims, nb_clusters, cluster_analysis
-        self.size_threshold, self.silhouette_threshold, self.batch_size = size_threshold, silhouette_threshold, batch_size
+        self.size_threshold, self.silhouette_threshold = size_threshold, silhouette_threshold
+        self.batch_size = batch_size
         self._classes: list[dict[str, float | int | bool]] = []
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:

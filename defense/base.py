@@ -790,7 +790,8 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         clean = score_inputs(defense, detector, data.test.images, device)
         bd = score_inputs(defense, detector, record.bd_test.images, device)
         seconds = time.perf_counter() - start
-        truth = torch.cat([torch.zeros(len(clean.scores), dtype=torch.bool), torch.ones(len(bd.scores), dtype=torch.bool)])
+        truth = torch.cat([torch.zeros(len(clean.scores), dtype=torch.bool),
+                           torch.ones(len(bd.scores), dtype=torch.bool)])
         flagged = None if clean.flagged is None or bd.flagged is None else torch.cat([clean.flagged, bd.flagged])
         result = Detection(torch.cat([clean.scores, bd.scores]), flagged)
         rows = [(name, i, int(name == "bd_test"), float(part.scores[i]),

@@ -29,8 +29,9 @@ the DER against the record's "no defense" numbers. Nothing is run for it.
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
-table.md (a row per defense; detectors, named with --defenses or in the grid, in a table of
-their own after it: a row per detector, a column per record, AUROC), table_by_record.md (a row per record, the SAU paper's
+table.md (a row per defense; detectors, named with --defenses or in the grid, in a table
+of their own after it: a row per detector, a column per record, AUROC), table_by_record.md
+(a row per record, the SAU paper's
 layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
 index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).

@@ -54,7 +54,7 @@ def spectral_scores(features: torch.Tensor) -> torch.Tensor:
 
 @register_defense("spectral")
 class Spectral(Defense):
-    """Spectral Signatures: score training samples by their squared projection on the top singular direction of their class.
+    """Spectral Signatures: score training samples by their projection on their class's top singular direction.
 
     Args:
         expected_rate: the poison rate the defender expects (epsilon)
