@@ -27,6 +27,8 @@ Hyperparameters (BackdoorBench's config/detection/ac/cifar10.yaml):
     cluster_analysis: ``smaller`` (relative size) or ``silhouette`` (smaller)
     size_threshold: relative size below which the smaller cluster is flagged (0.35)
     silhouette_threshold: silhouette above which it is flagged with ``silhouette`` (0.15)
+    layer: None for the penultimate activations (the input of the model's last linear
+        layer, BackdoorBench's), or a module of the architecture whose output is used (None)
     batch_size: samples per forward pass for the activations (256)
 
 Deviations:
@@ -107,6 +109,7 @@ class AC(Defense):
         cluster_analysis: flag the smaller cluster by its relative size or by the silhouette score
         size_threshold: relative size below which the smaller cluster is flagged
         silhouette_threshold: silhouette score above which the smaller cluster is flagged (silhouette)
+        layer: a module of the architecture whose output is the representation (None: the penultimate one)
         batch_size: samples per forward pass for the activations
     """
 
@@ -119,14 +122,14 @@ class AC(Defense):
 
     def __init__(self, nb_dims: int = 10, nb_clusters: int = 2,
                  cluster_analysis: Literal["smaller", "silhouette"] = "smaller", size_threshold: float = 0.35,
-                 silhouette_threshold: float = 0.15, batch_size: int = 256):
+                 silhouette_threshold: float = 0.15, layer: str | None = None, batch_size: int = 256):
         self.nb_dims, self.nb_clusters, self.cluster_analysis = nb_dims, nb_clusters, cluster_analysis
         self.size_threshold, self.silhouette_threshold = size_threshold, silhouette_threshold
-        self.batch_size = batch_size
+        self.layer, self.batch_size = layer, batch_size
         self._classes: list[dict[str, float | int | bool]] = []
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:
-        features = data.penultimate(model, self.batch_size).double().numpy()
+        features = data.penultimate(model, self.batch_size, self.layer).double().numpy()
         labels = data.labels.numpy()
         scores = np.zeros(len(data))
         flagged = np.zeros(len(data), dtype=bool)

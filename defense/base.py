@@ -679,10 +679,26 @@ class TrainingData:
             x = self.train.images[start:start + batch_size].to(self.device).float().div_(255.0)
             yield x, self.train.labels[start:start + batch_size].to(self.device)
 
-    def penultimate(self, model: Classifier, batch_size: int = 256) -> torch.Tensor:
+    def penultimate(self, model: Classifier, batch_size: int = 256, layer: str | None = None) -> torch.Tensor:
         """The model's penultimate representation (the input of its classifier layer,
         :meth:`Classifier.penultimate`) of every training sample, in order: (N, D) float32
-        on the CPU."""
+        on the CPU; with ``layer``, the flattened output of ``model.net.<layer>`` instead
+        (BackdoorBench's ``target_layer``)."""
+        if layer is not None:
+            try:
+                module = model.net.get_submodule(layer)
+            except AttributeError:
+                raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
+                                f"{', '.join(model.spec.stages) or 'none declared'})") from None
+            seen: list[torch.Tensor] = []
+            hook = module.register_forward_hook(lambda m, i, out: seen.append(out.flatten(1).float().cpu()))
+            try:
+                with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                    for x, _ in self.batches(batch_size):
+                        model.eval()(x)
+            finally:
+                hook.remove()
+            return torch.cat(seen)
         was_training = model.training
         model.eval()
         out = []

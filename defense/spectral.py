@@ -14,6 +14,9 @@ Hyperparameters:
     expected_rate: the poison rate the defender expects, epsilon (0.1: BackdoorBench's
         ``percentile: 85`` flags the top 15% of each class, 1.5 x 0.1)
     removal_factor: how many times the expected share is flagged in each class (1.5, the paper)
+    layer: the representation: None, the penultimate one (the input of the model's last
+        linear layer; BackdoorBench's choice), or a module of the architecture (e.g.
+        layer2 of cnn), whose output is flattened (BackdoorBench's target_layer) (None)
     batch_size: samples per forward pass when the representations are computed (256)
 
 Deviations:
@@ -59,6 +62,7 @@ class Spectral(Defense):
     Args:
         expected_rate: the poison rate the defender expects (epsilon)
         removal_factor: flag this many times the expected share of each class
+        layer: a module of the architecture whose output is the representation (None: the penultimate one)
         batch_size: samples per forward pass for the representations
     """
 
@@ -67,11 +71,13 @@ class Spectral(Defense):
     year = 2018
     param_checks = {"expected_rate": _rate, "removal_factor": cfg.positive, "batch_size": cfg.positive}
 
-    def __init__(self, expected_rate: float = 0.1, removal_factor: float = 1.5, batch_size: int = 256):
+    def __init__(self, expected_rate: float = 0.1, removal_factor: float = 1.5, layer: str | None = None,
+                 batch_size: int = 256):
         self.expected_rate, self.removal_factor, self.batch_size = expected_rate, removal_factor, batch_size
+        self.layer = layer
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:
-        features = data.penultimate(model, self.batch_size)
+        features = data.penultimate(model, self.batch_size, self.layer)
         labels = data.labels
         scores = torch.zeros(len(data))
         flagged = torch.zeros(len(data), dtype=torch.bool)

@@ -228,3 +228,26 @@ def test_compare_puts_detectors_in_their_own_table(record_root):
     assert "| detector | badnet_digits: AUROC |" in result["markdown"]
     text = (record_root / "compare" / "badnet_digits" / "table.md").read_text()
     assert "| spectral | " in text and "| strip | " in text and "| ft | " in text
+
+
+def test_data_detection_on_a_record_without_poisoned_training_samples_is_one_user_error(record_root):
+    from utils.errors import UserError
+
+    record = load_record(record_root / "badnet_digits")
+    record.bd_train = None  # as WaNet's and Input-aware's records: poisoned afresh in each batch
+    (record_root / "no_bd_train").mkdir()
+    record.save(record_root / "no_bd_train")
+    with pytest.raises(UserError, match=r"keeps no poisoned training samples \(bd_train.*data detection \(spectral\)"):
+        defense.run("spectral", result_file="no_bd_train", record_root=str(record_root), device="cpu")
+    assert not (record_root / "no_bd_train" / "defense").exists()
+
+
+def test_spectral_and_ac_read_another_layer_when_asked(record_root):
+    from utils.errors import UserError
+
+    summary = defense.run("spectral", result_file="badnet_digits", record_root=str(record_root), device="cpu",
+                          layer="layer2")
+    assert summary["config"]["layer"] == "layer2" and summary["detection"]["auroc"] is not None
+    with pytest.raises(UserError, match="model 'cnn' has no layer 'nope' \\(its stages: layer1, layer2, layer3\\)"):
+        defense.run("ac", result_file="badnet_digits", record_root=str(record_root), device="cpu", layer="nope")
+    assert not (record_root / "badnet_digits" / "defense" / "ac").exists()
