@@ -283,7 +283,9 @@ class Defense(Method):
     documents its paper in its docstring, and implements :meth:`mitigate`. It parses no
     argv, reads no record, evaluates nothing and prints nothing."""
 
-    kind: ClassVar[Literal["mitigation", "detection"]] = "mitigation"
+    # mitigation: mitigate(model, DefenseData) -> model; data_detection: detect(model,
+    # TrainingData) -> Detection; input_detection: fit(model, DefenseData) -> InputDetector.
+    kind: ClassVar[Literal["mitigation", "data_detection", "input_detection"]] = "mitigation"
     # Keys of extras() that hold N x C x H x W images in [0, 1]; the harness also writes
     # them as <key>/<i>.png (e.g. reversed triggers).
     image_extras: ClassVar[tuple[str, ...]] = ()
@@ -293,6 +295,17 @@ class Defense(Method):
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""
+        raise NotImplementedError
+
+    def detect(self, model: Classifier, data: "TrainingData") -> "Detection":
+        """(data_detection) A suspicion score per training sample of ``data`` (higher =
+        more suspicious), in order, and optionally the flagged set."""
+        raise NotImplementedError
+
+    def fit(self, model: Classifier, data: DefenseData) -> "InputDetector":
+        """(input_detection) From the model and the defender's clean subset, a function
+        that scores a batch of test inputs (float [0, 1] images on the device) with a
+        :class:`Detection` (higher = more suspicious)."""
         raise NotImplementedError
 
     def extras(self) -> dict[str, torch.Tensor]:
@@ -446,6 +459,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         values, control, record, device, defense, model = setup(name, argv, overrides)
         inputs = load_inputs(record, values)
         check_finite_outputs(model, inputs[0].train.images[inputs[1][:64]], record)
+        check_detectable(defense, record)
     out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"],
                        root=Path(values["record_root"]))
     if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
@@ -460,7 +474,8 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             log.info("defense %s on %s", defense.name, record.path)
             replay(loading)
             log.debug("config: %s", cfg.plain(values))
-            summary = _defend(defense, record, values, device, folder, model, checkpoint, inputs)
+            defend = _defend if defense.kind == "mitigation" else _detect
+            summary = defend(defense, record, values, device, folder, model, checkpoint, inputs)
         try:
             check_record_unchanged(record, trust=control["trust_record"])
         except UserError:
@@ -626,6 +641,189 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
         "device": str(device), "clean_samples": len(idx), **defense.report(),
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+    }
+    save_json(summary, folder / "summary.json")
+    return summary
+
+
+# -- the detection kinds ----------------------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    """What a data detector holds: the training set as the defender received it (uint8
+    images and labels, the poisoned samples in place of their clean versions, on the
+    CPU), the dataset's declared info, the device and a seed. No poison indicator, no
+    poison indices, no test data: the fields below are all there is."""
+
+    train: ImageData
+    info: DatasetInfo
+    device: torch.device
+    amp: bool = False
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.train.labels
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training set in order, in batches of float [0, 1] images and labels on the device."""
+        for start in range(0, len(self.train), batch_size):
+            x = self.train.images[start:start + batch_size].to(self.device).float().div_(255.0)
+            yield x, self.train.labels[start:start + batch_size].to(self.device)
+
+    def penultimate(self, model: Classifier, batch_size: int = 256, layer: str | None = None) -> torch.Tensor:
+        """The model's penultimate representation (the input of its classifier layer,
+        :meth:`Classifier.penultimate`) of every training sample, in order: (N, D) float32
+        on the CPU; with ``layer``, the flattened output of ``model.net.<layer>`` instead
+        (BackdoorBench's ``target_layer``)."""
+        if layer is not None:
+            try:
+                module = model.net.get_submodule(layer)
+            except AttributeError:
+                raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
+                                f"{', '.join(model.spec.stages) or 'none declared'})") from None
+            seen: list[torch.Tensor] = []
+            hook = module.register_forward_hook(lambda m, i, out: seen.append(out.flatten(1).float().cpu()))
+            try:
+                with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                    for x, _ in self.batches(batch_size):
+                        model.eval()(x)
+            finally:
+                hook.remove()
+            return torch.cat(seen)
+        was_training = model.training
+        model.eval()
+        out = []
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                for x, _ in self.batches(batch_size):
+                    out.append(model.penultimate(x).float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(out)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the run's seed."""
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def autocast(self):
+        return autocast(self.device, self.amp)
+
+
+@dataclass
+class Detection:
+    """A detector's verdict on N samples: ``scores`` (N floats, higher = more suspicious)
+    and optionally ``flagged`` (N booleans: the method's own decision)."""
+
+    scores: torch.Tensor
+    flagged: torch.Tensor | None = None
+
+
+InputDetector = Callable[[torch.Tensor], Detection]
+
+
+def check_detectable(defense: Defense, record: AttackRecord) -> None:
+    """A data detector needs poisoned training samples to find."""
+    if defense.kind == "data_detection" and (record.bd_train is None or len(record.bd_train) == 0):
+        raise UserError(f"{record.path}: the record keeps no poisoned training samples (bd_train; an attack that "
+                        f"poisons each batch afresh?): data detection ({defense.name}) has nothing to find")
+
+
+def checked_detection(defense: Defense, result: Any, n: int, where: str) -> Detection:
+    """``result`` as a :class:`Detection` of ``n`` samples with finite float scores (on the CPU)."""
+    if not isinstance(result, Detection):
+        raise TypeError(f"{defense.name}.{where} must return a Detection, not {type(result).__name__}")
+    scores = torch.as_tensor(result.scores).detach().float().cpu().flatten()
+    if len(scores) != n:
+        raise TypeError(f"{defense.name}.{where} returned {len(scores)} scores for {n} samples")
+    if not bool(torch.isfinite(scores).all()):
+        raise TypeError(f"{defense.name}.{where} returned NaN or infinite scores")
+    flagged = None
+    if result.flagged is not None:
+        flagged = torch.as_tensor(result.flagged).detach().bool().cpu().flatten()
+        if len(flagged) != n:
+            raise TypeError(f"{defense.name}.{where} flagged {len(flagged)} values for {n} samples")
+    return Detection(scores, flagged)
+
+
+def score_inputs(defense: Defense, detector: InputDetector, images: torch.Tensor, device: torch.device) -> Detection:
+    """``detector`` applied to uint8 ``images`` in batches of float [0, 1] images on ``device``."""
+    from utils.metrics import eval_batch_size
+
+    if not callable(detector):
+        raise TypeError(f"{defense.name}.fit must return a function of a batch of images, not "
+                        f"{type(detector).__name__}")
+    size = eval_batch_size(device)
+    parts = []
+    for start in range(0, len(images), size):
+        x = images[start:start + size].to(device).float().div_(255.0)
+        parts.append(checked_detection(defense, detector(x), len(x), "fit(...)(images)"))
+    flags = [p.flagged for p in parts]
+    return Detection(torch.cat([p.scores for p in parts]) if parts else torch.zeros(0),
+                     torch.cat(flags) if parts and all(f is not None for f in flags) else None)
+
+
+def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
+            folder: Path, model: Classifier | None = None, checkpoint: Checkpoint | None = None,
+            inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The run of a detector (``kind`` data_detection or input_detection): it gets only
+    what its kind may see; the harness scores, measures (utils.metrics.detection_metrics)
+    and writes summary.json and <name>_scores.csv."""
+    from utils.metrics import detection_metrics
+    from utils.poison import poisoned_training_set
+
+    del checkpoint  # a detection run is not resumable: it restarts
+    seed_everything(values["random_seed"])
+    data, idx = load_inputs(record, values) if inputs is None else inputs
+    model = (record.build_model() if model is None else model).to(device).eval()
+    check_detectable(defense, record)
+    start = time.perf_counter()
+    if defense.kind == "data_detection":
+        train, truth = poisoned_training_set(data.train, record.bd_train)
+        held = TrainingData(ImageData(train.images, train.labels), data.info, device, values["amp"],
+                            values["random_seed"])
+        log.info("data detection on the training set as delivered: %d samples", len(held))
+        seed_everything(values["random_seed"])
+        result = checked_detection(defense, defense.detect(model, held), len(held), "detect")
+        seconds = time.perf_counter() - start
+        rows = [("train", i, int(truth[i]), float(result.scores[i]),
+                 "" if result.flagged is None else int(result.flagged[i])) for i in range(len(truth))]
+        extra = {"training_samples": len(held)}
+    else:
+        save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
+        log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
+        defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"])
+        seed_everything(values["random_seed"])
+        detector = defense.fit(model, defender)
+        clean = score_inputs(defense, detector, data.test.images, device)
+        bd = score_inputs(defense, detector, record.bd_test.images, device)
+        seconds = time.perf_counter() - start
+        truth = torch.cat([torch.zeros(len(clean.scores), dtype=torch.bool),
+                           torch.ones(len(bd.scores), dtype=torch.bool)])
+        flagged = None if clean.flagged is None or bd.flagged is None else torch.cat([clean.flagged, bd.flagged])
+        result = Detection(torch.cat([clean.scores, bd.scores]), flagged)
+        rows = [(name, i, int(name == "bd_test"), float(part.scores[i]),
+                 "" if flagged is None else int(part.flagged[i]))
+                for name, part in (("clean_test", clean), ("bd_test", bd)) for i in range(len(part.scores))]
+        extra = {"clean_samples": len(idx)}
+    metrics = detection_metrics(result.scores, truth, result.flagged)
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    log.info("detection: %s  (%d poisoned of %d; %.1f s)", shown, metrics["positives"],
+             metrics["positives"] + metrics["negatives"], seconds)
+    save_text("set,index,poisoned,score,flagged\n" + "".join(f"{s},{i},{p},{v!r},{f}\n" for s, i, p, v, f in rows),
+              folder / f"{defense.name}_scores.csv")
+    summary = {
+        "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
+        "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),
+        "device": str(device), **extra, **defense.report(),
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
     }
     save_json(summary, folder / "summary.json")

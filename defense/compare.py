@@ -29,7 +29,9 @@ the DER against the record's "no defense" numbers. Nothing is run for it.
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
-table.md (a row per defense), table_by_record.md (a row per record, the SAU paper's
+table.md (a row per defense; detectors, named with --defenses or in the grid, in a table
+of their own after it: a row per detector, a column per record, AUROC), table_by_record.md
+(a row per record, the SAU paper's
 layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
 index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).
@@ -69,8 +71,8 @@ from typing import Any, Callable, Literal, Sequence
 
 from utils import config as cfg
 from utils.cli import entry
-from utils.compare import (Progress, Run, Table, aggregate, config_diff, execute, identity_problem, markdown, read_json,
-                           to_csv, to_json)
+from utils.compare import (Progress, Run, Table, aggregate, config_diff, detection_markdown, detection_table, execute,
+                           identity_problem, markdown, read_json, to_csv, to_json)
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
@@ -81,7 +83,8 @@ log = logging.getLogger("saubench.compare")
 PARAMS: list[Param] = [
     Param("result_file", list[str] | None, None, "attack records (folders of --record_root) to compare on"),
     Param("grid", str | None, None, "a grid file (config/grid/*.yaml): attacks, defenses and seeds"),
-    Param("defenses", list[str] | None, None, "defenses; none given: every registered defense (with --grid: the grid's)"),
+    Param("defenses", list[str] | None, None, "defenses; none given: every registered mitigation defense (with "
+          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC)"),
     Param("seeds", list[int] | None, None, "defense seeds; none given: 0 (with --grid: the grid's)"),
     Param("option", list[str] | None, None, "defense options KEY=VALUE (all defenses) or DEFENSE.KEY=VALUE"),
     Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),
@@ -217,9 +220,12 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     _fill_missing_baselines(runs)
     found = backdoorbench_runs(spec, root, runs)
     names = list(dict.fromkeys(r.method for r in found))
-    table = aggregate(spec.name, [r.name for r in spec.records], [*spec.defenses, *names], spec.seeds,
-                      [*runs, *found])
-    return write_outputs(table, out_dir, values)
+    detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind != "mitigation"]
+    mitigations = [d for d in spec.defenses if d not in detectors]
+    table = aggregate(spec.name, [r.name for r in spec.records], [*mitigations, *names], spec.seeds,
+                      [r for r in [*runs, *found] if r.method not in detectors])
+    detection = detection_table([r.name for r in spec.records], detectors, runs) if detectors else None
+    return write_outputs(table, out_dir, values, detection)
 
 
 BACKDOORBENCH_MARK = " (BackdoorBench)"
@@ -254,10 +260,17 @@ RECIPE_LINES = {
 }
 
 
-def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
+def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
+                  detection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tables (mitigation defenses; detectors, when any, in their own table after it:
+    ``detection`` of :func:`utils.compare.detection_table`), their files and plots."""
     family = values.get("recipes", "reference")
-    texts = {rows: markdown(table, rows) + "\n" + RECIPE_LINES[family] + "\n" for rows in ("defenses", "records")}
+    after = "" if detection is None else "\n" + detection_markdown(detection) + "\n"
+    texts = {rows: markdown(table, rows) + "\n" + RECIPE_LINES[family] + "\n" + after
+             for rows in ("defenses", "records")}
     data = {**to_json(table), "recipes": family}
+    if detection is not None:
+        data["detection"] = detection
     save_text(texts["defenses"], out_dir / "table.md")
     save_text(texts["records"], out_dir / "table_by_record.md")
     save_text(to_csv(table), out_dir / "table.csv")
@@ -298,7 +311,8 @@ def _fill_missing_baselines(runs: list[Run]) -> None:
     for run in runs:
         if run.kind == "attack" and run.status == "reused" and run.summary is None:
             for other in runs:
-                if other.kind == "defense" and other.record == run.record and other.ok:
+                if other.kind == "defense" and other.record == run.record and other.ok and \
+                        (other.summary or {}).get("before"):  # a detector's summary has none
                     before = (other.summary or {}).get("before") or {}
                     run.summary = {**before, "device": other.summary.get("device")}
                     break
@@ -343,8 +357,8 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
 def _defense_names(names: Sequence[str] | None, where: str) -> list[str]:
     from defense import DEFENSES
 
-    if names is None:
-        return DEFENSES.names()
+    if names is None:  # the detectors are compared when named
+        return [n for n in DEFENSES.names() if DEFENSES.get(n).kind == "mitigation"]
     out: list[str] = []
     for name in names:
         try:

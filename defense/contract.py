@@ -45,12 +45,12 @@ class DefenseContract(Contract):
     def check_run(self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits",
                   **options: Any) -> dict[str, Any]:
         """Run ``cls`` once through the harness (its smoke_params, on the CPU) with the
-        guards on during ``__init__`` and ``mitigate``: rules no-record-loading,
+        guards on during ``__init__`` and ``mitigate`` (a detector's ``detect`` or ``fit``): rules no-record-loading,
         no-evaluation, no-argv, no-printing, returns-the-model and record-untouched.
         Returns the run's summary."""
         folder = record_dir(Path(record_root), result_file)
         before = folder_digest(folder)
-        with self.registered(cls) as name, self.guarded_methods(cls, ("__init__", "mitigate"),
+        with self.registered(cls) as name, self.guarded_methods(cls, ("__init__", "mitigate", "detect", "fit"),
                                                                 _returns_the_model) as guard:
             try:
                 summary = run(name, result_file=result_file, record_root=str(record_root), device="cpu",
@@ -67,14 +67,24 @@ class DefenseContract(Contract):
 
     def check_deterministic(self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits",
                             seed: int = 3, **options: Any) -> None:
-        """Two runs with the same seed give the same numbers and the same weights."""
+        """Two runs with the same seed give the same numbers and the same weights (a
+        detector: the same detection metrics and the same scores)."""
         results = []
         with self.registered(cls) as name:
             for _ in range(2):
                 summary = run(name, result_file=result_file, record_root=str(record_root), device="cpu",
                               random_seed=seed, overwrite=True, **{**cls.smoke_params, **options})
-                path = record_dir(Path(record_root), result_file) / "defense" / name / "defense_result.pt"
-                results.append((summary, load_defense_result(path)["model"]))
+                folder = record_dir(Path(record_root), result_file) / "defense" / name
+                if cls.kind != "mitigation":
+                    results.append((summary["detection"], (folder / f"{name}_scores.csv").read_text()))
+                    continue
+                results.append((summary, load_defense_result(folder / "defense_result.pt")["model"]))
+        if cls.kind != "mitigation":
+            (first, scores_first), (second, scores_second) = results
+            if first != second or scores_first != scores_second:
+                self.fail(cls, "deterministic", f"two runs with seed {seed} gave different scores ({first} and "
+                          f"{second})")
+            return
         (first, weights_first), (second, weights_second) = results
         if first["after"] != second["after"]:
             self.fail(cls, "deterministic", f"two runs with seed {seed} gave {first['after']} and {second['after']}")

@@ -181,6 +181,9 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
         raise UserError("python -m defense tune needs Optuna: pip install -e \".[tune]\" (or pip install optuna)"
                         ) from None
     cls = DEFENSES.get(DEFENSES.canonical(name))
+    if cls.kind != "mitigation":
+        raise UserError(f"defense {cls.name} is a detector ({cls.kind}): tuning chooses a mitigation's recipe by "
+                        "validation C-Acc and ASR; a detector has none to tune")
     cli = cfg.parse_cli(_parser(cls.name), argv)
     values = cfg.resolve(PARAMS, [cfg.Layer("keyword arguments", overrides)], cli)
     fixed = _parse_options(values["option"])

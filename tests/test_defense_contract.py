@@ -28,9 +28,13 @@ def test_runs_on_what_it_is_given_and_writes_a_loadable_result(name, record_root
     """no-record-loading, no-evaluation, no-argv, no-printing, returns-the-model,
     record-untouched; then the harness's result loads into the record's architecture."""
     monkeypatch.setattr(sys, "argv", ["pytest", "--garbage-that-argparse-would-reject"])
-    summary = CONTRACT.check_run(defense.DEFENSES.get(name), record_root)
+    cls = defense.DEFENSES.get(name)
+    summary = CONTRACT.check_run(cls, record_root)
     record_folder = record_root / "badnet_digits"
     out = record_folder / "defense" / name
+    if cls.kind != "mitigation":  # a detector: scores and detection metrics, no model
+        check_detector_result(name, cls.kind, summary, out, load_record(record_folder))
+        return
     for file in ("defense_result.pt", f"{name}_df.csv", "summary.json", "index.txt", f"{name}.log"):
         assert (out / file).is_file(), f"{name}: the harness did not write {file}"
     result = load_defense_result(out / "defense_result.pt")
@@ -41,6 +45,27 @@ def test_runs_on_what_it_is_given_and_writes_a_loadable_result(name, record_root
     assert 0.0 <= summary["after"]["clean_acc"] <= 1.0 and 0.0 <= summary["der"] <= 1.0
     x = record.bd_test.images[:8].float() / 255
     assert model.eval()(x).shape == (8, record.num_classes)
+
+
+def check_detector_result(name, kind, summary, out, record):
+    """A detector's result: summary.json with the detection metrics, one finite score per
+    scored sample in <name>_scores.csv (the training set, or the clean and backdoor test
+    sets), and no model."""
+    import csv
+    import math
+
+    for file in ("summary.json", f"{name}_scores.csv", f"{name}.log"):
+        assert (out / file).is_file(), f"{name}: the harness did not write {file}"
+    assert not (out / "defense_result.pt").exists()
+    assert summary["kind"] == kind and 0.0 <= summary["detection"]["auroc"] <= 1.0
+    rows = list(csv.DictReader((out / f"{name}_scores.csv").open()))
+    assert all(math.isfinite(float(r["score"])) for r in rows)
+    sets = {r["set"] for r in rows}
+    if kind == "data_detection":
+        assert sets == {"train"} and len(rows) == 1437
+        assert sum(int(r["poisoned"]) for r in rows) == len(record.bd_train) == summary["detection"]["positives"]
+    else:
+        assert sets == {"clean_test", "bd_test"} and len(rows) == 360 + len(record.bd_test)
 
 
 @pytest.mark.parametrize("name", NAMES)

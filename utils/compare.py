@@ -473,3 +473,46 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+# -- detectors ------------------------------------------------------------------------------------------
+
+def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequence[Run]) -> dict[str, Any]:
+    """The detectors' table: a row per detector, a column per record, AUROC in percent
+    (mean ± std over the seeds that finished) from each run's summary.json
+    (``detection.auroc``); a cell is "—" when nothing finished, and names the first
+    problem when a run failed or was not run."""
+    rows = []
+    for detector in detectors:
+        row: dict[str, Any] = {"detector": detector, "cells": {}}
+        for record in records:
+            mine = [r for r in runs if r.kind == "defense" and r.method == detector and r.record == record]
+            cell = Cell([v for r in mine if r.ok
+                         for v in [_percent(((r.summary or {}).get("detection") or {}).get("auroc"))] if v is not None])
+            problems = [r for r in mine if not r.ok and r.status != "todo"]
+            row["cells"][record] = {"auroc": cell.mean, "std": cell.std, "n": cell.n, "text": cell.text(),
+                                    "problem": (f"{problems[0].status}: {problems[0].message}" if problems else None)}
+        rows.append(row)
+    return {"records": list(records), "detectors": list(detectors), "rows": rows}
+
+
+def detection_markdown(table: dict[str, Any]) -> str:
+    """The detectors' table as GitHub Markdown (AUROC, %), best of each column in bold."""
+    records = table["records"]
+    lines = ["| detector | " + " | ".join(f"{r}: AUROC" for r in records) + " |",
+             "|---|" + "---|" * len(records)]
+    best = {r: max((row["cells"][r]["auroc"] for row in table["rows"] if row["cells"][r]["auroc"] is not None),
+                   default=None) for r in records}
+    for row in table["rows"]:
+        cells = []
+        for r in records:
+            cell = row["cells"][r]
+            text = cell["text"] if cell["n"] or not cell["problem"] else cell["problem"]
+            if cell["auroc"] is not None and len(table["rows"]) > 1 and round(cell["auroc"], DIGITS) == \
+                    round(best[r], DIGITS):
+                text = f"**{text}**"
+            cells.append(text.replace("|", "\\|"))
+        lines.append(f"| {row['detector']} | " + " | ".join(cells) + " |")
+    lines.append("Detectors: AUROC of the suspicion scores in %, mean ± std over seeds (data detection: the training "
+                 "set's poisoned samples; input detection: the backdoor test set against the clean test set).")
+    return "\n".join(lines)

@@ -4,10 +4,19 @@
 * ASR (``asr``): share of the backdoor test set classified as the attacker's label.
 * RA (``ra``): share of the backdoor test set classified as its true label.
 * DER: (max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1) / 2.
+
+Detection (data- and input-detection defenses; positives are the poisoned samples, scores
+are "higher = more suspicious"), :func:`detection_metrics`:
+
+* AUROC: the probability that a random poisoned sample scores above a random clean one,
+  ties counting one half (rank-based; sklearn's ``roc_auc_score``).
+* TPR@5%FPR: the largest TPR of an ROC point whose FPR is at most 5%.
+* TPR, FPR, precision, recall, F1 of the method's own flagged set.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import asdict, dataclass
 
 import torch
@@ -99,3 +108,75 @@ def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, d
     return Metrics(clean_acc=accuracy(clean, clean_test.labels), asr=accuracy(bd, bd_test.labels),
                    ra=accuracy(bd, bd_test.original_labels), clean_loss=mean_loss(clean, clean_test.labels),
                    bd_loss=mean_loss(bd, bd_test.labels), ra_loss=mean_loss(bd, bd_test.original_labels))
+
+
+# -- detection --------------------------------------------------------------------------------------
+
+def _detection_inputs(scores: torch.Tensor, labels: torch.Tensor) -> tuple["np.ndarray", "np.ndarray"]:
+    import numpy as np
+
+    s = torch.as_tensor(scores).detach().double().cpu().flatten().numpy()
+    y = torch.as_tensor(labels).detach().bool().cpu().flatten().numpy()
+    if s.shape != y.shape:
+        raise ValueError(f"{len(s)} scores for {len(y)} labels")
+    if not np.isfinite(s).all():
+        raise ValueError("the scores hold NaN or infinity")
+    return s, y
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` (higher = positive) against 0/1 ``labels``,
+    ties counting one half; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = _detection_inputs(scores, labels)
+    if y.all() or not y.any():
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float = 0.05) -> float:
+    """The largest true-positive rate over the thresholds whose false-positive rate is at
+    most ``fpr`` (a sample is flagged when its score is at least the threshold); NaN
+    when only one class is present."""
+    from sklearn.metrics import roc_curve
+
+    s, y = _detection_inputs(scores, labels)
+    if y.all() or not y.any():
+        return float("nan")
+    fprs, tprs, _ = roc_curve(y, s, drop_intermediate=False)
+    return float(tprs[fprs <= fpr + 1e-12].max())
+
+
+def flagged_metrics(flagged: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """TPR (= recall), FPR, precision and F1 of a flagged set against 0/1 ``labels``, with
+    the counts; NaN where a ratio has no denominator."""
+    f = torch.as_tensor(flagged).bool().cpu().flatten()
+    y = torch.as_tensor(labels).bool().cpu().flatten()
+    if f.shape != y.shape:
+        raise ValueError(f"{len(f)} flags for {len(y)} labels")
+    tp, fp = int((f & y).sum()), int((f & ~y).sum())
+    fn, tn = int((~f & y).sum()), int((~f & ~y).sum())
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else float("nan")
+
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return {"tpr": recall, "fpr": ratio(fp, fp + tn), "precision": precision, "recall": recall, "f1": f1,
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def detection_metrics(scores: torch.Tensor, labels: torch.Tensor,
+                      flagged: torch.Tensor | None = None) -> dict[str, Any]:
+    """Every detection metric, once: ``auroc``, ``tpr_at_5fpr`` (at ``at_fpr``), the
+    positives and negatives counted, and, when the method flags a set, that set's
+    ``tpr``, ``fpr``, ``precision``, ``recall``, ``f1`` and counts (``flagged``). None
+    stands for an undefined value (one class only, an empty denominator)."""
+    y = torch.as_tensor(labels).bool().cpu().flatten()
+    out: dict[str, Any] = {"auroc": auroc(scores, y), "tpr_at_5fpr": tpr_at_fpr(scores, y, 0.05),
+                           "positives": int(y.sum()), "negatives": int((~y).sum())}
+    if flagged is not None:
+        out.update(flagged_metrics(flagged, y))
+        out["flagged"] = int(torch.as_tensor(flagged).bool().sum())
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}

@@ -194,7 +194,7 @@ class ${Class}(Defense):
 
     paper = "<Authors>, <Title of the paper>, <Venue> ${year}"
     year = ${year}
-    kind = "mitigation"  # or "detection"
+    kind = "mitigation"  # or "data_detection" / "input_detection" (detect() / fit(): defense/spectral.py, strip.py)
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive}
     smoke_params = {"epochs": 1}  # a seconds-long run on digits (contract tests, smoke grids)
     # what `python -m defense tune ${name}` searches (on a validation split, never the test set)

@@ -128,6 +128,25 @@ class Classifier(nn.Module):
     def stage_modules(self) -> list[nn.Module]:
         return [self.net.get_submodule(s) for s in self.spec.stages]
 
+    def classifier_layer(self) -> nn.Linear:
+        """The last linear layer of ``net`` (the classifier head): its input is the
+        penultimate representation (spectral signatures, activation clustering)."""
+        linear = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        if not linear:
+            raise UserError(f"model '{self.name}' has no linear classifier layer")
+        return linear[-1]
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of :meth:`classifier_layer` for images ``x`` (float [0, 1]), flattened
+        to (N, D)."""
+        seen: list[torch.Tensor] = []
+        hook = self.classifier_layer().register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+        try:
+            self(x)
+        finally:
+            hook.remove()
+        return seen[-1].flatten(1)
+
     def feature_module(self) -> nn.Module:
         if self.spec.feature_layer is None:
             raise UserError(f"model '{self.name}' declares no feature layer")
