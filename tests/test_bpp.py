@@ -69,7 +69,8 @@ def test_batch_hook_makes_backdoor_and_negative_samples():
     out_x, out_y = bpp.batch_hook(ctx)(x, y)
     assert torch.equal(out_x[:5], bpp.apply(x[:5])) and torch.all(out_y[:5] == 0)  # 5 backdoor samples
     neg = out_x[5:10]  # 5 negative samples: x plus another image's squeezing residual, true labels
-    assert torch.equal(out_y[5:], y[5:]) and not torch.allclose(neg, x[5:10]) and not torch.allclose(neg, bpp.apply(x[5:10]))
+    assert torch.equal(out_y[5:], y[5:]) and not torch.allclose(neg, x[5:10])
+    assert not torch.allclose(neg, bpp.apply(x[5:10]))
     assert torch.equal(out_x[10:], x[10:])
 
 
