@@ -334,25 +334,31 @@ COMMON: list[Param] = [
     Param("exclude_poisoned", bool, False, "draw the clean subset only among training samples that were not "
           "poisoned, and refuse an --index file naming poisoned ones (off: from all samples, as BackdoorBench; "
           "the images are the clean versions either way)"),
-    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N", control=True),
     Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
-    Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive),
-    Param("record_root", str, "record", "folder of the records"),
-    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)"),
-    Param("download", bool, True, "download missing datasets where possible"),
-    Param("overwrite", bool, False, "replace an existing result"),
+    Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive, control=True),
+    Param("record_root", str, "record", "folder of the records", control=True),
+    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)",
+          control=True),
+    Param("download", bool, True, "download missing datasets where possible", control=True),
+    Param("overwrite", bool, False, "replace an existing result", control=True),
     Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
-          "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)"),
-    Param("resume", bool, False, "continue an interrupted run from its checkpoint"),
+          "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)", control=True),
+    Param("resume", bool, False, "continue an interrupted run from its checkpoint", control="apart"),
     Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
-          check=cfg.non_negative),
+          check=cfg.non_negative, control="apart"),
     Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
-          "can run code, so only for records from a source you trust"),
-    Param("debug", bool, False, "show tracebacks"),
+          "can run code, so only for records from a source you trust", control="apart"),
+    Param("debug", bool, False, "show tracebacks", control=True),
 ]
-# How a run is made, not what it computes: kept out of summary.json's config.
-CONTROL_KEYS = ("resume", "save_every", "trust_record")
+# How or where a run is made, not what it computes (the ``control`` marks above): skipped when
+# a finished result (compare's reuse) or a checkpoint (--resume) is checked against a request.
+# --eval_every is one: it sets how many rows <name>_df.csv has, never the purified model or
+# its final metrics (the harness's evaluation draws no random numbers).
+CONTROL_KEYS = cfg.control_keys(COMMON)
+# The controls handed over apart from the config, kept out of summary.json.
+APART_KEYS = cfg.apart_keys(COMMON)
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset",
                           "model", "dataset_path", "checkpoint_load", "checkpoint_save", "log"})
 
@@ -364,11 +370,25 @@ def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) ->
     return values, record
 
 
+def show_config(name: str, dataset: str) -> str:
+    """What ``python -m defense show NAME --dataset D`` prints: the YAML file a run of
+    defense ``name`` on a record of ``dataset`` reads (and its recipe line), then every
+    parameter's resolved value, those the file sets marked with the code's default."""
+    cls = DEFENSES.get(name)
+    params = [p for p in (*COMMON, *cls.params()) if not p.required and p.name != "yaml_path"]
+    path = cfg.method_yaml("defense", cls.name, dataset)
+    layers = [] if path is None else [Layer(cfg.shown(path), cfg.read_yaml(path), IGNORED_KEYS)]
+    return cfg.resolved_text(f"defense {cls.name} on {dataset}", params, layers)
+
+
 def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
              ) -> tuple[dict[str, Any], dict[str, Any], AttackRecord]:
     cls = DEFENSES.get(name)
     params = [*COMMON, *cls.params()]
-    parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
+    parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0],
+                              f"The defaults above are the code's; a run reads config/defense/{cls.name}/<dataset>.yaml "
+                              f"over them (<dataset>: the record's).\nThe values a run will use: python -m defense show "
+                              f"{cls.name} --dataset <dataset>")
     cli = cfg.parse_cli(parser, argv)
     cfg.check_early(params, overrides, ("result_file", "record_root", "yaml_path", "trust_record"))
     first = {**overrides, **cli}
@@ -395,7 +415,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
         log.info("the record's data_root %s is ignored (a record does not choose where datasets are read from); "
                  "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where),
                  values["data_root"])
-    control = {key: values.pop(key) for key in CONTROL_KEYS}
+    control = {key: values.pop(key) for key in APART_KEYS}
     return values, control, record
 
 
@@ -454,7 +474,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
                         "to write ours beside it (or --overwrite to replace it)")
     folder = out.open(resume=control["resume"])
     checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"],
-                            {**values, "record_sha256": record.sha256})
+                            {**values, "record_sha256": record.sha256}, CONTROL_KEYS)
     with guarded(out):
         with log_to(folder, f"{defense.name}.log"):
             log.info("defense %s on %s", defense.name, record.path)

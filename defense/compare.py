@@ -412,7 +412,7 @@ def _names(value: Any, what: str, path: Path, required: bool = True) -> list[str
 def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     """Read and check a grid file; every name is checked against its registry."""
     from attack import ATTACKS
-    from attack.base import resolve_config as resolve_attack
+    from attack.base import CONTROL_KEYS as ATTACK_CONTROLS, resolve_config as resolve_attack
     from utils.datasets import dataset_info
     from utils.models import model_spec
 
@@ -553,7 +553,7 @@ def _baseline(run: Run, folder: Path) -> str | None:
 
 def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None,
                 logs: Path) -> Run:
-    from attack.base import resolve_config as resolve_attack
+    from attack.base import CONTROL_KEYS as ATTACK_CONTROLS, resolve_config as resolve_attack
 
     # Absolute paths: worker processes and Ray tasks may start elsewhere.
     options = {**rec.options, "record_root": str(root), "device": values["device"],
@@ -568,7 +568,7 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     except UserError as exc:
         return _mismatch(run, values, str(exc))
     requested = cfg.plain(resolve_attack(rec.attack, [], options))
-    diff = config_diff(requested, record.config)
+    diff = config_diff(requested, record.config, ATTACK_CONTROLS)
     if diff:
         return _mismatch(run, values, "record config differs: " + "; ".join(diff))
     run.status, run.identity, run.legacy = "reused", record.identity, record.legacy
@@ -616,7 +616,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     """``resolved``: the resolved config of this (record, defense), shared by its seeds:
     resolved once (which checks every option's value before anything runs), then only
     the seed and the result folder change."""
-    from defense.base import resolve_config as resolve_defense
+    from defense.base import CONTROL_KEYS as DEFENSE_CONTROLS, resolve_config as resolve_defense
 
     recipes = values.get("recipes", "reference")
     folder_name = result_name(name, seed, recipes)
@@ -657,7 +657,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     problem = identity_problem(summary, base.identity, base.legacy)
     if problem is not None:
         return _mismatch(run, values, problem)
-    diff = config_diff(requested, summary.get("config") or {})
+    diff = config_diff(requested, summary.get("config") or {}, DEFENSE_CONTROLS)
     if diff:
         return _mismatch(run, values, "config differs: " + "; ".join(diff))
     run.status, run.summary = "reused", summary

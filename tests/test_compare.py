@@ -92,10 +92,17 @@ def test_ties_are_all_marked_and_one_seed_has_no_std(tmp_path):
 
 
 def test_config_diff_ignores_where_and_how():
-    stored = {"epochs": 3, "lr": 0.1, "device": "cuda", "record_root": "/a", "result_name": None}
-    assert config_diff({"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b"}, stored) == []
-    assert config_diff({"epochs": 2, "lr": 0.1}, stored) == ["epochs: result 3, requested 2"]
-    assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored) == ["new: result (absent), requested 1"]
+    from defense.base import CONTROL_KEYS
+
+    stored = {"epochs": 3, "lr": 0.1, "device": "cuda", "record_root": "/a", "result_name": None, "eval_every": 5}
+    requested = {"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b", "eval_every": 1}
+    assert config_diff(requested, stored, CONTROL_KEYS) == []
+    assert config_diff(requested, stored) == ["device: result 'cuda', requested 'cpu'", "eval_every: result 5, "
+                                              "requested 1", "record_root: result '/a', requested '/b'",
+                                              "result_name: result None, requested (absent)"]
+    assert config_diff({"epochs": 2, "lr": 0.1}, stored, CONTROL_KEYS) == ["epochs: result 3, requested 2"]
+    assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored, CONTROL_KEYS) == [
+        "new: result (absent), requested 1"]
 
 
 # -- executors ---------------------------------------------------------------------------------

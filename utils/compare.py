@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
+from utils.config import config_diff  # noqa: F401  (the one config diff; the comparison's callers import it here)
 from utils.errors import UserError
 from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
 
@@ -35,11 +36,6 @@ from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resou
 Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "unavailable"]
 NO_DEFENSE = "no defense"
 DIGITS = 2  # decimals of the percentages
-
-# Config keys that say where or how a run was made, not what was computed.
-IGNORED_CONFIG_KEYS = frozenset({"overwrite", "debug", "device", "record_root", "data_root", "download",
-                                 "result_name", "save_folder_name", "eval_every"})
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -130,24 +126,6 @@ def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log:
                 os.environ.pop("SAUBENCH_NO_PROGRESS", None)
             else:
                 os.environ["SAUBENCH_NO_PROGRESS"] = previous
-
-
-def config_diff(requested: dict[str, Any], stored: dict[str, Any],
-                ignore: Iterable[str] = IGNORED_CONFIG_KEYS) -> list[str]:
-    """The differences between a requested resolved config and the one a finished run
-    recorded, as ``key: result X, requested Y`` texts (keys in ``ignore`` are skipped)."""
-    ignore = set(ignore)
-    missing = object()
-    out = []
-    for key in sorted((set(requested) | set(stored)) - ignore):
-        want, have = requested.get(key, missing), stored.get(key, missing)
-        if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
-            if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
-                continue
-        if want != have:
-            out.append(f"{key}: result {'(absent)' if have is missing else repr(have)}, "
-                       f"requested {'(absent)' if want is missing else repr(want)}")
-    return out
 
 
 STALE = "stale: made on another version of the record"
