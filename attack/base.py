@@ -47,15 +47,15 @@ from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import Metrics, accuracy, evaluate, mean_loss
+from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
                            save_json)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, replay,
-                           resolve_device, seed_everything)
+from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
+                           replay, resolve_device, seed_everything)
 from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
@@ -398,7 +398,9 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             summary = _attack(attack, values, device, folder, checkpoint, data, control["export_backdoorbench"])
         check_no_defense_running(out.final)  # a defense may have started on the old record meanwhile
         final = out.commit()
-    log.info("record written to %s", final)
+    with log_to(None):  # the run's log is closed: the closing line goes to the console
+        log.info("%s on %s done: %s  (%.1f s); record in %s", name, values["dataset"], closing_text(summary),
+                 summary["seconds"], final)
     return summary
 
 
@@ -517,7 +519,7 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
             start = restored["epoch"] + 1
             if history.rows:
                 evaluate(restored["epoch"], history.rows[-1])  # the evaluation that followed the checkpoint
-    for epoch in range(start, epochs):
+    for epoch in progress(range(start, epochs), desc="epochs" if desc == "epoch" else desc, unit="epoch", delay=0.0):
         if step is not None:
             stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
         else:

@@ -60,13 +60,13 @@ from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, der, evaluate
+from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, record_dir,
-                           save_defense_result, save_json, save_png, save_text)
+from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
+                           record_dir, save_defense_result, save_json, save_png, save_text)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, replay, resolve_device,
-                           seed_everything)
+from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
+                           resolve_device, seed_everything)
 from utils.train import Checkpoint, batches, predict
 
 log = logging.getLogger("saubench")
@@ -104,6 +104,7 @@ class Monitor:
         self.history = History()
         self.eval_seconds = 0.0
         self._last: tuple[int, tuple, list[tuple[str, torch.Tensor]], Metrics] | None = None
+        self._bar: Any = None  # the epochs' progress bar, from the first report to the last epoch
 
     def evaluate(self, model: nn.Module) -> Metrics:
         """The harness's metrics of ``model``, reused when ``model`` has not changed since
@@ -122,6 +123,13 @@ class Monitor:
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
         row = self.history.add(epoch=epoch, **{k: float(v) for k, v in values.items()})
+        if self._bar is None and self.last_epoch is not None and epoch < self.last_epoch:
+            self._bar = progress(desc="epochs", total=self.last_epoch + 1, unit="epoch", delay=0.0)
+        if self._bar is not None:
+            self._bar.update(epoch + 1 - self._bar.n)
+            if epoch >= self.last_epoch:
+                self._bar.close()
+                self._bar = None
         if (epoch + 1) % self.eval_every == 0 or epoch == self.last_epoch:
             start = time.perf_counter()
             metrics = self.evaluate(model)
@@ -327,7 +335,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 # -- the harness ----------------------------------------------------------------------------------
 
 COMMON: list[Param] = [
-    Param("result_file", str, help="attack record name (a folder of --record_root)"),
+    Param("result_file", str, help="attack record: its name (a folder of --record_root), or the path of its folder "
+          "(absolute, or with a '/'; the folder's parent is then the record root)"),
     Param("yaml_path", str | None, None, "defense config (default: config/defense/<name>/<dataset>.yaml)"),
     Param("ratio", float, 0.05, "defender's clean data, as a fraction of the training set", check=cfg.fraction),
     Param("index", str | None, None, "file of clean training indices, one a line (instead of --ratio)"),
@@ -394,9 +403,13 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     first = {**overrides, **cli}
     if "result_file" not in first:
         raise UserError("missing required argument --result_file (an attack record in record/)")
-    record_root = Path(first.get("record_root", "record"))
+    # --result_file: a record's name in --record_root, or the path of a record folder (its
+    # parent then becomes the record root, so that the result is written beside it)
+    record_root, result_file = locate_record(Path(first.get("record_root", "record")), first["result_file"])
+    if result_file != first["result_file"]:
+        log.info("--result_file %s: record %s in the record root %s", first["result_file"], result_file, record_root)
     check_record_root(record_root)
-    record = load_record(record_dir(record_root, first["result_file"]), trust=first.get("trust_record", False))
+    record = load_record(record_dir(record_root, result_file), trust=first.get("trust_record", False))
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
     if yaml_path is not None:
@@ -404,6 +417,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
+    values["record_root"], values["result_file"] = str(record_root), result_file
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):
@@ -487,7 +501,9 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             discard_stale(out)
             raise
         final = out.commit()
-    log.info("result written to %s", final)
+    with log_to(None):  # the run's log is closed: the closing line goes to the console
+        log.info("%s on %s done: %s  (%.1f s); result in %s", defense.name, values["result_file"],
+                 closing_text(summary["after"], summary["before"], summary["der"]), summary["seconds"], final)
     return summary
 
 

@@ -70,7 +70,7 @@ from typing import Any, Callable, Literal, Sequence
 from utils import config as cfg
 from utils.cli import entry
 from utils.compare import (Progress, Run, Table, aggregate, config_diff, execute, identity_problem, markdown, read_json,
-                           to_csv, to_json)
+                           terminal_table, to_csv, to_json)
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
@@ -110,7 +110,7 @@ PARAMS: list[Param] = [
 ]
 
 GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "attacks", "defense_options", "defenses",
-             "seeds"}
+             "seeds", "purpose"}
 
 
 @dataclass
@@ -126,6 +126,7 @@ class Spec:
     records: list[RecordSpec]
     defenses: dict[str, dict[str, Any]]  # canonical name -> defense harness keywords
     seeds: list[int]
+    purpose: str | None = None  # the grid's 'purpose:' (e.g. "smoke test: numbers are not results")
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def run(argv: Sequence[str] | None = None, *, attack_fn: Callable[..., Any] | No
 
 def main() -> None:
     result = run()
-    sys.stdout.write(result["markdown"])
+    sys.stdout.write(result["terminal"])
     sys.exit(1 if result["failed"] else 0)
 
 
@@ -219,6 +220,7 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     names = list(dict.fromkeys(r.method for r in found))
     table = aggregate(spec.name, [r.name for r in spec.records], [*spec.defenses, *names], spec.seeds,
                       [*runs, *found])
+    table.purpose = spec.purpose
     return write_outputs(table, out_dir, values)
 
 
@@ -275,11 +277,35 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any]) -> dict[s
         import html
 
         line = f'<p id="recipes">{html.escape(RECIPE_LINES[family])}</p>'
-        page = html_page(table, plots).replace("</h1>", "</h1>" + line, 1)
+        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"])
+        page = page.replace("</h1>", "</h1>" + line, 1)
         save_text(page, out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
-    return {**data, "markdown": texts[values["rows"]], "failed": len(table.failed), "outputs": [str(p) for p in outputs]}
+    shown = out_dir / ("table.md" if values["rows"] == "defenses" else "table_by_record.md")
+    terminal = terminal_table(table, values["rows"]) + f"\nThe full table (markdown): {shown}\n"
+    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": len(table.failed),
+            "outputs": [str(p) for p in outputs]}
+
+
+def about(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the HTML page says of how it was made: the command, the config, the date and
+    the machine."""
+    import datetime
+    import os
+    import platform
+
+    args = sys.argv[1:] if Path(sys.argv[0]).name in ("compare.py", "__main__.py") else None
+    command = "python defense/compare.py " + " ".join(args) if args is not None else "defense.compare.run(...) from Python"
+    config = f"grid {values['grid']}" if values.get("grid") else "records " + " ".join(values.get("result_file") or [])
+    options = {k: v for k, v in values.items() if k in ("seeds", "defenses", "smoke", "recipes", "device", "option")
+               and v not in (None, False, [])}
+    if options:
+        config += "; " + ", ".join(f"{k}={v}" for k, v in options.items())
+    machine = f"{platform.node() or '?'} ({platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, " \
+              f"Python {platform.python_version()})"
+    return [("command", command), ("config", config),
+            ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")), ("machine", machine)]
 
 
 def _local_gpus(values: dict[str, Any]) -> list[int]:
@@ -412,7 +438,7 @@ def _names(value: Any, what: str, path: Path, required: bool = True) -> list[str
 def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     """Read and check a grid file; every name is checked against its registry."""
     from attack import ATTACKS
-    from attack.base import CONTROL_KEYS as ATTACK_CONTROLS, resolve_config as resolve_attack
+    from attack.base import resolve_config as resolve_attack
     from utils.datasets import dataset_info
     from utils.models import model_spec
 
@@ -479,7 +505,10 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     name = data.get("name", path.stem)
     if not isinstance(name, str):
         raise UserError(f"{path}: 'name' must be a string")
-    return Spec(name, records, defenses, sorted(set(seeds)))
+    purpose = data.get("purpose")
+    if purpose is not None and (not isinstance(purpose, str) or not purpose.strip()):
+        raise UserError(f"{path}: 'purpose' must be a non-empty string (what the grid is for, shown with its table)")
+    return Spec(name, records, defenses, sorted(set(seeds)), purpose)
 
 
 def _checked(fn: Callable[[], Any], path: Path) -> Any:

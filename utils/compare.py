@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -254,6 +255,7 @@ class Table:
     seeds: list[int]
     rows: list[Row]
     runs: list[Run]
+    purpose: str | None = None  # what the comparison is for (a grid's 'purpose:'), shown with the table
 
     def row(self, record: str, defense: str) -> Row:
         return next(r for r in self.rows if r.record == record and r.defense == defense)
@@ -357,12 +359,64 @@ def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") ->
             cells += _cells(table.row(record, defense), lambda t: f"**{t}**")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
-    lines.append(f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; "
-                 "best of each metric and record in bold (among the defenses); Time: each run's wall time and device.")
+    lines.append(table_note(table) + "; best of each metric and record in bold (among the defenses).")
+    if table.purpose:
+        lines[:0] = [f"> **Purpose:** {table.purpose}", ""]
     notes = notes_of(table)
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def table_note(table: Table) -> str:
+    """What the numbers are: units, seeds, and what Time measures."""
+    return (f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; Time: each run's "
+            f"wall time and device (for \"{NO_DEFENSE}\": the attack's training time)")
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters (an ellipsis at the end when cut)."""
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+
+
+def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defenses", width: int = 100) -> str:
+    """The table for a terminal, at most ``width`` characters wide: one line per (record,
+    defense) with C-Acc, ASR, RA, DER and Time (names abbreviated, a run that did not
+    finish as its reason, cut), records in blocks (``rows="records"``: defenses in
+    blocks). The full table is the markdown written to the files."""
+    defenses = [NO_DEFENSE, *table.defenses]
+    outer, inner = (table.records, defenses) if rows == "defenses" else (defenses, table.records)
+    cells_width = 14  # "99.99 ± 99.99*"
+    time_width = 14
+    name_width = max(8, min(max((len(n) for n in inner), default=8), width - 4 * (cells_width + 1) - time_width - 2))
+    header = f"{'':<{name_width}} " + " ".join(f"{c:>{cells_width}}" for c in COLUMNS[:4]) + f" {'Time':>{time_width}}"
+    lines = []
+    if table.purpose:
+        lines += [_fit(f"Purpose: {table.purpose}", width), ""]
+    for block in outer:
+        lines.append(_fit(f"{'record' if rows == 'defenses' else 'defense'} {block}", width))
+        lines.append(_fit(header, width))
+        for name in inner:
+            record, defense = (block, name) if rows == "defenses" else (name, block)
+            texts = _cells(table.row(record, defense), lambda t: t + "*")
+            shown_name = name
+            if " (n=" in texts[0]:  # some seeds did not finish: said after the name
+                texts[0], count = texts[0].split(" (n=", 1)
+                shown_name = f"{name} (n={count}"
+            label = _fit(shown_name, name_width).ljust(name_width)
+            if not table.row(record, defense).seeds:
+                lines.append(_fit(f"{label} {texts[0]}", width))
+                continue
+            numbers = " ".join(_fit(t, cells_width).rjust(cells_width) for t in texts[:4])
+            lines.append(_fit(f"{label} {numbers} {_fit(texts[4], time_width).rjust(time_width)}", width))
+        lines.append("")
+    note = table_note(table) + "; * best among the defenses."
+    lines += textwrap.wrap(note, width)
+    notes = notes_of(table)
+    if notes:
+        lines.append("")
+        lines += [_fit(f"- {n}", width) for n in notes]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from utils.config import config_diff, plain
 from utils.errors import UserError
 from utils.records import load_checkpoint, save_checkpoint
-from utils.runtime import autocast, rng_state, set_rng_state, tqdm_disable
+from utils.runtime import autocast, progress, rng_state, set_rng_state, tqdm_disable
 
 log = logging.getLogger("saubench")
 
@@ -111,7 +111,8 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
     model.eval()
     out = []
     dummy = torch.zeros(len(images), dtype=torch.long)
-    for x, _ in batches(images, dummy, batch_size=batch_size, device=device):
+    for x, _ in progress(batches(images, dummy, batch_size=batch_size, device=device), desc="evaluate",
+                         total=math.ceil(len(images) / batch_size), unit="batch"):
         with autocast(device, amp):
             out.append(model(x).float().cpu())
     model.train(was_training)
