@@ -384,11 +384,11 @@ def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defense
     """The table for a terminal, at most ``width`` characters wide: one line per (record,
     defense) with C-Acc, ASR, RA, DER and Time (names abbreviated, a run that did not
     finish as its reason, cut), records in blocks (``rows="records"``: defenses in
-    blocks). The full table is the markdown written to the files."""
+    blocks; Time: the mean only). The full table is the markdown written to the files."""
     defenses = [NO_DEFENSE, *table.defenses]
     outer, inner = (table.records, defenses) if rows == "defenses" else (defenses, table.records)
     cells_width = 14  # "99.99 ± 99.99*"
-    time_width = 14
+    time_width = 16  # the mean only: "1234.5 s cuda:0"
     name_width = max(8, min(max((len(n) for n in inner), default=8), width - 4 * (cells_width + 1) - time_width - 2))
     header = f"{'':<{name_width}} " + " ".join(f"{c:>{cells_width}}" for c in COLUMNS[:4]) + f" {'Time':>{time_width}}"
     lines = []
@@ -409,7 +409,10 @@ def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defense
                 lines.append(_fit(f"{label} {texts[0]}", width))
                 continue
             numbers = " ".join(_fit(t, cells_width).rjust(cells_width) for t in texts[:4])
-            lines.append(_fit(f"{label} {numbers} {_fit(texts[4], time_width).rjust(time_width)}", width))
+            row = table.row(record, defense)
+            took = "—" if row.seconds.mean is None else \
+                f"{row.seconds.mean:.1f} s {'/'.join(sorted(set(row.devices))) or '?'}"
+            lines.append(_fit(f"{label} {numbers} {_fit(took, time_width).rjust(time_width)}", width))
         lines.append("")
     note = table_note(table) + "; * best among the defenses."
     lines += textwrap.wrap(note, width)
