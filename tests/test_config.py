@@ -266,3 +266,18 @@ def test_show_on_the_command_line(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("defense sau on digits:") and "config/defense/sau/digits.yaml" in proc.stdout
+
+
+def test_progress_bars_are_off_under_ci_and_with_saubench_no_progress(monkeypatch):
+    from utils.runtime import progress, tqdm_disable
+
+    monkeypatch.delenv("SAUBENCH_NO_PROGRESS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert tqdm_disable() is None  # tqdm decides by the stream: bars on a terminal only
+    monkeypatch.setenv("CI", "false")
+    assert tqdm_disable() is None
+    monkeypatch.setenv("CI", "true")
+    assert tqdm_disable() is True and progress(range(3), desc="x").disable
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("SAUBENCH_NO_PROGRESS", "1")
+    assert tqdm_disable() is True
