@@ -395,9 +395,9 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     cls = DEFENSES.get(name)
     params = [*COMMON, *cls.params()]
     parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0],
-                              f"The defaults above are the code's; a run reads config/defense/{cls.name}/<dataset>.yaml "
-                              f"over them (<dataset>: the record's).\nThe values a run will use: python -m defense show "
-                              f"{cls.name} --dataset <dataset>")
+                              "The defaults above are the code's; a run reads "
+                              f"config/defense/{cls.name}/<dataset>.yaml over them (<dataset>: the record's).\n"
+                              f"The values a run will use: python -m defense show {cls.name} --dataset <dataset>")
     cli = cfg.parse_cli(parser, argv)
     cfg.check_early(params, overrides, ("result_file", "record_root", "yaml_path", "trust_record"))
     first = {**overrides, **cli}

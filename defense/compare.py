@@ -296,7 +296,8 @@ def about(values: dict[str, Any]) -> list[tuple[str, str]]:
     import platform
 
     args = sys.argv[1:] if Path(sys.argv[0]).name in ("compare.py", "__main__.py") else None
-    command = "python defense/compare.py " + " ".join(args) if args is not None else "defense.compare.run(...) from Python"
+    command = ("python defense/compare.py " + " ".join(args)) if args is not None else \
+        "defense.compare.run(...) from Python"
     config = f"grid {values['grid']}" if values.get("grid") else "records " + " ".join(values.get("result_file") or [])
     options = {k: v for k, v in values.items() if k in ("seeds", "defenses", "smoke", "recipes", "device", "option")
                and v not in (None, False, [])}

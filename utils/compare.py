@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from utils.config import config_diff  # noqa: F401  (the one config diff; the comparison's callers import it here)
 from utils.errors import UserError
