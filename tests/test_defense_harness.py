@@ -248,3 +248,14 @@ def test_a_run_ends_with_one_line_of_its_numbers_and_folder(record_root):
     assert "sau on badnet_digits done:" in last and str(record_root / "badnet_digits/defense/sau") in last
     assert f"ASR {summary['before']['asr']:.4f} -> {summary['after']['asr']:.4f}" in last
     assert f"DER {summary['der']:.4f}" in last and f"({summary['seconds']:.1f} s)" in last
+
+
+def test_an_attack_run_ends_with_one_line_of_its_numbers_and_record(tmp_path):
+    proc = cli("attack/badnet.py", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--record_root",
+               str(tmp_path / "record"), "--save_folder_name", "one_epoch")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "record/one_epoch/attack_summary.json").read_text())
+    assert "badnet on digits done:" in last and str(tmp_path / "record" / "one_epoch") in last
+    assert f"C-Acc {summary['clean_acc']:.4f}  ASR {summary['asr']:.4f}  RA {summary['ra']:.4f}" in last
+    assert f"({summary['seconds']:.1f} s)" in last
