@@ -47,15 +47,15 @@ from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import Metrics, accuracy, evaluate, mean_loss
+from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
                            save_json)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, replay,
-                           resolve_device, seed_everything)
+from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
+                           replay, resolve_device, seed_everything)
 from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
@@ -243,7 +243,7 @@ def create_attack(name: str, **hyperparameters: Any) -> Attack:
 
 COMMON: list[Param] = [
     Param("dataset", str, "digits", "dataset name (digits needs no download)"),
-    Param("data_root", str, "data", "folder holding the datasets"),
+    Param("data_root", str, "data", "folder holding the datasets", control=True),
     Param("model", str, "preactresnet18", "architecture"),
     Param("epochs", int, 100, "training epochs", check=cfg.non_negative),
     Param("batch_size", int, 128, "batch size", check=cfg.positive),
@@ -258,26 +258,31 @@ COMMON: list[Param] = [
     Param("exclude_target_class", bool, False, "dirty-label all2one: draw the poisoned training samples from the "
           "non-target classes only (off: from all samples, as BackdoorBench; a target-class sample drawn keeps "
           "its label)"),
-    Param("save_folder_name", str | None, None, "record folder name (default: <attack>_<dataset>)"),
+    Param("save_folder_name", str | None, None, "record folder name (default: <attack>_<dataset>)", control=True),
     Param("yaml_path", str | None, None, "training recipe (default: config/attack/prototype/<dataset>.yaml)"),
     Param("bd_yaml_path", str | None, None, "attack parameters (default: config/attack/<attack>/default.yaml)"),
-    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N", control=True),
     Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 1, "evaluate every N epochs (and at the end)", check=cfg.positive),
-    Param("record_root", str, "record", "folder of the records"),
+    Param("record_root", str, "record", "folder of the records", control=True),
     Param("img_size", int | None, None, "imagefolder: resize images to this square size", check=cfg.positive),
-    Param("download", bool, True, "download missing datasets where possible"),
-    Param("overwrite", bool, False, "replace an existing record"),
-    Param("resume", bool, False, "continue an interrupted run from its checkpoint"),
+    Param("download", bool, True, "download missing datasets where possible", control=True),
+    Param("overwrite", bool, False, "replace an existing record", control=True),
+    Param("resume", bool, False, "continue an interrupted run from its checkpoint", control="apart"),
     Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
-          check=cfg.non_negative),
+          check=cfg.non_negative, control="apart"),
     Param("export_backdoorbench", bool, False, "also write the record in BackdoorBench's layout, in "
-          "<record>/backdoorbench/ (attack_result.pt and PNG folders)"),
-    Param("debug", bool, False, "show tracebacks"),
+          "<record>/backdoorbench/ (attack_result.pt and PNG folders)", control="apart"),
+    Param("debug", bool, False, "show tracebacks", control=True),
 ]
-# How a run is made, not what it computes: kept out of the record's config.
-CONTROL_KEYS = ("resume", "save_every", "export_backdoorbench")
+# How or where a run is made, not what it computes (the ``control`` marks above): skipped when
+# a record (compare's reuse) or a checkpoint (--resume) is checked against a request.
+# --eval_every is not one: an attack whose noise mode draws from the generator that also
+# poisons the batches (Input-Aware) trains differently with another --eval_every.
+CONTROL_KEYS = cfg.control_keys(COMMON)
+# The controls handed over apart from the config, kept out of the record's config.
+APART_KEYS = cfg.apart_keys(COMMON)
 # Keys a shipped recipe may hold for BackdoorBench compatibility but that this harness does not use.
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "attack"})
 
@@ -288,11 +293,32 @@ def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) ->
     return _resolve(name, argv, overrides)[0]
 
 
+def show_config(name: str, dataset: str) -> str:
+    """What ``python -m attack show NAME --dataset D`` prints: the YAML files a run of
+    attack ``name`` on ``dataset`` reads (the training recipe, then the attack's; with
+    their recipe lines), then every parameter's resolved value, those a file sets marked
+    with the code's default."""
+    cls = ATTACKS.get(name)
+    params = [p for p in (*COMMON, *cls.params()) if p.name not in ("yaml_path", "bd_yaml_path")]
+    layers = []
+    recipe = cfg.CONFIG_DIR / "attack" / "prototype" / f"{dataset}.yaml"
+    if Path(dataset).name == dataset and recipe.is_file():
+        layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(recipe), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
+    bd_yaml = cfg.method_yaml("attack", cls.name, dataset)
+    if bd_yaml is not None and cls.name != "prototype":
+        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(bd_yaml), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
+    layers.append(Layer("--dataset", {"dataset": dataset}))
+    return cfg.resolved_text(f"attack {cls.name} on {dataset}", params, layers)
+
+
 def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The run's parameters and, apart, its controls (CONTROL_KEYS)."""
+    """The run's parameters and, apart, the controls kept out of its config (APART_KEYS)."""
     cls = ATTACKS.get(name)
     params = [*COMMON, *cls.params()]
-    parser = cfg.build_parser(f"attack/{name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
+    parser = cfg.build_parser(f"attack/{name}.py", params, (cls.__doc__ or "").strip().split("\n")[0],
+                              "The defaults above are the code's; a run reads config/attack/prototype/<dataset>.yaml "
+                              f"and config/attack/{name}/<dataset or default>.yaml over them.\nThe values a run will "
+                              f"use: python -m attack show {name} --dataset <dataset>")
     cli = cfg.parse_cli(parser, argv)
     cfg.check_early(params, overrides, ("dataset", "yaml_path", "bd_yaml_path"))
     first = {**overrides, **cli}
@@ -312,7 +338,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
         values["save_folder_name"] = f"{name}_{values['dataset']}"
     if cfg.given("data_root", layers, cli):
         check_data_root(values["data_root"])
-    control = {key: values.pop(key) for key in CONTROL_KEYS}
+    control = {key: values.pop(key) for key in APART_KEYS}
     return values, control
 
 
@@ -363,7 +389,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     if values["overwrite"]:
         check_no_defense_running(out.final)
     folder = out.open(resume=control["resume"])
-    checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"], values)
+    checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"], values, CONTROL_KEYS)
     with guarded(out):
         with log_to(folder, "attack.log"):
             log.info("attack %s on %s (%s), record %s", name, values["dataset"], values["model"], out.final)
@@ -372,7 +398,9 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             summary = _attack(attack, values, device, folder, checkpoint, data, control["export_backdoorbench"])
         check_no_defense_running(out.final)  # a defense may have started on the old record meanwhile
         final = out.commit()
-    log.info("record written to %s", final)
+    with log_to(None):  # the run's log is closed: the closing line goes to the console
+        log.info("%s on %s done: %s  (%.1f s); record in %s", name, values["dataset"], closing_text(summary),
+                 summary["seconds"], final)
     return summary
 
 
@@ -491,7 +519,7 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
             start = restored["epoch"] + 1
             if history.rows:
                 evaluate(restored["epoch"], history.rows[-1])  # the evaluation that followed the checkpoint
-    for epoch in range(start, epochs):
+    for epoch in progress(range(start, epochs), desc="epochs" if desc == "epoch" else desc, unit="epoch", delay=0.0):
         if step is not None:
             stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
         else:

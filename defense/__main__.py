@@ -1,9 +1,11 @@
-"""python -m defense list | new NAME | run NAME ARGS | tune NAME ARGS: the registered defenses,
-a skeleton for a new one, a run of one (see utils/scaffold.py and CONTRIBUTING.md), or a
-study that tunes one on a validation split (see defense/tune.py)."""
+"""python -m defense list | new NAME | run NAME ARGS | show NAME --dataset D | tune NAME ARGS:
+the registered defenses, a skeleton for a new one, a run of one (see utils/scaffold.py and
+CONTRIBUTING.md), the YAML file and values a run on a dataset uses, or a study that tunes
+one on a validation split (see defense/tune.py)."""
 import sys
 
 from defense import DEFENSES, run
+from defense.base import show_config
 from utils.scaffold import main
 
 if len(sys.argv) > 1 and sys.argv[1] == "tune":
@@ -12,4 +14,4 @@ if len(sys.argv) > 1 and sys.argv[1] == "tune":
     sys.argv = [sys.argv[0], *sys.argv[2:]]
     tune_main()
 else:
-    main("defense", DEFENSES, run)
+    main("defense", DEFENSES, run, show=show_config)

@@ -60,13 +60,13 @@ from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, der, evaluate
+from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, record_dir,
-                           save_defense_result, save_json, save_png, save_text)
+from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
+                           record_dir, save_defense_result, save_json, save_png, save_text)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, replay, resolve_device,
-                           seed_everything)
+from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
+                           resolve_device, seed_everything)
 from utils.train import Checkpoint, batches, predict
 
 log = logging.getLogger("saubench")
@@ -104,6 +104,7 @@ class Monitor:
         self.history = History()
         self.eval_seconds = 0.0
         self._last: tuple[int, tuple, list[tuple[str, torch.Tensor]], Metrics] | None = None
+        self._bar: Any = None  # the epochs' progress bar, from the first report to the last epoch
 
     def evaluate(self, model: nn.Module) -> Metrics:
         """The harness's metrics of ``model``, reused when ``model`` has not changed since
@@ -122,6 +123,13 @@ class Monitor:
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
         row = self.history.add(epoch=epoch, **{k: float(v) for k, v in values.items()})
+        if self._bar is None and self.last_epoch is not None and epoch < self.last_epoch:
+            self._bar = progress(desc="epochs", total=self.last_epoch + 1, unit="epoch", delay=0.0)
+        if self._bar is not None:
+            self._bar.update(epoch + 1 - self._bar.n)
+            if epoch >= self.last_epoch:
+                self._bar.close()
+                self._bar = None
         if (epoch + 1) % self.eval_every == 0 or epoch == self.last_epoch:
             start = time.perf_counter()
             metrics = self.evaluate(model)
@@ -340,32 +348,39 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 # -- the harness ----------------------------------------------------------------------------------
 
 COMMON: list[Param] = [
-    Param("result_file", str, help="attack record name (a folder of --record_root)"),
+    Param("result_file", str, help="attack record: its name (a folder of --record_root), or the path of its folder "
+          "(absolute, or with a '/'; the folder's parent is then the record root)"),
     Param("yaml_path", str | None, None, "defense config (default: config/defense/<name>/<dataset>.yaml)"),
     Param("ratio", float, 0.05, "defender's clean data, as a fraction of the training set", check=cfg.fraction),
     Param("index", str | None, None, "file of clean training indices, one a line (instead of --ratio)"),
     Param("exclude_poisoned", bool, False, "draw the clean subset only among training samples that were not "
           "poisoned, and refuse an --index file naming poisoned ones (off: from all samples, as BackdoorBench; "
           "the images are the clean versions either way)"),
-    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N", control=True),
     Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
-    Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive),
-    Param("record_root", str, "record", "folder of the records"),
-    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)"),
-    Param("download", bool, True, "download missing datasets where possible"),
-    Param("overwrite", bool, False, "replace an existing result"),
+    Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive, control=True),
+    Param("record_root", str, "record", "folder of the records", control=True),
+    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)",
+          control=True),
+    Param("download", bool, True, "download missing datasets where possible", control=True),
+    Param("overwrite", bool, False, "replace an existing result", control=True),
     Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
-          "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)"),
-    Param("resume", bool, False, "continue an interrupted run from its checkpoint"),
+          "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)", control=True),
+    Param("resume", bool, False, "continue an interrupted run from its checkpoint", control="apart"),
     Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
-          check=cfg.non_negative),
+          check=cfg.non_negative, control="apart"),
     Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
-          "can run code, so only for records from a source you trust"),
-    Param("debug", bool, False, "show tracebacks"),
+          "can run code, so only for records from a source you trust", control="apart"),
+    Param("debug", bool, False, "show tracebacks", control=True),
 ]
-# How a run is made, not what it computes: kept out of summary.json's config.
-CONTROL_KEYS = ("resume", "save_every", "trust_record")
+# How or where a run is made, not what it computes (the ``control`` marks above): skipped when
+# a finished result (compare's reuse) or a checkpoint (--resume) is checked against a request.
+# --eval_every is one: it sets how many rows <name>_df.csv has, never the purified model or
+# its final metrics (the harness's evaluation draws no random numbers).
+CONTROL_KEYS = cfg.control_keys(COMMON)
+# The controls handed over apart from the config, kept out of summary.json.
+APART_KEYS = cfg.apart_keys(COMMON)
 IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset",
                           "model", "dataset_path", "checkpoint_load", "checkpoint_save", "log"})
 
@@ -377,19 +392,37 @@ def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) ->
     return values, record
 
 
+def show_config(name: str, dataset: str) -> str:
+    """What ``python -m defense show NAME --dataset D`` prints: the YAML file a run of
+    defense ``name`` on a record of ``dataset`` reads (and its recipe line), then every
+    parameter's resolved value, those the file sets marked with the code's default."""
+    cls = DEFENSES.get(name)
+    params = [p for p in (*COMMON, *cls.params()) if not p.required and p.name != "yaml_path"]
+    path = cfg.method_yaml("defense", cls.name, dataset)
+    layers = [] if path is None else [Layer(cfg.shown(path), cfg.read_yaml(path), IGNORED_KEYS)]
+    return cfg.resolved_text(f"defense {cls.name} on {dataset}", params, layers)
+
+
 def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
              ) -> tuple[dict[str, Any], dict[str, Any], AttackRecord]:
     cls = DEFENSES.get(name)
     params = [*COMMON, *cls.params()]
-    parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0])
+    parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0],
+                              "The defaults above are the code's; a run reads "
+                              f"config/defense/{cls.name}/<dataset>.yaml over them (<dataset>: the record's).\n"
+                              f"The values a run will use: python -m defense show {cls.name} --dataset <dataset>")
     cli = cfg.parse_cli(parser, argv)
     cfg.check_early(params, overrides, ("result_file", "record_root", "yaml_path", "trust_record"))
     first = {**overrides, **cli}
     if "result_file" not in first:
         raise UserError("missing required argument --result_file (an attack record in record/)")
-    record_root = Path(first.get("record_root", "record"))
+    # --result_file: a record's name in --record_root, or the path of a record folder (its
+    # parent then becomes the record root, so that the result is written beside it)
+    record_root, result_file = locate_record(Path(first.get("record_root", "record")), first["result_file"])
+    if result_file != first["result_file"]:
+        log.info("--result_file %s: record %s in the record root %s", first["result_file"], result_file, record_root)
     check_record_root(record_root)
-    record = load_record(record_dir(record_root, first["result_file"]), trust=first.get("trust_record", False))
+    record = load_record(record_dir(record_root, result_file), trust=first.get("trust_record", False))
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
     if yaml_path is not None:
@@ -397,6 +430,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
+    values["record_root"], values["result_file"] = str(record_root), result_file
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):
@@ -408,7 +442,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
         log.info("the record's data_root %s is ignored (a record does not choose where datasets are read from); "
                  "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where),
                  values["data_root"])
-    control = {key: values.pop(key) for key in CONTROL_KEYS}
+    control = {key: values.pop(key) for key in APART_KEYS}
     return values, control, record
 
 
@@ -468,7 +502,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
                         "to write ours beside it (or --overwrite to replace it)")
     folder = out.open(resume=control["resume"])
     checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"],
-                            {**values, "record_sha256": record.sha256})
+                            {**values, "record_sha256": record.sha256}, CONTROL_KEYS)
     with guarded(out):
         with log_to(folder, f"{defense.name}.log"):
             log.info("defense %s on %s", defense.name, record.path)
@@ -482,7 +516,9 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             discard_stale(out)
             raise
         final = out.commit()
-    log.info("result written to %s", final)
+    with log_to(None):  # the run's log is closed: the closing line goes to the console
+        log.info("%s on %s done: %s  (%.1f s); result in %s", defense.name, values["result_file"],
+                 closing_text(summary["after"], summary["before"], summary["der"]), summary["seconds"], final)
     return summary
 
 

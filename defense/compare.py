@@ -72,7 +72,7 @@ from typing import Any, Callable, Literal, Sequence
 from utils import config as cfg
 from utils.cli import entry
 from utils.compare import (Progress, Run, Table, aggregate, config_diff, detection_markdown, detection_table, execute,
-                           identity_problem, markdown, read_json, to_csv, to_json)
+                           identity_problem, markdown, read_json, terminal_table, to_csv, to_json)
 from utils.config import Param
 from utils.errors import UserError
 from utils.executors import Resources, make_executor
@@ -113,7 +113,7 @@ PARAMS: list[Param] = [
 ]
 
 GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "attacks", "defense_options", "defenses",
-             "seeds"}
+             "seeds", "purpose"}
 
 
 @dataclass
@@ -129,6 +129,7 @@ class Spec:
     records: list[RecordSpec]
     defenses: dict[str, dict[str, Any]]  # canonical name -> defense harness keywords
     seeds: list[int]
+    purpose: str | None = None  # the grid's 'purpose:' (e.g. "smoke test: numbers are not results")
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def run(argv: Sequence[str] | None = None, *, attack_fn: Callable[..., Any] | No
 
 def main() -> None:
     result = run()
-    sys.stdout.write(result["markdown"])
+    sys.stdout.write(result["terminal"])
     sys.exit(1 if result["failed"] else 0)
 
 
@@ -224,6 +225,7 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     mitigations = [d for d in spec.defenses if d not in detectors]
     table = aggregate(spec.name, [r.name for r in spec.records], [*mitigations, *names], spec.seeds,
                       [r for r in [*runs, *found] if r.method not in detectors])
+    table.purpose = spec.purpose
     detection = detection_table([r.name for r in spec.records], detectors, runs) if detectors else None
     return write_outputs(table, out_dir, values, detection)
 
@@ -288,11 +290,36 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
         import html
 
         line = f'<p id="recipes">{html.escape(RECIPE_LINES[family])}</p>'
-        page = html_page(table, plots).replace("</h1>", "</h1>" + line, 1)
+        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"])
+        page = page.replace("</h1>", "</h1>" + line, 1)
         save_text(page, out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
-    return {**data, "markdown": texts[values["rows"]], "failed": len(table.failed), "outputs": [str(p) for p in outputs]}
+    shown = out_dir / ("table.md" if values["rows"] == "defenses" else "table_by_record.md")
+    terminal = terminal_table(table, values["rows"]) + after + f"\nThe full table (markdown): {shown}\n"
+    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": len(table.failed),
+            "outputs": [str(p) for p in outputs]}
+
+
+def about(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the HTML page says of how it was made: the command, the config, the date and
+    the machine."""
+    import datetime
+    import os
+    import platform
+
+    args = sys.argv[1:] if Path(sys.argv[0]).name in ("compare.py", "__main__.py") else None
+    command = ("python defense/compare.py " + " ".join(args)) if args is not None else \
+        "defense.compare.run(...) from Python"
+    config = f"grid {values['grid']}" if values.get("grid") else "records " + " ".join(values.get("result_file") or [])
+    options = {k: v for k, v in values.items() if k in ("seeds", "defenses", "smoke", "recipes", "device", "option")
+               and v not in (None, False, [])}
+    if options:
+        config += "; " + ", ".join(f"{k}={v}" for k, v in options.items())
+    machine = f"{platform.node() or '?'} ({platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, " \
+              f"Python {platform.python_version()})"
+    return [("command", command), ("config", config),
+            ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")), ("machine", machine)]
 
 
 def _local_gpus(values: dict[str, Any]) -> list[int]:
@@ -493,7 +520,10 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     name = data.get("name", path.stem)
     if not isinstance(name, str):
         raise UserError(f"{path}: 'name' must be a string")
-    return Spec(name, records, defenses, sorted(set(seeds)))
+    purpose = data.get("purpose")
+    if purpose is not None and (not isinstance(purpose, str) or not purpose.strip()):
+        raise UserError(f"{path}: 'purpose' must be a non-empty string (what the grid is for, shown with its table)")
+    return Spec(name, records, defenses, sorted(set(seeds)), purpose)
 
 
 def _checked(fn: Callable[[], Any], path: Path) -> Any:
@@ -567,7 +597,7 @@ def _baseline(run: Run, folder: Path) -> str | None:
 
 def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None,
                 logs: Path) -> Run:
-    from attack.base import resolve_config as resolve_attack
+    from attack.base import CONTROL_KEYS as ATTACK_CONTROLS, resolve_config as resolve_attack
 
     # Absolute paths: worker processes and Ray tasks may start elsewhere.
     options = {**rec.options, "record_root": str(root), "device": values["device"],
@@ -582,7 +612,7 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     except UserError as exc:
         return _mismatch(run, values, str(exc))
     requested = cfg.plain(resolve_attack(rec.attack, [], options))
-    diff = config_diff(requested, record.config)
+    diff = config_diff(requested, record.config, ATTACK_CONTROLS)
     if diff:
         return _mismatch(run, values, "record config differs: " + "; ".join(diff))
     run.status, run.identity, run.legacy = "reused", record.identity, record.legacy
@@ -630,7 +660,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     """``resolved``: the resolved config of this (record, defense), shared by its seeds:
     resolved once (which checks every option's value before anything runs), then only
     the seed and the result folder change."""
-    from defense.base import resolve_config as resolve_defense
+    from defense.base import CONTROL_KEYS as DEFENSE_CONTROLS, resolve_config as resolve_defense
 
     recipes = values.get("recipes", "reference")
     folder_name = result_name(name, seed, recipes)
@@ -671,7 +701,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     problem = identity_problem(summary, base.identity, base.legacy)
     if problem is not None:
         return _mismatch(run, values, problem)
-    diff = config_diff(requested, summary.get("config") or {})
+    diff = config_diff(requested, summary.get("config") or {}, DEFENSE_CONTROLS)
     if diff:
         return _mismatch(run, values, "config differs: " + "; ".join(diff))
     run.status, run.summary = "reused", summary

@@ -92,10 +92,17 @@ def test_ties_are_all_marked_and_one_seed_has_no_std(tmp_path):
 
 
 def test_config_diff_ignores_where_and_how():
-    stored = {"epochs": 3, "lr": 0.1, "device": "cuda", "record_root": "/a", "result_name": None}
-    assert config_diff({"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b"}, stored) == []
-    assert config_diff({"epochs": 2, "lr": 0.1}, stored) == ["epochs: result 3, requested 2"]
-    assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored) == ["new: result (absent), requested 1"]
+    from defense.base import CONTROL_KEYS
+
+    stored = {"epochs": 3, "lr": 0.1, "device": "cuda", "record_root": "/a", "result_name": None, "eval_every": 5}
+    requested = {"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b", "eval_every": 1}
+    assert config_diff(requested, stored, CONTROL_KEYS) == []
+    assert config_diff(requested, stored) == ["device: result 'cuda', requested 'cpu'", "eval_every: result 5, "
+                                              "requested 1", "record_root: result '/a', requested '/b'",
+                                              "result_name: result None, requested (absent)"]
+    assert config_diff({"epochs": 2, "lr": 0.1}, stored, CONTROL_KEYS) == ["epochs: result 3, requested 2"]
+    assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored, CONTROL_KEYS) == [
+        "new: result (absent), requested 1"]
 
 
 # -- executors ---------------------------------------------------------------------------------
@@ -314,7 +321,14 @@ def test_command_line_prints_the_table_and_exits_2_on_bad_input(record_root, tmp
                          "--smoke", "--device", "cpu", "--record_root", str(record_root), "--no-plots"], cwd=ROOT,
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout == (record_root / "compare" / "badnet_digits" / "table.md").read_text()
+    # the terminal gets a table that fits 100 columns and the name of the full markdown file
+    table_md = record_root / "compare" / "badnet_digits" / "table.md"
+    table_lines = ok.stdout.splitlines()[:-1]  # the last names the file: a path, as long as it is
+    assert max(len(line) for line in table_lines) <= 100 < max(len(line) for line in
+                                                               table_md.read_text().splitlines())
+    assert ok.stdout.rstrip().endswith(f"The full table (markdown): {table_md}")
+    ft_line = next(line for line in ok.stdout.splitlines() if line.startswith("ft "))
+    assert ft_line.split()[1] == table_md.read_text().split("| ft | ")[1].split(" |")[0].strip("*")
     assert "0 to run, 2 reused" in ok.stderr
 
 
@@ -353,7 +367,13 @@ def test_html_page_holds_the_table_and_embedded_plots(html_result, record_root):
     page = _Page()
     page.feed((out / "index.html").read_text())
     assert page.tables == ["compare"] and page.rows == 2 + 3  # two header rows; no defense, ft, sau
-    assert page.bold >= 4 and page.external == []
+    # the only links: the table's own data files, beside the page
+    assert page.bold >= 4 and page.external == ["table.md", "table_by_record.md", "table.csv", "table.json"]
+    assert all((out / name).is_file() for name in page.external)
+    text = (out / "index.html").read_text()
+    for key in ("command", "config", "date", "machine"):
+        assert f"<dt>{key}</dt>" in text
+    assert "records badnet_digits" in text and "the attack&#x27;s training time" in text
     assert len(page.images) == 3
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
@@ -397,3 +417,85 @@ def test_ray_compare_writes_to_the_shared_record_root(local_ray, record_root):
     assert [r["status"] for r in result["runs"]] == ["reused", "done", "done"]
     assert (record_root / "badnet_digits/defense/ft_seed1/summary.json").exists()
     assert _compare(record_root, defenses=["ft"], seeds=[0, 1], executor="ray")["markdown"] == result["markdown"]
+
+
+# -- what a newcomer reads ---------------------------------------------------------------------------
+
+def _table(purpose=None, defenses=("ft", "a_defense_with_a_very_long_name_indeed"), record="r" * 60):
+    runs = [Run("attack", record, "badnet", 0, {}, None, status="reused",
+                summary={"clean_acc": 0.99, "asr": 0.97, "ra": 0.03, "seconds": 33.7, "device": "cpu"})]
+    for seed in (0, 1):
+        for i, d in enumerate(defenses):
+            runs.append(Run("defense", record, d, seed, {}, None, status="done",
+                            summary={"after": {"clean_acc": 0.981 - 0.01 * i, "asr": 0.1234 + 0.01 * seed,
+                                               "ra": 0.8}, "der": 0.9123, "seconds": 1234.5, "device": "cuda:0"}))
+    runs.append(Run("defense", record, "broken", 0, {}, None, status="failed", message="x" * 300))
+    table = aggregate("t", [record], [*defenses, "broken"], [0, 1], runs)
+    table.purpose = purpose
+    return table
+
+
+def test_terminal_table_fits_100_columns_and_keeps_the_numbers():
+    from utils.compare import terminal_table
+
+    table = _table(purpose="smoke test: a few epochs, numbers are not results")
+    wide = markdown(table)
+    assert max(len(line) for line in wide.splitlines()) > 100
+    for rows in ("defenses", "records"):
+        text = terminal_table(table, rows)
+        assert max(len(line) for line in text.splitlines()) <= 100, text
+        assert text.startswith("Purpose: smoke test")
+    text = terminal_table(table)
+    ft = next(line for line in text.splitlines() if line.startswith("ft "))
+    assert "98.10 ± 0.00" in ft and "12.84 ± 0.71" in ft and "1234.5" in ft
+    assert any(line.startswith("broken") and "failed" in line for line in text.splitlines())
+    assert "the attack's training time" in text
+
+
+def test_purpose_and_time_note_in_markdown_and_page():
+    from utils.report import html_page
+
+    table = _table(purpose="smoke test: a few epochs, numbers are not results")
+    md = markdown(table)
+    assert md.startswith("> **Purpose:** smoke test: a few epochs, numbers are not results")
+    assert 'for "no defense": the attack\'s training time' in md
+    page = html_page(table, [])
+    assert '<p id="purpose" class="purpose"><b>Purpose:</b> smoke test' in page
+    assert "Purpose" not in markdown(_table()) and 'id="purpose"' not in html_page(_table(), [])
+
+
+def test_smoke_grid_says_its_numbers_are_not_results():
+    from defense import compare
+
+    values = compare.resolve(["--grid", str(ROOT / "config/grid/digits_smoke.yaml")], {})
+    spec = compare.load_grid(ROOT / "config/grid/digits_smoke.yaml", values)
+    assert spec.purpose and "not results" in spec.purpose
+
+
+def test_curves_end_with_the_returned_models_row(tmp_path):
+    """ANP's <name>_df.csv ends with a row without an epoch (the pruned model): the curve
+    ends with it, as the table does."""
+    from utils.report import mean_curve, seeds_text
+
+    folder = tmp_path / "anp"
+    folder.mkdir()
+    (folder / "anp_df.csv").write_text(",epoch,test_asr,test_acc\n0,0,0.9,0.95\n1,499,0.8,0.95\n2,,0.05,0.9\n")
+    run = Run("defense", "r", "anp", 0, {}, folder, status="done")
+    assert mean_curve([run], "test_asr") == [(0.0, 0.9), (499.0, 0.8), (500.0, 0.05)]
+    assert seeds_text([run]) == "one seed" and seeds_text([run, run]) == "mean over 2 seeds"
+
+
+def test_history_plot_keeps_the_row_without_an_epoch():
+    from utils.history import epochs_of
+
+    assert epochs_of([0, 4, 9, None]) == [0, 4, 9, 10]
+    assert epochs_of([None]) == [0]
+
+
+def test_scatter_shifts_markers_that_would_hide_each_other():
+    from utils.report import OFFSET, scatter_position
+
+    assert scatter_position(10.0, 90.0, []) == (10.0, 90.0)
+    assert scatter_position(10.0, 90.0, [(10.2, 90.1)]) == (10.0 + OFFSET, 90.0)
+    assert scatter_position(10.0, 90.0, [(10.0, 90.0), (10.5, 89.5)]) == (10.0 + 2 * OFFSET, 90.0)
+    assert scatter_position(10.0, 90.0, [(30.0, 90.0)]) == (10.0, 90.0)

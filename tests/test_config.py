@@ -2,6 +2,7 @@
 YAML > defaults; unknown keys and wrong types stop with one line naming the key and file."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -163,3 +164,120 @@ def test_recipe_metadata_is_checked_and_kept_out_of_the_values(tmp_path):
         cfg.resolve(params, [cfg.Layer("f.yaml", {"recipe": "best"})])
     with pytest.raises(UserError, match="'recipe_source' must be a non-empty string"):
         cfg.resolve(params, [cfg.Layer("f.yaml", {"recipe": "tuned", "recipe_source": 3})])
+
+
+# -- the run controls: one mark, every list derived from it --------------------------------------------
+
+def test_run_controls_are_marked_once_and_every_list_derives_from_the_marks():
+    from attack import base as attack_base
+    from defense import base as defense_base
+
+    for module in (attack_base, defense_base):
+        marked = {p.name for p in module.COMMON if p.control}
+        assert module.CONTROL_KEYS == marked == cfg.control_keys(module.COMMON)
+        assert set(module.APART_KEYS) == {p.name for p in module.COMMON if p.control == "apart"} <= marked
+        assert {"device", "record_root", "data_root", "overwrite", "debug", "download", "resume",
+                "save_every"} <= marked
+        assert not marked & {"epochs", "lr", "random_seed", "ratio", "pratio", "model", "amp"}
+    assert set(defense_base.APART_KEYS) == {"resume", "save_every", "trust_record"}
+    assert set(attack_base.APART_KEYS) == {"resume", "save_every", "export_backdoorbench"}
+    # --eval_every: only the rows of a defense's curve; an attack may train differently with it
+    assert "eval_every" in defense_base.CONTROL_KEYS and "eval_every" not in attack_base.CONTROL_KEYS
+    import utils.compare
+    import utils.train
+    assert not hasattr(utils.train, "RESUME_IGNORES") and not hasattr(utils.compare, "IGNORED_CONFIG_KEYS")
+    assert utils.compare.config_diff is cfg.config_diff
+
+
+def test_config_diff_skips_the_given_keys_and_near_equal_floats():
+    stored = {"lr": 0.1, "epochs": 3, "device": "cuda"}
+    assert cfg.config_diff({"lr": 0.1 + 1e-12, "epochs": 3, "device": "cpu"}, stored, {"device"}) == []
+    assert cfg.config_diff({"lr": 0.2, "epochs": 3}, stored, {"device"}) == ["lr: result 0.1, requested 0.2"]
+    assert cfg.config_diff({"epochs": 4}, {"epochs": 3}, labels=("checkpoint", "now")) == [
+        "epochs: checkpoint 3, now 4"]
+
+
+def test_checkpoint_resumes_across_control_changes_but_not_across_others(tmp_path):
+    from torch import nn
+
+    from utils.train import Checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    controls = {"device", "eval_every"}
+    model = nn.Linear(2, 2)
+    first = Checkpoint(path, 1, False, {"lr": 0.1, "device": "cuda", "eval_every": 5}, controls)
+    first.track(model=model)
+    first.save(0, history=[])
+    again = Checkpoint(path, 1, True, {"lr": 0.1, "device": "cpu", "eval_every": 1}, controls)
+    again.track(model=nn.Linear(2, 2))
+    assert again.restore()["epoch"] == 0
+    other = Checkpoint(path, 1, True, {"lr": 0.2, "device": "cpu", "eval_every": 1}, controls)
+    other.track(model=nn.Linear(2, 2))
+    with pytest.raises(UserError, match=r"other settings \(lr: checkpoint 0.1, now 0.2\)"):
+        other.restore()
+
+
+# -- --help and `show` -------------------------------------------------------------------------------------
+
+def test_help_shows_each_default_once():
+    from defense.base import COMMON
+
+    flat = " ".join(cfg.build_parser("prog", COMMON).format_help().split())
+    assert flat.count("(default:") == sum(1 for p in COMMON if not p.required)
+    assert "<dataset>.yaml) (default" not in flat and "(default: required)" not in flat
+    assert "(required)" in flat
+
+
+def _shown_values(text: str) -> dict[str, str]:
+    """name -> the rest of its line, from `show`'s "  name = value ..." lines."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        name, eq, rest = line.strip().partition(" = ")
+        if eq:
+            out[name.strip()] = rest
+    return out
+
+
+def test_show_names_the_dataset_yaml_its_recipe_and_the_values_it_sets():
+    from attack.base import show_config as show_attack
+    from defense.base import DEFENSES, show_config as show_defense
+
+    text = show_defense("sau", "digits")
+    assert "reads config/defense/sau/digits.yaml" in text and "(recipe: " in text
+    digits = cfg.read_yaml(cfg.CONFIG_DIR / "defense" / "sau" / "digits.yaml")
+    defaults = {p.name: p.default for p in DEFENSES.get("sau").params()}
+    changed = [k for k, v in digits.items() if k in defaults and v != defaults[k]]
+    shown = _shown_values(text)
+    assert changed and all(shown[k] == f"{digits[k]!r}   (code default {defaults[k]!r})" for k in changed)
+    assert shown["epochs"].split()[0] == repr(digits.get("epochs", defaults["epochs"]))
+    attack = _shown_values(show_attack("badnet", "digits"))
+    assert "reads config/attack/prototype/digits.yaml" in show_attack("badnet", "digits")
+    assert attack["model"].startswith("'cnn'") and "code default 'preactresnet18'" in attack["model"]
+
+
+def test_show_on_the_command_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "SAUBENCH_NO_PROGRESS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "defense", "show", "sau", "--dataset", "digits"], cwd=root,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("defense sau on digits:") and "config/defense/sau/digits.yaml" in proc.stdout
+
+
+def test_progress_bars_are_off_under_ci_and_with_saubench_no_progress(monkeypatch):
+    from utils.runtime import progress, tqdm_disable
+
+    monkeypatch.delenv("SAUBENCH_NO_PROGRESS", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert tqdm_disable() is None  # tqdm decides by the stream: bars on a terminal only
+    monkeypatch.setenv("CI", "false")
+    assert tqdm_disable() is None
+    monkeypatch.setenv("CI", "true")
+    assert tqdm_disable() is True and progress(range(3), desc="x").disable
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("SAUBENCH_NO_PROGRESS", "1")
+    assert tqdm_disable() is True

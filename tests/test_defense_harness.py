@@ -205,3 +205,57 @@ def test_image_extras_are_written_as_png(record_root):
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png"]
     second = cv2.imread(str(folder / "1.png"), cv2.IMREAD_UNCHANGED)
     assert second.shape == (8, 8) and second[2, 3] == 255 and second.sum() == 255
+
+
+# -- what a newcomer meets ---------------------------------------------------------------------------
+
+def test_result_file_may_be_the_path_of_a_record_folder(record_root, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # another working directory, where ./record holds nothing
+    folder = record_root / "badnet_digits"
+    summary = defense.run("sau", result_file=str(folder), device="cpu", epochs=1)
+    assert summary["result_file"] == "badnet_digits"
+    assert summary["config"]["record_root"] == str(record_root)
+    assert (folder / "defense" / "sau" / "summary.json").is_file()
+    assert not (elsewhere / "record").exists()
+    relative = os.path.relpath(folder, elsewhere)
+    assert "/" in relative
+    again = defense.run("sau", result_file=relative, device="cpu", epochs=1, result_name="again")
+    assert again["record_identity"] == summary["record_identity"]
+    assert (folder / "defense" / "again" / "summary.json").is_file()
+
+
+def test_record_not_found_names_the_resolved_path_and_the_record_root_hint(record_root, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserError) as info:
+        defense.run("sau", result_file="badnet_digits", device="cpu")
+    message = str(info.value)
+    assert str(elsewhere / "record" / "badnet_digits") in message and "--record_root" in message
+    assert "path/to/badnet_digits" in message and "\n" not in message
+    with pytest.raises(UserError, match="also takes the path of a record folder"):
+        defense.run("sau", result_file=str(tmp_path / "nowhere"), device="cpu")
+
+
+def test_a_run_ends_with_one_line_of_its_numbers_and_folder(record_root):
+    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root), "--epochs", "1",
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    summary = json.loads((record_root / "badnet_digits/defense/sau/summary.json").read_text())
+    assert "sau on badnet_digits done:" in last and str(record_root / "badnet_digits/defense/sau") in last
+    assert f"ASR {summary['before']['asr']:.4f} -> {summary['after']['asr']:.4f}" in last
+    assert f"DER {summary['der']:.4f}" in last and f"({summary['seconds']:.1f} s)" in last
+
+
+def test_an_attack_run_ends_with_one_line_of_its_numbers_and_record(tmp_path):
+    proc = cli("attack/badnet.py", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--record_root",
+               str(tmp_path / "record"), "--save_folder_name", "one_epoch")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    summary = json.loads((tmp_path / "record/one_epoch/attack_summary.json").read_text())
+    assert "badnet on digits done:" in last and str(tmp_path / "record" / "one_epoch") in last
+    assert f"C-Acc {summary['clean_acc']:.4f}  ASR {summary['asr']:.4f}  RA {summary['ra']:.4f}" in last
+    assert f"({summary['seconds']:.1f} s)" in last

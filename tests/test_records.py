@@ -50,7 +50,8 @@ def test_missing_record_lists_existing_ones(tmp_path):
     with pytest.raises(UserError, match=r"no attack record named 'two'.*records there: one"):
         load_record(tmp_path / "two")
     (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(UserError, match=r"empty_folder holds no attack_result.pt \(records in .*: one\)"):
+    with pytest.raises(UserError, match=r"empty_folder holds no attack_result.pt \(records in .*: one; looked in "
+                       r".*empty_folder\); give --record_root"):
         load_record(tmp_path / "empty_folder")
 
 

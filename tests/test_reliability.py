@@ -124,14 +124,18 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_result_file_that_does_not_exist_lists_the_records(monkeypatch, capsys, record_root):
     line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "nope", "--record_root",
                    str(record_root))
-    assert f"no attack record named 'nope' in {record_root} (records there: badnet_digits)" in line
+    assert f"no attack record named 'nope' in {record_root} (records there: badnet_digits; looked in " \
+           f"{(record_root / 'nope').resolve()})" in line
+    assert "give --record_root DIR" in line and "--result_file path/to/nope" in line
 
 
 def test_result_file_without_a_record_file_lists_the_records(monkeypatch, capsys, record_root):
     (record_root / "empty").mkdir()
     line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "empty", "--record_root",
                    str(record_root))
-    assert f"{record_root / 'empty'} holds no attack_result.pt (records in {record_root}: badnet_digits)" in line
+    assert f"{record_root / 'empty'} holds no attack_result.pt (records in {record_root}: badnet_digits; looked in " \
+           f"{(record_root / 'empty').resolve()})" in line
+    assert "give --record_root DIR" in line
 
 
 def _damaged(record_root: Path, damage: str):

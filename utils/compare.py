@@ -22,12 +22,14 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
+from utils.config import config_diff  # noqa: F401  (the one config diff; the comparison's callers import it here)
 from utils.errors import UserError
 from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
 
@@ -35,11 +37,6 @@ from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resou
 Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "unavailable"]
 NO_DEFENSE = "no defense"
 DIGITS = 2  # decimals of the percentages
-
-# Config keys that say where or how a run was made, not what was computed.
-IGNORED_CONFIG_KEYS = frozenset({"overwrite", "debug", "device", "record_root", "data_root", "download",
-                                 "result_name", "save_folder_name", "eval_every"})
-
 
 @dataclass(frozen=True)
 class Metric:
@@ -130,24 +127,6 @@ def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log:
                 os.environ.pop("SAUBENCH_NO_PROGRESS", None)
             else:
                 os.environ["SAUBENCH_NO_PROGRESS"] = previous
-
-
-def config_diff(requested: dict[str, Any], stored: dict[str, Any],
-                ignore: Iterable[str] = IGNORED_CONFIG_KEYS) -> list[str]:
-    """The differences between a requested resolved config and the one a finished run
-    recorded, as ``key: result X, requested Y`` texts (keys in ``ignore`` are skipped)."""
-    ignore = set(ignore)
-    missing = object()
-    out = []
-    for key in sorted((set(requested) | set(stored)) - ignore):
-        want, have = requested.get(key, missing), stored.get(key, missing)
-        if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
-            if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
-                continue
-        if want != have:
-            out.append(f"{key}: result {'(absent)' if have is missing else repr(have)}, "
-                       f"requested {'(absent)' if want is missing else repr(want)}")
-    return out
 
 
 STALE = "stale: made on another version of the record"
@@ -276,6 +255,7 @@ class Table:
     seeds: list[int]
     rows: list[Row]
     runs: list[Run]
+    purpose: str | None = None  # what the comparison is for (a grid's 'purpose:'), shown with the table
 
     def row(self, record: str, defense: str) -> Row:
         return next(r for r in self.rows if r.record == record and r.defense == defense)
@@ -379,12 +359,67 @@ def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") ->
             cells += _cells(table.row(record, defense), lambda t: f"**{t}**")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
-    lines.append(f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; "
-                 "best of each metric and record in bold (among the defenses); Time: each run's wall time and device.")
+    lines.append(table_note(table) + "; best of each metric and record in bold (among the defenses).")
+    if table.purpose:
+        lines[:0] = [f"> **Purpose:** {table.purpose}", ""]
     notes = notes_of(table)
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def table_note(table: Table) -> str:
+    """What the numbers are: units, seeds, and what Time measures."""
+    return (f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; Time: each run's "
+            f"wall time and device (for \"{NO_DEFENSE}\": the attack's training time)")
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters (an ellipsis at the end when cut)."""
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+
+
+def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defenses", width: int = 100) -> str:
+    """The table for a terminal, at most ``width`` characters wide: one line per (record,
+    defense) with C-Acc, ASR, RA, DER and Time (names abbreviated, a run that did not
+    finish as its reason, cut), records in blocks (``rows="records"``: defenses in
+    blocks; Time: the mean only). The full table is the markdown written to the files."""
+    defenses = [NO_DEFENSE, *table.defenses]
+    outer, inner = (table.records, defenses) if rows == "defenses" else (defenses, table.records)
+    cells_width = 14  # "99.99 ± 99.99*"
+    time_width = 16  # the mean only: "1234.5 s cuda:0"
+    name_width = max(8, min(max((len(n) for n in inner), default=8), width - 4 * (cells_width + 1) - time_width - 2))
+    header = f"{'':<{name_width}} " + " ".join(f"{c:>{cells_width}}" for c in COLUMNS[:4]) + f" {'Time':>{time_width}}"
+    lines = []
+    if table.purpose:
+        lines += [_fit(f"Purpose: {table.purpose}", width), ""]
+    for block in outer:
+        lines.append(_fit(f"{'record' if rows == 'defenses' else 'defense'} {block}", width))
+        lines.append(_fit(header, width))
+        for name in inner:
+            record, defense = (block, name) if rows == "defenses" else (name, block)
+            texts = _cells(table.row(record, defense), lambda t: t + "*")
+            shown_name = name
+            if " (n=" in texts[0]:  # some seeds did not finish: said after the name
+                texts[0], count = texts[0].split(" (n=", 1)
+                shown_name = f"{name} (n={count}"
+            label = _fit(shown_name, name_width).ljust(name_width)
+            if not table.row(record, defense).seeds:
+                lines.append(_fit(f"{label} {texts[0]}", width))
+                continue
+            numbers = " ".join(_fit(t, cells_width).rjust(cells_width) for t in texts[:4])
+            row = table.row(record, defense)
+            took = "—" if row.seconds.mean is None else \
+                f"{row.seconds.mean:.1f} s {'/'.join(sorted(set(row.devices))) or '?'}"
+            lines.append(_fit(f"{label} {numbers} {_fit(took, time_width).rjust(time_width)}", width))
+        lines.append("")
+    note = table_note(table) + "; * best among the defenses."
+    lines += textwrap.wrap(note, width)
+    notes = notes_of(table)
+    if notes:
+        lines.append("")
+        lines += [_fit(f"- {n}", width) for n in notes]
     return "\n".join(lines) + "\n"
 
 

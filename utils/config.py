@@ -36,7 +36,15 @@ REQUIRED = object()  # default of a parameter that must be given
 @dataclass(frozen=True)
 class Param:
     """One run parameter: its name, type (a plain annotation: int, float, str, bool,
-    ``X | None``, ``Literal[...]``, ``list[X]``), default, help text and checks."""
+    ``X | None``, ``Literal[...]``, ``list[X]``), default, help text and checks.
+
+    ``control``: the parameter says how or where a run is made, not what it computes
+    (``--device``, ``--record_root``, ``--overwrite``): :func:`config_diff` skips it when a
+    finished run (the comparison's reuse) or a checkpoint (``--resume``) is checked
+    against a request. ``"apart"``: a control that is also kept out of the config a run
+    saves (the harness hands it over apart: ``--resume``, ``--save_every``). The lists of
+    such keys are derived from these marks (:func:`control_keys`, :func:`apart_keys`),
+    never written out by hand."""
 
     name: str
     type: Any
@@ -44,10 +52,42 @@ class Param:
     help: str = ""
     aliases: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None  # returns a complaint or None
+    control: bool | Literal["apart"] = False
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+
+def control_keys(params: Iterable[Param]) -> frozenset[str]:
+    """The names of the parameters that say how a run is made, not what it computes
+    (``control`` set): what :func:`config_diff` skips."""
+    return frozenset(p.name for p in params if p.control)
+
+
+def apart_keys(params: Iterable[Param]) -> tuple[str, ...]:
+    """The names of the controls kept out of a run's saved config (``control="apart"``)."""
+    return tuple(p.name for p in params if p.control == "apart")
+
+
+def config_diff(requested: Mapping[str, Any], stored: Mapping[str, Any], ignore: Iterable[str] = (),
+                labels: tuple[str, str] = ("result", "requested")) -> list[str]:
+    """The differences between a requested resolved config and a stored one (a finished
+    run's, a checkpoint's), as ``key: result X, requested Y`` texts (``labels`` name the
+    two sides); keys in ``ignore`` (:func:`control_keys`) are skipped and floats equal to
+    1e-9 relative are equal."""
+    skip = set(ignore)
+    missing = object()
+    out = []
+    for key in sorted((set(requested) | set(stored)) - skip):
+        want, have = requested.get(key, missing), stored.get(key, missing)
+        if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
+            if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
+                continue
+        if want != have:
+            out.append(f"{key}: {labels[0]} {'(absent)' if have is missing else brief(have)}, "
+                       f"{labels[1]} {'(absent)' if want is missing else brief(want)}")
+    return out
 
 
 # -- value checks ------------------------------------------------------------------
@@ -217,14 +257,26 @@ def _cli_converter(tp: Any) -> Callable[[str], Any]:
     return convert
 
 
-def build_parser(prog: str, params: Sequence[Param], description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def help_text(p: Param) -> str:
+    """``p``'s help with its default once: "(required)", the help's own "(default: ...)"
+    when it says one (a default computed at run time), else "(default: VALUE)"."""
+    if p.required:
+        return f"{p.help} (required)".strip()
+    if "(default:" in p.help:
+        return p.help
+    return f"{p.help} (default: {p.default})".strip()
+
+
+def build_parser(prog: str, params: Sequence[Param], description: str = "",
+                 epilog: str = "") -> argparse.ArgumentParser:
+    # RawDescriptionHelpFormatter keeps the epilog's lines; the defaults are in help_text,
+    # once (ArgumentDefaultsHelpFormatter would add a second "(default: None)").
+    parser = _Parser(prog=prog, description=description, epilog=epilog or None, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for p in params:
         flags = [f"--{p.name}", *(f"--{a}" for a in p.aliases)]
         base, _ = _split_optional(p.type)
-        shown = "required" if p.required else p.default
-        kwargs: dict[str, Any] = {"dest": p.name, "help": f"{p.help} (default: {shown})".strip()}
+        kwargs: dict[str, Any] = {"dest": p.name, "help": help_text(p)}
         if base is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(base) is Literal:
@@ -422,6 +474,34 @@ def resolve(params: Sequence[Param], layers: Sequence[Layer], cli: Mapping[str, 
     if missing:
         raise UserError("missing required argument(s): " + ", ".join(f"--{m}" for m in missing))
     return values
+
+
+def resolved_text(title: str, params: Sequence[Param], layers: Sequence[Layer]) -> str:
+    """The lines of ``python -m <side> show``: ``title``, the files in ``layers`` (each
+    with its recipe line: reference or tuned, source, note), then one ``name = value``
+    line per parameter, with ``(code default X)`` where a file changed it; the controls
+    (how a run is made: device, folders) only where a file sets them."""
+    values = resolve(params, layers)
+    lines = [title + ":"]
+    files = [layer for layer in layers if layer.source.endswith((".yaml", ".yml"))]
+    if not files:
+        lines.append("  no YAML file: the code's defaults")
+    for layer in files:
+        recipe = recipe_of(layer.values, layer.source)
+        line = f"  reads {layer.source}"
+        if recipe:
+            line += f"  (recipe: {recipe.get('recipe', 'unstated')}"
+            line += f"; source: {recipe['recipe_source']}" if "recipe_source" in recipe else ""
+            line += f"; {recipe['recipe_note']}" if "recipe_note" in recipe else ""
+            line += ")"
+        lines.append(line)
+    shown_params = [p for p in params if not p.control or values[p.name] != p.default]
+    width = max((len(p.name) for p in shown_params), default=0)
+    for p in shown_params:
+        value = values[p.name]
+        note = "" if value == p.default else f"   (code default {p.default!r})"
+        lines.append(f"  {p.name.ljust(width)} = {value!r}{note}")
+    return "\n".join(lines)
 
 
 def check_early(params: Sequence[Param], values: Mapping[str, Any], names: Iterable[str],

@@ -73,8 +73,9 @@ class History:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = epochs_of([r.get("epoch") if _number(r.get("epoch")) else None for r in self.rows])
         for key, label in CURVES.items():
-            points = [(r["epoch"], r[key]) for r in self.rows if _number(r.get(key)) and _number(r.get("epoch"))]
+            points = [(e, r[key]) for r, e in zip(self.rows, epochs) if _number(r.get(key))]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=label)
         ax.set_xlabel("epoch")
@@ -87,6 +88,21 @@ class History:
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
+
+
+def epochs_of(epochs: Sequence[float | None]) -> list[float]:
+    """The x position of each row: its epoch, or, for a row without one (the returned
+    model's row that a defense's <name>_df.csv ends with when its last reported epoch did
+    not evaluate that model), one more than the largest epoch before it (0 when none)."""
+    out: list[float] = []
+    last: float | None = None
+    for epoch in epochs:
+        if epoch is None:
+            out.append(0.0 if last is None else last + 1)
+        else:
+            out.append(epoch)
+            last = epoch if last is None else max(last, epoch)
+    return out
 
 
 def _number(value: Any) -> bool:

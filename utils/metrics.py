@@ -42,6 +42,23 @@ def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
+def closing_text(after: dict[str, float | None], before: dict[str, float | None] | None = None,
+                 der_value: float | None = None) -> str:
+    """The numbers of a run's closing line, from its summary's headlines (C-Acc, ASR,
+    RA as fractions; None: undefined): ``C-Acc 0.9500 -> 0.9400  ...  DER 0.9700`` with
+    ``before``, ``C-Acc 0.9500  ASR ...`` without."""
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    parts = []
+    for key, label in (("clean_acc", "C-Acc"), ("asr", "ASR"), ("ra", "RA")):
+        shown = number(after.get(key))
+        parts.append(f"{label} {shown}" if before is None else f"{label} {number(before.get(key))} -> {shown}")
+    if before is not None:
+        parts.append(f"DER {number(der_value)}")
+    return "  ".join(parts)
+
+
 # BackdoorBench's metric columns of a <defense>_df.csv (after "epoch"), in its order.
 COLUMNS = ("clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch", "ra_test_loss_avg_over_batch",
            "test_acc", "test_asr", "test_ra")

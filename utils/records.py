@@ -370,8 +370,29 @@ def record_dir(record_root: Path, name: str) -> Path:
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
         raise UserError(f"record name {name!r} must be a folder name inside {record_root} "
-                        "(no absolute paths, '..' or hidden folders)")
+                        "(no absolute paths, '..' or hidden folders; --result_file also takes the path of a record "
+                        f"folder that holds {RECORD_FILE}, e.g. /abs/path/badnet_digits)")
     return inside_root(record_root, Path(record_root) / name)
+
+
+def locate_record(record_root: Path, name: str) -> tuple[Path, str]:
+    """Where ``--result_file name`` points: ``(record_root, name)`` when
+    ``record_root/name`` holds a record or ``name`` is a plain record name; otherwise,
+    when ``name`` is a path (absolute, or relative with a '/') to a folder that holds
+    attack_result.pt, ``(its parent, its folder name)``: the record root becomes the
+    folder's parent, so what a run writes stays inside it. Anything else is left to
+    :func:`record_dir` and :func:`load_record` to refuse or report."""
+    path = Path(name)
+    plain_name = not path.is_absolute() and "/" not in name and os.sep not in name
+    if plain_name or not name or name.strip() != name:
+        return Path(record_root), name
+    if not path.is_absolute() and ".." not in path.parts and (Path(record_root) / path / RECORD_FILE).is_file():
+        return Path(record_root), name  # a record nested in the record root (e.g. <record>/backdoorbench)
+    if (path / RECORD_FILE).is_file():
+        folder = Path(os.path.abspath(path))
+        if folder.name and not folder.name.startswith("."):
+            return folder.parent, folder.name
+    return Path(record_root), name
 
 
 def existing_records(record_root: Path) -> list[str]:
@@ -651,9 +672,13 @@ def load_record(folder: Path, trust: bool = False) -> AttackRecord:
         root = folder.parent
         known = existing_records(root)
         listing = ", ".join(known) if known else "none"
+        hint = ("; give --record_root DIR (the folder that holds the records) or a path to the record folder "
+                f"(e.g. --result_file path/to/{folder.name})")
         if folder.is_dir():
-            raise UserError(f"{folder} holds no {RECORD_FILE} (records in {root}: {listing})")
-        raise UserError(f"no attack record named '{folder.name}' in {root} (records there: {listing})")
+            raise UserError(f"{folder} holds no {RECORD_FILE} (records in {root}: {listing}; looked in "
+                            f"{folder.resolve()}){hint}")
+        raise UserError(f"no attack record named '{folder.name}' in {root} (records there: {listing}; looked in "
+                        f"{folder.resolve()}){hint}")
     data = _safe_load(path, "attack record", trust, safe_globals=RECORD_SAFE_GLOBALS)
     stamp = _stamp(path)  # before reading: a file replaced meanwhile differs from it
     if _tagged(data, "format", RECORD_FORMAT):

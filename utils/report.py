@@ -17,8 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.compare import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of
-from utils.history import cell_number, read_csv
+from utils.compare import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of, table_note
+from utils.history import cell_number, epochs_of, read_csv
 from utils.records import atomic_write
 
 MARKERS = "osD^v<>pPXh*"
@@ -59,6 +59,7 @@ def scatter(table: Table, record: str, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    placed: list[tuple[float, float]] = []
     for row in rows:
         acc, asr = row.cells["c_acc"], row.cells["asr"]
         if row.defense == NO_DEFENSE:
@@ -66,8 +67,13 @@ def scatter(table: Table, record: str, path: Path) -> Path | None:
         else:
             i = table.defenses.index(row.defense)
             style = {"marker": MARKERS[i % len(MARKERS)], "color": f"C{i % 10}", "markersize": 8}
-        ax.errorbar(asr.mean, acc.mean, xerr=asr.std or None, yerr=acc.std or None, linestyle="none",
-                    capsize=3, label=row.defense, **style)
+        # hollow-looking markers with a dark outline, and a small sideways step for each
+        # marker already drawn within a point of this one, so that none hides another
+        x, y = scatter_position(asr.mean, acc.mean, placed)
+        placed.append((asr.mean, acc.mean))
+        ax.errorbar(x, y, xerr=asr.std or None, yerr=acc.std or None, linestyle="none", capsize=3,
+                    label=row.defense + ("" if (x, y) == (asr.mean, acc.mean) else " (shifted)"), alpha=0.85,
+                    markeredgecolor="black", markeredgewidth=0.8, **style)
     ax.set_xlabel("ASR (%)  (lower is better)")
     ax.set_ylabel("C-Acc (%)  (higher is better)")
     ax.set_xlim(-3, 103)
@@ -75,6 +81,17 @@ def scatter(table: Table, record: str, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+OFFSET = 1.2  # percentage points between markers that would otherwise coincide
+
+
+def scatter_position(x: float, y: float, placed: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Where to draw the marker of (x, y): shifted right by :data:`OFFSET` per marker
+    already placed within one percentage point of it (the true values stay in the
+    table)."""
+    near = sum(abs(x - px) < 1.0 and abs(y - py) < 1.0 for px, py in placed)
+    return x + near * OFFSET, y
 
 
 def _df_rows(run: Run) -> list[dict[str, str]]:
@@ -89,42 +106,55 @@ def _df_rows(run: Run) -> list[dict[str, str]]:
 
 def mean_curve(runs: Sequence[Run], column: str) -> list[tuple[float, float]]:
     """(epoch, mean over runs) of ``column`` in the runs' ``<defense>_df.csv``, skipping
-    rows where the column is empty."""
+    rows where the column is empty. A row without an epoch (the returned model, which the
+    last reported epoch did not evaluate: ANP's pruned model) is placed one epoch after
+    the run's last one (utils.history.epochs_of), so that the curve ends where the table does."""
     by_epoch: dict[float, list[float]] = defaultdict(list)
     for run in runs:
-        for row in _df_rows(run):
-            epoch, value = cell_number(row.get("epoch")), cell_number(row.get(column))
-            if epoch is not None and value is not None:
+        rows = _df_rows(run)
+        for row, epoch in zip(rows, epochs_of([cell_number(r.get("epoch")) for r in rows])):
+            value = cell_number(row.get(column))
+            if value is not None:
                 by_epoch[epoch].append(value)
     return [(e, sum(v) / len(v)) for e, v in sorted(by_epoch.items())]
+
+
+def seeds_text(runs: Sequence[Run]) -> str:
+    """"one seed" or "mean over N seeds"."""
+    return "one seed" if len(runs) == 1 else f"mean over {len(runs)} seeds"
 
 
 def curves(table: Table, record: str, path: Path) -> Path | None:
     """ASR and C-Acc (%) per epoch of each defense on ``record``."""
     series = {}
+    counts = {}
     for defense in table.defenses:
         runs = [r for r in table.runs if r.kind == "defense" and r.record == record and r.method == defense and r.ok]
         asr, acc = mean_curve(runs, "test_asr"), mean_curve(runs, "test_acc")
         if asr or acc:
             series[defense] = (asr, acc)
+            counts[defense] = seeds_text(runs)
     if not series:
         return None
+    same = len(set(counts.values())) == 1
     plt = _pyplot()
     fig, (ax_asr, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for defense, (asr, acc) in series.items():
         i = table.defenses.index(defense)
-        style = {"marker": MARKERS[i % len(MARKERS)], "markersize": 3, "color": f"C{i % 10}", "label": defense}
+        label = defense if same else f"{defense} ({counts[defense]})"
+        style = {"marker": MARKERS[i % len(MARKERS)], "markersize": 3, "color": f"C{i % 10}", "label": label}
         if asr:
             ax_asr.plot([e for e, _ in asr], [100 * v for _, v in asr], **style)
         if acc:
             ax_acc.plot([e for e, _ in acc], [100 * v for _, v in acc], **style)
     for ax, name in ((ax_asr, "ASR"), (ax_acc, "C-Acc")):
-        ax.set_xlabel("epoch (as each defense reports it)")
+        ax.set_xlabel("epoch (as each defense reports it; last point: the returned model)", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name} (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{name} per epoch on {record}")
+        ax.set_title(f"{name} per epoch on {record}" + (f" ({next(iter(counts.values()))})" if same else ""),
+                     fontsize=10)
     ax_acc.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
@@ -140,7 +170,7 @@ def shared_rate(table: Table, path: Path, defense: str = "sau") -> Path | None:
         points = mean_curve(runs, "shared_rate")
         if points:
             ax.plot([e for e, _ in points], [100 * v for _, v in points], marker=MARKERS[i % len(MARKERS)],
-                    markersize=3, label=record)
+                    markersize=3, label=f"{record} ({seeds_text(runs)})")
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -179,6 +209,10 @@ th { background: #f2f2f2; }
 td.defense { text-align: left; font-weight: 600; }
 td.problem { color: #a00; white-space: normal; max-width: 22em; }
 figure { display: inline-block; margin: 1em; vertical-align: top; }
+p.purpose { background: #fff4d6; border-left: 4px solid #e0a800; padding: 6px 10px; }
+dl#about { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; font-size: 13px; }
+dl#about dt { font-weight: 600; }
+dl#about dd { margin: 0; }
 figcaption { text-align: center; font-size: 13px; }
 img { max-width: 100%; border: 1px solid #ddd; }
 """
@@ -204,15 +238,25 @@ def html_table(table: Table) -> str:
             "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
 
 
-def html_page(table: Table, plots: Sequence[tuple[str, Path]]) -> str:
-    """One self-contained page: the table, the notes and every plot as a base64 PNG."""
+def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[tuple[str, str]] = (),
+              links: Sequence[str] = ()) -> str:
+    """One self-contained page: the table's purpose (when it has one), how it was made
+    (``about``: command, config, date, machine), links to its data files (``links``,
+    names relative to the page), the table, the notes and every plot as a base64 PNG."""
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>SAU-Bench comparison: {e(table.name)}</title>", f"<style>{_STYLE}</style></head><body>",
-             f"<h1>Comparison: {e(table.name)}</h1>",
-             f"<p>C-Acc, ASR, RA and DER in %, mean ± std over seeds {e(', '.join(map(str, table.seeds)))}; the best "
-             f"value of each column among the defenses in bold. Time: each run's wall time and device.</p>",
-             html_table(table)]
+             f"<h1>Comparison: {e(table.name)}</h1>"]
+    if table.purpose:
+        parts.append(f'<p id="purpose" class="purpose"><b>Purpose:</b> {e(table.purpose)}</p>')
+    if about:
+        parts.append('<dl id="about">' + "".join(f"<dt>{e(k)}</dt><dd><code>{e(v)}</code></dd>" for k, v in about)
+                     + "</dl>")
+    if links:
+        parts.append('<p id="files">Data: ' + ", ".join(f'<a href="{e(name, quote=True)}">{e(name)}</a>'
+                                                        for name in links) + "</p>")
+    parts += [f"<p>{e(table_note(table))}; the best value of each column among the defenses in bold.</p>",
+              html_table(table)]
     notes = notes_of(table)
     if notes:
         parts.append('<h2>Runs that did not finish</h2><ul id="notes">' +
@@ -227,4 +271,5 @@ def html_page(table: Table, plots: Sequence[tuple[str, Path]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-__all__ = ["METRICS", "curves", "html_page", "html_table", "make_plots", "mean_curve", "scatter", "shared_rate"]
+__all__ = ["METRICS", "curves", "html_page", "html_table", "make_plots", "mean_curve", "scatter", "scatter_position",
+           "seeds_text", "shared_rate"]

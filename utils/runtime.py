@@ -99,7 +99,7 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
     write into each other's logs."""
     handlers: list[logging.Handler] = []
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _Console(sys.stderr)
     console.setFormatter(fmt)
     console.setLevel(level)
     handlers.append(console)
@@ -121,6 +121,19 @@ def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.
             log.removeHandler(handler)
             handler.close()
         log.setLevel(previous_level)
+
+
+class _Console(logging.StreamHandler):
+    """The console handler: a line printed above the progress bars (tqdm.write) rather
+    than through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 (as logging's own handlers: never raise from a log call)
+            self.handleError(record)
 
 
 class _RunLogFile(logging.FileHandler):
@@ -176,9 +189,24 @@ def replay(records: list[logging.LogRecord]) -> None:
 
 
 def tqdm_disable() -> bool | None:
-    """tqdm's ``disable`` value: bars on a terminal, off in logs and CI (None lets tqdm
-    decide by the stream), forced off with SAUBENCH_NO_PROGRESS=1."""
-    return True if os.environ.get("SAUBENCH_NO_PROGRESS") == "1" else None
+    """tqdm's ``disable`` value: bars on a terminal, off when stderr is not one (None lets
+    tqdm decide by the stream), under CI (``CI`` set, as CI services do) and with
+    SAUBENCH_NO_PROGRESS=1."""
+    if os.environ.get("SAUBENCH_NO_PROGRESS") == "1":
+        return True
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    return None
+
+
+def progress(iterable: Any = None, *, desc: str, total: int | None = None, unit: str = "it",
+             delay: float = 2.0) -> Any:
+    """A tqdm bar on stderr that appears only after ``delay`` seconds (short loops stay
+    quiet) and never where :func:`tqdm_disable` says so; it leaves no line behind."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, delay=delay, leave=False, file=sys.stderr,
+                dynamic_ncols=True, disable=tqdm_disable())
 
 
 # -- random states, for checkpoints ----------------------------------------------------------------

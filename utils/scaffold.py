@@ -39,17 +39,21 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Sequence[str] | None = None) -> None:
-    """The ``python -m <side>`` command: ``list``, ``new NAME`` or ``run NAME ARGS``
-    (``run`` is the side's harness)."""
-    entry(lambda args, kw: _main(side, registry, run, args), argv, {})
+def main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Sequence[str] | None = None,
+         show: Callable[[str, str], str] | None = None) -> None:
+    """The ``python -m <side>`` command: ``list``, ``new NAME``, ``run NAME ARGS`` or
+    ``show NAME --dataset D`` (``run`` is the side's harness; ``show(name, dataset)`` the
+    text that says which YAML a run reads and the values it will use)."""
+    entry(lambda args, kw: _main(side, registry, run, args, show), argv, {})
 
 
-def _main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Sequence[str]) -> None:
+def _main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Sequence[str],
+          show: Callable[[str, str], str] | None = None) -> None:
     parser = _Parser(prog=f"python -m {side}", description=f"The registered {side}s, and new ones.")
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,new,run}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{list,new,run,show}" if show else "{list,new,run}", parser_class=_Parser)
     listing = commands.add_parser("list", parents=[common], help=f"every registered {side}: paper, year, kind, "
                                   "defaults")
     listing.add_argument("--names", action="store_true", help="names only, one a line")
@@ -60,7 +64,16 @@ def _main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Seq
                                   f"(python -m {side} run NAME --help)")
     running.add_argument("name")
     running.add_argument("args", nargs=argparse.REMAINDER)
+    if show is not None:
+        showing = commands.add_parser("show", parents=[common], help=f"the YAML file(s) a run of a {side} on a "
+                                      "dataset reads and the values it will use (list shows the code's defaults)")
+        showing.add_argument("name")
+        showing.add_argument("--dataset", default="digits", help="the dataset (a defense: the record's) "
+                             "(default: digits)")
     args = parser.parse_args(list(argv))
+    if args.command == "show" and show is not None:
+        print(show(registry.canonical(args.name), args.dataset))
+        return
     if args.command == "run":
         run(registry.canonical(args.name), args.args)
         return

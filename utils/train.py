@@ -8,17 +8,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from utils.config import brief, plain
+from utils.config import config_diff, plain
 from utils.errors import UserError
 from utils.records import load_checkpoint, save_checkpoint
-from utils.runtime import autocast, rng_state, set_rng_state, tqdm_disable
+from utils.runtime import autocast, progress, rng_state, set_rng_state, tqdm_disable
 
 log = logging.getLogger("saubench")
 
@@ -111,7 +111,8 @@ def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, bat
     model.eval()
     out = []
     dummy = torch.zeros(len(images), dtype=torch.long)
-    for x, _ in batches(images, dummy, batch_size=batch_size, device=device):
+    for x, _ in progress(batches(images, dummy, batch_size=batch_size, device=device), desc="evaluate",
+                         total=math.ceil(len(images) / batch_size), unit="batch"):
         with autocast(device, amp):
             out.append(model(x).float().cpu())
     model.train(was_training)
@@ -139,12 +140,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int):
 
 # -- checkpoints ---------------------------------------------------------------------------------------
 
-# Config keys that say where or how a run is made, not what it computes: a run may resume
-# with other values of these.
-RESUME_IGNORES = frozenset({"debug", "overwrite", "device", "download", "data_root", "record_root", "resume",
-                            "save_every", "trust_record"})
-
-
 class Checkpoint:
     """The resumable state of one training loop, written to ``path`` every ``every``
     epochs and after the last (``every`` 0: never), and restored with ``resume``.
@@ -157,14 +152,16 @@ class Checkpoint:
     seed ends with exactly the weights of an uninterrupted one. Only tensors and plain
     values are written (utils.records.save_checkpoint: atomically, Ctrl-C held back), so
     the file loads with ``torch.load(weights_only=True)``. ``config`` (the run's resolved
-    values) is stored and must match on resume, except the keys in RESUME_IGNORES."""
+    values) is stored and must match on resume, except the keys in ``ignore`` (the run's
+    controls, utils.config.control_keys: how the run is made, not what it computes)."""
 
     def __init__(self, path: Path | None, every: int = 1, resume: bool = False,
-                 config: Mapping[str, Any] | None = None):
+                 config: Mapping[str, Any] | None = None, ignore: Iterable[str] = ()):
         self.path = None if path is None else Path(path)
         self.every = int(every)
         self.resume = resume
-        self.config = plain({k: v for k, v in (config or {}).items() if k not in RESUME_IGNORES})
+        self.ignore = frozenset(ignore)
+        self.config = plain({k: v for k, v in (config or {}).items() if k not in self.ignore})
         self.objects: dict[str, Any] | None = None
         self.saved: int | None = None  # the epoch of the last checkpoint written or restored
         self.earlier_seconds = 0.0  # the run's time before the checkpoint it resumed from
@@ -213,9 +210,12 @@ class Checkpoint:
         data = load_checkpoint(self.path)
         try:
             stored, objects, epoch = data["config"], data["objects"], int(data["epoch"])
-            if stored != self.config:
+            differences = config_diff(self.config, stored, self.ignore, labels=("checkpoint", "now"))
+            if differences:
                 raise UserError(f"cannot resume from {self.path}: it was made with other settings ("
-                                f"{_config_diff(stored, self.config)}); run without --resume to start again")
+                                + "; ".join(differences[:4])
+                                + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+                                + "); run without --resume to start again")
             if set(objects) != set(self.objects):
                 raise UserError(f"cannot resume from {self.path}: it holds the state of {sorted(objects)}, "
                                 f"this run trains {sorted(self.objects)}")
@@ -232,12 +232,6 @@ class Checkpoint:
         self.saved = epoch
         log.info("resuming after epoch %d from %s", epoch, self.path)
         return {**dict(data.get("extra") or {}), "epoch": epoch}
-
-
-def _config_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    keys = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-    shown = [f"{k}: checkpoint {brief(stored.get(k))}, now {brief(current.get(k))}" for k in keys[:4]]
-    return "; ".join(shown) + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
 def _state_of(obj: Any) -> Any:
