@@ -30,6 +30,7 @@ import attack
 import defense
 import defense.compare
 from conftest import private_copy
+from test_reliability import signed
 from utils.errors import UserError
 from utils.models import bare_state, create_model
 import utils.records
@@ -235,7 +236,7 @@ def test_a_hostile_dataset_folder_passed_as_data_root_runs_nothing(tmp_path, how
     if dataset == "cifar100":
         record = torch.load(root / "rec" / RECORD_FILE, weights_only=True)
         record["clean_data"] = "cifar100"
-        torch.save(record, root / "rec" / RECORD_FILE)  # 10 classes: refused later, if it ever got there
+        torch.save(signed(record), root / "rec" / RECORD_FILE)  # 10 classes: refused later, if it ever got there
         folder = hostile_cifar(tmp_path / "data" / "cifar-100-python", marker, ["train", "test"])
     else:
         folder = hostile_cifar(tmp_path / "data" / "cifar-10-batches-py", marker)
