@@ -60,7 +60,7 @@ from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
-from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, evaluate
+from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, detection_text, evaluate
 from utils.models import Classifier
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
                            record_dir, save_defense_result, save_json, save_png, save_text)
@@ -517,8 +517,10 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             raise
         final = out.commit()
     with log_to(None):  # the run's log is closed: the closing line goes to the console
-        log.info("%s on %s done: %s  (%.1f s); result in %s", defense.name, values["result_file"],
-                 closing_text(summary["after"], summary["before"], summary["der"]), summary["seconds"], final)
+        numbers = closing_text(summary["after"], summary["before"], summary["der"]) if "after" in summary \
+            else detection_text(summary["detection"])
+        log.info("%s on %s done: %s  (%.1f s); result in %s", defense.name, values["result_file"], numbers,
+                 summary["seconds"], final)
     return summary
 
 

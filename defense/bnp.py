@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import capture_inputs, outliers, require_batchnorm, zero_channels
+from defense.bnprune import Pruned, ReportsPruning, capture_inputs, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -66,7 +66,7 @@ def bn_kl_divergence(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_defense("bnp")
-class BNP(Defense):
+class BNP(ReportsPruning, Defense):
     """BN statistics-based Pruning (Zheng et al., NeurIPS 2022): prune neurons whose clean statistics diverge from BN's.
 
     Args:
@@ -83,8 +83,6 @@ class BNP(Defense):
 
     def __init__(self, u: float = 3.0, batch_size: int = 256):
         self.u, self.batch_size = u, batch_size
-        self._extras: dict[str, torch.Tensor] = {}
-        self._report: dict[str, Any] = {}
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         layers = require_batchnorm(model, "BNP")
@@ -92,26 +90,15 @@ class BNP(Defense):
         x, _ = next(iter(data.batches(self.batch_size, augment=True, generator=data.generator())))
         with torch.no_grad(), capture_inputs(layers) as inputs, data.autocast():
             model(x)
-        self._extras, by_layer = {}, {}
+        self.pruned = Pruned("kl")  # extras: each BN layer's KL scores and pruned neurons
         for name, bn in layers:
             kl = bn_kl_divergence(bn, inputs[name])
             index = outliers(kl, self.u)
             zero_channels(bn, index)
-            self._extras[f"kl.{name}"] = kl.cpu()
-            self._extras[f"pruned.{name}"] = index.cpu()
-            by_layer[name] = int(index.sum())
-        total = sum(bn.num_features for _, bn in layers)
-        pruned = sum(by_layer.values())
-        log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", pruned, total, self.u, len(x))
-        self._report = {"pruned_neurons": pruned, "total_neurons": total, "pruned_by_layer": by_layer}
+            self.pruned.add(name, kl, index)
+        log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", self.pruned.count, self.pruned.total,
+                 self.u, len(x))
         return model
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """Each BN layer's KL scores (``kl.<bn>``) and pruned neurons (``pruned.<bn>``)."""
-        return dict(self._extras)
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +53,46 @@ def zero_channels(bn: nn.BatchNorm2d, index: torch.Tensor) -> None:
     index = index.to(bn.weight.device)
     bn.weight[index] = 0.0
     bn.bias[index] = 0.0
+
+
+@dataclass
+class Pruned:
+    """What a pruning defense hands the harness: each layer's scores (``<score_key>.<bn>``)
+    and pruned neurons (``pruned.<bn>``) as extras, and the counts for summary.json."""
+
+    score_key: str
+    unit: str = "neurons"
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    by_layer: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+    more: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, layer: str, score: torch.Tensor, pruned: torch.Tensor) -> None:
+        self.extras[f"{self.score_key}.{layer}"] = score.detach().cpu()
+        self.extras[f"pruned.{layer}"] = pruned.cpu()
+        self.by_layer[layer] = int(pruned.sum())
+        self.total += len(score)
+
+    @property
+    def count(self) -> int:
+        return sum(self.by_layer.values())
+
+    def report(self) -> dict[str, Any]:
+        return {f"pruned_{self.unit}": self.count, f"total_{self.unit}": self.total, **self.more,
+                "pruned_by_layer": dict(self.by_layer)}
+
+
+class ReportsPruning:
+    """Mixin of the pruning defenses: ``extras()`` and ``report()`` from ``self.pruned``,
+    the :class:`Pruned` of the last ``mitigate``."""
+
+    pruned: Pruned | None = None
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        return {} if self.pruned is None else dict(self.pruned.extras)
+
+    def report(self) -> dict[str, Any]:
+        return {} if self.pruned is None else self.pruned.report()
 
 
 @contextmanager

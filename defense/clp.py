@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import outliers, require_batchnorm, zero_channels
+from defense.bnprune import Pruned, ReportsPruning, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -81,7 +81,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.BatchN
 
 
 @register_defense("clp")
-class CLP(Defense):
+class CLP(ReportsPruning, Defense):
     """Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022): data-free, prune channels with outlying UCLC.
 
     Args:
@@ -98,32 +98,18 @@ class CLP(Defense):
 
     def __init__(self, u: float = 3.0):
         self.u = u
-        self._extras: dict[str, torch.Tensor] = {}
-        self._report: dict[str, Any] = {}
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         model.eval()
-        self._extras, by_layer = {}, {}
-        total = 0
+        # extras: each pruned layer's channel Lipschitz upper bounds and pruned channels
+        self.pruned = Pruned("uclc", unit="channels")
         for _, conv, bn_name, bn in conv_bn_pairs(model):
             uclc = channel_lipschitz(conv, bn)
             index = outliers(uclc, self.u)
             zero_channels(bn, index)
-            self._extras[f"uclc.{bn_name}"] = uclc.cpu()
-            self._extras[f"pruned.{bn_name}"] = index.cpu()
-            by_layer[bn_name] = int(index.sum())
-            total += len(uclc)
-        pruned = sum(by_layer.values())
-        log.info("clp: %d of %d channels pruned (u = %g)", pruned, total, self.u)
-        self._report = {"pruned_channels": pruned, "total_channels": total, "pruned_by_layer": by_layer}
+            self.pruned.add(bn_name, uclc, index)
+        log.info("clp: %d of %d channels pruned (u = %g)", self.pruned.count, self.pruned.total, self.u)
         return model
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """Each pruned layer's channel Lipschitz upper bounds (``uclc.<bn>``) and pruned channels (``pruned.<bn>``)."""
-        return dict(self._extras)
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import capture_inputs, outliers, require_batchnorm, zero_channels
+from defense.bnprune import Pruned, ReportsPruning, capture_inputs, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -83,7 +83,7 @@ def channel_entropy(x: torch.Tensor, step_size: float = 0.1) -> torch.Tensor:
 
 
 @register_defense("ep")
-class EP(Defense):
+class EP(ReportsPruning, Defense):
     """Entropy-based Pruning (Zheng et al., NeurIPS 2022): prune neurons with outlying low pre-activation entropy.
 
     Args:
@@ -100,8 +100,6 @@ class EP(Defense):
 
     def __init__(self, u: float = 3.0, batch_size: int = 256):
         self.u, self.batch_size = u, batch_size
-        self._extras: dict[str, torch.Tensor] = {}
-        self._report: dict[str, Any] = {}
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         layers = require_batchnorm(model, "EP")
@@ -109,26 +107,15 @@ class EP(Defense):
         x, _ = next(iter(data.batches(self.batch_size, augment=True, generator=data.generator())))
         with torch.no_grad(), capture_inputs(layers) as inputs, data.autocast():
             model(x)
-        self._extras, by_layer = {}, {}
+        self.pruned = Pruned("entropy")  # extras: each BN layer's entropies and pruned neurons
         for name, bn in layers:
             entropy = channel_entropy(inputs[name])
             index = outliers(entropy, self.u, upper=False)
             zero_channels(bn, index)
-            self._extras[f"entropy.{name}"] = entropy.cpu()
-            self._extras[f"pruned.{name}"] = index.cpu()
-            by_layer[name] = int(index.sum())
-        total = sum(bn.num_features for _, bn in layers)
-        pruned = sum(by_layer.values())
-        log.info("ep: %d of %d neurons pruned (u = %g, %d images)", pruned, total, self.u, len(x))
-        self._report = {"pruned_neurons": pruned, "total_neurons": total, "pruned_by_layer": by_layer}
+            self.pruned.add(name, entropy, index)
+        log.info("ep: %d of %d neurons pruned (u = %g, %d images)", self.pruned.count, self.pruned.total, self.u,
+                 len(x))
         return model
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """Each BN layer's entropies (``entropy.<bn>``) and pruned neurons (``pruned.<bn>``)."""
-        return dict(self._extras)
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)
 
 
 if __name__ == "__main__":

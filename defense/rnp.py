@@ -46,7 +46,6 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import copy
 import logging
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +53,7 @@ from torch import nn
 from torch.func import functional_call
 
 from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import require_batchnorm
+from defense.bnprune import Pruned, ReportsPruning, require_batchnorm
 from utils import config as cfg
 from utils.train import check_finite
 
@@ -81,7 +80,7 @@ class MaskedView(nn.Module):
 
 
 @register_defense("rnp")
-class RNP(Defense):
+class RNP(ReportsPruning, Defense):
     """Reconstructive Neuron Pruning (Li et al., ICML 2023): unlearn, recover neuron masks, prune the unrecovered.
 
     Args:
@@ -114,8 +113,6 @@ class RNP(Defense):
         self.unlearning_decay_epoch, self.clean_threshold = unlearning_decay_epoch, clean_threshold
         self.recovering_epochs, self.recovering_lr, self.alpha = recovering_epochs, recovering_lr, alpha
         self.threshold, self.batch_size = threshold, batch_size
-        self._extras: dict[str, torch.Tensor] = {}
-        self._report: dict[str, Any] = {}
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         require_batchnorm(model, "RNP")
@@ -124,19 +121,15 @@ class RNP(Defense):
         used = self.unlearn(work, data, generator)
         masks = self.recover(work, data, generator, epoch_offset=used)
         layers = require_batchnorm(model, "RNP")  # the original's layers, in the same order as the copy's
-        self._extras, by_layer = {}, {}
+        # extras: each BN layer's recovered masks and pruned neurons
+        self.pruned = Pruned("mask", more={"unlearning_epochs_used": used})
         with torch.no_grad():
             for (name, bn), m in zip(layers, masks):
                 pruned = m.detach() <= self.threshold
                 bn.weight[pruned] = 0.0
-                self._extras[f"mask.{name}"] = m.detach().cpu()
-                self._extras[f"pruned.{name}"] = pruned.cpu()
-                by_layer[name] = int(pruned.sum())
-        total = sum(bn.num_features for _, bn in layers)
-        log.info("rnp: %d of %d neurons pruned (mask <= %g) after %d unlearning epochs", sum(by_layer.values()),
-                 total, self.threshold, used)
-        self._report = {"pruned_neurons": sum(by_layer.values()), "total_neurons": total,
-                        "unlearning_epochs_used": used, "pruned_by_layer": by_layer}
+                self.pruned.add(name, m, pruned)
+        log.info("rnp: %d of %d neurons pruned (mask <= %g) after %d unlearning epochs", self.pruned.count,
+                 self.pruned.total, self.threshold, used)
         return model.eval()
 
     def unlearn(self, work: nn.Module, data: DefenseData, generator: torch.Generator) -> int:
@@ -194,13 +187,6 @@ class RNP(Defense):
                         train_acc=correct / max(seen, 1),
                         mask_mean=float(torch.cat([m.detach().flatten() for m in masks]).mean()))
         return masks
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """Each BN layer's recovered masks (``mask.<bn>``) and pruned neurons (``pruned.<bn>``)."""
-        return dict(self._extras)
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._report)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def test_validation_split_is_seeded_disjoint_and_cut_from_poisoned_training_imag
 
 def test_every_defense_declares_a_valid_search_space():
     for name in defense.list_defenses():
+        if defense.DEFENSES.get(name).kind != "mitigation":  # detectors are not tuned (tune refuses them)
+            continue
         space = check_space(defense.DEFENSES.get(name))
         assert space, name
 

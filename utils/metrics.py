@@ -47,16 +47,24 @@ def closing_text(after: dict[str, float | None], before: dict[str, float | None]
     """The numbers of a run's closing line, from its summary's headlines (C-Acc, ASR,
     RA as fractions; None: undefined): ``C-Acc 0.9500 -> 0.9400  ...  DER 0.9700`` with
     ``before``, ``C-Acc 0.9500  ASR ...`` without."""
-    def number(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
     parts = []
     for key, label in (("clean_acc", "C-Acc"), ("asr", "ASR"), ("ra", "RA")):
-        shown = number(after.get(key))
-        parts.append(f"{label} {shown}" if before is None else f"{label} {number(before.get(key))} -> {shown}")
+        shown = _number(after.get(key))
+        parts.append(f"{label} {shown}" if before is None else f"{label} {_number(before.get(key))} -> {shown}")
     if before is not None:
-        parts.append(f"DER {number(der_value)}")
+        parts.append(f"DER {_number(der_value)}")
     return "  ".join(parts)
+
+
+def detection_text(metrics: dict[str, Any]) -> str:
+    """The numbers of a detector's closing line, from its summary's ``detection``:
+    AUROC, TPR at 5% FPR and the F1 of the flagged set (n/a when it flags none)."""
+    return "  ".join(f"{label} {_number(metrics.get(key))}"
+                     for key, label in (("auroc", "AUROC"), ("tpr_at_5fpr", "TPR@5%FPR"), ("f1", "F1")))
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 # BackdoorBench's metric columns of a <defense>_df.csv (after "epoch"), in its order.
