@@ -440,7 +440,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     where = record.config.get("data_root")
     if isinstance(where, str) and where and os.path.abspath(where) != os.path.abspath(values["data_root"]):
         log.info("the record's data_root %s is ignored (a record does not choose where datasets are read from); "
-                 "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where),
+                 "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where, 400),
                  values["data_root"])
     control = {key: values.pop(key) for key in APART_KEYS}
     return values, control, record

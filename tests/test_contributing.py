@@ -62,7 +62,7 @@ def test_new_skeletons_pass_the_contract_unchanged_in_a_copy_of_the_project(tmp_
             assert (tmp_path / path).is_file(), path
     # One run of the copy's tests: the skeletons' own tests, every contract test selecting them,
     # the attack record contract, and the README check (the README now lists both).
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-q", "-rA",
                            "tests/test_defense_contract.py", "tests/test_attack_contract.py", "tests/test_attack.py",
                            "tests/test_mydefense.py", "tests/test_myattack.py", "tests/test_contributing.py",
                            "-k", "mydefense or myattack or readme_tables_match"],
