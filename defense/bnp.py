@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import Pruned, ReportsPruning, capture_inputs, outliers, require_batchnorm, zero_channels
+from defense.bnprune import Pruned, ReportsPruning, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -86,10 +86,7 @@ class BNP(ReportsPruning, Defense):
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         layers = require_batchnorm(model, "BNP")
-        model.eval()
-        x, _ = next(iter(data.batches(self.batch_size, augment=True, generator=data.generator())))
-        with torch.no_grad(), capture_inputs(layers) as inputs, data.autocast():
-            model(x)
+        n, inputs = inputs_on_one_batch(model, layers, data, self.batch_size)
         self.pruned = Pruned("kl")  # extras: each BN layer's KL scores and pruned neurons
         for name, bn in layers:
             kl = bn_kl_divergence(bn, inputs[name])
@@ -97,7 +94,7 @@ class BNP(ReportsPruning, Defense):
             zero_channels(bn, index)
             self.pruned.add(name, kl, index)
         log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", self.pruned.count, self.pruned.total,
-                 self.u, len(x))
+                 self.u, n)
         return model
 
 

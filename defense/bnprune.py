@@ -95,6 +95,18 @@ class ReportsPruning:
         return {} if self.pruned is None else self.pruned.report()
 
 
+def inputs_on_one_batch(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any,
+                        batch_size: int) -> tuple[int, dict[str, torch.Tensor]]:
+    """Each layer's input on one seeded, train-transformed batch of the defender's data
+    (``data``: the harness's DefenseData; BackdoorBench takes the first batch of its
+    shuffled loader): the batch's size and the inputs by layer name."""
+    model.eval()
+    x, _ = next(iter(data.batches(batch_size, augment=True, generator=data.generator())))
+    with torch.no_grad(), capture_inputs(layers) as inputs, data.autocast():
+        model(x)
+    return len(x), inputs
+
+
 @contextmanager
 def capture_inputs(layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, torch.Tensor]]:
     """While the context is open, every forward pass stores each layer's input (float32,

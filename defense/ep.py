@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import Pruned, ReportsPruning, capture_inputs, outliers, require_batchnorm, zero_channels
+from defense.bnprune import Pruned, ReportsPruning, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -103,10 +103,7 @@ class EP(ReportsPruning, Defense):
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         layers = require_batchnorm(model, "EP")
-        model.eval()
-        x, _ = next(iter(data.batches(self.batch_size, augment=True, generator=data.generator())))
-        with torch.no_grad(), capture_inputs(layers) as inputs, data.autocast():
-            model(x)
+        n, inputs = inputs_on_one_batch(model, layers, data, self.batch_size)
         self.pruned = Pruned("entropy")  # extras: each BN layer's entropies and pruned neurons
         for name, bn in layers:
             entropy = channel_entropy(inputs[name])
@@ -114,7 +111,7 @@ class EP(ReportsPruning, Defense):
             zero_channels(bn, index)
             self.pruned.add(name, entropy, index)
         log.info("ep: %d of %d neurons pruned (u = %g, %d images)", self.pruned.count, self.pruned.total, self.u,
-                 len(x))
+                 n)
         return model
 
 
