@@ -27,6 +27,25 @@ class SGDLoop:
     generator: torch.Generator
     start: int
 
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss`` (scaled under mixed precision)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def end_epoch(self) -> None:
+        """Advance the per-epoch schedule, if any."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """zero_grad, backward, step: one unscaled step of ``optimizer`` on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
 
 def sgd_loop(model: nn.Module, data: DefenseData, *, epochs: int, lr: float, momentum: float, weight_decay: float,
              lr_scheduler: str, params: Iterable[torch.Tensor] | None = None, resume: bool = True,
@@ -61,8 +80,7 @@ def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0
         stats = train_epoch(model, images, labels, loop.optimizer, batch_size=batch_size, device=data.device,
                             epoch=epoch, augment=data.augment if augment else None, scaler=loop.scaler,
                             amp=data.amp, generator=loop.generator, desc=f"fine-tune {epoch}")
-        if loop.scheduler is not None:
-            loop.scheduler.step()
+        loop.end_epoch()
         if report:
             data.report(epoch_offset + epoch, model, train_loss=stats["train_epoch_loss_avg_over_batch"],
                         train_acc=stats["train_acc"])

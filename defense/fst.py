@@ -105,16 +105,12 @@ class FST(Defense):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y) + self.alpha * feature_shift_penalty(head.weight, w_ori)
                 check_finite(loss, epoch, seen // self.batch_size)
-                loop.optimizer.zero_grad(set_to_none=True)
-                loop.scaler.scale(loss).backward()
-                loop.scaler.step(loop.optimizer)
-                loop.scaler.update()
+                loop.step(loss)
                 project_to_norm(head.weight, radius)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-            if loop.scheduler is not None:
-                loop.scheduler.step()
+            loop.end_epoch()
             data.report(epoch, model.eval(), train_loss=total / max(seen, 1), train_acc=correct / max(seen, 1),
                         head_inner_product=float(feature_shift_penalty(head.weight.detach(), w_ori)))
         return model.eval()

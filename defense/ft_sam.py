@@ -192,8 +192,7 @@ class FTSAM(Defense):
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-            if loop.scheduler is not None:
-                loop.scheduler.step()
+            loop.end_epoch()
             data.report(epoch, model.eval(), train_loss=total / max(seen, 1), train_acc=correct / max(seen, 1))
         return model.eval()
 

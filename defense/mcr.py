@@ -171,13 +171,9 @@ class MCR(Defense):
                     logits = functional_call(work, curve_point(w_0, theta, w_1, t), (x,))
                 loss = F.cross_entropy(logits.float(), y)
                 check_finite(loss, epoch, seen // self.batch_size)
-                loop.optimizer.zero_grad(set_to_none=True)
-                loop.scaler.scale(loss).backward()
-                loop.scaler.step(loop.optimizer)
-                loop.scaler.update()
+                loop.step(loss)
                 total, seen = total + loss.item() * len(y), seen + len(y)
-            if loop.scheduler is not None:
-                loop.scheduler.step()
+            loop.end_epoch()
             self.take_point(model, w_0, theta, w_1, data)
             data.report(epoch, model, curve_loss=total / max(seen, 1))
         if self.epochs == 0:

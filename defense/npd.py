@@ -67,6 +67,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
+from defense.finetune import descend
+from defense.sae import project
 from utils import config as cfg
 from utils.errors import UserError
 from utils.models import Classifier, Polarizer
@@ -80,13 +82,6 @@ POLARIZER_LAYERS = {"preactresnet18": "layer4.1.conv1", "resnet18": "layer4.1.co
 ADV_LR = 0.1        # BackdoorBench's adv_lr for the L2 bound
 LOSS_BOUND = 80.0   # per-sample attack losses are clamped to [-80, 80]
 ATTACK_SUCCESS = 0.6  # the attack stops once more than this share of the batch reaches its target
-
-
-def project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Each sample's perturbation scaled down onto the L2 ball of radius ``eps`` (those
-    inside are kept)."""
-    norm = delta.flatten(1).norm(dim=1).view(-1, *([1] * (delta.dim() - 1)))
-    return delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
 
 
 def runner_up(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -113,7 +108,7 @@ def targeted_perturbation(model: nn.Module, x: torch.Tensor, target: torch.Tenso
             logits = model((x + delta).clamp(0, 1))
         loss = F.cross_entropy(logits.float(), target, reduction="none").clamp(-LOSS_BOUND, LOSS_BOUND).mean()
         (grad,) = torch.autograd.grad(loss, delta)
-        delta = project_l2(delta.detach() - ADV_LR * grad.sign(), eps)
+        delta = project(delta.detach() - ADV_LR * grad.sign(), "L2", eps)
         with torch.no_grad(), data.autocast():
             reached = (model((x + delta).clamp(0, 1)).argmax(1) == target).float().mean()
         if reached > ATTACK_SUCCESS:
@@ -228,9 +223,7 @@ class NPD(Defense):
                 with data.autocast():
                     loss = F.cross_entropy(model(x).float(), y)
                 check_finite(loss, epoch, seen // self.batch_size)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                descend(optimizer, loss)
                 total, seen = total + loss.item() * len(y), seen + len(y)
             log.info("npd: warm-up epoch %d, clean loss %.4f", epoch, total / max(seen, 1))
         polarizer.eval()
@@ -253,9 +246,7 @@ class NPD(Defense):
                     logits_adv = model((x + delta).clamp(0, 1)).float()
                 loss = npd_loss(logits, logits_adv, y, y_hat, target, lmd)
                 check_finite(loss, epoch, seen // self.batch_size)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                descend(optimizer, loss)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 robust += int((logits_adv.argmax(1) == y).sum())

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from defense import create_defense
-from defense.npd import POLARIZER_LAYERS, complement_nll, npd_loss, project_l2, runner_up, targeted_perturbation
+from defense.npd import POLARIZER_LAYERS, complement_nll, npd_loss, runner_up, targeted_perturbation
+from defense.sae import project
 from utils.errors import UserError
 from utils.models import create_model, load_weights
 
@@ -67,7 +68,7 @@ def test_projection_onto_the_l2_ball():
     delta = torch.zeros(2, 1, 2, 2)
     delta[0, 0, 0, 0], delta[0, 0, 1, 1] = 3.0, 4.0  # norm 5: scaled to 2
     delta[1, 0, 0, 1] = 1.0                           # norm 1: kept
-    out = project_l2(delta, 2.0)
+    out = project(delta, "L2", 2.0)
     assert torch.allclose(out[0, 0], torch.tensor([[1.2, 0.0], [0.0, 1.6]]))
     assert torch.equal(out[1], delta[1])
 
