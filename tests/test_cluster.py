@@ -121,6 +121,75 @@ def test_every_summary_names_code_version_host_and_node(record_root):
     assert "code,host,node" in (record_root / "compare/badnet_digits/table.csv").read_text().splitlines()[0]
 
 
+# -- the checks on every node, with the nodes played by this process ------------------------------------------------
+
+class Nodes:
+    """RayExecutor.on_every_node's stand-in: ``fn`` called here once per pretended node,
+    with the environment that node has."""
+
+    def __init__(self, envs: dict[str, dict[str, str]]):
+        self.envs = envs
+
+    def on_every_node(self, fn, args):
+        out = []
+        for node, env in self.envs.items():
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                out.append((node, fn(*args)))
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        return out
+
+
+def test_each_node_must_see_the_record_root_the_datasets_and_the_code(tmp_path, monkeypatch):
+    from utils import cluster, provenance
+
+    root = tmp_path / "record"
+    assert cluster.check_nodes(Nodes({"a" * 56: {}, "b" * 56: {}}), root, [("digits", "data")]) == 2
+    assert not list(root.iterdir())  # the token is removed
+    with pytest.raises(UserError, match=rf"^the record root {root} is not shared storage: node bbbbbbbbbbbb \(host "):
+        cluster.check_nodes(Nodes({"a" * 56: {}, "b" * 56: {"SAUBENCH_TEST_UNSHARED": str(root)}}), root, [])
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(UserError, match=rf"^dataset mnist is not on node aaaaaaaaaaaa \(host .*\): no .* under "
+                                        rf"{empty} \(put the files there on every node"):
+        cluster.check_nodes(Nodes({"a" * 56: {}}), root, [("mnist", str(empty))])
+    other = {"package": "sau-bench 0.0.9", "commit": None, "dirty": None}
+    real = cluster.probe
+    monkeypatch.setattr(cluster, "probe", lambda *a: {**real(*a), "code": other})
+    with pytest.raises(UserError, match=r"runs sau-bench 0.0.9, the driver sau-bench .*: install the same version on "
+                                        r"every node, or pass --ray_code working_dir"):
+        cluster.check_nodes(Nodes({"a" * 56: {}}), root, [])
+    assert cluster.check_nodes(Nodes({"a" * 56: {}}), root, [], ray_code="working_dir") == 1
+    # a checkout shipped by Ray (no .git) names the driver's version, which the driver put in the environment
+    env = cluster.runtime_env("working_dir")
+    assert env["working_dir"] == str(ROOT) and ".git" in env["excludes"] and cluster.runtime_env("installed") is None
+    shipped = tmp_path / "copy"
+    shipped.mkdir()
+    monkeypatch.setattr(provenance, "CHECKOUT", shipped)
+    monkeypatch.setenv(provenance.CODE_ENV, env["env_vars"][provenance.CODE_ENV])
+    provenance.code_version.cache_clear()
+    try:
+        code = provenance.code_version()
+    finally:
+        provenance.code_version.cache_clear()
+    assert code["shipped_by_driver"] and code["commit"] == json.loads(env["env_vars"][provenance.CODE_ENV])["commit"]
+
+
+def test_a_failure_names_its_log_only_when_the_log_exists(tmp_path):
+    from utils.compare import Run, aggregate, notes_of
+
+    lost = Run("defense", "r1", "ft", 0, log=tmp_path / "never-written.log", status="failed",
+               message="Ray: The worker died unexpectedly (tried 2 times)")
+    ran = Run("defense", "r1", "ft", 1, log=tmp_path / "ft_seed1.log", status="failed", message="ValueError: x")
+    ran.log.write_text("Traceback ...\n")
+    notes = notes_of(aggregate("t", ["r1"], ["ft"], [0, 1], [lost, ran]))
+    assert notes == ["ft on r1 (seed 0): failed: Ray: The worker died unexpectedly (tried 2 times)",
+                     f"ft on r1 (seed 1): failed: ValueError: x (log: {ran.log})"]
+
+
 # -- a two-node Ray cluster on this host -----------------------------------------------------------------------
 
 def _free_ports(n: int) -> list[int]:
@@ -306,3 +375,17 @@ def test_a_lost_node_costs_a_retry_that_resumes_on_the_other_node(cluster, tmp_p
     seed = 1 if killed == "ft_seed1" else 0
     line = next(x for x in err.splitlines() if f"ft on badnet_digits (seed {seed}): done (in " in x)
     assert line.endswith(f" s on {socket.gethostname()}, node {tries[1]['node'][:8]})")
+
+
+@pytest.mark.ray
+def test_ray_code_working_dir_ships_this_checkout_with_its_version(tmp_path):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("Ray is already initialized in this process")
+    from utils.cluster import runtime_env
+    from utils.executors import RayExecutor
+    from utils.provenance import code_version
+
+    with RayExecutor(None, 1, runtime_env=runtime_env("working_dir")) as ex:
+        (node, shipped), = ex.on_every_node(code_version)
+    assert shipped["shipped_by_driver"] and {k: shipped[k] for k in ("package", "commit", "dirty")} == code_version()

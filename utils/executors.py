@@ -20,7 +20,7 @@ process pool and Ray (module-level functions, plain values).
   :class:`Resources`; dependencies are Ray object references passed as task arguments,
   so Ray starts a job when its own dependencies are done. A job lost with its worker or
   node is run again up to ``retries`` times (Ray's ``max_retries``; an exception the job
-  raises is its result, never retried); ``runtime_env`` goes with every task (Ray is an
+  raises is its result, never retried); ``runtime_env`` is the job's (Ray is an
   optional extra: ``pip install sau-bench[ray]``, or ``sau-bench[ray-default]`` for the
   dashboard and ``ray list``).
 """
@@ -237,7 +237,8 @@ class RayExecutor(Executor):
     """Jobs as Ray tasks on the cluster at ``address`` (None: a local instance with
     ``num_cpus`` CPUs, started here and shut down by :meth:`close`; an instance already
     started in this process is used as it is). ``retries``: runs of a job lost with its
-    worker or node; ``runtime_env``: Ray's, for every task (utils.cluster.runtime_env)."""
+    worker or node; ``runtime_env``: Ray's, for the whole job (given to ``ray.init``: a
+    local working_dir is shipped only at the job level; utils.cluster.runtime_env)."""
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, retries: int = 1,
                  runtime_env: dict[str, Any] | None = None):
@@ -251,8 +252,11 @@ class RayExecutor(Executor):
             raise UserError("--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'ray[default]>=2.9')") from None
         self._ray = ray
         self._owns = not ray.is_initialized()
+        if runtime_env is not None and not self._owns:
+            raise UserError("a Ray runtime_env (--ray_code working_dir) is set when connecting to Ray, but Ray is "
+                            "already initialized in this process")
         if self._owns:
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "runtime_env": runtime_env}
             if address is None:
                 kwargs["num_cpus"] = num_cpus
             try:
@@ -271,8 +275,6 @@ class RayExecutor(Executor):
                                    "retry_exceptions": False}
         if res.memory is not None:
             options["memory"] = res.memory
-        if self.runtime_env is not None:
-            options["runtime_env"] = self.runtime_env
         handle.ref = self._task.options(**options).remote(handle.fn, handle.args, *(dep.ref for dep in handle.deps))
 
     def on_every_node(self, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float = 300.0
@@ -288,8 +290,6 @@ class RayExecutor(Executor):
         for node in nodes:
             options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0,
                                        "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-            if self.runtime_env is not None:
-                options["runtime_env"] = self.runtime_env
             refs[node] = self._task.options(**options).remote(fn, tuple(args))
         out = []
         for node, ref in refs.items():
