@@ -52,7 +52,9 @@ run again ``--retries`` times (default 1), resuming from its checkpoint, after t
 run's lock stops binding (utils.lease); each finished run is one line on the driver with
 its host and node. docs/cluster.md is the recipe. A run that fails is reported as
 "failed: reason (log: path)" (the log only when it exists) and the others go on; the
-exit status is then 1. Bad input: one line on stderr, status 2.
+exit status is then 1. Running the same command again reuses what finished; with
+``--resume`` the runs left unfinished continue from their checkpoints. Bad input: one
+line on stderr, status 2.
 
 Recipes. ``--recipes reference`` (default) runs every defense with its reference recipe
 (config/defense/<name>/<dataset>.yaml, BackdoorBench's values or the paper's);
@@ -118,6 +120,8 @@ PARAMS: list[Param] = [
     Param("plots", bool, True, "write the plots"),
     Param("quiet", bool, False, "no progress bar: log lines only"),
     Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
+    Param("resume", bool, False, "continue the runs an earlier comparison left unfinished (killed, Ctrl-C) from "
+          "their checkpoints; a checkpoint made with other settings fails its run"),
     Param("report", bool, False, "run nothing: report the results that exist (the rest show as 'not run')"),
     Param("recipes", Literal["reference", "tuned"], "reference",
           "recipe family of every defense: reference (config/defense/<name>/<dataset>.yaml) or tuned "
@@ -231,6 +235,8 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
             default = Resources(values["cpus_per_run"], gpus)
             for run in todo:
                 run.resources = replace(default, **spec.resources.get(run.method, {}))
+                if values["resume"]:  # the harness's --resume: from the checkpoint in its staging folder, if any
+                    run.options = {**run.options, "resume": True}
             functions = {"attack": attack_fn or attack.run, "defense": defense_fn or defense.run}
             progress = Progress(len(todo), values["quiet"], log.info)
             execute(runs, executor, functions, default, progress.finished)

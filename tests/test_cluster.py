@@ -389,3 +389,24 @@ def test_ray_code_working_dir_ships_this_checkout_with_its_version(tmp_path):
     with RayExecutor(None, 1, runtime_env=runtime_env("working_dir")) as ex:
         (node, shipped), = ex.on_every_node(code_version)
     assert shipped["shipped_by_driver"] and {k: shipped[k] for k in ("package", "commit", "dirty")} == code_version()
+
+
+def test_compare_resume_continues_a_run_left_unfinished(record_root, monkeypatch):
+    import defense
+    import utils.train
+
+    real = utils.train.Checkpoint.save
+
+    def save_then_interrupt(self, epoch, **extra):
+        real(self, epoch, **extra)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.train.Checkpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):  # a comparison's run, killed after its first epoch
+        defense.run("ft", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2)
+    monkeypatch.setattr(utils.train.Checkpoint, "save", real)
+    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
+                         plots=False, quiet=True, defenses=["ft"], resume=True)
+    assert [r["status"] for r in result["runs"]] == ["reused", "done"]
+    log = (record_root / "compare/badnet_digits/logs/badnet_digits/ft.log").read_text()
+    assert "resuming after epoch 0" in log

@@ -127,7 +127,7 @@ def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log:
     (:mod:`utils.attempts`); an executor that runs the job again (Ray, after a lost node)
     appends to the log, waits for the lost attempt's lock to stop binding
     (:mod:`utils.lease`) and resumes from its checkpoint (the harness's ``resume``)."""
-    from utils.attempts import begin_attempt
+    from utils.attempts import begin_attempt, retried_options
 
     previous = os.environ.get("SAUBENCH_NO_PROGRESS")
     os.environ["SAUBENCH_NO_PROGRESS"] = "1"
@@ -152,28 +152,6 @@ def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log:
                 os.environ.pop("SAUBENCH_NO_PROGRESS", None)
             else:
                 os.environ["SAUBENCH_NO_PROGRESS"] = previous
-
-
-def retried_options(options: dict[str, Any], number: int, attempt: str, out: Any, folder: str | None
-                    ) -> dict[str, Any]:
-    """The options of attempt ``number`` of a run: a retry resumes from the checkpoint the
-    lost attempt left, once that attempt's lock no longer binds (its process gone, or
-    its lease expired); a line in the log says so."""
-    from utils.attempts import attempt_header
-    from utils.lease import wait_until_free
-
-    out.write(attempt_header(number, attempt) + "\n")
-    out.flush()  # where the run is, readable while it runs
-    if number == 1:
-        return options
-    if folder is not None:
-        lock = Path(folder).parent / f".{Path(folder).name}.lock"
-        holder = wait_until_free(lock)
-        if holder is not None:
-            out.write(f"# the lock {lock} still binds ({holder}); this attempt will stop on it\n")
-    out.write("# a retry: resuming from the lost attempt's checkpoint, when it left one\n")
-    out.flush()
-    return {**options, "resume": True}
 
 
 def made_by(summary: dict[str, Any]) -> dict[str, str | None]:

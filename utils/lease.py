@@ -48,6 +48,11 @@ def lease_seconds() -> float:
     return value
 
 
+def lock_of(final: Path) -> Path:
+    """The lock of the output folder ``final``: ``<parent>/.<name>.lock``."""
+    return Path(final).parent / f".{Path(final).name}.lock"
+
+
 def me() -> str:
     """What this process writes into a lock: ``<pid> <host>``."""
     return f"{os.getpid()} {socket.gethostname()}"

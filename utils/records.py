@@ -57,7 +57,7 @@ import torch
 
 from utils.config import brief, clip
 from utils.errors import UserError
-from utils.lease import Lease, holder as lease_holder
+from utils.lease import Lease, holder as lease_holder, lock_of
 
 log = logging.getLogger("saubench")
 
@@ -177,7 +177,7 @@ class StagedFolder:
         self.final = Path(final)
         self.partial = self.final.parent / f".{self.final.name}.partial"
         self.old = self.final.parent / f".{self.final.name}.old"
-        self.lock = self.final.parent / f".{self.final.name}.lock"
+        self.lock = lock_of(self.final)
         self.overwrite = overwrite
         self.root = Path(root) if root is not None else self.final.parent
         self._lease = Lease(self.lock)
