@@ -327,6 +327,7 @@ resources:
 
 
 @pytest.mark.ray  # first: the next test loses node B
+@pytest.mark.xdist_group("ray_cluster")
 def test_a_node_that_cannot_see_the_record_root_stops_the_grid_with_one_line(cluster, tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(CLUSTER_GRID)
@@ -341,6 +342,7 @@ def test_a_node_that_cannot_see_the_record_root_stops_the_grid_with_one_line(clu
 
 
 @pytest.mark.ray
+@pytest.mark.xdist_group("ray_cluster")
 def test_a_lost_node_costs_a_retry_that_resumes_on_the_other_node(cluster, tmp_path):
     root = tmp_path / "record"
     grid = tmp_path / "grid.yaml"
