@@ -51,6 +51,7 @@ from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
+from utils.provenance import provenance
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
                            save_json)
 from utils.registry import Method, Registry
@@ -472,7 +473,7 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     history.save_plot(folder / "attack_plot.png", f"{attack.name} on {info.name} ({values['model']})")
     summary = {**metrics.headline(), "seconds": round(seconds, 2), "attack": attack.name, "dataset": info.name,
                "model": values["model"], "epochs": values["epochs"], "device": str(device),
-               "poisoned": int(len(poison_idx)), "record_identity": identity}
+               "poisoned": int(len(poison_idx)), "record_identity": identity, **provenance()}
     if test_sets.cross_acc is not None:
         summary["cross_acc"] = test_sets.cross_acc
     save_json(summary, folder / "attack_summary.json")

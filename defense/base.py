@@ -64,6 +64,7 @@ from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der,
 from utils.models import Classifier
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
                            record_dir, save_defense_result, save_json, save_png, save_text)
+from utils.provenance import provenance
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
                            resolve_device, seed_everything)
@@ -684,6 +685,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
         "device": str(device), "clean_samples": len(idx), **({"retune": retuned} if retuned else {}),
         **defense.report(), "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        **provenance(),
     }
     save_json(summary, folder / "summary.json")
     return summary
@@ -881,7 +883,7 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
         "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),
         "device": str(device), **extra, **defense.report(),
-        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
     }
     save_json(summary, folder / "summary.json")
     return summary

@@ -49,8 +49,18 @@ file cannot set data_root, record_root or trust_record; without --data_root, run
 How it runs: ``--jobs 1`` (default) in this process; ``--jobs N`` in N worker processes
 (each sees one GPU, round robin, when there are GPUs); ``--executor ray`` as Ray tasks
 asking ``--cpus_per_run`` CPUs and ``--gpus_per_run`` GPUs each (default: 1 GPU when
-the cluster has GPUs). A run that fails is reported as "failed: reason (log: path)" and
-the others go on; the exit status is then 1. Bad input: one line on stderr, status 2.
+the cluster has GPUs; a grid's ``resources:`` gives an attack or a defense its own
+``cpus``, ``gpus`` and ``memory``). On Ray, before anything runs, every node must read
+back a file the driver wrote into the record root (shared storage), find the runs'
+datasets, and run the driver's code version (``--ray_code installed``) unless the
+checkout is shipped (``--ray_code working_dir``); a run lost with its worker or node is
+run again ``--retries`` times (default 1), resuming from its checkpoint, after the lost
+run's lock stops binding (utils.lease); each finished run is one line on the driver with
+its host and node. docs/cluster.md is the recipe. A run that fails is reported as
+"failed: reason (log: path)" (the log only when it exists) and the others go on; the
+exit status is then 1. Running the same command again reuses what finished; with
+``--resume`` the runs left unfinished continue from their checkpoints. Bad input: one
+line on stderr, status 2.
 
 Recipes. ``--recipes reference`` (default) runs every defense with its reference recipe
 (config/defense/<name>/<dataset>.yaml, BackdoorBench's values or the paper's);
@@ -71,11 +81,11 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 import hashlib
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from utils import config as cfg
+from utils import cluster, config as cfg
 from utils.cli import entry
 from utils.compare import (Progress, Run, Table, aggregate, config_diff, detection_markdown, detection_table, execute,
                            identity_problem, markdown, read_json, terminal_table, to_csv, to_json)
@@ -105,12 +115,19 @@ PARAMS: list[Param] = [
     Param("cpus_per_run", float, 1.0, "Ray: CPUs each run asks for", check=cfg.positive),
     Param("gpus_per_run", float | None, None, "Ray: GPUs each run asks for; none given: 1 when the cluster has GPUs",
           check=cfg.non_negative),
+    Param("retries", int, 1, "Ray: times a run lost with its worker or node is run again (resuming from its "
+          "checkpoint); a run that raises is not retried", check=cfg.non_negative),
+    Param("ray_code", Literal["installed", "working_dir"], "installed",
+          "Ray: the code the nodes run: installed (each node's install, checked to be the driver's version) or "
+          "working_dir (this checkout, shipped to every node by Ray)"),
     Param("rows", Literal["defenses", "records"], "defenses",
           "layout of the printed table: a row per defense, or a row per record (both are written)"),
     Param("html", bool, False, "also write index.html: the table and the plots in one page"),
     Param("plots", bool, True, "write the plots"),
     Param("quiet", bool, False, "no progress bar: log lines only"),
     Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
+    Param("resume", bool, False, "continue the runs an earlier comparison left unfinished (killed, Ctrl-C) from "
+          "their checkpoints; a checkpoint made with other settings fails its run"),
     Param("report", bool, False, "run nothing: report the results that exist (the rest show as 'not run')"),
     Param("recipes", Literal["reference", "tuned"], "reference",
           "recipe family of every defense: reference (config/defense/<name>/<dataset>.yaml) or tuned "
@@ -119,7 +136,7 @@ PARAMS: list[Param] = [
 ]
 
 GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "attacks", "defense_options", "defenses",
-             "seeds", "record_seeds", "purpose"}
+             "seeds", "record_seeds", "purpose", "resources"}
 
 
 @dataclass
@@ -138,6 +155,7 @@ class Spec:
     defenses: dict[str, dict[str, Any]]  # canonical name -> defense harness keywords
     seeds: list[int]
     purpose: str | None = None  # the grid's 'purpose:' (e.g. "smoke test: numbers are not results")
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> cpus/gpus/memory (Ray)
 
 
 # -- the command ----------------------------------------------------------------------------------
@@ -209,18 +227,30 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     if todo and values["report"]:
         log.info("--report: %d runs not run", len(todo))
     elif todo:
+        on_ray = values["executor"] == "ray"
         executor = make_executor(values["executor"], jobs=values["jobs"], gpus=_local_gpus(values),
-                                 ray_address=values["ray_address"])
-        progress = Progress(len(todo), values["quiet"], log.info)
+                                 ray_address=values["ray_address"], retries=values["retries"],
+                                 runtime_env=cluster.runtime_env(values["ray_code"]) if on_ray else None)
+        progress = None
         try:
+            if on_ray:  # shared record root, datasets and code on every node, before anything runs
+                nodes = cluster.check_nodes(executor, root, datasets_needed(todo), values["ray_code"])
+                log.info("Ray: %d node(s) see the record root %s and the datasets", nodes, root)
             gpus = values["gpus_per_run"]
             if gpus is None:
-                gpus = 1.0 if values["executor"] == "ray" and values["device"] != "cpu" and \
+                gpus = 1.0 if on_ray and values["device"] != "cpu" and \
                     executor.cluster_gpus() > 0 else 0.0  # type: ignore[attr-defined]
+            default = Resources(values["cpus_per_run"], gpus)
+            for run in todo:
+                run.resources = replace(default, **spec.resources.get(run.method, {}))
+                if values["resume"]:  # the harness's --resume: from the checkpoint in its staging folder, if any
+                    run.options = {**run.options, "resume": True}
             functions = {"attack": attack_fn or attack.run, "defense": defense_fn or defense.run}
-            execute(runs, executor, functions, Resources(values["cpus_per_run"], gpus), progress.finished)
+            progress = Progress(len(todo), values["quiet"], log.info)
+            execute(runs, executor, functions, default, progress.finished)
         except BaseException:
-            progress.close()
+            if progress is not None:
+                progress.close()
             executor.close(cancel=True)
             raise
         progress.close()
@@ -328,6 +358,29 @@ def about(values: dict[str, Any]) -> list[tuple[str, str]]:
               f"Python {platform.python_version()})"
     return [("command", command), ("config", config),
             ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")), ("machine", machine)]
+
+
+def _data_root(values: dict[str, Any]) -> str | None:
+    """The data root every run is given, absolute (worker processes and Ray tasks may start
+    elsewhere): --data_root, else ./data when it exists here; None: each run's own ./data
+    (where it starts), as the harnesses' default."""
+    if values["data_root"] is not None:
+        return str(Path(values["data_root"]).resolve())
+    default = Path("data").resolve()
+    return str(default) if default.is_dir() else None
+
+
+def datasets_needed(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    """(dataset, data root) of each run: an attack's own, a defense's from its record
+    (the attack it waits for, or the record's attack_summary.json); a run without a data
+    root reads ./data where it runs ("data")."""
+    out = set()
+    for run in runs:
+        base = run if run.kind == "attack" else run.depends_on
+        dataset = None if base is None else base.options.get("dataset") or (base.summary or {}).get("dataset")
+        if isinstance(dataset, str):
+            out.add((dataset, str(run.options.get("data_root") or "data")))
+    return sorted(out)
 
 
 def _local_gpus(values: dict[str, Any]) -> list[int]:
@@ -540,7 +593,8 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     purpose = data.get("purpose")
     if purpose is not None and (not isinstance(purpose, str) or not purpose.strip()):
         raise UserError(f"{path}: 'purpose' must be a non-empty string (what the grid is for, shown with its table)")
-    return Spec(name, records, defenses, sorted(set(seeds)), purpose)
+    resources = cluster.parse_resources(data.get("resources"), [*attacks, *defenses], str(path))
+    return Spec(name, records, defenses, sorted(set(seeds)), purpose, resources)
 
 
 def seed_record_name(record: str, seed: int) -> str:
@@ -581,7 +635,7 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
     """One attack run per record (reused, mismatched or to run) and one defense run per
     (record, defense, seed), each checked against what already exists."""
     runs: list[Run] = []
-    data_root = None if values["data_root"] is None else str(Path(values["data_root"]).resolve())
+    data_root = _data_root(values)
     for rec in spec.records:
         folder = record_dir(root, rec.name)
         base = _attack_run(rec, folder, values, root, data_root, logs) if rec.attack is not None else \
@@ -630,8 +684,9 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     from attack.base import CONTROL_KEYS as ATTACK_CONTROLS, resolve_config as resolve_attack
 
     # Absolute paths: worker processes and Ray tasks may start elsewhere.
-    options = {**rec.options, "record_root": str(root), "device": values["device"],
-               "data_root": data_root or str(Path(rec.options.get("data_root", "data")).resolve())}
+    options = {**rec.options, "record_root": str(root), "device": values["device"]}
+    if data_root is not None:
+        options["data_root"] = data_root
     run = Run("attack", rec.name, rec.attack or "", 0, options, folder, logs / rec.name / "attack.log")
     if not (folder / RECORD_FILE).exists():
         if folder.exists():
@@ -720,8 +775,6 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
         except UserError as exc:
             raise UserError(f"defense {name} on {base.record}: {exc}") from None
         resolved.update(cfg.plain({k: v for k, v in config.items() if k != "debug"}))
-    if data_root is None and resolved.get("data_root"):  # the harness's default, made absolute for other processes
-        run.options["data_root"] = str(Path(resolved["data_root"]).resolve())
     if not folder.exists():
         return run
     summary = read_json(folder / "summary.json")

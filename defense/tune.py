@@ -52,6 +52,7 @@ from utils.cli import entry
 from utils.config import Param
 from utils.errors import UserError
 from utils.metrics import Metrics, der
+from utils.provenance import provenance
 from utils.records import AttackRecord, record_dir, save_json, save_text
 from utils.runtime import log_to, resolve_device, seed_everything
 
@@ -345,6 +346,7 @@ def _write(study: Any, cls: type[Defense], hyper: dict[str, Any], base: dict[str
         "base_yaml": base["yaml_path"], "recipe": str(folder / "recipe.yaml"),
         "history": [{"number": t.number, "value": t.value, "params": t.params, "val": t.user_attrs.get("val"),
                      "error": t.user_attrs.get("error")} for t in complete],
+        **provenance(),
     }
     save_json(cfg.plain(summary), folder / "summary.json")
     log.info("best %s %.4f (trial %d): %s; recipe written to %s", values["objective"], best.value, best.number,

@@ -63,7 +63,8 @@ def test_aggregation_mean_std_and_best_marks(tmp_path):
     assert "| no defense | 95.00 | 100.00 | 0.00 | — | 9.0 s cpu |" in md
     csv_lines = to_csv(table).splitlines()
     assert csv_lines[0].startswith("record,defense,n,expected,c_acc,c_acc_std,asr,asr_std")
-    assert "r1,b,2,2,82.0,2.83,6.0,1.41,76.0,22.63,80.0,0.0,2.5,0.71,cpu,asr;ra," in csv_lines
+    assert csv_lines[0].endswith(",device,best,problem,code,host,node")  # what made the numbers, when known
+    assert "r1,b,2,2,82.0,2.83,6.0,1.41,76.0,22.63,80.0,0.0,2.5,0.71,cpu,asr;ra,,,," in csv_lines
     rows = {r["defense"]: r for r in to_json(table)["rows"]}
     assert rows["a"]["asr_values"] == pytest.approx([10.0, 20.0]) and rows["a"]["best"] == ["c_acc", "der"]
 

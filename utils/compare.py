@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import secrets
 import sys
 import textwrap
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable, Literal, Sequence
 from utils.config import config_diff  # noqa: F401  (the one config diff; the comparison's callers import it here)
 from utils.errors import UserError
 from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
+from utils.lease import LockHeld
 
 # unavailable: not run because what it needs does not exist (e.g. no tuned recipe)
 Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "unavailable"]
@@ -68,6 +70,7 @@ class Run:
     depends_on: "Run | None" = None
     identity: str | None = None  # attack runs: the identity of the record in place, when it is usable
     legacy: bool = False  # attack runs: that record was written before records had identities
+    resources: Resources | None = None  # what it asks the executor for (Ray); None: execute()'s default
     column: str = ""  # the table column it counts in: its record, or the grid's record name for all its seeds
 
     @property
@@ -91,7 +94,15 @@ class Run:
                 "message": self.message, "folder": None if self.folder is None else str(self.folder),
                 "log": None if self.log is None else str(self.log),
                 "seconds": None if self.summary is None else self.summary.get("seconds"),
-                "device": None if self.summary is None else self.summary.get("device")}
+                "device": None if self.summary is None else self.summary.get("device"),
+                **{key: None if self.summary is None else self.summary.get(key) for key in ("code", "host", "node")}}
+
+    def log_note(self) -> str:
+        """`` (log: path)`` for a failed run whose log exists; empty otherwise (a run
+        lost before it started has none, and no path is shown that leads nowhere)."""
+        if self.status == "failed" and self.log is not None and Path(self.log).is_file():
+            return f" (log: {self.log})"
+        return ""
 
 
 class RunFailed(JobFailed):
@@ -105,23 +116,37 @@ class RunFailed(JobFailed):
 def reason_of(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     reason = text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+    if isinstance(exc, LockHeld):  # whole: the lock's full path is what the user needs
+        return reason
     return reason if len(reason) <= limit else reason[:limit - 3] + "..."
 
 
-def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log: str | None) -> Any:
+def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log: str | None,
+                attempt: str | None = None, folder: str | None = None) -> Any:
     """``fn(name, **options)`` with its console output (stderr and stdout: the harness's
     log lines, warnings) written to ``log`` and inner progress bars off; a failure is
     raised as :class:`RunFailed` with one line and the log's path (the traceback is in
-    the log). Runs in whichever process the executor chose."""
+    the log). Runs in whichever process the executor chose.
+
+    ``attempt`` (a token of this submission) and ``folder`` (the run's result folder):
+    the log starts with a line naming the attempt, host, Ray node and process
+    (:mod:`utils.attempts`); an executor that runs the job again (Ray, after a lost node)
+    appends to the log, waits for the lost attempt's lock to stop binding
+    (:mod:`utils.lease`) and resumes from its checkpoint (the harness's ``resume``)."""
+    from utils.attempts import begin_attempt, retried_options
+
     previous = os.environ.get("SAUBENCH_NO_PROGRESS")
     os.environ["SAUBENCH_NO_PROGRESS"] = "1"
     with contextlib.ExitStack() as stack:
         out = None
         if log is not None:
             Path(log).parent.mkdir(parents=True, exist_ok=True)
-            out = stack.enter_context(open(log, "w", encoding="utf-8"))
+            number = begin_attempt(Path(log), attempt) if attempt is not None else 1
+            out = stack.enter_context(open(log, "w" if number == 1 else "a", encoding="utf-8"))
             stack.enter_context(contextlib.redirect_stderr(out))
             stack.enter_context(contextlib.redirect_stdout(out))
+            if attempt is not None:
+                options = retried_options(options, number, attempt, out, folder)
         try:
             return fn(name, **options)
         except Exception as exc:
@@ -133,6 +158,17 @@ def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log:
                 os.environ.pop("SAUBENCH_NO_PROGRESS", None)
             else:
                 os.environ["SAUBENCH_NO_PROGRESS"] = previous
+
+
+def made_by(summary: dict[str, Any]) -> dict[str, str | None]:
+    """What made a result, from its summary.json: code version (short), host, Ray node (short)."""
+    from utils.provenance import describe
+
+    code = summary.get("code")
+    node = summary.get("node")
+    return {"code": describe(code) if isinstance(code, dict) else None,
+            "host": str(summary["host"]) if summary.get("host") else None,
+            "node": str(node)[:12] if node else None}
 
 
 STALE = "stale: made on another version of the record"
@@ -176,7 +212,9 @@ def execute(runs: Sequence[Run], executor: Executor, functions: dict[str, Callab
         if run.depends_on is not None and id(run.depends_on) in by_run:
             deps.append(by_run[id(run.depends_on)])
         handle = executor.submit(logged_call, (functions[run.kind], run.method, run.options,
-                                               None if run.log is None else str(run.log)), deps, resources)
+                                               None if run.log is None else str(run.log), secrets.token_hex(8),
+                                               None if run.folder is None else str(run.folder)), deps,
+                                 run.resources or resources)
         handles[handle.id] = run
         by_run[id(run)] = handle
     for handle, result, error in executor.as_completed(list(by_run.values())):
@@ -232,6 +270,7 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)
     seconds: Cell = field(default_factory=Cell)
     devices: list[str] = field(default_factory=list)
+    made_by: dict[str, list[str]] = field(default_factory=lambda: {"code": [], "host": [], "node": []})
     seeds: list[int] = field(default_factory=list)  # seeds that finished
     expected: int = 0  # runs asked for
     problems: list[Run] = field(default_factory=list)  # failed, blocked or mismatched runs
@@ -248,9 +287,7 @@ class Row:
             return ""
         first = self.problems[0]
         text = f"{first.status}: {first.message}" if first.message else first.status
-        if first.status == "failed" and first.log is not None:
-            text += f" (log: {first.log})"
-        return text
+        return text + first.log_note()
 
 
 @dataclass
@@ -312,6 +349,9 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
                 if isinstance(seconds, (int, float)):
                     row.seconds.values.append(float(seconds))
                 row.devices.append(str((run.summary or {}).get("device", "?")))
+                for key, value in made_by(run.summary or {}).items():
+                    if value and value not in row.made_by[key]:
+                        row.made_by[key].append(value)
                 row.seeds.append(run.seed)
             rows.append(row)
     for record in records:
@@ -438,9 +478,7 @@ def notes_of(table: Table) -> list[str]:
             text = f"{run.label}: {run.status}"
             if run.message:
                 text += f": {run.message}"
-            if run.status == "failed" and run.log is not None:
-                text += f" (log: {run.log})"
-            out.append(text)
+            out.append(text + run.log_note())
     return out
 
 
@@ -460,6 +498,8 @@ def to_records(table: Table) -> list[dict[str, Any]]:
         item["device"] = "/".join(sorted(set(row.devices))) or None
         item["best"] = [m.key for m in METRICS if m.key in row.best]
         item["problem"] = row.problem_text() or None
+        for key, values in row.made_by.items():  # what made the numbers: code versions, hosts, Ray nodes
+            item[key] = ";".join(values) or None
         out.append(item)
     return out
 
@@ -469,7 +509,7 @@ def to_csv(table: Table) -> str:
     fields = ["record", "defense", "n", "expected"]
     for metric in METRICS:
         fields += [metric.key, f"{metric.key}_std"]
-    fields += ["seconds", "seconds_std", "device", "best", "problem"]
+    fields += ["seconds", "seconds_std", "device", "best", "problem", "code", "host", "node"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -503,10 +543,13 @@ class Progress:
 
     def finished(self, run: Run) -> None:
         self.count += 1
-        took = (run.summary or {}).get("seconds")
+        summary = run.summary or {}
+        took = summary.get("seconds")
         detail = f"in {took:.1f} s" if run.status == "done" and isinstance(took, (int, float)) else run.message
+        if run.status == "done" and summary.get("host"):  # where it ran: one short line per run, on the driver
+            detail += f" on {summary['host']}" + (f", node {str(summary['node'])[:8]}" if summary.get("node") else "")
         line = f"[{self.count}/{self.total}] {run.label}: {run.status}" + (f" ({detail})" if detail else "")
-        if run.status == "failed" and run.log is not None:
+        if run.log_note():
             line += f", log {run.log}"
         if self.bar.disable:
             self.write(line)

@@ -47,9 +47,7 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ import torch
 
 from utils.config import brief, clip
 from utils.errors import UserError
+from utils.lease import Lease, holder as lease_holder, lock_of
 
 log = logging.getLogger("saubench")
 
@@ -161,11 +160,12 @@ class StagedFolder:
     invalidates it.
 
     One run at a time: :meth:`open` takes ``<parent>/.<name>.lock`` (the process id and
-    host of the run) and :meth:`commit`, :meth:`discard` and :meth:`release` give it
-    back. A second run on the same folder, while the first is alive, stops with one
-    line instead of removing the first one's staging folder; a lock whose process is
-    gone (killed) is taken over. A lock of another host cannot be checked and is
-    respected: its message names the file to remove if that run is gone.
+    host of the run, a lease refreshed by a heartbeat: :mod:`utils.lease`) and
+    :meth:`commit`, :meth:`discard` and :meth:`release` give it back. A second run on the
+    same folder, while the first is alive, stops with one line (naming the lock's full
+    path) instead of removing the first one's staging folder; a lock whose process is
+    gone (killed) or, for another host's run, whose lease expired is taken over, with a
+    warning in the log.
 
     ``root`` (the record root; default: the folder that holds ``final``): every one of
     these paths must resolve inside it (:func:`inside_root`), so that a symlink planted
@@ -177,10 +177,10 @@ class StagedFolder:
         self.final = Path(final)
         self.partial = self.final.parent / f".{self.final.name}.partial"
         self.old = self.final.parent / f".{self.final.name}.old"
-        self.lock = self.final.parent / f".{self.final.name}.lock"
+        self.lock = lock_of(self.final)
         self.overwrite = overwrite
         self.root = Path(root) if root is not None else self.final.parent
-        self._locked = False
+        self._lease = Lease(self.lock)
         self._created: list[Path] = []  # the folders above the staging folder that this run made
         for path in (self.final, self.partial, self.old, self.lock):  # before anything is moved or written
             inside_root(self.root, path)
@@ -259,30 +259,12 @@ class StagedFolder:
         self._created = []
 
     def _acquire(self) -> None:
-        me = f"{os.getpid()} {socket.gethostname()}"
         missing = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
         finally:
             self._created = [p for p in missing if p.is_dir()]
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
-            except FileNotFoundError:  # a failing run removed the empty folder it had made, just now
-                self.final.parent.mkdir(parents=True, exist_ok=True)
-                continue
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    raise UserError(f"{self.final} is being written by another run ({holder}); wait for it to "
-                                    f"finish, or remove {self.lock} if that run is gone") from None
-                self.lock.unlink(missing_ok=True)  # its process is gone: a killed run
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me + "\n")
-            self._locked = True
-            return
-        raise UserError(f"cannot take the lock {self.lock}: other runs keep taking it")
+        self._lease.acquire(self.final)
 
     def _holder(self) -> str | None:
         """Who holds the lock, when that run may still be alive; None for a dead one."""
@@ -290,36 +272,14 @@ class StagedFolder:
 
     def release(self) -> None:
         """Give the lock back (nothing when this folder does not hold it)."""
-        if self._locked:
-            self.lock.unlink(missing_ok=True)
-            self._locked = False
+        self._lease.release()
 
 
 def lock_holder(lock: Path) -> str | None:
-    """Who holds the StagedFolder lock file ``lock``, when that run may still be alive;
-    None for a dead one (or no lock)."""
-    try:
-        pid_text, _, host = lock.read_text().strip().partition(" ")
-        pid = int(pid_text)
-    except OSError:
-        return None  # given back meanwhile
-    except ValueError:  # not written yet by a run starting now, or half-written by a killed one
-        try:
-            fresh = time.time() - lock.stat().st_mtime < 10
-        except OSError:
-            return None
-        return "a run that is starting" if fresh else None
-    if host != socket.gethostname():
-        return f"process {pid} on host {host}"
-    if pid == os.getpid():
-        return None  # this process: an earlier run of it that failed
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return f"process {pid}"
+    """Who holds the StagedFolder lock file ``lock`` while it binds (a live process of this
+    host, or another host's run whose lease has not expired: utils.lease); None for a
+    free one (or no lock)."""
+    return lease_holder(lock)
 
 
 def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
