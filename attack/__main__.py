@@ -3,6 +3,6 @@ attacks, a skeleton for a new one, a run of one (see utils/scaffold.py and CONTR
 or the YAML files and values a run on a dataset uses."""
 from attack import ATTACKS, run
 from attack.base import show_config
-from utils.scaffold import main
+from tools.scaffold import main
 
 main("attack", ATTACKS, run, show=show_config)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from attack.base import ATTACKS, Attack, Kind, run
-from utils.contract import Contract, Guard, in_window
+from tools.contract import Contract, Guard, in_window
 
 # What an attack's own code may run in: the trigger and every optional hook of the harness.
 HOOKS = ("__init__", "prepare", "apply", "cross", "batch_hook", "before_training", "train_step", "extras")

@@ -6,7 +6,7 @@ import sys
 
 from defense import DEFENSES, run
 from defense.base import show_config
-from utils.scaffold import main
+from tools.scaffold import main
 
 if len(sys.argv) > 1 and sys.argv[1] == "tune":
     from defense.tune import main as tune_main

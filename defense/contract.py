@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from defense.base import DEFENSES, Defense, run
-from utils.contract import Contract, Guard
+from tools.contract import Contract, Guard
 from utils.models import Classifier
 from utils.records import load_defense_result, record_dir
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import defense
-from defense import compare
-from utils.compare import NO_DEFENSE, Run, aggregate, config_diff, markdown, read_json, to_csv, to_json
+from bench import compare
+from bench.tables import NO_DEFENSE, Run, aggregate, config_diff, markdown, read_json, to_csv, to_json
 from utils.errors import UserError
-from utils.executors import DependencyFailed, InlineExecutor, ProcessExecutor
+from bench.executors import DependencyFailed, InlineExecutor, ProcessExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -407,7 +407,7 @@ def local_ray():
 
 
 def test_ray_executor_runs_dependents_after_their_dependencies(local_ray, tmp_path):
-    from utils.executors import RayExecutor
+    from bench.executors import RayExecutor
 
     _check_dependencies(RayExecutor(), tmp_path)
 
@@ -436,7 +436,7 @@ def _table(purpose=None, defenses=("ft", "a_defense_with_a_very_long_name_indeed
 
 
 def test_terminal_table_fits_100_columns_and_keeps_the_numbers():
-    from utils.compare import terminal_table
+    from bench.tables import terminal_table
 
     table = _table(purpose="smoke test: a few epochs, numbers are not results")
     wide = markdown(table)
@@ -453,7 +453,7 @@ def test_terminal_table_fits_100_columns_and_keeps_the_numbers():
 
 
 def test_purpose_and_time_note_in_markdown_and_page():
-    from utils.report import html_page
+    from bench.report import html_page
 
     table = _table(purpose="smoke test: a few epochs, numbers are not results")
     md = markdown(table)
@@ -465,7 +465,7 @@ def test_purpose_and_time_note_in_markdown_and_page():
 
 
 def test_smoke_grid_says_its_numbers_are_not_results():
-    from defense import compare
+    from bench import compare
 
     values = compare.resolve(["--grid", str(ROOT / "config/grid/digits_smoke.yaml")], {})
     spec = compare.load_grid(ROOT / "config/grid/digits_smoke.yaml", values)
@@ -475,7 +475,7 @@ def test_smoke_grid_says_its_numbers_are_not_results():
 def test_curves_end_with_the_returned_models_row(tmp_path):
     """ANP's <name>_df.csv ends with a row without an epoch (the pruned model): the curve
     ends with it, as the table does."""
-    from utils.report import mean_curve, seeds_text
+    from bench.report import mean_curve, seeds_text
 
     folder = tmp_path / "anp"
     folder.mkdir()
@@ -493,7 +493,7 @@ def test_history_plot_keeps_the_row_without_an_epoch():
 
 
 def test_scatter_shifts_markers_that_would_hide_each_other():
-    from utils.report import OFFSET, scatter_position
+    from bench.report import OFFSET, scatter_position
 
     assert scatter_position(10.0, 90.0, []) == (10.0, 90.0)
     assert scatter_position(10.0, 90.0, [(10.2, 90.1)]) == (10.0 + OFFSET, 90.0)

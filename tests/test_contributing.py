@@ -20,10 +20,10 @@ import defense
 from attack.contract import CONTRACT as ATTACK_CONTRACT
 from defense.contract import CONTRACT as DEFENSE_CONTRACT
 from utils import config as cfg
-from utils.contract import RULES, ContractError
+from tools.contract import RULES, ContractError
 from utils.errors import UserError
 from utils.registry import load_plugins
-from utils.scaffold import check_new_name, listing_text, main
+from tools.scaffold import check_new_name, listing_text, main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}

@@ -22,7 +22,7 @@ import torch
 import attack
 import defense
 import utils.train
-from defense import compare
+from bench import compare
 from test_reliability import (REAL_SAVE, badnet_args, command_line, interrupt_after, refused, sau_args,
                                     snapshot, write_raw)
 from utils import config as cfg

@@ -71,11 +71,11 @@ from typing import Any, Callable, Literal, Sequence
 
 from utils import config as cfg
 from utils.cli import entry
-from utils.compare import (Progress, Run, Table, aggregate, config_diff, detection_markdown, detection_table, execute,
+from bench.tables import (Progress, Run, Table, aggregate, config_diff, detection_markdown, detection_table, execute,
                            identity_problem, markdown, read_json, terminal_table, to_csv, to_json)
 from utils.config import Param
 from utils.errors import UserError
-from utils.executors import Resources, make_executor
+from bench.executors import Resources, make_executor
 from utils.records import RECORD_FILE, inside_root, load_record, record_dir, save_json, save_text
 
 log = logging.getLogger("saubench.compare")
@@ -280,12 +280,12 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
     outputs = [out_dir / n for n in ("table.md", "table_by_record.md", "table.csv", "table.json")]
     plots: list[tuple[str, Path]] = []
     if values["plots"] or values["html"]:
-        from utils.report import make_plots
+        from bench.report import make_plots
 
         plots = make_plots(table, out_dir)
         outputs += [p for _, p in plots]
     if values["html"]:
-        from utils.report import html_page
+        from bench.report import html_page
 
         import html
 
@@ -710,6 +710,6 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
 
 if __name__ == "__main__":
     # Run as the package's module so that worker processes and Ray find its functions by name.
-    from defense.compare import main as _package_main
+    from bench.compare import main as _package_main
 
     _package_main()

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.compare import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of, table_note
+from bench.tables import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of, table_note
 from utils.history import cell_number, epochs_of, read_csv
 from utils.records import atomic_write
 

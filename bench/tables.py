@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from utils.config import config_diff  # noqa: F401  (the one config diff; the comparison's callers import it here)
 from utils.errors import UserError
-from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
+from bench.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
 
 # unavailable: not run because what it needs does not exist (e.g. no tuned recipe)
 Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "unavailable"]
