@@ -76,7 +76,8 @@ from bench.tables import (Progress, Run, Table, aggregate, config_diff, detectio
 from utils.config import Param
 from utils.errors import UserError
 from bench.executors import Resources, make_executor
-from utils.records import RECORD_FILE, inside_root, load_record, record_dir, save_json, save_text
+from utils.files import inside_root, save_json, save_text
+from utils.records import RECORD_FILE, load_record, record_dir
 
 log = logging.getLogger("saubench.compare")
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from bench.tables import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of, table_note
 from utils.history import cell_number, epochs_of, read_csv
-from utils.records import atomic_write
+from utils.files import atomic_write
 
 MARKERS = "osD^v<>pPXh*"
 

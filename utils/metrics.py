@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.datasets import ImageData
-from utils.records import PoisonedSet
+from utils.poison import PoisonedSet
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
