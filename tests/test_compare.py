@@ -17,7 +17,8 @@ import pytest
 
 import defense
 from bench import compare
-from bench.tables import NO_DEFENSE, Run, aggregate, config_diff, markdown, read_json, to_csv, to_json
+from bench.jobs import Run, read_json
+from bench.tables import NO_DEFENSE, aggregate, config_diff, markdown, to_csv, to_json
 from utils.errors import UserError
 from bench.executors import DependencyFailed, InlineExecutor, ProcessExecutor
 

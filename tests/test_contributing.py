@@ -40,7 +40,8 @@ def import_file(path: Path, name: str):
 
 # -- `new`, in a temporary copy of the project ---------------------------------------------------
 
-COPIED = ["attack", "defense", "utils", "config", "scripts", "README.md", "pyproject.toml", "tests/conftest.py",
+COPIED = ["attack", "bench", "defense", "tools", "utils", "config", "scripts", "README.md", "pyproject.toml",
+          "tests/conftest.py",
           "tests/test_defense_contract.py", "tests/test_attack_contract.py", "tests/test_attack.py",
           "tests/test_contributing.py"]
 
