@@ -1,4 +1,4 @@
-"""The attack contract (see utils.contract for the rules): the checks that read the class,
+"""The attack contract (see tools.contract for the rules): the checks that read the class,
 and the checks that run it through the harness on digits.
 
     from attack.contract import CONTRACT

@@ -8,6 +8,7 @@ as one table (Markdown on stdout; .md, .csv, .json), plots and an HTML page.
     python defense/compare.py --grid config/grid/digits_smoke.yaml --html
     python defense/compare.py --grid config/grid/cifar10_paper.yaml --jobs 4           # one worker per GPU
     python defense/compare.py --grid config/grid/cifar10_paper.yaml --executor ray --ray_address auto
+    python -m bench --grid config/grid/digits_smoke.yaml   # the same command (defense/compare.py is its alias)
 
 What it runs. With ``--result_file``, the records must exist; with ``--grid`` (a YAML file
 naming datasets, models, attacks and defenses with their options, and seeds; see
@@ -133,7 +134,8 @@ def main() -> None:
 
 
 def resolve(argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
-    parser = cfg.build_parser("defense/compare.py", PARAMS, (__doc__ or "").strip().split("\n")[0])
+    prog = "python -m bench" if _invocation() == "python -m bench" else "defense/compare.py"
+    parser = cfg.build_parser(prog, PARAMS, (__doc__ or "").strip().split("\n")[0])
     cli = cfg.parse_cli(parser, argv)
     values = cfg.resolve(PARAMS, [cfg.Layer("keyword arguments", overrides)], cli)
     if (values["grid"] is None) == (values["result_file"] is None):
@@ -248,7 +250,7 @@ RECIPE_LINES = {
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
                   detection: dict[str, Any] | None = None) -> dict[str, Any]:
     """The tables (mitigation defenses; detectors, when any, in their own table after it:
-    ``detection`` of :func:`utils.compare.detection_table`), their files and plots."""
+    ``detection`` of :func:`bench.tables.detection_table`), their files and plots."""
     family = values.get("recipes", "reference")
     after = "" if detection is None else "\n" + detection_markdown(detection) + "\n"
     texts = {rows: markdown(table, rows) + "\n" + RECIPE_LINES[family] + "\n" + after
@@ -284,6 +286,12 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
             "outputs": [str(p) for p in outputs]}
 
 
+def _invocation() -> str | None:
+    """How the command was started: ``python -m bench``, ``python defense/compare.py``, or
+    None (from Python)."""
+    return {"compare.py": "python defense/compare.py", "__main__.py": "python -m bench"}.get(Path(sys.argv[0]).name)
+
+
 def about(values: dict[str, Any]) -> list[tuple[str, str]]:
     """What the HTML page says of how it was made: the command, the config, the date and
     the machine."""
@@ -291,9 +299,8 @@ def about(values: dict[str, Any]) -> list[tuple[str, str]]:
     import os
     import platform
 
-    args = sys.argv[1:] if Path(sys.argv[0]).name in ("compare.py", "__main__.py") else None
-    command = ("python defense/compare.py " + " ".join(args)) if args is not None else \
-        "defense.compare.run(...) from Python"
+    script = _invocation()
+    command = f"{script} {' '.join(sys.argv[1:])}" if script is not None else "bench.compare.run(...) from Python"
     config = f"grid {values['grid']}" if values.get("grid") else "records " + " ".join(values.get("result_file") or [])
     options = {k: v for k, v in values.items() if k in ("seeds", "defenses", "smoke", "recipes", "device", "option")
                and v not in (None, False, [])}

@@ -1,4 +1,4 @@
-"""The defense contract (see utils.contract for the rules): the checks that read the class,
+"""The defense contract (see tools.contract for the rules): the checks that read the class,
 and the checks that run it through the harness on an attack record.
 
     from defense.contract import CONTRACT

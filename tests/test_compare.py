@@ -1,6 +1,6 @@
-"""defense/compare.py and its pieces: aggregation and table rendering (utils.compare),
-executors (utils.executors), resume, failures, config mismatches, grids, plots and the
-HTML page (utils.report)."""
+"""The comparison (bench/, also python defense/compare.py) and its pieces: aggregation and
+table rendering (bench.tables), runs and executors (bench.jobs, bench.executors), resume,
+failures, config mismatches, grids (bench.grid), plots and the HTML page (bench.report)."""
 from __future__ import annotations
 
 import base64
@@ -17,10 +17,10 @@ import pytest
 
 import defense
 from bench import compare
+from bench.executors import DependencyFailed, InlineExecutor, ProcessExecutor
 from bench.jobs import Run, read_json
 from bench.tables import NO_DEFENSE, aggregate, config_diff, markdown, to_csv, to_json
 from utils.errors import UserError
-from bench.executors import DependencyFailed, InlineExecutor, ProcessExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,6 +308,22 @@ def test_shipped_grids_ask_for_what_they_say():
     assert {r.options.get("clean_model") for r in attacks.records if r.attack in ("lf", "trojannn")} == {
         "prototype_fashion_mnist"}
     assert list(attacks.defenses) == ["sau"] and attacks.defenses["sau"]["eval_every"] == 5
+
+
+def test_python_m_bench_and_the_defense_compare_alias_are_one_command(record_root, tmp_path):
+    import defense.compare
+
+    assert defense.compare.run is compare.run and defense.compare.main is compare.main
+    assert "compare" not in defense.DEFENSES.names()  # the alias is no defense
+    env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "bench", "--grid", str(_grid(tmp_path, TINY_GRID.replace(
+        "[badnet]", "[badnett]"))), "--record_root", str(record_root)], cwd=ROOT, capture_output=True, text=True,
+        env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "unknown attack 'badnett'" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m bench")
 
 
 def test_command_line_prints_the_table_and_exits_2_on_bad_input(record_root, tmp_path):
