@@ -51,9 +51,10 @@ from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
+from utils.files import StagedFolder, save_json
+from utils.poison import PoisonedSet
 from utils.provenance import provenance
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
-                           save_json)
+from utils.records import AttackRecord, live_defense_locks, load_record, record_dir
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
                            replay, resolve_device, seed_everything)

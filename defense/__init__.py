@@ -14,7 +14,7 @@ from utils.registry import import_package_modules, load_plugins
 
 PLUGIN_GROUP = "saubench.defenses"
 
-# compare: the comparison command; contract: the contract checks; tune: the tuning command.
+# compare: the alias of python -m bench (bench/compare.py); contract: the contract checks; tune: the tuning command.
 # None is a defense.
 import_package_modules("defense", skip=("base", "compare", "contract", "tune"))
 load_plugins(DEFENSES, PLUGIN_GROUP, Defense)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import utils.backdoorbench  # noqa: F401  (registers the reader of BackdoorBench's records)
 from utils import config as cfg
 from utils.cli import entry, guarded
 from utils.config import Layer, Param
@@ -62,9 +63,11 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, detection_text, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
-                           record_dir, save_defense_result, save_json, save_png, save_text)
+from utils.files import StagedFolder, save_json, save_png, save_text
+from utils.poison import PoisonedSet
 from utils.provenance import provenance
+from utils.records import (AttackRecord, check_record_unchanged, load_record, locate_record, record_dir,
+                           save_defense_result)
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
                            resolve_device, seed_everything)

@@ -2,12 +2,12 @@
 Backdooring Attacks on Deep Neural Networks", RAID 2018 (arXiv:1805.12185).
 
 Idea: a backdoor tends to live in neurons that clean inputs leave dormant. Run the
-defender's clean data (with the train transform, as BackdoorBench) through the model and record the mean activation of every channel
-of the last convolutional layer (the model's ``feature_layer``, whose channels feed the
-classifier); prune channels in increasing order of activation, one step at a time,
-while the clean accuracy stays within a tolerance of the unpruned model's; then fine-tune
-the pruned model on the clean data (the pruned channels stay at zero), which removes what
-pruning alone leaves of the backdoor.
+defender's clean data (with the train transform, as BackdoorBench) through the model and
+record the mean activation of every channel of the last convolutional layer (the model's
+``feature_layer``, whose channels feed the classifier); prune channels in increasing order
+of activation, one step at a time, while the clean accuracy stays within a tolerance of
+the unpruned model's; then fine-tune the pruned model on the clean data (the pruned
+channels stay at zero), which removes what pruning alone leaves of the backdoor.
 
 Pruning is a 0/1 mask on the output channels of the feature layer
 (``Classifier.set_mask``): the mask is a buffer of the model, so it is saved in

@@ -52,8 +52,9 @@ from utils.cli import entry
 from utils.config import Param
 from utils.errors import UserError
 from utils.metrics import Metrics, der
+from utils.files import save_json, save_text
 from utils.provenance import provenance
-from utils.records import AttackRecord, record_dir, save_json, save_text
+from utils.records import AttackRecord, record_dir
 from utils.runtime import log_to, resolve_device, seed_everything
 
 log = logging.getLogger("saubench.tune")

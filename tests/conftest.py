@@ -13,6 +13,8 @@ os.environ.setdefault("SAUBENCH_NO_PROGRESS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import utils.backdoorbench  # noqa: E402, F401  (registers the reader of BackdoorBench's records, as the harness does)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from defense import compare
+from bench import compare
 from utils.attempts import attempts_in
 from utils.cluster import parse_memory, parse_resources
 from utils.errors import UserError
@@ -179,7 +179,8 @@ def test_each_node_must_see_the_record_root_the_datasets_and_the_code(tmp_path, 
 
 
 def test_a_failure_names_its_log_only_when_the_log_exists(tmp_path):
-    from utils.compare import Run, aggregate, notes_of
+    from bench.jobs import Run
+    from bench.tables import aggregate, notes_of
 
     lost = Run("defense", "r1", "ft", 0, log=tmp_path / "never-written.log", status="failed",
                message="Ray: The worker died unexpectedly (tried 2 times)")
@@ -385,7 +386,7 @@ def test_ray_code_working_dir_ships_this_checkout_with_its_version(tmp_path):
     if ray.is_initialized():
         pytest.skip("Ray is already initialized in this process")
     from utils.cluster import runtime_env
-    from utils.executors import RayExecutor
+    from bench.executors import RayExecutor
     from utils.provenance import code_version
 
     with RayExecutor(None, 1, runtime_env=runtime_env("working_dir")) as ex:

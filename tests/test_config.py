@@ -183,10 +183,10 @@ def test_run_controls_are_marked_once_and_every_list_derives_from_the_marks():
     assert set(attack_base.APART_KEYS) == {"resume", "save_every", "export_backdoorbench"}
     # --eval_every: only the rows of a defense's curve; an attack may train differently with it
     assert "eval_every" in defense_base.CONTROL_KEYS and "eval_every" not in attack_base.CONTROL_KEYS
-    import utils.compare
+    import bench.tables
     import utils.train
-    assert not hasattr(utils.train, "RESUME_IGNORES") and not hasattr(utils.compare, "IGNORED_CONFIG_KEYS")
-    assert utils.compare.config_diff is cfg.config_diff
+    assert not hasattr(utils.train, "RESUME_IGNORES") and not hasattr(bench.tables, "IGNORED_CONFIG_KEYS")
+    assert bench.tables.config_diff is cfg.config_diff
 
 
 def test_config_diff_skips_the_given_keys_and_near_equal_floats():

@@ -13,7 +13,8 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from utils.errors import UserError
-from utils.records import StagedFolder, checkpoint_epoch
+from utils.files import StagedFolder
+from utils.records import checkpoint_epoch
 from utils.runtime import Terminated, raise_terminated
 
 

@@ -1,4 +1,4 @@
-"""Lease locks: the lock of a run's output folder (:class:`utils.records.StagedFolder`)
+"""Lease locks: the lock of a run's output folder (:class:`utils.files.StagedFolder`)
 held with a heartbeat, so that a run killed with its machine does not block the folder
 forever.
 

@@ -95,8 +95,8 @@ def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradSca
 @contextlib.contextmanager
 def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send the project's log records to the console (``level`` and up) and, when
-    ``folder`` is given, to a file in it (everything, DEBUG included); handlers are removed again on exit so that runs in one process do not
-    write into each other's logs."""
+    ``folder`` is given, to a file in it (everything, DEBUG included); handlers are removed
+    again on exit so that runs in one process do not write into each other's logs."""
     handlers: list[logging.Handler] = []
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = _Console(sys.stderr)

@@ -249,8 +249,8 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError:
-            raise UserError("--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'sau-bench[ray-default]' for the "
-                            "dashboard and ray list)") from None
+            raise UserError("--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'sau-bench[ray-default]' for "
+                            "the dashboard and ray list)") from None
         self._ray = ray
         self._owns = not ray.is_initialized()
         if runtime_env is not None and not self._owns:
