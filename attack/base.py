@@ -49,7 +49,7 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
-from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
+from utils.poison import (batch_poison_count, bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
                            save_json)
@@ -61,6 +61,27 @@ from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_schedu
 log = logging.getLogger("saubench")
 
 Kind = Literal["clean", "dirty-label", "clean-label", "training-controlled"]
+
+
+@dataclass(frozen=True)
+class PoisonPolicy:
+    """How the run poisons, as the harness resolved it (--pratio, --attack_target,
+    --attack_label_trans and the dataset's classes). An attack that poisons batches itself
+    (training-controlled) applies it through :meth:`count` and :meth:`relabel` (from
+    ``ctx.policy`` or ``training.policy``) instead of reading the config."""
+
+    pratio: float
+    target: int
+    label_trans: str
+    num_classes: int
+
+    def count(self, batch_size: int, generator: torch.Generator | None = None) -> int:
+        """How many samples of a batch of ``batch_size`` to poison (utils.poison.batch_poison_count)."""
+        return batch_poison_count(self.pratio, batch_size, generator)
+
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """The attacker's labels for poisoned samples whose true labels are ``labels``."""
+        return target_labels(labels, self.label_trans, self.target, self.num_classes)
 
 
 @dataclass
@@ -82,6 +103,11 @@ class AttackContext:
     @property
     def pratio(self) -> float:
         return float(self.config["pratio"])
+
+    @property
+    def policy(self) -> PoisonPolicy:
+        """The run's poisoning ratio, target and label transform (:class:`PoisonPolicy`)."""
+        return PoisonPolicy(self.pratio, self.target, self.label_trans, self.num_classes)
 
     def seed(self) -> int:
         """A fresh seed drawn from the run's generator (for an attack's own torch.Generator)."""
@@ -133,6 +159,8 @@ class Training:
         self.schedulers: list[Any] = [] if scheduler is None else [scheduler]
         self.scaler = grad_scaler(device, self.amp)
         self.generator = torch.Generator().manual_seed(int(values["random_seed"]))
+        self.policy = PoisonPolicy(float(values["pratio"]), int(values["attack_target"]),
+                                   str(values["attack_label_trans"]), info.num_classes)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """The dataset's train transform."""

@@ -57,7 +57,6 @@ from attack.base import Attack, AttackContext, Training, register_attack, run
 from utils.config import non_negative, positive, unit_interval
 from utils.errors import UserError
 from utils.models import Normalize
-from utils.poison import batch_poison_count, target_labels
 
 log = logging.getLogger("saubench")
 
@@ -185,8 +184,6 @@ class InputAware(Attack):
         self.net_g = Generator(info.channels, info.channels, info.size, info.mean, info.std).to(ctx.device)
         self.net_m = Generator(info.channels, 1, info.size, info.mean, info.std).to(ctx.device)
         self._generator = torch.Generator().manual_seed(ctx.seed())
-        self._target, self._label_trans, self._num_classes = ctx.target, ctx.label_trans, ctx.num_classes
-        self._pratio = ctx.pratio
 
     # -- the triggers --------------------------------------------------------------------------------
 
@@ -233,7 +230,7 @@ class InputAware(Attack):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.net_g.train()
         n = len(x)
-        n_bd = batch_poison_count(self._pratio, n, self._generator)
+        n_bd = training.policy.count(n, self._generator)
         n_cross = min(n_bd, n - n_bd)
         parts, loss_div = [], 0.0
         if n_bd:
@@ -246,7 +243,7 @@ class InputAware(Attack):
             parts.append(clean + (patterns2 - clean) * threshold(self.net_m(x2)))
             loss_div = self.lambda_div * diversity(x[:n_cross], x2, patterns[:n_cross], patterns2)
         inputs = torch.cat([*parts, x[n_bd + n_cross:]])
-        targets = torch.cat([target_labels(y[:n_bd], self._label_trans, self._target, self._num_classes), y[n_bd:]])
+        targets = torch.cat([training.policy.relabel(y[:n_bd]), y[n_bd:]])
         logits = training.model(inputs)
         return F.cross_entropy(logits, targets) + loss_div, logits, targets
 

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 
 from attack.base import Attack, AttackContext, register_attack, run
 from utils.config import non_negative, positive
-from utils.poison import batch_poison_count, target_labels
 from utils.train import BatchHook
 
 
@@ -106,8 +105,6 @@ class WaNet(Attack):
         self._generator = torch.Generator().manual_seed(ctx.seed())
         self.noise_grid = random_field(self.k, *ctx.dataset.info.size, self._generator)
         self.grid = warping_grid(self.noise_grid, self.s, self.grid_rescale)
-        self._target, self._label_trans, self._num_classes = ctx.target, ctx.label_trans, ctx.num_classes
-        self._pratio = ctx.pratio
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return warp(x, self.grid)
@@ -119,12 +116,14 @@ class WaNet(Attack):
         return warp(x, (self.grid + noise / height).clamp(-1, 1))
 
     def batch_hook(self, ctx: AttackContext) -> BatchHook:
+        policy = ctx.policy  # the run's pratio, target and label transform
+
         def hook(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            n_bd = batch_poison_count(self._pratio, len(x), self._generator)
+            n_bd = policy.count(len(x), self._generator)
             n_cross = min(int(n_bd * self.cross_ratio), len(x) - n_bd)
             bd = self.apply(x[:n_bd])
             noisy = self.cross(x[n_bd:n_bd + n_cross])
-            y_bd = target_labels(y[:n_bd], self._label_trans, self._target, self._num_classes)
+            y_bd = policy.relabel(y[:n_bd])
             return torch.cat([bd, noisy, x[n_bd + n_cross:]]), torch.cat([y_bd, y[n_bd:]])
 
         return hook

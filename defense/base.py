@@ -65,9 +65,9 @@ from utils.models import Classifier
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
                            record_dir, save_defense_result, save_json, save_png, save_text)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
-                           resolve_device, seed_everything)
-from utils.train import Checkpoint, batches, predict
+from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
+                           replay, resolve_device, seed_everything, sign_scale)
+from utils.train import Checkpoint, batches, check_all_finite, check_finite, first_non_finite, predict
 
 log = logging.getLogger("saubench")
 
@@ -105,6 +105,7 @@ class Monitor:
         self.eval_seconds = 0.0
         self._last: tuple[int, tuple, list[tuple[str, torch.Tensor]], Metrics] | None = None
         self._bar: Any = None  # the epochs' progress bar, from the first report to the last epoch
+        self.undeclared_last_epoch: int | None = None  # used when no data.epochs(n) declared the loop
 
     def evaluate(self, model: nn.Module) -> Metrics:
         """The harness's metrics of ``model``, reused when ``model`` has not changed since
@@ -122,6 +123,8 @@ class Monitor:
         return metrics
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
+        if self.last_epoch is None and self.undeclared_last_epoch is not None:
+            self.last_epoch, self.undeclared_last_epoch = self.undeclared_last_epoch, None
         row = self.history.add(epoch=epoch, **{k: float(v) for k, v in values.items()})
         if self._bar is None and self.last_epoch is not None and epoch < self.last_epoch:
             self._bar = progress(desc="epochs", total=self.last_epoch + 1, unit="epoch", delay=0.0)
@@ -141,9 +144,45 @@ class Monitor:
 
 
 @dataclass
-class DefenseData:
+class Outputs:
+    """What a method hands the harness besides its model (or its detection): tensors saved
+    with the result (``extras``: defense_result.pt, and PNGs for ``image_extras``) and
+    plain values added to summary.json (``summary``). Filled through
+    :meth:`DefenseData.add_extras` and :meth:`DefenseData.add_summary`."""
+
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class HandsOver:
+    """What every kind's data object offers a method to hand results to the harness
+    (:class:`Outputs`), instead of attributes left on the method for the harness to read.
+    ``HandsOver()`` alone collects them for a data-free method called outside the harness."""
+
+    outputs: Outputs
+
+    def __init__(self) -> None:
+        self.outputs = Outputs()
+
+    def add_extras(self, **tensors: torch.Tensor) -> None:
+        """Tensors saved with the result (a pruning mask, reversed triggers); a key of the
+        method's ``image_extras`` holds N x C x H x W images in [0, 1], also written as PNGs."""
+        self.outputs.extras.update(tensors)
+
+    def add_summary(self, **values: Any) -> None:
+        """Plain values (numbers, strings, lists, dicts of them) added to summary.json."""
+        self.outputs.summary.update(values)
+
+
+@dataclass
+class DefenseData(HandsOver):
     """The defender's resources: a small clean subset of the training set (uint8, on the
-    CPU), the dataset's declared info and train transform, the device, and a seed."""
+    CPU), the dataset's declared info and train transform, the device, and a seed.
+
+    Besides the data, the one way a method talks to the harness: :meth:`epochs` (its epoch
+    loop: how many, resumable), :meth:`step` (an optimisation step: loss scaling under
+    float16, the NaN check), :meth:`report` (an epoch's numbers), :meth:`add_extras` and
+    :meth:`add_summary` (what the result keeps)."""
 
     clean: ImageData
     info: DatasetInfo
@@ -153,6 +192,13 @@ class DefenseData:
     monitor: Monitor | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
     _on_device: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # not fields: what the method hands over, checks it deferred, its gradient scaler (a
+        # copy, dataclasses.replace, starts with its own)
+        self.outputs = Outputs()
+        self._pending: list[tuple[torch.Tensor, int, int, str]] = []
+        self._scaler: torch.amp.GradScaler | None = None
 
     @property
     def num_classes(self) -> int:
@@ -184,7 +230,66 @@ class DefenseData:
         return torch.Generator().manual_seed(self.seed + offset)
 
     def autocast(self):
+        """Mixed precision for forward passes (``--amp`` on CUDA); a no-op otherwise."""
         return autocast(self.device, self.amp)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The run's gradient scaler (active only under float16 autocast), used by
+        :meth:`step` and saved with the checkpoint by :meth:`resume`."""
+        if self._scaler is None:
+            self._scaler = grad_scaler(self.device, self.amp)
+        return self._scaler
+
+    @property
+    def sign_scale(self) -> float:
+        """The factor to multiply a loss by before differentiating it when only the
+        gradient's sign is used (1024 under float16 autocast, else 1: utils.runtime.sign_scale)."""
+        return sign_scale(self.device, self.amp)
+
+    def check(self, value: torch.Tensor, *, epoch: int, batch: int, what: str = "loss", defer: bool = False) -> None:
+        """Stop the run with one line (naming ``what``, ``epoch`` and ``batch``) when
+        ``value`` holds a NaN or an infinity. ``defer``: check at the next :meth:`report`
+        (or when the method returns) instead, all deferred values with one host sync."""
+        if defer:
+            self._pending.append((first_non_finite(value), epoch, batch, what))
+        else:
+            check_finite(value, epoch, batch, what)
+
+    def check_deferred(self) -> None:
+        """Check the values :meth:`check` deferred (the harness calls it; so does :meth:`report`)."""
+        pending, self._pending[:] = list(self._pending), []
+        check_all_finite(pending)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, epoch: int, batch: int,
+             what: str = "loss", defer_check: bool = False,
+             gradients: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """One optimisation step of ``optimizer`` on ``loss``, the same for every method:
+        the NaN check (:meth:`check`), zeroed gradients, the backward pass through the
+        gradient scaler (loss scaling under float16 autocast), the optimizer's step and the
+        scaler's update. ``gradients``: (parameter, gradient) pairs the method computed
+        itself (from ``data.scaler.scale(loss)``, e.g. a hypergradient) to step along
+        instead of ``loss``'s backward pass. Returns ``loss`` detached (no host sync)."""
+        self.check(loss, epoch=epoch, batch=batch, what=what, defer=defer_check)
+        optimizer.zero_grad(set_to_none=True)
+        if gradients is None:
+            self.scaler.scale(loss).backward()
+        else:
+            for p, g in gradients:
+                p.grad = g.detach()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def epochs(self, count: int, **resumable: Any) -> range:
+        """The epochs of the method's main loop, ``for epoch in data.epochs(self.epochs, ...)``:
+        tells the harness how many there are (the last one is always evaluated; the progress
+        bar) and, with ``resumable`` objects, makes the loop resumable (:meth:`resume`): the
+        range then starts after a restored checkpoint's epoch."""
+        if self.monitor is not None:
+            self.monitor.last_epoch = count - 1
+        start = self.resume(**resumable) if resumable else 0
+        return range(start, count)
 
     def resume(self, **objects: Any) -> int:
         """Make the calling epoch loop resumable; returns the epoch to start from.
@@ -194,10 +299,11 @@ class DefenseData:
         :meth:`report` also saves them, with the random states and the history rows,
         every ``--save_every`` epochs and after the last. With ``--resume`` and a
         checkpoint, their states are restored and the epoch after the saved one is
-        returned; otherwise 0. One loop per run may call it."""
+        returned; otherwise 0. One loop per run may call it. The gradient scaler of
+        :meth:`step` is saved with them."""
         if self.checkpoint is None:
             return 0
-        self.checkpoint.track(**objects)
+        self.checkpoint.track(**{"scaler": self.scaler, **objects})
         restored = self.checkpoint.restore()
         if restored is None:
             return 0
@@ -207,7 +313,9 @@ class DefenseData:
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
         """Record this epoch's numbers (losses, rates); the harness may evaluate the model
-        and, after :meth:`resume`, save a checkpoint."""
+        and, after :meth:`resume`, save a checkpoint. The values :meth:`check` deferred
+        are checked first."""
+        self.check_deferred()
         if self.monitor is not None:
             self.monitor.report(epoch, model, **values)
         last = self.monitor.last_epoch if self.monitor is not None else None
@@ -220,8 +328,10 @@ class DefenseData:
         cut = len(order) - max(1, int(round(fraction * len(order))))
         parts = []
         for idx in (order[:cut], order[cut:]):
-            parts.append(DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor,
-                                     self.checkpoint))
+            part = DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor,
+                               self.checkpoint)
+            part.outputs, part._pending, part._scaler = self.outputs, self._pending, self.scaler
+            parts.append(part)
         return parts[0], parts[1]
 
 
@@ -317,11 +427,13 @@ class Defense(Method):
         raise NotImplementedError
 
     def extras(self) -> dict[str, torch.Tensor]:
-        """Tensors saved with the result (a pruning mask, reversed triggers)."""
+        """Deprecated: hand tensors over with ``data.add_extras(...)`` in ``mitigate``
+        (``detect``, ``fit``). Still read by the harness, before what ``data`` holds."""
         return {}
 
     def report(self) -> dict[str, Any]:
-        """Plain values added to summary.json (e.g. a detection verdict)."""
+        """Deprecated: hand summary values over with ``data.add_summary(...)``. Still read
+        by the harness, before what ``data`` holds."""
         return {}
 
 
@@ -622,6 +734,13 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
     return data, idx
 
 
+def handed_over(defense: Defense, data: DefenseData | TrainingData) -> Outputs:
+    """What the method handed over through ``data`` (:meth:`DefenseData.add_extras`,
+    :meth:`DefenseData.add_summary`), after what its deprecated ``extras()`` and
+    ``report()`` hooks return (methods written before ``data.add_extras``)."""
+    return Outputs({**defense.extras(), **data.outputs.extras}, {**defense.report(), **data.outputs.summary})
+
+
 def _same(a: Any, b: float) -> bool:
     """Equal numbers, NaN equal to NaN."""
     return a == b or (isinstance(a, float) and a != a and b != b)
@@ -639,8 +758,11 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     def measure(m: nn.Module) -> Metrics:  # float32, whatever --amp says
         return evaluate(m, data.test, record.bd_test, device=device)
 
-    epochs = getattr(defense, "epochs", None)
-    monitor = Monitor(measure, values["eval_every"], epochs - 1 if isinstance(epochs, int) else None)
+    monitor = Monitor(measure, values["eval_every"])
+    # Deprecated: a method that does not declare its loop with data.epochs(n) but keeps an
+    # int attribute ``epochs`` has it read once it first reports (methods written before data.epochs).
+    legacy = getattr(defense, "epochs", None)
+    monitor.undeclared_last_epoch = legacy - 1 if isinstance(legacy, int) and not isinstance(legacy, bool) else None
     before = monitor.evaluate(model)
     log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
     defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
@@ -651,6 +773,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     if checkpoint is not None:
         checkpoint.start_clock()
     purified = defense.mitigate(model, defender)
+    defender.check_deferred()
     # a resumed run: the time of every part (stored in the checkpoint), not this part's only
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
@@ -659,7 +782,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
 
-    extras = defense.extras()
+    extras = handed_over(defense, defender).extras
     save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), extras)
     for key in defense.image_extras:
         for i, image in enumerate(extras.get(key, ())):
@@ -678,7 +801,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "before": before.headline(), "after": after.headline(),
         "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
-        "device": str(device), "clean_samples": len(idx), **defense.report(),
+        "device": str(device), "clean_samples": len(idx), **handed_over(defense, defender).summary,
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
     }
     save_json(summary, folder / "summary.json")
@@ -688,7 +811,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
 # -- the detection kinds ----------------------------------------------------------------------------
 
 @dataclass
-class TrainingData:
+class TrainingData(HandsOver):
     """What a data detector holds: the training set as the defender received it (uint8
     images and labels, the poisoned samples in place of their clean versions, on the
     CPU), the dataset's declared info, the device and a seed. No poison indicator, no
@@ -699,6 +822,9 @@ class TrainingData:
     device: torch.device
     amp: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.outputs = Outputs()  # not a field: what the method hands over
 
     @property
     def num_classes(self) -> int:
@@ -838,9 +964,9 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     else:
         save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
         log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
-        defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"])
+        held = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"])
         seed_everything(values["random_seed"])
-        detector = defense.fit(model, defender)
+        detector = defense.fit(model, held)
         clean = score_inputs(defense, detector, data.test.images, device)
         bd = score_inputs(defense, detector, record.bd_test.images, device)
         seconds = time.perf_counter() - start
@@ -861,7 +987,7 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     summary = {
         "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
         "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),
-        "device": str(device), **extra, **defense.report(),
+        "device": str(device), **extra, **handed_over(defense, held).summary,
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
     }
     save_json(summary, folder / "summary.json")

@@ -26,11 +26,13 @@ def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0
         images, labels = data.tensors()
     optimizer = make_optimizer(model.parameters(), "sgd", lr, momentum, weight_decay)
     scheduler = make_scheduler(optimizer, lr_scheduler, epochs)
-    scaler = grad_scaler(data.device, data.amp)
     generator = data.generator(seed_offset)
-    start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        generator=generator) if report else 0
-    for epoch in range(start, epochs):
+    if report:  # the run's loop: declared to the harness, resumable
+        scaler = data.scaler
+        loop = data.epochs(epochs, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator)
+    else:
+        scaler, loop = grad_scaler(data.device, data.amp), range(epochs)
+    for epoch in loop:
         stats = train_epoch(model, images, labels, optimizer, batch_size=batch_size, device=data.device,
                             epoch=epoch, augment=data.augment if augment else None, scaler=scaler, amp=data.amp,
                             generator=generator, desc=f"fine-tune {epoch}")

@@ -64,8 +64,7 @@ from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
 from utils import config as cfg
-from utils.runtime import grad_scaler
-from utils.train import check_finite, make_optimizer, make_scheduler
+from utils.train import make_optimizer, make_scheduler
 
 
 def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
@@ -182,17 +181,15 @@ class FTSAM(Defense):
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         optimizer = make_optimizer(model.parameters(), "sgd", self.lr, self.momentum, self.weight_decay)
         scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
-        scaler = grad_scaler(data.device, data.amp)
         generator = data.generator()
-        start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            generator=generator)
-        for epoch in range(start, self.epochs):
+        for epoch in data.epochs(self.epochs, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 generator=generator):
             model.train()
             total, correct, seen = 0.0, 0, 0
             for x, y in data.batches(self.batch_size, augment=True, generator=generator):
                 logits, loss = sam_step(model, optimizer, lambda out, y=y: smooth_cross_entropy(
-                    out, y, self.label_smoothing), x, self.rho, self.adaptive, data, scaler)
-                check_finite(loss, epoch, seen // self.batch_size)
+                    out, y, self.label_smoothing), x, self.rho, self.adaptive, data, data.scaler)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
