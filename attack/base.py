@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import entry, guarded
+from utils.cli import called_as_script, entry, guarded
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
@@ -241,15 +241,6 @@ class Attack(Method):
                 if isinstance(value, (nn.Module, torch.Generator))}
 
     @classmethod
-    def check_params(cls, values: dict[str, Any]) -> None:
-        """Raise ValueError for the first hyperparameter in ``values`` (e.g. an
-        ``__init__``'s ``locals()``) that fails its ``param_checks`` entry."""
-        for name, check in cls.param_checks.items():
-            complaint = check(values[name]) if name in values else None
-            if complaint:
-                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
-
-    @classmethod
     def defines(cls, hook: str) -> bool:
         """Does this attack define the optional hook ``hook`` (``cross``, ``train_step``)?"""
         return getattr(cls, hook) is not getattr(Attack, hook)
@@ -371,10 +362,21 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Run attack ``name``: from a script, ``run("badnet")`` reads the command line; from
-    Python, ``run("badnet", dataset="digits", epochs=5)`` returns the summary dict that
-    is also written to attack_summary.json."""
-    return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
+    """Run attack ``name`` from Python: ``run("badnet", dataset="digits", epochs=5)``
+    returns the summary dict that is also written to attack_summary.json; ``argv`` is a list of
+    command-line arguments. It never reads ``sys.argv``: a script calls :func:`main`.
+    (Deprecated: ``run("badnet")`` alone at the top level of the file Python runs as its
+    script, as method files did before :func:`main`, still forwards to :func:`main`.)"""
+    if argv is None and not overrides and called_as_script():
+        return main(name)
+    return entry(lambda args, kw: _run(name, args, kw), [] if argv is None else argv, overrides)
+
+
+def main(name: str) -> dict[str, Any]:
+    """The command line of attack ``name`` (``python attack/badnet.py ARGS``: the last line
+    of a method file is ``main("badnet")``): arguments from ``sys.argv``; a bad one ends
+    the process with one line on stderr and status 2."""
+    return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 
 def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack.base import Attack, AttackContext, Training, register_attack, run
+from attack.base import Attack, AttackContext, Training, main, register_attack
 from utils.config import non_negative, positive, unit_interval
 from utils.errors import UserError
 from utils.models import Normalize
@@ -169,7 +169,6 @@ class InputAware(Attack):
                  mask_density: float = 0.032, clean_train_epochs: int = 25,
                  schedulerG_milestones: list[int] = (200, 300, 400, 500), schedulerG_lambda: float = 0.1,
                  schedulerM_milestones: list[int] = (10, 20), schedulerM_lambda: float = 0.1):
-        self.check_params(locals())
         self.lr_G, self.lr_M = lr_G, lr_M
         self.lambda_div, self.lambda_norm = lambda_div, lambda_norm
         self.mask_density = mask_density
@@ -254,4 +253,4 @@ class InputAware(Attack):
 
 
 if __name__ == "__main__":
-    run("inputaware")
+    main("inputaware")

@@ -42,7 +42,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 import torch
 import torch.nn.functional as F
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, positive
 from utils.train import BatchHook
 
@@ -92,7 +92,6 @@ class WaNet(Attack):
     param_checks = {"k": positive, "s": non_negative, "grid_rescale": positive, "cross_ratio": non_negative}
 
     def __init__(self, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, cross_ratio: float = 2.0):
-        self.check_params(locals())
         self.k = k
         self.s = s
         self.grid_rescale = grid_rescale
@@ -133,4 +132,4 @@ class WaNet(Attack):
 
 
 if __name__ == "__main__":
-    run("wanet")
+    main("wanet")

@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingData, register_defense, run
+from defense.base import Defense, Detection, TrainingData, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -153,4 +153,4 @@ class AC(Defense):
 
 
 if __name__ == "__main__":
-    run("ac")
+    main("ac")

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
+from defense.base import Defense, DefenseData, frozen_copy, main, register_defense
 from utils import config as cfg
 from utils.errors import UserError
 from utils.metrics import accuracy
@@ -325,4 +325,4 @@ class ANP(Defense):
 
 
 if __name__ == "__main__":
-    run("anp")
+    main("anp")

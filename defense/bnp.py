@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.bnprune import Pruned, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
@@ -100,4 +100,4 @@ class BNP(Defense):
 
 
 if __name__ == "__main__":
-    run("bnp")
+    main("bnp")

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.bnprune import Pruned, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
@@ -114,4 +114,4 @@ class CLP(Defense):
 
 
 if __name__ == "__main__":
-    run("clp")
+    main("clp")

@@ -72,7 +72,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
 from utils.models import Classifier
@@ -201,4 +201,4 @@ class FP(Defense):
 
 
 if __name__ == "__main__":
-    run("fp")
+    main("fp")

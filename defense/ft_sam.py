@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from utils import config as cfg
 from utils.train import make_optimizer, make_scheduler
 
@@ -200,4 +200,4 @@ class FTSAM(Defense):
 
 
 if __name__ == "__main__":
-    run("ft_sam")
+    main("ft_sam")

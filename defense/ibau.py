@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from utils import config as cfg
 
 FixedPointMap = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
@@ -286,4 +286,4 @@ class IBAU(Defense):
 
 
 if __name__ == "__main__":
-    run("ibau")
+    main("ibau")

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
 from utils.errors import UserError
@@ -234,4 +234,4 @@ class NAD(Defense):
 
 
 if __name__ == "__main__":
-    run("nad")
+    main("nad")

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
+from defense.base import Defense, DefenseData, frozen_copy, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
 from utils.runtime import LOGGER_NAME
@@ -328,4 +328,4 @@ class NeuralCleanse(Defense):
 
 
 if __name__ == "__main__":
-    run("nc")
+    main("nc")

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.bnprune import Pruned, require_batchnorm
 from utils import config as cfg
 
@@ -190,4 +190,4 @@ class RNP(Defense):
 
 
 if __name__ == "__main__":
-    run("rnp")
+    main("rnp")

@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
+from defense.base import Defense, DefenseData, frozen_copy, main, register_defense
 from defense.sae import SAEResult, SharedAdversarialExamples
 from utils import config as cfg
 from utils.train import batches, make_optimizer, make_scheduler
@@ -204,4 +204,4 @@ class SAU(Defense):
 
 
 if __name__ == "__main__":
-    run("sau")
+    main("sau")

@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from defense.base import Defense, DefenseData, Detection, InputDetector, register_defense, run
+from defense.base import Defense, DefenseData, Detection, InputDetector, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -103,4 +103,4 @@ class STRIP(Defense):
 
 
 if __name__ == "__main__":
-    run("strip")
+    main("strip")

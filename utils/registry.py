@@ -50,6 +50,33 @@ class Method:
     param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
     smoke_params: ClassVar[dict[str, Any]] = {}
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Check the hyperparameters against ``param_checks`` on every route (the command
+        line, YAML, ``create_defense``/``create_attack``, the class called directly): the
+        one place. A failed check raises ValueError naming the hyperparameter."""
+        cls.check_params(cls._arguments(args, kwargs))
+        return super().__new__(cls)
+
+    @classmethod
+    def _arguments(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's arguments by name, defaults filled in (what binds: a wrong
+        call is left to ``__init__`` to refuse in Python's words)."""
+        try:
+            bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs)
+        except TypeError:
+            return {}
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    @classmethod
+    def check_params(cls, values: dict[str, Any]) -> None:
+        """Raise ValueError for the first hyperparameter in ``values`` that fails its
+        ``param_checks`` entry."""
+        for name, check in cls.param_checks.items():
+            complaint = check(values[name]) if name in values else None
+            if complaint:
+                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
+
     @classmethod
     def params(cls) -> list[cfg.Param]:
         return cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
