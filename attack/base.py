@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import called_as_script, entry, guarded
+from utils.cli import entry, guarded, python_call
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
@@ -367,9 +367,7 @@ def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[
     command-line arguments. It never reads ``sys.argv``: a script calls :func:`main`.
     (Deprecated: ``run("badnet")`` alone at the top level of the file Python runs as its
     script, as method files did before :func:`main`, still forwards to :func:`main`.)"""
-    if argv is None and not overrides and called_as_script():
-        return main(name)
-    return entry(lambda args, kw: _run(name, args, kw), [] if argv is None else argv, overrides)
+    return python_call(lambda args, kw: _run(name, args, kw), argv, overrides)
 
 
 def main(name: str) -> dict[str, Any]:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import called_as_script, entry, guarded
+from utils.cli import entry, guarded, python_call
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
@@ -559,20 +559,14 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Run defense ``name`` from Python: ``run("sau", result_file="badnet_digits", epochs=5)``
-    returns the summary dict that is also written to summary.json; ``argv`` is a list of
-    command-line arguments. It never reads ``sys.argv``: a script calls :func:`main`.
-    (Deprecated: ``run("sau")`` alone at the top level of the file Python runs as its
-    script, as method files did before :func:`main`, still forwards to :func:`main`.)"""
-    if argv is None and not overrides and called_as_script():
-        return main(name)
-    return entry(lambda args, kw: _run(name, args, kw), [] if argv is None else argv, overrides)
+    """Run defense ``name`` on an attack record from Python, ``run("sau", result_file="badnet_digits",
+    epochs=5)``, and return the summary (also in summary.json). Never reads ``sys.argv``
+    (utils.cli.python_call); ``argv``: a list of command-line arguments."""
+    return python_call(lambda args, kw: _run(name, args, kw), argv, overrides)
 
 
 def main(name: str) -> dict[str, Any]:
-    """The command line of defense ``name`` (``python defense/sau.py ARGS``: the last line
-    of a method file is ``main("sau")``): arguments from ``sys.argv``; a bad one ends
-    the process with one line on stderr and status 2."""
+    """``python defense/<name>.py ARGS``: the script entry point, reading ``sys.argv``."""
     return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 

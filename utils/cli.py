@@ -54,6 +54,17 @@ def entry(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] 
         sys.exit(143 if _terminated(exc) else 130)
 
 
+def python_call(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] | None,
+                overrides: dict[str, Any]) -> Any:
+    """The body of ``attack.run`` and ``defense.run``: :func:`entry` as a Python call,
+    ``argv`` None meaning no arguments (never ``sys.argv``). Deprecated forward: called
+    with nothing from the top level of the file Python runs as its script (a method file
+    written before ``main``), it is that script's command line."""
+    if argv is None and not overrides and called_as_script(3):
+        return entry(main, None, {})
+    return entry(main, [] if argv is None else argv, overrides)
+
+
 def called_as_script(depth: int = 2) -> bool:
     """Is the code ``depth`` frames above this function the top level of the file Python
     runs as its script (``python defense/sau.py``, ``python -m defense.sau``)? Not a
