@@ -325,7 +325,7 @@ def show_config(name: str, dataset: str) -> str:
         layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(recipe), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
     bd_yaml = cfg.method_yaml("attack", cls.name, dataset)
     if bd_yaml is not None and cls.name != "prototype":
-        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(bd_yaml), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
+        layers.extend(cfg.yaml_layers(bd_yaml, IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
     layers.append(Layer("--dataset", {"dataset": dataset}))
     return cfg.resolved_text(f"attack {cls.name} on {dataset}", params, layers)
 
@@ -348,7 +348,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
         layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(Path(recipe)), IGNORED_KEYS))
     bd_yaml = first.get("bd_yaml_path") or cfg.method_yaml("attack", name, dataset)
     if bd_yaml is not None and name != "prototype":
-        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(Path(bd_yaml)), IGNORED_KEYS))
+        layers.extend(cfg.yaml_layers(bd_yaml, IGNORED_KEYS))  # a dataset's file over default.yaml
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers, ("data_root", "record_root"))  # never from a YAML file
     values = cfg.resolve(params, layers, cli)

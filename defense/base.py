@@ -511,7 +511,7 @@ def show_config(name: str, dataset: str) -> str:
     cls = DEFENSES.get(name)
     params = [p for p in (*COMMON, *cls.params()) if not p.required and p.name != "yaml_path"]
     path = cfg.method_yaml("defense", cls.name, dataset)
-    layers = [] if path is None else [Layer(cfg.shown(path), cfg.read_yaml(path), IGNORED_KEYS)]
+    layers = [] if path is None else cfg.yaml_layers(path, IGNORED_KEYS)
     return cfg.resolved_text(f"defense {cls.name} on {dataset}", params, layers)
 
 
@@ -538,7 +538,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
     if yaml_path is not None:
-        layers.append(Layer(cfg.shown(yaml_path), cfg.read_yaml(Path(yaml_path)), IGNORED_KEYS))
+        layers.extend(cfg.yaml_layers(yaml_path, IGNORED_KEYS))  # a dataset's file over default.yaml
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
