@@ -530,11 +530,12 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
         raise UserError("missing required argument --result_file (an attack record in record/)")
     # --result_file: a record's name in --record_root, or the path of a record folder (its
     # parent then becomes the record root, so that the result is written beside it)
-    record_root, result_file = locate_record(Path(first.get("record_root", "record")), first["result_file"])
-    if result_file != first["result_file"]:
-        log.info("--result_file %s: record %s in the record root %s", first["result_file"], result_file, record_root)
+    # the attack record's name inside: record_name (--result_file on the command line, as BackdoorBench)
+    record_root, record_name = locate_record(Path(first.get("record_root", "record")), first["result_file"])
+    if record_name != first["result_file"]:
+        log.info("--result_file %s: record %s in the record root %s", first["result_file"], record_name, record_root)
     check_record_root(record_root)
-    record = load_record(record_dir(record_root, result_file), trust=first.get("trust_record", False))
+    record = load_record(record_dir(record_root, record_name), trust=first.get("trust_record", False))
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
     if yaml_path is not None:
@@ -542,7 +543,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
-    values["record_root"], values["result_file"] = str(record_root), result_file
+    values["record_root"], values["result_file"] = str(record_root), record_name
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):

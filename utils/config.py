@@ -592,13 +592,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 DEFAULT_YAML = "default.yaml"
 
 
-def method_yaml(kind: str, name: str, dataset: str) -> Path | None:
-    """``config/<kind>/<name>/<dataset>.yaml``, else ``.../default.yaml``, else None. A
+def method_yaml(side: str, name: str, dataset: str) -> Path | None:
+    """``config/<side>/<name>/<dataset>.yaml`` (``side``: attack or defense), else ``.../default.yaml``, else None. A
     ``dataset`` that is not a plain name (it may come from a record) is not looked up.
     The file found is read with :func:`yaml_layers` (a dataset's file over the default)."""
     plain_name = bool(dataset) and Path(dataset).name == dataset and not dataset.startswith(".")
-    mine = [CONFIG_DIR / kind / name / f"{dataset}.yaml"] if plain_name else []
-    for candidate in (*mine, CONFIG_DIR / kind / name / DEFAULT_YAML):
+    mine = [CONFIG_DIR / side / name / f"{dataset}.yaml"] if plain_name else []
+    for candidate in (*mine, CONFIG_DIR / side / name / DEFAULT_YAML):
         if candidate.is_file():
             return candidate
     return None
@@ -606,7 +606,7 @@ def method_yaml(kind: str, name: str, dataset: str) -> Path | None:
 
 def yaml_layers(path: Path | str, ignore: Iterable[str] = frozenset()) -> list[Layer]:
     """The layers a config file stands for, lowest first. A file beside a ``default.yaml``
-    (a method's file for one dataset, ``config/<kind>/<name>/<dataset>.yaml``, or any
+    (a method's file for one dataset, ``config/<side>/<name>/<dataset>.yaml``, or any
     file a user puts there) holds only what differs from that default and is read over it;
     ``default.yaml`` itself, and a file elsewhere, is read alone. Each layer keeps its own
     recipe metadata (:func:`recipe_of`): a dataset's file says its own recipe."""

@@ -97,10 +97,18 @@ class Method:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
+    """The methods of one side (``"attack"`` or ``"defense"``: ``side``), by name. A
+    method's ``kind`` is its category within its side (mitigation, dirty-label, ...)."""
+
+    def __init__(self, side: str):
+        self.side = side
         self._classes: dict[str, type[T]] = {}
         self._aliases: dict[str, str] = {}
+
+    @property
+    def kind(self) -> str:
+        """Deprecated name of :attr:`side` (``kind`` is a method's category)."""
+        return self.side
 
     def register(self, name: str, *, aliases: Iterable[str] = ()):
         """Class decorator: register under ``name`` (and ``aliases``); sets ``cls.name``."""
@@ -111,7 +119,7 @@ class Registry(Generic[T]):
                 if cls.__module__ == "__main__" or existing.__qualname__ == cls.__qualname__ and \
                         existing.__module__.rsplit(".", 1)[-1] == cls.__module__.rsplit(".", 1)[-1]:
                     return cls  # the same file run as a script; keep the package's class
-                raise ValueError(f"{self.kind} '{name}' is registered twice ({existing.__module__}, {cls.__module__})")
+                raise ValueError(f"{self.side} '{name}' is registered twice ({existing.__module__}, {cls.__module__})")
             cls.name = name  # type: ignore[attr-defined]
             self._classes[name] = cls
             for alias in aliases:
@@ -123,7 +131,7 @@ class Registry(Generic[T]):
     def canonical(self, name: str) -> str:
         name = self._aliases.get(name, name)
         if name not in self._classes:
-            raise unknown_name(self.kind, name, [*self._classes, *self._aliases])
+            raise unknown_name(self.side, name, [*self._classes, *self._aliases])
         return name
 
     def get(self, name: str) -> type[T]:
@@ -209,7 +217,7 @@ def load_plugins(registry: Registry[Any], group: str, base: type) -> list[str]:
                 if not registry.holds(obj):
                     registry.register(ep.name)(obj)
         except Exception as exc:  # any failure of third-party code: skip it, say which
-            warnings.warn(f"{registry.kind} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
+            warnings.warn(f"{registry.side} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             continue
         for name in sorted(set(registry.names()) - before):
