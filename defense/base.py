@@ -29,14 +29,14 @@ Tuning (``python -m defense tune``, defense/tune.py) reads a validation split th
 cuts from what the defender holds (:func:`validation_split`): part of the clean subset for
 C-Acc and the record's poisoned *training* images for ASR; never the test sets.
 
-Checkpoints and ``--resume``: a defense's epoch loop becomes resumable with one line,
-``start = data.resume(model=..., optimizer=..., scheduler=..., generator=...)`` before the
-loop and ``for epoch in range(start, epochs)``; ``data.report`` then also saves a
-checkpoint (those objects, the random states, the history rows) every ``--save_every``
-epochs and after the last, in the result's staging folder. With ``--resume`` the run
+Checkpoints and ``--resume``: a defense's epoch loop becomes resumable when it is written
+``for epoch in data.epochs(n, model=..., optimizer=..., scheduler=..., generator=...)``
+(``data.resume`` alone, before a hand-made loop, still works); ``data.report`` then also saves
+a checkpoint (those objects, the gradient scaler of ``data.step``, the random states, the
+history rows) every ``--save_every`` epochs and after the last, in the result's staging folder. With ``--resume`` the run
 goes on after the saved epoch and ends, on the same device with the same seed, with
 exactly the weights and the <name>_df.csv rows of an uninterrupted run. Work done before
-``data.resume`` (a teacher, a pruning step, a trigger search) is done again on resume,
+the loop (a teacher, a pruning step, a trigger search) is done again on resume,
 from the same seed; a defense that never calls it restarts from the beginning.
 """
 from __future__ import annotations
