@@ -31,9 +31,10 @@ C-Acc and the record's poisoned *training* images for ASR; never the test sets.
 
 Checkpoints and ``--resume``: a defense's epoch loop becomes resumable when it is written
 ``for epoch in data.epochs(n, model=..., optimizer=..., scheduler=..., generator=...)``
-(``data.resume`` alone, before a hand-made loop, still works); ``data.report`` then also saves
-a checkpoint (those objects, the gradient scaler of ``data.step``, the random states, the
-history rows) every ``--save_every`` epochs and after the last, in the result's staging folder. With ``--resume`` the run
+(``data.resume`` alone, before a hand-made loop, still works); ``data.report`` then also
+saves a checkpoint (those objects, the gradient scaler of ``data.step``, the random
+states, the history rows) every ``--save_every`` epochs and after the last, in the
+result's staging folder. With ``--resume`` the run
 goes on after the saved epoch and ends, on the same device with the same seed, with
 exactly the weights and the <name>_df.csv rows of an uninterrupted run. Work done before
 the loop (a teacher, a pruning step, a trigger search) is done again on resume,
