@@ -42,14 +42,14 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import entry, guarded
+from utils.cli import entry, guarded, python_call
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
 from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
-from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
+from utils.poison import (batch_poison_count, bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
 from utils.files import StagedFolder, save_json
 from utils.poison import PoisonedSet
@@ -63,6 +63,27 @@ from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_schedu
 log = logging.getLogger("saubench")
 
 Kind = Literal["clean", "dirty-label", "clean-label", "training-controlled"]
+
+
+@dataclass(frozen=True)
+class PoisonPolicy:
+    """How the run poisons, as the harness resolved it (--pratio, --attack_target,
+    --attack_label_trans and the dataset's classes). An attack that poisons batches itself
+    (training-controlled) applies it through :meth:`count` and :meth:`relabel` (from
+    ``ctx.policy`` or ``training.policy``) instead of reading the config."""
+
+    pratio: float
+    target: int
+    label_trans: str
+    num_classes: int
+
+    def count(self, batch_size: int, generator: torch.Generator | None = None) -> int:
+        """How many samples of a batch of ``batch_size`` to poison (utils.poison.batch_poison_count)."""
+        return batch_poison_count(self.pratio, batch_size, generator)
+
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """The attacker's labels for poisoned samples whose true labels are ``labels``."""
+        return target_labels(labels, self.label_trans, self.target, self.num_classes)
 
 
 @dataclass
@@ -84,6 +105,11 @@ class AttackContext:
     @property
     def pratio(self) -> float:
         return float(self.config["pratio"])
+
+    @property
+    def policy(self) -> PoisonPolicy:
+        """The run's poisoning ratio, target and label transform (:class:`PoisonPolicy`)."""
+        return PoisonPolicy(self.pratio, self.target, self.label_trans, self.num_classes)
 
     def seed(self) -> int:
         """A fresh seed drawn from the run's generator (for an attack's own torch.Generator)."""
@@ -135,6 +161,8 @@ class Training:
         self.schedulers: list[Any] = [] if scheduler is None else [scheduler]
         self.scaler = grad_scaler(device, self.amp)
         self.generator = torch.Generator().manual_seed(int(values["random_seed"]))
+        self.policy = PoisonPolicy(float(values["pratio"]), int(values["attack_target"]),
+                                   str(values["attack_label_trans"]), info.num_classes)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """The dataset's train transform."""
@@ -213,15 +241,6 @@ class Attack(Method):
         (per-batch poisoning draws) held as an attribute. Override to add or leave out."""
         return {name: value for name, value in sorted(vars(self).items())
                 if isinstance(value, (nn.Module, torch.Generator))}
-
-    @classmethod
-    def check_params(cls, values: dict[str, Any]) -> None:
-        """Raise ValueError for the first hyperparameter in ``values`` (e.g. an
-        ``__init__``'s ``locals()``) that fails its ``param_checks`` entry."""
-        for name, check in cls.param_checks.items():
-            complaint = check(values[name]) if name in values else None
-            if complaint:
-                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
 
     @classmethod
     def defines(cls, hook: str) -> bool:
@@ -308,7 +327,7 @@ def show_config(name: str, dataset: str) -> str:
         layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(recipe), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
     bd_yaml = cfg.method_yaml("attack", cls.name, dataset)
     if bd_yaml is not None and cls.name != "prototype":
-        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(bd_yaml), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
+        layers.extend(cfg.yaml_layers(bd_yaml, IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
     layers.append(Layer("--dataset", {"dataset": dataset}))
     return cfg.resolved_text(f"attack {cls.name} on {dataset}", params, layers)
 
@@ -331,7 +350,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
         layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(Path(recipe)), IGNORED_KEYS))
     bd_yaml = first.get("bd_yaml_path") or cfg.method_yaml("attack", name, dataset)
     if bd_yaml is not None and name != "prototype":
-        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(Path(bd_yaml)), IGNORED_KEYS))
+        layers.extend(cfg.yaml_layers(bd_yaml, IGNORED_KEYS))  # a dataset's file over default.yaml
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers, ("data_root", "record_root"))  # never from a YAML file
     values = cfg.resolve(params, layers, cli)
@@ -345,10 +364,19 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Run attack ``name``: from a script, ``run("badnet")`` reads the command line; from
-    Python, ``run("badnet", dataset="digits", epochs=5)`` returns the summary dict that
-    is also written to attack_summary.json."""
-    return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
+    """Run attack ``name`` from Python: ``run("badnet", dataset="digits", epochs=5)``
+    returns the summary dict that is also written to attack_summary.json; ``argv`` is a list of
+    command-line arguments. It never reads ``sys.argv``: a script calls :func:`main`.
+    (Deprecated: ``run("badnet")`` alone at the top level of the file Python runs as its
+    script, as method files did before :func:`main`, still forwards to :func:`main`.)"""
+    return python_call(lambda args, kw: _run(name, args, kw), argv, overrides)
+
+
+def main(name: str) -> dict[str, Any]:
+    """The command line of attack ``name`` (``python attack/badnet.py ARGS``: the last line
+    of a method file is ``main("badnet")``): arguments from ``sys.argv``; a bad one ends
+    the process with one line on stderr and status 2."""
+    return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 
 def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]

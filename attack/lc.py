@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, unit_interval
 from utils.errors import UserError
 from utils.poison import to_uint8
@@ -130,7 +130,6 @@ class LC(Attack):
 
     def __init__(self, clean_model: str | None = None, eps: float = 16.0, pgd_steps: int = 10,
                  step_size: float = 2.0, reduced_amplitude: float = 1.0):
-        self.check_params(locals())
         self.clean_model = clean_model
         self.eps = eps
         self.pgd_steps = pgd_steps
@@ -178,4 +177,4 @@ class LC(Attack):
 
 
 if __name__ == "__main__":
-    run("lc")
+    main("lc")

@@ -173,15 +173,15 @@ def default_rounds(sau: SAU, model: nn.Module, data: DefenseData, rounds: int, c
     metrics: dict[int, Metrics] = {}
 
     class TimedSAE(SharedAdversarialExamples):
-        def __call__(self, *args, **kwargs):
-            return clock.timed("search", super().__call__, *args, **kwargs)
+        def search(self, *args, **kwargs):
+            return clock.timed("search", super().search, *args, **kwargs)
 
         def reference_predictions(self, *args, **kwargs):
             return clock.timed("search", super().reference_predictions, *args, **kwargs)
 
     class TimedSAU(SAU):
-        def unlearning_terms(self, *args, **kwargs):
-            return clock.timed("unlearning", super().unlearning_terms, *args, **kwargs)
+        def unlearning_step(self, *args, **kwargs):
+            return clock.timed("unlearning", super().unlearning_step, *args, **kwargs)
 
     class TimedMonitor(Monitor):
         def report(self, epoch: int, model: nn.Module, **values: float) -> None:

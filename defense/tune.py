@@ -305,10 +305,10 @@ def _parse_options(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _tune_folder(root: Path, result_file: str, name: str) -> Path:
-    """``<record_root>/<result_file>/tune/<name>``, refused when it (links included) leads
-    outside the record root."""
-    folder = record_dir(root, result_file) / "tune" / name
+def _tune_folder(root: Path, record_name: str, name: str) -> Path:
+    """``<record_root>/<record_name>/tune/<name>`` (``record_name``: --result_file), refused
+    when it (links included) leads outside the record root."""
+    folder = record_dir(root, record_name) / "tune" / name
     inside = root.resolve()
     if not folder.resolve().is_relative_to(inside):
         raise UserError(f"{folder} leads outside {root} (a symbolic link): refusing to write there")

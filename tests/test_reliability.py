@@ -48,7 +48,7 @@ def command_line(monkeypatch, capsys, script: str, *args: str) -> tuple[int, str
     monkeypatch.setattr(sys, "argv", [script, *args])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        (attack.run if kind == "attack" else defense.run)(name)
+        (attack.main if kind == "attack" else defense.main)(name)
     return exit_info.value.code, capsys.readouterr().err
 
 

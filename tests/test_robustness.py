@@ -258,7 +258,7 @@ def save(self, epoch, **extra):
         os.kill(os.getpid(), signal.SIGTERM)
 utils.train.Checkpoint.save = save
 sys.argv = ["defense/sau.py", *sys.argv[1:]]
-defense.run("sau")
+defense.main("sau")
 """
 
 
