@@ -44,7 +44,10 @@ Per-dataset values: digits uses batch_history_len 20: BackdoorBench's 1000 batch
 2.6% of its CIFAR-10 run (391 batches x 100 epochs); the same share of the digits recipe's
 690 batches is 18 (1000 would never attack; config/attack/blind/digits.yaml).
 
-Deviations from BackdoorBench: the clean loss is averaged over the last
+Deviations from BackdoorBench: the backdoor copy and the batch go through the victim in one
+forward pass, so that BatchNorm's batch statistics are those of the mix, as at test time
+(BackdoorBench's two passes let the victim tell an all-triggered batch by its statistics:
+on digits, C-Acc 0.76 at a training loss of 0.008, against 0.997 for the clean model); the clean loss is averaged over the last
 ``batch_history_len`` batches (BackdoorBench: the last 1000, whatever batch_history_len
 is; the same at the default); the classifier's optimizer and schedule are the dataset's
 recipe; the trigger's place scales with the image (BackdoorBench refuses images where row
@@ -207,10 +210,12 @@ class Blind(Attack):
         self.history.to(x.device)
         attacking = self.history.stable(self.backdoor_batch_loss_threshold)
         losses = {}
-        if attacking:
+        if attacking:  # one forward pass: BatchNorm sees the mix, as at test time
             y_bd = target_labels(y, self._label_trans, self._target, self._num_classes)
-            losses["backdoor"] = F.cross_entropy(model(self.apply(x)), y_bd)
-        logits = model(x)
+            logits_bd, logits = model(torch.cat([self.apply(x), x])).split(len(x))
+            losses["backdoor"] = F.cross_entropy(logits_bd, y_bd)
+        else:
+            logits = model(x)
         losses["normal"] = F.cross_entropy(logits, y)
         self.last_scales = self.scales(model, losses) if attacking else {"normal": 1.0}
         loss = sum(self.last_scales[task] * value for task, value in losses.items())
