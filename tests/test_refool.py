@@ -92,9 +92,7 @@ def test_models_are_drawn_with_their_rates():
 def test_digits_record_poisons_only_target_class_images_with_other_class_reflections(tmp_path):
     attack.run("refool", dataset="digits", epochs=1, device="cpu", record_root=str(tmp_path), save_folder_name="r")
     record, data = load_record(tmp_path / "r"), load_dataset("digits")
-    assert len(record.poison_indices) == round(0.05 * len(data.train))
-    assert torch.all(data.train.labels[record.poison_indices] == 0)  # clean-label: the target class only
-    assert torch.all(record.bd_train.labels == 0) and torch.all(record.bd_train.original_labels == 0)
+    assert torch.all(data.train.labels[record.poison_indices] == 0)  # clean-label (tests/test_attack.py: all of it)
     pool = record.extras["reflection_indices"]
     assert len(pool) == 200 and torch.all(data.train.labels[pool] != 0)  # reflections: other classes
     assert torch.equal(record.extras["reflections"], data.train.images[pool])
