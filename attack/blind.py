@@ -30,7 +30,8 @@ The trigger is BackdoorBench's (the authors' PatternSynthesizer): a 5x3 pattern 
 at row 3, column 23 of a 32x32 image; on other sizes at the same relative place (row
 round(3 H / 32), column round(23 W / 32)), moved inwards where the pattern would leave the
 image. The backdoor test set is the non-target test images with the pattern; no poisoned
-training set exists (``bd_train`` is None).
+training set exists (``bd_train`` is None). The record keeps ``extras["pattern"]`` and
+``extras["mask"]`` (H x W).
 
 Hyperparameters (BackdoorBench's config/attack/blind/default.yaml):
     weight_loss_balance_mode: fixed (or MGDA, BackdoorBench's cifar10_mgda.yaml)
@@ -42,7 +43,8 @@ Hyperparameters (BackdoorBench's config/attack/blind/default.yaml):
 
 Per-dataset values: digits uses batch_history_len 20: BackdoorBench's 1000 batches are
 2.6% of its CIFAR-10 run (391 batches x 100 epochs); the same share of the digits recipe's
-690 batches is 18 (1000 would never attack; config/attack/blind/digits.yaml).
+690 batches is 18 (1000 would never attack; config/attack/blind/digits.yaml), of the
+Fashion-MNIST recipe's 2345 batches 60 (config/attack/blind/fashion_mnist.yaml).
 
 Deviations from BackdoorBench: the backdoor copy and the batch go through the victim in one
 forward pass, so that BatchNorm's batch statistics are those of the mix, as at test time
@@ -221,6 +223,9 @@ class Blind(Attack):
         loss = sum(self.last_scales[task] * value for task, value in losses.items())
         self.history.push(float(losses["normal"].detach()))
         return loss, logits, y
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        return {"pattern": self.pattern.clone(), "mask": self.mask.clone()}
 
 
 if __name__ == "__main__":

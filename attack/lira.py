@@ -37,8 +37,8 @@ Hyperparameters (BackdoorBench's config/attack/lira/default.yaml):
     lr_atk: 0.0001 (Adam)
     both_train_epochs: 50 (of BackdoorBench's 100 epochs; the rest fine-tune)
 
-Per-dataset values: digits runs stage I for 15 of its 30 epochs (BackdoorBench's half;
-config/attack/lira/digits.yaml).
+Per-dataset values: stage I takes BackdoorBench's share of the run (50 of its 100 epochs):
+digits 15 of 30 epochs, Fashion-MNIST 2 of 5 (config/attack/lira/<dataset>.yaml).
 
 Deviations from BackdoorBench: eps bounds the perturbation in pixel space ([0, 1]),
 BackdoorBench's in normalised space (CIFAR-10: 0.01 there is about 0.0025 in pixels, below

@@ -106,3 +106,4 @@ def test_digits_record_has_the_pattern_on_the_backdoor_test_set(tmp_path):
     assert record.bd_train is None and len(record.poison_indices) == 0
     assert torch.equal(record.bd_test.images[..., mask == 0], clean[..., mask == 0])
     assert set(record.bd_test.images[..., mask == 1].unique().tolist()) <= {0, 255}
+    assert torch.equal(record.extras["mask"], mask)
