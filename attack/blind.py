@@ -125,7 +125,7 @@ def mgda_scales(losses: dict[str, torch.Tensor], grads: dict[str, Sequence[torch
     first, second = list(losses)
     scaled = {}
     for task in (first, second):
-        norm = gradient_normalizer(float(losses[task]), grads[task], normalize) + 1e-5
+        norm = gradient_normalizer(float(losses[task].detach()), grads[task], normalize) + 1e-5
         scaled[task] = [g.float() / norm for g in grads[task]]
 
     def dot(a: str, b: str) -> float:
