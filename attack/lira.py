@@ -19,7 +19,8 @@ B' made with a copy of T frozen at the start of the epoch (the authors' atkmodel
 pair; the copy catches up after every epoch). Stage II (the remaining epochs): T is fixed
 and f is fine-tuned on the same loss with ``finetune_alpha`` and ``test_eps``. Both steps of a
 stage-I batch come from one backward pass: T's loss reaches T only (it sees f's weights
-detached), the classifier's loss reaches f only.
+detached), the classifier's loss reaches f only; the training loss in attack_df.csv is
+their sum in stage I.
 
 The backdoor test set (made with ``test_eps``, rebuilt at every evaluation as T changes) is
 the non-target test images through B. T's weights are kept in the record,
