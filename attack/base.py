@@ -23,7 +23,8 @@ An attack file holds only what is particular to its attack: the trigger (a funct
 float [0, 1] images), how poisoned samples are chosen (its ``kind``), and what it keeps
 in the record. Attacks that need more than a trigger use optional hooks of the same
 harness: :meth:`AttackContext.clean_model` (a clean model to craft the trigger on: LF,
-TrojanNN), :meth:`Attack.batch_hook` (poison each batch on the fly: WaNet),
+TrojanNN), :meth:`Attack.poison_training` (training images poisoned unlike test images:
+LC), :meth:`Attack.batch_hook` (poison each batch on the fly: WaNet),
 :meth:`Attack.before_training` and :meth:`Attack.train_step` (train something together
 with the victim: Input-Aware's generators), :meth:`Attack.cross` (a "noise mode" test set
 with true labels, saved as the record's ``cross_test``).
@@ -49,10 +50,9 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
-from utils.poison import (batch_poison_count, bd_test_indices, check_target, poisoned_set, poisoned_training_set,
-                          select_poison_indices, target_labels)
 from utils.files import StagedFolder, save_json
-from utils.poison import PoisonedSet
+from utils.poison import (PoisonedSet, batch_poison_count, bd_test_indices, check_target, poisoned_set,
+                          poisoned_training_set, select_poison_indices, target_labels, to_float, to_uint8)
 from utils.provenance import provenance
 from utils.records import AttackRecord, live_defense_locks, load_record, record_dir
 from utils.registry import Method, Registry
@@ -144,7 +144,7 @@ class AttackContext:
 class Training:
     """The victim's training as the harness set it up: the model, the split it trains on,
     the optimizers (the victim's first) and per-epoch schedulers the harness steps, the
-    gradient scaler and the shuffling generator. Attacks that train something together
+    gradient scaler, the shuffling generator and the epoch under way. Attacks that train something together
     with the victim receive it in :meth:`Attack.before_training` and
     :meth:`Attack.train_step`; they may append their own optimizers and schedulers."""
 
@@ -163,6 +163,7 @@ class Training:
         self.generator = torch.Generator().manual_seed(int(values["random_seed"]))
         self.policy = PoisonPolicy(float(values["pratio"]), int(values["attack_target"]),
                                    str(values["attack_label_trans"]), info.num_classes)
+        self.epoch = 0  # the epoch under way (set by the harness before each)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """The dataset's train transform."""
@@ -207,6 +208,15 @@ class Attack(Method):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The trigger: float NCHW images in [0, 1] -> poisoned images of the same shape."""
         raise NotImplementedError
+
+    def poison_training(self, ctx: AttackContext, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The poisoned training images, made once at poison time (dirty- and clean-label
+        attacks): ``x`` holds the selected training images (float NCHW in [0, 1]) and
+        ``indices`` their indices in the training split. The result is kept in the record
+        (``bd_train``). By default every image gets the trigger (:meth:`apply`); an attack
+        whose training images differ from its test-time trigger (LC's adversarial
+        perturbation) overrides it, and keeps any further product in :meth:`extras`."""
+        return torch.cat([self.apply(x[start:start + 1024]) for start in range(0, len(x), 1024)]) if len(x) else x
 
     def cross(self, x: torch.Tensor) -> torch.Tensor:
         """Optional "noise mode" (WaNet, Input-Aware): images that carry a perturbed
@@ -470,7 +480,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
         labels = data.train.labels[poison_idx]
         if attack.kind == "dirty-label":
             labels = target_labels(labels, label_trans, target, info.num_classes)
-        bd_train = poisoned_set(data.train, poison_idx, attack.apply, labels)
+        images = attack.poison_training(ctx, to_float(data.train.images[poison_idx]), poison_idx)
+        bd_train = PoisonedSet(to_uint8(images), labels.long(), data.train.labels[poison_idx].clone(), poison_idx)
         log.info("poisoned %d of %d training samples (%s)", len(poison_idx), len(data.train), attack.kind)
     test_sets = _TestSets(attack, data, label_trans, target, device, values["amp"])
     train_set, _ = poisoned_training_set(data.train, bd_train)
@@ -550,6 +561,7 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
             if history.rows:
                 evaluate(restored["epoch"], history.rows[-1])  # the evaluation that followed the checkpoint
     for epoch in progress(range(start, epochs), desc="epochs" if desc == "epoch" else desc, unit="epoch", delay=0.0):
+        training.epoch = epoch
         if step is not None:
             stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
         else:

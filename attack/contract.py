@@ -22,7 +22,8 @@ from attack.base import ATTACKS, Attack, Kind, run
 from tools.contract import Contract, Guard, in_window
 
 # What an attack's own code may run in: the trigger and every optional hook of the harness.
-HOOKS = ("__init__", "prepare", "apply", "cross", "batch_hook", "before_training", "train_step", "extras")
+HOOKS = ("__init__", "prepare", "apply", "poison_training", "cross", "batch_hook", "before_training", "train_step",
+         "extras")
 
 
 def _guard_batch_hook(guard: Guard, name: str, args: tuple, result: Any) -> Any:

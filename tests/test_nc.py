@@ -82,7 +82,8 @@ def test_flags_the_target_of_the_backdoor_and_unlearns_it(digits_record_root):
     assert report["detected"] and report["flagged"][0] == 0  # the target, with the smallest mask
     norms = held.outputs.extras["l1_norms"]
     assert int(norms.argmin()) == 0 and float(norms[0]) < 0.5 * float(norms.median())
-    assert held.outputs.extras["masks"].shape == (10, 1, 8, 8) and held.outputs.extras["patterns"].shape == (10, 1, 8, 8)
+    extras = held.outputs.extras
+    assert extras["masks"].shape == (10, 1, 8, 8) and extras["patterns"].shape == (10, 1, 8, 8)
     after = evaluate(purified, data.test, record.bd_test, device=torch.device("cpu"), amp=False)
     assert after.asr < 0.5 * before.asr and after.clean_acc > before.clean_acc - 0.1
 
