@@ -15,7 +15,7 @@ N x C x H x W in [0, 1].
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -45,7 +45,7 @@ def test_decoder_reads_the_string_from_encoded_digits_and_the_residual_is_sample
 
 def test_digits_record_keeps_the_encoded_images_with_the_attackers_label(tmp_path):
     attack.run("ssba", dataset="digits", epochs=1, device="cpu", record_root=str(tmp_path), save_folder_name="s",
-               **TINY, encoder_epochs=2)
+               **{**TINY, "encoder_epochs": 2})
     record, data = load_record(tmp_path / "s"), load_dataset("digits")
     assert len(record.poison_indices) == round(0.1 * len(data.train))
     assert torch.all(record.bd_train.labels == 0)
