@@ -39,7 +39,10 @@ Deviations from BackdoorBench (whose poisoned images are files made beforehand w
 resource/poison_ink): the networks are trained in the run, seeded, on the run's training
 split; the edges come from Canny, as in the paper (BackdoorBench thresholds a Sobel magnitude
 at 28); H is a one-level U-Net that outputs a residual bounded by ``max_residual``
-(BackdoorBench's U-Net outputs the image through a sigmoid) and R a stack of convolutions,
+(BackdoorBench's U-Net outputs the image through a sigmoid), with the watermark minus white
+added before its tanh (the ink starts faintly visible, and the training hides it: without it,
+short runs settle on no residual and a reveal network that answers white), and R a stack of
+convolutions,
 both far smaller than BackdoorBench's; the paper's and BackdoorBench's stages of rotation,
 crop and flip training are replaced by one stage with the dataset's train transform, and the
 adversarial (discriminator) stage, which BackdoorBench also leaves out, is not there; the
@@ -110,7 +113,8 @@ def ink_check(value: Any) -> str | None:
 
 
 class RevealNet(nn.Module):
-    """R: the watermark read back from an image (same size), through a sigmoid."""
+    """R: the watermark read back from an image (same size); a linear output (a sigmoid saturates at
+    the white it must answer for clean images, and its gradient vanishes there)."""
 
     def __init__(self, channels: int, width: int):
         super().__init__()
@@ -118,7 +122,7 @@ class RevealNet(nn.Module):
         self.out = nn.Conv2d(width, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.out(self.features(x)))
+        return self.out(self.features(x))
 
 
 @register_attack("poison_ink")
@@ -186,10 +190,10 @@ class PoisonInk(Attack):
     def losses(self, x: torch.Tensor, transform) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss on a batch of clean images ``x`` (``transform``: the random T)."""
         mask, mark = self.trigger(x)
-        container = self.injector(x, mark)
+        container = self.inject(x, mark)
         c = x.shape[1]
-        moved = transform(torch.cat([container, x, mark, mask], 1))
-        container_t, x_t, mark_t, mask_t = moved[:, :c], moved[:, c:2 * c], moved[:, 2 * c:3 * c], moved[:, 3 * c:]
+        moved = transform(torch.cat([container, x, 1 - mark, mask], 1))  # padding: black images, white watermark
+        container_t, x_t, mark_t, mask_t = moved[:, :c], moved[:, c:2 * c], 1 - moved[:, 2 * c:3 * c], moved[:, 3 * c:]
         revealed = self.reveal(container_t)
         err_image = F.mse_loss(container, x)
         err_edge = F.mse_loss(revealed * mask_t, mark_t * mask_t)
@@ -231,12 +235,17 @@ class PoisonInk(Attack):
                  "mean |residual| %.2f / 255", self.stats["reveal_error"], len(sample),
                  self.stats["reveal_error_clean"], self.stats["mean_abs_residual"])
 
+    def inject(self, x: torch.Tensor, mark: torch.Tensor) -> torch.Tensor:
+        """H's output for images ``x`` with watermarks ``mark``; the watermark minus white is added
+        before the tanh, so the ink is faintly there from the first step and training hides it."""
+        return self.injector(x, mark, mark - 1)
+
     def read(self, x: torch.Tensor) -> torch.Tensor:
         """The reveal network's watermark for images ``x``."""
         return in_batches(self.reveal, x.float(), self.device).float()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return in_batches(lambda b: self.injector(b, self.trigger(b)[1]), x, self.device)
+        return in_batches(lambda b: self.inject(b, self.trigger(b)[1]), x, self.device)
 
     def state(self) -> dict[str, Any]:
         return {}  # the networks are fixed before the victim trains; a resumed run trains them again
