@@ -7,7 +7,7 @@ image's content. For an image x, its edge map E(x) (Canny) gives the watermark
 
     W(x) = c on edge pixels, 1 (white) elsewhere,     c the ink colour,
 
-and the injection network H hides it: x' = clip(x + bound * tanh(H([x, W(x)])), 0, 1). H is
+and the injection network H hides it: x' = clip(x + bound * tanh(H([x, W(x)]) + W(x) - 1), 0, 1). H is
 trained with a reveal network R on the dataset's training images, minimising
 
     ||x' - x||^2 + beta * (beta_edge * ||M (R(T x') - T W)||^2 + ||(1 - M)(R(T x') - T W)||^2
@@ -32,8 +32,11 @@ Hyperparameters (BackdoorBench's resource/poison_ink/train.py and trigger_genera
     pratio (harness): 0.1, dirty-label
 
 Per-dataset values: digits (config/attack/poison_ink/digits.yaml) and Fashion-MNIST
-(config/attack/poison_ink/fashion_mnist.yaml) train the networks for a few epochs with a
-larger learning rate (seconds to minutes on the CPU), declared in their yamls.
+(config/attack/poison_ink/fashion_mnist.yaml) train the networks for fewer epochs (20 on
+digits, about a minute on the CPU; one on Fashion-MNIST) with a larger learning rate and, on
+digits, a residual bound of 32, declared in their yamls. On digits the reveal network reads
+the ink back only faintly (MSE 0.066 on injected training images, against 0.077 for
+answering white; seed 0).
 
 Deviations from BackdoorBench (whose poisoned images are files made beforehand with
 resource/poison_ink): the networks are trained in the run, seeded, on the run's training
@@ -42,7 +45,8 @@ at 28); H is a one-level U-Net that outputs a residual bounded by ``max_residual
 (BackdoorBench's U-Net outputs the image through a sigmoid), with the watermark minus white
 added before its tanh (the ink starts faintly visible, and the training hides it: without it,
 short runs settle on no residual and a reveal network that answers white), and R a stack of
-convolutions,
+convolutions with a linear output (BackdoorBench's ends in a sigmoid, which saturates at the
+white it must answer for clean images),
 both far smaller than BackdoorBench's; the paper's and BackdoorBench's stages of rotation,
 crop and flip training are replaced by one stage with the dataset's train transform, and the
 adversarial (discriminator) stage, which BackdoorBench also leaves out, is not there; the

@@ -4,7 +4,9 @@ ICCV 2021 (arXiv:2012.03816).
 The trigger is a fixed bit string (the attacker's "secret") hidden in each image by a
 StegaStamp-style encoder/decoder pair, so it is invisible and different for every image:
 
-    x' = clip(x + bound * tanh(E(x, s)), 0, 1),   D(x') ~ s,
+    x' = E(x, s) = clip(x + bound * tanh(U([x, relu(m)]) + m), 0, 1),   m = A s,   D(x') ~ s,
+
+(U a U-Net, A a linear layer that spreads the string over the image's pixels),
 
 E and D trained together on the dataset's training images with random bit strings (so that
 E must really encode its message and D read it), minimising
@@ -34,12 +36,18 @@ config/attack/ssba/default.yaml):
 
 Per-dataset values: digits (8x8, config/attack/ssba/digits.yaml) and Fashion-MNIST
 (config/attack/ssba/fashion_mnist.yaml) train the encoder for fewer steps with a larger
-learning rate and a shorter string (a minute or two on the CPU), declared in their yamls.
+learning rate, a shorter string and a residual bound of 32, declared in their yamls. On
+digits the decoder reads the 8-bit string from the stored poisoned training images at bit
+accuracy 0.75 (seed 0; extras["bit_accuracy"]): the residual is a trigger the victim learns
+(ASR 0.99, docs/results.md), but not yet a reliable message.
 
 Deviations from BackdoorBench (whose poisoned images are files made beforehand with
 resource/ssba): the encoder/decoder are trained in the run, seeded, on the run's training
 split; the encoder is a one-level U-Net at the image's resolution and the decoder convolutions
-with an adaptive pooling (StegaStamp's nets need sides that are multiples of 16); the encoder
+with an adaptive pooling (StegaStamp's nets need sides that are multiples of 16); the spread
+string m is also added before the tanh (StegaStamp feeds it to the U-Net only): without it,
+short runs stay at chance, the decoder unable to find a message the encoder has not yet
+learned to write; the encoder
 outputs a residual bounded by ``max_residual`` (BackdoorBench's default outputs the image
 through a sigmoid, bounded only by the L2 loss); the decoder reads the encoded images
 with the noise of rounding to the 256 levels they are stored with (uniform, one level); the string is
