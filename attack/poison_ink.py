@@ -61,6 +61,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -72,7 +73,7 @@ from torch import nn
 from attack.base import Attack, AttackContext, register_attack, run
 from attack.hiding import ResidualEncoder, conv_stack, in_batches, train_hiding
 from utils.config import non_negative, positive
-from utils.datasets import train_transform
+from utils.datasets import DatasetInfo, train_transform
 from utils.errors import UserError
 from utils.poison import to_uint8
 
@@ -191,7 +192,8 @@ class PoisonInk(Attack):
         self.injector = ResidualEncoder(channels, channels, self.width, self.max_residual / 255)
         self.reveal = RevealNet(channels, self.width)
 
-    def losses(self, x: torch.Tensor, transform) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(self, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+               ) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss on a batch of clean images ``x`` (``transform``: the random T)."""
         mask, mark = self.trigger(x)
         container = self.inject(x, mark)
@@ -207,7 +209,8 @@ class PoisonInk(Attack):
         return total, {"image": float(err_image.detach()), "edge": float(err_edge.detach()),
                        "back": float(err_back.detach()), "clean": float(err_clean.detach())}
 
-    def fit(self, images: torch.Tensor, info, device: torch.device, generator: torch.Generator) -> dict[str, float]:
+    def fit(self, images: torch.Tensor, info: DatasetInfo, device: torch.device, generator: torch.Generator
+            ) -> dict[str, float]:
         """Train the injection and reveal networks on uint8 ``images`` of the dataset ``info``."""
         self.device = device
         if self.injector is None:
