@@ -39,7 +39,8 @@ Per-dataset values: digits (8x8, config/attack/ssba/digits.yaml) and Fashion-MNI
 learning rate, a shorter string and a residual bound of 32, declared in their yamls. On
 digits the decoder reads the 8-bit string from the stored poisoned training images at bit
 accuracy 0.75 (seed 0; extras["bit_accuracy"]): the residual is a trigger the victim learns
-(ASR 0.99, docs/results.md), but not yet a reliable message.
+(ASR 0.99, docs/results.md), but not yet a reliable message. On Fashion-MNIST the 16-bit
+string is read at bit accuracy 1.000 after one encoder epoch.
 
 Deviations from BackdoorBench (whose poisoned images are files made beforehand with
 resource/ssba): the encoder/decoder are trained in the run, seeded, on the run's training
