@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from defense.base import Defense, DefenseData, Monitor, TrainingData
@@ -44,7 +45,7 @@ from utils.models import Classifier, create_model
 from utils.poison import poisoned_training_set
 from utils.records import AttackRecord
 from utils.runtime import grad_scaler
-from utils.train import Checkpoint, Step, make_optimizer, make_scheduler, train_epoch
+from utils.train import Checkpoint, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
 
@@ -135,6 +136,12 @@ class TrainingSet(TrainingData):
     def grad_scaler(self) -> torch.amp.GradScaler:
         return grad_scaler(self.device, self.amp)
 
+    def losses(self, model: nn.Module, batch_size: int = 512) -> torch.Tensor:
+        """The cross-entropy of every training sample (as delivered, no transform) under
+        ``model`` in eval mode, in order: (N,) float32 on the CPU."""
+        logits = predict(model, self.train.images, device=self.device, batch_size=batch_size, amp=self.amp)
+        return F.cross_entropy(logits, self.train.labels, reduction="none")
+
     def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer], *,
                     images: torch.Tensor | None = None, labels: torch.Tensor | None = None, epoch: int = 0,
                     augment: bool = True, step: Step | None = None, generator: torch.Generator | None = None,
@@ -186,3 +193,26 @@ class TrainingDefense(Defense):
         """The epochs the defense reports (``data.report``) in all: the last one is evaluated."""
         epochs = getattr(self, "epochs", None)
         return int(recipe.epochs if epochs is None else epochs)
+
+
+class Held:
+    """Tensors a training-time defense computes mid-run (an isolated subset's indices), kept
+    in its checkpoint: :meth:`Checkpoint.track` takes it as it takes a model (``state_dict``)."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.tensors = dict(tensors)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tensors = {k: torch.as_tensor(v) for k, v in state.items()}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.tensors[key] = value
