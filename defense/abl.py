@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defense.base import register_defense, run
-from defense.training import Held, Recipe, TrainingDefense, TrainingSet
+from defense.training import Held, Phases, Recipe, TrainingDefense, TrainingSet
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -118,21 +118,14 @@ class ABL(TrainingDefense):
         self.batch_size = batch_size
         self._isolated = torch.zeros(0, dtype=torch.long)
 
-    def phases(self) -> list[tuple[str, int]]:
-        """The run's phases and their epochs, in order."""
-        tuning = ("finetune", self.finetuning_epochs if self.finetuning_ascent_model else 0)
-        return [("isolate", self.tuning_epochs), tuning, ("unlearn", self.unlearning_epochs)]
+    def phases(self) -> Phases:
+        """Isolation, fine-tuning on the rest, unlearning."""
+        return Phases(("isolate", self.tuning_epochs),
+                      ("finetune", self.finetuning_epochs if self.finetuning_ascent_model else 0),
+                      ("unlearn", self.unlearning_epochs))
 
     def total_epochs(self, recipe: Recipe) -> int:
-        return sum(n for _, n in self.phases())
-
-    def phase_of(self, epoch: int) -> tuple[str, int]:
-        """The phase of run epoch ``epoch`` and the epoch within it."""
-        for name, n in self.phases():
-            if epoch < n:
-                return name, epoch
-            epoch -= n
-        raise ValueError(epoch)
+        return self.phases().total
 
     def sgd(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
@@ -145,8 +138,9 @@ class ABL(TrainingDefense):
         generator = data.generator()
         held = Held()
         start = data.resume(model=model, optimizers=[isolation_optimizer, optimizer], generator=generator, held=held)
-        for epoch in range(start, self.total_epochs(data.recipe)):
-            phase, e = self.phase_of(epoch)
+        phases = self.phases()
+        for epoch in range(start, phases.total):
+            phase, e = phases.of(epoch)
             if phase != "isolate" and "isolated" not in held:
                 held["isolated"] = isolate(data.losses(model), self.isolation_ratio)
                 log.info("isolated %d of %d training samples (lowest loss)", len(held["isolated"]), len(data))

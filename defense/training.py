@@ -168,15 +168,23 @@ def check_trainable(name: str, record: AttackRecord) -> None:
                         f"defense ({name}) cannot retrain it")
 
 
+def delivered_set(record: AttackRecord, data: Dataset, device: torch.device, amp: bool = False, seed: int = 0,
+                  recipe: Recipe | None = None, monitor: Monitor | None = None,
+                  checkpoint: Checkpoint | None = None) -> TrainingSet:
+    """What a training-time defender holds on ``record``: the record's poisoned samples in
+    place of their clean versions in ``data.train`` (the poison indicator stays here), and the
+    record's recipe unless ``recipe``."""
+    delivered, _ = poisoned_training_set(data.train, record.bd_train)
+    return TrainingSet(ImageData(delivered.images, delivered.labels), data.info, device, amp, seed,
+                       Recipe.of_record(record) if recipe is None else recipe, monitor, checkpoint)
+
+
 def train_time(defense: Any, record: AttackRecord, data: Dataset, values: dict[str, Any], device: torch.device,
                monitor: Monitor, checkpoint: Checkpoint | None) -> nn.Module:
-    """The defense's ``train`` on what a training-time defender holds; returns its model.
-    The record's poisoned samples replace their clean versions in ``data.train`` here, and
-    the poison indicator stays here."""
-    delivered, _ = poisoned_training_set(data.train, record.bd_train)
+    """The defense's ``train`` on what a training-time defender holds (:func:`delivered_set`);
+    returns its model."""
     recipe = Recipe.of_record(record).overridden(defense)
-    held = TrainingSet(ImageData(delivered.images, delivered.labels), data.info, device, values["amp"],
-                       values["random_seed"], recipe, monitor, checkpoint)
+    held = delivered_set(record, data, device, values["amp"], values["random_seed"], recipe, monitor, checkpoint)
     monitor.last_epoch = defense.total_epochs(recipe) - 1
     log.info("training-time defense on the training set as delivered: %d samples; recipe %s", len(held),
              ", ".join(f"{f.name}={getattr(recipe, f.name)}" for f in fields(recipe)))
@@ -216,3 +224,23 @@ class Held:
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
         self.tensors[key] = value
+
+
+class Phases:
+    """A training-time defense's run as named phases of so many epochs, numbered as one
+    sequence of run epochs (what ``data.report`` and the checkpoints count)."""
+
+    def __init__(self, *phases: tuple[str, int]):
+        self.phases = [(name, int(n)) for name, n in phases]
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.phases)
+
+    def of(self, epoch: int) -> tuple[str, int]:
+        """The phase of run epoch ``epoch`` and the epoch within that phase."""
+        for name, n in self.phases:
+            if epoch < n:
+                return name, epoch
+            epoch -= n
+        raise ValueError(f"epoch {epoch} is past the last phase")

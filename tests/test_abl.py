@@ -7,19 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from defense.abl import ABL, bounded_loss, isolate
-from defense.training import Recipe, TrainingSet
-from utils.datasets import ImageData, load_dataset
-from utils.poison import poisoned_training_set
+from defense.training import delivered_set
+from utils.datasets import load_dataset
 from utils.records import load_record
 
 
 @pytest.fixture(scope="module")
 def delivered(digits_record_root):
-    record = load_record(digits_record_root / "badnet_digits")
-    data = load_dataset("digits")
-    train, _ = poisoned_training_set(data.train, record.bd_train)
-    return TrainingSet(ImageData(train.images, train.labels), data.info, torch.device("cpu"), False, 0,
-                       Recipe.of_record(record))
+    return delivered_set(load_record(digits_record_root / "badnet_digits"), load_dataset("digits"), torch.device("cpu"))
 
 
 def test_bounded_loss_values_and_the_same_gradient_for_lga_and_flooding():
@@ -45,10 +40,10 @@ def test_isolate_takes_the_lowest_losses_by_backdoorbenchs_count():
 
 def test_phases_follow_the_schedule():
     abl = ABL(tuning_epochs=2, finetuning_epochs=3, unlearning_epochs=1)
-    assert [abl.phase_of(e) for e in range(6)] == [("isolate", 0), ("isolate", 1), ("finetune", 0), ("finetune", 1),
+    assert [abl.phases().of(e) for e in range(6)] == [("isolate", 0), ("isolate", 1), ("finetune", 0), ("finetune", 1),
                                                    ("finetune", 2), ("unlearn", 0)]
     skip = ABL(tuning_epochs=2, finetuning_ascent_model=False, finetuning_epochs=3, unlearning_epochs=1)
-    assert skip.total_epochs(None) == 3 and skip.phase_of(2) == ("unlearn", 0)
+    assert skip.total_epochs(None) == 3 and skip.phases().of(2) == ("unlearn", 0)
 
 
 def test_unlearning_raises_the_isolated_samples_loss(delivered):
