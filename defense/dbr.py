@@ -38,37 +38,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from defense.base import register_defense, run
-from defense.sensitivity import Distinguishment, Transformation
-from defense.training import Held, Phases, Recipe, TrainingDefense, TrainingSet
+from defense.sensitivity import SD_ARGS, Distinguishment, SensitivityDefense, Transformation
+from defense.training import Held, Phases, Recipe, TrainingSet
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
 
 
 @register_defense("dbr", aliases=("d-br", "d_br"))
-class DBR(TrainingDefense):
-    """D-BR: split the training set by feature sensitivity, then unlearn the poisoned part and relearn the clean part.
-
-    Args:
-        sd_epochs: SD epochs of cross-entropy without augmentation
-        sd_finetune_epochs: SD epochs of the centre-separation loss
-        sd_lr: SD learning rate
-        sd_batch_size: SD batch size
-        clean_ratio: share of the training set taken as clean (lowest FCT)
-        poison_ratio: share of the training set taken as poisoned (highest FCT)
-        trans1: first transformation of the FCT
-        trans2: second transformation of the FCT
-        br_epochs: unlearning-relearning epochs
+class DBR(SensitivityDefense):
+    __doc__ = (
+        "D-BR: split the training set by feature sensitivity; unlearn the poisoned part, relearn the clean part.\n\n"
+        "    Args:\n" + SD_ARGS + """        br_epochs: unlearning-relearning epochs
         br_lr: their learning rate
         br_batch_size: their batch size
         momentum: their SGD momentum
         weight_decay: their SGD weight decay
         epochs: epochs of the model trained before removal (None: the attack's recipe)
-    """
+""")
 
-    paper = ("Chen, Wu and Wang, Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples, "
-             "NeurIPS 2022")
-    year = 2022
     param_checks = {**Distinguishment.PARAM_CHECKS, "br_epochs": cfg.non_negative, "br_lr": cfg.positive,
                     "br_batch_size": cfg.positive, "momentum": cfg.non_negative, "weight_decay": cfg.non_negative}
     smoke_params = {"epochs": 1, "sd_epochs": 1, "sd_finetune_epochs": 1, "br_epochs": 1}
@@ -78,11 +66,8 @@ class DBR(TrainingDefense):
                  trans1: Transformation = "rotate", trans2: Transformation = "affine", br_epochs: int = 20,
                  br_lr: float = 1e-4, br_batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
                  epochs: int | None = None):
-        self.sd = Distinguishment(sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio,
-                                  trans1, trans2)
-        self.sd_epochs, self.sd_finetune_epochs, self.sd_lr, self.sd_batch_size = (sd_epochs, sd_finetune_epochs,
-                                                                                   sd_lr, sd_batch_size)
-        self.clean_ratio, self.poison_ratio, self.trans1, self.trans2 = clean_ratio, poison_ratio, trans1, trans2
+        self.keep_split_params(sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio, trans1,
+                               trans2)
         self.br_epochs, self.br_lr, self.br_batch_size = br_epochs, br_lr, br_batch_size
         self.momentum, self.weight_decay, self.epochs = momentum, weight_decay, epochs
         self._split = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.training import TrainingSet
+from defense.training import TrainingDefense, TrainingSet
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -160,7 +160,8 @@ class Distinguishment:
         scheduler.step()
         return stats["train_epoch_loss_avg_over_batch"]
 
-    def split(self, data: TrainingSet, model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, data: TrainingSet, model: nn.Module,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean indices, poisoned indices) of the training set by FCT."""
         fct = feature_sensitivity(model, data, tuple(t for t in (self.trans1, self.trans2) if t != "none"),
                                   generator)
@@ -173,3 +174,32 @@ class Distinguishment:
     def epochs(self) -> int:
         return self.sd_epochs + self.sd_finetune_epochs
 
+
+# The Args lines of the SD stage's hyperparameters, for the class docstrings of D-BR and D-ST.
+SD_ARGS = """        sd_epochs: SD epochs of cross-entropy without augmentation
+        sd_finetune_epochs: SD epochs of the centre-separation loss
+        sd_lr: SD learning rate
+        sd_batch_size: SD batch size
+        clean_ratio: share of the training set taken as clean (lowest FCT)
+        poison_ratio: share of the training set taken as poisoned (highest FCT)
+        trans1: first transformation of the FCT
+        trans2: second transformation of the FCT
+"""
+
+
+class SensitivityDefense(TrainingDefense):
+    """The base of D-BR and D-ST: their paper and the SD stage's hyperparameters."""
+
+    paper = ("Chen, Wu and Wang, Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples, "
+             "NeurIPS 2022")
+    year = 2022
+
+    def keep_split_params(self, sd_epochs: int, sd_finetune_epochs: int, sd_lr: float, sd_batch_size: int,
+                          clean_ratio: float, poison_ratio: float, trans1: Transformation,
+                          trans2: Transformation) -> None:
+        """Keep the SD stage's hyperparameters as attributes and as :attr:`sd`."""
+        self.sd_epochs, self.sd_finetune_epochs, self.sd_lr, self.sd_batch_size = (sd_epochs, sd_finetune_epochs,
+                                                                                   sd_lr, sd_batch_size)
+        self.clean_ratio, self.poison_ratio, self.trans1, self.trans2 = clean_ratio, poison_ratio, trans1, trans2
+        self.sd = Distinguishment(sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio,
+                                  trans1, trans2)
