@@ -242,7 +242,8 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     _fill_missing_baselines(runs)
     found = backdoorbench_runs(spec, root, runs)
     names = list(dict.fromkeys(r.method for r in found))
-    detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind != "mitigation"]
+    # training-time defenses end with a model, as mitigations do: the same table (Time includes the training)
+    detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind not in ("mitigation", "training_time")]
     mitigations = [d for d in spec.defenses if d not in detectors]
     table = aggregate(spec.name, columns_of(spec), [*mitigations, *names], spec.seeds,
                       [r for r in [*runs, *found] if r.method not in detectors])

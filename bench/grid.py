@@ -73,7 +73,7 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
 def _defense_names(names: Sequence[str] | None, where: str) -> list[str]:
     from defense import DEFENSES
 
-    if names is None:  # the detectors are compared when named
+    if names is None:  # the detectors and the training-time defenses (they retrain the model) are compared when named
         return [n for n in DEFENSES.names() if DEFENSES.get(n).kind == "mitigation"]
     out: list[str] = []
     for name in names:

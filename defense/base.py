@@ -24,6 +24,9 @@ A defense sees only the defender's data (:class:`DefenseData`): its clean subset
 dataset's declared transforms and the device. It reports progress through
 ``data.report(epoch, model, **losses)``; the harness decides when to evaluate, on test
 data the defense never sees.
+A training-time defense (``kind`` training_time, defense/training.py) sees instead the
+training set as delivered and the attack's training recipe, trains its own model, and is
+evaluated and written the same way; the detectors' kinds are run by ``_detect``.
 
 Tuning (``python -m defense tune``, defense/tune.py) reads a validation split the harness
 cuts from what the defender holds (:func:`validation_split`): part of the clean subset for
@@ -67,8 +70,8 @@ from utils.models import Classifier
 from utils.files import StagedFolder, save_json, save_png, save_text
 from utils.poison import PoisonedSet
 from utils.provenance import provenance
-from utils.records import (AttackRecord, check_record_unchanged, load_record, locate_record, record_dir,
-                           save_defense_result)
+from utils.records import (AttackRecord, check_clean_train, check_record_unchanged, load_record, locate_record,
+                           record_dir, save_defense_result)
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
                            replay, resolve_device, seed_everything, sign_scale)
@@ -308,7 +311,8 @@ class DefenseData(HandsOver):
         :meth:`step` is saved with them."""
         if self.checkpoint is None:
             return 0
-        self.checkpoint.track(**{"scaler": self.scaler, **objects})
+        scaler = getattr(self, "scaler", None)  # step()'s; a TrainingSet (which borrows this) has none of its own
+        self.checkpoint.track(**{**({"scaler": scaler} if scaler is not None else {}), **objects})
         restored = self.checkpoint.restore()
         if restored is None:
             return 0
@@ -407,8 +411,9 @@ class Defense(Method):
     argv, reads no record, evaluates nothing and prints nothing."""
 
     # mitigation: mitigate(model, DefenseData) -> model; data_detection: detect(model,
-    # TrainingData) -> Detection; input_detection: fit(model, DefenseData) -> InputDetector.
-    kind: ClassVar[Literal["mitigation", "data_detection", "input_detection"]] = "mitigation"
+    # TrainingData) -> Detection; input_detection: fit(model, DefenseData) -> InputDetector;
+    # training_time: train(defense.training.TrainingSet) -> model (defense.training.TrainingDefense).
+    kind: ClassVar[Literal["mitigation", "data_detection", "input_detection", "training_time"]] = "mitigation"
     # Keys of extras() that hold N x C x H x W images in [0, 1]; the harness also writes
     # them as <key>/<i>.png (e.g. reversed triggers).
     image_extras: ClassVar[tuple[str, ...]] = ()
@@ -429,6 +434,11 @@ class Defense(Method):
         """(input_detection) From the model and the defender's clean subset, a function
         that scores a batch of test inputs (float [0, 1] images on the device) with a
         :class:`Detection` (higher = more suspicious)."""
+        raise NotImplementedError
+
+    def train(self, data: Any) -> nn.Module:
+        """(training_time) A model trained from the training set as delivered
+        (defense.training.TrainingSet); see defense.training.TrainingDefense."""
         raise NotImplementedError
 
     def extras(self) -> dict[str, torch.Tensor]:
@@ -634,7 +644,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             log.info("defense %s on %s", defense.name, record.path)
             replay(loading)
             log.debug("config: %s", cfg.plain(values))
-            defend = _defend if defense.kind == "mitigation" else _detect
+            defend = _defend if defense.kind in ("mitigation", "training_time") else _detect
             summary = defend(defense, record, values, device, folder, model, checkpoint, inputs)
         try:
             check_record_unchanged(record, trust=control["trust_record"])
@@ -743,12 +753,13 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
         raise UserError(f"{record.path}: the record says {record.clean_data} is {tuple(record.img_size)} with "
                         f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
                         f"{data.info.num_classes}")
+    check_clean_train(record, data.train.images, data.train.labels, str(data.root or record.clean_data))
     idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
                         values["index"], values["exclude_poisoned"])
     return data, idx
 
 
-def handed_over(defense: Defense, data: DefenseData | TrainingData) -> Outputs:
+def handed_over(defense: Defense, data: HandsOver) -> Outputs:
     """What the method handed over through ``data`` (:meth:`DefenseData.add_extras`,
     :meth:`DefenseData.add_summary`), after what its deprecated ``extras()`` and
     ``report()`` hooks return (methods written before ``data.add_extras``)."""
@@ -766,8 +777,12 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     seed_everything(values["random_seed"])
     data, idx = load_inputs(record, values) if inputs is None else inputs
     model = (record.build_model() if model is None else model).to(device).eval()
+    training_time = defense.kind == "training_time"
+    if training_time:  # the defender holds the whole training set, as delivered (defense/training.py)
+        idx = torch.arange(len(data.train))
     save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
-    log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
+    log.info("defender's %s: %d of %d training samples", "training set" if training_time else "clean subset",
+             len(idx), len(data.train))
 
     def measure(m: nn.Module) -> Metrics:  # float32, whatever --amp says
         return evaluate(m, data.test, record.bd_test, device=device)
@@ -779,19 +794,28 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     monitor.undeclared_last_epoch = legacy - 1 if isinstance(legacy, int) and not isinstance(legacy, bool) else None
     before = monitor.evaluate(model)
     log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
-    defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
-                           checkpoint)
+    if training_time:  # its extras and summary values: the method's extras() and report() (defense/training.py)
+        defender: DefenseData | HandsOver = HandsOver()
+    else:
+        defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"],
+                               monitor, checkpoint)
 
     seed_everything(values["random_seed"])
     start = time.perf_counter()
     if checkpoint is not None:
         checkpoint.start_clock()
-    purified = defense.mitigate(model, defender)
-    defender.check_deferred()
+    if training_time:
+        from defense.training import train_time
+
+        purified = train_time(defense, record, data, values, device, monitor, checkpoint)
+    else:
+        purified = defense.mitigate(model, defender)
+        defender.check_deferred()
     # a resumed run: the time of every part (stored in the checkpoint), not this part's only
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
-        raise TypeError(f"{defense.name}.mitigate must return the model it was given (a {record.model_name})")
+        raise TypeError(f"{defense.name}.{'train' if training_time else 'mitigate'} must return a "
+                        f"model of the record's architecture (a {record.model_name})")
     purified.eval()
     after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
@@ -926,7 +950,12 @@ InputDetector = Callable[[torch.Tensor], Detection]
 
 
 def check_detectable(defense: Defense, record: AttackRecord) -> None:
-    """A data detector needs poisoned training samples to find."""
+    """A data detector needs poisoned training samples to find; a training-time defense, a
+    training set the attacker delivered (defense.training.check_trainable)."""
+    if defense.kind == "training_time":
+        from defense.training import check_trainable
+
+        check_trainable(defense.name, record)
     if defense.kind == "data_detection" and (record.bd_train is None or len(record.bd_train) == 0):
         raise UserError(f"{record.path}: the record keeps no poisoned training samples (bd_train; an attack that "
                         f"poisons each batch afresh?): data detection ({defense.name}) has nothing to find")
