@@ -300,6 +300,8 @@ class Defense(Method):
     # What ``python -m defense tune`` may search, next to the hyperparameters:
     # {param: ("float_log", lo, hi) | ("float", lo, hi) | ("int", lo, hi) | ("choice", [values])}.
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # (data_detection) whether detect() also reads the defender's clean subset (TrainingData.clean).
+    uses_clean_subset: ClassVar[bool] = False
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""
@@ -691,14 +693,19 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
 class TrainingData:
     """What a data detector holds: the training set as the defender received it (uint8
     images and labels, the poisoned samples in place of their clean versions, on the
-    CPU), the dataset's declared info, the device and a seed. No poison indicator, no
-    poison indices, no test data: the fields below are all there is."""
+    CPU), the dataset's declared info, the device and a seed; for a detector whose class
+    sets ``uses_clean_subset`` (SCAn, Beatrix), also the defender's clean subset
+    (``clean``: images and labels, drawn as for a mitigation, but only among training
+    samples that were not poisoned, so that no clean version of a poisoned image can be
+    matched against the training set). No poison indicator, no poison indices, no test
+    data: the fields below are all there is."""
 
     train: ImageData
     info: DatasetInfo
     device: torch.device
     amp: bool = False
     seed: int = 0
+    clean: ImageData | None = None
 
     @property
     def num_classes(self) -> int:
@@ -707,6 +714,20 @@ class TrainingData:
     @property
     def labels(self) -> torch.Tensor:
         return self.train.labels
+
+    def clean_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The defender's clean subset (a detector with ``uses_clean_subset``) as float
+        [0, 1] images and labels on the device."""
+        if self.clean is None:
+            raise TypeError("this detector reads the clean subset: set uses_clean_subset = True on its class")
+        return self.clean.images.to(self.device).float().div_(255.0), self.clean.labels.to(self.device)
+
+    def features(self, model: Classifier, images: torch.Tensor | None = None, batch_size: int = 256,
+                 layer: str | None = None) -> torch.Tensor:
+        """:meth:`penultimate` of ``images`` (uint8, N x C x H x W; default the training set)."""
+        held = self if images is None else TrainingData(ImageData(images, torch.zeros(len(images), dtype=torch.long)),
+                                                       self.info, self.device, self.amp, self.seed)
+        return held.penultimate(model, batch_size, layer)
 
     def __len__(self) -> int:
         return len(self.train)
@@ -826,15 +847,23 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     start = time.perf_counter()
     if defense.kind == "data_detection":
         train, truth = poisoned_training_set(data.train, record.bd_train)
+        clean = None
+        if defense.uses_clean_subset:
+            idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
+                                values["index"], exclude_poisoned=True)
+            save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
+            log.info("defender's clean subset: %d of %d training samples (none of them poisoned)", len(idx),
+                     len(data.train))
+            clean = ImageData(data.train.images[idx], data.train.labels[idx])
         held = TrainingData(ImageData(train.images, train.labels), data.info, device, values["amp"],
-                            values["random_seed"])
+                            values["random_seed"], clean)
         log.info("data detection on the training set as delivered: %d samples", len(held))
         seed_everything(values["random_seed"])
         result = checked_detection(defense, defense.detect(model, held), len(held), "detect")
         seconds = time.perf_counter() - start
         rows = [("train", i, int(truth[i]), float(result.scores[i]),
                  "" if result.flagged is None else int(result.flagged[i])) for i in range(len(truth))]
-        extra = {"training_samples": len(held)}
+        extra = {"training_samples": len(held), **({} if clean is None else {"clean_samples": len(clean)})}
     else:
         save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
         log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
