@@ -34,6 +34,12 @@ Deviations:
 * The clean samples are the defender's clean subset (``--ratio`` of the training set,
   none of them poisoned), not BackdoorBench's ``clean_sample_num`` samples of the clean
   test set (a defense never sees the test set).
+* The one-identity hypothesis of the test uses the class's identity as the global model
+  estimates it, mu = S_u (n S_u + S_e)^-1 sum(x) (the EM's E-step). BackdoorBench's (and
+  the original code's) calc_test computes S_e (n S_u + S_e)^-1 sum(x), the E-step without
+  its S_u S_e^-1 factor, which tests the class against the global mean rather than
+  against one identity: on a synthetic mixture (tests/test_scan.py) a pure class far
+  from the global mean then outscores a class holding two identities.
 * The split of each class starts from a seeded random assignment (the run's seed;
   BackdoorBench: numpy's global state).
 * The per-sample score above is this project's (BackdoorBench and the paper only flag).
@@ -133,8 +139,7 @@ def split_statistic(x: np.ndarray, model: GlobalModel, f: np.ndarray, z: np.ndar
     exponent) of the split (means u_1, u_2) against one identity (its posterior mean mu)
     for one class's representations ``x``."""
     n = len(x)
-    g = -np.linalg.pinv(n * model.s_u + model.s_e)
-    mu = -(model.s_e @ g @ x.sum(0))
+    mu = model.s_u @ np.linalg.pinv(n * model.s_u + model.s_e) @ x.sum(0)  # E[identity | x], as in global_model
     b1 = mu @ f @ mu - u1 @ f @ u1
     b2 = mu @ f @ mu - u2 @ f @ u2
     n1 = int(z.sum())
