@@ -144,6 +144,7 @@ class Beatrix(Defense):
     paper = ("Ma, Wang, Sun, Xue, Hu, Fu, Fu, Li and Nepal, The \"Beatrix\" Resurrections: Robust Backdoor Detection "
              "via Gram Matrices, NDSS 2023, arXiv:2209.11715")
     year = 2023
+    smoke_params = {"orders": [1, 2]}
     param_checks = {"mad_range": cfg.positive, "folds": _at_least_two, "quantile": _fraction,
                     "batch_size": cfg.positive}
 

@@ -194,6 +194,7 @@ class SPECTRE(Defense):
     paper = ("Hayase, Kong, Somani and Oh, SPECTRE: Defending Against Backdoor Attacks Using Robust Statistics, "
              "ICML 2021, arXiv:2104.11315")
     year = 2021
+    smoke_params = {"max_dims": 4}
     param_checks = {"percentile": cfg.positive, "alpha": cfg.positive, "tau": cfg.positive, "limit1": cfg.positive,
                     "limit2": cfg.positive, "max_dims": cfg.positive, "batch_size": cfg.positive}
 
