@@ -186,8 +186,8 @@ class SPECTRE(Defense):
         limit1: the robust estimate removes at most limit1 x eps samples
         limit2: flag limit2 x eps samples per class
         max_dims: largest PCA dimension searched (k = 1, 4, 9, ..., max_dims)
-        layer: a module of the architecture whose output is the representation (None: the penultimate one)
-        batch_size: samples per forward pass for the representations
+        layer: module whose flattened output is read (None: the input of the classifier layer)
+        batch_size: forward-pass size
     """
 
     kind = "data_detection"
