@@ -705,7 +705,8 @@ class TrainingData:
     device: torch.device
     amp: bool = False
     seed: int = 0
-    clean: ImageData | None = None
+    # keyword-only: subclasses (the training-time kind's TrainingSet) keep their positional fields
+    clean: ImageData | None = field(default=None, kw_only=True)
 
     @property
     def num_classes(self) -> int:
@@ -856,7 +857,7 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
                      len(data.train))
             clean = ImageData(data.train.images[idx], data.train.labels[idx])
         held = TrainingData(ImageData(train.images, train.labels), data.info, device, values["amp"],
-                            values["random_seed"], clean)
+                            values["random_seed"], clean=clean)
         log.info("data detection on the training set as delivered: %d samples", len(held))
         seed_everything(values["random_seed"])
         result = checked_detection(defense, defense.detect(model, held), len(held), "detect")
