@@ -46,12 +46,7 @@ def gaussian_noise(x, c, generator):
 
 
 def shot_noise(x, c, generator):
-    state = torch.get_rng_state()
-    try:  # torch.poisson draws from the global generator: seed it from ours
-        torch.manual_seed(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
-        return torch.poisson((x * c).cpu()).to(x.device) / c
-    finally:
-        torch.set_rng_state(state)
+    return torch.poisson((x * c).cpu(), generator=generator).to(x.device) / c
 
 
 def impulse_noise(x, c, generator):
