@@ -708,6 +708,18 @@ def _retune(purified: nn.Module, record: AttackRecord, data: Dataset, values: di
 
 # -- the detection kinds ----------------------------------------------------------------------------
 
+def layer_module(model: Classifier, layer: str | None) -> nn.Module:
+    """The module ``model.net.<layer>`` (None: the architecture's feature layer, its last
+    stage); one UserError line when the architecture has no such module."""
+    if layer is None:
+        return model.feature_module()
+    try:
+        return model.net.get_submodule(layer)
+    except AttributeError:
+        raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
+                        f"{', '.join(model.spec.stages) or 'none declared'})") from None
+
+
 @dataclass
 class TrainingData:
     """What a data detector holds: the training set as the defender received it (uint8
@@ -764,11 +776,7 @@ class TrainingData:
         on the CPU; with ``layer``, the flattened output of ``model.net.<layer>`` instead
         (BackdoorBench's ``target_layer``)."""
         if layer is not None:
-            try:
-                module = model.net.get_submodule(layer)
-            except AttributeError:
-                raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
-                                f"{', '.join(model.spec.stages) or 'none declared'})") from None
+            module = layer_module(model, layer)
             seen: list[torch.Tensor] = []
             hook = module.register_forward_hook(lambda m, i, out: seen.append(out.flatten(1).float().cpu()))
             try:
