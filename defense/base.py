@@ -747,6 +747,15 @@ class TrainingData:
     def labels(self) -> torch.Tensor:
         return self.train.labels
 
+    def class_indices(self, min_size: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """(c, the indices of the training samples labelled c) for each class c with at least
+        ``min_size`` samples."""
+        labels = self.labels.numpy()
+        for c in range(self.num_classes):
+            idx = np.nonzero(labels == c)[0]
+            if len(idx) >= min_size:
+                yield c, idx
+
     def clean_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The defender's clean subset (a detector with ``uses_clean_subset``) as float
         [0, 1] images and labels on the device."""
