@@ -17,7 +17,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import torch
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative
 from utils.poison import corner_patch
 
@@ -59,4 +59,4 @@ class BadNet(Attack):
 
 
 if __name__ == "__main__":
-    run("badnet")
+    main("badnet")

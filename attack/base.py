@@ -23,7 +23,8 @@ An attack file holds only what is particular to its attack: the trigger (a funct
 float [0, 1] images), how poisoned samples are chosen (its ``kind``), and what it keeps
 in the record. Attacks that need more than a trigger use optional hooks of the same
 harness: :meth:`AttackContext.clean_model` (a clean model to craft the trigger on: LF,
-TrojanNN), :meth:`Attack.batch_hook` (poison each batch on the fly: WaNet),
+TrojanNN), :meth:`Attack.poison_training` (training images poisoned unlike test images:
+LC), :meth:`Attack.batch_hook` (poison each batch on the fly: WaNet),
 :meth:`Attack.before_training` and :meth:`Attack.train_step` (train something together
 with the victim: Input-Aware's generators), :meth:`Attack.cross` (a "noise mode" test set
 with true labels, saved as the record's ``cross_test``).
@@ -42,17 +43,18 @@ import torch
 from torch import nn
 
 from utils import config as cfg
-from utils.cli import entry, guarded
+from utils.cli import entry, guarded, python_call
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, dataset_info, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
 from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
-from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
-                          select_poison_indices, target_labels)
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
-                           save_json)
+from utils.files import StagedFolder, save_json
+from utils.poison import (PoisonedSet, batch_poison_count, bd_test_indices, check_target, poisoned_set,
+                          poisoned_training_set, select_poison_indices, target_labels, to_float, to_uint8)
+from utils.provenance import provenance
+from utils.records import AttackRecord, live_defense_locks, load_record, record_dir
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
                            replay, resolve_device, seed_everything)
@@ -61,6 +63,27 @@ from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_schedu
 log = logging.getLogger("saubench")
 
 Kind = Literal["clean", "dirty-label", "clean-label", "training-controlled"]
+
+
+@dataclass(frozen=True)
+class PoisonPolicy:
+    """How the run poisons, as the harness resolved it (--pratio, --attack_target,
+    --attack_label_trans and the dataset's classes). An attack that poisons batches itself
+    (training-controlled) applies it through :meth:`count` and :meth:`relabel` (from
+    ``ctx.policy`` or ``training.policy``) instead of reading the config."""
+
+    pratio: float
+    target: int
+    label_trans: str
+    num_classes: int
+
+    def count(self, batch_size: int, generator: torch.Generator | None = None) -> int:
+        """How many samples of a batch of ``batch_size`` to poison (utils.poison.batch_poison_count)."""
+        return batch_poison_count(self.pratio, batch_size, generator)
+
+    def relabel(self, labels: torch.Tensor) -> torch.Tensor:
+        """The attacker's labels for poisoned samples whose true labels are ``labels``."""
+        return target_labels(labels, self.label_trans, self.target, self.num_classes)
 
 
 @dataclass
@@ -82,6 +105,11 @@ class AttackContext:
     @property
     def pratio(self) -> float:
         return float(self.config["pratio"])
+
+    @property
+    def policy(self) -> PoisonPolicy:
+        """The run's poisoning ratio, target and label transform (:class:`PoisonPolicy`)."""
+        return PoisonPolicy(self.pratio, self.target, self.label_trans, self.num_classes)
 
     def seed(self) -> int:
         """A fresh seed drawn from the run's generator (for an attack's own torch.Generator)."""
@@ -116,7 +144,7 @@ class AttackContext:
 class Training:
     """The victim's training as the harness set it up: the model, the split it trains on,
     the optimizers (the victim's first) and per-epoch schedulers the harness steps, the
-    gradient scaler and the shuffling generator. Attacks that train something together
+    gradient scaler, the shuffling generator and the epoch under way. Attacks that train something together
     with the victim receive it in :meth:`Attack.before_training` and
     :meth:`Attack.train_step`; they may append their own optimizers and schedulers."""
 
@@ -133,6 +161,9 @@ class Training:
         self.schedulers: list[Any] = [] if scheduler is None else [scheduler]
         self.scaler = grad_scaler(device, self.amp)
         self.generator = torch.Generator().manual_seed(int(values["random_seed"]))
+        self.policy = PoisonPolicy(float(values["pratio"]), int(values["attack_target"]),
+                                   str(values["attack_label_trans"]), info.num_classes)
+        self.epoch = 0  # the epoch under way (set by the harness before each)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """The dataset's train transform."""
@@ -178,6 +209,15 @@ class Attack(Method):
         """The trigger: float NCHW images in [0, 1] -> poisoned images of the same shape."""
         raise NotImplementedError
 
+    def poison_training(self, ctx: AttackContext, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The poisoned training images, made once at poison time (dirty- and clean-label
+        attacks): ``x`` holds the selected training images (float NCHW in [0, 1]) and
+        ``indices`` their indices in the training split. The result is kept in the record
+        (``bd_train``). By default every image gets the trigger (:meth:`apply`); an attack
+        whose training images differ from its test-time trigger (LC's adversarial
+        perturbation) overrides it, and keeps any further product in :meth:`extras`."""
+        return torch.cat([self.apply(x[start:start + 1024]) for start in range(0, len(x), 1024)]) if len(x) else x
+
     def cross(self, x: torch.Tensor) -> torch.Tensor:
         """Optional "noise mode" (WaNet, Input-Aware): images that carry a perturbed
         trigger and keep their true label. When an attack defines it, the harness saves
@@ -211,15 +251,6 @@ class Attack(Method):
         (per-batch poisoning draws) held as an attribute. Override to add or leave out."""
         return {name: value for name, value in sorted(vars(self).items())
                 if isinstance(value, (nn.Module, torch.Generator))}
-
-    @classmethod
-    def check_params(cls, values: dict[str, Any]) -> None:
-        """Raise ValueError for the first hyperparameter in ``values`` (e.g. an
-        ``__init__``'s ``locals()``) that fails its ``param_checks`` entry."""
-        for name, check in cls.param_checks.items():
-            complaint = check(values[name]) if name in values else None
-            if complaint:
-                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
 
     @classmethod
     def defines(cls, hook: str) -> bool:
@@ -306,7 +337,7 @@ def show_config(name: str, dataset: str) -> str:
         layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(recipe), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
     bd_yaml = cfg.method_yaml("attack", cls.name, dataset)
     if bd_yaml is not None and cls.name != "prototype":
-        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(bd_yaml), IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
+        layers.extend(cfg.yaml_layers(bd_yaml, IGNORED_KEYS | {"yaml_path", "bd_yaml_path"}))
     layers.append(Layer("--dataset", {"dataset": dataset}))
     return cfg.resolved_text(f"attack {cls.name} on {dataset}", params, layers)
 
@@ -329,7 +360,7 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
         layers.append(Layer(cfg.shown(recipe), cfg.read_yaml(Path(recipe)), IGNORED_KEYS))
     bd_yaml = first.get("bd_yaml_path") or cfg.method_yaml("attack", name, dataset)
     if bd_yaml is not None and name != "prototype":
-        layers.append(Layer(cfg.shown(bd_yaml), cfg.read_yaml(Path(bd_yaml)), IGNORED_KEYS))
+        layers.extend(cfg.yaml_layers(bd_yaml, IGNORED_KEYS))  # a dataset's file over default.yaml
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers, ("data_root", "record_root"))  # never from a YAML file
     values = cfg.resolve(params, layers, cli)
@@ -343,10 +374,19 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Run attack ``name``: from a script, ``run("badnet")`` reads the command line; from
-    Python, ``run("badnet", dataset="digits", epochs=5)`` returns the summary dict that
-    is also written to attack_summary.json."""
-    return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
+    """Run attack ``name`` from Python: ``run("badnet", dataset="digits", epochs=5)``
+    returns the summary dict that is also written to attack_summary.json; ``argv`` is a list of
+    command-line arguments. It never reads ``sys.argv``: a script calls :func:`main`.
+    (Deprecated: ``run("badnet")`` alone at the top level of the file Python runs as its
+    script, as method files did before :func:`main`, still forwards to :func:`main`.)"""
+    return python_call(lambda args, kw: _run(name, args, kw), argv, overrides)
+
+
+def main(name: str) -> dict[str, Any]:
+    """The command line of attack ``name`` (``python attack/badnet.py ARGS``: the last line
+    of a method file is ``main("badnet")``): arguments from ``sys.argv``; a bad one ends
+    the process with one line on stderr and status 2."""
+    return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 
 def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
@@ -440,7 +480,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
         labels = data.train.labels[poison_idx]
         if attack.kind == "dirty-label":
             labels = target_labels(labels, label_trans, target, info.num_classes)
-        bd_train = poisoned_set(data.train, poison_idx, attack.apply, labels)
+        images = attack.poison_training(ctx, to_float(data.train.images[poison_idx]), poison_idx)
+        bd_train = PoisonedSet(to_uint8(images), labels.long(), data.train.labels[poison_idx].clone(), poison_idx)
         log.info("poisoned %d of %d training samples (%s)", len(poison_idx), len(data.train), attack.kind)
     test_sets = _TestSets(attack, data, label_trans, target, device, values["amp"])
     train_set, _ = poisoned_training_set(data.train, bd_train)
@@ -472,7 +513,7 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     history.save_plot(folder / "attack_plot.png", f"{attack.name} on {info.name} ({values['model']})")
     summary = {**metrics.headline(), "seconds": round(seconds, 2), "attack": attack.name, "dataset": info.name,
                "model": values["model"], "epochs": values["epochs"], "device": str(device),
-               "poisoned": int(len(poison_idx)), "record_identity": identity}
+               "poisoned": int(len(poison_idx)), "record_identity": identity, **provenance()}
     if test_sets.cross_acc is not None:
         summary["cross_acc"] = test_sets.cross_acc
     save_json(summary, folder / "attack_summary.json")
@@ -520,6 +561,7 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
             if history.rows:
                 evaluate(restored["epoch"], history.rows[-1])  # the evaluation that followed the checkpoint
     for epoch in progress(range(start, epochs), desc="epochs" if desc == "epoch" else desc, unit="epoch", delay=0.0):
+        training.epoch = epoch
         if step is not None:
             stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
         else:

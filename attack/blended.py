@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, unit_interval
 from utils.datasets import read_image
 
@@ -60,7 +60,6 @@ class Blended(Attack):
     param_checks = {"alpha": unit_interval, "pattern_seed": non_negative}
 
     def __init__(self, alpha: float = 0.2, pattern_path: str | None = None, pattern_seed: int = 0):
-        self.check_params(locals())
         if pattern_path is not None and not Path(pattern_path).is_file():
             raise ValueError(f"pattern_path {pattern_path}: no such file")
         self.alpha = alpha
@@ -89,4 +88,4 @@ class Blended(Attack):
 
 
 if __name__ == "__main__":
-    run("blended")
+    main("blended")

@@ -50,7 +50,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import torch
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import unit_interval
 from utils.poison import batch_poison_count, target_labels
 from utils.train import BatchHook
@@ -113,7 +113,6 @@ class BPP(Attack):
     param_checks = {"squeeze_num": squeeze_num_check, "neg_ratio": unit_interval}
 
     def __init__(self, squeeze_num: int = 8, dithering: bool = True, neg_ratio: float = 0.1):
-        self.check_params(locals())
         self.squeeze_num = squeeze_num
         self.dithering = dithering
         self.neg_ratio = neg_ratio
@@ -155,4 +154,4 @@ class BPP(Attack):
 
 
 if __name__ == "__main__":
-    run("bpp")
+    main("bpp")

@@ -1,4 +1,4 @@
-"""The attack contract (see utils.contract for the rules): the checks that read the class,
+"""The attack contract (see tools.contract for the rules): the checks that read the class,
 and the checks that run it through the harness on digits.
 
     from attack.contract import CONTRACT
@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from attack.base import ATTACKS, Attack, Kind, run
-from utils.contract import Contract, Guard, in_window
+from tools.contract import Contract, Guard, in_window
 
 # What an attack's own code may run in: the trigger and every optional hook of the harness.
-HOOKS = ("__init__", "prepare", "apply", "cross", "batch_hook", "before_training", "train_step", "extras")
+HOOKS = ("__init__", "prepare", "apply", "poison_training", "cross", "batch_hook", "before_training", "train_step",
+         "extras")
 
 
 def _guard_batch_hook(guard: Guard, name: str, args: tuple, result: Any) -> Any:

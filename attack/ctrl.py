@@ -47,7 +47,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import torch
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from attack.frequency import NO_OFFSET, YUV, block_dct, block_idct, check_blocks, frequency_mask, from_colour, to_colour
 from utils.config import non_negative
 
@@ -72,7 +72,6 @@ class CTRL(Attack):
 
     def __init__(self, magnitude: float = 100.0, use_yuv: bool = True, trigger_channels: list[int] = (1, 2),
                  pos_list: list[int] = (15, 31)):
-        self.check_params(locals())
         if len(pos_list) == 0:
             raise ValueError("pos_list must name at least one position")
         if len(trigger_channels) == 0:
@@ -112,4 +111,4 @@ class CTRL(Attack):
 
 
 if __name__ == "__main__":
-    run("ctrl")
+    main("ctrl")

@@ -43,7 +43,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import torch
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from attack.frequency import (YCRCB, YCRCB_OFFSET, block_dct, block_idct, check_blocks, frequency_mask, from_colour,
                               to_colour)
 from utils.config import non_negative, positive
@@ -75,7 +75,6 @@ class FTrojan(Attack):
 
     def __init__(self, channel_list: list[int] = (1, 2), magnitude: float = 30.0, YUV: bool = True,  # noqa: N803
                  window_size: int = 32, pos_list: list[int] = (15, 15, 31, 31)):
-        self.check_params(locals())
         if len(pos_list) == 0 or len(pos_list) % 2:
             raise ValueError(f"pos_list must hold (row, column) pairs, an even number of indices, got {list(pos_list)}")
         if len(channel_list) == 0:
@@ -114,4 +113,4 @@ class FTrojan(Attack):
 
 
 if __name__ == "__main__":
-    run("ftrojan")
+    main("ftrojan")

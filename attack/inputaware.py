@@ -53,11 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack.base import Attack, AttackContext, Training, register_attack, run
+from attack.base import Attack, AttackContext, Training, main, register_attack
 from utils.config import non_negative, positive, unit_interval
 from utils.errors import UserError
 from utils.models import Normalize
-from utils.poison import batch_poison_count, target_labels
 
 log = logging.getLogger("saubench")
 
@@ -170,7 +169,6 @@ class InputAware(Attack):
                  mask_density: float = 0.032, clean_train_epochs: int = 25,
                  schedulerG_milestones: list[int] = (200, 300, 400, 500), schedulerG_lambda: float = 0.1,
                  schedulerM_milestones: list[int] = (10, 20), schedulerM_lambda: float = 0.1):
-        self.check_params(locals())
         self.lr_G, self.lr_M = lr_G, lr_M
         self.lambda_div, self.lambda_norm = lambda_div, lambda_norm
         self.mask_density = mask_density
@@ -185,8 +183,6 @@ class InputAware(Attack):
         self.net_g = Generator(info.channels, info.channels, info.size, info.mean, info.std).to(ctx.device)
         self.net_m = Generator(info.channels, 1, info.size, info.mean, info.std).to(ctx.device)
         self._generator = torch.Generator().manual_seed(ctx.seed())
-        self._target, self._label_trans, self._num_classes = ctx.target, ctx.label_trans, ctx.num_classes
-        self._pratio = ctx.pratio
 
     # -- the triggers --------------------------------------------------------------------------------
 
@@ -233,7 +229,7 @@ class InputAware(Attack):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.net_g.train()
         n = len(x)
-        n_bd = batch_poison_count(self._pratio, n, self._generator)
+        n_bd = training.policy.count(n, self._generator)
         n_cross = min(n_bd, n - n_bd)
         parts, loss_div = [], 0.0
         if n_bd:
@@ -246,7 +242,7 @@ class InputAware(Attack):
             parts.append(clean + (patterns2 - clean) * threshold(self.net_m(x2)))
             loss_div = self.lambda_div * diversity(x[:n_cross], x2, patterns[:n_cross], patterns2)
         inputs = torch.cat([*parts, x[n_bd + n_cross:]])
-        targets = torch.cat([target_labels(y[:n_bd], self._label_trans, self._target, self._num_classes), y[n_bd:]])
+        targets = torch.cat([training.policy.relabel(y[:n_bd]), y[n_bd:]])
         logits = training.model(inputs)
         return F.cross_entropy(logits, targets) + loss_div, logits, targets
 
@@ -257,4 +253,4 @@ class InputAware(Attack):
 
 
 if __name__ == "__main__":
-    run("inputaware")
+    main("inputaware")

@@ -18,11 +18,11 @@ The clean model is the prototype record ``--clean_model`` (under --record_root) 
 default, one trained in this run with the dataset's recipe (seeded; nothing is
 downloaded). PGD starts from a uniform random point of the ball (seeded with ``ctx``),
 takes ``pgd_steps`` signed-gradient steps of ``step_size`` / 255 on the cross-entropy of
-the true label, and projects back onto the ball and [0, 1] after each. The adversarial
-target-class images are computed once, for the whole target class, before the poisoned
-samples are drawn; :meth:`LC.apply` recognises a target-class training image by its
-pixels and starts from its adversarial version (every other image gets the trigger only).
-The share of the adversarial images the clean model misclassifies is kept in the record
+the true label, and projects back onto the ball and [0, 1] after each. The harness's
+poison-time hook (:meth:`LC.poison_training`) hands over the selected target-class
+training images once; they get the PGD perturbation and then the trigger, and go into the
+record's ``bd_train`` (test images get the trigger only, :meth:`LC.apply`). The share of
+the adversarial images the clean model misclassifies is kept in the record
 (``extras["adversarial_error"]``).
 
 Hyperparameters (BackdoorBench's config/attack/lc/default.yaml; its PGD images are
@@ -54,10 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, unit_interval
 from utils.errors import UserError
-from utils.poison import to_uint8
 from utils.runtime import autocast
 
 log = logging.getLogger("saubench")
@@ -130,52 +129,44 @@ class LC(Attack):
 
     def __init__(self, clean_model: str | None = None, eps: float = 16.0, pgd_steps: int = 10,
                  step_size: float = 2.0, reduced_amplitude: float = 1.0):
-        self.check_params(locals())
         self.clean_model = clean_model
         self.eps = eps
         self.pgd_steps = pgd_steps
         self.step_size = step_size
         self.reduced_amplitude = reduced_amplitude
         self.pattern: torch.Tensor | None = None  # (H, W) signs
-        self._adversarial: dict[bytes, torch.Tensor] = {}  # target-class training image (uint8 bytes) -> PGD image
         self.adversarial_error = float("nan")
 
     def prepare(self, ctx: AttackContext) -> None:
         self.pattern = corner_trigger(ctx.dataset.info.size)
-        train = ctx.dataset.train
-        idx = torch.nonzero(train.labels == ctx.target).flatten()
-        model = ctx.clean_model(self.clean_model).requires_grad_(False)
-        generator = torch.Generator().manual_seed(ctx.seed())
-        wrong, self._adversarial = 0, {}
-        for start in range(0, len(idx), 256):
-            chunk = idx[start:start + 256]
-            x = train.images[chunk].to(ctx.device).float() / 255.0
-            y = train.labels[chunk].to(ctx.device)
-            adv = pgd(model, x, y, eps=self.eps / 255, step_size=self.step_size / 255, steps=self.pgd_steps,
-                      generator=generator, amp=ctx.config["amp"])
-            with torch.no_grad():
-                wrong += int((model(adv).argmax(1) != y).sum())
-            for clean, image in zip(train.images[chunk], to_uint8(adv).cpu()):
-                self._adversarial[clean.numpy().tobytes()] = image
-        self.adversarial_error = wrong / max(len(idx), 1)
-        log.info("LC: the clean model misclassifies %.2f of the %d adversarial target-class images",
-                 self.adversarial_error, len(idx))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.pattern is None or self.pattern.shape != x.shape[-2:]:
             self.pattern = corner_trigger(tuple(x.shape[-2:]))
-        if self._adversarial:
-            keys = to_uint8(x).cpu()
-            x = x.clone()
-            for i, key in enumerate(keys):
-                adv = self._adversarial.get(key.numpy().tobytes())
-                if adv is not None:
-                    x[i] = adv.to(x.device, x.dtype) / 255.0
         return stamp(x, self.pattern, self.reduced_amplitude)
+
+    def poison_training(self, ctx: AttackContext, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The selected target-class images: PGD against a clean model, then the trigger."""
+        model = ctx.clean_model(self.clean_model).requires_grad_(False)
+        generator = torch.Generator().manual_seed(ctx.seed())
+        labels = ctx.dataset.train.labels[indices]
+        wrong, out = 0, []
+        for start in range(0, len(x), 256):
+            chunk = x[start:start + 256].to(ctx.device)
+            y = labels[start:start + 256].to(ctx.device)
+            adv = pgd(model, chunk, y, eps=self.eps / 255, step_size=self.step_size / 255, steps=self.pgd_steps,
+                      generator=generator, amp=ctx.config["amp"])
+            with torch.no_grad():
+                wrong += int((model(adv).argmax(1) != y).sum())
+            out.append(self.apply(adv).cpu())
+        self.adversarial_error = wrong / max(len(x), 1)
+        log.info("LC: the clean model misclassifies %.2f of the %d adversarial target-class images",
+                 self.adversarial_error, len(x))
+        return torch.cat(out) if out else x.clone()
 
     def extras(self) -> dict[str, torch.Tensor]:
         return {"pattern": self.pattern.clone(), "adversarial_error": torch.tensor(self.adversarial_error)}
 
 
 if __name__ == "__main__":
-    run("lc")
+    main("lc")

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, positive, unit_interval
 from utils.runtime import autocast
 from utils.train import check_finite
@@ -124,7 +124,6 @@ class LowFrequency(Attack):
 
     def __init__(self, clean_model: str | None = None, sigma: float = 6.0, magnitude: float = 0.2,
                  num_images: int = 100, max_iter_uni: int = 50, step_size: float = 0.05):
-        self.check_params(locals())
         self.clean_model = clean_model
         self.sigma = sigma
         self.magnitude = magnitude
@@ -157,4 +156,4 @@ class LowFrequency(Attack):
 
 
 if __name__ == "__main__":
-    run("lf")
+    main("lf")

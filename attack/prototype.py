@@ -9,7 +9,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import torch
 
-from attack.base import Attack, register_attack, run
+from attack.base import Attack, main, register_attack
 
 
 @register_attack("prototype")
@@ -27,4 +27,4 @@ class Prototype(Attack):
 
 
 if __name__ == "__main__":
-    run("prototype")
+    main("prototype")

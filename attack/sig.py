@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, positive
 
 
@@ -60,7 +60,6 @@ class SIG(Attack):
     param_checks = {"delta": non_negative, "f": positive}
 
     def __init__(self, delta: float = 40.0, f: float = 6.0):
-        self.check_params(locals())
         self.delta = delta
         self.f = f
         self.pattern: torch.Tensor | None = None
@@ -78,4 +77,4 @@ class SIG(Attack):
 
 
 if __name__ == "__main__":
-    run("sig")
+    main("sig")

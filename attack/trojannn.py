@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, positive, unit_interval
 from utils.datasets import read_image
 from utils.errors import UserError
@@ -129,7 +129,6 @@ class TrojanNN(Attack):
     def __init__(self, clean_model: str | None = None, mask_path: str | None = None, mask_area: float = 0.07,
                  num_neuron: int = 2, neuron_target_values: float = 100.0, mask_update_iters: int = 1000,
                  eps: float = 0.3, alpha: float = 0.1):
-        self.check_params(locals())
         if mask_path is not None and not Path(mask_path).is_file():
             raise ValueError(f"mask_path {mask_path}: no such file")
         self.clean_model = clean_model
@@ -175,4 +174,4 @@ class TrojanNN(Attack):
 
 
 if __name__ == "__main__":
-    run("trojannn")
+    main("trojannn")

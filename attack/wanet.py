@@ -42,9 +42,8 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 import torch
 import torch.nn.functional as F
 
-from attack.base import Attack, AttackContext, register_attack, run
+from attack.base import Attack, AttackContext, main, register_attack
 from utils.config import non_negative, positive
-from utils.poison import batch_poison_count, target_labels
 from utils.train import BatchHook
 
 
@@ -93,7 +92,6 @@ class WaNet(Attack):
     param_checks = {"k": positive, "s": non_negative, "grid_rescale": positive, "cross_ratio": non_negative}
 
     def __init__(self, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0, cross_ratio: float = 2.0):
-        self.check_params(locals())
         self.k = k
         self.s = s
         self.grid_rescale = grid_rescale
@@ -106,8 +104,6 @@ class WaNet(Attack):
         self._generator = torch.Generator().manual_seed(ctx.seed())
         self.noise_grid = random_field(self.k, *ctx.dataset.info.size, self._generator)
         self.grid = warping_grid(self.noise_grid, self.s, self.grid_rescale)
-        self._target, self._label_trans, self._num_classes = ctx.target, ctx.label_trans, ctx.num_classes
-        self._pratio = ctx.pratio
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return warp(x, self.grid)
@@ -119,12 +115,14 @@ class WaNet(Attack):
         return warp(x, (self.grid + noise / height).clamp(-1, 1))
 
     def batch_hook(self, ctx: AttackContext) -> BatchHook:
+        policy = ctx.policy  # the run's pratio, target and label transform
+
         def hook(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            n_bd = batch_poison_count(self._pratio, len(x), self._generator)
+            n_bd = policy.count(len(x), self._generator)
             n_cross = min(int(n_bd * self.cross_ratio), len(x) - n_bd)
             bd = self.apply(x[:n_bd])
             noisy = self.cross(x[n_bd:n_bd + n_cross])
-            y_bd = target_labels(y[:n_bd], self._label_trans, self._target, self._num_classes)
+            y_bd = policy.relabel(y[:n_bd])
             return torch.cat([bd, noisy, x[n_bd + n_cross:]]), torch.cat([y_bd, y[n_bd:]])
 
         return hook
@@ -134,4 +132,4 @@ class WaNet(Attack):
 
 
 if __name__ == "__main__":
-    run("wanet")
+    main("wanet")

@@ -21,7 +21,7 @@ from defense.sau import SAU
 from utils.config import method_yaml, read_yaml
 from utils.datasets import load_dataset
 from utils.records import load_record, record_dir
-from utils.runtime import grad_scaler, resolve_device, seed_everything
+from utils.runtime import resolve_device, seed_everything
 from utils.train import make_optimizer
 
 
@@ -60,7 +60,6 @@ def main() -> None:
                                     norm=sau.norm_type, init=sau.pgd_init, beta_1=sau.beta_1, beta_2=sau.beta_2,
                                     amp=args.amp)
     optimizer = make_optimizer(model.parameters(), "adam", sau.lr)
-    scaler = grad_scaler(device, args.amp)
     print(f"record {args.result_file}: {record.model_name} on {record.clean_data}, {len(idx)} clean samples "
           f"(ratio {ratio}), batch {sau.batch_size}, device {device}, amp {args.amp and device.type == 'cuda'}, "
           f"torch threads {torch.get_num_threads()}")
@@ -71,14 +70,14 @@ def main() -> None:
         for step, (x, y) in enumerate(defender.batches(sau.batch_size, generator=defender.generator(r))):
             sync(device)
             t0 = time.perf_counter()
-            delta = sae(x, y)
+            found = sae.search(x, y)
             sync(device)
             t1 = time.perf_counter()
-            sau.unlearning_step(model, optimizer, scaler, defender, x, y, delta, sae, r, step)
+            sau.unlearning_step(model, optimizer, defender, x, y, found, r, step)
             sync(device)
             t_search += t1 - t0
             t_unlearn += time.perf_counter() - t1
-            steps += sae.stats.steps
+            steps += found.stats.steps
         n = len(idx)
         total = t_search + t_unlearn
         print(f"round {r}: {total:.2f} s = search {t_search:.2f} s + unlearning {t_unlearn:.2f} s; "

@@ -173,15 +173,15 @@ def default_rounds(sau: SAU, model: nn.Module, data: DefenseData, rounds: int, c
     metrics: dict[int, Metrics] = {}
 
     class TimedSAE(SharedAdversarialExamples):
-        def __call__(self, *args, **kwargs):
-            return clock.timed("search", super().__call__, *args, **kwargs)
+        def search(self, *args, **kwargs):
+            return clock.timed("search", super().search, *args, **kwargs)
 
         def reference_predictions(self, *args, **kwargs):
             return clock.timed("search", super().reference_predictions, *args, **kwargs)
 
     class TimedSAU(SAU):
-        def unlearning_terms(self, *args, **kwargs):
-            return clock.timed("unlearning", super().unlearning_terms, *args, **kwargs)
+        def unlearning_step(self, *args, **kwargs):
+            return clock.timed("unlearning", super().unlearning_step, *args, **kwargs)
 
     class TimedMonitor(Monitor):
         def report(self, epoch: int, model: nn.Module, **values: float) -> None:
@@ -315,7 +315,8 @@ def main() -> int:
             per_sample = round_flops(lambda: backdoored(data.train.images[:64].to(device).float() / 255)) / 64
         n_eval = len(data.test) + len(record.bd_test)
         print(f"\nmodel forward: {per_sample / 1e6:.2f} MFLOP a sample; one evaluation: (a) "
-              f"{(n_eval + len(record.bd_test)) * per_sample / 1e9:.2f} GFLOP, (b) {n_eval * per_sample / 1e9:.2f} GFLOP")
+              f"{(n_eval + len(record.bd_test)) * per_sample / 1e9:.2f} GFLOP, "
+              f"(b) {n_eval * per_sample / 1e9:.2f} GFLOP")
         for k in ("a", "b"):
             work = sum(clocks[k].part(r, p) for r in range(args.rounds) for p in ("search", "unlearning")) / args.rounds
             print(f"({k}) one round's search + unlearning: {flops[k] / 1e9:.2f} GFLOP "

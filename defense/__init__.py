@@ -9,15 +9,15 @@ theirs through the entry-point group ``saubench.defenses`` (see utils.registry).
 """
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
 from defense.base import (DEFENSES, Defense, DefenseData, Detection, TrainingData, create_defense, list_defenses,
-                          register_defense, run)
+                          main, register_defense, run)
 from utils.registry import import_package_modules, load_plugins
 
 PLUGIN_GROUP = "saubench.defenses"
 
-# compare: the comparison command; contract: the contract checks; tune: the tuning command.
+# compare: the alias of python -m bench (bench/compare.py); contract: the contract checks; tune: the tuning command.
 # None is a defense.
 import_package_modules("defense", skip=("base", "compare", "contract", "tune"))
 load_plugins(DEFENSES, PLUGIN_GROUP, Defense)
 
 __all__ = ["DEFENSES", "Defense", "DefenseData", "Detection", "TrainingData", "create_defense", "list_defenses",
-           "register_defense", "run"]
+           "main", "register_defense", "run"]

@@ -50,7 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingData, register_defense, run
+from defense.base import Defense, Detection, TrainingData, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -126,13 +126,12 @@ class AC(Defense):
         self.nb_dims, self.nb_clusters, self.cluster_analysis = nb_dims, nb_clusters, cluster_analysis
         self.size_threshold, self.silhouette_threshold = size_threshold, silhouette_threshold
         self.layer, self.batch_size = layer, batch_size
-        self._classes: list[dict[str, float | int | bool]] = []
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:
         features = data.penultimate(model, self.batch_size, self.layer).double().numpy()
         scores = np.zeros(len(data))
         flagged = np.zeros(len(data), dtype=bool)
-        self._classes = []
+        classes: list[dict[str, float | int | bool]] = []
         for c, idx in data.class_indices(min_size=2):
             in_small, size, silhouette, membership = cluster_class(features[idx], self.nb_dims, self.nb_clusters,
                                                                    data.seed)
@@ -141,15 +140,13 @@ class AC(Defense):
             if suspicious:
                 flagged[idx[in_small]] = True
             scores[idx] = (1.0 - size) * max(0.0, silhouette) * membership
-            self._classes.append({"class": c, "samples": int(len(idx)), "smaller_cluster": round(size, 4),
-                                  "silhouette": round(silhouette, 4), "flagged": bool(suspicious)})
+            classes.append({"class": c, "samples": int(len(idx)), "smaller_cluster": round(size, 4),
+                            "silhouette": round(silhouette, 4), "flagged": bool(suspicious)})
             log.info("class %d: %d samples, smaller cluster %.3f, silhouette %.3f%s", c, len(idx), size, silhouette,
                      "  -> flagged" if suspicious else "")
+        data.add_summary(classes=classes)
         return Detection(torch.from_numpy(scores).float(), torch.from_numpy(flagged))
-
-    def report(self) -> dict[str, list]:
-        return {"classes": self._classes}
 
 
 if __name__ == "__main__":
-    run("ac")
+    main("ac")

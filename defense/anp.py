@@ -47,8 +47,9 @@ of the model, so the returned model's running statistics are untouched.
 The masks are never written into the architecture: the optimisation substitutes scaled BN
 weights and biases in each forward pass (``torch.func.functional_call``), and pruning zeroes
 the pruned neurons' BN weight (and bias with ``prune_bias``) in place, so the returned model is the same
-Classifier and its state_dict reproduces the pruning. ``extras()`` holds each layer's mask
-values and pruned channels; ``report()`` adds the counts to summary.json.
+Classifier and its state_dict reproduces the pruning. Each layer's mask values and pruned
+channels go to the result's extras, the counts to summary.json (``data.add_extras``,
+``data.add_summary``).
 
 Deviations from BackdoorBench that remain, each stated:
 * The threshold is the paper's fixed 0.2 by default. BackdoorBench sweeps the threshold
@@ -82,13 +83,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
+from defense.base import Defense, DefenseData, frozen_copy, main, register_defense
 from utils import config as cfg
 from utils.errors import UserError
 from utils.metrics import accuracy
 from utils.models import Classifier
-from utils.runtime import amp_dtype, grad_scaler
-from utils.train import check_finite, predict
+from utils.train import predict
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
@@ -223,8 +223,6 @@ class ANP(Defense):
         self.val_fraction = val_fraction
         self.prune_bias, self.clip_noise, self.train_mode = prune_bias, clip_noise, train_mode
         self.report_every = report_every
-        self._extras: dict[str, torch.Tensor] = {}
-        self._report: dict[str, object] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         layers = neuron_layers(model)
@@ -240,15 +238,16 @@ class ANP(Defense):
         pruned = select_pruned(values, "number" if self.pruning_by == "number" else "threshold", threshold,
                                self.number)
         prune_neurons(layers, pruned, zero_bias=self.prune_bias)
-        self._extras, start = {}, 0
+        extras, start = {}, 0
         for name, module in layers:
             n = module.weight.numel()
-            self._extras[f"mask.{name}"] = values[start:start + n].cpu()
-            self._extras[f"pruned.{name}"] = pruned[start:start + n].cpu()
+            extras[f"mask.{name}"] = values[start:start + n].cpu()
+            extras[f"pruned.{name}"] = pruned[start:start + n].cpu()
             start += n
-        self._report = {"pruned_neurons": int(pruned.sum()), "total_neurons": len(values),
-                        "threshold": None if self.pruning_by == "number" else threshold,
-                        "pruned_by_layer": {name: int(self._extras[f"pruned.{name}"].sum()) for name, _ in layers}}
+        data.add_extras(**extras)
+        data.add_summary(pruned_neurons=int(pruned.sum()), total_neurons=len(values),
+                         threshold=None if self.pruning_by == "number" else threshold,
+                         pruned_by_layer={name: int(extras[f"pruned.{name}"].sum()) for name, _ in layers})
         return model.eval()
 
     def choose_threshold(self, model: Classifier, data: DefenseData, values: torch.Tensor) -> float:
@@ -277,9 +276,6 @@ class ANP(Defense):
         masks = NeuronMasks(neuron_layers(work))
         view = MaskedView(model, masks)  # the original's own weights and statistics
         optimizer = torch.optim.SGD(masks.m, lr=self.lr, momentum=0.9)
-        scaler = grad_scaler(data.device, data.amp)
-        # Loss scaling for the sign of a float16 gradient (only its sign is used).
-        sign_scale = 1024.0 if data.amp and amp_dtype(data.device) == torch.float16 else 1.0
         x_all, y_all = data.tensors()
         generator = data.generator()
         total_loss, total_correct, seen = 0.0, 0, 0
@@ -287,18 +283,14 @@ class ANP(Defense):
             idx = torch.randint(len(y_all), (self.batch_size,), generator=generator).to(data.device)
             x, y = data.augment(x_all[idx]), y_all[idx]
             if self.eps > 0:
-                self.perturb(masks, work, data, x, y, sign_scale)
+                self.perturb(masks, work, data, x, y, data.sign_scale)
             with data.autocast():
                 logits = masks.forward(work, x)
                 loss_nat = F.cross_entropy(logits.float(), y)
                 loss_rob = (F.cross_entropy(masks.forward(work, x, perturbed=True).float(), y) if self.eps > 0
                             else torch.zeros((), device=x.device))
             loss = self.alpha * loss_nat + (1 - self.alpha) * loss_rob
-            check_finite(loss, it // self.report_every, it)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            data.step(loss, optimizer, epoch=it // self.report_every, batch=it)
             with torch.no_grad():
                 for m in masks.m:
                     m.clamp_(0.0, 1.0)
@@ -331,12 +323,6 @@ class ANP(Defense):
                 stepped = [t.clamp(-self.eps, self.eps) for t in stepped]
             masks.delta, masks.xi = stepped[:n], stepped[n:]
 
-    def extras(self) -> dict[str, torch.Tensor]:
-        return dict(self._extras)
-
-    def report(self) -> dict[str, object]:
-        return dict(self._report)
-
 
 if __name__ == "__main__":
-    run("anp")
+    main("anp")

@@ -29,14 +29,15 @@ Tuning (``python -m defense tune``, defense/tune.py) reads a validation split th
 cuts from what the defender holds (:func:`validation_split`): part of the clean subset for
 C-Acc and the record's poisoned *training* images for ASR; never the test sets.
 
-Checkpoints and ``--resume``: a defense's epoch loop becomes resumable with one line,
-``start = data.resume(model=..., optimizer=..., scheduler=..., generator=...)`` before the
-loop and ``for epoch in range(start, epochs)``; ``data.report`` then also saves a
-checkpoint (those objects, the random states, the history rows) every ``--save_every``
-epochs and after the last, in the result's staging folder. With ``--resume`` the run
+Checkpoints and ``--resume``: a defense's epoch loop becomes resumable when it is written
+``for epoch in data.epochs(n, model=..., optimizer=..., scheduler=..., generator=...)``
+(``data.resume`` alone, before a hand-made loop, still works); ``data.report`` then also
+saves a checkpoint (those objects, the gradient scaler of ``data.step``, the random
+states, the history rows) every ``--save_every`` epochs and after the last, in the
+result's staging folder. With ``--resume`` the run
 goes on after the saved epoch and ends, on the same device with the same seed, with
 exactly the weights and the <name>_df.csv rows of an uninterrupted run. Work done before
-``data.resume`` (a teacher, a pruning step, a trigger search) is done again on resume,
+the loop (a teacher, a pruning step, a trigger search) is done again on resume,
 from the same seed; a defense that never calls it restarts from the beginning.
 """
 from __future__ import annotations
@@ -54,20 +55,24 @@ import numpy as np
 import torch
 from torch import nn
 
+import utils.backdoorbench  # noqa: F401  (registers the reader of BackdoorBench's records)
 from utils import config as cfg
-from utils.cli import entry, guarded
+from utils.cli import entry, guarded, python_call
 from utils.config import Layer, Param
 from utils.datasets import Dataset, DatasetInfo, ImageData, load_dataset, train_transform
 from utils.errors import UserError
 from utils.history import History
 from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, detection_text, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
-                           record_dir, save_defense_result, save_json, save_png, save_text)
+from utils.files import StagedFolder, save_json, save_png, save_text
+from utils.poison import PoisonedSet
+from utils.provenance import provenance
+from utils.records import (AttackRecord, check_record_unchanged, load_record, locate_record, record_dir,
+                           save_defense_result)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
-                           resolve_device, seed_everything)
-from utils.train import Checkpoint, batches, predict
+from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
+                           replay, resolve_device, seed_everything, sign_scale)
+from utils.train import Checkpoint, batches, check_all_finite, check_finite, first_non_finite, predict
 
 log = logging.getLogger("saubench")
 
@@ -105,6 +110,7 @@ class Monitor:
         self.eval_seconds = 0.0
         self._last: tuple[int, tuple, list[tuple[str, torch.Tensor]], Metrics] | None = None
         self._bar: Any = None  # the epochs' progress bar, from the first report to the last epoch
+        self.undeclared_last_epoch: int | None = None  # used when no data.epochs(n) declared the loop
 
     def evaluate(self, model: nn.Module) -> Metrics:
         """The harness's metrics of ``model``, reused when ``model`` has not changed since
@@ -122,6 +128,8 @@ class Monitor:
         return metrics
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
+        if self.last_epoch is None and self.undeclared_last_epoch is not None:
+            self.last_epoch, self.undeclared_last_epoch = self.undeclared_last_epoch, None
         row = self.history.add(epoch=epoch, **{k: float(v) for k, v in values.items()})
         if self._bar is None and self.last_epoch is not None and epoch < self.last_epoch:
             self._bar = progress(desc="epochs", total=self.last_epoch + 1, unit="epoch", delay=0.0)
@@ -141,9 +149,45 @@ class Monitor:
 
 
 @dataclass
-class DefenseData:
+class Outputs:
+    """What a method hands the harness besides its model (or its detection): tensors saved
+    with the result (``extras``: defense_result.pt, and PNGs for ``image_extras``) and
+    plain values added to summary.json (``summary``). Filled through
+    :meth:`DefenseData.add_extras` and :meth:`DefenseData.add_summary`."""
+
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class HandsOver:
+    """What every kind's data object offers a method to hand results to the harness
+    (:class:`Outputs`), instead of attributes left on the method for the harness to read.
+    ``HandsOver()`` alone collects them for a data-free method called outside the harness."""
+
+    outputs: Outputs
+
+    def __init__(self) -> None:
+        self.outputs = Outputs()
+
+    def add_extras(self, **tensors: torch.Tensor) -> None:
+        """Tensors saved with the result (a pruning mask, reversed triggers); a key of the
+        method's ``image_extras`` holds N x C x H x W images in [0, 1], also written as PNGs."""
+        self.outputs.extras.update(tensors)
+
+    def add_summary(self, **values: Any) -> None:
+        """Plain values (numbers, strings, lists, dicts of them) added to summary.json."""
+        self.outputs.summary.update(values)
+
+
+@dataclass
+class DefenseData(HandsOver):
     """The defender's resources: a small clean subset of the training set (uint8, on the
-    CPU), the dataset's declared info and train transform, the device, and a seed."""
+    CPU), the dataset's declared info and train transform, the device, and a seed.
+
+    Besides the data, the one way a method talks to the harness: :meth:`epochs` (its epoch
+    loop: how many, resumable), :meth:`step` (an optimisation step: loss scaling under
+    float16, the NaN check), :meth:`report` (an epoch's numbers), :meth:`add_extras` and
+    :meth:`add_summary` (what the result keeps)."""
 
     clean: ImageData
     info: DatasetInfo
@@ -153,6 +197,13 @@ class DefenseData:
     monitor: Monitor | None = None
     checkpoint: Checkpoint | None = field(default=None, repr=False)
     _on_device: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # not fields: what the method hands over, checks it deferred, its gradient scaler (a
+        # copy, dataclasses.replace, starts with its own)
+        self.outputs = Outputs()
+        self._pending: list[tuple[torch.Tensor, int, int, str]] = []
+        self._scaler: torch.amp.GradScaler | None = None
 
     @property
     def num_classes(self) -> int:
@@ -184,7 +235,66 @@ class DefenseData:
         return torch.Generator().manual_seed(self.seed + offset)
 
     def autocast(self):
+        """Mixed precision for forward passes (``--amp`` on CUDA); a no-op otherwise."""
         return autocast(self.device, self.amp)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The run's gradient scaler (active only under float16 autocast), used by
+        :meth:`step` and saved with the checkpoint by :meth:`resume`."""
+        if self._scaler is None:
+            self._scaler = grad_scaler(self.device, self.amp)
+        return self._scaler
+
+    @property
+    def sign_scale(self) -> float:
+        """The factor to multiply a loss by before differentiating it when only the
+        gradient's sign is used (1024 under float16 autocast, else 1: utils.runtime.sign_scale)."""
+        return sign_scale(self.device, self.amp)
+
+    def check(self, value: torch.Tensor, *, epoch: int, batch: int, what: str = "loss", defer: bool = False) -> None:
+        """Stop the run with one line (naming ``what``, ``epoch`` and ``batch``) when
+        ``value`` holds a NaN or an infinity. ``defer``: check at the next :meth:`report`
+        (or when the method returns) instead, all deferred values with one host sync."""
+        if defer:
+            self._pending.append((first_non_finite(value), epoch, batch, what))
+        else:
+            check_finite(value, epoch, batch, what)
+
+    def check_deferred(self) -> None:
+        """Check the values :meth:`check` deferred (the harness calls it; so does :meth:`report`)."""
+        pending, self._pending[:] = list(self._pending), []
+        check_all_finite(pending)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, epoch: int, batch: int,
+             what: str = "loss", defer_check: bool = False,
+             gradients: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """One optimisation step of ``optimizer`` on ``loss``, the same for every method:
+        the NaN check (:meth:`check`), zeroed gradients, the backward pass through the
+        gradient scaler (loss scaling under float16 autocast), the optimizer's step and the
+        scaler's update. ``gradients``: (parameter, gradient) pairs the method computed
+        itself (from ``data.scaler.scale(loss)``, e.g. a hypergradient) to step along
+        instead of ``loss``'s backward pass. Returns ``loss`` detached (no host sync)."""
+        self.check(loss, epoch=epoch, batch=batch, what=what, defer=defer_check)
+        optimizer.zero_grad(set_to_none=True)
+        if gradients is None:
+            self.scaler.scale(loss).backward()
+        else:
+            for p, g in gradients:
+                p.grad = g.detach()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def epochs(self, count: int, **resumable: Any) -> range:
+        """The epochs of the method's main loop, ``for epoch in data.epochs(self.epochs, ...)``:
+        tells the harness how many there are (the last one is always evaluated; the progress
+        bar) and, with ``resumable`` objects, makes the loop resumable (:meth:`resume`): the
+        range then starts after a restored checkpoint's epoch."""
+        if self.monitor is not None:
+            self.monitor.last_epoch = count - 1
+        start = self.resume(**resumable) if resumable else 0
+        return range(start, count)
 
     def resume(self, **objects: Any) -> int:
         """Make the calling epoch loop resumable; returns the epoch to start from.
@@ -194,10 +304,11 @@ class DefenseData:
         :meth:`report` also saves them, with the random states and the history rows,
         every ``--save_every`` epochs and after the last. With ``--resume`` and a
         checkpoint, their states are restored and the epoch after the saved one is
-        returned; otherwise 0. One loop per run may call it."""
+        returned; otherwise 0. One loop per run may call it. The gradient scaler of
+        :meth:`step` is saved with them."""
         if self.checkpoint is None:
             return 0
-        self.checkpoint.track(**objects)
+        self.checkpoint.track(**{"scaler": self.scaler, **objects})
         restored = self.checkpoint.restore()
         if restored is None:
             return 0
@@ -207,7 +318,9 @@ class DefenseData:
 
     def report(self, epoch: int, model: nn.Module, **values: float) -> None:
         """Record this epoch's numbers (losses, rates); the harness may evaluate the model
-        and, after :meth:`resume`, save a checkpoint."""
+        and, after :meth:`resume`, save a checkpoint. The values :meth:`check` deferred
+        are checked first."""
+        self.check_deferred()
         if self.monitor is not None:
             self.monitor.report(epoch, model, **values)
         last = self.monitor.last_epoch if self.monitor is not None else None
@@ -220,8 +333,10 @@ class DefenseData:
         cut = len(order) - max(1, int(round(fraction * len(order))))
         parts = []
         for idx in (order[:cut], order[cut:]):
-            parts.append(DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor,
-                                     self.checkpoint))
+            part = DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor,
+                               self.checkpoint)
+            part.outputs, part._pending, part._scaler = self.outputs, self._pending, self.scaler
+            parts.append(part)
         return parts[0], parts[1]
 
 
@@ -319,11 +434,13 @@ class Defense(Method):
         raise NotImplementedError
 
     def extras(self) -> dict[str, torch.Tensor]:
-        """Tensors saved with the result (a pruning mask, reversed triggers)."""
+        """Deprecated: hand tensors over with ``data.add_extras(...)`` in ``mitigate``
+        (``detect``, ``fit``). Still read by the harness, before what ``data`` holds."""
         return {}
 
     def report(self) -> dict[str, Any]:
-        """Plain values added to summary.json (e.g. a detection verdict)."""
+        """Deprecated: hand summary values over with ``data.add_summary(...)``. Still read
+        by the harness, before what ``data`` holds."""
         return {}
 
 
@@ -404,7 +521,7 @@ def show_config(name: str, dataset: str) -> str:
     cls = DEFENSES.get(name)
     params = [p for p in (*COMMON, *cls.params()) if not p.required and p.name != "yaml_path"]
     path = cfg.method_yaml("defense", cls.name, dataset)
-    layers = [] if path is None else [Layer(cfg.shown(path), cfg.read_yaml(path), IGNORED_KEYS)]
+    layers = [] if path is None else cfg.yaml_layers(path, IGNORED_KEYS)
     return cfg.resolved_text(f"defense {cls.name} on {dataset}", params, layers)
 
 
@@ -423,19 +540,20 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
         raise UserError("missing required argument --result_file (an attack record in record/)")
     # --result_file: a record's name in --record_root, or the path of a record folder (its
     # parent then becomes the record root, so that the result is written beside it)
-    record_root, result_file = locate_record(Path(first.get("record_root", "record")), first["result_file"])
-    if result_file != first["result_file"]:
-        log.info("--result_file %s: record %s in the record root %s", first["result_file"], result_file, record_root)
+    # the attack record's name inside: record_name (--result_file on the command line, as BackdoorBench)
+    record_root, record_name = locate_record(Path(first.get("record_root", "record")), first["result_file"])
+    if record_name != first["result_file"]:
+        log.info("--result_file %s: record %s in the record root %s", first["result_file"], record_name, record_root)
     check_record_root(record_root)
-    record = load_record(record_dir(record_root, result_file), trust=first.get("trust_record", False))
+    record = load_record(record_dir(record_root, record_name), trust=first.get("trust_record", False))
     layers = []
     yaml_path = first.get("yaml_path") or cfg.method_yaml("defense", cls.name, record.clean_data)
     if yaml_path is not None:
-        layers.append(Layer(cfg.shown(yaml_path), cfg.read_yaml(Path(yaml_path)), IGNORED_KEYS))
+        layers.extend(cfg.yaml_layers(yaml_path, IGNORED_KEYS))  # a dataset's file over default.yaml
     layers.append(Layer("keyword arguments", overrides))
     cfg.refuse_user_only(layers)  # trust_record, record_root, data_root: never from a YAML file
     values = cfg.resolve(params, layers, cli)
-    values["record_root"], values["result_file"] = str(record_root), result_file
+    values["record_root"], values["result_file"] = str(record_root), record_name
     values["defense"] = cls.name
     values["yaml_path"] = None if yaml_path is None else cfg.shown(yaml_path)
     if cfg.given("data_root", layers, cli):
@@ -452,10 +570,15 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
 
 
 def run(name: str, argv: Sequence[str] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Run defense ``name`` on an attack record. From a script, ``run("sau")`` reads the
-    command line; from Python, ``run("sau", result_file="badnet_digits", epochs=5)``
-    returns the summary dict that is also written to summary.json."""
-    return entry(lambda args, kw: _run(name, args, kw), argv, overrides)
+    """Run defense ``name`` on an attack record from Python, ``run("sau", result_file="badnet_digits",
+    epochs=5)``, and return the summary (also in summary.json). Never reads ``sys.argv``
+    (utils.cli.python_call); ``argv``: a list of command-line arguments."""
+    return python_call(lambda args, kw: _run(name, args, kw), argv, overrides)
+
+
+def main(name: str) -> dict[str, Any]:
+    """``python defense/<name>.py ARGS``: the script entry point, reading ``sys.argv``."""
+    return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 
 def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
@@ -627,6 +750,13 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
     return data, idx
 
 
+def handed_over(defense: Defense, data: DefenseData | TrainingData) -> Outputs:
+    """What the method handed over through ``data`` (:meth:`DefenseData.add_extras`,
+    :meth:`DefenseData.add_summary`), after what its deprecated ``extras()`` and
+    ``report()`` hooks return (methods written before ``data.add_extras``)."""
+    return Outputs({**defense.extras(), **data.outputs.extras}, {**defense.report(), **data.outputs.summary})
+
+
 def _same(a: Any, b: float) -> bool:
     """Equal numbers, NaN equal to NaN."""
     return a == b or (isinstance(a, float) and a != a and b != b)
@@ -644,8 +774,11 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     def measure(m: nn.Module) -> Metrics:  # float32, whatever --amp says
         return evaluate(m, data.test, record.bd_test, device=device)
 
-    epochs = getattr(defense, "epochs", None)
-    monitor = Monitor(measure, values["eval_every"], epochs - 1 if isinstance(epochs, int) else None)
+    monitor = Monitor(measure, values["eval_every"])
+    # Deprecated: a method that does not declare its loop with data.epochs(n) but keeps an
+    # int attribute ``epochs`` has it read once it first reports (methods written before data.epochs).
+    legacy = getattr(defense, "epochs", None)
+    monitor.undeclared_last_epoch = legacy - 1 if isinstance(legacy, int) and not isinstance(legacy, bool) else None
     before = monitor.evaluate(model)
     log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
     defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
@@ -656,6 +789,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     if checkpoint is not None:
         checkpoint.start_clock()
     purified = defense.mitigate(model, defender)
+    defender.check_deferred()
     # a resumed run: the time of every part (stored in the checkpoint), not this part's only
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
@@ -665,7 +799,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
     retuned = _retune(purified, record, data, values, device, measure) if values.get("retune") else None
 
-    extras = defense.extras()
+    extras = handed_over(defense, defender).extras
     save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), extras)
     for key in defense.image_extras:
         for i, image in enumerate(extras.get(key, ())):
@@ -685,7 +819,8 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
         "device": str(device), "clean_samples": len(idx), **({"retune": retuned} if retuned else {}),
-        **defense.report(), "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        **handed_over(defense, defender).summary,
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
     }
     save_json(summary, folder / "summary.json")
     return summary
@@ -721,7 +856,7 @@ def layer_module(model: Classifier, layer: str | None) -> nn.Module:
 
 
 @dataclass
-class TrainingData:
+class TrainingData(HandsOver):
     """What a data detector holds: the training set as the defender received it (uint8
     images and labels, the poisoned samples in place of their clean versions, on the
     CPU), the dataset's declared info, the device and a seed (a detector whose class sets
@@ -733,6 +868,9 @@ class TrainingData:
     device: torch.device
     amp: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.outputs = Outputs()  # not a field: what the method hands over
 
     @property
     def num_classes(self) -> int:
@@ -909,9 +1047,9 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     else:
         save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
         log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
-        defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"])
+        held = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"])
         seed_everything(values["random_seed"])
-        detector = defense.fit(model, defender)
+        detector = defense.fit(model, held)
         clean = score_inputs(defense, detector, data.test.images, device)
         bd = score_inputs(defense, detector, record.bd_test.images, device)
         seconds = time.perf_counter() - start
@@ -932,8 +1070,8 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     summary = {
         "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
         "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),
-        "device": str(device), **extra, **defense.report(),
-        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        "device": str(device), **extra, **handed_over(defense, held).summary,
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
     }
     save_json(summary, folder / "summary.json")
     return summary

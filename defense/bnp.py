@@ -23,7 +23,7 @@ Hyperparameters (BackdoorBench's config/defense/bnp/):
 
 The model is in eval mode for the forward pass, so each layer's input comes from the
 layers before it normalised with their running statistics, as in BackdoorBench.
-``extras()`` holds each layer's scores and pruned channels; ``report()`` the counts.
+the result's extras (``data.add_extras``) hold each layer's scores and pruned channels; summary.json the counts.
 
 Deviations from BackdoorBench:
 * For BatchNorm models BackdoorBench's statistics end up being those of a batch of the
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import Pruned, ReportsPruning, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
+from defense.base import Defense, DefenseData, main, register_defense
+from defense.bnprune import Pruned, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -66,7 +66,7 @@ def bn_kl_divergence(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 @register_defense("bnp")
-class BNP(ReportsPruning, Defense):
+class BNP(Defense):
     """BN statistics-based Pruning (Zheng et al., NeurIPS 2022): prune neurons whose clean statistics diverge from BN's.
 
     Args:
@@ -87,16 +87,17 @@ class BNP(ReportsPruning, Defense):
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         layers = require_batchnorm(model, "BNP")
         n, inputs = inputs_on_one_batch(model, layers, data, self.batch_size)
-        self.pruned = Pruned("kl")  # extras: each BN layer's KL scores and pruned neurons
+        outcome = Pruned("kl")  # extras: each BN layer's KL scores and pruned neurons
         for name, bn in layers:
             kl = bn_kl_divergence(bn, inputs[name])
             index = outliers(kl, self.u)
             zero_channels(bn, index)
-            self.pruned.add(name, kl, index)
-        log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", self.pruned.count, self.pruned.total,
+            outcome.add(name, kl, index)
+        outcome.hand_over(data)
+        log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", outcome.count, outcome.total,
                  self.u, n)
         return model
 
 
 if __name__ == "__main__":
-    run("bnp")
+    main("bnp")

@@ -77,14 +77,21 @@ class Pruned:
     def count(self) -> int:
         return sum(self.by_layer.values())
 
-    def report(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The counts for summary.json."""
         return {f"pruned_{self.unit}": self.count, f"total_{self.unit}": self.total, **self.more,
                 "pruned_by_layer": dict(self.by_layer)}
 
+    def hand_over(self, data: Any) -> None:
+        """Give the scores and pruned neurons (extras) and the counts (summary) to the
+        harness through ``data`` (the DefenseData the method was given)."""
+        data.add_extras(**self.extras)
+        data.add_summary(**self.summary())
+
 
 class ReportsPruning:
-    """Mixin of the pruning defenses: ``extras()`` and ``report()`` from ``self.pruned``,
-    the :class:`Pruned` of the last ``mitigate``."""
+    """Deprecated (pruning defenses call ``Pruned.hand_over(data)``): a mixin giving
+    ``extras()`` and ``report()`` from ``self.pruned``, the :class:`Pruned` of the last ``mitigate``."""
 
     pruned: Pruned | None = None
 
@@ -92,7 +99,7 @@ class ReportsPruning:
         return {} if self.pruned is None else dict(self.pruned.extras)
 
     def report(self) -> dict[str, Any]:
-        return {} if self.pruned is None else self.pruned.report()
+        return {} if self.pruned is None else self.pruned.summary()
 
 
 def inputs_on_one_batch(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any,

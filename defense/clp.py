@@ -22,8 +22,8 @@ Which convolution goes with a BatchNorm layer: as BackdoorBench (and the authors
 the last ``Conv2d`` before it in module order. In a pre-activation ResNet that convolution
 is the one whose output (plus the shortcut) the BN normalises; the bound then ignores the
 shortcut, as theirs does. A BN layer whose preceding convolution has another number of
-output channels (or none) is skipped and logged. ``extras()`` holds each layer's UCLCs and
-pruned channels; ``report()`` adds the counts to summary.json.
+output channels (or none) is skipped and logged. the result's extras (``data.add_extras``) hold each layer's UCLCs and
+pruned channels; ``data.add_summary`` adds the counts to summary.json.
 
 Deviations from BackdoorBench:
 * BackdoorBench also evaluates u = 0, 0.5, ..., 10 on the test sets and plots the curve;
@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import Pruned, ReportsPruning, outliers, require_batchnorm, zero_channels
+from defense.base import Defense, DefenseData, main, register_defense
+from defense.bnprune import Pruned, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -81,7 +81,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.BatchN
 
 
 @register_defense("clp")
-class CLP(ReportsPruning, Defense):
+class CLP(Defense):
     """Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022): data-free, prune channels with outlying UCLC.
 
     Args:
@@ -102,15 +102,16 @@ class CLP(ReportsPruning, Defense):
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         model.eval()
         # extras: each pruned layer's channel Lipschitz upper bounds and pruned channels
-        self.pruned = Pruned("uclc", unit="channels")
+        outcome = Pruned("uclc", unit="channels")
         for _, conv, bn_name, bn in conv_bn_pairs(model):
             uclc = channel_lipschitz(conv, bn)
             index = outliers(uclc, self.u)
             zero_channels(bn, index)
-            self.pruned.add(bn_name, uclc, index)
-        log.info("clp: %d of %d channels pruned (u = %g)", self.pruned.count, self.pruned.total, self.u)
+            outcome.add(bn_name, uclc, index)
+        outcome.hand_over(data)
+        log.info("clp: %d of %d channels pruned (u = %g)", outcome.count, outcome.total, self.u)
         return model
 
 
 if __name__ == "__main__":
-    run("clp")
+    main("clp")

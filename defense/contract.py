@@ -1,4 +1,4 @@
-"""The defense contract (see utils.contract for the rules): the checks that read the class,
+"""The defense contract (see tools.contract for the rules): the checks that read the class,
 and the checks that run it through the harness on an attack record.
 
     from defense.contract import CONTRACT
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from defense.base import DEFENSES, Defense, run
-from utils.contract import Contract, Guard
+from tools.contract import Contract, Guard
 from utils.models import Classifier
 from utils.records import load_defense_result, record_dir
 

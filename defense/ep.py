@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import Pruned, ReportsPruning, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
+from defense.base import Defense, DefenseData, main, register_defense
+from defense.bnprune import Pruned, inputs_on_one_batch, outliers, require_batchnorm, zero_channels
 from utils import config as cfg
 
 log = logging.getLogger("saubench")
@@ -83,7 +83,7 @@ def channel_entropy(x: torch.Tensor, step_size: float = 0.1) -> torch.Tensor:
 
 
 @register_defense("ep")
-class EP(ReportsPruning, Defense):
+class EP(Defense):
     """Entropy-based Pruning (Zheng et al., NeurIPS 2022): prune neurons with outlying low pre-activation entropy.
 
     Args:
@@ -104,16 +104,17 @@ class EP(ReportsPruning, Defense):
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         layers = require_batchnorm(model, "EP")
         n, inputs = inputs_on_one_batch(model, layers, data, self.batch_size)
-        self.pruned = Pruned("entropy")  # extras: each BN layer's entropies and pruned neurons
+        outcome = Pruned("entropy")  # extras: each BN layer's entropies and pruned neurons
         for name, bn in layers:
             entropy = channel_entropy(inputs[name])
             index = outliers(entropy, self.u, upper=False)
             zero_channels(bn, index)
-            self.pruned.add(name, entropy, index)
-        log.info("ep: %d of %d neurons pruned (u = %g, %d images)", self.pruned.count, self.pruned.total, self.u,
+            outcome.add(name, entropy, index)
+        outcome.hand_over(data)
+        log.info("ep: %d of %d neurons pruned (u = %g, %d images)", outcome.count, outcome.total, self.u,
                  n)
         return model
 
 
 if __name__ == "__main__":
-    run("ep")
+    main("ep")

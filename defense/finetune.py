@@ -18,14 +18,15 @@ from utils.train import make_optimizer, make_scheduler, train_epoch
 
 @dataclass
 class SGDLoop:
-    """What a resumable SGD epoch loop holds: its optimizer, per-epoch scheduler (or None),
-    gradient scaler, shuffling generator, and the epoch to start from."""
+    """What an SGD epoch loop holds: its optimizer, per-epoch scheduler (or None), gradient
+    scaler, shuffling generator, and its epochs (after a restored checkpoint's, when the
+    loop is the run's resumable one)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
     generator: torch.Generator
-    start: int
+    epochs: range
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss`` (scaled under mixed precision)."""
@@ -51,15 +52,18 @@ def sgd_loop(model: nn.Module, data: DefenseData, *, epochs: int, lr: float, mom
              lr_scheduler: str, params: Iterable[torch.Tensor] | None = None, resume: bool = True,
              seed_offset: int = 0) -> SGDLoop:
     """SGD over ``params`` (default: the model's) with a per-epoch schedule, a gradient
-    scaler and a seeded generator; with ``resume``, the loop is made resumable
-    (``data.resume``) and ``start`` is the epoch to go on from."""
+    scaler and a seeded generator; with ``resume``, the loop is the run's own: declared
+    and made resumable (``data.epochs``), its ``epochs`` starting after a restored
+    checkpoint's."""
     optimizer = make_optimizer(model.parameters() if params is None else params, "sgd", lr, momentum, weight_decay)
     scheduler = make_scheduler(optimizer, lr_scheduler, epochs)
-    scaler = grad_scaler(data.device, data.amp)
     generator = data.generator(seed_offset)
-    start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        generator=generator) if resume else 0
-    return SGDLoop(optimizer, scheduler, scaler, generator, start)
+    if resume:  # the run's loop: declared to the harness (data.epochs), resumable
+        scaler = data.scaler
+        span = data.epochs(epochs, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator)
+    else:
+        scaler, span = grad_scaler(data.device, data.amp), range(epochs)
+    return SGDLoop(optimizer, scheduler, scaler, generator, span)
 
 
 def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0.01, batch_size: int = 128,
@@ -76,7 +80,7 @@ def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0
         images, labels = data.tensors()
     loop = sgd_loop(model, data, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                     lr_scheduler=lr_scheduler, resume=report, seed_offset=seed_offset)
-    for epoch in range(loop.start, epochs):
+    for epoch in loop.epochs:
         stats = train_epoch(model, images, labels, loop.optimizer, batch_size=batch_size, device=data.device,
                             epoch=epoch, augment=data.augment if augment else None, scaler=loop.scaler,
                             amp=data.amp, generator=loop.generator, desc=f"fine-tune {epoch}")

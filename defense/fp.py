@@ -2,12 +2,12 @@
 Backdooring Attacks on Deep Neural Networks", RAID 2018 (arXiv:1805.12185).
 
 Idea: a backdoor tends to live in neurons that clean inputs leave dormant. Run the
-defender's clean data (with the train transform, as BackdoorBench) through the model and record the mean activation of every channel
-of the last convolutional layer (the model's ``feature_layer``, whose channels feed the
-classifier); prune channels in increasing order of activation, one step at a time,
-while the clean accuracy stays within a tolerance of the unpruned model's; then fine-tune
-the pruned model on the clean data (the pruned channels stay at zero), which removes what
-pruning alone leaves of the backdoor.
+defender's clean data (with the train transform, as BackdoorBench) through the model and
+record the mean activation of every channel of the last convolutional layer (the model's
+``feature_layer``, whose channels feed the classifier); prune channels in increasing order
+of activation, one step at a time, while the clean accuracy stays within a tolerance of
+the unpruned model's; then fine-tune the pruned model on the clean data (the pruned
+channels stay at zero), which removes what pruning alone leaves of the backdoor.
 
 Pruning is a 0/1 mask on the output channels of the feature layer
 (``Classifier.set_mask``): the mask is a buffer of the model, so it is saved in
@@ -67,12 +67,12 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
 from utils.models import Classifier
@@ -152,7 +152,6 @@ class FP(Defense):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
         self.rank_augment = rank_augment
-        self._result: dict[str, Any] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         self.prune(model, data)
@@ -191,28 +190,15 @@ class FP(Defense):
         model.set_mask(layer, mask_of(pruned))
         log.info("fine-pruning: %d of %d channels of %s pruned; held-out clean accuracy %.4f -> %.4f (%d samples)",
                  pruned, channels, layer, acc_0, acc_kept, len(held_out))
-        self._result = {
-            "order": order, "activation": activation,
-            "curve_pruned": torch.tensor([k for k, _ in curve]), "curve_acc": torch.tensor([a for _, a in curve]),
-            "summary": {"pruned": pruned, "channels": channels, "feature_layer": layer,
-                        "held_out_samples": len(held_out), "held_out_acc_unpruned": acc_0,
-                        "held_out_acc_pruned": acc_kept},
-        }
+        # the pruning order (least active channel first), the mean activations, and the
+        # held-out accuracy after each pruning step (prune_curve_acc at prune_curve_pruned channels)
+        data.add_extras(prune_order=order, activation=activation,
+                        prune_curve_pruned=torch.tensor([k for k, _ in curve]),
+                        prune_curve_acc=torch.tensor([a for _, a in curve]))
+        data.add_summary(pruned=pruned, channels=channels, feature_layer=layer, held_out_samples=len(held_out),
+                         held_out_acc_unpruned=acc_0, held_out_acc_pruned=acc_kept)
         return pruned
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """The pruning order (least active channel first), the mean activations, and the
-        held-out accuracy after each pruning step (``prune_curve_acc`` at
-        ``prune_curve_pruned`` channels)."""
-        if not self._result:
-            return {}
-        r = self._result
-        return {"prune_order": r["order"], "activation": r["activation"], "prune_curve_pruned": r["curve_pruned"],
-                "prune_curve_acc": r["curve_acc"]}
-
-    def report(self) -> dict[str, Any]:
-        return dict(self._result.get("summary", {}))
 
 
 if __name__ == "__main__":
-    run("fp")
+    main("fp")

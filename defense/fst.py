@@ -42,11 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import sgd_loop
 from utils import config as cfg
 from utils.models import Classifier
-from utils.train import check_finite
 
 
 def feature_shift_penalty(w: torch.Tensor, w_ori: torch.Tensor) -> torch.Tensor:
@@ -97,14 +96,14 @@ class FST(Defense):
         project_to_norm(head.weight, radius)
         loop = sgd_loop(model, data, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
                         weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
-        for epoch in range(loop.start, self.epochs):
+        for epoch in loop.epochs:
             model.train()
             total, correct, seen = 0.0, 0, 0
             for x, y in data.batches(self.batch_size, augment=True, generator=loop.generator):
                 with data.autocast():
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y) + self.alpha * feature_shift_penalty(head.weight, w_ori)
-                check_finite(loss, epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 loop.step(loss)
                 project_to_norm(head.weight, radius)
                 total += loss.item() * len(y)
@@ -117,4 +116,4 @@ class FST(Defense):
 
 
 if __name__ == "__main__":
-    run("fst")
+    main("fst")

@@ -35,7 +35,7 @@ from typing import Literal
 
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
 
@@ -75,4 +75,4 @@ class FT(Defense):
 
 
 if __name__ == "__main__":
-    run("ft")
+    main("ft")

@@ -62,10 +62,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import sgd_loop
 from utils import config as cfg
-from utils.train import check_finite
 
 
 def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
@@ -182,13 +181,13 @@ class FTSAM(Defense):
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         loop = sgd_loop(model, data, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
                         weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
-        for epoch in range(loop.start, self.epochs):
+        for epoch in loop.epochs:
             model.train()
             total, correct, seen = 0.0, 0, 0
             for x, y in data.batches(self.batch_size, augment=True, generator=loop.generator):
                 logits, loss = sam_step(model, loop.optimizer, lambda out, y=y: smooth_cross_entropy(
                     out, y, self.label_smoothing), x, self.rho, self.adaptive, data, loop.scaler)
-                check_finite(loss, epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
@@ -198,4 +197,4 @@ class FTSAM(Defense):
 
 
 if __name__ == "__main__":
-    run("ft_sam")
+    main("ft_sam")

@@ -78,10 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from utils import config as cfg
-from utils.runtime import amp_dtype, grad_scaler
-from utils.train import check_finite
 
 FixedPointMap = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 OuterLoss = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
@@ -187,29 +185,21 @@ class IBAU(Defense):
         model.eval()  # BatchNorm statistics stay frozen, as in the official code
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.lr)
-        scaler = grad_scaler(data.device, data.amp)
         generator = data.generator()
         pick = data.generator(1)
         x0, _ = data.tensors()
-        start = data.resume(model=model, optimizer=optimizer, scaler=scaler, generators=[generator, pick])
-        for epoch in range(start, self.epochs):
+        for epoch in data.epochs(self.epochs, model=model, optimizer=optimizer, generators=[generator, pick]):
             delta, inner = self.find_perturbation(model, data, x0[:1], generator, epoch)
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches(self.batch_size, augment=self.augment, generator=generator)):
                 carries = torch.zeros(len(y), 1, 1, 1, device=x.device)
                 carries[torch.randperm(len(y), generator=pick)[:int(len(y) * self.portion)].to(x.device)] = 1.0
-                loss = self.outer_step(model, params, optimizer, scaler, data, x, y, delta, carries, epoch, step)
+                loss = self.outer_step(model, params, optimizer, data, x, y, delta, carries, epoch, step)
                 total += loss * len(y)
                 seen += len(y)
             data.report(epoch, model, loss_outer=total / max(seen, 1), loss_inner=inner,
                         delta_l2=float(delta.flatten().norm()))
         return model.eval()
-
-    @staticmethod
-    def inner_scale(data: DefenseData) -> float:
-        """Under float16 autocast the inner objective is scaled before it is differentiated
-        (and its gradient scaled back), so that small gradients do not underflow."""
-        return 1024.0 if data.amp and amp_dtype(data.device) == torch.float16 else 1.0
 
     @staticmethod
     def input_std(model: nn.Module, data: DefenseData, like: torch.Tensor) -> torch.Tensor:
@@ -236,7 +226,7 @@ class IBAU(Defense):
         (shape 1 x C x H x W, normalised space), ``inner_passes`` passes. Returns the
         pixel-space delta = std * delta_n and the mean cross-entropy of the last pass
         (each batch measured just before its step)."""
-        scale = self.inner_scale(data)
+        scale = data.sign_scale  # float16: scaled before it is differentiated, the gradient scaled back
         std = self.input_std(model, data, like)
         delta_n = torch.zeros_like(like, requires_grad=True)
         optimizer = torch.optim.SGD([delta_n], lr=self.delta_lr)
@@ -245,7 +235,7 @@ class IBAU(Defense):
             total, seen = 0.0, 0
             for x, y in data.batches(self.batch_size, augment=self.augment, generator=generator):
                 objective = self.inner_objective(model, data, x, y, delta_n, std)
-                check_finite(objective, epoch, seen // self.batch_size, "inner objective")
+                data.check(objective, epoch=epoch, batch=seen // self.batch_size, what="inner objective")
                 (grad,) = torch.autograd.grad(objective * scale, delta_n)
                 total += (self.lmd * float(delta_n.detach().pow(2).sum()) - objective.item()) * len(y)  # the CE
                 seen += len(y)
@@ -266,7 +256,7 @@ class IBAU(Defense):
         taken over delta_n = delta / std (BackdoorBench's normalised-space variable):
         Phi(delta_n) = delta_n - fp_lr * dG/ddelta_n."""
         value = {}
-        scale = self.inner_scale(data)
+        scale = data.sign_scale
         std = self.input_std(model, data, delta)
 
         def outer_loss(d_n: torch.Tensor, _params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -286,19 +276,14 @@ class IBAU(Defense):
         return grads, value["loss"]
 
     def outer_step(self, model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, data: DefenseData, x: torch.Tensor, y: torch.Tensor,
-                   delta: torch.Tensor, carries: torch.Tensor, epoch: int, step: int) -> float:
+                   data: DefenseData, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, carries: torch.Tensor,
+                   epoch: int, step: int) -> float:
         """One Adam step along the implicit hypergradient of the outer loss on this batch
         (``delta`` in pixel space, as :meth:`find_perturbation` returns it)."""
-        grads, loss = self.hypergradient(model, params, data, x, y, delta, carries, scaler.scale)
-        check_finite(loss, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(params, grads):
-            p.grad = g.detach()
-        scaler.step(optimizer)
-        scaler.update()
+        grads, loss = self.hypergradient(model, params, data, x, y, delta, carries, data.scaler.scale)
+        data.step(loss, optimizer, epoch=epoch, batch=step, gradients=list(zip(params, grads)))
         return float(loss)
 
 
 if __name__ == "__main__":
-    run("ibau")
+    main("ibau")

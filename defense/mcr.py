@@ -61,10 +61,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import fine_tune, sgd_loop
 from utils import config as cfg
-from utils.train import check_finite
 
 log = logging.getLogger("saubench")
 
@@ -170,7 +169,7 @@ class MCR(Defense):
                 with data.autocast():
                     logits = functional_call(work, curve_point(w_0, theta, w_1, t), (x,))
                 loss = F.cross_entropy(logits.float(), y)
-                check_finite(loss, epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 loop.step(loss)
                 total, seen = total + loss.item() * len(y), seen + len(y)
             loop.end_epoch()
@@ -191,4 +190,4 @@ class MCR(Defense):
 
 
 if __name__ == "__main__":
-    run("mcr")
+    main("mcr")

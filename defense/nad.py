@@ -67,13 +67,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
 from utils.errors import UserError
 from utils.models import Classifier
-from utils.runtime import grad_scaler
-from utils.train import check_finite, make_optimizer, make_scheduler
+from utils.train import make_optimizer, make_scheduler
 
 log = logging.getLogger("saubench")
 
@@ -173,7 +172,6 @@ class NAD(Defense):
         self.epochs, self.te_epochs, self.batch_size = epochs, te_epochs, batch_size
         self.lr, self.momentum, self.weight_decay, self.lr_scheduler = lr, momentum, weight_decay, lr_scheduler
         self.beta_1, self.beta_2, self.beta_3, self.p = beta_1, beta_2, beta_3, p
-        self._distance: dict[str, list[float]] = {}
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         if len(model.spec.stages) != 3:
@@ -185,14 +183,10 @@ class NAD(Defense):
         after = attention_distance(model, teacher, data, self.p, self.batch_size)
         log.info("NAD: attention distance to the teacher per stage %s -> %s", [f"{d:.3g}" for d in before],
                  [f"{d:.3g}" for d in after])
-        self._distance = {"attention_distance_before": before, "attention_distance_after": after}
+        # the mean L_AT between student and teacher at each stage on the clean subset, before and
+        # after distillation (it should fall; a rise means the betas are too large for the learning rate)
+        data.add_summary(attention_distance_before=before, attention_distance_after=after)
         return model.eval()
-
-    def report(self) -> dict[str, list[float]]:
-        """The mean L_AT between student and teacher at each stage on the clean subset,
-        before and after distillation (it should fall; a rise means the betas are too large
-        for the learning rate)."""
-        return dict(self._distance)
 
     def teacher(self, model: Classifier, data: DefenseData) -> Classifier:
         """A copy of ``model`` fine-tuned on the clean subset for ``te_epochs``, frozen."""
@@ -211,10 +205,9 @@ class NAD(Defense):
         betas = (self.beta_1, self.beta_2, self.beta_3)
         optimizer = make_optimizer(model.parameters(), "sgd", self.lr, self.momentum, self.weight_decay)
         scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
-        scaler = grad_scaler(data.device, data.amp)
         generator = data.generator(2)
-        start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, generator=generator)
-        for epoch in range(start, self.epochs):
+        for epoch in data.epochs(self.epochs, model=model, optimizer=optimizer, scheduler=scheduler,
+                                 generator=generator):
             sums = {"loss": 0.0, "loss_ce": 0.0, "loss_at": 0.0, "train_acc": 0.0}
             seen = 0
             model.train()
@@ -227,11 +220,7 @@ class NAD(Defense):
                     loss_ce = F.cross_entropy(logits.float(), y)
                     loss_at = sum(beta * attention_loss(s, t.detach(), self.p) for beta, s, t in zip(betas, f_s, f_t))
                     loss = loss_ce + loss_at
-                    check_finite(loss, epoch, step)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                    data.step(loss, optimizer, epoch=epoch, batch=step)
                     n = len(y)
                     seen += n
                     sums["loss"] += loss.item() * n
@@ -245,4 +234,4 @@ class NAD(Defense):
 
 
 if __name__ == "__main__":
-    run("nad")
+    main("nad")

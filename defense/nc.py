@@ -36,8 +36,8 @@ values except where the deviations below say otherwise):
     epochs, batch_size, lr, momentum, weight_decay, lr_scheduler: the unlearning
         fine-tune (100, 256, 0.01, 0.9, 5e-4, CosineAnnealingLR; defense.finetune with the
         dataset's train transform); batch_size is also the reverse-engineering batch size
-``report()`` adds ``detected``, ``flagged``, the per-class ``anomaly_index`` (null where it
-is infinite) and ``l1_norms`` to summary.json; ``extras()`` holds the reversed ``masks``
+``data.add_summary`` adds ``detected``, ``flagged``, the per-class ``anomaly_index`` (null where it
+is infinite) and ``l1_norms`` to summary.json; the result's extras (``data.add_extras``) hold the reversed ``masks``
 (K x 1 x H x W), ``patterns`` and ``triggers`` (mask * pattern, K x C x H x W), in [0, 1],
 with ``l1_norms``, ``anomaly_index`` and the ``flagged`` classes.
 
@@ -77,11 +77,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
+from defense.base import Defense, DefenseData, frozen_copy, main, register_defense
 from defense.finetune import fine_tune
 from utils import config as cfg
-from utils.runtime import LOGGER_NAME, grad_scaler
-from utils.train import check_finite
+from utils.runtime import LOGGER_NAME
 
 CONSISTENCY = 1.4826  # MAD of a normal distribution times this is its standard deviation
 TANH_EPS = 1e-7  # keeps tanh(.) / (2 + eps) + 0.5 strictly inside (0, 1)
@@ -232,8 +231,6 @@ class NeuralCleanse(Defense):
         self.anomaly_threshold, self.unlearning_ratio = anomaly_threshold, unlearning_ratio
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
-        self._extras: dict[str, torch.Tensor] = {}
-        self._report: dict[str, object] = {}
 
     # -- detection --------------------------------------------------------------------------------
 
@@ -247,7 +244,6 @@ class NeuralCleanse(Defense):
         mask_t = to_tanh_space(init[:1]).requires_grad_(True)
         pattern_t = to_tanh_space(init[1:]).requires_grad_(True)
         optimizer = torch.optim.Adam([mask_t, pattern_t], lr=self.mask_lr, betas=(0.5, 0.9))
-        scaler = grad_scaler(data.device, data.amp)
         schedule = CostSchedule(self.init_cost, self.atk_succ_threshold, self.patience, self.cost_multiplier,
                                 self.early_stop, self.early_stop_threshold, self.early_stop_patience)
         best: ReversedTrigger | None = None
@@ -260,11 +256,7 @@ class NeuralCleanse(Defense):
                     logits = model(stamp(x, mask, pattern))
                 norm = mask.sum()
                 loss = F.cross_entropy(logits.float(), labels) + schedule.cost * norm
-                check_finite(loss, epoch, steps, f"trigger search loss of class {target}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                data.step(loss, optimizer, epoch=epoch, batch=steps, what=f"trigger search loss of class {target}")
                 hits += int((logits.argmax(1) == target).sum())
                 seen += len(x)
                 norm_sum += float(norm.detach())
@@ -318,12 +310,12 @@ class NeuralCleanse(Defense):
         flagged = flag_classes(norms, self.anomaly_threshold)
         masks = torch.stack([t.mask.float().cpu() for t in triggers])
         patterns = torch.stack([t.pattern.float().cpu() for t in triggers])
-        self._extras = {"masks": masks, "patterns": patterns, "triggers": masks * patterns, "l1_norms": norms,
-                        "anomaly_index": index, "flagged": torch.tensor(flagged, dtype=torch.long)}
-        self._report = {"detected": bool(flagged), "flagged": flagged,
+        data.add_extras(**{"masks": masks, "patterns": patterns, "triggers": masks * patterns, "l1_norms": norms,
+                        "anomaly_index": index, "flagged": torch.tensor(flagged, dtype=torch.long)})
+        data.add_summary(**{"detected": bool(flagged), "flagged": flagged,
                         "anomaly_index": {str(c): float(v) if math.isfinite(v) else None for c, v in enumerate(index)},
                         "l1_norms": {str(c): float(v) for c, v in enumerate(norms)},
-                        "median_l1": median, "mad_l1": mad}
+                        "median_l1": median, "mad_l1": mad})
         if not flagged:
             log.info("NC: no class flagged (largest anomaly index %.2f); the model is returned unchanged",
                      float(index.max()))
@@ -334,12 +326,6 @@ class NeuralCleanse(Defense):
                          momentum=self.momentum, weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler,
                          images=images, labels=labels, seed_offset=2)
 
-    def extras(self) -> dict[str, torch.Tensor]:
-        return dict(self._extras)
-
-    def report(self) -> dict[str, object]:
-        return dict(self._report)
-
 
 if __name__ == "__main__":
-    run("nc")
+    main("nc")

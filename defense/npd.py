@@ -66,13 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, register_defense, run
+from defense.base import Defense, DefenseData, main, register_defense
 from defense.finetune import descend
 from defense.sae import project
 from utils import config as cfg
 from utils.errors import UserError
 from utils.models import Classifier, Polarizer
-from utils.train import check_finite
 
 log = logging.getLogger("saubench")
 
@@ -222,7 +221,7 @@ class NPD(Defense):
             for x, y in data.batches(self.batch_size, generator=generator):
                 with data.autocast():
                     loss = F.cross_entropy(model(x).float(), y)
-                check_finite(loss, epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 descend(optimizer, loss)
                 total, seen = total + loss.item() * len(y), seen + len(y)
             log.info("npd: warm-up epoch %d, clean loss %.4f", epoch, total / max(seen, 1))
@@ -245,7 +244,7 @@ class NPD(Defense):
                     logits = model(x).float()
                     logits_adv = model((x + delta).clamp(0, 1)).float()
                 loss = npd_loss(logits, logits_adv, y, y_hat, target, lmd)
-                check_finite(loss, epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 descend(optimizer, loss)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
@@ -259,4 +258,4 @@ class NPD(Defense):
 
 
 if __name__ == "__main__":
-    run("npd")
+    main("npd")

@@ -25,8 +25,8 @@ Hyperparameters (BackdoorBench's defense/rnp.py defaults and config/defense/rnp/
 Every batch uses the dataset's train transform; BatchNorm uses batch statistics during
 both phases (training mode), as in BackdoorBench. Unlearning and recovery run on a copy;
 the returned model is the original one with the pruned BN weights zeroed (biases kept, as
-BackdoorBench). ``extras()`` holds each layer's mask values and pruned channels;
-``report()`` the counts and the unlearning epochs used.
+BackdoorBench). the result's extras (``data.add_extras``) hold each layer's mask values and pruned channels;
+summary.json the counts and the unlearning epochs used.
 
 Deviations from BackdoorBench:
 * BackdoorBench sweeps the threshold from 0 to 0.9 on the test sets (keeping the curve for
@@ -52,10 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from defense.base import Defense, DefenseData, register_defense, run
-from defense.bnprune import Pruned, ReportsPruning, require_batchnorm
+from defense.base import Defense, DefenseData, main, register_defense
+from defense.bnprune import Pruned, require_batchnorm
 from utils import config as cfg
-from utils.train import check_finite
 
 log = logging.getLogger("saubench")
 
@@ -80,7 +79,7 @@ class MaskedView(nn.Module):
 
 
 @register_defense("rnp")
-class RNP(ReportsPruning, Defense):
+class RNP(Defense):
     """Reconstructive Neuron Pruning (Li et al., ICML 2023): unlearn, recover neuron masks, prune the unrecovered.
 
     Args:
@@ -122,14 +121,15 @@ class RNP(ReportsPruning, Defense):
         masks = self.recover(work, data, generator, epoch_offset=used)
         layers = require_batchnorm(model, "RNP")  # the original's layers, in the same order as the copy's
         # extras: each BN layer's recovered masks and pruned neurons
-        self.pruned = Pruned("mask", more={"unlearning_epochs_used": used})
+        outcome = Pruned("mask", more={"unlearning_epochs_used": used})
         with torch.no_grad():
             for (name, bn), m in zip(layers, masks):
                 pruned = m.detach() <= self.threshold
                 bn.weight[pruned] = 0.0
-                self.pruned.add(name, m, pruned)
-        log.info("rnp: %d of %d neurons pruned (mask <= %g) after %d unlearning epochs", self.pruned.count,
-                 self.pruned.total, self.threshold, used)
+                outcome.add(name, m, pruned)
+        outcome.hand_over(data)
+        log.info("rnp: %d of %d neurons pruned (mask <= %g) after %d unlearning epochs", outcome.count,
+                 outcome.total, self.threshold, used)
         return model.eval()
 
     def unlearn(self, work: nn.Module, data: DefenseData, generator: torch.Generator) -> int:
@@ -144,9 +144,9 @@ class RNP(ReportsPruning, Defense):
                 with data.autocast():
                     logits = work(x)
                 loss = F.cross_entropy(logits.float(), y)
-                check_finite(loss, epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 optimizer.zero_grad(set_to_none=True)
-                (-loss).backward()
+                (-loss).backward()  # no loss scaling (as before data.step): gradient ascent, plain SGD
                 optimizer.step()
                 total, correct, seen = total + loss.item() * len(y), correct + int((logits.argmax(1) == y).sum()), \
                     seen + len(y)
@@ -173,7 +173,7 @@ class RNP(ReportsPruning, Defense):
                 with data.autocast():
                     logits = masked_forward(work, layers, masks, x)
                 loss = self.alpha * F.cross_entropy(logits.float(), y)
-                check_finite(loss, epoch_offset + epoch, seen // self.batch_size)
+                data.check(loss, epoch=epoch_offset + epoch, batch=seen // self.batch_size)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -190,4 +190,4 @@ class RNP(ReportsPruning, Defense):
 
 
 if __name__ == "__main__":
-    run("rnp")
+    main("rnp")

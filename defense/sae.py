@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.runtime import amp_dtype, autocast
+from utils.runtime import autocast, sign_scale
 
 Norm = Literal["L_inf", "L2", "L1"]
 Init = Literal["max", "random", "zero", "min"]
@@ -127,6 +127,17 @@ class SAEStats:
     steps: int
 
 
+@dataclass
+class SAEResult:
+    """One search's outcome: the perturbation ``delta`` (N x C x H x W, detached), f_ref's
+    labels on x + delta (``pred_ref``) and on x (``clean_pred_ref``), and :class:`SAEStats`."""
+
+    delta: torch.Tensor
+    pred_ref: torch.Tensor
+    clean_pred_ref: torch.Tensor
+    stats: SAEStats
+
+
 class SharedAdversarialExamples:
     """Shared adversarial perturbations for two models (SAU's inner maximisation).
 
@@ -151,8 +162,11 @@ class SharedAdversarialExamples:
 
     Example:
         >>> sae = SharedAdversarialExamples(model, frozen_copy(model))
-        >>> delta = sae(images, labels)
-        >>> sae.stats.shared  # share of the batch on which delta is shared
+        >>> found = sae.search(images, labels)
+        >>> found.delta, found.stats.shared  # the perturbation; share of the batch on which it is shared
+
+    ``sae(images, labels)`` (deprecated) returns ``found.delta`` and keeps the rest as the
+    attributes ``stats``, ``pred_ref`` and ``clean_pred_ref`` of the generator.
     """
 
     def __init__(self, model: nn.Module, model_ref: nn.Module, bound: float = 0.2, step_size: float = 0.2,
@@ -193,11 +207,19 @@ class SharedAdversarialExamples:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  clean_pred_ref: torch.Tensor | None = None) -> torch.Tensor:
-        """delta for ``images``; ``clean_pred_ref``: f_ref's labels on ``images`` when
-        known (:meth:`reference_predictions`), else computed here."""
+        """Deprecated (use :meth:`search`): delta for ``images``; the search's labels and
+        rates are left on the generator (``pred_ref``, ``clean_pred_ref``, ``stats``)."""
+        found = self.search(images, labels, clean_pred_ref)
+        self.stats, self.pred_ref, self.clean_pred_ref = found.stats, found.pred_ref, found.clean_pred_ref
+        return found.delta
+
+    def search(self, images: torch.Tensor, labels: torch.Tensor,
+               clean_pred_ref: torch.Tensor | None = None) -> SAEResult:
+        """The shared adversarial perturbation of ``images`` and how the search ended;
+        ``clean_pred_ref``: f_ref's labels on ``images`` when known
+        (:meth:`reference_predictions`), else computed here."""
         device, n = images.device, len(images)
-        # Loss scaling for the sign of a float16 gradient (only the sign is used).
-        scale = 1024.0 if self.amp and amp_dtype(device) == torch.float16 else 1.0
+        scale = sign_scale(device, self.amp)  # only the gradient's sign is used
         with no_param_grads(self.model, self.model_ref):
             with torch.no_grad(), autocast(device, self.amp):
                 clean_pred = self.model(images).argmax(1)
@@ -232,6 +254,4 @@ class SharedAdversarialExamples:
                 active = active[~shared_a]
                 steps += 1
         rates = torch.stack([fooled, fooled_ref, shared]).float().mean(1).tolist()
-        self.stats = SAEStats(rates[0], rates[1], rates[2], steps)
-        self.pred_ref, self.clean_pred_ref = pred_ref, clean_pred_ref
-        return delta.detach()
+        return SAEResult(delta.detach(), pred_ref, clean_pred_ref, SAEStats(rates[0], rates[1], rates[2], steps))

@@ -68,11 +68,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, frozen_copy, register_defense, run
-from defense.sae import SharedAdversarialExamples
+from defense.base import Defense, DefenseData, frozen_copy, main, register_defense
+from defense.sae import SAEResult, SharedAdversarialExamples
 from utils import config as cfg
-from utils.runtime import grad_scaler
-from utils.train import batches, check_finite, make_optimizer, make_scheduler
+from utils.train import batches, make_optimizer, make_scheduler
 
 
 def shared_adversarial_risk(logits_adv: torch.Tensor, pred_ref_adv: torch.Tensor, pred_ref_clean: torch.Tensor,
@@ -92,22 +91,6 @@ def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
     convolutions (measured: about 25% less time a search step for cnn and preactresnet18
     with oneDNN; on CUDA the default layout is kept)."""
     return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def first_non_finite(value: torch.Tensor) -> torch.Tensor:
-    """The first NaN or infinity of ``value`` (a 0-d tensor; its first element when all
-    are finite), found without a host sync."""
-    flat = value.detach().flatten()
-    return flat[(~torch.isfinite(flat)).to(torch.uint8).argmax()]
-
-
-def check_round(checked: list[tuple[torch.Tensor, int, str]], epoch: int) -> None:
-    """After a round: stop with one line naming the first of ``checked`` (value, batch,
-    what) that is not finite. One host sync a round instead of one a batch."""
-    if not checked or bool(torch.isfinite(torch.stack([v.float() for v, _, _ in checked])).all()):
-        return
-    for value, step, what in checked:
-        check_finite(value, epoch, step, what)
 
 
 @register_defense("sau")
@@ -170,29 +153,25 @@ class SAU(Defense):
                                         beta_1=self.beta_1, beta_2=self.beta_2, amp=data.amp)
         optimizer = make_optimizer(model.parameters(), "adam", self.lr, weight_decay=0.0)
         scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
-        scaler = grad_scaler(data.device, data.amp)
         generator = data.generator()
-        start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            generator=generator)
+        epochs = data.epochs(self.epochs, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator)
         x_all, y_all = data.tensors()
         clean_pred_ref = sae.reference_predictions(x_all)  # f_ref is frozen and x unaugmented: once
-        for epoch in range(start, self.epochs):
+        for epoch in epochs:
             terms: list[dict[str, torch.Tensor]] = []
-            checked: list[tuple[torch.Tensor, int, str]] = []  # (a value, batch, what) to check after the round
             rates, sizes = [], []
             # the order data.batches(self.batch_size, generator=generator) gives, as indices
             for step, (idx, y) in enumerate(batches(torch.arange(len(y_all)), y_all, batch_size=self.batch_size,
                                                     device=data.device, shuffle=True, generator=generator)):
                 x = x_all[idx].contiguous(memory_format=fmt)
-                delta = sae(x, y, clean_pred_ref[idx])
-                checked.append((first_non_finite(delta), step, "shared adversarial perturbation"))
+                found = sae.search(x, y, clean_pred_ref[idx])
+                # non-finite values are checked once a round, at data.report (one host sync)
+                data.check(found.delta, epoch=epoch, batch=step, what="shared adversarial perturbation", defer=True)
                 for _ in range(self.outer_steps):
-                    step_terms = self.unlearning_terms(model, optimizer, scaler, data, x, y, delta, sae)
-                    checked.append((step_terms["loss"], step, "loss"))
+                    step_terms = self.unlearning_step(model, optimizer, data, x, y, found, epoch, step)
                 terms.append(step_terms)
-                rates.append((sae.stats.shared, sae.stats.fooled, sae.stats.fooled_ref))
+                rates.append((found.stats.shared, found.stats.fooled, found.stats.fooled_ref))
                 sizes.append(len(y))
-            check_round(checked, epoch)
             if scheduler is not None:
                 scheduler.step()
             seen = max(sum(sizes), 1)
@@ -205,34 +184,24 @@ class SAU(Defense):
             data.report(epoch, model, **{k: v / seen for k, v in sums.items()})
         return model.to(memory_format=torch.contiguous_format).eval()
 
-    def unlearning_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                        data: DefenseData, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
-                        sae: SharedAdversarialExamples, epoch: int, step: int) -> dict[str, float]:
-        """One step on lmd_1 * L_clean + lmd_2 * L_adv-train + lmd_3 * L_sar; returns the terms."""
-        terms = self.unlearning_terms(model, optimizer, scaler, data, x, y, delta, sae)
-        check_finite(terms["loss"], epoch, step)
-        return {k: v.item() for k, v in terms.items()}
-
-    def unlearning_terms(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                         data: DefenseData, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
-                         sae: SharedAdversarialExamples) -> dict[str, torch.Tensor]:
-        """One step on lmd_1 * L_clean + lmd_2 * L_adv-train + lmd_3 * L_sar; returns the
-        terms as detached tensors (no host sync)."""
+    def unlearning_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: DefenseData,
+                        x: torch.Tensor, y: torch.Tensor, found: SAEResult, epoch: int, step: int
+                        ) -> dict[str, torch.Tensor]:
+        """One step on lmd_1 * L_clean + lmd_2 * L_adv-train + lmd_3 * L_sar (``found``: the
+        batch's shared adversarial examples); returns the terms as detached tensors (no
+        host sync: the loss is checked at the round's end)."""
         model.train(self.train_mode)
         with data.autocast():
-            logits, logits_adv = model(torch.cat([x, x + delta])).float().split(len(x))
+            logits, logits_adv = model(torch.cat([x, x + found.delta])).float().split(len(x))
         model.eval()
         loss_cl = F.cross_entropy(logits, y)
         loss_at = F.cross_entropy(logits_adv, y)
-        loss_sar = shared_adversarial_risk(logits_adv, sae.pred_ref, sae.clean_pred_ref, y)
+        loss_sar = shared_adversarial_risk(logits_adv, found.pred_ref, found.clean_pred_ref, y)
         loss = self.lmd_1 * loss_cl + self.lmd_2 * loss_at + self.lmd_3 * loss_sar
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        data.step(loss, optimizer, epoch=epoch, batch=step, defer_check=True)
         return {"loss": loss.detach(), "loss_cl": loss_cl.detach(), "loss_at": loss_at.detach(),
                 "loss_sar": loss_sar.detach()}
 
 
 if __name__ == "__main__":
-    run("sau")
+    main("sau")

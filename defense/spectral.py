@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from defense.base import Defense, Detection, TrainingData, register_defense, run
+from defense.base import Defense, Detection, TrainingData, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -95,4 +95,4 @@ class Spectral(Defense):
 
 
 if __name__ == "__main__":
-    run("spectral")
+    main("spectral")

@@ -36,7 +36,7 @@ import logging
 
 import torch
 
-from defense.base import Defense, DefenseData, Detection, InputDetector, register_defense, run
+from defense.base import Defense, DefenseData, Detection, InputDetector, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -68,7 +68,6 @@ class STRIP(Defense):
 
     def __init__(self, alpha: float = 1.0, n_overlay: int = 100, frr: float = 0.1, batch_size: int = 128):
         self.alpha, self.n_overlay, self.frr, self.batch_size = alpha, n_overlay, frr, batch_size
-        self._threshold: float | None = None
 
     def entropy(self, model: Classifier, x: torch.Tensor, overlays: torch.Tensor) -> torch.Tensor:
         """Mean prediction entropy of each input of ``x`` over its blends with ``overlays``."""
@@ -92,7 +91,7 @@ class STRIP(Defense):
 
         reference = entropies(clean).sort().values.cpu()
         threshold = float(reference[min(int(self.frr * len(reference)), len(reference) - 1)])
-        self._threshold = threshold
+        data.add_summary(entropy_threshold=threshold)
         log.info("STRIP: entropy threshold %.4f (the %.0f%% quantile of %d clean images, %d overlays each)",
                  threshold, 100 * self.frr, len(reference), count)
 
@@ -102,9 +101,6 @@ class STRIP(Defense):
 
         return detector
 
-    def report(self) -> dict[str, float | None]:
-        return {"entropy_threshold": self._threshold}
-
 
 if __name__ == "__main__":
-    run("strip")
+    main("strip")

@@ -52,7 +52,9 @@ from utils.cli import entry
 from utils.config import Param
 from utils.errors import UserError
 from utils.metrics import Metrics, der
-from utils.records import AttackRecord, record_dir, save_json, save_text
+from utils.files import save_json, save_text
+from utils.provenance import provenance
+from utils.records import AttackRecord, record_dir
 from utils.runtime import log_to, resolve_device, seed_everything
 
 log = logging.getLogger("saubench.tune")
@@ -303,10 +305,10 @@ def _parse_options(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _tune_folder(root: Path, result_file: str, name: str) -> Path:
-    """``<record_root>/<result_file>/tune/<name>``, refused when it (links included) leads
-    outside the record root."""
-    folder = record_dir(root, result_file) / "tune" / name
+def _tune_folder(root: Path, record_name: str, name: str) -> Path:
+    """``<record_root>/<record_name>/tune/<name>`` (``record_name``: --result_file), refused
+    when it (links included) leads outside the record root."""
+    folder = record_dir(root, record_name) / "tune" / name
     inside = root.resolve()
     if not folder.resolve().is_relative_to(inside):
         raise UserError(f"{folder} leads outside {root} (a symbolic link): refusing to write there")
@@ -345,6 +347,7 @@ def _write(study: Any, cls: type[Defense], hyper: dict[str, Any], base: dict[str
         "base_yaml": base["yaml_path"], "recipe": str(folder / "recipe.yaml"),
         "history": [{"number": t.number, "value": t.value, "params": t.params, "val": t.user_attrs.get("val"),
                      "error": t.user_attrs.get("error")} for t in complete],
+        **provenance(),
     }
     save_json(cfg.plain(summary), folder / "summary.json")
     log.info("best %s %.4f (trial %d): %s; recipe written to %s", values["objective"], best.value, best.number,

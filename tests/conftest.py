@@ -13,6 +13,8 @@ os.environ.setdefault("SAUBENCH_NO_PROGRESS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import utils.backdoorbench  # noqa: E402, F401  (registers the reader of BackdoorBench's records, as the harness does)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +44,20 @@ def record_root(digits_record_root, tmp_path) -> Path:
     return private_copy(digits_record_root, tmp_path)
 
 
-@pytest.fixture(scope="session")
-def digits_defender(digits_record_root):
+@pytest.fixture
+def digits_defender(_digits_defender):
     """The session's backdoored digits record and a defender's clean subset (20% of the
-    training set, drawn as the harness draws it), on the CPU."""
+    training set, drawn as the harness draws it), on the CPU: a copy of the session's
+    DefenseData (the same tensors) with its own outputs (what a method hands over)."""
+    import dataclasses
+
+    record, data = _digits_defender
+    return record, dataclasses.replace(data)
+
+
+@pytest.fixture(scope="session")
+def _digits_defender(digits_record_root):
+    """The session's record and DefenseData behind :func:`digits_defender`."""
     from defense.base import DefenseData, clean_indices
     from utils.datasets import load_dataset
     from utils.records import load_record

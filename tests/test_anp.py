@@ -62,7 +62,7 @@ def test_pruning_zeroes_only_the_bn_weight_by_default(digits_defender):
     anp = ANP(nb_iter=15, batch_size=64, report_every=15, threshold=0.9)
     assert anp.prune_bias is False
     anp.mitigate(model, data)
-    extras = anp.extras()
+    extras = data.outputs.extras
     layers = neuron_layers(model)
     assert sum(int(extras[f"pruned.{name}"].sum()) for name, _ in layers) > 0
     for name, module in layers:
@@ -95,7 +95,7 @@ def test_clean_acc_rule_chooses_the_threshold_on_a_held_out_part(digits_defender
     assert len(held_out) == round(0.25 * len(data)) and len(fit) + len(held_out) == len(data)
     rows = sorted(map(tuple, torch.cat([fit.images, held_out.images]).flatten(1).tolist()))
     assert rows == sorted(map(tuple, data.clean.images.flatten(1).tolist()))  # a partition of the subset
-    threshold = anp.report()["threshold"]
+    threshold = data.outputs.summary["threshold"]
     assert 0.0 <= threshold <= 0.9 and abs(threshold / 0.05 - round(threshold / 0.05)) < 1e-9
 
 
@@ -108,7 +108,7 @@ def test_pruned_neurons_are_the_smallest_masks_and_output_zero(digits_defender, 
     anp = ANP(nb_iter=15, batch_size=64, report_every=15, prune_bias=True, **rule)
     purified = anp.mitigate(model, data)
     assert purified is model
-    extras = anp.extras()
+    extras = data.outputs.extras
     layers = neuron_layers(model)
     masks = torch.cat([extras[f"mask.{name}"] for name, _ in layers])
     pruned = torch.cat([extras[f"pruned.{name}"] for name, _ in layers])
@@ -117,7 +117,7 @@ def test_pruned_neurons_are_the_smallest_masks_and_output_zero(digits_defender, 
         assert torch.equal(pruned, masks <= 0.9)
     else:
         assert int(pruned.sum()) == 7 and masks[pruned].max() <= masks[~pruned].min()
-    assert 0 < int(pruned.sum()) < len(masks) and anp.report()["pruned_neurons"] == int(pruned.sum())
+    assert 0 < int(pruned.sum()) < len(masks) and data.outputs.summary["pruned_neurons"] == int(pruned.sum())
 
     # Each pruned channel outputs exactly zero; the others do not; nothing else changed.
     outputs = {}

@@ -116,6 +116,15 @@ def test_clean_label_attacks_refuse_all2all(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if attack.ATTACKS.get(n).kind == "clean-label"])
+def test_clean_label_attacks_poison_only_target_class_images_and_keep_labels(name, tmp_path):
+    quick(name, tmp_path, epochs=0, pratio=0.05)
+    record, data = load_record(tmp_path / name), load_dataset("digits")
+    assert len(record.poison_indices) == round(0.05 * len(data.train))
+    assert torch.all(data.train.labels[record.poison_indices] == 0)  # the target class only
+    assert torch.all(record.bd_train.labels == 0) and torch.all(record.bd_train.original_labels == 0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_params_name_hyperparameters(name):
     cls = attack.ATTACKS.get(name)

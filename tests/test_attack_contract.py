@@ -1,5 +1,5 @@
 """The attack contract, checked for every registered attack (attack.contract's checks; the
-rules are listed in utils/contract.py). The records the harness writes for each attack,
+rules are listed in tools/contract.py). The records the harness writes for each attack,
 and their determinism, are checked in tests/test_attack.py. tests/test_contributing.py
 breaks each rule on purpose."""
 from __future__ import annotations

@@ -13,15 +13,17 @@ from torch.distributions import Normal, kl_divergence
 
 import defense
 from defense import create_defense
+from defense.base import HandsOver
 from defense.bnp import bn_kl_divergence
 from utils.errors import UserError
 from utils.records import load_defense_result
 
 
-class Batch:
+class Batch(HandsOver):
     """The part of DefenseData BNP reads: one batch of images."""
 
     def __init__(self, x: torch.Tensor):
+        super().__init__()
         self.x, self.sizes = x, []
 
     def generator(self, offset: int = 0) -> torch.Generator:
@@ -64,14 +66,14 @@ def test_a_planted_channel_is_pruned_and_no_other():
     bnp = create_defense("bnp", u=3.0, batch_size=128)
     bnp.mitigate(model, data)
     assert data.sizes == [128]
-    pruned = bnp.extras()["pruned.0"]
+    pruned = data.outputs.extras["pruned.0"]
     assert pruned.nonzero().flatten().tolist() == [7]
     assert model[0].weight[7] == 0 and model[0].bias[7] == 0
     assert torch.equal(model[0].weight[~pruned], before["0.weight"][~pruned])
     assert torch.equal(model[0].bias[~pruned], before["0.bias"][~pruned])
-    assert bnp.report() == {"pruned_neurons": 1, "total_neurons": 16, "pruned_by_layer": {"0": 1}}
-    assert bnp.extras()["kl.0"][7] > 10 > bnp.extras()["kl.0"][~pruned].max()
-    assert math.isclose(float(bnp.extras()["kl.0"][7]), 12.5, rel_tol=0.1)  # (5 - 0)^2 / 2
+    assert data.outputs.summary == {"pruned_neurons": 1, "total_neurons": 16, "pruned_by_layer": {"0": 1}}
+    assert data.outputs.extras["kl.0"][7] > 10 > data.outputs.extras["kl.0"][~pruned].max()
+    assert math.isclose(float(data.outputs.extras["kl.0"][7]), 12.5, rel_tol=0.1)  # (5 - 0)^2 / 2
 
 
 def test_a_model_without_batchnorm_is_refused():

@@ -9,6 +9,7 @@ from torch import nn
 
 import defense
 from defense import create_defense
+from defense.base import HandsOver
 from defense.clp import channel_lipschitz, conv_bn_pairs
 from utils.errors import UserError
 from utils.records import load_defense_result, load_record
@@ -47,18 +48,18 @@ def test_a_planted_channel_with_a_large_bound_is_pruned_and_no_other():
         model[0].weight[5] *= 20.0  # the planted channel
     before = {k: v.clone() for k, v in model.state_dict().items()}
     clp = create_defense("clp", u=3.0)
-    clp.mitigate(model, None)  # data-free: the data is not read
+    clp.mitigate(model, data := HandsOver())  # data-free: the data is not read, only handed the results
     bn = model[1]
     assert bn.weight[5] == 0 and bn.bias[5] == 0
     keep = torch.arange(16) != 5
     assert torch.equal(bn.weight[keep], before["1.weight"][keep])
     assert torch.equal(bn.bias[keep], before["1.bias"][keep])
     assert torch.equal(model[0].weight, before["0.weight"])  # the convolution itself is untouched
-    assert clp.report()["pruned_channels"] == 1
-    assert clp.extras()["pruned.1"].nonzero().flatten().tolist() == [5]
+    assert data.outputs.summary["pruned_channels"] == 1
+    assert data.outputs.extras["pruned.1"].nonzero().flatten().tolist() == [5]
     # a higher u prunes nothing
     model = conv_bn(channels=16, seed=1)
-    create_defense("clp", u=100.0).mitigate(model, None)
+    create_defense("clp", u=100.0).mitigate(model, HandsOver())
     assert torch.all(model[1].weight != 0)
 
 
@@ -72,7 +73,7 @@ def test_each_bn_goes_with_the_last_convolution_before_it():
 def test_a_model_without_batchnorm_is_refused_in_one_line():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(UserError, match="has none, so it does not apply"):
-        create_defense("clp").mitigate(model, None)
+        create_defense("clp").mitigate(model, HandsOver())
 
 
 def test_run_on_digits_prunes_in_the_saved_weights(record_root):

@@ -1,6 +1,6 @@
-"""defense/compare.py and its pieces: aggregation and table rendering (utils.compare),
-executors (utils.executors), resume, failures, config mismatches, grids, plots and the
-HTML page (utils.report)."""
+"""The comparison (bench/, also python defense/compare.py) and its pieces: aggregation and
+table rendering (bench.tables), runs and executors (bench.jobs, bench.executors), resume,
+failures, config mismatches, grids (bench.grid), plots and the HTML page (bench.report)."""
 from __future__ import annotations
 
 import base64
@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 import defense
-from defense import compare
-from utils.compare import NO_DEFENSE, Run, aggregate, config_diff, markdown, read_json, to_csv, to_json
+from bench import compare
+from bench.executors import DependencyFailed, InlineExecutor, ProcessExecutor
+from bench.jobs import Run, read_json
+from bench.tables import NO_DEFENSE, aggregate, config_diff, markdown, to_csv, to_json
 from utils.errors import UserError
-from utils.executors import DependencyFailed, InlineExecutor, ProcessExecutor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,8 @@ def test_aggregation_mean_std_and_best_marks(tmp_path):
     assert "| no defense | 95.00 | 100.00 | 0.00 | — | 9.0 s cpu |" in md
     csv_lines = to_csv(table).splitlines()
     assert csv_lines[0].startswith("record,defense,n,expected,c_acc,c_acc_std,asr,asr_std")
-    assert "r1,b,2,2,82.0,2.83,6.0,1.41,76.0,22.63,80.0,0.0,2.5,0.71,cpu,asr;ra," in csv_lines
+    assert csv_lines[0].endswith(",device,best,problem,code,host,node")  # what made the numbers, when known
+    assert "r1,b,2,2,82.0,2.83,6.0,1.41,76.0,22.63,80.0,0.0,2.5,0.71,cpu,asr;ra,,,," in csv_lines
     rows = {r["defense"]: r for r in to_json(table)["rows"]}
     assert rows["a"]["asr_values"] == pytest.approx([10.0, 20.0]) and rows["a"]["best"] == ["c_acc", "der"]
 
@@ -340,6 +342,22 @@ def test_shipped_grids_ask_for_what_they_say():
     assert list(attacks.defenses) == ["sau"] and attacks.defenses["sau"]["eval_every"] == 5
 
 
+def test_python_m_bench_and_the_defense_compare_alias_are_one_command(record_root, tmp_path):
+    import defense.compare
+
+    assert defense.compare.run is compare.run and defense.compare.main is compare.main
+    assert "compare" not in defense.DEFENSES.names()  # the alias is no defense
+    env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "bench", "--grid", str(_grid(tmp_path, TINY_GRID.replace(
+        "[badnet]", "[badnett]"))), "--record_root", str(record_root)], cwd=ROOT, capture_output=True, text=True,
+        env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "unknown attack 'badnett'" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m bench")
+
+
 def test_command_line_prints_the_table_and_exits_2_on_bad_input(record_root, tmp_path):
     env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     bad = subprocess.run([sys.executable, "defense/compare.py", "--grid", str(_grid(tmp_path, TINY_GRID.replace(
@@ -438,7 +456,7 @@ def local_ray():
 
 
 def test_ray_executor_runs_dependents_after_their_dependencies(local_ray, tmp_path):
-    from utils.executors import RayExecutor
+    from bench.executors import RayExecutor
 
     _check_dependencies(RayExecutor(), tmp_path)
 
@@ -467,7 +485,7 @@ def _table(purpose=None, defenses=("ft", "a_defense_with_a_very_long_name_indeed
 
 
 def test_terminal_table_fits_100_columns_and_keeps_the_numbers():
-    from utils.compare import terminal_table
+    from bench.tables import terminal_table
 
     table = _table(purpose="smoke test: a few epochs, numbers are not results")
     wide = markdown(table)
@@ -484,7 +502,7 @@ def test_terminal_table_fits_100_columns_and_keeps_the_numbers():
 
 
 def test_purpose_and_time_note_in_markdown_and_page():
-    from utils.report import html_page
+    from bench.report import html_page
 
     table = _table(purpose="smoke test: a few epochs, numbers are not results")
     md = markdown(table)
@@ -496,7 +514,7 @@ def test_purpose_and_time_note_in_markdown_and_page():
 
 
 def test_smoke_grid_says_its_numbers_are_not_results():
-    from defense import compare
+    from bench import compare
 
     values = compare.resolve(["--grid", str(ROOT / "config/grid/digits_smoke.yaml")], {})
     spec = compare.load_grid(ROOT / "config/grid/digits_smoke.yaml", values)
@@ -506,7 +524,7 @@ def test_smoke_grid_says_its_numbers_are_not_results():
 def test_curves_end_with_the_returned_models_row(tmp_path):
     """ANP's <name>_df.csv ends with a row without an epoch (the pruned model): the curve
     ends with it, as the table does."""
-    from utils.report import mean_curve, seeds_text
+    from bench.report import mean_curve, seeds_text
 
     folder = tmp_path / "anp"
     folder.mkdir()
@@ -524,7 +542,7 @@ def test_history_plot_keeps_the_row_without_an_epoch():
 
 
 def test_scatter_shifts_markers_that_would_hide_each_other():
-    from utils.report import OFFSET, scatter_position
+    from bench.report import OFFSET, scatter_position
 
     assert scatter_position(10.0, 90.0, []) == (10.0, 90.0)
     assert scatter_position(10.0, 90.0, [(10.2, 90.1)]) == (10.0 + OFFSET, 90.0)

@@ -183,10 +183,10 @@ def test_run_controls_are_marked_once_and_every_list_derives_from_the_marks():
     assert set(attack_base.APART_KEYS) == {"resume", "save_every", "export_backdoorbench"}
     # --eval_every: only the rows of a defense's curve; an attack may train differently with it
     assert "eval_every" in defense_base.CONTROL_KEYS and "eval_every" not in attack_base.CONTROL_KEYS
-    import utils.compare
+    import bench.tables
     import utils.train
-    assert not hasattr(utils.train, "RESUME_IGNORES") and not hasattr(utils.compare, "IGNORED_CONFIG_KEYS")
-    assert utils.compare.config_diff is cfg.config_diff
+    assert not hasattr(utils.train, "RESUME_IGNORES") and not hasattr(bench.tables, "IGNORED_CONFIG_KEYS")
+    assert bench.tables.config_diff is cfg.config_diff
 
 
 def test_config_diff_skips_the_given_keys_and_near_equal_floats():
@@ -281,3 +281,51 @@ def test_progress_bars_are_off_under_ci_and_with_saubench_no_progress(monkeypatc
     monkeypatch.delenv("CI")
     monkeypatch.setenv("SAUBENCH_NO_PROGRESS", "1")
     assert tqdm_disable() is True
+
+
+def test_a_dataset_yaml_is_read_over_the_default_beside_it(tmp_path):
+    """A method's <dataset>.yaml holds only what differs from the default.yaml beside it;
+    each file keeps its own recipe lines, and the dataset's are the ones shown."""
+    folder = tmp_path / "sau"
+    folder.mkdir()
+    (folder / "default.yaml").write_text('recipe: reference\nrecipe_source: "BackdoorBench x"\nlr: 0.1\nepochs: 5\n')
+    (folder / "tiny.yaml").write_text('recipe: tuned\nrecipe_source: "study y"\nepochs: 7\n')
+    params = [cfg.Param("lr", float, 1.0), cfg.Param("epochs", int, 1)]
+    layers = cfg.yaml_layers(folder / "tiny.yaml")
+    assert [Path(layer.source).name for layer in layers] == ["default.yaml", "tiny.yaml"]
+    assert cfg.resolve(params, layers) == {"lr": 0.1, "epochs": 7}
+    assert [Path(layer.source).name for layer in cfg.yaml_layers(folder / "default.yaml")] == ["default.yaml"]
+    text = cfg.resolved_text("sau on tiny", params, layers)
+    assert "recipe: tuned; source: study y" in text and "BackdoorBench x" not in text
+    alone = tmp_path / "elsewhere.yaml"  # no default.yaml beside it: read alone, over the code's defaults
+    alone.write_text("epochs: 3\n")
+    assert cfg.resolve(params, cfg.yaml_layers(alone)) == {"lr": 1.0, "epochs": 3}
+
+
+def test_shipped_dataset_yamls_hold_only_what_differs_from_their_default():
+    for side in ("defense", "attack"):
+        for default in sorted((cfg.CONFIG_DIR / side).glob("*/default.yaml")):
+            base = cfg.read_yaml(default)
+            for path in sorted(default.parent.glob("*.yaml")):
+                repeated = [k for k, v in cfg.read_yaml(path).items()
+                            if path != default and k not in cfg.RECIPE_KEYS and k in base and base[k] == v]
+                assert not repeated, f"{path} repeats {repeated} of {default.name}"
+
+
+def test_layered_shipped_yamls_resolve_to_the_reference_and_dataset_values():
+    """A few resolved values the full per-dataset files gave before they were layered
+    (every (method, dataset) pair was compared when they were reduced)."""
+    import re
+
+    from defense.base import show_config
+
+    def value(text: str, name: str) -> str:
+        return re.search(rf"^  {name} +=\s(\S+)", text, re.M).group(1)
+
+    tiny = show_config("sau", "tiny")
+    assert "reads config/defense/sau/default.yaml, then the dataset's file over it:" in tiny
+    assert (value(tiny, "epochs"), value(tiny, "lr"), value(tiny, "ratio")) == ("20", "0.0001", "0.05")
+    digits = show_config("sau", "digits")
+    assert "recipe: tuned" in digits and (value(digits, "ratio"), value(digits, "adv_steps")) == ("0.3", "5")
+    gtsrb = show_config("ft_sam", "gtsrb")
+    assert (value(gtsrb, "rho"), value(gtsrb, "epochs"), value(gtsrb, "label_smoothing")) == ("8.0", "50", "0.0")

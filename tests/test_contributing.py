@@ -20,10 +20,10 @@ import defense
 from attack.contract import CONTRACT as ATTACK_CONTRACT
 from defense.contract import CONTRACT as DEFENSE_CONTRACT
 from utils import config as cfg
-from utils.contract import RULES, ContractError
+from tools.contract import RULES, ContractError
 from utils.errors import UserError
 from utils.registry import load_plugins
-from utils.scaffold import check_new_name, listing_text, main
+from tools.scaffold import check_new_name, listing_text, main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
@@ -40,7 +40,8 @@ def import_file(path: Path, name: str):
 
 # -- `new`, in a temporary copy of the project ---------------------------------------------------
 
-COPIED = ["attack", "defense", "utils", "config", "scripts", "README.md", "pyproject.toml", "tests/conftest.py",
+COPIED = ["attack", "bench", "defense", "tools", "utils", "config", "scripts", "README.md", "pyproject.toml",
+          "tests/conftest.py",
           "tests/test_defense_contract.py", "tests/test_attack_contract.py", "tests/test_attack.py",
           "tests/test_contributing.py"]
 

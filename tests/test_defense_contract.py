@@ -1,6 +1,6 @@
 """The defense contract, checked for every registered defense: a defense added later is
 tested by being registered. The checks are defense.contract's (one function per rule,
-utils/contract.py lists the rules); each failure message names the rule that was broken
+tools/contract.py lists the rules); each failure message names the rule that was broken
 and says how to fix it. tests/test_contributing.py breaks each rule on purpose."""
 from __future__ import annotations
 

@@ -259,3 +259,39 @@ def test_an_attack_run_ends_with_one_line_of_its_numbers_and_record(tmp_path):
     assert "badnet on digits done:" in last and str(tmp_path / "record" / "one_epoch") in last
     assert f"C-Acc {summary['clean_acc']:.4f}  ASR {summary['asr']:.4f}  RA {summary['ra']:.4f}" in last
     assert f"({summary['seconds']:.1f} s)" in last
+
+
+def test_run_from_python_never_reads_sys_argv(record_root, monkeypatch):
+    """run("sau") alone is a Python call without arguments: the process's argv (a notebook
+    kernel's, pytest's) is not read; only main("sau"), a script's entry point, reads it."""
+    monkeypatch.setattr(sys, "argv", ["defense/sau.py", "--result_file", "badnet_digits", "--record_root",
+                                      str(record_root), "--epochs", "1", "--device", "cpu"])
+    with pytest.raises(UserError, match="missing required argument --result_file"):
+        defense.run("sau")
+    assert not (record_root / "badnet_digits" / "defense" / "sau").exists()
+
+
+@pytest.mark.parametrize("route", ["class", "create_defense", "create_attack"])
+def test_hyperparameters_are_checked_in_the_constructor_on_every_route(route):
+    """The value checks (param_checks) run however a method is built, not only when the
+    harness resolves a config."""
+    import attack
+    from defense.sau import SAU
+
+    build = {"class": lambda: SAU(lr=-1.0), "create_defense": lambda: defense.create_defense("sau", lr=-1.0),
+             "create_attack": lambda: attack.create_attack("wanet", k=0)}[route]
+    with pytest.raises(ValueError, match=r"(lr must be > 0, got -1\.0|k must be > 0, got 0)"):
+        build()
+    assert defense.create_defense("sau", lr=1e-3).lr == 1e-3  # valid values pass
+
+
+def test_a_method_file_written_before_main_still_reads_its_command_line(tmp_path):
+    """Deprecated but kept: run("sau") alone at the top level of the script Python runs
+    forwards to main("sau") (method files written before main())."""
+    script = tmp_path / "legacy_defense.py"
+    script.write_text('import defense\n\nif __name__ == "__main__":\n    defense.run("sau")\n')
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script), "--result_file", "no_such_record", "--record_root",
+                           str(tmp_path / "record")], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 2 and "no_such_record" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -223,7 +223,7 @@ def test_activation_clustering_finds_a_small_separate_cluster():
 
 
 def test_listing_shows_the_detectors_kinds():
-    from utils.scaffold import listing_text
+    from tools.scaffold import listing_text
 
     text = listing_text("defense", defense.DEFENSES)
     assert "strip  (input_detection, 2019)" in text
@@ -232,7 +232,7 @@ def test_listing_shows_the_detectors_kinds():
 
 
 def test_compare_puts_detectors_in_their_own_table(record_root):
-    from defense import compare
+    from bench import compare
 
     result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
                          plots=False, quiet=True, defenses=["ft", "spectral", "strip"], seeds=[0])

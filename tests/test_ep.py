@@ -12,15 +12,17 @@ from torch import nn
 
 import defense
 from defense import create_defense
+from defense.base import HandsOver
 from defense.ep import batch_entropy, batch_feats
 from utils.errors import UserError
 from utils.records import load_defense_result
 
 
-class Batch:
+class Batch(HandsOver):
     """The part of DefenseData EP reads: one batch of images."""
 
     def __init__(self, x: torch.Tensor):
+        super().__init__()
         self.x = x
 
     def generator(self, offset: int = 0) -> torch.Generator:
@@ -58,15 +60,15 @@ def test_a_planted_bimodal_channel_is_pruned_and_no_other():
     x[:, 9] = 0.0
     x[:26, 9, 0, 0] = 8.0  # a tenth of the batch drives neuron 9 far up: two populations
     ep = create_defense("ep", u=3.0, batch_size=256)
-    ep.mitigate(model, Batch(x))
-    pruned = ep.extras()["pruned.0"]
+    ep.mitigate(model, data := Batch(x))
+    pruned = data.outputs.extras["pruned.0"]
     assert pruned.nonzero().flatten().tolist() == [9]
     assert model[0].weight[9] == 0 and model[0].bias[9] == 0
     assert torch.equal(model[0].weight[~pruned], before["0.weight"][~pruned])
     assert torch.equal(model[0].bias[~pruned], before["0.bias"][~pruned])
-    entropy = ep.extras()["entropy.0"]
+    entropy = data.outputs.extras["entropy.0"]
     assert entropy[9] < 0.5 < entropy[~pruned].min()
-    assert ep.report()["pruned_neurons"] == 1
+    assert data.outputs.summary["pruned_neurons"] == 1
 
 
 def test_a_model_without_batchnorm_is_refused():

@@ -49,7 +49,7 @@ def test_prunes_the_least_active_channels_while_accuracy_stays_within_the_bound(
     model = record.build_model()
     fp = FP(epochs=0, once_prune_ratio=0.05)
     fp.mitigate(model, data)
-    r, extras = fp.report(), fp.extras()
+    r, extras = data.outputs.summary, data.outputs.extras
     mask = model.mask("layer3")
     pruned = mask == 0
     assert r["pruned"] > 0 and int(pruned.sum()) == r["pruned"] and r["channels"] == 128
@@ -68,10 +68,10 @@ def test_tolerance_decides_how_far_pruning_goes(digits_defender):
     record, data = digits_defender
     everything = FP(epochs=0, once_prune_ratio=0.05, acc_ratio=1.0)
     everything.mitigate(record.build_model(), data)
-    assert everything.report()["pruned"] == 126  # steps of 7 up to 127: one channel always stays
+    assert data.outputs.summary["pruned"] == 126  # steps of 7 up to 127: one channel always stays
     strict = FP(epochs=0, once_prune_ratio=0.05, acc_ratio=0.0)
     strict.mitigate(record.build_model(), data)
-    r = strict.report()
+    r = data.outputs.summary
     assert r["pruned"] < 126 and r["held_out_acc_pruned"] >= r["held_out_acc_unpruned"]
 
 
@@ -79,15 +79,15 @@ def test_saved_result_reloads_with_the_mask_applied(digits_defender, tmp_path):
     record, data = digits_defender
     fp = FP(epochs=1, once_prune_ratio=0.05, batch_size=64)
     purified = fp.mitigate(record.build_model(), data).eval()
-    save_defense_result(tmp_path, record.model_name, record.num_classes, purified.state_dict(), fp.extras())
+    save_defense_result(tmp_path, record.model_name, record.num_classes, purified.state_dict(), data.outputs.extras)
     result = load_defense_result(tmp_path / "defense_result.pt")
-    assert torch.equal(result["extras"]["prune_order"], fp.extras()["prune_order"])
+    assert torch.equal(result["extras"]["prune_order"], data.outputs.extras["prune_order"])
     reloaded = record.build_model(result["model"]).eval()
     x = record.bd_test.images[:32].float() / 255
     with torch.no_grad():
         assert torch.allclose(reloaded(x), purified(x), atol=1e-6)
         mask = reloaded.mask("layer3")
-        assert int((mask == 0).sum()) == fp.report()["pruned"] > 0
+        assert int((mask == 0).sum()) == data.outputs.summary["pruned"] > 0
         unmasked = record.build_model({k: v for k, v in result["model"].items() if not k.startswith("masks.")}).eval()
         manual = unmasked.net.linear(unmasked.net.avgpool(features(unmasked, x) * mask.view(1, -1, 1, 1)).flatten(1))
         assert torch.allclose(reloaded(x), manual, atol=1e-5)

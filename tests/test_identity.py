@@ -18,7 +18,7 @@ import torch
 
 import attack
 import defense
-from defense import compare
+from bench import compare
 from utils.errors import UserError
 from utils.records import (DIGEST_PARTS, MAX_CLASSES, NEW_DIGESTS, RECORD_FILE, AttackRecord, PoisonedSet,
                            load_record, record_digests)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attack
-from attack.lc import LC, corner_trigger, stamp
+from attack.lc import corner_trigger, stamp
 from utils.datasets import load_dataset
 from utils.errors import UserError
 from utils.poison import to_uint8

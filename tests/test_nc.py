@@ -77,12 +77,13 @@ def test_flags_the_target_of_the_backdoor_and_unlearns_it(digits_record_root):
     data = load_dataset("digits")
     before = evaluate(model, data.test, record.bd_test, device=torch.device("cpu"), amp=False)
     nc = NeuralCleanse(**QUICK)
-    purified = nc.mitigate(model, defender(record))
-    report = nc.report()
+    purified = nc.mitigate(model, held := defender(record))
+    report = held.outputs.summary
     assert report["detected"] and report["flagged"][0] == 0  # the target, with the smallest mask
-    norms = nc.extras()["l1_norms"]
+    norms = held.outputs.extras["l1_norms"]
     assert int(norms.argmin()) == 0 and float(norms[0]) < 0.5 * float(norms.median())
-    assert nc.extras()["masks"].shape == (10, 1, 8, 8) and nc.extras()["patterns"].shape == (10, 1, 8, 8)
+    extras = held.outputs.extras
+    assert extras["masks"].shape == (10, 1, 8, 8) and extras["patterns"].shape == (10, 1, 8, 8)
     after = evaluate(purified, data.test, record.bd_test, device=torch.device("cpu"), amp=False)
     assert after.asr < 0.5 * before.asr and after.clean_acc > before.clean_acc - 0.1
 
@@ -97,8 +98,8 @@ def test_clean_model_is_returned_unchanged(tmp_path):
     model = record.build_model().eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     nc = NeuralCleanse(**QUICK)
-    returned = nc.mitigate(model, defender(record))
-    report = nc.report()
+    returned = nc.mitigate(model, data := defender(record))
+    report = data.outputs.summary
     assert report["detected"] is False and report["flagged"] == []
     assert set(report["anomaly_index"]) == {str(c) for c in range(10)}
     assert returned is model and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -48,7 +48,7 @@ def command_line(monkeypatch, capsys, script: str, *args: str) -> tuple[int, str
     monkeypatch.setattr(sys, "argv", [script, *args])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        (attack.run if kind == "attack" else defense.run)(name)
+        (attack.main if kind == "attack" else defense.main)(name)
     return exit_info.value.code, capsys.readouterr().err
 
 
@@ -472,12 +472,14 @@ def test_checkpoints_load_weights_only_and_finished_runs_keep_none(record_root, 
     assert sorted(p.name for p in done.iterdir()) == ["ft"] and not (done / "ft" / CHECKPOINT_FILE).exists()
 
 
-@pytest.mark.parametrize("name", ["badnet", "inputaware"])
+RESUMED_ATTACKS = {"badnet": {}, "inputaware": {"clean_train_epochs": 1}, "blind": {"batch_history_len": 5},
+                   "lira": {"both_train_epochs": 1}}  # lira: the interruption falls between its two stages
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED_ATTACKS))
 def test_an_interrupted_attack_resumes_to_the_same_weights(name, tmp_path, monkeypatch):
     kw = {"dataset": "digits", "record_root": str(tmp_path), "device": "cpu", "epochs": 2, "batch_size": 128,
-          **attack.ATTACKS.get(name).smoke_params}
-    if name == "inputaware":
-        kw["clean_train_epochs"] = 1
+          **attack.ATTACKS.get(name).smoke_params, **RESUMED_ATTACKS[name]}
     attack.run(name, save_folder_name="whole", **kw)
     monkeypatch.setattr(utils.train.Checkpoint, "save", interrupt_after(0))
     with pytest.raises(KeyboardInterrupt):

@@ -61,7 +61,7 @@ def test_pruning_zeroes_the_bn_weight_of_low_masks_in_the_original_model(digits_
     rnp = create_defense("rnp", unlearning_epochs=2, unlearning_lr=0.05, recovering_epochs=2, recovering_lr=5.0,
                          batch_size=64, threshold=0.95)
     assert rnp.mitigate(model, data) is model
-    extras, report = rnp.extras(), rnp.report()
+    extras, report = data.outputs.extras, data.outputs.summary
     assert report["pruned_neurons"] == sum(int(extras[k].sum()) for k in extras if k.startswith("pruned.")) > 0
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     for name, _ in batchnorm_layers(model):

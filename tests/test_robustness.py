@@ -22,7 +22,8 @@ import torch
 import attack
 import defense
 import utils.train
-from defense import compare
+from bench import compare
+from bench.grid import _parse_options
 from test_reliability import (REAL_SAVE, badnet_args, command_line, interrupt_after, refused, sau_args,
                                     snapshot, write_raw)
 from utils import config as cfg
@@ -77,7 +78,7 @@ def test_grid_files_and_options_refuse_aliases_too(tmp_path):
     with pytest.raises(UserError, match="YAML anchors"):
         compare.load_grid(grid, compare.resolve([], {"grid": "x"}))
     with pytest.raises(UserError, match=r"--option .*YAML anchors"):
-        compare._parse_options(["lr=&a [1]"], ["ft"])
+        _parse_options(["lr=&a [1]"], ["ft"])
 
 
 class _Counted:
@@ -257,7 +258,7 @@ def save(self, epoch, **extra):
         os.kill(os.getpid(), signal.SIGTERM)
 utils.train.Checkpoint.save = save
 sys.argv = ["defense/sau.py", *sys.argv[1:]]
-defense.run("sau")
+defense.main("sau")
 """
 
 

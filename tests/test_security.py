@@ -28,7 +28,7 @@ import torch
 
 import attack
 import defense
-import defense.compare
+import bench.compare
 from conftest import private_copy
 from test_reliability import signed
 from utils.errors import UserError
@@ -201,7 +201,7 @@ def test_compare_does_not_pass_the_record_data_root_on(tmp_path, monkeypatch, ho
         assert "failed" in proc.stdout
     else:
         monkeypatch.chdir(tmp_path)
-        result = defense.compare.run(**args)
+        result = bench.compare.run(**args)
         assert result["failed"] == 1
     assert not marker.exists(), "compare passed the record's data_root on"
     log = (root / "compare" / "evil" / "logs" / "evil" / "sau.log").read_text()
@@ -381,7 +381,7 @@ def test_a_grid_file_cannot_choose_the_data_or_record_root_nor_trust(tmp_path, e
         line = one_line_error(cli("defense/compare.py", "--grid", str(grid), "--record_root", str(root), "--report"))
     else:
         with pytest.raises(UserError) as info:
-            defense.compare.run(grid=str(grid), record_root=str(root), report=True)
+            bench.compare.run(grid=str(grid), record_root=str(root), report=True)
         line = str(info.value)
     assert f"grid.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a grid " \
            "file" in line
@@ -503,7 +503,7 @@ def test_compare_outputs_and_logs_stay_inside_the_root(record_root, elsewhere, h
                                   "--record_root", str(record_root), "--name", "mine", "--report", "--no-plots"))
     else:
         with pytest.raises(UserError) as info:
-            defense.compare.run(result_file=["badnet_digits"], defenses=["sau"], record_root=str(record_root),
+            bench.compare.run(result_file=["badnet_digits"], defenses=["sau"], record_root=str(record_root),
                                 name="mine", report=True, plots=False)
         line = str(info.value)
     assert "leads outside the record root" in line

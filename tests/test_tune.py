@@ -14,7 +14,7 @@ import yaml
 
 import defense
 import defense.base as harness
-from defense import compare
+from bench import compare
 from defense.base import validation_split
 from defense.tune import check_space, main as tune_main, tune
 from utils import config as cfg

@@ -46,8 +46,9 @@ import torch
 
 from utils.errors import UserError
 from utils.history import cell_number
-from utils.records import (AttackRecord, MalformedRecord, PoisonedSet, StagedFolder, check_img_size, png_bytes,
-                           register_record_reader, save_torch)
+from utils.files import StagedFolder, png_bytes, save_torch
+from utils.poison import PoisonedSet
+from utils.records import AttackRecord, MalformedRecord, check_img_size, register_record_reader
 
 log = logging.getLogger("saubench")
 

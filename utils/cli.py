@@ -7,13 +7,15 @@ read-only, no permission) is one line naming the path and the reason, not a trac
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from utils.errors import UserError
-from utils.records import StagedFolder, checkpoint_epoch
+from utils.files import StagedFolder
+from utils.records import checkpoint_epoch
 from utils.runtime import Terminated, raise_terminated
 
 
@@ -51,6 +53,29 @@ def entry(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] 
         print(str(exc) if isinstance(exc, Interrupted) and str(exc) else "interrupted: no result was written",
               file=sys.stderr)
         sys.exit(143 if _terminated(exc) else 130)
+
+
+def python_call(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] | None,
+                overrides: dict[str, Any]) -> Any:
+    """The body of ``attack.run`` and ``defense.run``: :func:`entry` as a Python call,
+    ``argv`` None meaning no arguments (never ``sys.argv``). Deprecated forward: called
+    with nothing from the top level of the file Python runs as its script (a method file
+    written before ``main``), it is that script's command line."""
+    if argv is None and not overrides and called_as_script(3):
+        return entry(main, None, {})
+    return entry(main, [] if argv is None else argv, overrides)
+
+
+def called_as_script(depth: int = 2) -> bool:
+    """Is the code ``depth`` frames above this function the top level of the file Python
+    runs as its script (``python defense/sau.py``, ``python -m defense.sau``)? Not a
+    notebook, ``python -c`` or an imported module: those are Python calls, which never
+    read ``sys.argv``."""
+    frame = sys._getframe(depth)
+    path = frame.f_globals.get("__file__")
+    return (frame.f_globals.get("__name__") == "__main__" and frame.f_code.co_name == "<module>"
+            and isinstance(path, str) and bool(sys.argv) and bool(sys.argv[0])
+            and os.path.realpath(path) == os.path.realpath(sys.argv[0]))
 
 
 def _terminated(exc: BaseException) -> bool:

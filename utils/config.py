@@ -486,8 +486,12 @@ def resolved_text(title: str, params: Sequence[Param], layers: Sequence[Layer]) 
     files = [layer for layer in layers if layer.source.endswith((".yaml", ".yml"))]
     if not files:
         lines.append("  no YAML file: the code's defaults")
-    for layer in files:
+    for i, layer in enumerate(files):
         recipe = recipe_of(layer.values, layer.source)
+        over = i + 1 < len(files) and Path(files[i + 1].source).parent == Path(layer.source).parent
+        if over and Path(layer.source).name == DEFAULT_YAML:  # a dataset's file follows and says its recipe
+            lines.append(f"  reads {layer.source}, then the dataset's file over it:")
+            continue
         line = f"  reads {layer.source}"
         if recipe:
             line += f"  (recipe: {recipe.get('recipe', 'unstated')}"
@@ -585,15 +589,35 @@ def fill_template(template: str, fields: Mapping[str, Any]) -> str:
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 
 
-def method_yaml(kind: str, name: str, dataset: str) -> Path | None:
-    """``config/<kind>/<name>/<dataset>.yaml``, else ``.../default.yaml``, else None. A
-    ``dataset`` that is not a plain name (it may come from a record) is not looked up."""
+DEFAULT_YAML = "default.yaml"
+
+
+def method_yaml(side: str, name: str, dataset: str) -> Path | None:
+    """``config/<side>/<name>/<dataset>.yaml`` (``side``: attack or defense), else ``.../default.yaml``, else None. A
+    ``dataset`` that is not a plain name (it may come from a record) is not looked up.
+    The file found is read with :func:`yaml_layers` (a dataset's file over the default)."""
     plain_name = bool(dataset) and Path(dataset).name == dataset and not dataset.startswith(".")
-    mine = [CONFIG_DIR / kind / name / f"{dataset}.yaml"] if plain_name else []
-    for candidate in (*mine, CONFIG_DIR / kind / name / "default.yaml"):
+    mine = [CONFIG_DIR / side / name / f"{dataset}.yaml"] if plain_name else []
+    for candidate in (*mine, CONFIG_DIR / side / name / DEFAULT_YAML):
         if candidate.is_file():
             return candidate
     return None
+
+
+def yaml_layers(path: Path | str, ignore: Iterable[str] = frozenset()) -> list[Layer]:
+    """The layers a config file stands for, lowest first. A file beside a ``default.yaml``
+    (a method's file for one dataset, ``config/<side>/<name>/<dataset>.yaml``, or any
+    file a user puts there) holds only what differs from that default and is read over it;
+    ``default.yaml`` itself, and a file elsewhere, is read alone. Each layer keeps its own
+    recipe metadata (:func:`recipe_of`): a dataset's file says its own recipe."""
+    path = Path(path)
+    ignore = frozenset(ignore)
+    base = path.parent / DEFAULT_YAML
+    layers = []
+    if path.name != DEFAULT_YAML and base.is_file() and base.resolve() != path.resolve():
+        layers.append(Layer(shown(base), read_yaml(base), ignore))
+    layers.append(Layer(shown(path), read_yaml(path), ignore))
+    return layers
 
 
 def shown(path: Path | str) -> str:

@@ -267,7 +267,8 @@ def _load_idx(folder: Path, info: DatasetInfo, options: dict) -> tuple[ImageData
         labels = read_idx(_first_existing(folder, labels_stem))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{folder}: IDX images {images.shape} and labels {labels.shape} do not match")
-        splits.append(ImageData(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
+        splits.append(ImageData(torch.from_numpy(images.copy()).unsqueeze(1),
+                                torch.from_numpy(labels.astype(np.int64))))
     return splits[0], splits[1]
 
 
@@ -281,7 +282,8 @@ def _torchvision_download(cls_name: str) -> Callable[[Path], None]:
     return download
 
 
-IDX_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or not)"
+IDX_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+             "(.gz or not)")
 
 register_dataset(DatasetInfo("mnist", 10, 1, (28, 28), (0.5,), (0.5,), crop_padding=4, files=IDX_FILES),
                  present=_idx_present, subfolders=("MNIST/raw",), download=_torchvision_download("MNIST"))(_load_idx)

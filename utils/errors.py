@@ -10,9 +10,9 @@ class UserError(Exception):
     line on stderr and exit with status 2; library callers can catch it."""
 
 
-def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserError:
+def unknown_name(what: str, name: str, known: Iterable[str]) -> UserError:
     """An error for an unknown registry name that suggests the closest known names."""
     known = sorted(known)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return UserError(f"unknown {kind} '{name}'{hint} (known: {', '.join(known)})")
+    return UserError(f"unknown {what} '{name}'{hint} (known: {', '.join(known)})")

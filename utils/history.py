@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.records import atomic_write, save_text
+from utils.files import atomic_write, save_text
 
 CURVES = {"test_acc": "C-Acc", "test_asr": "ASR", "test_ra": "RA"}
 

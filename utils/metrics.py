@@ -19,12 +19,13 @@ import math
 from typing import Any
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utils.datasets import ImageData
-from utils.records import PoisonedSet
+from utils.poison import PoisonedSet
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -137,9 +138,7 @@ def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, d
 
 # -- detection --------------------------------------------------------------------------------------
 
-def _detection_inputs(scores: torch.Tensor, labels: torch.Tensor) -> tuple["np.ndarray", "np.ndarray"]:
-    import numpy as np
-
+def _detection_inputs(scores: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     s = torch.as_tensor(scores).detach().double().cpu().flatten().numpy()
     y = torch.as_tensor(labels).detach().bool().cpu().flatten().numpy()
     if s.shape != y.shape:

@@ -8,19 +8,50 @@ images are quantised to uint8 when they are stored, as BackdoorBench stores PNGs
 from __future__ import annotations
 
 import logging
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 import torch
 
 from utils.datasets import ImageData
 from utils.errors import UserError
-from utils.records import PoisonedSet
 
 log = logging.getLogger("saubench")
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]  # float NCHW in [0, 1] -> same shape
 LabelTrans = Literal["all2one", "all2all"]
+
+
+@dataclass
+class PoisonedSet:
+    """Poisoned samples at rest: uint8 NCHW images, the labels the attacker assigned,
+    the true labels, and each sample's index in the clean split it was made from."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    original_labels: torch.Tensor
+    indices: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError("poisoned images must be a uint8 NCHW tensor")
+        for name in ("labels", "original_labels", "indices"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != n:
+                raise ValueError(f"{name} must be a 1-D tensor of length {n}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"images": self.images, "labels": self.labels.long(),
+                "original_labels": self.original_labels.long(), "indices": self.indices.long()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, torch.Tensor]) -> "PoisonedSet":
+        return cls(d["images"], d["labels"].long(), d["original_labels"].long(), d["indices"].long())
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

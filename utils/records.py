@@ -3,9 +3,11 @@ write discipline every output of the project follows.
 
 * Every ``.pt`` file holds only tensors and plain types and loads with
   ``torch.load(weights_only=True)``.
-* Files are written to a temporary name in the same folder and renamed; a run's output
-  folder is built as ``.<name>.partial`` beside its final place and renamed into place
-  when the run has finished, so a killed run leaves the previous complete result or none.
+* Files are written as :mod:`utils.files` writes them: to a temporary name in the same
+  folder and renamed; a run's output folder is built as ``.<name>.partial`` beside its
+  final place and renamed into place when the run has finished, so a killed run leaves
+  the previous complete result or none. (Its names are importable from here too.)
+* The poisoned sets of a record are :class:`utils.poison.PoisonedSet`.
 * Records carry SHA-256 digests of every tensor a defense or the comparison reads (the
   model, bd_test, bd_train, cross_test, poison_indices, extras) and of the record's other
   fields (names, sizes, normalisation, attack_params, config without the keys that say
@@ -28,7 +30,8 @@ write discipline every output of the project follows.
   ``trust=True`` (the defense harness's ``--trust_record``); foreign formats plug in as
   readers (:func:`register_record_reader`), which may allow exactly the Python types
   their files hold (torch's safe globals; BackdoorBench's: NumPy arrays, see
-  :mod:`utils.backdoorbench`) so that those files load without pickle.
+  :mod:`utils.backdoorbench`, which registers itself when imported: the defense harness
+  imports it) so that those files load without pickle.
 * Nothing is written outside the record root: :func:`inside_root` resolves a path
   (symlinks included) and refuses one that leaves the resolved root; :func:`record_dir`
   and :class:`StagedFolder` (its final, staging, lock and old folders) go through it.
@@ -40,16 +43,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import math
 import os
 import re
-import shutil
-import socket
-import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +57,13 @@ import torch
 
 from utils.config import brief, clip
 from utils.errors import UserError
+from utils.files import (CHECKPOINT_FILE, StagedFolder, _links_inside, atomic_write, inside_root,  # noqa: F401
+                         lock_holder, png_bytes, remove_temporary_files, save_json, save_png, save_text, save_torch)
+from utils.poison import PoisonedSet  # noqa: F401  (the type of the record's poisoned sets)
 
 log = logging.getLogger("saubench")
 
 RECORD_FILE = "attack_result.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FORMAT = "saubench-attack-record"
 RESULT_FORMAT = "saubench-defense-result"
 CHECKPOINT_FORMAT = "saubench-checkpoint"
@@ -73,254 +73,7 @@ MAX_IMAGE_SIDE = 8192
 MAX_CHANNELS = 4
 
 
-# -- writing ----------------------------------------------------------------------------------
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:  # a full or read-only disk: name the file meant, not the temporary one
-        if exc.filename is None or exc.filename == str(tmp):
-            exc.filename = str(path)
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: _torch_save(obj, tmp))
-
-
-def _torch_save(obj: Any, tmp: Path) -> None:
-    # through a Python file object: a full disk is then an OSError (ENOSPC) naming the
-    # file, where torch's own file writer raises a RuntimeError ("unexpected pos ...")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-
-
-def remove_temporary_files(folder: Path) -> None:
-    """Delete the temporary files (``.<name>.*.tmp``) that a killed :func:`atomic_write`
-    left in ``folder``; the files they were meant to replace are intact."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink()
-
-
-def save_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def save_json(obj: Any, path: Path) -> None:
-    save_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
-
-
-def png_bytes(pixels: torch.Tensor) -> bytes:
-    """A uint8 C x H x W image (1 or 3 channels, RGB) encoded as an 8-bit PNG, exactly."""
-    import cv2
-
-    array = pixels[0].numpy() if pixels.shape[0] == 1 else cv2.cvtColor(pixels.permute(1, 2, 0).numpy(),
-                                                                           cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", array)
-    if not ok:
-        raise ValueError(f"cannot encode an image of shape {tuple(pixels.shape)} as PNG")
-    return encoded.tobytes()
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """A C x H x W image in [0, 1] (1 or 3 channels) as an 8-bit PNG."""
-    pixels = (image.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    encoded = png_bytes(pixels)
-    atomic_write(path, lambda tmp: tmp.write_bytes(encoded))
-
-
-class StagedFolder:
-    """An output folder that appears only when complete.
-
-    Files are written under ``<parent>/.<name>.partial``; :meth:`commit` moves the
-    finished folder to ``<parent>/<name>`` (replacing an old one only when
-    ``overwrite``). A stale ``.partial`` folder of an earlier, killed run is removed
-    when a new run starts, unless the run resumes (``open(resume=True)``) and the folder
-    holds that run's checkpoint. What the old final folder held (for example the
-    ``defense/`` results below an attack record) is not carried over: a new record
-    invalidates it.
-
-    One run at a time: :meth:`open` takes ``<parent>/.<name>.lock`` (the process id and
-    host of the run) and :meth:`commit`, :meth:`discard` and :meth:`release` give it
-    back. A second run on the same folder, while the first is alive, stops with one
-    line instead of removing the first one's staging folder; a lock whose process is
-    gone (killed) is taken over. A lock of another host cannot be checked and is
-    respected: its message names the file to remove if that run is gone.
-
-    ``root`` (the record root; default: the folder that holds ``final``): every one of
-    these paths must resolve inside it (:func:`inside_root`), so that a symlink planted
-    in a record (``defense -> /elsewhere``, ``.<name>.partial -> /elsewhere``) cannot
-    send the run's files elsewhere; a resumed staging folder is checked for such links
-    too. Refused with one line before anything is written."""
-
-    def __init__(self, final: Path, overwrite: bool = False, root: Path | None = None):
-        self.final = Path(final)
-        self.partial = self.final.parent / f".{self.final.name}.partial"
-        self.old = self.final.parent / f".{self.final.name}.old"
-        self.lock = self.final.parent / f".{self.final.name}.lock"
-        self.overwrite = overwrite
-        self.root = Path(root) if root is not None else self.final.parent
-        self._locked = False
-        self._created: list[Path] = []  # the folders above the staging folder that this run made
-        for path in (self.final, self.partial, self.old, self.lock):  # before anything is moved or written
-            inside_root(self.root, path)
-        if self.old.is_dir() and not self.final.exists():  # killed between the two renames of commit()
-            os.replace(self.old, self.final)
-
-    @property
-    def checkpoint(self) -> Path:
-        """Where the run's checkpoint is kept while it runs."""
-        return self.partial / CHECKPOINT_FILE
-
-    def open(self, resume: bool = False) -> Path:
-        """The staging folder, empty, or as an interrupted run left it when ``resume`` and
-        it holds a checkpoint (stray temporary files removed)."""
-        if self.final.exists() and not self.overwrite:
-            if resume:
-                raise UserError(f"{self.final} is complete: there is nothing to resume "
-                                "(pass --overwrite to run it again)")
-            raise UserError(f"{self.final} already exists; pass --overwrite to replace it")
-        try:
-            self._acquire()
-        except BaseException:
-            self._remove_created()
-            raise
-        try:
-            return self._staging(resume)
-        except BaseException:
-            self.release()
-            self._remove_created()
-            raise
-
-    def _staging(self, resume: bool) -> Path:
-        if self.partial.exists():
-            if resume and self.checkpoint.is_file():
-                _links_inside(self.root, self.partial)
-                remove_temporary_files(self.partial)
-                return self.partial
-            if self.checkpoint.is_file():
-                logging.getLogger("saubench").warning(
-                    "discarding the checkpoint of an interrupted run in %s (--resume would continue from it)",
-                    self.partial)
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
-        return self.partial
-
-    def commit(self) -> Path:
-        """Move the finished folder into place (without its checkpoint)."""
-        if self.checkpoint.exists():
-            self.checkpoint.unlink()
-        remove_temporary_files(self.partial)
-        old = None
-        if self.final.exists():
-            old = self.old
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.final, old)
-        os.replace(self.partial, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self.release()
-        return self.final
-
-    def discard(self) -> None:
-        """Remove the staging folder, and the folders above it that this run made (when
-        empty), and give the lock back."""
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.release()
-        self._remove_created()
-
-    def _remove_created(self) -> None:
-        for folder in self._created:  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (another run wrote there meanwhile), or gone
-                break
-        self._created = []
-
-    def _acquire(self) -> None:
-        me = f"{os.getpid()} {socket.gethostname()}"
-        missing = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-        finally:
-            self._created = [p for p in missing if p.is_dir()]
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
-            except FileNotFoundError:  # a failing run removed the empty folder it had made, just now
-                self.final.parent.mkdir(parents=True, exist_ok=True)
-                continue
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    raise UserError(f"{self.final} is being written by another run ({holder}); wait for it to "
-                                    f"finish, or remove {self.lock} if that run is gone") from None
-                self.lock.unlink(missing_ok=True)  # its process is gone: a killed run
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me + "\n")
-            self._locked = True
-            return
-        raise UserError(f"cannot take the lock {self.lock}: other runs keep taking it")
-
-    def _holder(self) -> str | None:
-        """Who holds the lock, when that run may still be alive; None for a dead one."""
-        return lock_holder(self.lock)
-
-    def release(self) -> None:
-        """Give the lock back (nothing when this folder does not hold it)."""
-        if self._locked:
-            self.lock.unlink(missing_ok=True)
-            self._locked = False
-
-
-def lock_holder(lock: Path) -> str | None:
-    """Who holds the StagedFolder lock file ``lock``, when that run may still be alive;
-    None for a dead one (or no lock)."""
-    try:
-        pid_text, _, host = lock.read_text().strip().partition(" ")
-        pid = int(pid_text)
-    except OSError:
-        return None  # given back meanwhile
-    except ValueError:  # not written yet by a run starting now, or half-written by a killed one
-        try:
-            fresh = time.time() - lock.stat().st_mtime < 10
-        except OSError:
-            return None
-        return "a run that is starting" if fresh else None
-    if host != socket.gethostname():
-        return f"process {pid} on host {host}"
-    if pid == os.getpid():
-        return None  # this process: an earlier run of it that failed
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return f"process {pid}"
-
+# -- defense runs in progress ---------------------------------------------------------------------
 
 def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
     """The locks of defense runs writing into ``record_folder/defense/`` that may still
@@ -337,30 +90,6 @@ def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
 
 
 # -- names and places ----------------------------------------------------------------------------
-
-def inside_root(root: Path, path: Path) -> Path:
-    """``path``, after checking that it stays inside ``root`` once both are resolved
-    (symlinks followed, ``..`` removed; parts that do not exist yet are taken as
-    written). The one check behind every place the project writes under the record
-    root: a symlink planted in a record folder (``record/link -> /elsewhere``) cannot
-    redirect a write. ``root`` itself may be a symlink. Checks only: creates nothing."""
-    path = Path(path)
-    real_root = Path(os.path.realpath(root))
-    real = Path(os.path.realpath(path))
-    if real != real_root and real_root not in real.parents:
-        raise UserError(f"{path} leads outside the record root {root} (to {real}, through a symlink): SAU-Bench "
-                        "writes and reads records only inside the record root")
-    return path
-
-
-def _links_inside(root: Path, folder: Path) -> None:
-    """Every symlink below ``folder`` (not followed) resolves inside ``root``."""
-    for parent, dirs, files in os.walk(folder):
-        for name in (*dirs, *files):
-            entry = Path(parent) / name
-            if entry.is_symlink():
-                inside_root(root, entry)
-
 
 def record_dir(record_root: Path, name: str) -> Path:
     """``record_root/name``, refusing names that would leave the record folder, literally
@@ -472,37 +201,6 @@ def record_identity(digests: Mapping[str, str]) -> str:
 
 
 # -- the attack record --------------------------------------------------------------------------------
-
-@dataclass
-class PoisonedSet:
-    """Poisoned samples at rest: uint8 NCHW images, the labels the attacker assigned,
-    the true labels, and each sample's index in the clean split it was made from."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    original_labels: torch.Tensor
-    indices: torch.Tensor
-
-    def __post_init__(self) -> None:
-        n = self.images.shape[0]
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError("poisoned images must be a uint8 NCHW tensor")
-        for name in ("labels", "original_labels", "indices"):
-            t = getattr(self, name)
-            if t.dim() != 1 or t.shape[0] != n:
-                raise ValueError(f"{name} must be a 1-D tensor of length {n}")
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        return {"images": self.images, "labels": self.labels.long(),
-                "original_labels": self.original_labels.long(), "indices": self.indices.long()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, torch.Tensor]) -> "PoisonedSet":
-        return cls(d["images"], d["labels"].long(), d["original_labels"].long(), d["indices"].long())
-
 
 @dataclass
 class AttackRecord:
@@ -634,12 +332,14 @@ def _weights_only_refusal(text: str) -> str | None:
     return None
 
 
-# Readers of foreign record formats (e.g. BackdoorBench's): ``reader(data, path)`` gets
-# what ``path`` held and returns an AttackRecord when it recognises the format, else None.
+# Readers of foreign record formats: ``reader(data, path)`` gets what ``path`` held and
+# returns an AttackRecord when it recognises the format, else None. A reader's module
+# imports this one and registers itself; the entry points import the readers they offer
+# (BackdoorBench's, utils.backdoorbench: the defense harness, tests/conftest.py), so this
+# module imports none of them.
 RecordReader = Callable[[Any, Path], "AttackRecord | None"]
 RECORD_READERS: list[RecordReader] = []
 RECORD_SAFE_GLOBALS: list[Any] = []  # Python types the readers' files may hold (torch's safe globals)
-BUILTIN_READERS = ("utils.backdoorbench",)  # modules that register a reader when imported
 
 
 def register_record_reader(reader: RecordReader | None = None, *, safe_globals: Sequence[Any] = ()):
@@ -664,8 +364,6 @@ def load_record(folder: Path, trust: bool = False) -> AttackRecord:
     SAU-Bench's records load with ``weights_only=True``. A file that needs pickle is
     read only with ``trust`` (``--trust_record``); a format other than SAU-Bench's is
     offered to the registered foreign readers (:func:`register_record_reader`)."""
-    for module in BUILTIN_READERS:  # imported here: they import this module
-        importlib.import_module(module)
     folder = Path(folder)
     path = folder / RECORD_FILE
     if not path.is_file():

@@ -50,6 +50,33 @@ class Method:
     param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
     smoke_params: ClassVar[dict[str, Any]] = {}
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Check the hyperparameters against ``param_checks`` on every route (the command
+        line, YAML, ``create_defense``/``create_attack``, the class called directly): the
+        one place. A failed check raises ValueError naming the hyperparameter."""
+        cls.check_params(cls._arguments(args, kwargs))
+        return super().__new__(cls)
+
+    @classmethod
+    def _arguments(cls, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's arguments by name, defaults filled in (what binds: a wrong
+        call is left to ``__init__`` to refuse in Python's words)."""
+        try:
+            bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs)
+        except TypeError:
+            return {}
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    @classmethod
+    def check_params(cls, values: dict[str, Any]) -> None:
+        """Raise ValueError for the first hyperparameter in ``values`` that fails its
+        ``param_checks`` entry."""
+        for name, check in cls.param_checks.items():
+            complaint = check(values[name]) if name in values else None
+            if complaint:
+                raise ValueError(f"{name} {complaint}, got {cfg.brief(values[name])}")
+
     @classmethod
     def params(cls) -> list[cfg.Param]:
         return cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
@@ -70,10 +97,18 @@ class Method:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
+    """The methods of one side (``"attack"`` or ``"defense"``: ``side``), by name. A
+    method's ``kind`` is its category within its side (mitigation, dirty-label, ...)."""
+
+    def __init__(self, side: str):
+        self.side = side
         self._classes: dict[str, type[T]] = {}
         self._aliases: dict[str, str] = {}
+
+    @property
+    def kind(self) -> str:
+        """Deprecated name of :attr:`side` (``kind`` is a method's category)."""
+        return self.side
 
     def register(self, name: str, *, aliases: Iterable[str] = ()):
         """Class decorator: register under ``name`` (and ``aliases``); sets ``cls.name``."""
@@ -84,7 +119,7 @@ class Registry(Generic[T]):
                 if cls.__module__ == "__main__" or existing.__qualname__ == cls.__qualname__ and \
                         existing.__module__.rsplit(".", 1)[-1] == cls.__module__.rsplit(".", 1)[-1]:
                     return cls  # the same file run as a script; keep the package's class
-                raise ValueError(f"{self.kind} '{name}' is registered twice ({existing.__module__}, {cls.__module__})")
+                raise ValueError(f"{self.side} '{name}' is registered twice ({existing.__module__}, {cls.__module__})")
             cls.name = name  # type: ignore[attr-defined]
             self._classes[name] = cls
             for alias in aliases:
@@ -96,7 +131,7 @@ class Registry(Generic[T]):
     def canonical(self, name: str) -> str:
         name = self._aliases.get(name, name)
         if name not in self._classes:
-            raise unknown_name(self.kind, name, [*self._classes, *self._aliases])
+            raise unknown_name(self.side, name, [*self._classes, *self._aliases])
         return name
 
     def get(self, name: str) -> type[T]:
@@ -182,7 +217,7 @@ def load_plugins(registry: Registry[Any], group: str, base: type) -> list[str]:
                 if not registry.holds(obj):
                     registry.register(ep.name)(obj)
         except Exception as exc:  # any failure of third-party code: skip it, say which
-            warnings.warn(f"{registry.kind} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
+            warnings.warn(f"{registry.side} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             continue
         for name in sorted(set(registry.names()) - before):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from utils.datasets import DatasetInfo, ImageData, train_transform
-from utils.records import PoisonedSet
+from utils.poison import PoisonedSet
 from utils.runtime import grad_scaler
 from utils.train import make_optimizer, train_epoch
 

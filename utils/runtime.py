@@ -87,6 +87,18 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# The factor a loss is multiplied by under float16 autocast before a gradient whose sign is
+# used (or that is divided by it again), so that small gradients do not underflow to zero.
+FLOAT16_SIGN_SCALE = 1024.0
+
+
+def sign_scale(device: torch.device, enabled: bool = True) -> float:
+    """:data:`FLOAT16_SIGN_SCALE` when autocast runs in float16 on ``device`` (and mixed
+    precision is ``enabled``), else 1: the one place that says how a float16 loss is scaled
+    before ``torch.autograd.grad`` (the sign-gradient searches of SAE, ANP and i-BAU)."""
+    return FLOAT16_SIGN_SCALE if enabled and amp_dtype(device) == torch.float16 else 1.0
+
+
 def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradScaler:
     """Loss scaler, active only when autocast runs in float16."""
     return torch.amp.GradScaler(device.type, enabled=enabled and amp_dtype(device) == torch.float16)
@@ -95,8 +107,8 @@ def grad_scaler(device: torch.device, enabled: bool = True) -> torch.amp.GradSca
 @contextlib.contextmanager
 def log_to(folder: Path | None, filename: str = "run.log", level: int = logging.INFO) -> Iterator[logging.Logger]:
     """Send the project's log records to the console (``level`` and up) and, when
-    ``folder`` is given, to a file in it (everything, DEBUG included); handlers are removed again on exit so that runs in one process do not
-    write into each other's logs."""
+    ``folder`` is given, to a file in it (everything, DEBUG included); handlers are removed
+    again on exit so that runs in one process do not write into each other's logs."""
     handlers: list[logging.Handler] = []
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = _Console(sys.stderr)

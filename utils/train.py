@@ -50,6 +50,23 @@ def check_finite(value: torch.Tensor, epoch: int, step: int, what: str = "loss")
                         "lower the learning rate or check the data")
 
 
+def first_non_finite(value: torch.Tensor) -> torch.Tensor:
+    """The first NaN or infinity of ``value`` (a 0-d tensor; its first element when all
+    are finite), found without a host sync."""
+    flat = value.detach().flatten()
+    return flat[(~torch.isfinite(flat)).to(torch.uint8).argmax()]
+
+
+def check_all_finite(checked: Sequence[tuple[torch.Tensor, int, int, str]]) -> None:
+    """Stop with :func:`check_finite`'s one line for the first of ``checked`` (value,
+    epoch, batch, what) that is not finite: one host sync for the lot instead of one a
+    value (the values are 0-d, e.g. :func:`first_non_finite`'s)."""
+    if not checked or bool(torch.isfinite(torch.stack([v.float() for v, _, _, _ in checked])).all()):
+        return
+    for value, epoch, step, what in checked:
+        check_finite(value, epoch, step, what)
+
+
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 

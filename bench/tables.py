@@ -1,10 +1,6 @@
-"""Side-by-side comparison of defenses: the runs of a grid, their execution on an
-executor (:mod:`utils.executors`), and the table built from the summaries they write.
-
-The command line and the planning (which runs exist, which must be made) are in
-``defense/compare.py``; this module knows nothing of attacks or defenses beyond the
-summary files (``attack_summary.json``, ``summary.json``) and is given the functions that
-run them.
+"""The comparison's tables, built from the summaries its runs (:mod:`bench.jobs`) write;
+this module knows nothing of attacks or defenses beyond those summary files
+(``attack_summary.json``, ``summary.json``).
 
 The table: one row per defense (and "no defense": the backdoored model, from the
 record's attack_summary.json), one column group per record with C-Acc, ASR, RA and DER in
@@ -12,31 +8,24 @@ percent as mean ± sample standard deviation (ddof 1) over the seeds that finish
 the run time (``seconds`` of the summaries) with the device. The best value of each
 column among the defenses is marked (highest C-Acc, lowest ASR, highest RA, highest
 DER; ties at the shown precision are all marked; "no defense" is not a candidate).
+It is written as Markdown, CSV and JSON, and printed as a terminal table that fits
+100 columns.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
 import math
-import os
-import sys
 import textwrap
-import time
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from bench.jobs import Run, made_by
 from utils.config import config_diff  # noqa: F401  (the one config diff; the comparison's callers import it here)
-from utils.errors import UserError
-from utils.executors import DependencyFailed, Executor, Handle, JobFailed, Resources
 
-# unavailable: not run because what it needs does not exist (e.g. no tuned recipe)
-Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "unavailable"]
 NO_DEFENSE = "no defense"
 DIGITS = 2  # decimals of the percentages
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -47,151 +36,6 @@ class Metric:
 
 METRICS = (Metric("c_acc", "C-Acc", True), Metric("asr", "ASR", False), Metric("ra", "RA", True),
            Metric("der", "DER", True))
-
-
-# -- runs ------------------------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Run:
-    """One attack (making a record) or one defense run (a record, a defense, a seed)."""
-
-    kind: Literal["attack", "defense"]
-    record: str
-    method: str
-    seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the harness's run
-    folder: Path | None = None  # where its result lives
-    log: Path | None = None  # the console output of the run, written by :func:`logged_call`
-    status: Status = "todo"
-    summary: dict[str, Any] | None = None
-    message: str = ""
-    depends_on: "Run | None" = None
-    identity: str | None = None  # attack runs: the identity of the record in place, when it is usable
-    legacy: bool = False  # attack runs: that record was written before records had identities
-    column: str = ""  # the table column it counts in: its record, or the grid's record name for all its seeds
-
-    @property
-    def group(self) -> str:
-        """The table column: a record, or one attack's records over the seeds (``record_seeds``)."""
-        return self.column or self.record
-
-    @property
-    def label(self) -> str:
-        if self.kind == "attack":
-            return f"attack {self.method} -> {self.record}"
-        return f"{self.method} on {self.record} (seed {self.seed})"
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("done", "reused") and self.summary is not None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "record": self.record, "method": self.method,
-                "seed": self.seed if self.kind == "defense" or self.column else None, "status": self.status,
-                "message": self.message, "folder": None if self.folder is None else str(self.folder),
-                "log": None if self.log is None else str(self.log),
-                "seconds": None if self.summary is None else self.summary.get("seconds"),
-                "device": None if self.summary is None else self.summary.get("device")}
-
-
-class RunFailed(JobFailed):
-    """A run raised: ``str`` is one line, ``log`` the file with its output and traceback."""
-
-    @property
-    def log(self) -> str | None:
-        return self.args[1]
-
-
-def reason_of(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    reason = text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}".rstrip(": ")
-    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
-
-
-def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log: str | None) -> Any:
-    """``fn(name, **options)`` with its console output (stderr and stdout: the harness's
-    log lines, warnings) written to ``log`` and inner progress bars off; a failure is
-    raised as :class:`RunFailed` with one line and the log's path (the traceback is in
-    the log). Runs in whichever process the executor chose."""
-    previous = os.environ.get("SAUBENCH_NO_PROGRESS")
-    os.environ["SAUBENCH_NO_PROGRESS"] = "1"
-    with contextlib.ExitStack() as stack:
-        out = None
-        if log is not None:
-            Path(log).parent.mkdir(parents=True, exist_ok=True)
-            out = stack.enter_context(open(log, "w", encoding="utf-8"))
-            stack.enter_context(contextlib.redirect_stderr(out))
-            stack.enter_context(contextlib.redirect_stdout(out))
-        try:
-            return fn(name, **options)
-        except Exception as exc:
-            if out is not None:
-                traceback.print_exc(file=out)
-            raise RunFailed(reason_of(exc), log) from None
-        finally:
-            if previous is None:
-                os.environ.pop("SAUBENCH_NO_PROGRESS", None)
-            else:
-                os.environ["SAUBENCH_NO_PROGRESS"] = previous
-
-
-STALE = "stale: made on another version of the record"
-
-
-def identity_problem(summary: dict[str, Any], identity: str | None, legacy: bool = False) -> str | None:
-    """Why a summary (attack_summary.json, a defense's summary.json) cannot be reused for
-    the record of identity ``identity``; None when it names that identity. ``legacy``: the
-    record was written before records had identities; a summary that names none (as
-    every summary of that time) is then accepted, one that names another is not."""
-    have = summary.get("record_identity")
-    if identity is not None and have == identity:
-        return None
-    if have is None and legacy:
-        return None
-    if have is None:
-        return "it names no record identity (made before results named one), so it may be " + STALE
-    return f"{STALE} ({str(have)[:12]}, the record in place is {str(identity)[:12]})"
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-# -- execution ---------------------------------------------------------------------------------------
-
-def execute(runs: Sequence[Run], executor: Executor, functions: dict[str, Callable[..., Any]],
-            resources: Resources | None = None, on_finish: Callable[[Run], None] | None = None) -> None:
-    """Run every run whose status is ``todo`` on ``executor`` (``functions[run.kind]``
-    through :func:`logged_call`); a defense run whose record is being made waits for it.
-    Each run ends ``done`` (summary set), ``failed`` or ``blocked`` (its attack failed);
-    ``on_finish(run)`` is called as each one ends."""
-    handles: dict[int, Run] = {}
-    by_run: dict[int, Handle] = {}
-    for run in sorted((r for r in runs if r.status == "todo"), key=lambda r: r.kind != "attack"):
-        deps = []
-        if run.depends_on is not None and id(run.depends_on) in by_run:
-            deps.append(by_run[id(run.depends_on)])
-        handle = executor.submit(logged_call, (functions[run.kind], run.method, run.options,
-                                               None if run.log is None else str(run.log)), deps, resources)
-        handles[handle.id] = run
-        by_run[id(run)] = handle
-    for handle, result, error in executor.as_completed(list(by_run.values())):
-        run = handles[handle.id]
-        if error is None:
-            run.status, run.summary, run.message = "done", result, ""
-        elif isinstance(error, DependencyFailed):
-            dep = run.depends_on
-            run.status = "blocked"
-            run.message = f"attack record {dep.record} failed" if dep is not None else str(error)
-        else:
-            run.status = "failed"
-            run.message = str(error) if isinstance(error, RunFailed) else reason_of(error)
-        if on_finish is not None:
-            on_finish(run)
 
 
 # -- the table ----------------------------------------------------------------------------------------
@@ -232,6 +76,7 @@ class Row:
     cells: dict[str, Cell] = field(default_factory=dict)
     seconds: Cell = field(default_factory=Cell)
     devices: list[str] = field(default_factory=list)
+    made_by: dict[str, list[str]] = field(default_factory=lambda: {"code": [], "host": [], "node": []})
     seeds: list[int] = field(default_factory=list)  # seeds that finished
     expected: int = 0  # runs asked for
     problems: list[Run] = field(default_factory=list)  # failed, blocked or mismatched runs
@@ -248,9 +93,7 @@ class Row:
             return ""
         first = self.problems[0]
         text = f"{first.status}: {first.message}" if first.message else first.status
-        if first.status == "failed" and first.log is not None:
-            text += f" (log: {first.log})"
-        return text
+        return text + first.log_note()
 
 
 @dataclass
@@ -312,6 +155,9 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
                 if isinstance(seconds, (int, float)):
                     row.seconds.values.append(float(seconds))
                 row.devices.append(str((run.summary or {}).get("device", "?")))
+                for key, value in made_by(run.summary or {}).items():
+                    if value and value not in row.made_by[key]:
+                        row.made_by[key].append(value)
                 row.seeds.append(run.seed)
             rows.append(row)
     for record in records:
@@ -438,9 +284,7 @@ def notes_of(table: Table) -> list[str]:
             text = f"{run.label}: {run.status}"
             if run.message:
                 text += f": {run.message}"
-            if run.status == "failed" and run.log is not None:
-                text += f" (log: {run.log})"
-            out.append(text)
+            out.append(text + run.log_note())
     return out
 
 
@@ -460,6 +304,8 @@ def to_records(table: Table) -> list[dict[str, Any]]:
         item["device"] = "/".join(sorted(set(row.devices))) or None
         item["best"] = [m.key for m in METRICS if m.key in row.best]
         item["problem"] = row.problem_text() or None
+        for key, values in row.made_by.items():  # what made the numbers: code versions, hosts, Ray nodes
+            item[key] = ";".join(values) or None
         out.append(item)
     return out
 
@@ -469,7 +315,7 @@ def to_csv(table: Table) -> str:
     fields = ["record", "defense", "n", "expected"]
     for metric in METRICS:
         fields += [metric.key, f"{metric.key}_std"]
-    fields += ["seconds", "seconds_std", "device", "best", "problem"]
+    fields += ["seconds", "seconds_std", "device", "best", "problem", "code", "host", "node"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -486,36 +332,6 @@ def to_csv(table: Table) -> str:
 def to_json(table: Table) -> dict[str, Any]:
     return {"name": table.name, "records": table.records, "defenses": table.defenses, "seeds": table.seeds,
             "rows": to_records(table), "runs": [r.as_dict() for r in table.runs], "notes": notes_of(table)}
-
-
-class Progress:
-    """The overall bar (runs done / total, elapsed, ETA) and one line per finished run."""
-
-    def __init__(self, total: int, quiet: bool, write: Callable[[str], None]):
-        from tqdm.auto import tqdm
-
-        from utils.runtime import tqdm_disable
-
-        self.total, self.count, self.start = total, 0, time.perf_counter()
-        disable = True if quiet or total == 0 else tqdm_disable()
-        self.bar = tqdm(total=total, desc="compare", unit="run", disable=disable, file=sys.stderr, dynamic_ncols=True)
-        self.write = write
-
-    def finished(self, run: Run) -> None:
-        self.count += 1
-        took = (run.summary or {}).get("seconds")
-        detail = f"in {took:.1f} s" if run.status == "done" and isinstance(took, (int, float)) else run.message
-        line = f"[{self.count}/{self.total}] {run.label}: {run.status}" + (f" ({detail})" if detail else "")
-        if run.status == "failed" and run.log is not None:
-            line += f", log {run.log}"
-        if self.bar.disable:
-            self.write(line)
-        else:
-            self.bar.write(line, file=sys.stderr)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 # -- detectors ------------------------------------------------------------------------------------------

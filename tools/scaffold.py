@@ -15,13 +15,11 @@ and replaces the placeholders: see CONTRIBUTING.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import importlib
-import importlib.util
-import io
 import keyword
 import re
+import subprocess
+import sys
 from pathlib import Path
 from string import Template
 from typing import Any, Callable, NoReturn, Sequence
@@ -91,20 +89,18 @@ def _main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Seq
 
 
 def update_readme(root: Path, side: str, name: str) -> str:
-    """Register the new method ``name`` and regenerate the README's tables with
-    root/scripts/readme_tables.py, in this process; returns what happened, in a line."""
+    """Regenerate the README's tables with root/scripts/readme_tables.py, in a process of its
+    own (which imports the packages afresh, the new method ``name`` of ``side`` included;
+    this module imports neither side); returns what happened, in a line."""
     script = root / "scripts" / "readme_tables.py"
-    package = Path(importlib.import_module(side).__file__).resolve().parent
-    if not script.is_file() or not (root / "README.md").is_file() or package != (root / side).resolve():
+    if not script.is_file() or not (root / "README.md").is_file() or not (root / side / f"{name}.py").is_file():
         return "README.md: tables not updated (run python scripts/readme_tables.py in the project's folder)"
-    importlib.invalidate_caches()
-    importlib.import_module(f"{side}.{name}")  # the file just written registers the method
-    spec = importlib.util.spec_from_file_location("saubench_readme_tables", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    with contextlib.redirect_stdout(io.StringIO()):
-        status = module.main(["--readme", str(root / "README.md")])
-    return "README.md: tables updated" if status == 0 else "README.md: tables not updated (see the error above)"
+    proc = subprocess.run([sys.executable, str(script), "--readme", str(root / "README.md")], cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return "README.md: tables updated"
+    reason = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+    return f"README.md: tables not updated ({reason})"
 
 
 # -- list ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Plots and the HTML page of a comparison (:mod:`utils.compare`), from the summaries and
+"""Plots and the HTML page of a comparison (:mod:`bench.tables`), from the summaries and
 the per-epoch CSV files (``<defense>_df.csv``) that the runs wrote.
 
 * ``scatter_<record>.png``: C-Acc against ASR, one marker per defense (error bars: std
@@ -17,9 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.compare import COLUMNS, METRICS, NO_DEFENSE, Run, Table, _cells, notes_of, table_note
+from bench.jobs import Run
+from bench.tables import COLUMNS, METRICS, NO_DEFENSE, Table, _cells, notes_of, table_note
+from utils.files import atomic_write
 from utils.history import cell_number, epochs_of, read_csv
-from utils.records import atomic_write
 
 MARKERS = "osD^v<>pPXh*"
 

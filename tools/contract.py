@@ -24,7 +24,7 @@ harness, see ``defense/contract.py`` and ``attack/contract.py``):
 replaced, for the duration of its own code only (:meth:`Contract.guard`), by ones that
 fail with the rule's message unless the harness itself calls them.
 
-utils/ never imports attack/ or defense/: each side builds a :class:`Contract` from its
+tools/ never imports attack/ or defense/: each side builds a :class:`Contract` from its
 base class, registry and harness module.
 """
 from __future__ import annotations

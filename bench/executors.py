@@ -16,10 +16,13 @@ process pool and Ray (module-level functions, plain values).
 * :class:`ProcessExecutor`: ``concurrent.futures.ProcessPoolExecutor`` (spawned workers);
   each worker sees one GPU (``CUDA_VISIBLE_DEVICES``) when GPUs are given. A dependent
   job is handed to the pool when its dependencies have finished.
-* :class:`RayExecutor`: Ray tasks with ``num_cpus``/``num_gpus`` from :class:`Resources`;
-  dependencies are Ray object references passed as task arguments, so Ray starts a job
-  when its own dependencies are done (Ray is an optional extra: ``pip install
-  sau-bench[ray]``).
+* :class:`RayExecutor`: Ray tasks with ``num_cpus``/``num_gpus``/``memory`` from
+  :class:`Resources`; dependencies are Ray object references passed as task arguments,
+  so Ray starts a job when its own dependencies are done. A job lost with its worker or
+  node is run again up to ``retries`` times (Ray's ``max_retries``; an exception the job
+  raises is its result, never retried); ``runtime_env`` is the job's (Ray is an
+  optional extra: ``pip install sau-bench[ray]``, or ``sau-bench[ray-default]`` for the
+  dashboard and ``ray list``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class Resources:
 
     cpus: float = 1.0
     gpus: float = 0.0
+    memory: int | None = None  # bytes (Ray's ``memory``: a scheduling request, not a limit)
 
 
 class JobFailed(Exception):
@@ -232,18 +236,28 @@ def _ray_call(fn: Callable[..., Any], args: tuple, *deps: Any) -> Any:
 class RayExecutor(Executor):
     """Jobs as Ray tasks on the cluster at ``address`` (None: a local instance with
     ``num_cpus`` CPUs, started here and shut down by :meth:`close`; an instance already
-    started in this process is used as it is)."""
+    started in this process is used as it is). ``retries``: runs of a job lost with its
+    worker or node; ``runtime_env``: Ray's, for the whole job (given to ``ray.init``: a
+    local working_dir is shipped only at the job level; utils.cluster.runtime_env)."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, retries: int = 1,
+                 runtime_env: dict[str, Any] | None = None):
         super().__init__()
+        if retries < 0:
+            raise UserError(f"--retries must be >= 0, got {retries}")
+        self.retries, self.runtime_env = retries, runtime_env
         try:
             import ray
         except ImportError:
-            raise UserError("--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'ray[default]>=2.9')") from None
+            raise UserError("--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'sau-bench[ray-default]' for "
+                            "the dashboard and ray list)") from None
         self._ray = ray
         self._owns = not ray.is_initialized()
+        if runtime_env is not None and not self._owns:
+            raise UserError("a Ray runtime_env (--ray_code working_dir) is set when connecting to Ray, but Ray is "
+                            "already initialized in this process")
         if self._owns:
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "runtime_env": runtime_env}
             if address is None:
                 kwargs["num_cpus"] = num_cpus
             try:
@@ -257,8 +271,39 @@ class RayExecutor(Executor):
         return float(self._ray.cluster_resources().get("GPU", 0))
 
     def _submit(self, handle: Handle) -> None:
-        task = self._task.options(num_cpus=handle.resources.cpus, num_gpus=handle.resources.gpus, max_retries=0)
-        handle.ref = task.remote(handle.fn, handle.args, *(dep.ref for dep in handle.deps))
+        res = handle.resources
+        options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "max_retries": self.retries,
+                                   "retry_exceptions": False}
+        if res.memory is not None:
+            options["memory"] = res.memory
+        handle.ref = self._task.options(**options).remote(handle.fn, handle.args, *(dep.ref for dep in handle.deps))
+
+    def on_every_node(self, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float = 300.0
+                      ) -> list[tuple[str, Any]]:
+        """``fn(*args)`` once on every live node (pinned to it, asking for no CPU), as
+        (node id, result); a node that does not answer within ``timeout`` seconds, or
+        fails, is one line."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        ray = self._ray
+        nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        refs = {}
+        for node in nodes:
+            options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0,
+                                       "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+            refs[node] = self._task.options(**options).remote(fn, tuple(args))
+        out = []
+        for node, ref in refs.items():
+            try:
+                out.append((node, ray.get(ref, timeout=timeout)))
+            except ray.exceptions.GetTimeoutError:
+                raise UserError(f"node {node[:12]} did not answer the check within {timeout:.0f} s (is it "
+                                "overloaded, or unable to start a worker?)") from None
+            except ray.exceptions.RayError as exc:
+                text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+                raise UserError(f"node {node[:12]} failed the check: {text[-1] if text else type(exc).__name__}"
+                                ) from None
+        return out
 
     def _outcome(self, handle: Handle) -> tuple[Any, BaseException | None]:
         ray = self._ray
@@ -272,8 +317,9 @@ class RayExecutor(Executor):
                     cause = getattr(dep_exc, "cause", None) or dep_exc
                     return None, _dependency_error(cause)
             return None, getattr(exc, "cause", None) or exc
-        except ray.exceptions.RayError as exc:  # a worker died, a task was cancelled
-            return None, RuntimeError(f"Ray: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        except ray.exceptions.RayError as exc:  # a worker died (after its retries), a task was cancelled
+            tries = f" (tried {self.retries + 1} times)" if self.retries else ""
+            return None, RuntimeError(f"Ray: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{tries}")
 
     def as_completed(self, handles: Iterable[Handle]) -> Iterator[Completed]:
         remaining = {h.ref: h for h in handles}
@@ -290,11 +336,12 @@ class RayExecutor(Executor):
 
 
 def make_executor(kind: str = "local", *, jobs: int = 1, gpus: Sequence[int] = (), ray_address: str | None = None,
-                  num_cpus: int | None = None) -> Executor:
+                  num_cpus: int | None = None, retries: int = 1, runtime_env: dict[str, Any] | None = None
+                  ) -> Executor:
     """``local`` with ``jobs`` 1: in this process; ``local`` with more: a process pool;
-    ``ray``: Ray tasks."""
+    ``ray``: Ray tasks (``retries``, ``runtime_env``: see :class:`RayExecutor`)."""
     if kind == "ray":
-        return RayExecutor(ray_address, num_cpus)
+        return RayExecutor(ray_address, num_cpus, retries, runtime_env)
     if kind != "local":
         raise UserError(f"unknown executor '{kind}' (use local or ray)")
     return InlineExecutor() if jobs == 1 else ProcessExecutor(jobs, gpus)
