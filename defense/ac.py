@@ -129,14 +129,10 @@ class AC(Defense):
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:
         features = data.penultimate(model, self.batch_size, self.layer).double().numpy()
-        labels = data.labels.numpy()
         scores = np.zeros(len(data))
         flagged = np.zeros(len(data), dtype=bool)
         classes: list[dict[str, float | int | bool]] = []
-        for c in range(data.num_classes):
-            idx = np.nonzero(labels == c)[0]
-            if len(idx) < 2:
-                continue
+        for c, idx in data.class_indices(min_size=2):
             in_small, size, silhouette, membership = cluster_class(features[idx], self.nb_dims, self.nb_clusters,
                                                                    data.seed)
             suspicious = size < self.size_threshold if self.cluster_analysis == "smaller" else \
@@ -145,7 +141,7 @@ class AC(Defense):
                 flagged[idx[in_small]] = True
             scores[idx] = (1.0 - size) * max(0.0, silhouette) * membership
             classes.append({"class": c, "samples": int(len(idx)), "smaller_cluster": round(size, 4),
-                                  "silhouette": round(silhouette, 4), "flagged": bool(suspicious)})
+                            "silhouette": round(silhouette, 4), "flagged": bool(suspicious)})
             log.info("class %d: %d samples, smaller cluster %.3f, silhouette %.3f%s", c, len(idx), size, silhouette,
                      "  -> flagged" if suspicious else "")
         data.add_summary(classes=classes)

@@ -420,6 +420,8 @@ class Defense(Method):
     # What ``python -m defense tune`` may search, next to the hyperparameters:
     # {param: ("float_log", lo, hi) | ("float", lo, hi) | ("int", lo, hi) | ("choice", [values])}.
     search_space: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # (data_detection) whether detect() also reads the defender's clean subset (TrainingData.clean).
+    uses_clean_subset: ClassVar[bool] = False
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         """Return the purified model (same architecture) from the backdoored ``model``."""
@@ -865,11 +867,24 @@ def _retune(purified: nn.Module, record: AttackRecord, data: Dataset, values: di
 
 # -- the detection kinds ----------------------------------------------------------------------------
 
+def layer_module(model: Classifier, layer: str | None) -> nn.Module:
+    """The module ``model.net.<layer>`` (None: the architecture's feature layer, its last
+    stage); one UserError line when the architecture has no such module."""
+    if layer is None:
+        return model.feature_module()
+    try:
+        return model.net.get_submodule(layer)
+    except AttributeError:
+        raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
+                        f"{', '.join(model.spec.stages) or 'none declared'})") from None
+
+
 @dataclass
 class TrainingData(HandsOver):
     """What a data detector holds: the training set as the defender received it (uint8
     images and labels, the poisoned samples in place of their clean versions, on the
-    CPU), the dataset's declared info, the device and a seed. No poison indicator, no
+    CPU), the dataset's declared info, the device and a seed (a detector whose class sets
+    ``uses_clean_subset`` gets :class:`TrainingDataWithClean`). No poison indicator, no
     poison indices, no test data: the fields below are all there is."""
 
     train: ImageData
@@ -889,6 +904,22 @@ class TrainingData(HandsOver):
     def labels(self) -> torch.Tensor:
         return self.train.labels
 
+    def class_indices(self, min_size: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """(c, the indices of the training samples labelled c) for each class c with at least
+        ``min_size`` samples."""
+        labels = self.labels.numpy()
+        for c in range(self.num_classes):
+            idx = np.nonzero(labels == c)[0]
+            if len(idx) >= min_size:
+                yield c, idx
+
+    def features(self, model: Classifier, images: torch.Tensor | None = None, batch_size: int = 256,
+                 layer: str | None = None) -> torch.Tensor:
+        """:meth:`penultimate` of ``images`` (uint8, N x C x H x W; default the training set)."""
+        held = self if images is None else TrainingData(ImageData(images, torch.zeros(len(images), dtype=torch.long)),
+                                                       self.info, self.device, self.amp, self.seed)
+        return held.penultimate(model, batch_size, layer)
+
     def __len__(self) -> int:
         return len(self.train)
 
@@ -904,11 +935,7 @@ class TrainingData(HandsOver):
         on the CPU; with ``layer``, the flattened output of ``model.net.<layer>`` instead
         (BackdoorBench's ``target_layer``)."""
         if layer is not None:
-            try:
-                module = model.net.get_submodule(layer)
-            except AttributeError:
-                raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
-                                f"{', '.join(model.spec.stages) or 'none declared'})") from None
+            module = layer_module(model, layer)
             seen: list[torch.Tensor] = []
             hook = module.register_forward_hook(lambda m, i, out: seen.append(out.flatten(1).float().cpu()))
             try:
@@ -935,6 +962,21 @@ class TrainingData(HandsOver):
 
     def autocast(self):
         return autocast(self.device, self.amp)
+
+
+@dataclass
+class TrainingDataWithClean(TrainingData):
+    """What a data detector whose class sets ``uses_clean_subset`` (SCAn, Beatrix) holds:
+    :class:`TrainingData` and the defender's clean subset (``clean``: uint8 images and
+    labels, drawn as for a mitigation but only among training samples that were not
+    poisoned, so that no clean twin of a poisoned image can be matched against the
+    training set)."""
+
+    clean: ImageData | None = None
+
+    def clean_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean subset as float [0, 1] images and labels on the device."""
+        return self.clean.images.to(self.device).float().div_(255.0), self.clean.labels.to(self.device)
 
 
 @dataclass
@@ -1012,15 +1054,25 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     start = time.perf_counter()
     if defense.kind == "data_detection":
         train, truth = poisoned_training_set(data.train, record.bd_train)
+        clean = None
+        if defense.uses_clean_subset:
+            idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
+                                values["index"], exclude_poisoned=True)
+            save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
+            log.info("defender's clean subset: %d of %d training samples (none of them poisoned)", len(idx),
+                     len(data.train))
+            clean = ImageData(data.train.images[idx], data.train.labels[idx])
         held = TrainingData(ImageData(train.images, train.labels), data.info, device, values["amp"],
                             values["random_seed"])
+        if clean is not None:
+            held = TrainingDataWithClean(held.train, held.info, device, held.amp, held.seed, clean)
         log.info("data detection on the training set as delivered: %d samples", len(held))
         seed_everything(values["random_seed"])
         result = checked_detection(defense, defense.detect(model, held), len(held), "detect")
         seconds = time.perf_counter() - start
         rows = [("train", i, int(truth[i]), float(result.scores[i]),
                  "" if result.flagged is None else int(result.flagged[i])) for i in range(len(truth))]
-        extra = {"training_samples": len(held)}
+        extra = {"training_samples": len(held), **({} if clean is None else {"clean_samples": len(clean)})}
     else:
         save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
         log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))

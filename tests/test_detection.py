@@ -15,7 +15,7 @@ import torch
 import defense
 import defense.base as harness
 from defense.ac import cluster_class
-from defense.base import Defense, DefenseData, Detection, TrainingData
+from defense.base import Defense, DefenseData, Detection, TrainingData, TrainingDataWithClean
 from defense.spectral import spectral_scores
 from utils.datasets import Dataset, ImageData, load_dataset
 from utils.metrics import auroc, detection_metrics, flagged_metrics, tpr_at_fpr
@@ -145,6 +145,24 @@ def test_a_data_detector_gets_the_training_set_as_delivered_and_nothing_else(spy
     again = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",
                         overwrite=True)
     assert again["detection"] == summary["detection"] and _scores(folder, name) == rows
+
+
+def test_a_data_detector_may_read_a_clean_subset_that_holds_no_poisoned_sample(spy, record_root):
+    name, cls = spy("data_detection")
+    cls.uses_clean_subset = True
+    summary = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu", ratio=0.1)
+    (data,) = cls.seen
+    assert type(data) is TrainingDataWithClean
+    assert {f.name for f in dataclasses.fields(data)} == {"train", "info", "device", "amp", "seed", "clean"}
+    folder = record_root / "badnet_digits" / "defense" / name
+    idx = [int(i) for i in (folder / "index.txt").read_text().split()]
+    record = load_record(record_root / "badnet_digits")
+    assert len(idx) == len(data.clean) == summary["clean_samples"] == 143
+    assert not set(idx) & set(record.poison_indices.tolist())  # no clean twin of a poisoned image
+    train = load_dataset("digits").train
+    assert torch.equal(data.clean.images, train.images[idx]) and torch.equal(data.clean.labels, train.labels[idx])
+    x, y = data.clean_tensors()
+    assert x.dtype == torch.float32 and float(x.max()) <= 1.0 and torch.equal(y, train.labels[idx])
 
 
 def test_an_input_detector_is_fitted_on_the_clean_subset_only(spy, record_root, monkeypatch):
