@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defense.base import register_defense, run
-from defense.simclr import SelfModel, embed, simclr_augmentation, simclr_epoch
+from defense.simclr import SIMCLR_ARGS, SIMCLR_CHECKS, SelfModel, SimCLRStage, embed
 from defense.training import Held, Phases, Recipe, TrainingDefense, TrainingSet
 from utils import config as cfg
 from utils.models import Classifier
@@ -133,15 +133,9 @@ def nearest_centroid_labels(features: torch.Tensor, labels: torch.Tensor, refere
 
 @register_defense("nab")
 class NAB(TrainingDefense):
-    """NAB: detect poisoned samples (LGA), relabel them (SimCLR centroids), stamp a defensive trigger; stamp it at test.
-
-    Args:
-        epoch_self: SimCLR epochs
-        batch_size_self: SimCLR batch size
-        lr_self: SimCLR SGD learning rate
-        self_t_max: SimCLR cosine schedule's T_max (epochs)
-        temperature: SimCLR temperature
-        epoch_lga: LGA detection epochs
+    __doc__ = (
+        "NAB: detect (LGA), relabel (SimCLR centroids), stamp a defensive trigger in training and at test.\n\n"
+        "    Args:\n" + SIMCLR_ARGS + """epoch_lga: LGA detection epochs
         gamma: LGA's flooding level
         lr_lga: LGA learning rate
         batch_size_lga: LGA batch size
@@ -154,13 +148,12 @@ class NAB(TrainingDefense):
         sgd_momentum: final training SGD momentum (None: the attack's recipe)
         wd: final training weight decay (None: the attack's recipe)
         lr_scheduler: final training schedule (None: the attack's recipe)
-    """
+""")
 
     paper = ("Liu, Sangiovanni-Vincentelli and Yue, Beating Backdoor Attack at Its Own Game, ICCV 2023, "
              "arXiv:2307.15539")
     year = 2023
-    param_checks = {"epoch_self": cfg.non_negative, "batch_size_self": cfg.positive, "lr_self": cfg.positive,
-                    "self_t_max": cfg.positive, "temperature": cfg.positive, "epoch_lga": cfg.non_negative,
+    param_checks = {**SIMCLR_CHECKS, "epoch_lga": cfg.non_negative,
                     "lr_lga": cfg.positive, "batch_size_lga": cfg.positive, "detect_ratio": _ratio,
                     "centroid_ratio": _ratio, "trigger_size": cfg.positive}
     smoke_params = {"epoch_self": 1, "epoch_lga": 1, "epochs": 1}
@@ -187,11 +180,9 @@ class NAB(TrainingDefense):
         return self.phases(recipe).total
 
     def train(self, data: TrainingSet) -> nn.Module:
-        info = data.info
-        self_model = SelfModel.around(data.new_model(), info.channels, info.size)
+        info, simclr = data.info, SimCLRStage(self)
+        self_model, self_optimizer, self_scheduler, augmentation = simclr.build(data.new_model(), data)
         ascent, model = data.new_model(), data.new_model()
-        self_optimizer = torch.optim.SGD(self_model.parameters(), lr=self.lr_self, momentum=0.9, weight_decay=1e-4)
-        self_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self_optimizer, T_max=self.self_t_max)
         lga_optimizer = torch.optim.SGD(ascent.parameters(), lr=self.lr_lga, momentum=0.9, weight_decay=5e-4)
         optimizer = data.recipe.optimizer(model.parameters())
         scheduler = data.recipe.scheduler(optimizer)
@@ -200,16 +191,13 @@ class NAB(TrainingDefense):
                             optimizers=[self_optimizer, lga_optimizer, optimizer],
                             schedulers=[s for s in (self_scheduler, scheduler) if s is not None],
                             generator=generator, held=held)
-        augmentation = simclr_augmentation(info.size)
         trigger = defensive_trigger(info.channels, info.size, info.mean, self.trigger_size).to(data.device)
         stamped = StampedClassifier(model, trigger)  # what the harness evaluates: the test-time stamp included
         phases = self.phases(data.recipe)
         for epoch in range(start, phases.total):
             phase, e = phases.of(epoch)
             if phase == "self":
-                loss = simclr_epoch(self_model, data, self_optimizer, augmentation, self.temperature,
-                                    batch_size=self.batch_size_self, epoch=epoch, generator=generator)
-                self_scheduler.step()
+                loss = simclr.epoch(self_model, data, self_optimizer, self_scheduler, augmentation, epoch, generator)
                 data.report(epoch, stamped, simclr_loss=loss)
             elif phase == "lga":
                 def step(x, y):

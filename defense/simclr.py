@@ -32,9 +32,20 @@ from torch import nn
 from torchvision.transforms import v2
 
 from defense.training import TrainingSet
+from utils import config as cfg
 from utils.models import Classifier
 
 log = logging.getLogger("saubench")
+
+# the SimCLR stage's hyperparameters, as DBD and NAB take them: their docstring lines and checks
+SIMCLR_ARGS = """        epoch_self: SimCLR epochs
+        batch_size_self: SimCLR batch size
+        lr_self: SimCLR SGD learning rate
+        self_t_max: SimCLR cosine schedule's T_max (epochs)
+        temperature: SimCLR temperature
+"""
+SIMCLR_CHECKS = {"epoch_self": cfg.non_negative, "batch_size_self": cfg.positive, "lr_self": cfg.positive,
+                 "self_t_max": cfg.positive, "temperature": cfg.positive}
 
 
 def simclr_augmentation(size: tuple[int, int]) -> v2.Compose:
@@ -119,3 +130,29 @@ def embed(fn, data: TrainingSet, batch_size: int = 256) -> torch.Tensor:
     """``fn`` (a module in eval mode, or a function of a float batch) over every training
     sample as delivered, in order: (N, D) float32 on the CPU."""
     return torch.cat([fn(x).float().cpu() for x, _ in data.batches(batch_size)])
+
+
+class SimCLRStage:
+    """The SimCLR stage of DBD and NAB with BackdoorBench's optimiser: SGD (``lr_self``,
+    momentum 0.9, weight decay 1e-4) and a cosine schedule (T_max ``self_t_max`` epochs)
+    stepped each epoch, batches of ``batch_size_self``, temperature ``temperature``; read
+    from the defense's attributes of those names."""
+
+    def __init__(self, defense):
+        self.batch_size, self.lr = defense.batch_size_self, defense.lr_self
+        self.t_max, self.temperature = defense.self_t_max, defense.temperature
+
+    def build(self, backbone: Classifier, data: TrainingSet):
+        """The SelfModel around ``backbone``, its optimiser and schedule, and the augmentation."""
+        model = SelfModel.around(backbone, data.info.channels, data.info.size)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.t_max)
+        return model, optimizer, scheduler, simclr_augmentation(data.info.size)
+
+    def epoch(self, model: SelfModel, data: TrainingSet, optimizer: torch.optim.Optimizer, scheduler,
+              augmentation: v2.Compose, epoch: int, generator: torch.Generator) -> float:
+        """One SimCLR epoch and a schedule step; the mean loss."""
+        loss = simclr_epoch(model, data, optimizer, augmentation, self.temperature, batch_size=self.batch_size,
+                            epoch=epoch, generator=generator)
+        scheduler.step()
+        return loss
