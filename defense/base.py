@@ -24,6 +24,9 @@ A defense sees only the defender's data (:class:`DefenseData`): its clean subset
 dataset's declared transforms and the device. It reports progress through
 ``data.report(epoch, model, **losses)``; the harness decides when to evaluate, on test
 data the defense never sees.
+A training-time defense (``kind`` training_time, defense/training.py) sees instead the
+training set as delivered and the attack's training recipe, trains its own model, and is
+evaluated and written the same way; the detectors' kinds are run by ``_detect``.
 
 Tuning (``python -m defense tune``, defense/tune.py) reads a validation split the harness
 cuts from what the defender holds (:func:`validation_split`): part of the clean subset for
@@ -640,10 +643,12 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     seed_everything(values["random_seed"])
     data, idx = load_inputs(record, values) if inputs is None else inputs
     model = (record.build_model() if model is None else model).to(device).eval()
-    if defense.kind == "training_time":  # the defender holds the whole training set, as delivered
+    training_time = defense.kind == "training_time"
+    if training_time:  # the defender holds the whole training set, as delivered (defense/training.py)
         idx = torch.arange(len(data.train))
     save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
-    log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
+    log.info("defender's %s: %d of %d training samples", "training set" if training_time else "clean subset",
+             len(idx), len(data.train))
 
     def measure(m: nn.Module) -> Metrics:  # float32, whatever --amp says
         return evaluate(m, data.test, record.bd_test, device=device)
@@ -652,14 +657,15 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     monitor = Monitor(measure, values["eval_every"], epochs - 1 if isinstance(epochs, int) else None)
     before = monitor.evaluate(model)
     log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
-    defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor,
-                           checkpoint)
+    if not training_time:
+        defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"],
+                               monitor, checkpoint)
 
     seed_everything(values["random_seed"])
     start = time.perf_counter()
     if checkpoint is not None:
         checkpoint.start_clock()
-    if defense.kind == "training_time":
+    if training_time:
         from defense.training import train_time
 
         purified = train_time(defense, record, data, values, device, monitor, checkpoint)
@@ -668,7 +674,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     # a resumed run: the time of every part (stored in the checkpoint), not this part's only
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
-        raise TypeError(f"{defense.name}.{'train' if defense.kind == 'training_time' else 'mitigate'} must return a "
+        raise TypeError(f"{defense.name}.{'train' if training_time else 'mitigate'} must return a "
                         f"model of the record's architecture (a {record.model_name})")
     purified.eval()
     after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged

@@ -181,6 +181,9 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
         raise UserError("python -m defense tune needs Optuna: pip install -e \".[tune]\" (or pip install optuna)"
                         ) from None
     cls = DEFENSES.get(DEFENSES.canonical(name))
+    if cls.kind == "training_time":
+        raise UserError(f"defense {cls.name} is a training-time defense: tuning purifies the record's model on a "
+                        "validation split of the clean subset, a training-time defense trains its own (not supported)")
     if cls.kind != "mitigation":
         raise UserError(f"defense {cls.name} is a detector ({cls.kind}): tuning chooses a mitigation's recipe by "
                         "validation C-Acc and ASR; a detector has none to tune")

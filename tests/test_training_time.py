@@ -227,3 +227,22 @@ def test_records_cover_the_clean_training_split_a_defender_rebuilds_from(record_
     with pytest.raises(UserError, match="is not the one the record was made on"):
         run(Retrain, record_root)
     assert not (record_root / "badnet_digits" / "defense").exists()
+
+
+def test_tuning_and_the_compare_default_leave_training_time_defenses_out(record_root):
+    from defense.compare import _defense_names
+    from defense.tune import tune
+
+    with pytest.raises(UserError, match="abl is a training-time defense"):
+        tune("abl", result_file="badnet_digits", record_root=str(record_root))
+    assert "abl" not in _defense_names(None, "test") and "abl" in _defense_names(["abl"], "test")
+
+
+def test_compare_puts_training_time_defenses_in_the_mitigations_table(record_root):
+    from defense import compare
+
+    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
+                         plots=False, quiet=True, defenses=["ft", "abl"], seeds=[0])
+    rows = {r["defense"]: r for r in result["rows"]}
+    assert rows["abl"]["n"] == 1 and rows["ft"]["n"] == 1 and result["failed"] == 0
+    assert "| abl |" in result["markdown"]
