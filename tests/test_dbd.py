@@ -3,6 +3,7 @@ mixup, losses, ramp) by hand, the high-credibility split, the batch cycler, the 
 backbone of the linear warm-up, and a short run. The SimCLR loss is tested in tests/test_nab.py."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from defense.dbd import DBD, Cycler, credible, mixmatch_loss, mixup, rampup, sharpen, symmetric_cross_entropy
 from defense.training import delivered_set
-from utils.datasets import load_dataset
+from utils.datasets import ImageData, load_dataset
 from utils.models import Classifier
 from utils.records import load_record
 
@@ -18,6 +19,12 @@ from utils.records import load_record
 @pytest.fixture(scope="module")
 def delivered(digits_record_root):
     return delivered_set(load_record(digits_record_root / "badnet_digits"), load_dataset("digits"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def small(delivered):
+    """The first 300 samples as delivered: the short runs' training set."""
+    return dataclasses.replace(delivered, train=ImageData(delivered.train.images[:300], delivered.train.labels[:300]))
 
 
 def test_symmetric_cross_entropy_by_hand():
@@ -55,21 +62,21 @@ def test_cycler_draws_whole_permutations_and_drops_the_remainder():
     assert len(third) == 4 and set(third.tolist()) <= set(range(10, 20))
 
 
-def test_linear_warmup_trains_only_the_head(delivered):
+def test_linear_warmup_trains_only_the_head(small):
     torch.manual_seed(0)
     dbd = DBD()
-    model = delivered.new_model()
+    model = small.new_model()
     before = {k: v.clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.Adam(model.parameters(), lr=0.002)
-    dbd.warmup_epoch(delivered, model, optimizer, 0, torch.Generator().manual_seed(0))
+    dbd.warmup_epoch(small, model, optimizer, 0, torch.Generator().manual_seed(0))
     head = {f"net.{n}" for n, m in model.net.named_modules() if m is model.classifier_layer()}
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
     assert changed and {k.rsplit(".", 1)[0] for k in changed} == head
 
 
-def test_a_short_run_keeps_epsilon_labelled_and_returns_the_architecture(delivered):
+def test_a_short_run_keeps_epsilon_labelled_and_returns_the_architecture(small):
     torch.manual_seed(0)
-    dbd = DBD(epoch_self=1, batch_size_self=256, epoch_warmup=1, semi_epochs=1, train_iteration=3, epsilon=0.3)
-    model = dbd.train(delivered)
+    dbd = DBD(epoch_self=1, batch_size_self=128, epoch_warmup=1, semi_epochs=1, train_iteration=3, epsilon=0.3)
+    model = dbd.train(small)
     assert isinstance(model, Classifier) and not model.training
-    assert len(dbd.extras()["labelled"]) == int(len(delivered) * 0.3) == dbd.report()["labelled"]
+    assert len(dbd.extras()["labelled"]) == int(len(small) * 0.3) == dbd.report()["labelled"]

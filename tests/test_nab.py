@@ -4,6 +4,7 @@ at test time, the nearest-centroid relabelling, the LGA pieces, the stamping of 
 samples in training, and a short run's detection."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from defense.nab import NAB, StampedClassifier, defensive_trigger, lga_rate, lowest, nearest_centroid_labels
 from defense.simclr import SelfModel, nt_xent, simclr_augmentation, simclr_views
 from defense.training import Held, delivered_set
-from utils.datasets import load_dataset
+from utils.datasets import ImageData, load_dataset
 from utils.models import create_model
 from utils.records import load_record
 
@@ -25,6 +26,12 @@ def record(digits_record_root):
 @pytest.fixture(scope="module")
 def delivered(record):
     return delivered_set(record, load_dataset("digits"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def small(delivered):
+    """The first 300 samples as delivered: the short run's training set."""
+    return dataclasses.replace(delivered, train=ImageData(delivered.train.images[:300], delivered.train.labels[:300]))
 
 
 def test_nt_xent_by_hand():
@@ -102,13 +109,13 @@ def test_training_stamps_exactly_the_relabelled_samples(delivered):
     assert len(x) == n and int(corner.sum()) == len(changed)
 
 
-def test_a_short_run_relabels_only_suspicious_samples_and_returns_the_stamped_model(delivered):
+def test_a_short_run_relabels_only_suspicious_samples_and_returns_the_stamped_model(small):
     torch.manual_seed(0)
-    nab = NAB(epoch_self=1, batch_size_self=256, epoch_lga=2, epochs=1)
-    model = nab.train(delivered)
+    nab = NAB(epoch_self=1, batch_size_self=128, epoch_lga=2, epochs=1)
+    model = nab.train(small)
     assert isinstance(model, StampedClassifier) and not model.training
     suspicious, relabelled = nab.extras()["suspicious"], nab.extras()["relabelled"]
-    assert len(suspicious) == int(0.1 * len(delivered)) == nab.report()["suspicious"]
+    assert len(suspicious) == int(0.1 * len(small)) == nab.report()["suspicious"]
     assert set(relabelled.tolist()) <= set(suspicious.tolist()) and len(relabelled) == nab.report()["relabelled"]
     trigger = nab.extras()["defensive_trigger"]
     assert trigger.shape == (2, 1, 8, 8) and int(trigger[1].sum()) == 4
