@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import register_defense, run
+from defense.base import main, register_defense
 from defense.training import Held, Phases, Recipe, TrainingDefense, TrainingSet
 from utils import config as cfg
 
@@ -187,4 +187,4 @@ class ABL(TrainingDefense):
 
 
 if __name__ == "__main__":
-    run("abl")
+    main("abl")

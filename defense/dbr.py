@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import register_defense, run
+from defense.base import main, register_defense
 from defense.sensitivity import SD_ARGS, Distinguishment, SensitivityDefense, Transformation
 from defense.training import Held, Phases, Recipe, TrainingSet
 from utils import config as cfg
@@ -135,4 +135,4 @@ class DBR(SensitivityDefense):
 
 
 if __name__ == "__main__":
-    run("dbr")
+    main("dbr")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import register_defense, run
+from defense.base import main, register_defense
 from defense.sensitivity import SD_ARGS, Distinguishment, SensitivityDefense, Transformation
 from defense.training import Held, Phases, Recipe, TrainingSet
 from utils import config as cfg
@@ -291,4 +291,4 @@ class DST(SensitivityDefense):
 
 
 if __name__ == "__main__":
-    run("dst")
+    main("dst")
