@@ -48,7 +48,7 @@ import math
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingDataWithClean, layer_module, register_defense, run
+from defense.base import Defense, Detection, TrainingDataWithClean, layer_module, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -202,4 +202,4 @@ class Beatrix(Defense):
 
 
 if __name__ == "__main__":
-    run("beatrix")
+    main("beatrix")

@@ -33,7 +33,7 @@ import logging
 
 import torch
 
-from defense.base import Defense, DefenseData, Detection, InputDetector, register_defense, run
+from defense.base import Defense, DefenseData, Detection, InputDetector, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -102,4 +102,4 @@ class ScaleUp(Defense):
 
 
 if __name__ == "__main__":
-    run("scaleup")
+    main("scaleup")

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingDataWithClean, register_defense, run
+from defense.base import Defense, Detection, TrainingDataWithClean, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -230,4 +230,4 @@ class SCAn(Defense):
 
 
 if __name__ == "__main__":
-    run("scan")
+    main("scan")

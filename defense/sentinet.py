@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, Detection, InputDetector, layer_module, register_defense, run
+from defense.base import Defense, DefenseData, Detection, InputDetector, layer_module, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -147,4 +147,4 @@ class SentiNet(Defense):
 
 
 if __name__ == "__main__":
-    run("sentinet")
+    main("sentinet")

@@ -48,7 +48,7 @@ import math
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingData, register_defense, run
+from defense.base import Defense, Detection, TrainingData, main, register_defense
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -238,4 +238,4 @@ class SPECTRE(Defense):
 
 
 if __name__ == "__main__":
-    run("spectre")
+    main("spectre")

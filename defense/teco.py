@@ -43,7 +43,7 @@ import logging
 
 import torch
 
-from defense.base import Defense, DefenseData, Detection, InputDetector, register_defense, run
+from defense.base import Defense, DefenseData, Detection, InputDetector, main, register_defense
 from defense.corruptions import CORRUPTIONS, LEVELS, corrupt
 from utils import config as cfg
 from utils.models import Classifier
@@ -131,4 +131,4 @@ class TeCo(Defense):
 
 
 if __name__ == "__main__":
-    run("teco")
+    main("teco")
