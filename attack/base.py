@@ -52,7 +52,7 @@ from utils.models import Classifier, create_model, model_spec
 from utils.poison import (bd_test_indices, check_target, poisoned_set, poisoned_training_set,
                           select_poison_indices, target_labels)
 from utils.records import (AttackRecord, PoisonedSet, StagedFolder, live_defense_locks, load_record, record_dir,
-                           save_json)
+                           save_json, split_digest)
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
                            replay, resolve_device, seed_everything)
@@ -458,7 +458,8 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
         model_name=values["model"], num_classes=info.num_classes, model=model.state_dict(), img_size=info.img_size,
         clean_data=info.name, attack=attack.name, attack_params=cfg.plain(attack.hyperparameters()),
         poison_indices=poison_idx, bd_test=test_sets.bd_test, bd_train=bd_train, cross_test=test_sets.cross_test,
-        mean=info.mean, std=info.std, extras=attack.extras(), config=cfg.plain(values))
+        mean=info.mean, std=info.std, extras=attack.extras(), config=cfg.plain(values),
+        clean_train=split_digest(data.train.images, data.train.labels))
     record.save(folder)
     identity = record.compute_identity()
     if export_backdoorbench:

@@ -14,9 +14,9 @@ from utils.registry import import_package_modules, load_plugins
 
 PLUGIN_GROUP = "saubench.defenses"
 
-# compare: the comparison command; contract: the contract checks; tune: the tuning command.
-# None is a defense.
-import_package_modules("defense", skip=("base", "compare", "contract", "tune"))
+# compare: the comparison command; contract: the contract checks; tune: the tuning command;
+# training: the harness of the training-time kind. None is a defense.
+import_package_modules("defense", skip=("base", "compare", "contract", "tune", "training"))
 load_plugins(DEFENSES, PLUGIN_GROUP, Defense)
 
 __all__ = ["DEFENSES", "Defense", "DefenseData", "Detection", "TrainingData", "create_defense", "list_defenses",

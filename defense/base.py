@@ -62,8 +62,8 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, detection_text, evaluate
 from utils.models import Classifier
-from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_record_unchanged, load_record, locate_record,
-                           record_dir, save_defense_result, save_json, save_png, save_text)
+from utils.records import (AttackRecord, PoisonedSet, StagedFolder, check_clean_train, check_record_unchanged,
+                           load_record, locate_record, record_dir, save_defense_result, save_json, save_png, save_text)
 from utils.registry import Method, Registry
 from utils.runtime import (autocast, check_data_root, check_record_root, held_logs, log_to, progress, replay,
                            resolve_device, seed_everything)
@@ -292,8 +292,9 @@ class Defense(Method):
     argv, reads no record, evaluates nothing and prints nothing."""
 
     # mitigation: mitigate(model, DefenseData) -> model; data_detection: detect(model,
-    # TrainingData) -> Detection; input_detection: fit(model, DefenseData) -> InputDetector.
-    kind: ClassVar[Literal["mitigation", "data_detection", "input_detection"]] = "mitigation"
+    # TrainingData) -> Detection; input_detection: fit(model, DefenseData) -> InputDetector;
+    # training_time: train(defense.training.TrainingSet) -> model (defense.training.TrainingDefense).
+    kind: ClassVar[Literal["mitigation", "data_detection", "input_detection", "training_time"]] = "mitigation"
     # Keys of extras() that hold N x C x H x W images in [0, 1]; the harness also writes
     # them as <key>/<i>.png (e.g. reversed triggers).
     image_extras: ClassVar[tuple[str, ...]] = ()
@@ -316,6 +317,11 @@ class Defense(Method):
         """(input_detection) From the model and the defender's clean subset, a function
         that scores a batch of test inputs (float [0, 1] images on the device) with a
         :class:`Detection` (higher = more suspicious)."""
+        raise NotImplementedError
+
+    def train(self, data: Any) -> nn.Module:
+        """(training_time) A model trained from the training set as delivered
+        (defense.training.TrainingSet); see defense.training.TrainingDefense."""
         raise NotImplementedError
 
     def extras(self) -> dict[str, torch.Tensor]:
@@ -510,7 +516,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             log.info("defense %s on %s", defense.name, record.path)
             replay(loading)
             log.debug("config: %s", cfg.plain(values))
-            defend = _defend if defense.kind == "mitigation" else _detect
+            defend = _defend if defense.kind in ("mitigation", "training_time") else _detect
             summary = defend(defense, record, values, device, folder, model, checkpoint, inputs)
         try:
             check_record_unchanged(record, trust=control["trust_record"])
@@ -619,6 +625,7 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
         raise UserError(f"{record.path}: the record says {record.clean_data} is {tuple(record.img_size)} with "
                         f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
                         f"{data.info.num_classes}")
+    check_clean_train(record, data.train.images, data.train.labels, str(data.root or record.clean_data))
     idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
                         values["index"], values["exclude_poisoned"])
     return data, idx
@@ -635,6 +642,8 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     seed_everything(values["random_seed"])
     data, idx = load_inputs(record, values) if inputs is None else inputs
     model = (record.build_model() if model is None else model).to(device).eval()
+    if defense.kind == "training_time":  # the defender holds the whole training set, as delivered
+        idx = torch.arange(len(data.train))
     save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
     log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))
 
@@ -652,11 +661,17 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     start = time.perf_counter()
     if checkpoint is not None:
         checkpoint.start_clock()
-    purified = defense.mitigate(model, defender)
+    if defense.kind == "training_time":
+        from defense.training import train_time
+
+        purified = train_time(defense, record, data, values, device, monitor, checkpoint)
+    else:
+        purified = defense.mitigate(model, defender)
     # a resumed run: the time of every part (stored in the checkpoint), not this part's only
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
-        raise TypeError(f"{defense.name}.mitigate must return the model it was given (a {record.model_name})")
+        raise TypeError(f"{defense.name}.{'train' if defense.kind == 'training_time' else 'mitigate'} must return a "
+                        f"model of the record's architecture (a {record.model_name})")
     purified.eval()
     after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
@@ -791,7 +806,12 @@ InputDetector = Callable[[torch.Tensor], Detection]
 
 
 def check_detectable(defense: Defense, record: AttackRecord) -> None:
-    """A data detector needs poisoned training samples to find."""
+    """A data detector needs poisoned training samples to find; a training-time defense, a
+    training set the attacker delivered (defense.training.check_trainable)."""
+    if defense.kind == "training_time":
+        from defense.training import check_trainable
+
+        check_trainable(defense.name, record)
     if defense.kind == "data_detection" and (record.bd_train is None or len(record.bd_train) == 0):
         raise UserError(f"{record.path}: the record keeps no poisoned training samples (bd_train; an attack that "
                         f"poisons each batch afresh?): data detection ({defense.name}) has nothing to find")

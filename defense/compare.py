@@ -221,7 +221,8 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     _fill_missing_baselines(runs)
     found = backdoorbench_runs(spec, root, runs)
     names = list(dict.fromkeys(r.method for r in found))
-    detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind != "mitigation"]
+    # training-time defenses end with a model, as mitigations do: the same table (Time includes the training)
+    detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind not in ("mitigation", "training_time")]
     mitigations = [d for d in spec.defenses if d not in detectors]
     table = aggregate(spec.name, [r.name for r in spec.records], [*mitigations, *names], spec.seeds,
                       [r for r in [*runs, *found] if r.method not in detectors])
@@ -384,7 +385,7 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
 def _defense_names(names: Sequence[str] | None, where: str) -> list[str]:
     from defense import DEFENSES
 
-    if names is None:  # the detectors are compared when named
+    if names is None:  # the detectors and the training-time defenses (they retrain the model) are compared when named
         return [n for n in DEFENSES.names() if DEFENSES.get(n).kind == "mitigation"]
     out: list[str] = []
     for name in names:

@@ -38,19 +38,30 @@ def _returns_the_model(guard: Guard, name: str, args: tuple, result: Any) -> Any
         if not isinstance(result, Classifier) or result.name != model.name:
             got = result.name if isinstance(result, Classifier) else type(result).__name__
             raise guard.fail("returns-the-model", f"mitigate returned {got}, not a {model.name}")
+    if name == "train":  # training-time: a model of the recipe's architecture
+        data = args[1]
+        if not isinstance(result, Classifier) or result.name != data.recipe.model:
+            got = result.name if isinstance(result, Classifier) else type(result).__name__
+            raise guard.fail("returns-the-model", f"train returned {got}, not a {data.recipe.model}")
     return result
+
+
+def trains_a_model(cls: type[Defense]) -> bool:
+    """Does ``cls`` end with a model (a mitigation or a training-time defense), not scores?"""
+    return cls.kind in ("mitigation", "training_time")
 
 
 class DefenseContract(Contract):
     def check_run(self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits",
                   **options: Any) -> dict[str, Any]:
         """Run ``cls`` once through the harness (its smoke_params, on the CPU) with the
-        guards on during ``__init__`` and ``mitigate`` (a detector's ``detect`` or ``fit``): rules no-record-loading,
+        guards on during ``__init__`` and ``mitigate`` (a detector's ``detect`` or ``fit``, a
+        training-time defense's ``train``): rules no-record-loading,
         no-evaluation, no-argv, no-printing, returns-the-model and record-untouched.
         Returns the run's summary."""
         folder = record_dir(Path(record_root), result_file)
         before = folder_digest(folder)
-        with self.registered(cls) as name, self.guarded_methods(cls, ("__init__", "mitigate", "detect", "fit"),
+        with self.registered(cls) as name, self.guarded_methods(cls, ("__init__", "mitigate", "detect", "fit", "train"),
                                                                 _returns_the_model) as guard:
             try:
                 summary = run(name, result_file=result_file, record_root=str(record_root), device="cpu",
@@ -75,11 +86,11 @@ class DefenseContract(Contract):
                 summary = run(name, result_file=result_file, record_root=str(record_root), device="cpu",
                               random_seed=seed, overwrite=True, **{**cls.smoke_params, **options})
                 folder = record_dir(Path(record_root), result_file) / "defense" / name
-                if cls.kind != "mitigation":
+                if not trains_a_model(cls):
                     results.append((summary["detection"], (folder / f"{name}_scores.csv").read_text()))
                     continue
                 results.append((summary, load_defense_result(folder / "defense_result.pt")["model"]))
-        if cls.kind != "mitigation":
+        if not trains_a_model(cls):
             (first, scores_first), (second, scores_second) = results
             if first != second or scores_first != scores_second:
                 self.fail(cls, "deterministic", f"two runs with seed {seed} gave different scores ({first} and "

@@ -450,6 +450,8 @@ def fields_digest(record: "AttackRecord") -> str:
               "img_size": [int(v) for v in record.img_size], "clean_data": record.clean_data,
               "attack": record.attack, "attack_params": record.attack_params,
               "mean": [float(v) for v in record.mean], "std": [float(v) for v in record.std], "config": config}
+    if record.clean_train:  # absent from older records: their identity stays
+        fields["clean_train"] = record.clean_train
     text = json.dumps(_canonical(fields), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -463,6 +465,19 @@ def record_digests(record: "AttackRecord") -> dict[str, str]:
             "cross_test": of(record.cross_test),
             "poison_indices": tensor_digest({"poison_indices": record.poison_indices.long()}),
             "extras": tensor_digest(record.extras), "fields": fields_digest(record)}
+
+
+def split_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 of a dataset split (uint8 images and labels): a record's ``clean_train``."""
+    return tensor_digest({"images": images, "labels": labels.long()})
+
+
+def check_clean_train(record: "AttackRecord", images: torch.Tensor, labels: torch.Tensor, where: str) -> None:
+    """UserError unless the training split loaded from ``where`` is the one the record was
+    made on (when the record says which: its ``clean_train``)."""
+    if record.clean_train and split_digest(images, labels) != record.clean_train:
+        raise UserError(f"{record.path}: the training set in {where} is not the one the record was made on (its "
+                        f"SHA-256 differs from the record's clean_train_sha256): other files of {record.clean_data}?")
 
 
 def record_identity(digests: Mapping[str, str]) -> str:
@@ -526,6 +541,10 @@ class AttackRecord:
     std: tuple[float, ...] = ()
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the clean training split the attack was made on (:func:`split_digest`), so that
+    # the training set a defender rebuilds (this split + bd_train) is covered; "" in records
+    # written before it and in foreign ones
+    clean_train: str = ""
     path: Path | None = None  # where it was loaded from (not saved)
     sha256: dict[str, str] = field(default_factory=dict)  # the digests checked when loaded (not saved)
     identity: str = ""  # record_identity(sha256), set when loaded (not saved)
@@ -560,6 +579,7 @@ class AttackRecord:
             "bd_train": opt(self.bd_train), "bd_test": opt(self.bd_test), "cross_test": opt(self.cross_test),
             "normalization": {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]},
             "extras": dict(self.extras), "config": self.config,
+            **({"clean_train_sha256": self.clean_train} if self.clean_train else {}),
             "sha256": record_digests(self),
         }
 
@@ -911,7 +931,9 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
             mean=_numbers(normalization.get("mean"), "normalization.mean"),
             std=_numbers(normalization.get("std"), "normalization.std"),
             extras=_tensors(data.get("extras") or {}, "extras"),
-            config=dict(_field(data, "config", Mapping, "a mapping", optional=True) or {}), path=folder)
+            config=dict(_field(data, "config", Mapping, "a mapping", optional=True) or {}),
+            clean_train=_field(data, "clean_train_sha256", str, "a digest") if "clean_train_sha256" in data else "",
+            path=folder)
         digests = _field(data, "sha256", Mapping, "a mapping of digests")
     except MalformedRecord as exc:
         raise UserError(f"{path}: malformed attack record ({exc})") from None

@@ -207,7 +207,8 @@ class ${Class}(Defense):
 
     paper = "<Authors>, <Title of the paper>, <Venue> ${year}"
     year = ${year}
-    kind = "mitigation"  # or "data_detection" / "input_detection" (detect() / fit(): defense/spectral.py, strip.py)
+    kind = "mitigation"  # or "data_detection" / "input_detection" (detect() / fit(): defense/spectral.py, strip.py),
+    # or "training_time" (subclass defense.training.TrainingDefense, train(): defense/abl.py)
     param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive}
     smoke_params = {"epochs": 1}  # a seconds-long run on digits (contract tests, smoke grids)
     # what `python -m defense tune ${name}` searches (on a validation split, never the test set)
