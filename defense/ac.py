@@ -130,14 +130,10 @@ class AC(Defense):
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:
         features = data.penultimate(model, self.batch_size, self.layer).double().numpy()
-        labels = data.labels.numpy()
         scores = np.zeros(len(data))
         flagged = np.zeros(len(data), dtype=bool)
         self._classes = []
-        for c in range(data.num_classes):
-            idx = np.nonzero(labels == c)[0]
-            if len(idx) < 2:
-                continue
+        for c, idx in data.class_indices(min_size=2):
             in_small, size, silhouette, membership = cluster_class(features[idx], self.nb_dims, self.nb_clusters,
                                                                    data.seed)
             suspicious = size < self.size_threshold if self.cluster_analysis == "smaller" else \

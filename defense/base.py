@@ -378,6 +378,9 @@ COMMON: list[Param] = [
     Param("resume", bool, False, "continue an interrupted run from its checkpoint", control="apart"),
     Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
           check=cfg.non_negative, control="apart"),
+    Param("retune", bool, False, "after a mitigation, also fine-tune a copy of the purified model on a small seeded "
+          "mix of poisoned and clean training samples (the retuning attack, Min et al., NeurIPS 2024; "
+          "utils/retune.py) and report its metrics as summary.json's 'retune'"),
     Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
           "can run code, so only for records from a source you trust", control="apart"),
     Param("debug", bool, False, "show tracebacks", control=True),
@@ -678,6 +681,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     purified.eval()
     after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
+    retuned = _retune(purified, record, data, values, device, measure) if values.get("retune") else None
 
     extras = defense.extras()
     save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), extras)
@@ -698,14 +702,41 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "before": before.headline(), "after": after.headline(),
         "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
-        "device": str(device), "clean_samples": len(idx), **defense.report(),
-        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        "device": str(device), "clean_samples": len(idx), **({"retune": retuned} if retuned else {}),
+        **defense.report(), "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
     }
     save_json(summary, folder / "summary.json")
     return summary
 
 
+def _retune(purified: nn.Module, record: AttackRecord, data: Dataset, values: dict[str, Any], device: torch.device,
+            measure: Callable[[nn.Module], Metrics]) -> dict[str, Any] | None:
+    """--retune: the metrics of a copy of ``purified`` after the retuning attack (utils/retune.py)."""
+    from utils.retune import retune, retune_set
+
+    samples = retune_set(data.train, record.bd_train, values["random_seed"])
+    if samples is None:
+        log.warning("--retune: the record keeps no poisoned training samples; no retuning")
+        return None
+    seed_everything(values["random_seed"])
+    metrics = measure(retune(purified, samples, data.info, device, values["random_seed"], values["amp"]))
+    log.info("after retuning: C-Acc %.4f  ASR %.4f  RA %.4f", metrics.clean_acc, metrics.asr, metrics.ra)
+    return {**metrics.headline(), "poisoned_samples": samples.poisoned, "clean_samples": samples.clean}
+
+
 # -- the detection kinds ----------------------------------------------------------------------------
+
+def layer_module(model: Classifier, layer: str | None) -> nn.Module:
+    """The module ``model.net.<layer>`` (None: the architecture's feature layer, its last
+    stage); one UserError line when the architecture has no such module."""
+    if layer is None:
+        return model.feature_module()
+    try:
+        return model.net.get_submodule(layer)
+    except AttributeError:
+        raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
+                        f"{', '.join(model.spec.stages) or 'none declared'})") from None
+
 
 @dataclass
 class TrainingData:
@@ -733,6 +764,15 @@ class TrainingData:
     @property
     def labels(self) -> torch.Tensor:
         return self.train.labels
+
+    def class_indices(self, min_size: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """(c, the indices of the training samples labelled c) for each class c with at least
+        ``min_size`` samples."""
+        labels = self.labels.numpy()
+        for c in range(self.num_classes):
+            idx = np.nonzero(labels == c)[0]
+            if len(idx) >= min_size:
+                yield c, idx
 
     def clean_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The defender's clean subset (a detector with ``uses_clean_subset``) as float
@@ -763,11 +803,7 @@ class TrainingData:
         on the CPU; with ``layer``, the flattened output of ``model.net.<layer>`` instead
         (BackdoorBench's ``target_layer``)."""
         if layer is not None:
-            try:
-                module = model.net.get_submodule(layer)
-            except AttributeError:
-                raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
-                                f"{', '.join(model.spec.stages) or 'none declared'})") from None
+            module = layer_module(model, layer)
             seen: list[torch.Tensor] = []
             hook = module.register_forward_hook(lambda m, i, out: seen.append(out.flatten(1).float().cpu()))
             try:

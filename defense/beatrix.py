@@ -48,7 +48,7 @@ import math
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingData, register_defense, run
+from defense.base import Defense, Detection, TrainingData, layer_module, register_defense, run
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -113,7 +113,7 @@ def feature_maps(model: Classifier, images: torch.Tensor, device: torch.device, 
                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The output of ``layer`` (default the architecture's feature layer) for uint8
     ``images``, on the CPU, and the model's predictions."""
-    module = model.feature_module() if layer is None else model.net.get_submodule(layer)
+    module = layer_module(model, layer)
     maps, preds = [], []
     hook = module.register_forward_hook(lambda m, i, out: maps.append(out.detach().float().cpu()))
     try:

@@ -26,6 +26,12 @@ BackdoorBench's defenses (its ``<name>_df_summary.csv``, no summary.json of ours
 listed as the row "<name> (BackdoorBench)" beside ours: its last C-Acc, ASR and RA, and
 the DER against the record's "no defense" numbers. Nothing is run for it.
 
+Seeds. A grid's ``seeds`` are the defense seeds; with ``record_seeds: true`` each seed k also
+makes its own record with the attack seeded k (``<record>_seed<k>``; seed 0 keeps the name), its
+defenses run with seed k on that record only, and a table column is the attack over its seeds'
+records (mean ± std: the attack's variation and the defense's together, as issue 18's protocol
+asks of every reported table).
+
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
@@ -113,7 +119,7 @@ PARAMS: list[Param] = [
 ]
 
 GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "attacks", "defense_options", "defenses",
-             "seeds", "purpose"}
+             "seeds", "record_seeds", "purpose"}
 
 
 @dataclass
@@ -121,6 +127,8 @@ class RecordSpec:
     name: str
     attack: str | None = None  # None: an existing record (--result_file)
     options: dict[str, Any] = field(default_factory=dict)  # attack harness keywords
+    seed: int | None = None  # the grid's seed this record was made with (``record_seeds``): only its defense runs
+    column: str = ""  # the table column (the record name without its seed suffix) when ``seed`` is set
 
 
 @dataclass
@@ -224,10 +232,10 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     # training-time defenses end with a model, as mitigations do: the same table (Time includes the training)
     detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind not in ("mitigation", "training_time")]
     mitigations = [d for d in spec.defenses if d not in detectors]
-    table = aggregate(spec.name, [r.name for r in spec.records], [*mitigations, *names], spec.seeds,
+    table = aggregate(spec.name, columns_of(spec), [*mitigations, *names], spec.seeds,
                       [r for r in [*runs, *found] if r.method not in detectors])
     table.purpose = spec.purpose
-    detection = detection_table([r.name for r in spec.records], detectors, runs) if detectors else None
+    detection = detection_table(columns_of(spec), detectors, runs) if detectors else None
     return write_outputs(table, out_dir, values, detection)
 
 
@@ -489,6 +497,9 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
                                                                         *attacks.values(), *grid_defenses.values())],
                          what="a grid file")
 
+    record_seeds = data.get("record_seeds", False)
+    if not isinstance(record_seeds, bool):
+        raise UserError(f"{path}: 'record_seeds' must be true or false")
     records: list[RecordSpec] = []
     for dataset in datasets:
         for model in models or [None]:
@@ -505,10 +516,16 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
                     resolve_attack(name, [], options)
                 except UserError as exc:
                     raise UserError(f"{path}: attack {name}: {exc}") from None
-                if any(r.name == record for r in records):
-                    raise UserError(f"{path}: two runs would write record '{record}' (make 'record_name' tell them "
-                                    "apart)")
-                records.append(RecordSpec(record, name, options))
+                seeded = [(seed_record_name(record, s), s) for s in seeds] if record_seeds else [(record, None)]
+                for record_k, seed in seeded:
+                    if any(r.name == record_k for r in records):
+                        raise UserError(f"{path}: two runs would write record '{record_k}' (make 'record_name' tell "
+                                        "them apart)")
+                    if seed is None:
+                        records.append(RecordSpec(record, name, options))
+                    else:
+                        records.append(RecordSpec(record_k, name, {**options, "random_seed": seed, "save_folder_name": record_k},
+                                                  seed, record))
 
     if values["defenses"] is not None:
         chosen = _defense_names(values["defenses"], "--defenses")
@@ -525,6 +542,17 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     if purpose is not None and (not isinstance(purpose, str) or not purpose.strip()):
         raise UserError(f"{path}: 'purpose' must be a non-empty string (what the grid is for, shown with its table)")
     return Spec(name, records, defenses, sorted(set(seeds)), purpose)
+
+
+def seed_record_name(record: str, seed: int) -> str:
+    """``record_seeds``: the record of seed 0 keeps the grid's name, seed k gets ``<name>_seed<k>``
+    (the layout of :func:`result_name` for defense results)."""
+    return record if seed == 0 else f"{record}_seed{seed}"
+
+
+def columns_of(spec: Spec) -> list[str]:
+    """The table's columns: one per record, or one per attack over its seeds' records."""
+    return list(dict.fromkeys(r.column or r.name for r in spec.records))
 
 
 def _checked(fn: Callable[[], Any], path: Path) -> Any:
@@ -559,10 +587,12 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
         folder = record_dir(root, rec.name)
         base = _attack_run(rec, folder, values, root, data_root, logs) if rec.attack is not None else \
             _existing_record(rec, folder, values, root)
+        if rec.seed is not None:
+            base.seed, base.column = rec.seed, rec.column
         runs.append(base)
         for defense_name, options in spec.defenses.items():
             resolved: dict[str, Any] = {}
-            for seed in spec.seeds:
+            for seed in spec.seeds if rec.seed is None else [rec.seed]:
                 runs.append(_defense_run(base, defense_name, options, seed, values, root, data_root, logs, resolved))
     return runs
 
@@ -671,7 +701,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
         opts["data_root"] = data_root
     folder = record_dir(root, base.record) / "defense" / folder_name
     run = Run("defense", base.record, name, seed, opts, folder, logs / base.record / f"{folder_name}.log",
-              depends_on=base)
+              depends_on=base, column=base.column)
     if recipes == "tuned":
         if "yaml_path" in options:
             raise UserError(f"defense {name}: 'yaml_path' and --recipes tuned both choose the recipe; give one")

@@ -4,12 +4,62 @@ fine-tuning is the run's resumable loop (``data.resume``); NAD's teacher, not re
 is trained again on resume."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import nn
 
 from defense.base import DefenseData
 from utils.runtime import grad_scaler
 from utils.train import make_optimizer, make_scheduler, train_epoch
+
+
+@dataclass
+class SGDLoop:
+    """What a resumable SGD epoch loop holds: its optimizer, per-epoch scheduler (or None),
+    gradient scaler, shuffling generator, and the epoch to start from."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    start: int
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss`` (scaled under mixed precision)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def end_epoch(self) -> None:
+        """Advance the per-epoch schedule, if any."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """zero_grad, backward, step: one unscaled step of ``optimizer`` on ``loss``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def sgd_loop(model: nn.Module, data: DefenseData, *, epochs: int, lr: float, momentum: float, weight_decay: float,
+             lr_scheduler: str, params: Iterable[torch.Tensor] | None = None, resume: bool = True,
+             seed_offset: int = 0) -> SGDLoop:
+    """SGD over ``params`` (default: the model's) with a per-epoch schedule, a gradient
+    scaler and a seeded generator; with ``resume``, the loop is made resumable
+    (``data.resume``) and ``start`` is the epoch to go on from."""
+    optimizer = make_optimizer(model.parameters() if params is None else params, "sgd", lr, momentum, weight_decay)
+    scheduler = make_scheduler(optimizer, lr_scheduler, epochs)
+    scaler = grad_scaler(data.device, data.amp)
+    generator = data.generator(seed_offset)
+    start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        generator=generator) if resume else 0
+    return SGDLoop(optimizer, scheduler, scaler, generator, start)
 
 
 def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0.01, batch_size: int = 128,
@@ -24,18 +74,13 @@ def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0
     Returns ``model`` in eval mode."""
     if images is None:
         images, labels = data.tensors()
-    optimizer = make_optimizer(model.parameters(), "sgd", lr, momentum, weight_decay)
-    scheduler = make_scheduler(optimizer, lr_scheduler, epochs)
-    scaler = grad_scaler(data.device, data.amp)
-    generator = data.generator(seed_offset)
-    start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                        generator=generator) if report else 0
-    for epoch in range(start, epochs):
-        stats = train_epoch(model, images, labels, optimizer, batch_size=batch_size, device=data.device,
-                            epoch=epoch, augment=data.augment if augment else None, scaler=scaler, amp=data.amp,
-                            generator=generator, desc=f"fine-tune {epoch}")
-        if scheduler is not None:
-            scheduler.step()
+    loop = sgd_loop(model, data, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    lr_scheduler=lr_scheduler, resume=report, seed_offset=seed_offset)
+    for epoch in range(loop.start, epochs):
+        stats = train_epoch(model, images, labels, loop.optimizer, batch_size=batch_size, device=data.device,
+                            epoch=epoch, augment=data.augment if augment else None, scaler=loop.scaler,
+                            amp=data.amp, generator=loop.generator, desc=f"fine-tune {epoch}")
+        loop.end_epoch()
         if report:
             data.report(epoch_offset + epoch, model, train_loss=stats["train_epoch_loss_avg_over_batch"],
                         train_acc=stats["train_acc"])

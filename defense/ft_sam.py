@@ -63,9 +63,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from defense.base import Defense, DefenseData, register_defense, run
+from defense.finetune import sgd_loop
 from utils import config as cfg
-from utils.runtime import grad_scaler
-from utils.train import check_finite, make_optimizer, make_scheduler
+from utils.train import check_finite
 
 
 def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
@@ -180,24 +180,19 @@ class FTSAM(Defense):
         self.rho, self.adaptive, self.label_smoothing = rho, adaptive, label_smoothing
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
-        optimizer = make_optimizer(model.parameters(), "sgd", self.lr, self.momentum, self.weight_decay)
-        scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
-        scaler = grad_scaler(data.device, data.amp)
-        generator = data.generator()
-        start = data.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                            generator=generator)
-        for epoch in range(start, self.epochs):
+        loop = sgd_loop(model, data, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
+                        weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
+        for epoch in range(loop.start, self.epochs):
             model.train()
             total, correct, seen = 0.0, 0, 0
-            for x, y in data.batches(self.batch_size, augment=True, generator=generator):
-                logits, loss = sam_step(model, optimizer, lambda out, y=y: smooth_cross_entropy(
-                    out, y, self.label_smoothing), x, self.rho, self.adaptive, data, scaler)
+            for x, y in data.batches(self.batch_size, augment=True, generator=loop.generator):
+                logits, loss = sam_step(model, loop.optimizer, lambda out, y=y: smooth_cross_entropy(
+                    out, y, self.label_smoothing), x, self.rho, self.adaptive, data, loop.scaler)
                 check_finite(loss, epoch, seen // self.batch_size)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-            if scheduler is not None:
-                scheduler.step()
+            loop.end_epoch()
             data.report(epoch, model.eval(), train_loss=total / max(seen, 1), train_acc=correct / max(seen, 1))
         return model.eval()
 

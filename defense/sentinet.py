@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, Detection, InputDetector, register_defense, run
+from defense.base import Defense, DefenseData, Detection, InputDetector, layer_module, register_defense, run
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -127,7 +127,7 @@ class SentiNet(Defense):
         count = min(self.n_overlay, len(images))
         clean = images[torch.randperm(len(images), generator=generator)[:count].to(images.device)]
         inert = torch.rand(clean.shape, generator=generator).to(images.device)
-        layer = model.feature_module() if self.layer is None else model.net.get_submodule(self.layer)
+        layer = layer_module(model, self.layer)
         log.info("SentiNet: %d clean images and %d inert patterns per input", count, count)
 
         def detector(x: torch.Tensor) -> Detection:

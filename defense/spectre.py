@@ -216,14 +216,10 @@ class SPECTRE(Defense):
 
     def detect(self, model: Classifier, data: TrainingData) -> Detection:
         features = data.features(model, batch_size=self.batch_size, layer=self.layer).double().numpy()
-        labels = data.labels.numpy()
         scores = np.zeros(len(data))
         flagged = np.zeros(len(data), dtype=bool)
         self._classes = []
-        for c in range(data.num_classes):
-            idx = np.nonzero(labels == c)[0]
-            if len(idx) < 3:
-                continue
+        for c, idx in data.class_indices(min_size=3):
             eps = self.class_eps(len(idx), len(data))
             s, statistic, k = spectre_class(features[idx], eps, self.alpha, self.tau, self.limit1, self.max_dims)
             scores[idx] = s

@@ -272,6 +272,37 @@ def test_grid_makes_missing_records_then_defends(tmp_path):
     assert "epochs: result 2, requested 3" in changed["markdown"]
 
 
+def test_record_seeds_make_a_record_per_seed_and_a_column_per_attack(tmp_path):
+    """record_seeds: seed k seeds the attack's record k and only its defense runs; the table
+    column is the attack over its seeds' records, the "no defense" row over the records."""
+    from attack import run as attack_run
+
+    calls: list[str] = []
+
+    def attack_fn(name, **kw):
+        calls.append(f"attack {kw['save_folder_name']} {kw['random_seed']}")
+        return attack_run(name, **kw)
+
+    def defense_fn(name, **kw):
+        calls.append(f"{name} {kw['result_file']} {kw['random_seed']}")
+        return defense.run(name, **kw)
+
+    grid = _grid(tmp_path, TINY_GRID + "record_seeds: true\n")
+    result = compare.run(grid=str(grid), record_root=str(tmp_path / "rec"), device="cpu", quiet=True, plots=False,
+                         attack_fn=attack_fn, defense_fn=defense_fn)
+    assert sorted(calls) == ["attack badnet_digits 0", "attack badnet_digits_seed1 1", "ft badnet_digits 0",
+                             "ft badnet_digits_seed1 1"]
+    assert result["records"] == ["badnet_digits"]
+    baseline, ft = result["rows"]
+    assert baseline["n"] == 2 and ft["n"] == 2 and ft["seeds"] == [0, 1]
+    accs = [json.loads((tmp_path / "rec" / r / "attack_summary.json").read_text())["clean_acc"]
+            for r in ("badnet_digits", "badnet_digits_seed1")]
+    assert accs[0] != accs[1]  # two records, trained with two seeds
+    assert "the attack's record and the defense both made with seed k" in result["markdown"]
+    with pytest.raises(UserError, match="'record_seeds' must be true or false"):
+        compare.run(grid=str(_grid(tmp_path, TINY_GRID + "record_seeds: 2\n")), record_root=str(tmp_path / "rec"))
+
+
 def test_grid_names_are_checked_against_the_registries(tmp_path):
     for text, message in [
         (TINY_GRID.replace("[badnet]", "[badnett]"), "unknown attack 'badnett'; did you mean badnet"),

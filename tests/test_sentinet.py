@@ -87,3 +87,14 @@ def test_the_detector_scores_the_fooled_fraction_and_flags_by_inert_confidence()
     x[0, 0, 0, 0] = 1.0
     out = detector(x)
     assert out.scores.tolist() == pytest.approx([1.0]) and out.flagged.tolist() == [True]
+
+
+def test_an_unknown_layer_is_one_user_error(record_root):
+    import defense
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="model 'cnn' has no layer 'nope'"):
+        defense.run("sentinet", result_file="badnet_digits", record_root=str(record_root), device="cpu",
+                    layer="nope", n_overlay=4)
+    with pytest.raises(UserError, match="model 'cnn' has no layer 'nope'"):
+        defense.run("beatrix", result_file="badnet_digits", record_root=str(record_root), device="cpu", layer="nope")

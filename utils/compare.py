@@ -68,6 +68,12 @@ class Run:
     depends_on: "Run | None" = None
     identity: str | None = None  # attack runs: the identity of the record in place, when it is usable
     legacy: bool = False  # attack runs: that record was written before records had identities
+    column: str = ""  # the table column it counts in: its record, or the grid's record name for all its seeds
+
+    @property
+    def group(self) -> str:
+        """The table column: a record, or one attack's records over the seeds (``record_seeds``)."""
+        return self.column or self.record
 
     @property
     def label(self) -> str:
@@ -81,7 +87,7 @@ class Run:
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "record": self.record, "method": self.method,
-                "seed": self.seed if self.kind == "defense" else None, "status": self.status,
+                "seed": self.seed if self.kind == "defense" or self.column else None, "status": self.status,
                 "message": self.message, "folder": None if self.folder is None else str(self.folder),
                 "log": None if self.log is None else str(self.log),
                 "seconds": None if self.summary is None else self.summary.get("seconds"),
@@ -291,7 +297,7 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
     for record in records:
         for defense in [NO_DEFENSE, *defenses]:
             row = Row(record, defense, {m.key: Cell() for m in METRICS})
-            mine = [r for r in runs if r.record == record and
+            mine = [r for r in runs if r.group == record and
                     (r.kind == "attack" if defense == NO_DEFENSE else r.kind == "defense" and r.method == defense)]
             row.expected = len(mine)
             for run in sorted(mine, key=lambda r: r.seed):
@@ -371,7 +377,9 @@ def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") ->
 
 def table_note(table: Table) -> str:
     """What the numbers are: units, seeds, and what Time measures."""
-    return (f"C-Acc, ASR, RA, DER in %, mean ± std over seeds {', '.join(map(str, table.seeds))}; Time: each run's "
+    which = "seeds" if not any(r.column for r in table.runs) else \
+        "seeds (seed k: the attack's record and the defense both made with seed k)"
+    return (f"C-Acc, ASR, RA, DER in %, mean ± std over {which} {', '.join(map(str, table.seeds))}; Time: each run's "
             f"wall time and device (for \"{NO_DEFENSE}\": the attack's training time)")
 
 
@@ -521,7 +529,7 @@ def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequ
     for detector in detectors:
         row: dict[str, Any] = {"detector": detector, "cells": {}}
         for record in records:
-            mine = [r for r in runs if r.kind == "defense" and r.method == detector and r.record == record]
+            mine = [r for r in runs if r.kind == "defense" and r.method == detector and r.group == record]
             cell = Cell([v for r in mine if r.ok
                          for v in [_percent(((r.summary or {}).get("detection") or {}).get("auroc"))] if v is not None])
             problems = [r for r in mine if not r.ok and r.status != "todo"]

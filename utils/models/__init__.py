@@ -86,12 +86,42 @@ class _ChannelMask:
         return out * mask.to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
 
 
+class Polarizer(nn.Module):
+    """A learnable linear transform of a feature map: a 1x1 convolution (C -> C, no bias)
+    followed by BatchNorm2d(C), the convolution initialised to the identity (Zhu et al.'s
+    neural polarizer, NPD). At initialisation, in eval mode, it is the identity up to BN's
+    eps (x / sqrt(1 + eps))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class _PolarizeInput:
+    """Forward pre-hook that passes a layer's input through ``polarizers.<key>``, looked up
+    on each call (so a deep copy of the model applies its own polarizer)."""
+
+    def __init__(self, polarizers: nn.Module, key: str):
+        self.polarizers, self.key = polarizers, key
+
+    def __call__(self, module: nn.Module, inputs: tuple) -> tuple:
+        return (getattr(self.polarizers, self.key)(inputs[0]), *inputs[1:])
+
+
 class Classifier(nn.Module):
     """Normalisation followed by a registered architecture.
 
     Channel masks (pruning) are part of the model: :meth:`set_mask` multiplies the output
     channels of a named layer of ``net`` by a 0/1 mask kept as a buffer, so the mask is in
-    the state_dict (``masks.<layer>``) and is applied again when the weights are loaded."""
+    the state_dict (``masks.<layer>``) and is applied again when the weights are loaded.
+    So are polarizers (NPD): :meth:`insert_polarizer` passes the input of a named layer
+    through a :class:`Polarizer`, kept as ``polarizers.<layer>``."""
 
     def __init__(self, spec: ModelSpec, net: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -100,6 +130,7 @@ class Classifier(nn.Module):
         self.net = net
         self.masks = nn.Module()
         self._mask_hooks: dict[str, object] = {}
+        self.polarizers = nn.Module()
 
     def set_mask(self, layer: str, mask: torch.Tensor) -> None:
         """Multiply the output channels of ``net.<layer>`` by ``mask`` (1-D, one value a channel)."""
@@ -114,6 +145,25 @@ class Classifier(nn.Module):
             return
         self.masks.register_buffer(key, mask)
         self._mask_hooks[layer] = module.register_forward_hook(_ChannelMask(self.masks, key, layer))
+
+    def insert_polarizer(self, layer: str, channels: int) -> Polarizer:
+        """Pass the input of ``net.<layer>`` (``channels`` channels) through a new
+        identity-initialised :class:`Polarizer` (replacing any the layer had); returns it."""
+        key = layer.replace(".", "__")
+        module = self.net.get_submodule(layer)
+        expected = getattr(module, "in_channels", channels)
+        if expected != channels:
+            raise ValueError(f"layer '{layer}' takes {expected} channels, the polarizer has {channels}")
+        param = next(self.parameters())
+        polarizer = Polarizer(channels).to(param.device)
+        new = not hasattr(self.polarizers, key)
+        self.polarizers.add_module(key, polarizer)
+        if new:
+            module.register_forward_pre_hook(_PolarizeInput(self.polarizers, key))
+        return polarizer
+
+    def polarizer(self, layer: str) -> Polarizer | None:
+        return getattr(self.polarizers, layer.replace(".", "__"), None)
 
     def mask(self, layer: str) -> torch.Tensor | None:
         return getattr(self.masks, layer.replace(".", "__"), None)
@@ -167,13 +217,14 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, img_size: tu
 
 NET_PREFIX = "net."
 MASK_PREFIX = "masks."
+POLARIZER_PREFIX = "polarizers."
 DATA_PARALLEL_PREFIX = "module."
 
 
 def bare_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A :class:`Classifier`'s state_dict in its architecture's own key layout (the layout
     of BackdoorBench's and torchvision's models): ``net.`` removed; channel masks stay
-    ``masks.<layer>``."""
+    ``masks.<layer>``, polarizers ``polarizers.<layer>.*``."""
     return {k[len(NET_PREFIX):] if k.startswith(NET_PREFIX) else k: v for k, v in state.items()}
 
 
@@ -184,7 +235,7 @@ def classifier_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, value in state.items():
         if key.startswith(DATA_PARALLEL_PREFIX):
             key = key[len(DATA_PARALLEL_PREFIX):]
-        out[key if key.startswith(MASK_PREFIX) else NET_PREFIX + key] = value
+        out[key if key.startswith((MASK_PREFIX, POLARIZER_PREFIX)) else NET_PREFIX + key] = value
     return out
 
 
@@ -192,6 +243,14 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
     """Load ``state`` strictly (channel masks in it are installed first); a mismatch is a
     user-facing error naming ``source``."""
     for key, value in state.items():
+        if key.startswith(POLARIZER_PREFIX) and key.endswith(".conv.weight"):
+            layer = key[len(POLARIZER_PREFIX):-len(".conv.weight")].replace("__", ".")
+            try:
+                model.insert_polarizer(layer, int(value.shape[0]))
+            except AttributeError:
+                raise UserError(f"{source}: polarizer for unknown layer '{layer}' of model '{model.name}'") from None
+            except ValueError as exc:
+                raise UserError(f"{source}: {exc}") from None
         if key.startswith(MASK_PREFIX):
             layer = key[len(MASK_PREFIX):].replace("__", ".")
             try:
