@@ -742,20 +742,15 @@ def layer_module(model: Classifier, layer: str | None) -> nn.Module:
 class TrainingData:
     """What a data detector holds: the training set as the defender received it (uint8
     images and labels, the poisoned samples in place of their clean versions, on the
-    CPU), the dataset's declared info, the device and a seed; for a detector whose class
-    sets ``uses_clean_subset`` (SCAn, Beatrix), also the defender's clean subset
-    (``clean``: images and labels, drawn as for a mitigation, but only among training
-    samples that were not poisoned, so that no clean version of a poisoned image can be
-    matched against the training set). No poison indicator, no poison indices, no test
-    data: the fields below are all there is."""
+    CPU), the dataset's declared info, the device and a seed (a detector whose class sets
+    ``uses_clean_subset`` gets :class:`TrainingDataWithClean`). No poison indicator, no
+    poison indices, no test data: the fields below are all there is."""
 
     train: ImageData
     info: DatasetInfo
     device: torch.device
     amp: bool = False
     seed: int = 0
-    # keyword-only: subclasses (the training-time kind's TrainingSet) keep their positional fields
-    clean: ImageData | None = field(default=None, kw_only=True)
 
     @property
     def num_classes(self) -> int:
@@ -773,13 +768,6 @@ class TrainingData:
             idx = np.nonzero(labels == c)[0]
             if len(idx) >= min_size:
                 yield c, idx
-
-    def clean_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The defender's clean subset (a detector with ``uses_clean_subset``) as float
-        [0, 1] images and labels on the device."""
-        if self.clean is None:
-            raise TypeError("this detector reads the clean subset: set uses_clean_subset = True on its class")
-        return self.clean.images.to(self.device).float().div_(255.0), self.clean.labels.to(self.device)
 
     def features(self, model: Classifier, images: torch.Tensor | None = None, batch_size: int = 256,
                  layer: str | None = None) -> torch.Tensor:
@@ -830,6 +818,21 @@ class TrainingData:
 
     def autocast(self):
         return autocast(self.device, self.amp)
+
+
+@dataclass
+class TrainingDataWithClean(TrainingData):
+    """What a data detector whose class sets ``uses_clean_subset`` (SCAn, Beatrix) holds:
+    :class:`TrainingData` and the defender's clean subset (``clean``: uint8 images and
+    labels, drawn as for a mitigation but only among training samples that were not
+    poisoned, so that no clean twin of a poisoned image can be matched against the
+    training set)."""
+
+    clean: ImageData | None = None
+
+    def clean_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean subset as float [0, 1] images and labels on the device."""
+        return self.clean.images.to(self.device).float().div_(255.0), self.clean.labels.to(self.device)
 
 
 @dataclass
@@ -934,7 +937,9 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
                      len(data.train))
             clean = ImageData(data.train.images[idx], data.train.labels[idx])
         held = TrainingData(ImageData(train.images, train.labels), data.info, device, values["amp"],
-                            values["random_seed"], clean=clean)
+                            values["random_seed"])
+        if clean is not None:
+            held = TrainingDataWithClean(held.train, held.info, device, held.amp, held.seed, clean)
         log.info("data detection on the training set as delivered: %d samples", len(held))
         seed_everything(values["random_seed"])
         result = checked_detection(defense, defense.detect(model, held), len(held), "detect")

@@ -48,7 +48,7 @@ import math
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingData, layer_module, register_defense, run
+from defense.base import Defense, Detection, TrainingDataWithClean, layer_module, register_defense, run
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -164,7 +164,7 @@ class Beatrix(Defense):
         ordered = torch.cat(deviations).sort().values
         return float(ordered[min(int(len(ordered) * self.quantile), len(ordered) - 1)])
 
-    def detect(self, model: Classifier, data: TrainingData) -> Detection:
+    def detect(self, model: Classifier, data: TrainingDataWithClean) -> Detection:
         train_maps, train_pred = feature_maps(model, data.train.images, data.device, self.layer, self.batch_size)
         clean_maps, clean_pred = feature_maps(model, data.clean.images, data.device, self.layer, self.batch_size)
         scores = torch.zeros(len(data), dtype=torch.float64)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from defense.base import Defense, Detection, TrainingData, register_defense, run
+from defense.base import Defense, Detection, TrainingDataWithClean, register_defense, run
 from utils import config as cfg
 from utils.models import Classifier
 
@@ -182,7 +182,7 @@ class SCAn(Defense):
             batch_size
         self._classes: list[dict] = []
 
-    def detect(self, model: Classifier, data: TrainingData) -> Detection:
+    def detect(self, model: Classifier, data: TrainingDataWithClean) -> Detection:
         train = data.features(model, batch_size=self.batch_size, layer=self.layer).double().numpy()
         clean = data.features(model, data.clean.images, self.batch_size, self.layer).double().numpy()
         train_labels, clean_labels = data.labels.numpy(), data.clean.labels.numpy()

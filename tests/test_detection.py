@@ -15,7 +15,7 @@ import torch
 import defense
 import defense.base as harness
 from defense.ac import cluster_class
-from defense.base import Defense, DefenseData, Detection, TrainingData
+from defense.base import Defense, DefenseData, Detection, TrainingData, TrainingDataWithClean
 from defense.spectral import spectral_scores
 from utils.datasets import Dataset, ImageData, load_dataset
 from utils.metrics import auroc, detection_metrics, flagged_metrics, tpr_at_fpr
@@ -125,8 +125,7 @@ def test_a_data_detector_gets_the_training_set_as_delivered_and_nothing_else(spy
     summary = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu")
     (data,) = cls.seen
     assert type(data) is TrainingData
-    assert {f.name for f in dataclasses.fields(data)} == {"train", "info", "device", "amp", "seed", "clean"}
-    assert data.clean is None  # only a detector that declares uses_clean_subset gets it
+    assert {f.name for f in dataclasses.fields(data)} == {"train", "info", "device", "amp", "seed"}
     assert {f.name for f in dataclasses.fields(data.train)} == {"images", "labels"}
     record = load_record(record_root / "badnet_digits")
     delivered, poisoned = poisoned_training_set(load_dataset("digits").train, record.bd_train)
@@ -153,6 +152,8 @@ def test_a_data_detector_may_read_a_clean_subset_that_holds_no_poisoned_sample(s
     cls.uses_clean_subset = True
     summary = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu", ratio=0.1)
     (data,) = cls.seen
+    assert type(data) is TrainingDataWithClean
+    assert {f.name for f in dataclasses.fields(data)} == {"train", "info", "device", "amp", "seed", "clean"}
     folder = record_root / "badnet_digits" / "defense" / name
     idx = [int(i) for i in (folder / "index.txt").read_text().split()]
     record = load_record(record_root / "badnet_digits")
