@@ -505,6 +505,9 @@ COMMON: list[Param] = [
     Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
           "can run code, so only for records from a source you trust", control="apart"),
     Param("debug", bool, False, "show tracebacks", control=True),
+    Param("retrain", bool | None, None, "data detection: retrain the model from scratch without the flagged samples "
+          "(the attack's recipe, seeded) and report its C-Acc/ASR/RA (default: on for digits, off otherwise: it costs "
+          "a training run); other kinds ignore it"),
 ]
 # How or where a run is made, not what it computes (the ``control`` marks above): skipped when
 # a finished result (compare's reuse) or a checkpoint (--resume) is checked against a request.
@@ -1037,6 +1040,24 @@ def score_inputs(defense: Defense, detector: InputDetector, images: torch.Tensor
                      torch.cat(flags) if parts and all(f is not None for f in flags) else None)
 
 
+def _retrained(defense: Defense, record: AttackRecord, data: Dataset, flagged: torch.Tensor | None,
+               values: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
+    """C-Acc, ASR and RA of the model retrained without the detector's flagged samples
+    (defense/retrain.py); None when the detector flags nothing of its own."""
+    from defense.retrain import retrain_without
+
+    if flagged is None:
+        log.warning("%s flags no samples of its own (scores only): nothing to retrain without", defense.name)
+        return None
+    start = time.perf_counter()
+    model = retrain_without(record, data, flagged, device, seed=values["random_seed"], amp=values["amp"])
+    metrics = evaluate(model, data.test, record.bd_test, device=device)
+    seconds = time.perf_counter() - start
+    log.info("retrained without %d flagged samples: C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", int(flagged.sum()),
+             metrics.clean_acc, metrics.asr, metrics.ra, seconds)
+    return {**metrics.headline(), "removed": int(flagged.sum()), "seconds": round(seconds, 2)}
+
+
 def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
             folder: Path, model: Classifier | None = None, checkpoint: Checkpoint | None = None,
             inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -1073,6 +1094,9 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         rows = [("train", i, int(truth[i]), float(result.scores[i]),
                  "" if result.flagged is None else int(result.flagged[i])) for i in range(len(truth))]
         extra = {"training_samples": len(held), **({} if clean is None else {"clean_samples": len(clean)})}
+        retrain = values.get("retrain")
+        if retrain or (retrain is None and record.clean_data == "digits"):
+            extra["retrained"] = _retrained(defense, record, data, result.flagged, values, device)
     else:
         save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
         log.info("defender's clean subset: %d of %d training samples", len(idx), len(data.train))

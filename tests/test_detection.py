@@ -269,3 +269,20 @@ def test_spectral_and_ac_read_another_layer_when_asked(record_root):
     with pytest.raises(UserError, match="model 'cnn' has no layer 'nope' \\(its stages: layer1, layer2, layer3\\)"):
         defense.run("ac", result_file="badnet_digits", record_root=str(record_root), device="cpu", layer="nope")
     assert not (record_root / "badnet_digits" / "defense" / "ac").exists()
+
+
+def test_retraining_without_the_flagged_samples_removes_the_backdoor(spy, record_root):
+    name, cls = spy("data_detection")
+
+    def detect(self, model, data):  # flags the images whose last pixel is white: BadNets' poisoned ones on digits
+        corner = data.train.images[:, 0, -1, -1].float()
+        return Detection(corner, corner >= 250)
+
+    cls.detect = detect
+    summary = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu")
+    retrained = summary["retrained"]  # on by default on digits
+    assert retrained["removed"] == summary["detection"]["flagged"] > 0
+    assert retrained["asr"] < 0.2 and retrained["clean_acc"] > 0.8
+    quiet = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",
+                        retrain=False, overwrite=True)
+    assert "retrained" not in quiet and quiet["detection"] == summary["detection"]
