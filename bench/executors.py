@@ -261,7 +261,8 @@ class RayExecutor(Executor):
             if address is None:
                 kwargs["num_cpus"] = num_cpus
             try:
-                ray.init(address=address, **kwargs)
+                # "local": a new instance, never a cluster that `ray start` left running on this host
+                ray.init(address=address or "local", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise UserError(f"cannot start or reach Ray at {address or 'a local instance'}: "
                                 f"{str(exc).splitlines()[0]}") from None

@@ -450,7 +450,7 @@ def test_html_page_renders_in_headless_chromium(html_result, record_root, tmp_pa
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not another test's cluster
     yield ray
     ray.shutdown()
 

@@ -90,7 +90,7 @@ def signed(raw: dict) -> dict:
                           attack_params=raw["attack_params"], poison_indices=raw["poison_indices"],
                           bd_test=part("bd_test"), bd_train=part("bd_train"), cross_test=part("cross_test"),
                           mean=tuple(raw["normalization"]["mean"]), std=tuple(raw["normalization"]["std"]),
-                          extras=raw["extras"], config=raw["config"])
+                          extras=raw["extras"], config=raw["config"], clean_train=raw.get("clean_train_sha256", ""))
     return {**raw, "sha256": record_digests(record)}
 
 
