@@ -284,13 +284,42 @@ RECIPE_LINES = {
 }
 
 
+def recipe_line(family: str, runs: Sequence[Run]) -> str:
+    """The table's recipe line: the family asked for, and, for the reference family, the
+    defenses whose shipped yaml says otherwise (``recipe: tuned``, e.g. a small dataset's
+    recipe adapted by hand), read from the recipe metadata of each finished run's yaml."""
+    if family != "reference":
+        return RECIPE_LINES[family]
+    config_dir = cfg.CONFIG_DIR.resolve()
+    said: dict[str, set[str]] = {}
+    for run in runs:
+        path = ((run.summary or {}).get("config") or {}).get("yaml_path") if run.kind == "defense" else None
+        if not isinstance(path, str):
+            continue
+        file = (config_dir.parent / path).resolve()
+        if not file.is_relative_to(config_dir) or not file.is_file():  # a result's own claim: only shipped yamls
+            continue
+        try:
+            recipe = cfg.recipe_of(cfg.read_yaml(file), path).get("recipe", "unstated")
+        except UserError:
+            recipe = "unstated"
+        if recipe != "reference":
+            said.setdefault(recipe, set()).add(run.method)
+    if not said:
+        return RECIPE_LINES[family]
+    exceptions = "; ".join(f"{', '.join(sorted(names))} ({kind}: see the yaml's recipe_note)"
+                           for kind, names in sorted(said.items()))
+    return f"{RECIPE_LINES[family]} Except where the shipped yaml says otherwise: {exceptions}."
+
+
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
                   detection: dict[str, Any] | None = None) -> dict[str, Any]:
     """The tables (mitigation defenses; detectors, when any, in their own table after it:
     ``detection`` of :func:`bench.tables.detection_table`), their files and plots."""
     family = values.get("recipes", "reference")
     after = "" if detection is None else "\n" + detection_markdown(detection) + "\n"
-    texts = {rows: markdown(table, rows) + "\n" + RECIPE_LINES[family] + "\n" + after
+    recipes = recipe_line(family, table.runs)
+    texts = {rows: markdown(table, rows) + "\n" + recipes + "\n" + after
              for rows in ("defenses", "records")}
     data = {**to_json(table), "recipes": family}
     if detection is not None:
@@ -311,7 +340,7 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
 
         import html
 
-        line = f'<p id="recipes">{html.escape(RECIPE_LINES[family])}</p>'
+        line = f'<p id="recipes">{html.escape(recipe_line(family, table.runs))}</p>'
         page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"])
         page = page.replace("</h1>", "</h1>" + line, 1)
         save_text(page, out_dir / "index.html")

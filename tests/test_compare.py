@@ -548,3 +548,17 @@ def test_scatter_shifts_markers_that_would_hide_each_other():
     assert scatter_position(10.0, 90.0, [(10.2, 90.1)]) == (10.0 + OFFSET, 90.0)
     assert scatter_position(10.0, 90.0, [(10.0, 90.0), (10.5, 89.5)]) == (10.0 + 2 * OFFSET, 90.0)
     assert scatter_position(10.0, 90.0, [(30.0, 90.0)]) == (10.0, 90.0)
+
+
+def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_recipe(record_root):
+    """--recipes reference on digits: FT's digits yaml says `recipe: tuned`, NC's `reference`; the
+    line under the table says which, from the yamls the runs read."""
+    from bench.compare import recipe_line
+
+    result = _compare(record_root, defenses=["ft"], seeds=[0])
+    assert "Except where the shipped yaml says otherwise: ft (tuned: see the yaml's recipe_note)." in \
+        result["markdown"]
+    run = Run("defense", "r", "nc", 0, summary={"config": {"yaml_path": "config/defense/nc/digits.yaml"}})
+    foreign = Run("defense", "r", "x", 0, summary={"config": {"yaml_path": "../../etc/passwd"}})
+    assert recipe_line("reference", [run, foreign]).endswith("or the paper's).")  # nothing to except
+    assert recipe_line("tuned", [run]).startswith("Recipes: tuned, for every defense")
