@@ -67,10 +67,12 @@ line on stderr, status 2.
 Recipes. ``--recipes reference`` (default) runs every defense with its reference recipe
 (config/defense/<name>/<dataset>.yaml, BackdoorBench's values or the paper's);
 ``--recipes tuned`` runs every defense with the recipe ``python -m defense tune`` chose
-for that record on its validation split (record/<record>/tune/<name>/recipe.yaml), in
-``defense/<name>_tuned/`` (``_tuned_seed<k>`` for seed k). A defense without one is
-reported as "no tuned recipe", never run with its reference recipe instead. One family
-for every defense alike; the table says which; the default output name gets "_tuned".
+on a validation split: the record's own study (record/<record>/tune/<name>/recipe.yaml),
+else the shipped tuned recipe of the record's dataset (config/defense/<name>/<dataset>_tuned.yaml,
+written by scripts/ship_tuned.py from a study, which it names), in ``defense/<name>_tuned/``
+(``_tuned_seed<k>`` for seed k). A defense without either is reported as "no tuned recipe",
+never run with its reference recipe instead. One family for every defense alike; the table
+says which; the default output name gets "_tuned".
 
 ``--report`` runs nothing: it writes and prints the table of the results that exist
 (for example while a long grid runs elsewhere); the runs not yet finished show as
@@ -279,8 +281,9 @@ def backdoorbench_runs(spec: Spec, root: Path, runs: Sequence[Run]) -> list[Run]
 RECIPE_LINES = {
     "reference": "Recipes: reference, for every defense (config/defense/<name>/<dataset>.yaml: BackdoorBench's values "
                  "or the paper's).",
-    "tuned": "Recipes: tuned, for every defense (record/<record>/tune/<name>/recipe.yaml: chosen by python -m defense "
-             "tune on a validation split; a defense without one is reported, not run).",
+    "tuned": "Recipes: tuned, for every defense (record/<record>/tune/<name>/recipe.yaml, else the shipped "
+             "config/defense/<name>/<dataset>_tuned.yaml: chosen by python -m defense tune on a validation split; a "
+             "defense without one is reported, not run).",
 }
 
 
@@ -448,7 +451,7 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
 def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
     record = load_record(folder)  # one line naming what is wrong, listing the records there
     run = Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", identity=record.identity,
-              legacy=record.legacy)
+              legacy=record.legacy, dataset=record.clean_data)
     problem = _baseline(run, folder)
     if problem is not None:
         run.status, run.message = "mismatch", problem
@@ -482,7 +485,8 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     options = {**rec.options, "record_root": str(root), "device": values["device"]}
     if data_root is not None:
         options["data_root"] = data_root
-    run = Run("attack", rec.name, rec.attack or "", 0, options, folder, logs / rec.name / "attack.log")
+    run = Run("attack", rec.name, rec.attack or "", 0, options, folder, logs / rec.name / "attack.log",
+              dataset=str(options.get("dataset", "")))
     if not (folder / RECORD_FILE).exists():
         if folder.exists():
             return _mismatch(run, values, f"{folder} exists but holds no {RECORD_FILE}")
@@ -517,14 +521,17 @@ def result_name(defense: str, seed: int, recipes: str = "reference") -> str:
     return stem if seed == 0 else f"{stem}_seed{seed}"
 
 
-def tuned_recipe(root: Path, record: str, defense: str) -> tuple[Path | None, str]:
-    """The tuned recipe of ``defense`` for ``record`` (``record/<record>/tune/<defense>/recipe.yaml``,
-    marked ``recipe: tuned``), or None and why not."""
+def tuned_recipe(root: Path, record: str, defense: str, dataset: str = "") -> tuple[Path | None, str]:
+    """The tuned recipe of ``defense`` for ``record``, marked ``recipe: tuned``: the record's
+    own study (``record/<record>/tune/<defense>/recipe.yaml``), else the shipped one of its
+    ``dataset`` (:func:`utils.config.tuned_yaml`); or None and why not."""
     path = record_dir(root, record) / "tune" / defense / "recipe.yaml"
-    hint = f"no tuned recipe (python -m defense tune {defense} --result_file {record})"
     if not path.is_file():
-        return None, hint
-    if not path.resolve().is_relative_to(root.resolve()):
+        shipped = cfg.tuned_yaml("defense", defense, dataset)
+        if shipped is None:
+            return None, f"no tuned recipe (python -m defense tune {defense} --result_file {record})"
+        path = shipped
+    elif not path.resolve().is_relative_to(root.resolve()):
         return None, f"no tuned recipe: {path} leads outside {root}"
     try:
         family = cfg.recipe_of(cfg.read_yaml(path), str(path)).get("recipe")
@@ -554,7 +561,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     if recipes == "tuned":
         if "yaml_path" in options:
             raise UserError(f"defense {name}: 'yaml_path' and --recipes tuned both choose the recipe; give one")
-        recipe, why = tuned_recipe(root, base.record, name)
+        recipe, why = tuned_recipe(root, base.record, name, base.dataset)
         if recipe is None:
             run.status, run.message = "unavailable", why
             return run

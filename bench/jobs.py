@@ -44,6 +44,7 @@ class Run:
     depends_on: "Run | None" = None
     identity: str | None = None  # attack runs: the identity of the record in place, when it is usable
     legacy: bool = False  # attack runs: that record was written before records had identities
+    dataset: str = ""  # attack runs: the record's dataset (which shipped recipes apply)
     resources: Resources | None = None  # what it asks the executor for (Ray); None: execute()'s default
     column: str = ""  # the table column it counts in: its record, or the grid's record name for all its seeds
 

@@ -1,8 +1,10 @@
 """Shared fixtures: a small BadNets record on digits, made once per test session."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 # Before torch starts OpenMP: idle threads sleep instead of spinning, so that the tests'
@@ -66,3 +68,13 @@ def _digits_defender(digits_record_root):
     data = load_dataset("digits")
     idx = clean_indices(data.train.labels, record.poison_indices, 0.2, 0)
     return record, DefenseData(data.train.subset(idx), data.info, torch.device("cpu"))
+
+
+def import_file(path: Path, name: str):
+    """Import ``path`` (a script, not a package module) as module ``name`` (in sys.modules,
+    so that inspect finds its docstring)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -100,11 +100,14 @@ def test_config_diff_ignores_where_and_how():
     requested = {"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b", "eval_every": 1}
     assert config_diff(requested, stored, CONTROL_KEYS) == []
     assert config_diff(requested, stored) == ["device: result 'cuda', requested 'cpu'", "eval_every: result 5, "
-                                              "requested 1", "record_root: result '/a', requested '/b'",
-                                              "result_name: result None, requested (absent)"]
+                                              "requested 1", "record_root: result '/a', requested '/b'"]
     assert config_diff({"epochs": 2, "lr": 0.1}, stored, CONTROL_KEYS) == ["epochs: result 3, requested 2"]
     assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored, CONTROL_KEYS) == [
         "new: result (absent), requested 1"]
+    # an option added after the run was made, left unset (None), is what the run did
+    assert config_diff({"epochs": 3, "lr": 0.1, "retune": None}, stored, CONTROL_KEYS) == []
+    assert config_diff({"epochs": 3, "lr": 0.1, "retune": 0}, stored, CONTROL_KEYS) == [
+        "retune: result (absent), requested 0"]
 
 
 # -- executors ---------------------------------------------------------------------------------
@@ -551,13 +554,17 @@ def test_scatter_shifts_markers_that_would_hide_each_other():
 
 
 def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_recipe(record_root):
-    """--recipes reference on digits: FT's digits yaml says `recipe: tuned`, NC's `reference`; the
-    line under the table says which, from the yamls the runs read."""
+    """--recipes reference: a run that read FT's digits_tuned_on_test.yaml (`recipe: tuned`) is
+    named under the table, one that read NC's digits yaml (`reference`) is not; the line comes
+    from the yamls the runs read."""
     from bench.compare import recipe_line
 
     result = _compare(record_root, defenses=["ft"], seeds=[0])
-    assert "Except where the shipped yaml says otherwise: ft (tuned: see the yaml's recipe_note)." in \
-        result["markdown"]
+    assert "Recipes: reference, for every defense" in result["markdown"] and "Except" not in result["markdown"]
+    on_test = Run("defense", "r", "ft", 0,
+                  summary={"config": {"yaml_path": "config/defense/ft/digits_tuned_on_test.yaml"}})
+    assert recipe_line("reference", [on_test]).endswith(
+        "Except where the shipped yaml says otherwise: ft (tuned: see the yaml's recipe_note).")
     run = Run("defense", "r", "nc", 0, summary={"config": {"yaml_path": "config/defense/nc/digits.yaml"}})
     foreign = Run("defense", "r", "x", 0, summary={"config": {"yaml_path": "../../etc/passwd"}})
     assert recipe_line("reference", [run, foreign]).endswith("or the paper's).")  # nothing to except

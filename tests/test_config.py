@@ -152,8 +152,25 @@ def test_every_shipped_defense_recipe_says_where_it_comes_from():
             assert "BackdoorBench" in meta["recipe_source"] or "paper" in meta["recipe_source"], path
     default = cfg.method_yaml("defense", "sau", "fashion_mnist")
     assert cfg.recipe_of(cfg.read_yaml(default), "x")["recipe"] == "reference"
+    for name in ("sau", "ft", "fp", "nad", "anp", "ibau"):  # every default run on digits too
+        assert cfg.recipe_of(cfg.read_yaml(cfg.method_yaml("defense", name, "digits")), "x")["recipe"] == "reference"
+        on_test = cfg.recipe_of(cfg.read_yaml(cfg.CONFIG_DIR / "defense" / name / "digits_tuned_on_test.yaml"), "x")
+        assert on_test["recipe"] == "tuned" and "test" in on_test["recipe_note"]
     on_test = cfg.recipe_of(cfg.read_yaml(default.parent / "fashion_mnist_tuned_on_test.yaml"), "x")
     assert on_test["recipe"] == "tuned" and "test" in on_test["recipe_note"]
+    for shipped in sorted((cfg.CONFIG_DIR / "defense").glob(f"*/*{cfg.TUNED_SUFFIX}.yaml")):  # from a study
+        meta = cfg.recipe_of(cfg.read_yaml(shipped), str(shipped))
+        assert meta["recipe"] == "tuned" and "python -m defense tune" in meta["recipe_source"], shipped
+        assert "the test set was not read" in meta["recipe_note"], shipped
+
+
+def test_a_shipped_tuned_recipe_is_found_by_dataset_and_only_a_plain_name(tmp_path, monkeypatch):
+    (tmp_path / "defense" / "ft").mkdir(parents=True)
+    (tmp_path / "defense" / "ft" / "digits_tuned.yaml").write_text('recipe: tuned\nrecipe_source: "study s"\n')
+    monkeypatch.setattr(cfg, "CONFIG_DIR", tmp_path)
+    assert cfg.tuned_yaml("defense", "ft", "digits") == tmp_path / "defense" / "ft" / "digits_tuned.yaml"
+    assert cfg.tuned_yaml("defense", "ft", "mnist") is None
+    assert cfg.tuned_yaml("defense", "ft", "../ft/digits") is None and cfg.tuned_yaml("defense", "ft", "") is None
 
 
 def test_recipe_metadata_is_checked_and_kept_out_of_the_values(tmp_path):
@@ -240,12 +257,12 @@ def _shown_values(text: str) -> dict[str, str]:
 
 def test_show_names_the_dataset_yaml_its_recipe_and_the_values_it_sets():
     from attack.base import show_config as show_attack
-    from defense.base import DEFENSES, show_config as show_defense
+    from defense.base import COMMON, DEFENSES, show_config as show_defense
 
     text = show_defense("sau", "digits")
     assert "reads config/defense/sau/digits.yaml" in text and "(recipe: " in text
     digits = cfg.read_yaml(cfg.CONFIG_DIR / "defense" / "sau" / "digits.yaml")
-    defaults = {p.name: p.default for p in DEFENSES.get("sau").params()}
+    defaults = {p.name: p.default for p in [*COMMON, *DEFENSES.get("sau").params()]}
     changed = [k for k, v in digits.items() if k in defaults and v != defaults[k]]
     shown = _shown_values(text)
     assert changed and all(shown[k] == f"{digits[k]!r}   (code default {defaults[k]!r})" for k in changed)
@@ -326,6 +343,6 @@ def test_layered_shipped_yamls_resolve_to_the_reference_and_dataset_values():
     assert "reads config/defense/sau/default.yaml, then the dataset's file over it:" in tiny
     assert (value(tiny, "epochs"), value(tiny, "lr"), value(tiny, "ratio")) == ("20", "0.0001", "0.05")
     digits = show_config("sau", "digits")
-    assert "recipe: tuned" in digits and (value(digits, "ratio"), value(digits, "adv_steps")) == ("0.3", "5")
+    assert "recipe: reference" in digits and (value(digits, "ratio"), value(digits, "lr")) == ("0.2", "0.0001")
     gtsrb = show_config("ft_sam", "gtsrb")
     assert (value(gtsrb, "rho"), value(gtsrb, "epochs"), value(gtsrb, "label_smoothing")) == ("8.0", "50", "0.0")

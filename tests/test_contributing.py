@@ -4,7 +4,6 @@ contract rule, broken on purpose by a throwaway method, fails with a message nam
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -25,17 +24,10 @@ from utils.errors import UserError
 from utils.registry import load_plugins
 from tools.scaffold import check_new_name, listing_text, main
 
+from conftest import import_file
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
-
-
-def import_file(path: Path, name: str):
-    """Import ``path`` as module ``name`` (in sys.modules, so that inspect finds its docstring)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- `new`, in a temporary copy of the project ---------------------------------------------------

@@ -140,8 +140,10 @@ def test_summary_matches_the_last_row_and_der(record_root):
 def test_yaml_is_looked_up_by_dataset_and_overridden_by_arguments(record_root):
     s = sau(record_root, epochs=1)
     assert s["config"]["yaml_path"] == "config/defense/sau/digits.yaml"
-    assert s["config"]["trigger_norm"] == 0.3 and s["config"]["ratio"] == 0.3  # from digits.yaml
+    assert s["config"]["trigger_norm"] == 0.2 and s["config"]["ratio"] == 0.2  # from digits.yaml
     assert sau(record_root, epochs=1, trigger_norm=0.1, overwrite=True)["config"]["trigger_norm"] == 0.1
+    assert sau(record_root, epochs=1, overwrite=True, yaml_path="config/defense/sau/digits_tuned_on_test.yaml"
+               )["config"]["ratio"] == 0.3  # read over default.yaml
 
 
 def test_bad_yaml_key_names_the_file(record_root, tmp_path):

@@ -20,7 +20,10 @@ from defense.tune import check_space, main as tune_main, tune
 from utils import config as cfg
 from utils.errors import UserError
 
+from conftest import import_file
+
 ROOT = Path(__file__).resolve().parents[1]
+ship_tuned = import_file(ROOT / "scripts" / "ship_tuned.py", "saubench_ship_tuned")
 
 
 class Untouchable:
@@ -102,6 +105,11 @@ def test_tune_never_reads_the_test_set_and_compare_runs_its_recipe(record_root, 
     assert recipe["recipe"] == "tuned" and "sau-badnet_digits" in recipe["recipe_source"]
     assert recipe["epochs"] == 1 and recipe["lr"] == summary["best_params"]["lr"]
     assert (folder / "study.db").is_file()
+    shipped = yaml.safe_load(ship_tuned.shipped_text(folder, "sau", "badnet_digits", "digits"))
+    default = cfg.read_yaml(cfg.CONFIG_DIR / "defense" / "sau" / "default.yaml")
+    assert shipped["recipe"] == "tuned" and "record/badnet_digits/tune/sau/study.db" in shipped["recipe_source"]
+    assert shipped["epochs"] == 1 and shipped["lr"] == recipe["lr"]  # what the study chose ...
+    assert not {k for k, v in shipped.items() if k in default and default[k] == v}  # ... not what default.yaml says
     monkeypatch.undo()
 
     table = compare.run(result_file=["badnet_digits"], record_root=str(record_root), defenses=["sau", "ft"],

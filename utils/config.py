@@ -74,13 +74,16 @@ def config_diff(requested: Mapping[str, Any], stored: Mapping[str, Any], ignore:
                 labels: tuple[str, str] = ("result", "requested")) -> list[str]:
     """The differences between a requested resolved config and a stored one (a finished
     run's, a checkpoint's), as ``key: result X, requested Y`` texts (``labels`` name the
-    two sides); keys in ``ignore`` (:func:`control_keys`) are skipped and floats equal to
-    1e-9 relative are equal."""
+    two sides); keys in ``ignore`` (:func:`control_keys`) are skipped, floats equal to
+    1e-9 relative are equal, and a key one side lacks equals None on the other (an option
+    added after a run was made, left unset: the run computed what it would compute now)."""
     skip = set(ignore)
     missing = object()
     out = []
     for key in sorted((set(requested) | set(stored)) - skip):
         want, have = requested.get(key, missing), stored.get(key, missing)
+        if {want, have} <= {missing, None}:
+            continue
         if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
             if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
                 continue
@@ -592,16 +595,31 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 DEFAULT_YAML = "default.yaml"
 
 
+def _plain_name(dataset: str) -> bool:
+    """A dataset name that may name a file (it may come from a record): no folders, no dot first."""
+    return bool(dataset) and Path(dataset).name == dataset and not dataset.startswith(".")
+
+
 def method_yaml(side: str, name: str, dataset: str) -> Path | None:
     """``config/<side>/<name>/<dataset>.yaml`` (``side``: attack or defense), else ``.../default.yaml``, else None. A
     ``dataset`` that is not a plain name (it may come from a record) is not looked up.
     The file found is read with :func:`yaml_layers` (a dataset's file over the default)."""
-    plain_name = bool(dataset) and Path(dataset).name == dataset and not dataset.startswith(".")
-    mine = [CONFIG_DIR / side / name / f"{dataset}.yaml"] if plain_name else []
+    mine = [CONFIG_DIR / side / name / f"{dataset}.yaml"] if _plain_name(dataset) else []
     for candidate in (*mine, CONFIG_DIR / side / name / DEFAULT_YAML):
         if candidate.is_file():
             return candidate
     return None
+
+
+TUNED_SUFFIX = "_tuned"
+
+
+def tuned_yaml(side: str, name: str, dataset: str) -> Path | None:
+    """The shipped tuned recipe ``config/<side>/<name>/<dataset>_tuned.yaml`` (written by
+    scripts/ship_tuned.py from a study, which it names; read over default.yaml like a
+    dataset's file), or None when there is none or ``dataset`` is not a plain name."""
+    path = CONFIG_DIR / side / name / f"{dataset}{TUNED_SUFFIX}.yaml"
+    return path if _plain_name(dataset) and path.is_file() else None
 
 
 def yaml_layers(path: Path | str, ignore: Iterable[str] = frozenset()) -> list[Layer]:
