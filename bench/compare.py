@@ -74,7 +74,7 @@ written by scripts/ship_tuned.py from a study, which it names), in ``defense/<na
 never run with its reference recipe instead. One family for every defense alike; the table
 says which; the default output name gets "_tuned".
 
-``--report`` runs nothing: it writes and prints the table of the results that exist
+``--table_only`` runs nothing: it writes and prints the table of the results that exist
 (for example while a long grid runs elsewhere); the runs not yet finished show as
 "not run".
 """
@@ -135,7 +135,8 @@ PARAMS: list[Param] = [
     Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
     Param("resume", bool, False, "continue the runs an earlier comparison left unfinished (killed, Ctrl-C) from "
           "their checkpoints; a checkpoint made with other settings fails its run"),
-    Param("report", bool, False, "run nothing: report the results that exist (the rest show as 'not run')"),
+    Param("table_only", bool, False,
+          "run nothing: write the table of the results that exist (the rest show as 'not run')"),
     Param("recipes", Literal["reference", "tuned"], "reference",
           "recipe family of every defense: reference (config/defense/<name>/<dataset>.yaml) or tuned "
           "(record/<record>/tune/<name>/recipe.yaml, written by python -m defense tune)"),
@@ -209,8 +210,8 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
              "".join(f", {n} {s}" for s, n in counts.items() if n and s != "reused"))
 
-    if todo and values["report"]:
-        log.info("--report: %d runs not run", len(todo))
+    if todo and values["table_only"]:
+        log.info("--table_only: %d runs not run", len(todo))
     elif todo:
         on_ray = values["executor"] == "ray"
         executor = make_executor(values["executor"], jobs=values["jobs"], gpus=_local_gpus(values),
@@ -266,14 +267,14 @@ def backdoorbench_runs(spec: Spec, root: Path, runs: Sequence[Run]) -> list[Run]
 
     out = []
     for rec in spec.records:
-        folder = record_dir(root, rec.name)
-        base = next((r for r in runs if r.kind == "attack" and r.record == rec.name), None)
+        folder = record_dir(root, rec.record_name)
+        base = next((r for r in runs if r.side == "attack" and r.record == rec.record_name), None)
         before = (base.summary or {}) if base is not None else {}
         for name, after in defense_results(folder):
             numbers = [before.get("asr"), after["asr"], before.get("clean_acc"), after["clean_acc"]]
             known = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
             summary = {"after": after, "der": der(*numbers) if known else None, "device": "BackdoorBench"}
-            out.append(Run("defense", rec.name, name + BACKDOORBENCH_MARK, 0, {}, folder / "defense" / name,
+            out.append(Run("defense", rec.record_name, name + BACKDOORBENCH_MARK, 0, {}, folder / "defense" / name,
                            status="reused", summary=summary))
     return out
 
@@ -296,7 +297,7 @@ def recipe_line(family: str, runs: Sequence[Run]) -> str:
     config_dir = cfg.CONFIG_DIR.resolve()
     said: dict[str, set[str]] = {}
     for run in runs:
-        path = ((run.summary or {}).get("config") or {}).get("yaml_path") if run.kind == "defense" else None
+        path = ((run.summary or {}).get("config") or {}).get("yaml_path") if run.side == "defense" else None
         if not isinstance(path, str):
             continue
         file = (config_dir.parent / path).resolve()
@@ -397,7 +398,7 @@ def datasets_needed(runs: Sequence[Run]) -> list[tuple[str, str]]:
     root reads ./data where it runs ("data")."""
     out = set()
     for run in runs:
-        base = run if run.kind == "attack" else run.depends_on
+        base = run if run.side == "attack" else run.depends_on
         dataset = None if base is None else base.options.get("dataset") or (base.summary or {}).get("dataset")
         if isinstance(dataset, str):
             out.add((dataset, str(run.options.get("data_root") or "data")))
@@ -418,9 +419,9 @@ def _fill_missing_baselines(runs: list[Run]) -> None:
     """A record without attack_summary.json: its "no defense" numbers from the "before"
     of a finished defense run on it."""
     for run in runs:
-        if run.kind == "attack" and run.status == "reused" and run.summary is None:
+        if run.side == "attack" and run.status == "reused" and run.summary is None:
             for other in runs:
-                if other.kind == "defense" and other.record == run.record and other.ok and \
+                if other.side == "defense" and other.record == run.record and other.ok and \
                         (other.summary or {}).get("before"):  # a detector's summary has none
                     before = (other.summary or {}).get("before") or {}
                     run.summary = {**before, "device": other.summary.get("device")}
@@ -435,7 +436,7 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
     runs: list[Run] = []
     data_root = _data_root(values)
     for rec in spec.records:
-        folder = record_dir(root, rec.name)
+        folder = record_dir(root, rec.record_name)
         base = _attack_run(rec, folder, values, root, data_root, logs) if rec.attack is not None else \
             _existing_record(rec, folder, values, root)
         if rec.seed is not None:
@@ -450,7 +451,7 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
 
 def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
     record = load_record(folder)  # one line naming what is wrong, listing the records there
-    run = Run("attack", rec.name, record.attack, 0, {}, folder, None, "reused", identity=record.identity,
+    run = Run("attack", rec.record_name, record.attack, 0, {}, folder, None, "reused", identity=record.identity,
               legacy=record.legacy, dataset=record.clean_data)
     problem = _baseline(run, folder)
     if problem is not None:
@@ -485,7 +486,7 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     options = {**rec.options, "record_root": str(root), "device": values["device"]}
     if data_root is not None:
         options["data_root"] = data_root
-    run = Run("attack", rec.name, rec.attack or "", 0, options, folder, logs / rec.name / "attack.log",
+    run = Run("attack", rec.record_name, rec.attack or "", 0, options, folder, logs / rec.record_name / "attack.log",
               dataset=str(options.get("dataset", "")))
     if not (folder / RECORD_FILE).exists():
         if folder.exists():

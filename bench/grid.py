@@ -19,7 +19,7 @@ GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "att
 
 @dataclass
 class RecordSpec:
-    name: str
+    record_name: str
     attack: str | None = None  # None: an existing record (--result_file)
     options: dict[str, Any] = field(default_factory=dict)  # attack harness keywords
     seed: int | None = None  # the grid's seed this record was made with (``record_seeds``): only its defense runs
@@ -98,7 +98,7 @@ def spec_from_records(values: dict[str, Any]) -> Spec:
     return spec
 
 
-def _with_smoke(kind: str, name: str, options: dict[str, Any], smoke: bool, where: str) -> dict[str, Any]:
+def _with_smoke(side: str, name: str, options: dict[str, Any], smoke: bool, where: str) -> dict[str, Any]:
     """``options`` over the method's smoke_params when ``smoke`` (or the option ``smoke: true``)."""
     from attack import ATTACKS
     from defense import DEFENSES
@@ -106,8 +106,8 @@ def _with_smoke(kind: str, name: str, options: dict[str, Any], smoke: bool, wher
     options = dict(options)
     flag = options.pop("smoke", False)
     if not isinstance(flag, bool):
-        raise UserError(f"{where}: {kind} {name}: 'smoke' must be true or false, got {cfg.brief(flag)}")
-    cls = (ATTACKS if kind == "attack" else DEFENSES).get(name)
+        raise UserError(f"{where}: {side} {name}: 'smoke' must be true or false, got {cfg.brief(flag)}")
+    cls = (ATTACKS if side == "attack" else DEFENSES).get(name)
     base = dict(cls.smoke_params) if (smoke or flag) else {}
     return {**base, **options}
 
@@ -198,7 +198,7 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
                     raise UserError(f"{path}: attack {name}: {exc}") from None
                 seeded = [(seed_record_name(record, s), s) for s in seeds] if record_seeds else [(record, None)]
                 for record_k, seed in seeded:
-                    if any(r.name == record_k for r in records):
+                    if any(r.record_name == record_k for r in records):
                         raise UserError(f"{path}: two runs would write record '{record_k}' (make 'record_name' tell "
                                         "them apart)")
                     if seed is None:
@@ -233,7 +233,7 @@ def seed_record_name(record: str, seed: int) -> str:
 
 def columns_of(spec: Spec) -> list[str]:
     """The table's columns: one per record, or one per attack over its seeds' records."""
-    return list(dict.fromkeys(r.column or r.name for r in spec.records))
+    return list(dict.fromkeys(r.column or r.record_name for r in spec.records))
 
 
 def _checked(fn: Callable[[], Any], path: Path) -> Any:

@@ -31,7 +31,7 @@ Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "una
 class Run:
     """One attack (making a record) or one defense run (a record, a defense, a seed)."""
 
-    kind: Literal["attack", "defense"]
+    side: Literal["attack", "defense"]  # which harness runs it (a method's own kind is its class's)
     record: str
     method: str
     seed: int = 0
@@ -55,7 +55,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        if self.kind == "attack":
+        if self.side == "attack":
             return f"attack {self.method} -> {self.record}"
         return f"{self.method} on {self.record} (seed {self.seed})"
 
@@ -64,8 +64,8 @@ class Run:
         return self.status in ("done", "reused") and self.summary is not None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "record": self.record, "method": self.method,
-                "seed": self.seed if self.kind == "defense" or self.column else None, "status": self.status,
+        return {"side": self.side, "record": self.record, "method": self.method,
+                "seed": self.seed if self.side == "defense" or self.column else None, "status": self.status,
                 "message": self.message, "folder": None if self.folder is None else str(self.folder),
                 "log": None if self.log is None else str(self.log),
                 "seconds": None if self.summary is None else self.summary.get("seconds"),
@@ -176,17 +176,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def execute(runs: Sequence[Run], executor: Executor, functions: dict[str, Callable[..., Any]],
             resources: Resources | None = None, on_finish: Callable[[Run], None] | None = None) -> None:
-    """Run every run whose status is ``todo`` on ``executor`` (``functions[run.kind]``
+    """Run every run whose status is ``todo`` on ``executor`` (``functions[run.side]``
     through :func:`logged_call`); a defense run whose record is being made waits for it.
     Each run ends ``done`` (summary set), ``failed`` or ``blocked`` (its attack failed);
     ``on_finish(run)`` is called as each one ends."""
     handles: dict[int, Run] = {}
     by_run: dict[int, Handle] = {}
-    for run in sorted((r for r in runs if r.status == "todo"), key=lambda r: r.kind != "attack"):
+    for run in sorted((r for r in runs if r.status == "todo"), key=lambda r: r.side != "attack"):
         deps = []
         if run.depends_on is not None and id(run.depends_on) in by_run:
             deps.append(by_run[id(run.depends_on)])
-        handle = executor.submit(logged_call, (functions[run.kind], run.method, run.options,
+        handle = executor.submit(logged_call, (functions[run.side], run.method, run.options,
                                                None if run.log is None else str(run.log), secrets.token_hex(8),
                                                None if run.folder is None else str(run.folder)), deps,
                                  run.resources or resources)

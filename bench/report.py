@@ -130,7 +130,7 @@ def curves(table: Table, record: str, path: Path) -> Path | None:
     series = {}
     counts = {}
     for defense in table.defenses:
-        runs = [r for r in table.runs if r.kind == "defense" and r.group == record and r.method == defense and r.ok]
+        runs = [r for r in table.runs if r.side == "defense" and r.group == record and r.method == defense and r.ok]
         asr, acc = mean_curve(runs, "test_asr"), mean_curve(runs, "test_acc")
         if asr or acc:
             series[defense] = (asr, acc)
@@ -167,7 +167,7 @@ def shared_rate(table: Table, path: Path, defense: str = "sau") -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for i, record in enumerate(table.records):
-        runs = [r for r in table.runs if r.kind == "defense" and r.group == record and r.method == defense and r.ok]
+        runs = [r for r in table.runs if r.side == "defense" and r.group == record and r.method == defense and r.ok]
         points = mean_curve(runs, "shared_rate")
         if points:
             ax.plot([e for e, _ in points], [100 * v for _, v in points], marker=MARKERS[i % len(MARKERS)],

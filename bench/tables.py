@@ -123,7 +123,7 @@ def _percent(value: Any) -> float | None:
 def metrics_of(run: Run) -> dict[str, float | None]:
     """C-Acc, ASR, RA, DER in percent from an attack summary (DER None) or a defense summary."""
     s = run.summary or {}
-    if run.kind == "attack":
+    if run.side == "attack":
         return {"c_acc": _percent(s.get("clean_acc")), "asr": _percent(s.get("asr")), "ra": _percent(s.get("ra")),
                 "der": None}
     after = s.get("after") or {}
@@ -141,7 +141,7 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
         for defense in [NO_DEFENSE, *defenses]:
             row = Row(record, defense, {m.key: Cell() for m in METRICS})
             mine = [r for r in runs if r.group == record and
-                    (r.kind == "attack" if defense == NO_DEFENSE else r.kind == "defense" and r.method == defense)]
+                    (r.side == "attack" if defense == NO_DEFENSE else r.side == "defense" and r.method == defense)]
             row.expected = len(mine)
             for run in sorted(mine, key=lambda r: r.seed):
                 if not run.ok:
@@ -345,7 +345,7 @@ def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequ
     for detector in detectors:
         row: dict[str, Any] = {"detector": detector, "cells": {}}
         for record in records:
-            mine = [r for r in runs if r.kind == "defense" and r.method == detector and r.group == record]
+            mine = [r for r in runs if r.side == "defense" and r.method == detector and r.group == record]
             cell = Cell([v for r in mine if r.ok
                          for v in [_percent(((r.summary or {}).get("detection") or {}).get("auroc"))] if v is not None])
             problems = [r for r in mine if not r.ok and r.status != "todo"]

@@ -28,7 +28,7 @@ from utils.attempts import attempts_in
 from utils.cluster import parse_memory, parse_resources
 from utils.errors import UserError
 from utils.lease import Lease, LockHeld, inspect, wait_until_free
-from utils.records import StagedFolder
+from utils.files import StagedFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 

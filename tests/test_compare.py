@@ -168,7 +168,7 @@ def test_seed_layout_and_resume_after_an_interruption(record_root):
     resumed = Counting()
     first = _compare(record_root, defenses=["ft", "sau"], seeds=[0, 1], defense_fn=resumed)
     assert resumed.calls == [("sau", 0), ("sau", 1)]
-    assert {(r["method"], r["seed"]): r["status"] for r in first["runs"] if r["kind"] == "defense"} == {
+    assert {(r["method"], r["seed"]): r["status"] for r in first["runs"] if r["side"] == "defense"} == {
         ("ft", 0): "reused", ("ft", 1): "reused", ("sau", 0): "done", ("sau", 1): "done"}
     assert sorted(p.name for p in out.iterdir()) == ["ft", "ft_seed1", "sau", "sau_seed1"]
 
@@ -181,9 +181,9 @@ def test_seed_layout_and_resume_after_an_interruption(record_root):
 def test_report_runs_nothing_and_shows_what_exists(record_root):
     _compare(record_root, defenses=["ft"], seeds=[0])
     calls = Counting()
-    result = _compare(record_root, defenses=["ft", "sau"], seeds=[0], report=True, defense_fn=calls)
+    result = _compare(record_root, defenses=["ft", "sau"], seeds=[0], table_only=True, defense_fn=calls)
     assert calls.calls == [] and not (record_root / "badnet_digits" / "defense" / "sau").exists()
-    assert {r["method"]: r["status"] for r in result["runs"] if r["kind"] == "defense"} == {
+    assert {r["method"]: r["status"] for r in result["runs"] if r["side"] == "defense"} == {
         "ft": "reused", "sau": "todo"}
     rows = {r["defense"]: r for r in result["rows"]}
     assert rows["ft"]["n"] == 1 and rows["sau"]["n"] == 0
@@ -207,7 +207,7 @@ def test_a_result_with_another_config_is_reported_not_reused(record_root):
     calls = Counting()
     result = _compare(record_root, defenses=["sau"], option=["sau.epochs=2"], defense_fn=calls)
     assert calls.calls == []
-    run = next(r for r in result["runs"] if r["kind"] == "defense")
+    run = next(r for r in result["runs"] if r["side"] == "defense")
     assert run["status"] == "mismatch" and "epochs: result 1, requested 2" in run["message"]
     assert "| sau | mismatch: config differs: epochs: result 1, requested 2" in result["markdown"]
     redone = _compare(record_root, defenses=["sau"], option=["sau.epochs=2"], overwrite=True, defense_fn=calls)
@@ -332,7 +332,7 @@ def test_every_shipped_grid_loads(path):
 def test_shipped_grids_ask_for_what_they_say():
     values = compare.resolve([], {"grid": "x"})
     smoke = compare.load_grid(ROOT / "config/grid/digits_smoke.yaml", values)
-    assert [r.name for r in smoke.records] == ["badnet_digits_smoke", "blended_digits_smoke"]
+    assert [r.record_name for r in smoke.records] == ["badnet_digits_smoke", "blended_digits_smoke"]
     assert list(smoke.defenses) == ["ft", "nad", "anp", "sau"] and smoke.seeds == [0, 1]
     assert smoke.defenses["anp"]["nb_iter"] == 20  # ANP's smoke_params
     paper = compare.load_grid(ROOT / "config/grid/cifar10_paper.yaml", values)

@@ -20,7 +20,8 @@ from defense.spectral import spectral_scores
 from utils.datasets import Dataset, ImageData, load_dataset
 from utils.metrics import auroc, detection_metrics, flagged_metrics, tpr_at_fpr
 from utils.poison import poisoned_training_set
-from utils.records import PoisonedSet, load_record
+from utils.records import load_record
+from utils.poison import PoisonedSet
 
 
 # -- the metrics, by hand --------------------------------------------------------------------------

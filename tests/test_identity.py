@@ -20,8 +20,8 @@ import attack
 import defense
 from bench import compare
 from utils.errors import UserError
-from utils.records import (DIGEST_PARTS, MAX_CLASSES, NEW_DIGESTS, RECORD_FILE, AttackRecord, PoisonedSet,
-                           load_record, record_digests)
+from utils.records import DIGEST_PARTS, MAX_CLASSES, NEW_DIGESTS, RECORD_FILE, AttackRecord, load_record, record_digests
+from utils.poison import PoisonedSet
 
 from test_records import tiny_record as shared_tiny_record
 
@@ -135,17 +135,17 @@ def test_the_refusal_is_one_line_and_exit_status_2_on_the_command_line(monkeypat
 
 def _report(root: Path, **kw):
     return compare.run(result_file=[NAME], record_root=str(root), device="cpu", defenses=["sau"], option=["epochs=0"],
-                       plots=False, quiet=True, report=True, **kw)
+                       plots=False, quiet=True, table_only=True, **kw)
 
 
 def test_compare_reuses_only_results_made_on_the_record_in_place(record_root):
     defense.run("sau", result_file=NAME, record_root=str(record_root), device="cpu", epochs=0)
-    runs = {r["kind"]: r for r in _report(record_root)["runs"]}
+    runs = {r["side"]: r for r in _report(record_root)["runs"]}
     assert runs["attack"]["status"] == "reused" and runs["defense"]["status"] == "reused"
 
     resave(record_root / NAME, other_weights)  # another version of the record, same name
     result = _report(record_root)
-    runs = {r["kind"]: r for r in result["runs"]}
+    runs = {r["side"]: r for r in result["runs"]}
     assert runs["defense"]["status"] == "mismatch"
     assert "stale: made on another version of the record" in runs["defense"]["message"]
     assert runs["attack"]["status"] == "mismatch"  # its attack_summary.json is the old record's too
@@ -161,7 +161,7 @@ def test_compare_does_not_reuse_a_result_that_names_no_identity(record_root):
     summary = json.loads(path.read_text())
     del summary["record_identity"]
     path.write_text(json.dumps(summary))
-    run = next(r for r in _report(record_root)["runs"] if r["kind"] == "defense")
+    run = next(r for r in _report(record_root)["runs"] if r["side"] == "defense")
     assert run["status"] == "mismatch" and "names no record identity" in run["message"]
 
 
@@ -181,11 +181,11 @@ def test_results_made_before_identities_beside_a_record_as_old_are_still_reused(
     raw["sha256"] = {k: raw["sha256"][k] for k in ("model", "bd_test")}
     torch.save(raw, folder / RECORD_FILE)
     result = _report(record_root)
-    assert {r["kind"]: r["status"] for r in result["runs"]} == {"attack": "reused", "defense": "reused"}
+    assert {r["side"]: r["status"] for r in result["runs"]} == {"attack": "reused", "defense": "reused"}
     assert {r["defense"]: r["n"] for r in result["rows"]} == {"no defense": 1, "sau": 1}
     path = folder / "defense" / "sau" / "summary.json"  # one that names another record is still stale
     path.write_text(json.dumps({**json.loads(path.read_text()), "record_identity": "0" * 64}))
-    run = next(r for r in _report(record_root)["runs"] if r["kind"] == "defense")
+    run = next(r for r in _report(record_root)["runs"] if r["side"] == "defense")
     assert run["status"] == "mismatch" and "stale: made on another version of the record" in run["message"]
 
 
@@ -198,7 +198,7 @@ def test_a_swapped_attack_result_is_not_reported_with_the_other_record_s_numbers
     record.save(other)
     (record_root / NAME / RECORD_FILE).write_bytes((other / RECORD_FILE).read_bytes())
     result = _report(record_root)
-    base = next(r for r in result["runs"] if r["kind"] == "attack")
+    base = next(r for r in result["runs"] if r["side"] == "attack")
     assert base["status"] == "mismatch" and "attack_summary.json is stale" in base["message"]
     row = next(r for r in result["rows"] if r["defense"] == "no defense")
     assert row["n"] == 0 and row["c_acc"] is None

@@ -7,7 +7,7 @@ from torch import nn
 
 from utils.datasets import ImageData
 from utils.metrics import accuracy, der, evaluate
-from utils.records import PoisonedSet
+from utils.poison import PoisonedSet
 
 
 @pytest.mark.parametrize("asr_b,asr_a,acc_b,acc_a,expected", [

@@ -19,7 +19,8 @@ from attack.base import COMMON as ATTACK_COMMON
 from defense.base import COMMON as DEFENSE_COMMON
 from utils.errors import UserError
 from utils.models import create_model
-from utils.records import RECORD_FILE, AttackRecord, PoisonedSet, load_record, tensor_digest
+from utils.records import RECORD_FILE, AttackRecord, load_record, tensor_digest
+from utils.poison import PoisonedSet
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

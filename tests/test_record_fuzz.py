@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from utils.errors import UserError
 from utils.models import create_model
-from utils.records import RECORD_FILE, AttackRecord, PoisonedSet, load_record
+from utils.records import RECORD_FILE, AttackRecord, load_record
+from utils.poison import PoisonedSet
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -10,8 +10,10 @@ import torch
 
 from utils.errors import UserError
 from utils.models import create_model
-from utils.records import (RECORD_FILE, AttackRecord, PoisonedSet, StagedFolder, load_defense_result, load_record,
-                           record_dir, save_defense_result, save_json, tensor_digest)
+from utils.records import (RECORD_FILE, AttackRecord, load_defense_result, load_record, record_dir,
+                           save_defense_result, tensor_digest)
+from utils.files import StagedFolder, save_json
+from utils.poison import PoisonedSet
 
 
 class Foreign:

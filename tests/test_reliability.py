@@ -22,9 +22,10 @@ import defense
 import utils.train
 from utils.errors import UserError
 from utils.models import create_model
-from utils.records import (CHECKPOINT_FILE, RECORD_FILE, RECORD_READERS, AttackRecord, PoisonedSet, StagedFolder,
-                           checkpoint_epoch, load_defense_result, load_record, register_record_reader,
-                           save_checkpoint, save_json, save_torch)
+from utils.records import (RECORD_FILE, RECORD_READERS, AttackRecord, checkpoint_epoch, load_defense_result,
+                           load_record, register_record_reader, save_checkpoint)
+from utils.files import CHECKPOINT_FILE, StagedFolder, save_json, save_torch
+from utils.poison import PoisonedSet
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SAVE = utils.train.Checkpoint.save
@@ -80,7 +81,8 @@ def raw_record(record_root: Path) -> dict:
 def signed(raw: dict) -> dict:
     """``raw`` (a record's dict, changed) with the digests of what it now holds: another
     version of the record, not a tampered one."""
-    from utils.records import AttackRecord, PoisonedSet, record_digests
+    from utils.records import AttackRecord, record_digests
+    from utils.poison import PoisonedSet
 
     def part(key):
         return None if raw.get(key) is None else PoisonedSet.from_dict(raw[key])

@@ -28,7 +28,8 @@ from test_reliability import (REAL_SAVE, badnet_args, command_line, interrupt_af
                                     snapshot, write_raw)
 from utils import config as cfg
 from utils.errors import UserError
-from utils.records import CHECKPOINT_FILE, RECORD_FILE, checkpoint_epoch, load_record
+from utils.records import RECORD_FILE, checkpoint_epoch, load_record
+from utils.files import CHECKPOINT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SAUBENCH_NO_PROGRESS": "1"}

@@ -33,8 +33,10 @@ from conftest import private_copy
 from test_reliability import signed
 from utils.errors import UserError
 from utils.models import bare_state, create_model
-import utils.records
-from utils.records import RECORD_FILE, AttackRecord, PoisonedSet, StagedFolder, record_dir
+import utils.files
+from utils.records import RECORD_FILE, AttackRecord, record_dir
+from utils.files import StagedFolder
+from utils.poison import PoisonedSet
 
 ROOT = Path(__file__).resolve().parents[1]
 HOW = ["cli", "api"]
@@ -378,10 +380,11 @@ def test_a_grid_file_cannot_choose_the_data_or_record_root_nor_trust(tmp_path, e
     grid.write_text(f"datasets: [digits]\nattacks: [badnet]\n{options}{defenses}\n")
     root = tmp_path / "record"
     if how == "cli":
-        line = one_line_error(cli("defense/compare.py", "--grid", str(grid), "--record_root", str(root), "--report"))
+        line = one_line_error(cli("defense/compare.py", "--grid", str(grid), "--record_root", str(root),
+                                  "--table_only"))
     else:
         with pytest.raises(UserError) as info:
-            bench.compare.run(grid=str(grid), record_root=str(root), report=True)
+            bench.compare.run(grid=str(grid), record_root=str(root), table_only=True)
         line = str(info.value)
     assert f"grid.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a grid " \
            "file" in line
@@ -500,18 +503,18 @@ def test_compare_outputs_and_logs_stay_inside_the_root(record_root, elsewhere, h
     before = snapshot(elsewhere)
     if how == "cli":
         line = one_line_error(cli("defense/compare.py", "--result_file", "badnet_digits", "--defenses", "sau",
-                                  "--record_root", str(record_root), "--name", "mine", "--report", "--no-plots"))
+                                  "--record_root", str(record_root), "--name", "mine", "--table_only", "--no-plots"))
     else:
         with pytest.raises(UserError) as info:
             bench.compare.run(result_file=["badnet_digits"], defenses=["sau"], record_root=str(record_root),
-                                name="mine", report=True, plots=False)
+                                name="mine", table_only=True, plots=False)
         line = str(info.value)
     assert "leads outside the record root" in line
     assert snapshot(elsewhere) == before
 
 
 def test_inside_root(tmp_path, elsewhere):
-    inside_root = utils.records.inside_root
+    inside_root = utils.files.inside_root
     root = tmp_path / "record"
     (root / "a").mkdir(parents=True)
     (root / "in").symlink_to(root / "a")

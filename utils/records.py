@@ -57,9 +57,9 @@ import torch
 
 from utils.config import brief, clip
 from utils.errors import UserError
-from utils.files import (CHECKPOINT_FILE, StagedFolder, _links_inside, atomic_write, inside_root,  # noqa: F401
-                         lock_holder, png_bytes, remove_temporary_files, save_json, save_png, save_text, save_torch)
-from utils.poison import PoisonedSet  # noqa: F401  (the type of the record's poisoned sets)
+from utils.files import (inside_root,
+                         lock_holder, save_torch)
+from utils.poison import PoisonedSet
 
 log = logging.getLogger("saubench")
 
