@@ -47,8 +47,8 @@ def shipped_text(tune_folder: Path, defense: str, record: str, dataset: str) -> 
         f"{split.get('val_backdoor')} poisoned",
         "# *training* images for ASR; the test set was never read), shipped by scripts/ship_tuned.py.",
         f"# Study: {summary.get('trials')} trials (budget {budget.get('trials')}, max_epochs "
-        f"{budget.get('max_epochs')}), objective {summary.get('objective')}, seed {summary.get('seed')}, "
-        f"searched: {', '.join(summary.get('space') or {})}.",
+        f"{budget.get('max_epochs')}), objective {summary.get('objective')}, seed {summary.get('seed')};",
+        f"# searched: {', '.join(summary.get('space') or {})}.",
         f"# Best trial {summary.get('best_trial')}: value {summary.get('best_value'):.4f} ({numbers}).",
         f"# Made by {describe(summary.get('code'))}. Read over default.yaml beside it: only what differs is here.",
     ]
