@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.jobs import Run
-from bench.tables import COLUMNS, METRICS, NO_DEFENSE, Table, _cells, notes_of, table_note
+from bench.tables import METRICS, NO_DEFENSE, Table, _cells, notes_of, table_note
 from utils.files import atomic_write
 from utils.history import cell_number, epochs_of, read_csv
 
@@ -222,14 +222,15 @@ img { max-width: 100%; border: 1px solid #ddd; }
 def html_table(table: Table) -> str:
     """The table with a two-level header (record, then metric); best values in <b>."""
     e = html.escape
-    head1 = ['<th rowspan="2">Defense</th>'] + [f'<th colspan="{len(COLUMNS)}">{e(r)}</th>' for r in table.records]
-    head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in COLUMNS]
+    head1 = ['<th rowspan="2">Defense</th>'] + [f'<th colspan="{len(table.columns)}">{e(r)}</th>'
+                                            for r in table.records]
+    head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in table.columns]
     body = []
     for defense in [NO_DEFENSE, *table.defenses]:
         cells = [f'<td class="defense">{e(defense)}</td>']
         for record in table.records:
             row = table.row(record, defense)
-            texts = _cells(row, lambda t: f"\0{t}\1")
+            texts = _cells(row, lambda t: f"\0{t}\1", table.metrics)
             for i, text in enumerate(texts):
                 safe = e(text).replace("\0", "<b>").replace("\1", "</b>")
                 cls = ' class="problem"' if i == 0 and not row.seeds and row.problems else ""

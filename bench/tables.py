@@ -32,10 +32,14 @@ class Metric:
     key: str
     label: str
     higher_is_better: bool
+    short: str = ""  # the label in the terminal's narrow columns, when the label is too long
 
 
 METRICS = (Metric("c_acc", "C-Acc", True), Metric("asr", "ASR", False), Metric("ra", "RA", True),
            Metric("der", "DER", True))
+# the ASR of the purified model after the retuning attack (summary.json's "retune", written by
+# ``--retune``): a column of its own only when some run of the table has it
+RETUNE = Metric("retune_asr", "ASR after retuning", False, "ASR retuned")
 
 
 # -- the table ----------------------------------------------------------------------------------------
@@ -105,6 +109,12 @@ class Table:
     rows: list[Row]
     runs: list[Run]
     purpose: str | None = None  # what the comparison is for (a grid's 'purpose:'), shown with the table
+    metrics: tuple[Metric, ...] = METRICS  # the columns shown: METRICS, and RETUNE when a run was retuned
+
+    @property
+    def columns(self) -> list[str]:
+        """The labels of a record's column group: the metrics, then Time."""
+        return [*(m.label for m in self.metrics), "Time"]
 
     def row(self, record: str, defense: str) -> Row:
         return next(r for r in self.rows if r.record == record and r.defense == defense)
@@ -125,10 +135,16 @@ def metrics_of(run: Run) -> dict[str, float | None]:
     s = run.summary or {}
     if run.side == "attack":
         return {"c_acc": _percent(s.get("clean_acc")), "asr": _percent(s.get("asr")), "ra": _percent(s.get("ra")),
-                "der": None}
+                "der": None, RETUNE.key: None}
     after = s.get("after") or {}
     return {"c_acc": _percent(after.get("clean_acc")), "asr": _percent(after.get("asr")),
-            "ra": _percent(after.get("ra")), "der": _percent(s.get("der"))}
+            "ra": _percent(after.get("ra")), "der": _percent(s.get("der")),
+            RETUNE.key: _percent((s.get("retune") or {}).get("asr")) if isinstance(s.get("retune"), dict) else None}
+
+
+def retuned(runs: Sequence[Run]) -> bool:
+    """Whether any finished defense run of ``runs`` holds a retuning result (``--retune``)."""
+    return any(r.side == "defense" and r.ok and isinstance((r.summary or {}).get("retune"), dict) for r in runs)
 
 
 def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds: Sequence[int],
@@ -136,10 +152,11 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
     """The table of ``runs``: attack runs give the "no defense" rows, defense runs the
     others (mean ± std over the seeds that finished); best values are marked where at
     least two defenses have one."""
+    shown = (*METRICS, RETUNE) if retuned(runs) else METRICS
     rows = []
     for record in records:
         for defense in [NO_DEFENSE, *defenses]:
-            row = Row(record, defense, {m.key: Cell() for m in METRICS})
+            row = Row(record, defense, {m.key: Cell() for m in shown})
             mine = [r for r in runs if r.group == record and
                     (r.side == "attack" if defense == NO_DEFENSE else r.side == "defense" and r.method == defense)]
             row.expected = len(mine)
@@ -149,7 +166,7 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
                         row.problems.append(run)
                     continue
                 for key, value in metrics_of(run).items():
-                    if value is not None:
+                    if value is not None and key in row.cells:
                         row.cells[key].values.append(value)
                 seconds = (run.summary or {}).get("seconds")
                 if isinstance(seconds, (int, float)):
@@ -162,28 +179,28 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
             rows.append(row)
     for record in records:
         candidates = [r for r in rows if r.record == record and r.defense != NO_DEFENSE]
-        for metric in METRICS:
-            shown = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
+        for metric in shown:
+            means = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
                      if r.cells[metric.key].mean is not None}
-            if len(shown) < 2:  # nothing to compare with
+            if len(means) < 2:  # nothing to compare with
                 continue
-            best = max(shown.values()) if metric.higher_is_better else min(shown.values())
+            best = max(means.values()) if metric.higher_is_better else min(means.values())
             for r in candidates:
-                if shown.get(id(r)) == best:
+                if means.get(id(r)) == best:
                     r.best.add(metric.key)
-    return Table(name, list(records), list(defenses), list(seeds), rows, list(runs))
+    return Table(name, list(records), list(defenses), list(seeds), rows, list(runs), metrics=shown)
 
 
-COLUMNS = [*(m.label for m in METRICS), "Time"]
+COLUMNS = [*(m.label for m in METRICS), "Time"]  # without a retuning result (Table.columns: the shown ones)
 
 
-def _cells(row: Row, bold: Callable[[str], str]) -> list[str]:
-    """The five texts of one row's column group."""
+def _cells(row: Row, bold: Callable[[str], str], metrics: Sequence[Metric] = METRICS) -> list[str]:
+    """The texts of one row's column group: ``metrics``, then Time."""
     if not row.seeds:
         text = row.problem_text() or ("not run" if row.expected else "—")
-        return [text, *["—"] * (len(COLUMNS) - 1)]
+        return [text, *["—"] * len(metrics)]
     out = []
-    for metric in METRICS:
+    for metric in metrics:
         cell = row.cells[metric.key]
         text = cell.text()
         out.append(bold(text) if metric.key in row.best else text)
@@ -202,13 +219,13 @@ def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") ->
     outer, inner = (defenses, table.records) if rows == "defenses" else (table.records, defenses)
     header = ["Defense" if rows == "defenses" else "Record"]
     for name in inner:
-        header += [f"{name} {COLUMNS[0]}", *COLUMNS[1:]]
+        header += [f"{name} {table.columns[0]}", *table.columns[1:]]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
     for name in outer:
         cells = [name]
         for other in inner:
             record, defense = (other, name) if rows == "defenses" else (name, other)
-            cells += _cells(table.row(record, defense), lambda t: f"**{t}**")
+            cells += _cells(table.row(record, defense), lambda t: f"**{t}**", table.metrics)
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     lines.append(table_note(table) + "; best of each metric and record in bold (among the defenses).")
@@ -225,8 +242,21 @@ def table_note(table: Table) -> str:
     """What the numbers are: units, seeds, and what Time measures."""
     which = "seeds" if not any(r.column for r in table.runs) else \
         "seeds (seed k: the attack's record and the defense both made with seed k)"
-    return (f"C-Acc, ASR, RA, DER in %, mean ± std over {which} {', '.join(map(str, table.seeds))}; Time: each run's "
+    text = (f"C-Acc, ASR, RA, DER in %, mean ± std over {which} {', '.join(map(str, table.seeds))}; Time: each run's "
             f"wall time and device (for \"{NO_DEFENSE}\": the attack's training time)")
+    return text + (f"; {retune_note(table.runs)}" if RETUNE in table.metrics else "")
+
+
+def retune_note(runs: Sequence[Run]) -> str:
+    """What the "ASR after retuning" column is, with the retuning sets the runs' summaries name."""
+    sets = sorted({(s["retune"].get("poisoned_samples"), s["retune"].get("clean_samples"))
+                   for r in runs if r.side == "defense" and r.ok
+                   for s in [r.summary or {}] if isinstance(s.get("retune"), dict)}, key=str)
+    said = ", ".join(f"{p} poisoned + {c} clean" for p, c in sets)
+    return (f"ASR after retuning: the ASR (%) of the purified model after the retuning attack of Min et al. "
+            f"(NeurIPS 2024: a few epochs of fine-tuning on a small set of clean and poisoned training samples; "
+            f"the settings come from each run's summary.json \"retune\", here {said} samples); "
+            f"\"—\": a run made without --retune")
 
 
 def _fit(text: str, width: int) -> str:
@@ -234,17 +264,44 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
 
 
+CELLS_WIDTH = 14  # "99.99 ± 99.99*"
+TIME_WIDTH = 16  # the mean only: "1234.5 s cuda:0"
+NAME_WIDTH = 10  # at least: "no defense"
+
+
+def _widths(n_cells: int, longest: int, width: int) -> tuple[int, int]:
+    """(name width, time width) of a terminal line of ``n_cells`` number cells and a time
+    that fits ``width``: the name as long as the longest (at least :data:`NAME_WIDTH`), the
+    time narrower when nothing else is left."""
+    fixed = n_cells * (CELLS_WIDTH + 1) + 1
+    name = max(NAME_WIDTH, min(longest, width - fixed - TIME_WIDTH))
+    return name, max(0, min(TIME_WIDTH, width - fixed - name))
+
+
+def _took(seconds: Cell, devices: Sequence[str], width: int) -> str:
+    """The mean time and the device, or the time only when both do not fit ``width``."""
+    if seconds.mean is None:
+        return "—"
+    text = f"{seconds.mean:.1f} s {'/'.join(sorted(set(devices))) or '?'}"
+    return text if len(text) <= width else f"{seconds.mean:.1f} s"
+
+
+def _terminal_header(labels: Sequence[str], name_width: int, time_width: int) -> str:
+    return f"{'':<{name_width}} " + " ".join(f"{_fit(c, CELLS_WIDTH):>{CELLS_WIDTH}}" for c in labels) + \
+        f" {'Time':>{time_width}}"
+
+
 def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defenses", width: int = 100) -> str:
     """The table for a terminal, at most ``width`` characters wide: one line per (record,
-    defense) with C-Acc, ASR, RA, DER and Time (names abbreviated, a run that did not
-    finish as its reason, cut), records in blocks (``rows="records"``: defenses in
-    blocks; Time: the mean only). The full table is the markdown written to the files."""
+    defense) with C-Acc, ASR, RA, DER (and ASR after retuning, when shown) and Time (names
+    abbreviated, a run that did not finish as its reason, cut), records in blocks
+    (``rows="records"``: defenses in blocks; Time: the mean only, without the device when
+    it does not fit). The full table is the markdown written to the files."""
     defenses = [NO_DEFENSE, *table.defenses]
     outer, inner = (table.records, defenses) if rows == "defenses" else (defenses, table.records)
-    cells_width = 14  # "99.99 ± 99.99*"
-    time_width = 16  # the mean only: "1234.5 s cuda:0"
-    name_width = max(8, min(max((len(n) for n in inner), default=8), width - 4 * (cells_width + 1) - time_width - 2))
-    header = f"{'':<{name_width}} " + " ".join(f"{c:>{cells_width}}" for c in COLUMNS[:4]) + f" {'Time':>{time_width}}"
+    n = len(table.metrics)
+    name_width, time_width = _widths(n, max((len(x) for x in inner), default=NAME_WIDTH), width)
+    header = _terminal_header([m.short or m.label for m in table.metrics], name_width, time_width)
     lines = []
     if table.purpose:
         lines += [_fit(f"Purpose: {table.purpose}", width), ""]
@@ -253,20 +310,19 @@ def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defense
         lines.append(_fit(header, width))
         for name in inner:
             record, defense = (block, name) if rows == "defenses" else (name, block)
-            texts = _cells(table.row(record, defense), lambda t: t + "*")
+            row = table.row(record, defense)
+            texts = _cells(row, lambda t: t + "*", table.metrics)
             shown_name = name
             if " (n=" in texts[0]:  # some seeds did not finish: said after the name
                 texts[0], count = texts[0].split(" (n=", 1)
                 shown_name = f"{name} (n={count}"
             label = _fit(shown_name, name_width).ljust(name_width)
-            if not table.row(record, defense).seeds:
+            if not row.seeds:
                 lines.append(_fit(f"{label} {texts[0]}", width))
                 continue
-            numbers = " ".join(_fit(t, cells_width).rjust(cells_width) for t in texts[:4])
-            row = table.row(record, defense)
-            took = "—" if row.seconds.mean is None else \
-                f"{row.seconds.mean:.1f} s {'/'.join(sorted(set(row.devices))) or '?'}"
-            lines.append(_fit(f"{label} {numbers} {_fit(took, time_width).rjust(time_width)}", width))
+            numbers = " ".join(_fit(t, CELLS_WIDTH).rjust(CELLS_WIDTH) for t in texts[:n])
+            took = _fit(_took(row.seconds, row.devices, time_width), time_width).rjust(time_width)
+            lines.append(_fit(f"{label} {numbers} {took}", width))
         lines.append("")
     note = table_note(table) + "; * best among the defenses."
     lines += textwrap.wrap(note, width)
@@ -294,7 +350,7 @@ def to_records(table: Table) -> list[dict[str, Any]]:
     for row in table.rows:
         item: dict[str, Any] = {"record": row.record, "defense": row.defense, "n": len(row.seeds),
                                 "expected": row.expected, "seeds": row.seeds}
-        for metric in METRICS:
+        for metric in table.metrics:
             cell = row.cells[metric.key]
             item[metric.key] = cell.mean
             item[f"{metric.key}_std"] = cell.std
@@ -302,7 +358,7 @@ def to_records(table: Table) -> list[dict[str, Any]]:
         item["seconds"] = row.seconds.mean
         item["seconds_std"] = row.seconds.std
         item["device"] = "/".join(sorted(set(row.devices))) or None
-        item["best"] = [m.key for m in METRICS if m.key in row.best]
+        item["best"] = [m.key for m in table.metrics if m.key in row.best]
         item["problem"] = row.problem_text() or None
         for key, values in row.made_by.items():  # what made the numbers: code versions, hosts, Ray nodes
             item[key] = ";".join(values) or None
@@ -313,7 +369,7 @@ def to_records(table: Table) -> list[dict[str, Any]]:
 def to_csv(table: Table) -> str:
     """The table's numbers, one line per (record, defense), percentages rounded as shown."""
     fields = ["record", "defense", "n", "expected"]
-    for metric in METRICS:
+    for metric in table.metrics:
         fields += [metric.key, f"{metric.key}_std"]
     fields += ["seconds", "seconds_std", "device", "best", "problem", "code", "host", "node"]
     buf = io.StringIO()

@@ -569,3 +569,49 @@ def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_re
     foreign = Run("defense", "r", "x", 0, summary={"config": {"yaml_path": "../../etc/passwd"}})
     assert recipe_line("reference", [run, foreign]).endswith("or the paper's).")  # nothing to except
     assert recipe_line("tuned", [run]).startswith("Recipes: tuned, for every defense")
+
+
+# -- issue 22: the retuning attack's column ------------------------------------------------------------
+
+def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
+    from bench.report import html_table
+    from bench.tables import terminal_table
+
+    runs = _hand_made(tmp_path)
+    for run, asr in zip([r for r in runs if r.method == "a"], (0.40, 0.60)):  # a retuned (seeds 0, 1); b not
+        run.summary["retune"] = {"clean_acc": 0.9, "asr": asr, "ra": 0.3, "poisoned_samples": 5, "clean_samples": 45}
+    table = aggregate("t", ["r1"], ["a", "b"], [0, 1], runs)
+    assert table.columns == ["C-Acc", "ASR", "RA", "DER", "ASR after retuning", "Time"]
+    a = table.row("r1", "a")
+    assert a.cells["retune_asr"].mean == pytest.approx(50.0) and a.cells["retune_asr"].text() == "50.00 ± 14.14"
+    md = markdown(table)
+    assert "| Defense | r1 C-Acc | ASR | RA | DER | ASR after retuning | Time |" in md
+    assert ("| a | **91.00 ± 1.41** | 15.00 ± 7.07 | 75.00 ± 7.07 | **87.50 ± 3.54** | 50.00 ± 14.14 "
+            "| 2.5 ± 0.7 s cpu |") in md
+    assert ("| b | 82.00 ± 2.83 | **6.00 ± 1.41** | **76.00 ± 22.63** | 80.00 ± 0.00 | — "
+            "| 2.5 ± 0.7 s cpu |") in md
+    assert "| no defense | 95.00 | 100.00 | 0.00 | — | — | 9.0 s cpu |" in md
+    assert "retuning attack of Min et al. (NeurIPS 2024" in md and "5 poisoned + 45 clean samples" in md
+    csv_lines = to_csv(table).splitlines()
+    assert ",der,der_std,retune_asr,retune_asr_std,seconds," in csv_lines[0]
+    assert csv_lines[2].startswith("r1,a,2,2,91.0,1.41,15.0,7.07,75.0,7.07,87.5,3.54,50.0,14.14,")
+    rows = {r["defense"]: r for r in to_json(table)["rows"]}
+    assert rows["a"]["retune_asr_values"] == pytest.approx([40.0, 60.0]) and rows["b"]["retune_asr"] is None
+    text = terminal_table(table)
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    a_line = next(line for line in text.splitlines() if line.startswith("a "))
+    assert "50.00 ± 14.14" in a_line and "ASR retuned" in text and "no defense " in text
+    page = html_table(table)
+    assert '<th colspan="6">r1</th>' in page and "<th>ASR after retuning</th>" in page and "<td>50.00 ± 14.14</td>" \
+        in page
+
+
+def test_without_retune_results_the_table_is_unchanged(tmp_path):
+    from bench.report import html_table
+    from bench.tables import terminal_table
+
+    table = aggregate("t", ["r1"], ["a", "b"], [0, 1], _hand_made(tmp_path))
+    assert table.columns == ["C-Acc", "ASR", "RA", "DER", "Time"]
+    for text in (markdown(table), to_csv(table), terminal_table(table), html_table(table)):
+        assert "retun" not in text.lower()
+    assert "retune_asr" not in to_json(table)["rows"][0]
