@@ -91,8 +91,8 @@ from typing import Any, Callable, Literal, Sequence
 from bench.executors import Resources, make_executor
 from bench.grid import RecordSpec, Spec, columns_of, load_grid, spec_from_records
 from bench.jobs import Progress, Run, execute, identity_problem, read_json
-from bench.tables import (Table, aggregate, config_diff, detection_markdown, detection_table, markdown, terminal_table,
-                          to_csv, to_json)
+from bench.tables import (Table, aggregate, config_diff, detection_json, detection_markdown, detection_table, markdown,
+                          terminal_table, to_csv, to_json)
 from utils import cluster, config as cfg
 from utils.cli import entry
 from utils.config import Param
@@ -317,7 +317,7 @@ def recipe_line(family: str, runs: Sequence[Run]) -> str:
 
 
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
-                  detection: dict[str, Any] | None = None) -> dict[str, Any]:
+                  detection: Table | None = None) -> dict[str, Any]:
     """The tables (mitigation defenses; detectors, when any, in their own table after it:
     ``detection`` of :func:`bench.tables.detection_table`), their files and plots."""
     family = values.get("recipes", "reference")
@@ -327,7 +327,7 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
              for rows in ("defenses", "records")}
     data = {**to_json(table), "recipes": family}
     if detection is not None:
-        data["detection"] = detection
+        data["detection"] = detection_json(detection)
     save_text(texts["defenses"], out_dir / "table.md")
     save_text(texts["records"], out_dir / "table_by_record.md")
     save_text(to_csv(table), out_dir / "table.csv")
@@ -345,13 +345,15 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
         import html
 
         line = f'<p id="recipes">{html.escape(recipe_line(family, table.runs))}</p>'
-        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"])
+        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"],
+                         detection=detection)
         page = page.replace("</h1>", "</h1>" + line, 1)
         save_text(page, out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
     shown = out_dir / ("table.md" if values["rows"] == "defenses" else "table_by_record.md")
-    terminal = terminal_table(table, values["rows"]) + after + f"\nThe full table (markdown): {shown}\n"
+    terminal = terminal_table(table, values["rows"]) + \
+        ("" if detection is None else "\n" + terminal_table(detection)) + f"\nThe full table (markdown): {shown}\n"
     return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": len(table.failed),
             "outputs": [str(p) for p in outputs]}
 

@@ -219,14 +219,16 @@ img { max-width: 100%; border: 1px solid #ddd; }
 """
 
 
-def html_table(table: Table) -> str:
-    """The table with a two-level header (record, then metric); best values in <b>."""
+def html_table(table: Table, table_id: str = "compare") -> str:
+    """The table with a two-level header (record, then metric); best values in <b>. The
+    detectors' table (``table.detectors``) has a row per detector."""
     e = html.escape
-    head1 = ['<th rowspan="2">Defense</th>'] + [f'<th colspan="{len(table.columns)}">{e(r)}</th>'
-                                            for r in table.records]
+    first = "Detector" if table.detectors else "Defense"
+    head1 = [f'<th rowspan="2">{first}</th>'] + [f'<th colspan="{len(table.columns)}">{e(r)}</th>'
+                                                 for r in table.records]
     head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in table.columns]
     body = []
-    for defense in [NO_DEFENSE, *table.defenses]:
+    for defense in table.names:
         cells = [f'<td class="defense">{e(defense)}</td>']
         for record in table.records:
             row = table.row(record, defense)
@@ -236,15 +238,16 @@ def html_table(table: Table) -> str:
                 cls = ' class="problem"' if i == 0 and not row.seeds and row.problems else ""
                 cells.append(f"<td{cls}>{safe}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ('<table id="compare">\n<thead><tr>' + "".join(head1) + "</tr>\n<tr>" + "".join(head2) +
-            "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
+    return (f'<table id="{e(table_id, quote=True)}">\n<thead><tr>' + "".join(head1) + "</tr>\n<tr>" +
+            "".join(head2) + "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
 
 
 def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[tuple[str, str]] = (),
-              links: Sequence[str] = ()) -> str:
+              links: Sequence[str] = (), detection: Table | None = None) -> str:
     """One self-contained page: the table's purpose (when it has one), how it was made
     (``about``: command, config, date, machine), links to its data files (``links``,
-    names relative to the page), the table, the notes and every plot as a base64 PNG."""
+    names relative to the page), the table, the notes, the detectors' table (``detection``,
+    when any) and every plot as a base64 PNG."""
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>SAU-Bench comparison: {e(table.name)}</title>", f"<style>{_STYLE}</style></head><body>",
@@ -263,6 +266,12 @@ def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[t
     if notes:
         parts.append('<h2>Runs that did not finish</h2><ul id="notes">' +
                      "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    if detection is not None:
+        parts += ["<h2>Detectors</h2>", f"<p>{e(table_note(detection))}; the best value of each column in bold.</p>",
+                  html_table(detection, "detection")]
+        notes = notes_of(detection)
+        if notes:
+            parts.append('<ul id="detection_notes">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
     for title, path in plots:

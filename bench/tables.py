@@ -110,6 +110,12 @@ class Table:
     runs: list[Run]
     purpose: str | None = None  # what the comparison is for (a grid's 'purpose:'), shown with the table
     metrics: tuple[Metric, ...] = METRICS  # the columns shown: METRICS, and RETUNE when a run was retuned
+    detectors: bool = False  # the detectors' table (:func:`detection_table`): no "no defense" row
+
+    @property
+    def names(self) -> list[str]:
+        """The rows of a record: "no defense" and the defenses (the detectors' table: the detectors)."""
+        return list(self.defenses) if self.detectors else [NO_DEFENSE, *self.defenses]
 
     @property
     def columns(self) -> list[str]:
@@ -156,39 +162,51 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
     rows = []
     for record in records:
         for defense in [NO_DEFENSE, *defenses]:
-            row = Row(record, defense, {m.key: Cell() for m in shown})
             mine = [r for r in runs if r.group == record and
                     (r.side == "attack" if defense == NO_DEFENSE else r.side == "defense" and r.method == defense)]
-            row.expected = len(mine)
-            for run in sorted(mine, key=lambda r: r.seed):
-                if not run.ok:
-                    if run.status != "todo":
-                        row.problems.append(run)
-                    continue
-                for key, value in metrics_of(run).items():
-                    if value is not None and key in row.cells:
-                        row.cells[key].values.append(value)
-                seconds = (run.summary or {}).get("seconds")
-                if isinstance(seconds, (int, float)):
-                    row.seconds.values.append(float(seconds))
-                row.devices.append(str((run.summary or {}).get("device", "?")))
-                for key, value in made_by(run.summary or {}).items():
-                    if value and value not in row.made_by[key]:
-                        row.made_by[key].append(value)
-                row.seeds.append(run.seed)
-            rows.append(row)
+            rows.append(_row(record, defense, mine, shown, metrics_of))
     for record in records:
-        candidates = [r for r in rows if r.record == record and r.defense != NO_DEFENSE]
-        for metric in shown:
-            means = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
-                     if r.cells[metric.key].mean is not None}
-            if len(means) < 2:  # nothing to compare with
-                continue
-            best = max(means.values()) if metric.higher_is_better else min(means.values())
-            for r in candidates:
-                if means.get(id(r)) == best:
-                    r.best.add(metric.key)
+        _mark_best([r for r in rows if r.record == record and r.defense != NO_DEFENSE], shown)
     return Table(name, list(records), list(defenses), list(seeds), rows, list(runs), metrics=shown)
+
+
+def _row(record: str, name: str, mine: Sequence[Run], metrics: Sequence[Metric],
+         values_of: Callable[[Run], dict[str, float | None]]) -> Row:
+    """The row of ``name`` on ``record`` from its runs ``mine``: ``metrics`` (read by
+    ``values_of``), time, devices and provenance of those that finished; the others as problems."""
+    row = Row(record, name, {m.key: Cell() for m in metrics})
+    row.expected = len(mine)
+    for run in sorted(mine, key=lambda r: r.seed):
+        if not run.ok:
+            if run.status != "todo":
+                row.problems.append(run)
+            continue
+        for key, value in values_of(run).items():
+            if value is not None and key in row.cells:
+                row.cells[key].values.append(value)
+        seconds = (run.summary or {}).get("seconds")
+        if isinstance(seconds, (int, float)):
+            row.seconds.values.append(float(seconds))
+        row.devices.append(str((run.summary or {}).get("device", "?")))
+        for key, value in made_by(run.summary or {}).items():
+            if value and value not in row.made_by[key]:
+                row.made_by[key].append(value)
+        row.seeds.append(run.seed)
+    return row
+
+
+def _mark_best(candidates: Sequence[Row], metrics: Sequence[Metric]) -> None:
+    """Mark the best mean of each metric among ``candidates`` (ties at the shown precision
+    all), where at least two have one."""
+    for metric in metrics:
+        means = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
+                 if r.cells[metric.key].mean is not None}
+        if len(means) < 2:  # nothing to compare with
+            continue
+        best = max(means.values()) if metric.higher_is_better else min(means.values())
+        for r in candidates:
+            if means.get(id(r)) == best:
+                r.best.add(metric.key)
 
 
 COLUMNS = [*(m.label for m in METRICS), "Time"]  # without a retuning result (Table.columns: the shown ones)
@@ -240,6 +258,8 @@ def markdown(table: Table, rows: Literal["defenses", "records"] = "defenses") ->
 
 def table_note(table: Table) -> str:
     """What the numbers are: units, seeds, and what Time measures."""
+    if table.detectors:
+        return detection_note(table)
     which = "seeds" if not any(r.column for r in table.runs) else \
         "seeds (seed k: the attack's record and the defense both made with seed k)"
     text = (f"C-Acc, ASR, RA, DER in %, mean ± std over {which} {', '.join(map(str, table.seeds))}; Time: each run's "
@@ -297,8 +317,7 @@ def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defense
     abbreviated, a run that did not finish as its reason, cut), records in blocks
     (``rows="records"``: defenses in blocks; Time: the mean only, without the device when
     it does not fit). The full table is the markdown written to the files."""
-    defenses = [NO_DEFENSE, *table.defenses]
-    outer, inner = (table.records, defenses) if rows == "defenses" else (defenses, table.records)
+    outer, inner = (table.records, table.names) if rows == "defenses" else (table.names, table.records)
     n = len(table.metrics)
     name_width, time_width = _widths(n, max((len(x) for x in inner), default=NAME_WIDTH), width)
     header = _terminal_header([m.short or m.label for m in table.metrics], name_width, time_width)
@@ -306,7 +325,8 @@ def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defense
     if table.purpose:
         lines += [_fit(f"Purpose: {table.purpose}", width), ""]
     for block in outer:
-        lines.append(_fit(f"{'record' if rows == 'defenses' else 'defense'} {block}", width))
+        kind = ("detectors on record" if table.detectors else "record") if rows == "defenses" else "defense"
+        lines.append(_fit(f"{kind} {block}", width))
         lines.append(_fit(header, width))
         for name in inner:
             record, defense = (block, name) if rows == "defenses" else (name, block)
@@ -392,42 +412,88 @@ def to_json(table: Table) -> dict[str, Any]:
 
 # -- detectors ------------------------------------------------------------------------------------------
 
-def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequence[Run]) -> dict[str, Any]:
-    """The detectors' table: a row per detector, a column per record, AUROC in percent
-    (mean ± std over the seeds that finished) from each run's summary.json
-    (``detection.auroc``); a cell is "—" when nothing finished, and names the first
-    problem when a run failed or was not run."""
+DETECTION_METRICS = (Metric("auroc", "AUROC", True), Metric("tpr_at_5fpr", "TPR@5%FPR", True),
+                     Metric("f1", "F1", True))
+# the model retrained without the flagged samples (data detectors, --retrain): shown when some run has it
+RETRAINED = (Metric("retrained_c_acc", "Retrained C-Acc", True, "Retr. C-Acc"),
+             Metric("retrained_asr", "Retrained ASR", False, "Retr. ASR"))
+
+
+def detection_values(run: Run) -> dict[str, float | None]:
+    """AUROC, TPR at 5% FPR and the flagged set's F1 (summary.json's ``detection``), and the
+    retrained model's C-Acc and ASR (``retrained``), in percent; None where absent."""
+    s = run.summary or {}
+    found = s.get("detection") if isinstance(s.get("detection"), dict) else {}
+    retrained = s.get("retrained") if isinstance(s.get("retrained"), dict) else {}
+    return {**{m.key: _percent(found.get(m.key)) for m in DETECTION_METRICS},
+            "retrained_c_acc": _percent(retrained.get("clean_acc")), "retrained_asr": _percent(retrained.get("asr"))}
+
+
+def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequence[Run]) -> Table:
+    """The detectors' table: per record, a row per detector with AUROC, TPR@5%FPR and F1
+    in percent (and the retrained model's C-Acc and ASR when some run retrained one), mean
+    ± std over the seeds that finished, and the run time; a row names its first problem when
+    a run failed. Best of each metric and record marked. Rendered one block per record
+    (:func:`detection_markdown`, :func:`terminal_table`): six numbers per record and
+    detector do not fit 100 columns beside another record's."""
+    mine = [r for r in runs if r.side == "defense" and r.method in detectors]
+    metrics = DETECTION_METRICS + (RETRAINED if any(
+        isinstance((r.summary or {}).get("retrained"), dict) for r in mine if r.ok) else ())
+    rows = [_row(record, d, [r for r in mine if r.method == d and r.group == record], metrics, detection_values)
+            for record in records for d in detectors]
+    for record in records:
+        _mark_best([r for r in rows if r.record == record], metrics)
+    seeds = sorted({r.seed for r in mine})
+    return Table("detectors", list(records), list(detectors), seeds, rows, mine, metrics=metrics, detectors=True)
+
+
+def detection_note(table: Table) -> str:
+    text = (f"Detectors, in %, mean ± std over seeds {', '.join(map(str, table.seeds))}: AUROC of the suspicion "
+            "scores, TPR at 5% FPR (the largest TPR of a threshold whose FPR is at most 5%), F1 of the set the "
+            "detector flags (\"—\": it flags none of its own); positives: the training set's poisoned samples (data "
+            "detection) or the backdoor test set against the clean test set (input detection)")
+    if RETRAINED[0] in table.metrics:
+        text += "; Retrained C-Acc/ASR: the model retrained from scratch without the flagged samples (--retrain)"
+    return text + "; Time: each run's wall time and device"
+
+
+def detection_markdown(table: Table) -> str:
+    """The detectors' table as GitHub Markdown: a table per record (a row per detector),
+    best of each column in bold, the note below."""
+    lines = []
+    for record in table.records:
+        lines += [f"**Detectors on {record}**", "",
+                  "| Detector | " + " | ".join(table.columns) + " |", "|---|" + ":---:|" * len(table.columns)]
+        for detector in table.defenses:
+            cells = [detector, *_cells(table.row(record, detector), lambda t: f"**{t}**", table.metrics)]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    lines.append(detection_note(table) + "; best of each column in bold.")
+    notes = notes_of(table)
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def detection_json(table: Table) -> dict[str, Any]:
+    """The detectors' table as plain data: per detector and record, every metric's mean,
+    std and values (``auroc``, ``auroc_std``, ``auroc_values``, ...; ``std`` and ``text``:
+    AUROC's), the time, the seeds and the first problem."""
     rows = []
-    for detector in detectors:
-        row: dict[str, Any] = {"detector": detector, "cells": {}}
-        for record in records:
-            mine = [r for r in runs if r.side == "defense" and r.method == detector and r.group == record]
-            cell = Cell([v for r in mine if r.ok
-                         for v in [_percent(((r.summary or {}).get("detection") or {}).get("auroc"))] if v is not None])
-            problems = [r for r in mine if not r.ok and r.status != "todo"]
-            row["cells"][record] = {"auroc": cell.mean, "std": cell.std, "n": cell.n, "text": cell.text(),
-                                    "problem": (f"{problems[0].status}: {problems[0].message}" if problems else None)}
-        rows.append(row)
-    return {"records": list(records), "detectors": list(detectors), "rows": rows}
-
-
-def detection_markdown(table: dict[str, Any]) -> str:
-    """The detectors' table as GitHub Markdown (AUROC, %), best of each column in bold."""
-    records = table["records"]
-    lines = ["| detector | " + " | ".join(f"{r}: AUROC" for r in records) + " |",
-             "|---|" + "---|" * len(records)]
-    best = {r: max((row["cells"][r]["auroc"] for row in table["rows"] if row["cells"][r]["auroc"] is not None),
-                   default=None) for r in records}
-    for row in table["rows"]:
-        cells = []
-        for r in records:
-            cell = row["cells"][r]
-            text = cell["text"] if cell["n"] or not cell["problem"] else cell["problem"]
-            if cell["auroc"] is not None and len(table["rows"]) > 1 and round(cell["auroc"], DIGITS) == \
-                    round(best[r], DIGITS):
-                text = f"**{text}**"
-            cells.append(text.replace("|", "\\|"))
-        lines.append(f"| {row['detector']} | " + " | ".join(cells) + " |")
-    lines.append("Detectors: AUROC of the suspicion scores in %, mean ± std over seeds (data detection: the training "
-                 "set's poisoned samples; input detection: the backdoor test set against the clean test set).")
-    return "\n".join(lines)
+    for detector in table.defenses:
+        cells = {}
+        for record in table.records:
+            row = table.row(record, detector)
+            cell: dict[str, Any] = {"n": len(row.seeds), "expected": row.expected, "seeds": row.seeds,
+                                    "problem": row.problem_text() or None}
+            for metric in table.metrics:
+                c = row.cells[metric.key]
+                cell.update({metric.key: c.mean, f"{metric.key}_std": c.std, f"{metric.key}_values": c.values})
+            cell.update({"std": row.cells["auroc"].std, "text": row.cells["auroc"].text(),
+                         "seconds": row.seconds.mean, "seconds_std": row.seconds.std,
+                         "device": "/".join(sorted(set(row.devices))) or None,
+                         "best": [m.key for m in table.metrics if m.key in row.best]})
+            cells[record] = cell
+        rows.append({"detector": detector, "cells": cells})
+    return {"records": table.records, "detectors": table.defenses, "metrics": [m.key for m in table.metrics],
+            "seeds": table.seeds, "rows": rows, "notes": notes_of(table)}

@@ -615,3 +615,70 @@ def test_without_retune_results_the_table_is_unchanged(tmp_path):
     for text in (markdown(table), to_csv(table), terminal_table(table), html_table(table)):
         assert "retun" not in text.lower()
     assert "retune_asr" not in to_json(table)["rows"][0]
+
+
+# -- issue 20: the detectors' table ----------------------------------------------------------------------
+
+def _detector_runs() -> list[Run]:
+    """Two detectors on record r1, seeds 0 and 1: ``ac`` retrained a model, ``strip`` (input
+    detection) flags nothing of its own on seed 1; ``spectral`` failed."""
+    def summary(auroc, tpr, f1, seconds, retrained=None):
+        out = {"detection": {"auroc": auroc, "tpr_at_5fpr": tpr, "f1": f1, "positives": 10, "negatives": 90},
+               "seconds": seconds, "device": "cpu"}
+        return {**out, "retrained": retrained} if retrained is not None else out
+
+    return [Run("defense", "r1", "ac", 0, status="done",
+                summary=summary(0.90, 0.50, 0.60, 4.0, {"clean_acc": 0.95, "asr": 0.02, "ra": 0.9, "removed": 12})),
+            Run("defense", "r1", "ac", 1, status="done",
+                summary=summary(0.80, 0.40, 0.50, 6.0, {"clean_acc": 0.93, "asr": 0.04, "ra": 0.9, "removed": 11})),
+            Run("defense", "r1", "strip", 0, status="done", summary=summary(0.99, 0.95, 0.70, 1.0)),
+            Run("defense", "r1", "strip", 1, status="done", summary=summary(0.97, 0.93, None, 1.0)),
+            Run("defense", "r1", "spectral", 0, status="failed", message="boom")]
+
+
+def test_detector_table_has_tpr_f1_time_and_retrained_numbers():
+    from bench.tables import detection_json, detection_markdown, detection_table, terminal_table
+
+    table = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
+    assert table.columns == ["AUROC", "TPR@5%FPR", "F1", "Retrained C-Acc", "Retrained ASR", "Time"]
+    ac, strip = table.row("r1", "ac"), table.row("r1", "strip")
+    assert ac.cells["auroc"].text() == "85.00 ± 7.07" and ac.cells["f1"].mean == pytest.approx(55.0)
+    assert ac.cells["retrained_asr"].mean == pytest.approx(3.0) and strip.cells["retrained_asr"].mean is None
+    assert strip.cells["f1"].values == pytest.approx([70.0])  # seed 1 flags nothing: no F1
+    assert strip.best == {"auroc", "tpr_at_5fpr", "f1"} and ac.best == set()  # one retrained model: unranked
+    md = detection_markdown(table)
+    assert "| Detector | AUROC | TPR@5%FPR | F1 | Retrained C-Acc | Retrained ASR | Time |" in md
+    assert "| ac | 85.00 ± 7.07 | 45.00 ± 7.07 | 55.00 ± 7.07 | 94.00 ± 1.41 | 3.00 ± 1.41 | 5.0 ± 1.4 s cpu |" in md
+    assert "| strip | **98.00 ± 1.41** | **94.00 ± 1.41** | **70.00** | — | — | 1.0 ± 0.0 s cpu |" in md
+    assert "| spectral | failed: boom | — |" in md and "TPR at 5% FPR" in md and "retrained from scratch" in md
+    text = terminal_table(table)
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert text.startswith("detectors on record r1") and "Retr. C-Acc" in text
+    assert "85.00 ± 7.07" in next(line for line in text.splitlines() if line.startswith("ac "))
+    data = detection_json(table)
+    cell = data["rows"][0]["cells"]["r1"]
+    assert cell["auroc"] == pytest.approx(85.0) and cell["std"] == pytest.approx(7.0710678)
+    assert cell["tpr_at_5fpr_values"] == pytest.approx([50.0, 40.0]) and cell["seconds"] == pytest.approx(5.0)
+    assert data["rows"][2]["cells"]["r1"]["problem"] == "failed: boom" and data["metrics"][-1] == "retrained_asr"
+
+
+def test_detector_table_without_retraining_has_no_retrained_columns():
+    from bench.tables import detection_table
+
+    runs = [r for r in _detector_runs() if r.method != "ac"]
+    table = detection_table(["r1"], ["strip", "spectral"], runs)
+    assert table.columns == ["AUROC", "TPR@5%FPR", "F1", "Time"]
+
+
+def test_html_page_shows_the_detectors_table():
+    from bench.report import html_page
+    from bench.tables import detection_table
+
+    detection = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
+    page = html_page(_table(), [], detection=detection)
+    parsed = _Page()
+    parsed.feed(page)
+    assert parsed.tables == ["compare", "detection"]
+    assert '<th rowspan="2">Detector</th><th colspan="6">r1</th>' in page and "<td><b>98.00 ± 1.41</b></td>" in page
+    assert "spectral on r1 (seed 0): failed: boom" in page
+    assert 'id="detection"' not in html_page(_table(), [])

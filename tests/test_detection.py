@@ -35,6 +35,36 @@ def test_detection_metrics_match_a_hand_computation():
     assert (m["tp"], m["fp"], m["fn"], m["tn"], m["flagged"]) == (1, 1, 1, 1, 2)
     assert m["tpr"] == m["recall"] == m["fpr"] == m["precision"] == m["f1"] == 0.5
     assert m["positives"] == 2 and m["negatives"] == 2
+    # the ROC curve: threshold 0.9 catches a positive, 0.8 a negative, 0.3 the other positive
+    assert m["roc"] == {"fpr": [0.0, 0.0, 0.5, 0.5, 1.0], "tpr": [0.0, 0.5, 0.5, 1.0, 1.0]}
+
+
+def _check_curve(points, auroc_value, tolerance):
+    fpr, tpr = np.array(points["fpr"]), np.array(points["tpr"])
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # the trapezoid rule
+    assert abs(area - auroc_value) <= tolerance, (area, auroc_value)
+
+
+def test_roc_points_are_monotone_from_0_0_to_1_1_and_their_area_is_the_auroc():
+    from utils.metrics import ROC_POINTS, roc_points
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.rand(60, generator=generator) < 0.3
+    scores = torch.randn(60, generator=generator) + labels.float()
+    scores[:6] = 0.5  # tied scores: a diagonal step, counted one half by both
+    points = roc_points(scores, labels)
+    assert len(points["fpr"]) <= ROC_POINTS
+    _check_curve(points, auroc(scores, labels), 1e-6)
+    _check_curve(roc_points(torch.ones(4), torch.tensor([1, 0, 1, 0])), 0.5, 1e-6)
+    # a long curve, thinned to at most ROC_POINTS points: still monotone, both ends, area close
+    labels = torch.rand(20000, generator=generator) < 0.1
+    scores = torch.randn(20000, generator=generator) + 1.5 * labels.float()
+    points = roc_points(scores, labels)
+    assert len(points["fpr"]) <= ROC_POINTS
+    _check_curve(points, auroc(scores, labels), 2e-3)
+    assert roc_points(torch.tensor([0.2, 0.1]), torch.tensor([0, 0])) is None
 
 
 def test_ties_count_one_half_and_undefined_values_are_none():
@@ -244,7 +274,9 @@ def test_compare_puts_detectors_in_their_own_table(record_root):
     for row in table["rows"]:
         summary = json.loads((record_root / "badnet_digits" / "defense" / row["detector"] / "summary.json").read_text())
         assert row["cells"]["badnet_digits"]["auroc"] == pytest.approx(100 * summary["detection"]["auroc"])
-    assert "| detector | badnet_digits: AUROC |" in result["markdown"]
+    assert "**Detectors on badnet_digits**" in result["markdown"]
+    assert "| Detector | AUROC | TPR@5%FPR | F1 | " in result["markdown"]
+    assert "detectors on record badnet_digits" in result["terminal"]
     text = (record_root / "compare" / "badnet_digits" / "table.md").read_text()
     assert "| spectral | " in text and "| strip | " in text and "| ft | " in text
 
