@@ -337,7 +337,7 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
     if values["plots"] or values["html"]:
         from bench.report import make_plots
 
-        plots = make_plots(table, out_dir)
+        plots = make_plots(table, out_dir, detection)
         outputs += [p for _, p in plots]
     if values["html"]:
         from bench.report import html_page

@@ -682,3 +682,29 @@ def test_html_page_shows_the_detectors_table():
     assert '<th rowspan="2">Detector</th><th colspan="6">r1</th>' in page and "<td><b>98.00 ± 1.41</b></td>" in page
     assert "spectral on r1 (seed 0): failed: boom" in page
     assert 'id="detection"' not in html_page(_table(), [])
+
+
+def test_roc_plot_per_record_from_stored_points_or_the_scores_csv(tmp_path):
+    import torch
+
+    from bench.report import make_plots, roc_of
+    from bench.tables import detection_table
+    from utils.metrics import roc_points
+
+    runs = _detector_runs()
+    for run in runs[:3]:
+        run.summary["detection"]["roc"] = {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0]}
+    folder = tmp_path / "strip_seed1"  # an older summary without points: read from its scores csv
+    folder.mkdir()
+    (folder / "strip_scores.csv").write_text("set,index,poisoned,score,flagged\nclean_test,0,0,0.1,\n"
+                                             "clean_test,1,0,0.7,\nbd_test,0,1,0.9,\nbd_test,1,1,0.4,\n")
+    runs[3].folder = folder
+    assert roc_of(runs[0]) == {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0]}
+    assert roc_of(runs[3]) == roc_points(torch.tensor([0.1, 0.7, 0.9, 0.4]), torch.tensor([0, 0, 1, 1]))
+    assert roc_of(Run("defense", "r1", "strip", 2, status="done", summary={"detection": {}})) is None
+    detection = detection_table(["r1"], ["ac", "strip", "spectral"], runs)
+    table = aggregate("t", ["r1"], [], [0], [])
+    plots = make_plots(table, tmp_path, detection)
+    assert [(title, path.name) for title, path in plots] == [("Detectors' ROC curves on r1", "roc_r1.png")]
+    assert (tmp_path / "roc_r1.png").read_bytes().startswith(b"\x89PNG")
+    assert make_plots(table, tmp_path / "none", detection_table(["r1"], ["spectral"], runs)) == []
