@@ -39,6 +39,17 @@ def test_detection_metrics_match_a_hand_computation():
     assert m["roc"] == {"fpr": [0.0, 0.0, 0.5, 0.5, 1.0], "tpr": [0.0, 0.5, 0.5, 1.0, 1.0]}
 
 
+def test_detection_info_csv_has_backdoorbench_columns_and_empty_cells_for_undefined_values():
+    from utils.metrics import detection_info_csv
+
+    scores, labels = torch.tensor([0.9, 0.8, 0.3, 0.1]), torch.tensor([1, 0, 1, 0])
+    lines = detection_info_csv("r", detection_metrics(scores, labels, scores > 0.85)).splitlines()
+    assert lines == ["record,TN,FP,FN,TP,TPR,FPR,AUC,target,precision,F1,TPR_at_5FPR,positives,negatives",
+                     "r,2,0,1,1,0.5,0.0,0.75,None,1.0,0.6666666666666666,0.5,2,2"]
+    scores_only = detection_info_csv("r", detection_metrics(scores, labels)).splitlines()[1]
+    assert scores_only == "r,,,,,,,0.75,None,,,0.5,2,2"
+
+
 def _check_curve(points, auroc_value, tolerance):
     fpr, tpr = np.array(points["fpr"]), np.array(points["tpr"])
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
@@ -171,6 +182,14 @@ def test_a_data_detector_gets_the_training_set_as_delivered_and_nothing_else(spy
     assert [float(r["score"]) for r in rows] == corner.tolist()
     assert [int(r["poisoned"]) for r in rows] == poisoned.int().tolist()
     assert json.loads((folder / "summary.json").read_text())["detection"] == summary["detection"]
+    # BackdoorBench's detection_info.csv (detection_pretrain/ac.py, strip.py): its columns first, ours after
+    (info,) = list(csv.DictReader((folder / "detection_info.csv").open()))
+    assert list(info)[:9] == ["record", "TN", "FP", "FN", "TP", "TPR", "FPR", "AUC", "target"]
+    d = summary["detection"]
+    assert info["record"] == "badnet_digits" and info["target"] == "None"
+    assert [int(info[k]) for k in ("TN", "FP", "FN", "TP")] == [d["tn"], d["fp"], d["fn"], d["tp"]]
+    assert float(info["TPR"]) == d["tpr"] and float(info["AUC"]) == d["auroc"] and float(info["F1"]) == d["f1"]
+    assert float(info["TPR_at_5FPR"]) == d["tpr_at_5fpr"] and int(info["positives"]) == d["positives"]
 
     _garbled(monkeypatch)  # other test sets: the same scores (they never reach the detector)
     again = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",

@@ -12,6 +12,8 @@ are "higher = more suspicious"), :func:`detection_metrics`:
   ties counting one half (rank-based; sklearn's ``roc_auc_score``).
 * TPR@5%FPR: the largest TPR of an ROC point whose FPR is at most 5%.
 * TPR, FPR, precision, recall, F1 of the method's own flagged set.
+* :func:`detection_info_csv`: these numbers under BackdoorBench's ``detection_info.csv``
+  column names (its detection_pretrain/*.py and detection_infer/*.py), ours after them.
 * ROC: the curve's (FPR, TPR) points, at most :data:`ROC_POINTS` of them (:func:`roc_points`),
   for plots; their trapezoid area is the AUROC when the curve has no more points than that.
 """
@@ -230,3 +232,32 @@ def detection_metrics(scores: torch.Tensor, labels: torch.Tensor,
         out.update(flagged_metrics(flagged, y))
         out["flagged"] = int(torch.as_tensor(flagged).bool().sum())
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+
+# BackdoorBench's detection_info.csv columns (detection_pretrain/*.py, detection_infer/*.py; 'AUC' as in its
+# strip.py and cd.py), then what BackdoorBench's file has no column for, under our names. Its ac.py's
+# 'weight_F_score' (F1 with false negatives weighted 9 times) is not written: no metric of ours is it.
+BACKDOORBENCH_DETECTION_COLUMNS = ("record", "TN", "FP", "FN", "TP", "TPR", "FPR", "AUC", "target")
+DETECTION_EXTRA_COLUMNS = ("precision", "F1", "TPR_at_5FPR", "positives", "negatives")
+
+
+def detection_info_csv(record: str, metrics: dict[str, Any]) -> str:
+    """A detector run's numbers (``metrics``: :func:`detection_metrics`) as one row under
+    BackdoorBench's ``detection_info.csv`` header, then :data:`DETECTION_EXTRA_COLUMNS`.
+    Rates are fractions, as BackdoorBench writes them; an undefined value (no flagged set,
+    one class only) is an empty cell, where BackdoorBench writes 0; ``target`` is "None"
+    (BackdoorBench's value where a detector names no target class; ours name none)."""
+    import csv
+    import io
+
+    values = {"record": record, "TN": metrics.get("tn"), "FP": metrics.get("fp"), "FN": metrics.get("fn"),
+              "TP": metrics.get("tp"), "TPR": metrics.get("tpr"), "FPR": metrics.get("fpr"),
+              "AUC": metrics.get("auroc"), "target": "None", "precision": metrics.get("precision"),
+              "F1": metrics.get("f1"), "TPR_at_5FPR": metrics.get("tpr_at_5fpr"),
+              "positives": metrics.get("positives"), "negatives": metrics.get("negatives")}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    columns = (*BACKDOORBENCH_DETECTION_COLUMNS, *DETECTION_EXTRA_COLUMNS)
+    writer.writerow(columns)
+    writer.writerow(["" if values[c] is None else values[c] for c in columns])
+    return buf.getvalue()
