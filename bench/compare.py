@@ -37,11 +37,13 @@ asks of every reported table).
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
-table.md (a row per defense; detectors, named with --defenses or in the grid, in a table
-of their own after it: a row per detector, a column per record, AUROC), table_by_record.md
+table.md (a row per defense, with "ASR after retuning" when a run was made with --retune;
+detectors, named with --defenses or in the grid, in a table of their own after it: per
+record, a row per detector with AUROC, TPR@5%FPR, F1, time and the retrained model's C-Acc
+and ASR when one was retrained), table_by_record.md
 (a row per record, the SAU paper's
 layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
-index.html with ``--html``, and
+the detectors' ROC curves (roc_<record>.png), index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).
 Every one of these paths is checked before anything runs: one that a symlink leads
 outside --record_root stops the comparison with one line (docs/security.md). A grid
@@ -106,7 +108,8 @@ PARAMS: list[Param] = [
     Param("result_file", list[str] | None, None, "attack records (folders of --record_root) to compare on"),
     Param("grid", str | None, None, "a grid file (config/grid/*.yaml): attacks, defenses and seeds"),
     Param("defenses", list[str] | None, None, "defenses; none given: every registered mitigation defense (with "
-          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC)"),
+          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC, TPR@5%FPR, F1) and "
+          "ROC curves"),
     Param("seeds", list[int] | None, None, "defense seeds; none given: 0 (with --grid: the grid's)"),
     Param("option", list[str] | None, None, "defense options KEY=VALUE (all defenses) or DEFENSE.KEY=VALUE"),
     Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),

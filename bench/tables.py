@@ -9,7 +9,12 @@ the run time (``seconds`` of the summaries) with the device. The best value of e
 column among the defenses is marked (highest C-Acc, lowest ASR, highest RA, highest
 DER; ties at the shown precision are all marked; "no defense" is not a candidate).
 It is written as Markdown, CSV and JSON, and printed as a terminal table that fits
-100 columns.
+100 columns. When a defense run holds a retuning result (``--retune``: summary.json's
+``retune``), a column "ASR after retuning" follows DER (issue 22).
+
+The detectors' table (:func:`detection_table`, issue 20): per record, a row per detector
+with AUROC, TPR at 5% FPR and the flagged set's F1 (summary.json's ``detection``), the
+retrained model's C-Acc and ASR when a run retrained one (``retrained``), and the time.
 """
 from __future__ import annotations
 
