@@ -357,7 +357,8 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
     shown = out_dir / ("table.md" if values["rows"] == "defenses" else "table_by_record.md")
     terminal = terminal_table(table, values["rows"]) + \
         ("" if detection is None else "\n" + terminal_table(detection)) + f"\nThe full table (markdown): {shown}\n"
-    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": len(table.failed),
+    failed = len(table.failed) + (0 if detection is None else len(detection.failed))  # detectors' failures too
+    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": failed,
             "outputs": [str(p) for p in outputs]}
 
 

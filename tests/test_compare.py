@@ -708,3 +708,21 @@ def test_roc_plot_per_record_from_stored_points_or_the_scores_csv(tmp_path):
     assert [(title, path.name) for title, path in plots] == [("Detectors' ROC curves on r1", "roc_r1.png")]
     assert (tmp_path / "roc_r1.png").read_bytes().startswith(b"\x89PNG")
     assert make_plots(table, tmp_path / "none", detection_table(["r1"], ["spectral"], runs)) == []
+
+
+def test_written_outputs_hold_the_detectors_and_count_their_failures(tmp_path):
+    from bench.compare import write_outputs
+    from bench.tables import detection_table
+
+    detection = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
+    values = {"plots": False, "html": True, "rows": "defenses", "recipes": "reference", "grid": None,
+              "result_file": ["r1"]}
+    result = write_outputs(_table(record="r1"), tmp_path, values, detection)
+    assert result["failed"] == 2  # the mitigation table's "broken" and the detector "spectral"
+    assert result["detection"]["rows"][0]["cells"]["r1"]["f1"] == pytest.approx(55.0)
+    assert "**Detectors on r1**" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "table.json").read_text())["detection"]["metrics"][:3] == ["auroc", "tpr_at_5fpr",
+                                                                                             "f1"]
+    terminal = result["terminal"].splitlines()[:-1]  # the last line names the markdown file
+    assert max(len(line) for line in terminal) <= 100 and "detectors on record r1" in terminal
+    assert 'id="detection"' in (tmp_path / "index.html").read_text()
