@@ -108,7 +108,7 @@ PARAMS: list[Param] = [
     Param("result_file", list[str] | None, None, "attack records (folders of --record_root) to compare on"),
     Param("grid", str | None, None, "a grid file (config/grid/*.yaml): attacks, defenses and seeds"),
     Param("defenses", list[str] | None, None, "defenses; none given: every registered mitigation defense (with "
-          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC, TPR@5%FPR, F1) and "
+          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC, TPR, F1, time) and "
           "ROC curves"),
     Param("seeds", list[int] | None, None, "defense seeds; none given: 0 (with --grid: the grid's)"),
     Param("option", list[str] | None, None, "defense options KEY=VALUE (all defenses) or DEFENSE.KEY=VALUE"),
