@@ -37,11 +37,13 @@ asks of every reported table).
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
-table.md (a row per defense; detectors, named with --defenses or in the grid, in a table
-of their own after it: a row per detector, a column per record, AUROC), table_by_record.md
+table.md (a row per defense, with "ASR after retuning" when a run was made with --retune;
+detectors, named with --defenses or in the grid, in a table of their own after it: per
+record, a row per detector with AUROC, TPR@5%FPR, F1, time and the retrained model's C-Acc
+and ASR when one was retrained), table_by_record.md
 (a row per record, the SAU paper's
 layout; ``--rows records`` prints this one), table.csv, table.json, the plots (PNG),
-index.html with ``--html``, and
+the detectors' ROC curves (roc_<record>.png), index.html with ``--html``, and
 logs/<record>/<run>.log with each run's console output (and traceback on failure).
 Every one of these paths is checked before anything runs: one that a symlink leads
 outside --record_root stops the comparison with one line (docs/security.md). A grid
@@ -91,8 +93,8 @@ from typing import Any, Callable, Literal, Sequence
 from bench.executors import Resources, make_executor
 from bench.grid import RecordSpec, Spec, columns_of, load_grid, spec_from_records
 from bench.jobs import Progress, Run, execute, identity_problem, read_json
-from bench.tables import (Table, aggregate, config_diff, detection_markdown, detection_table, markdown, terminal_table,
-                          to_csv, to_json)
+from bench.tables import (Table, aggregate, config_diff, detection_json, detection_markdown, detection_table, markdown,
+                          terminal_table, to_csv, to_json)
 from utils import cluster, config as cfg
 from utils.cli import entry
 from utils.config import Param
@@ -106,7 +108,8 @@ PARAMS: list[Param] = [
     Param("result_file", list[str] | None, None, "attack records (folders of --record_root) to compare on"),
     Param("grid", str | None, None, "a grid file (config/grid/*.yaml): attacks, defenses and seeds"),
     Param("defenses", list[str] | None, None, "defenses; none given: every registered mitigation defense (with "
-          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC)"),
+          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC, TPR, F1, time) and "
+          "ROC curves"),
     Param("seeds", list[int] | None, None, "defense seeds; none given: 0 (with --grid: the grid's)"),
     Param("option", list[str] | None, None, "defense options KEY=VALUE (all defenses) or DEFENSE.KEY=VALUE"),
     Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),
@@ -317,7 +320,7 @@ def recipe_line(family: str, runs: Sequence[Run]) -> str:
 
 
 def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
-                  detection: dict[str, Any] | None = None) -> dict[str, Any]:
+                  detection: Table | None = None) -> dict[str, Any]:
     """The tables (mitigation defenses; detectors, when any, in their own table after it:
     ``detection`` of :func:`bench.tables.detection_table`), their files and plots."""
     family = values.get("recipes", "reference")
@@ -327,7 +330,7 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
              for rows in ("defenses", "records")}
     data = {**to_json(table), "recipes": family}
     if detection is not None:
-        data["detection"] = detection
+        data["detection"] = detection_json(detection)
     save_text(texts["defenses"], out_dir / "table.md")
     save_text(texts["records"], out_dir / "table_by_record.md")
     save_text(to_csv(table), out_dir / "table.csv")
@@ -337,7 +340,7 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
     if values["plots"] or values["html"]:
         from bench.report import make_plots
 
-        plots = make_plots(table, out_dir)
+        plots = make_plots(table, out_dir, detection)
         outputs += [p for _, p in plots]
     if values["html"]:
         from bench.report import html_page
@@ -345,14 +348,17 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
         import html
 
         line = f'<p id="recipes">{html.escape(recipe_line(family, table.runs))}</p>'
-        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"])
+        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"],
+                         detection=detection)
         page = page.replace("</h1>", "</h1>" + line, 1)
         save_text(page, out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
     shown = out_dir / ("table.md" if values["rows"] == "defenses" else "table_by_record.md")
-    terminal = terminal_table(table, values["rows"]) + after + f"\nThe full table (markdown): {shown}\n"
-    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": len(table.failed),
+    terminal = terminal_table(table, values["rows"]) + \
+        ("" if detection is None else "\n" + terminal_table(detection)) + f"\nThe full table (markdown): {shown}\n"
+    failed = len(table.failed) + (0 if detection is None else len(detection.failed))  # detectors' failures too
+    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": failed,
             "outputs": [str(p) for p in outputs]}
 
 

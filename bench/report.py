@@ -7,6 +7,9 @@ the per-epoch CSV files (``<defense>_df.csv``) that the runs wrote.
   each epoch; rows without test metrics are skipped).
 * ``sau_shared_rate.png``: SAU's share of shared adversarial examples per round (the
   ``shared_rate`` column of sau_df.csv), one line per record.
+* ``roc_<record>.png``: the detectors' ROC curves on a record, one colour per detector (its
+  first seed drawn full, the others light), from each run's summary.json
+  (``detection.roc``) or, for a summary without it, its ``<detector>_scores.csv``.
 * :func:`html_page`: the table and every plot in one self-contained page (PNG as base64).
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.jobs import Run
-from bench.tables import COLUMNS, METRICS, NO_DEFENSE, Table, _cells, notes_of, table_note
+from bench.tables import METRICS, NO_DEFENSE, Table, _cells, notes_of, table_note
 from utils.files import atomic_write
 from utils.history import cell_number, epochs_of, read_csv
 
@@ -186,8 +189,63 @@ def shared_rate(table: Table, path: Path, defense: str = "sau") -> Path | None:
     return _save(fig, path)
 
 
-def make_plots(table: Table, folder: Path) -> list[tuple[str, Path]]:
-    """Every plot of the table, written in ``folder``: (title, path) pairs."""
+def roc_of(run: Run) -> dict[str, list[float]] | None:
+    """The ROC curve's points of a detector's run: its summary's ``detection.roc``, else
+    computed from its ``<detector>_scores.csv`` (``poisoned`` and ``score`` columns); None
+    when neither holds one."""
+    from utils.metrics import roc_points
+
+    stored = ((run.summary or {}).get("detection") or {}).get("roc")
+    if isinstance(stored, dict) and isinstance(stored.get("fpr"), list) and isinstance(stored.get("tpr"), list):
+        return stored
+    if run.folder is None:
+        return None
+    try:
+        rows = read_csv(Path(run.folder) / f"{run.method}_scores.csv")
+        scores = [float(r["score"]) for r in rows]
+        labels = [int(r["poisoned"]) for r in rows]
+        import torch
+
+        return roc_points(torch.tensor(scores, dtype=torch.float64), torch.tensor(labels))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def roc_curves(detection: Table, record: str, path: Path) -> Path | None:
+    """The ROC curves of the detectors on ``record``: a colour per detector, its first
+    seed's curve drawn full (labelled with its mean AUROC), the other seeds' light; None
+    when no run has one."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    drawn = False
+    for i, detector in enumerate(detection.defenses):
+        runs = sorted((r for r in detection.runs if r.group == record and r.method == detector and r.ok),
+                      key=lambda r: r.seed)
+        curves_drawn = [(run, points) for run in runs for points in [roc_of(run)] if points is not None]
+        for k, (run, points) in enumerate(curves_drawn):
+            auroc = detection.row(record, detector).cells["auroc"]
+            others = ", other seeds light" if len(curves_drawn) > 1 else ""
+            label = f"{detector} (AUROC {auroc.text()}; seed {run.seed}{others})" if k == 0 else None
+            ax.plot(points["fpr"], points["tpr"], color=f"C{i % 10}", linewidth=1.8 if k == 0 else 0.8,
+                    alpha=1.0 if k == 0 else 0.35, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_title(f"Detectors' ROC on {record}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def make_plots(table: Table, folder: Path, detection: Table | None = None) -> list[tuple[str, Path]]:
+    """Every plot of the table (and of the detectors' table ``detection``, when any), written
+    in ``folder``: (title, path) pairs."""
     out = []
     for record in table.records:
         for title, fn in ((f"C-Acc vs ASR on {record}", scatter), (f"Per-epoch curves on {record}", curves)):
@@ -195,6 +253,10 @@ def make_plots(table: Table, folder: Path) -> list[tuple[str, Path]]:
             path = fn(table, record, Path(folder) / f"{prefix}_{_safe(record)}.png")
             if path is not None:
                 out.append((title, path))
+        if detection is not None:
+            path = roc_curves(detection, record, Path(folder) / f"roc_{_safe(record)}.png")
+            if path is not None:
+                out.append((f"Detectors' ROC curves on {record}", path))
     if "sau" in table.defenses:
         path = shared_rate(table, Path(folder) / "sau_shared_rate.png")
         if path is not None:
@@ -219,31 +281,35 @@ img { max-width: 100%; border: 1px solid #ddd; }
 """
 
 
-def html_table(table: Table) -> str:
-    """The table with a two-level header (record, then metric); best values in <b>."""
+def html_table(table: Table, table_id: str = "compare") -> str:
+    """The table with a two-level header (record, then metric); best values in <b>. The
+    detectors' table (``table.detectors``) has a row per detector."""
     e = html.escape
-    head1 = ['<th rowspan="2">Defense</th>'] + [f'<th colspan="{len(COLUMNS)}">{e(r)}</th>' for r in table.records]
-    head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in COLUMNS]
+    first = "Detector" if table.detectors else "Defense"
+    head1 = [f'<th rowspan="2">{first}</th>'] + [f'<th colspan="{len(table.columns)}">{e(r)}</th>'
+                                                 for r in table.records]
+    head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in table.columns]
     body = []
-    for defense in [NO_DEFENSE, *table.defenses]:
+    for defense in table.names:
         cells = [f'<td class="defense">{e(defense)}</td>']
         for record in table.records:
             row = table.row(record, defense)
-            texts = _cells(row, lambda t: f"\0{t}\1")
+            texts = _cells(row, lambda t: f"\0{t}\1", table.metrics)
             for i, text in enumerate(texts):
                 safe = e(text).replace("\0", "<b>").replace("\1", "</b>")
                 cls = ' class="problem"' if i == 0 and not row.seeds and row.problems else ""
                 cells.append(f"<td{cls}>{safe}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ('<table id="compare">\n<thead><tr>' + "".join(head1) + "</tr>\n<tr>" + "".join(head2) +
-            "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
+    return (f'<table id="{e(table_id, quote=True)}">\n<thead><tr>' + "".join(head1) + "</tr>\n<tr>" +
+            "".join(head2) + "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
 
 
 def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[tuple[str, str]] = (),
-              links: Sequence[str] = ()) -> str:
+              links: Sequence[str] = (), detection: Table | None = None) -> str:
     """One self-contained page: the table's purpose (when it has one), how it was made
     (``about``: command, config, date, machine), links to its data files (``links``,
-    names relative to the page), the table, the notes and every plot as a base64 PNG."""
+    names relative to the page), the table, the notes, the detectors' table (``detection``,
+    when any) and every plot as a base64 PNG."""
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>SAU-Bench comparison: {e(table.name)}</title>", f"<style>{_STYLE}</style></head><body>",
@@ -262,6 +328,12 @@ def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[t
     if notes:
         parts.append('<h2>Runs that did not finish</h2><ul id="notes">' +
                      "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    if detection is not None:
+        parts += ["<h2>Detectors</h2>", f"<p>{e(table_note(detection))}; the best value of each column in bold.</p>",
+                  html_table(detection, "detection")]
+        notes = notes_of(detection)
+        if notes:
+            parts.append('<ul id="detection_notes">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     if plots:
         parts.append("<h2>Plots</h2>")
     for title, path in plots:
@@ -272,5 +344,5 @@ def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[t
     return "\n".join(parts) + "\n"
 
 
-__all__ = ["METRICS", "curves", "html_page", "html_table", "make_plots", "mean_curve", "scatter", "scatter_position",
-           "seeds_text", "shared_rate"]
+__all__ = ["METRICS", "curves", "html_page", "html_table", "make_plots", "mean_curve", "roc_curves", "roc_of",
+           "scatter", "scatter_position", "seeds_text", "shared_rate"]

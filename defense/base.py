@@ -1063,8 +1063,8 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
             inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
     """The run of a detector (``kind`` data_detection or input_detection): it gets only
     what its kind may see; the harness scores, measures (utils.metrics.detection_metrics)
-    and writes summary.json and <name>_scores.csv."""
-    from utils.metrics import detection_metrics
+    and writes summary.json, <name>_scores.csv and BackdoorBench's detection_info.csv."""
+    from utils.metrics import detection_info_csv, detection_metrics
     from utils.poison import poisoned_training_set
 
     del checkpoint  # a detection run is not resumable: it restarts
@@ -1120,6 +1120,7 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
              metrics["positives"] + metrics["negatives"], seconds)
     save_text("set,index,poisoned,score,flagged\n" + "".join(f"{s},{i},{p},{v!r},{f}\n" for s, i, p, v, f in rows),
               folder / f"{defense.name}_scores.csv")
+    save_text(detection_info_csv(values["result_file"], metrics), folder / "detection_info.csv")  # BackdoorBench's
     summary = {
         "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
         "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),

@@ -569,3 +569,160 @@ def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_re
     foreign = Run("defense", "r", "x", 0, summary={"config": {"yaml_path": "../../etc/passwd"}})
     assert recipe_line("reference", [run, foreign]).endswith("or the paper's).")  # nothing to except
     assert recipe_line("tuned", [run]).startswith("Recipes: tuned, for every defense")
+
+
+# -- issue 22: the retuning attack's column ------------------------------------------------------------
+
+def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
+    from bench.report import html_table
+    from bench.tables import terminal_table
+
+    runs = _hand_made(tmp_path)
+    for run, asr in zip([r for r in runs if r.method == "a"], (0.40, 0.60)):  # a retuned (seeds 0, 1); b not
+        run.summary["retune"] = {"clean_acc": 0.9, "asr": asr, "ra": 0.3, "poisoned_samples": 5, "clean_samples": 45}
+    table = aggregate("t", ["r1"], ["a", "b"], [0, 1], runs)
+    assert table.columns == ["C-Acc", "ASR", "RA", "DER", "ASR after retuning", "Time"]
+    a = table.row("r1", "a")
+    assert a.cells["retune_asr"].mean == pytest.approx(50.0) and a.cells["retune_asr"].text() == "50.00 ± 14.14"
+    md = markdown(table)
+    assert "| Defense | r1 C-Acc | ASR | RA | DER | ASR after retuning | Time |" in md
+    assert ("| a | **91.00 ± 1.41** | 15.00 ± 7.07 | 75.00 ± 7.07 | **87.50 ± 3.54** | 50.00 ± 14.14 "
+            "| 2.5 ± 0.7 s cpu |") in md
+    assert ("| b | 82.00 ± 2.83 | **6.00 ± 1.41** | **76.00 ± 22.63** | 80.00 ± 0.00 | — "
+            "| 2.5 ± 0.7 s cpu |") in md
+    assert "| no defense | 95.00 | 100.00 | 0.00 | — | — | 9.0 s cpu |" in md
+    assert "retuning attack of Min et al. (NeurIPS 2024" in md and "5 poisoned + 45 clean samples" in md
+    csv_lines = to_csv(table).splitlines()
+    assert ",der,der_std,retune_asr,retune_asr_std,seconds," in csv_lines[0]
+    assert csv_lines[2].startswith("r1,a,2,2,91.0,1.41,15.0,7.07,75.0,7.07,87.5,3.54,50.0,14.14,")
+    rows = {r["defense"]: r for r in to_json(table)["rows"]}
+    assert rows["a"]["retune_asr_values"] == pytest.approx([40.0, 60.0]) and rows["b"]["retune_asr"] is None
+    text = terminal_table(table)
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    a_line = next(line for line in text.splitlines() if line.startswith("a "))
+    assert "50.00 ± 14.14" in a_line and "ASR retuned" in text and "no defense " in text
+    page = html_table(table)
+    assert '<th colspan="6">r1</th>' in page and "<th>ASR after retuning</th>" in page and "<td>50.00 ± 14.14</td>" \
+        in page
+
+
+def test_without_retune_results_the_table_is_unchanged(tmp_path):
+    from bench.report import html_table
+    from bench.tables import terminal_table
+
+    table = aggregate("t", ["r1"], ["a", "b"], [0, 1], _hand_made(tmp_path))
+    assert table.columns == ["C-Acc", "ASR", "RA", "DER", "Time"]
+    for text in (markdown(table), to_csv(table), terminal_table(table), html_table(table)):
+        assert "retun" not in text.lower()
+    assert "retune_asr" not in to_json(table)["rows"][0]
+
+
+# -- issue 20: the detectors' table ----------------------------------------------------------------------
+
+def _detector_runs() -> list[Run]:
+    """Two detectors on record r1, seeds 0 and 1: ``ac`` retrained a model, ``strip`` (input
+    detection) flags nothing of its own on seed 1; ``spectral`` failed."""
+    def summary(auroc, tpr, f1, seconds, retrained=None):
+        out = {"detection": {"auroc": auroc, "tpr_at_5fpr": tpr, "f1": f1, "positives": 10, "negatives": 90},
+               "seconds": seconds, "device": "cpu"}
+        return {**out, "retrained": retrained} if retrained is not None else out
+
+    return [Run("defense", "r1", "ac", 0, status="done",
+                summary=summary(0.90, 0.50, 0.60, 4.0, {"clean_acc": 0.95, "asr": 0.02, "ra": 0.9, "removed": 12})),
+            Run("defense", "r1", "ac", 1, status="done",
+                summary=summary(0.80, 0.40, 0.50, 6.0, {"clean_acc": 0.93, "asr": 0.04, "ra": 0.9, "removed": 11})),
+            Run("defense", "r1", "strip", 0, status="done", summary=summary(0.99, 0.95, 0.70, 1.0)),
+            Run("defense", "r1", "strip", 1, status="done", summary=summary(0.97, 0.93, None, 1.0)),
+            Run("defense", "r1", "spectral", 0, status="failed", message="boom")]
+
+
+def test_detector_table_has_tpr_f1_time_and_retrained_numbers():
+    from bench.tables import detection_json, detection_markdown, detection_table, terminal_table
+
+    table = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
+    assert table.columns == ["AUROC", "TPR@5%FPR", "F1", "Retrained C-Acc", "Retrained ASR", "Time"]
+    ac, strip = table.row("r1", "ac"), table.row("r1", "strip")
+    assert ac.cells["auroc"].text() == "85.00 ± 7.07" and ac.cells["f1"].mean == pytest.approx(55.0)
+    assert ac.cells["retrained_asr"].mean == pytest.approx(3.0) and strip.cells["retrained_asr"].mean is None
+    assert strip.cells["f1"].values == pytest.approx([70.0])  # seed 1 flags nothing: no F1
+    assert strip.best == {"auroc", "tpr_at_5fpr", "f1"} and ac.best == set()  # one retrained model: unranked
+    md = detection_markdown(table)
+    assert "| Detector | AUROC | TPR@5%FPR | F1 | Retrained C-Acc | Retrained ASR | Time |" in md
+    assert "| ac | 85.00 ± 7.07 | 45.00 ± 7.07 | 55.00 ± 7.07 | 94.00 ± 1.41 | 3.00 ± 1.41 | 5.0 ± 1.4 s cpu |" in md
+    assert "| strip | **98.00 ± 1.41** | **94.00 ± 1.41** | **70.00** | — | — | 1.0 ± 0.0 s cpu |" in md
+    assert "| spectral | failed: boom | — |" in md and "TPR at 5% FPR" in md and "retrained from scratch" in md
+    text = terminal_table(table)
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert text.startswith("detectors on record r1") and "Retr. C-Acc" in text
+    assert "85.00 ± 7.07" in next(line for line in text.splitlines() if line.startswith("ac "))
+    data = detection_json(table)
+    cell = data["rows"][0]["cells"]["r1"]
+    assert cell["auroc"] == pytest.approx(85.0) and cell["std"] == pytest.approx(7.0710678)
+    assert cell["tpr_at_5fpr_values"] == pytest.approx([50.0, 40.0]) and cell["seconds"] == pytest.approx(5.0)
+    assert data["rows"][2]["cells"]["r1"]["problem"] == "failed: boom" and data["metrics"][-1] == "retrained_asr"
+
+
+def test_detector_table_without_retraining_has_no_retrained_columns():
+    from bench.tables import detection_table
+
+    runs = [r for r in _detector_runs() if r.method != "ac"]
+    table = detection_table(["r1"], ["strip", "spectral"], runs)
+    assert table.columns == ["AUROC", "TPR@5%FPR", "F1", "Time"]
+
+
+def test_html_page_shows_the_detectors_table():
+    from bench.report import html_page
+    from bench.tables import detection_table
+
+    detection = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
+    page = html_page(_table(), [], detection=detection)
+    parsed = _Page()
+    parsed.feed(page)
+    assert parsed.tables == ["compare", "detection"]
+    assert '<th rowspan="2">Detector</th><th colspan="6">r1</th>' in page and "<td><b>98.00 ± 1.41</b></td>" in page
+    assert "spectral on r1 (seed 0): failed: boom" in page
+    assert 'id="detection"' not in html_page(_table(), [])
+
+
+def test_roc_plot_per_record_from_stored_points_or_the_scores_csv(tmp_path):
+    import torch
+
+    from bench.report import make_plots, roc_of
+    from bench.tables import detection_table
+    from utils.metrics import roc_points
+
+    runs = _detector_runs()
+    for run in runs[:3]:
+        run.summary["detection"]["roc"] = {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0]}
+    folder = tmp_path / "strip_seed1"  # an older summary without points: read from its scores csv
+    folder.mkdir()
+    (folder / "strip_scores.csv").write_text("set,index,poisoned,score,flagged\nclean_test,0,0,0.1,\n"
+                                             "clean_test,1,0,0.7,\nbd_test,0,1,0.9,\nbd_test,1,1,0.4,\n")
+    runs[3].folder = folder
+    assert roc_of(runs[0]) == {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0]}
+    assert roc_of(runs[3]) == roc_points(torch.tensor([0.1, 0.7, 0.9, 0.4]), torch.tensor([0, 0, 1, 1]))
+    assert roc_of(Run("defense", "r1", "strip", 2, status="done", summary={"detection": {}})) is None
+    detection = detection_table(["r1"], ["ac", "strip", "spectral"], runs)
+    table = aggregate("t", ["r1"], [], [0], [])
+    plots = make_plots(table, tmp_path, detection)
+    assert [(title, path.name) for title, path in plots] == [("Detectors' ROC curves on r1", "roc_r1.png")]
+    assert (tmp_path / "roc_r1.png").read_bytes().startswith(b"\x89PNG")
+    assert make_plots(table, tmp_path / "none", detection_table(["r1"], ["spectral"], runs)) == []
+
+
+def test_written_outputs_hold_the_detectors_and_count_their_failures(tmp_path):
+    from bench.compare import write_outputs
+    from bench.tables import detection_table
+
+    detection = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
+    values = {"plots": False, "html": True, "rows": "defenses", "recipes": "reference", "grid": None,
+              "result_file": ["r1"]}
+    result = write_outputs(_table(record="r1"), tmp_path, values, detection)
+    assert result["failed"] == 2  # the mitigation table's "broken" and the detector "spectral"
+    assert result["detection"]["rows"][0]["cells"]["r1"]["f1"] == pytest.approx(55.0)
+    assert "**Detectors on r1**" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "table.json").read_text())["detection"]["metrics"][:3] == ["auroc", "tpr_at_5fpr",
+                                                                                             "f1"]
+    terminal = result["terminal"].splitlines()[:-1]  # the last line names the markdown file
+    assert max(len(line) for line in terminal) <= 100 and "detectors on record r1" in terminal
+    assert 'id="detection"' in (tmp_path / "index.html").read_text()

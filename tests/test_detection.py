@@ -35,6 +35,47 @@ def test_detection_metrics_match_a_hand_computation():
     assert (m["tp"], m["fp"], m["fn"], m["tn"], m["flagged"]) == (1, 1, 1, 1, 2)
     assert m["tpr"] == m["recall"] == m["fpr"] == m["precision"] == m["f1"] == 0.5
     assert m["positives"] == 2 and m["negatives"] == 2
+    # the ROC curve: threshold 0.9 catches a positive, 0.8 a negative, 0.3 the other positive
+    assert m["roc"] == {"fpr": [0.0, 0.0, 0.5, 0.5, 1.0], "tpr": [0.0, 0.5, 0.5, 1.0, 1.0]}
+
+
+def test_detection_info_csv_has_backdoorbench_columns_and_empty_cells_for_undefined_values():
+    from utils.metrics import detection_info_csv
+
+    scores, labels = torch.tensor([0.9, 0.8, 0.3, 0.1]), torch.tensor([1, 0, 1, 0])
+    lines = detection_info_csv("r", detection_metrics(scores, labels, scores > 0.85)).splitlines()
+    assert lines == ["record,TN,FP,FN,TP,TPR,FPR,AUC,target,precision,F1,TPR_at_5FPR,positives,negatives",
+                     "r,2,0,1,1,0.5,0.0,0.75,None,1.0,0.6666666666666666,0.5,2,2"]
+    scores_only = detection_info_csv("r", detection_metrics(scores, labels)).splitlines()[1]
+    assert scores_only == "r,,,,,,,0.75,None,,,0.5,2,2"
+
+
+def _check_curve(points, auroc_value, tolerance):
+    fpr, tpr = np.array(points["fpr"]), np.array(points["tpr"])
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))  # the trapezoid rule
+    assert abs(area - auroc_value) <= tolerance, (area, auroc_value)
+
+
+def test_roc_points_are_monotone_from_0_0_to_1_1_and_their_area_is_the_auroc():
+    from utils.metrics import ROC_POINTS, roc_points
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.rand(60, generator=generator) < 0.3
+    scores = torch.randn(60, generator=generator) + labels.float()
+    scores[:6] = 0.5  # tied scores: a diagonal step, counted one half by both
+    points = roc_points(scores, labels)
+    assert len(points["fpr"]) <= ROC_POINTS
+    _check_curve(points, auroc(scores, labels), 1e-6)
+    _check_curve(roc_points(torch.ones(4), torch.tensor([1, 0, 1, 0])), 0.5, 1e-6)
+    # a long curve, thinned to at most ROC_POINTS points: still monotone, both ends, area close
+    labels = torch.rand(20000, generator=generator) < 0.1
+    scores = torch.randn(20000, generator=generator) + 1.5 * labels.float()
+    points = roc_points(scores, labels)
+    assert len(points["fpr"]) <= ROC_POINTS
+    _check_curve(points, auroc(scores, labels), 2e-3)
+    assert roc_points(torch.tensor([0.2, 0.1]), torch.tensor([0, 0])) is None
 
 
 def test_ties_count_one_half_and_undefined_values_are_none():
@@ -141,6 +182,14 @@ def test_a_data_detector_gets_the_training_set_as_delivered_and_nothing_else(spy
     assert [float(r["score"]) for r in rows] == corner.tolist()
     assert [int(r["poisoned"]) for r in rows] == poisoned.int().tolist()
     assert json.loads((folder / "summary.json").read_text())["detection"] == summary["detection"]
+    # BackdoorBench's detection_info.csv (detection_pretrain/ac.py, strip.py): its columns first, ours after
+    (info,) = list(csv.DictReader((folder / "detection_info.csv").open()))
+    assert list(info)[:9] == ["record", "TN", "FP", "FN", "TP", "TPR", "FPR", "AUC", "target"]
+    d = summary["detection"]
+    assert info["record"] == "badnet_digits" and info["target"] == "None"
+    assert [int(info[k]) for k in ("TN", "FP", "FN", "TP")] == [d["tn"], d["fp"], d["fn"], d["tp"]]
+    assert float(info["TPR"]) == d["tpr"] and float(info["AUC"]) == d["auroc"] and float(info["F1"]) == d["f1"]
+    assert float(info["TPR_at_5FPR"]) == d["tpr_at_5fpr"] and int(info["positives"]) == d["positives"]
 
     _garbled(monkeypatch)  # other test sets: the same scores (they never reach the detector)
     again = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",
@@ -244,7 +293,9 @@ def test_compare_puts_detectors_in_their_own_table(record_root):
     for row in table["rows"]:
         summary = json.loads((record_root / "badnet_digits" / "defense" / row["detector"] / "summary.json").read_text())
         assert row["cells"]["badnet_digits"]["auroc"] == pytest.approx(100 * summary["detection"]["auroc"])
-    assert "| detector | badnet_digits: AUROC |" in result["markdown"]
+    assert "**Detectors on badnet_digits**" in result["markdown"]
+    assert "| Detector | AUROC | TPR@5%FPR | F1 | " in result["markdown"]
+    assert "detectors on record badnet_digits" in result["terminal"]
     text = (record_root / "compare" / "badnet_digits" / "table.md").read_text()
     assert "| spectral | " in text and "| strip | " in text and "| ft | " in text
 

@@ -12,6 +12,10 @@ are "higher = more suspicious"), :func:`detection_metrics`:
   ties counting one half (rank-based; sklearn's ``roc_auc_score``).
 * TPR@5%FPR: the largest TPR of an ROC point whose FPR is at most 5%.
 * TPR, FPR, precision, recall, F1 of the method's own flagged set.
+* :func:`detection_info_csv`: these numbers under BackdoorBench's ``detection_info.csv``
+  column names (its detection_pretrain/*.py and detection_infer/*.py), ours after them.
+* ROC: the curve's (FPR, TPR) points, at most :data:`ROC_POINTS` of them (:func:`roc_points`),
+  for plots; their trapezoid area is the AUROC when the curve has no more points than that.
 """
 from __future__ import annotations
 
@@ -172,6 +176,29 @@ def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float = 0.05) ->
     return float(tprs[fprs <= fpr + 1e-12].max())
 
 
+ROC_POINTS = 101  # the most (FPR, TPR) points a summary keeps of a ROC curve
+
+
+def roc_points(scores: torch.Tensor, labels: torch.Tensor,
+               max_points: int = ROC_POINTS) -> dict[str, list[float]] | None:
+    """The ROC curve of ``scores`` against 0/1 ``labels`` as ``{"fpr": [...], "tpr": [...]}``:
+    from (0, 0) to (1, 1), both coordinates non-decreasing, tied scores one diagonal step
+    (so the trapezoid area is :func:`auroc`), collinear points dropped. A longer curve is
+    thinned to at most ``max_points`` points spread evenly along FPR + TPR (which grows
+    from 0 to 2 along the curve), keeping both ends; None when only one class is present."""
+    from sklearn.metrics import roc_curve
+
+    s, y = _detection_inputs(scores, labels)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
+    if len(fpr) > max_points:
+        keep = np.searchsorted(fpr + tpr, np.linspace(0.0, 2.0, max_points))
+        keep = np.unique(np.concatenate([[0], np.clip(keep, 0, len(fpr) - 1), [len(fpr) - 1]]))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return {"fpr": [float(v) for v in fpr], "tpr": [float(v) for v in tpr]}
+
+
 def flagged_metrics(flagged: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """TPR (= recall), FPR, precision and F1 of a flagged set against 0/1 ``labels``, with
     the counts; NaN where a ratio has no denominator."""
@@ -194,13 +221,43 @@ def flagged_metrics(flagged: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
 def detection_metrics(scores: torch.Tensor, labels: torch.Tensor,
                       flagged: torch.Tensor | None = None) -> dict[str, Any]:
     """Every detection metric, once: ``auroc``, ``tpr_at_5fpr`` (at ``at_fpr``), the
-    positives and negatives counted, and, when the method flags a set, that set's
-    ``tpr``, ``fpr``, ``precision``, ``recall``, ``f1`` and counts (``flagged``). None
-    stands for an undefined value (one class only, an empty denominator)."""
+    positives and negatives counted, the ROC curve's points (``roc``, :func:`roc_points`)
+    and, when the method flags a set, that set's ``tpr``, ``fpr``, ``precision``,
+    ``recall``, ``f1`` and counts (``flagged``). None stands for an undefined value (one
+    class only, an empty denominator)."""
     y = torch.as_tensor(labels).bool().cpu().flatten()
     out: dict[str, Any] = {"auroc": auroc(scores, y), "tpr_at_5fpr": tpr_at_fpr(scores, y, 0.05),
-                           "positives": int(y.sum()), "negatives": int((~y).sum())}
+                           "positives": int(y.sum()), "negatives": int((~y).sum()), "roc": roc_points(scores, y)}
     if flagged is not None:
         out.update(flagged_metrics(flagged, y))
         out["flagged"] = int(torch.as_tensor(flagged).bool().sum())
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+
+# BackdoorBench's detection_info.csv columns (detection_pretrain/*.py, detection_infer/*.py; 'AUC' as in its
+# strip.py and cd.py), then what BackdoorBench's file has no column for, under our names. Its ac.py's
+# 'weight_F_score' (F1 with false negatives weighted 9 times) is not written: no metric of ours is it.
+BACKDOORBENCH_DETECTION_COLUMNS = ("record", "TN", "FP", "FN", "TP", "TPR", "FPR", "AUC", "target")
+DETECTION_EXTRA_COLUMNS = ("precision", "F1", "TPR_at_5FPR", "positives", "negatives")
+
+
+def detection_info_csv(record: str, metrics: dict[str, Any]) -> str:
+    """A detector run's numbers (``metrics``: :func:`detection_metrics`) as one row under
+    BackdoorBench's ``detection_info.csv`` header, then :data:`DETECTION_EXTRA_COLUMNS`.
+    Rates are fractions, as BackdoorBench writes them; an undefined value (no flagged set,
+    one class only) is an empty cell, where BackdoorBench writes 0; ``target`` is "None"
+    (BackdoorBench's value where a detector names no target class; ours name none)."""
+    import csv
+    import io
+
+    values = {"record": record, "TN": metrics.get("tn"), "FP": metrics.get("fp"), "FN": metrics.get("fn"),
+              "TP": metrics.get("tp"), "TPR": metrics.get("tpr"), "FPR": metrics.get("fpr"),
+              "AUC": metrics.get("auroc"), "target": "None", "precision": metrics.get("precision"),
+              "F1": metrics.get("f1"), "TPR_at_5FPR": metrics.get("tpr_at_5fpr"),
+              "positives": metrics.get("positives"), "negatives": metrics.get("negatives")}
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    columns = (*BACKDOORBENCH_DETECTION_COLUMNS, *DETECTION_EXTRA_COLUMNS)
+    writer.writerow(columns)
+    writer.writerow(["" if values[c] is None else values[c] for c in columns])
+    return buf.getvalue()
