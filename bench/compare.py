@@ -503,7 +503,7 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     except UserError as exc:
         return _mismatch(run, values, str(exc))
     requested = cfg.plain(resolve_attack(rec.attack, [], options))
-    diff = config_diff(requested, record.config, ATTACK_CONTROLS)
+    diff = config_diff(requested, record.config, ATTACK_CONTROLS, defaults=_defaults("attack", rec.attack))
     if diff:
         return _mismatch(run, values, "record config differs: " + "; ".join(diff))
     run.status, run.identity, run.legacy = "reused", record.identity, record.legacy
@@ -511,6 +511,18 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
     if problem is not None:
         return _mismatch(run, values, problem)
     return run
+
+
+def _defaults(side: str, name: str) -> dict[str, Any]:
+    """The declared default of each parameter of method ``name`` (its harness's common ones
+    included): what a result made before a parameter existed computed with."""
+    if side == "attack":
+        from attack import ATTACKS as registry
+        from attack.base import COMMON
+    else:
+        from defense import DEFENSES as registry
+        from defense.base import COMMON
+    return {p.name: p.default for p in (*COMMON, *registry.get(name).params())}
 
 
 def _mismatch(run: Run, values: dict[str, Any], message: str) -> Run:
@@ -593,7 +605,7 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
     problem = identity_problem(summary, base.identity, base.legacy)
     if problem is not None:
         return _mismatch(run, values, problem)
-    diff = config_diff(requested, summary.get("config") or {}, DEFENSE_CONTROLS)
+    diff = config_diff(requested, summary.get("config") or {}, DEFENSE_CONTROLS, defaults=_defaults("defense", name))
     if diff:
         return _mismatch(run, values, "config differs: " + "; ".join(diff))
     run.status, run.summary = "reused", summary

@@ -108,6 +108,13 @@ def test_config_diff_ignores_where_and_how():
     assert config_diff({"epochs": 3, "lr": 0.1, "retune": None}, stored, CONTROL_KEYS) == []
     assert config_diff({"epochs": 3, "lr": 0.1, "retune": 0}, stored, CONTROL_KEYS) == [
         "retune: result (absent), requested 0"]
+    # ... or left at the parameter's declared default
+    unset = {"retune": False}
+    assert config_diff({"epochs": 3, "lr": 0.1, "retune": False}, stored, CONTROL_KEYS, defaults=unset) == []
+    assert config_diff({"epochs": 3, "lr": 0.1, "retune": True}, stored, CONTROL_KEYS, defaults={"retune": False}) == [
+        "retune: result (absent), requested True"]
+    assert config_diff({"epochs": 3, "lr": 0.1, "retune": 0}, stored, CONTROL_KEYS, defaults={"retune": False}) == [
+        "retune: result (absent), requested 0"]  # 0 is not False's type
 
 
 # -- executors ---------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ class Param:
         return self.default is REQUIRED
 
 
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
 def control_keys(params: Iterable[Param]) -> frozenset[str]:
     """The names of the parameters that say how a run is made, not what it computes
     (``control`` set): what :func:`config_diff` skips."""
@@ -71,18 +75,21 @@ def apart_keys(params: Iterable[Param]) -> tuple[str, ...]:
 
 
 def config_diff(requested: Mapping[str, Any], stored: Mapping[str, Any], ignore: Iterable[str] = (),
-                labels: tuple[str, str] = ("result", "requested")) -> list[str]:
+                labels: tuple[str, str] = ("result", "requested"), defaults: Mapping[str, Any] | None = None
+                ) -> list[str]:
     """The differences between a requested resolved config and a stored one (a finished
     run's, a checkpoint's), as ``key: result X, requested Y`` texts (``labels`` name the
     two sides); keys in ``ignore`` (:func:`control_keys`) are skipped, floats equal to
-    1e-9 relative are equal, and a key one side lacks equals None on the other (an option
-    added after a run was made, left unset: the run computed what it would compute now)."""
+    1e-9 relative are equal, and a key one side lacks equals None on the other, or, lacking
+    in the stored config, the parameter's default in ``defaults`` (an option added after the
+    run was made, left at its default: the run computed what it would compute now)."""
     skip = set(ignore)
     missing = object()
+    defaults = defaults or {}
     out = []
     for key in sorted((set(requested) | set(stored)) - skip):
         want, have = requested.get(key, missing), stored.get(key, missing)
-        if {want, have} <= {missing, None}:
+        if {want, have} <= {missing, None} or (have is missing and key in defaults and _same(want, defaults[key])):
             continue
         if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
             if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
