@@ -338,12 +338,12 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
     outputs = [out_dir / n for n in ("table.md", "table_by_record.md", "table.csv", "table.json")]
     plots: list[tuple[str, Path]] = []
     if values["plots"] or values["html"]:
-        from bench.report import make_plots
+        from bench.page import make_plots
 
         plots = make_plots(table, out_dir, detection)
         outputs += [p for _, p in plots]
     if values["html"]:
-        from bench.report import html_page
+        from bench.page import html_page
 
         import html
 

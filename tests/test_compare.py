@@ -1,6 +1,6 @@
 """The comparison (bench/, also python defense/compare.py) and its pieces: aggregation and
 table rendering (bench.tables), runs and executors (bench.jobs, bench.executors), resume,
-failures, config mismatches, grids (bench.grid), plots and the HTML page (bench.report)."""
+failures, config mismatches, grids (bench.grid), plots and the HTML page (bench.page)."""
 from __future__ import annotations
 
 import base64
@@ -512,7 +512,7 @@ def test_terminal_table_fits_100_columns_and_keeps_the_numbers():
 
 
 def test_purpose_and_time_note_in_markdown_and_page():
-    from bench.report import html_page
+    from bench.page import html_page
 
     table = _table(purpose="smoke test: a few epochs, numbers are not results")
     md = markdown(table)
@@ -534,7 +534,7 @@ def test_smoke_grid_says_its_numbers_are_not_results():
 def test_curves_end_with_the_returned_models_row(tmp_path):
     """ANP's <name>_df.csv ends with a row without an epoch (the pruned model): the curve
     ends with it, as the table does."""
-    from bench.report import mean_curve, seeds_text
+    from bench.page import mean_curve, seeds_text
 
     folder = tmp_path / "anp"
     folder.mkdir()
@@ -552,7 +552,7 @@ def test_history_plot_keeps_the_row_without_an_epoch():
 
 
 def test_scatter_shifts_markers_that_would_hide_each_other():
-    from bench.report import OFFSET, scatter_position
+    from bench.page import OFFSET, scatter_position
 
     assert scatter_position(10.0, 90.0, []) == (10.0, 90.0)
     assert scatter_position(10.0, 90.0, [(10.2, 90.1)]) == (10.0 + OFFSET, 90.0)
@@ -581,7 +581,7 @@ def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_re
 # -- issue 22: the retuning attack's column ------------------------------------------------------------
 
 def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
-    from bench.report import html_table
+    from bench.page import html_table
     from bench.tables import terminal_table
 
     runs = _hand_made(tmp_path)
@@ -614,7 +614,7 @@ def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
 
 
 def test_without_retune_results_the_table_is_unchanged(tmp_path):
-    from bench.report import html_table
+    from bench.page import html_table
     from bench.tables import terminal_table
 
     table = aggregate("t", ["r1"], ["a", "b"], [0, 1], _hand_made(tmp_path))
@@ -678,7 +678,7 @@ def test_detector_table_without_retraining_has_no_retrained_columns():
 
 
 def test_html_page_shows_the_detectors_table():
-    from bench.report import html_page
+    from bench.page import html_page
     from bench.tables import detection_table
 
     detection = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
@@ -694,7 +694,7 @@ def test_html_page_shows_the_detectors_table():
 def test_roc_plot_per_record_from_stored_points_or_the_scores_csv(tmp_path):
     import torch
 
-    from bench.report import make_plots, roc_of
+    from bench.page import make_plots, roc_of
     from bench.tables import detection_table
     from utils.metrics import roc_points
 
