@@ -211,12 +211,23 @@ def resample_matrices(start: torch.Tensor, length: torch.Tensor, in_size: int, o
     return weights / weights.sum(2, keepdim=True)
 
 
+def crop_matrices(start: torch.Tensor, length: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`resample_matrices` from an axis of ``size`` to itself, read from one table of
+    every crop length (a crop placed at column ``size`` of a twice-wide axis), shifted by each
+    crop's start: the cubic is evaluated for size + 1 lengths instead of N images."""
+    lengths = torch.arange(size + 1, device=start.device)
+    table = resample_matrices(torch.full_like(lengths, size), lengths.clamp(min=1), 2 * size, size, dtype)
+    columns = torch.arange(size, device=start.device)[None, :] + size - start[:, None]  # (N, size)
+    rows = torch.arange(size, device=start.device)[None, :, None]
+    return table.reshape(-1)[(length[:, None, None] * size + rows) * (2 * size) + columns[:, None, :]]
+
+
 def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Each image's crop ``box`` (top, left, height, width) resized to the image's size
     (bicubic, antialiased, as torchvision's resized_crop), mirrored where ``flip``."""
     height, width = x.shape[-2:]
-    ry = resample_matrices(box[:, 0], box[:, 2], height, height, x.dtype)
-    rx = resample_matrices(box[:, 1], box[:, 3], width, width, x.dtype)
+    ry = crop_matrices(box[:, 0], box[:, 2], height, x.dtype)
+    rx = crop_matrices(box[:, 1], box[:, 3], width, x.dtype)
     rx = torch.where(flip[:, None, None], rx.flip(1), rx)
     return ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
 
@@ -247,25 +258,20 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Each RGB image's hue turned by ``shift`` (a share of the circle): HSV as torchvision
-    computes it, back to RGB by the closed form ``v - v s clip(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6 h) mod 6`` for n = 5, 3, 1."""
+    """Each RGB image's hue turned by ``shift`` (a share of the circle): the hue as torchvision
+    computes it (HSV), back to RGB by the closed form ``v - (v - min) clip(min(k, 4 - k), 0, 1)``
+    with ``k = (n + 6 h) mod 6`` for n = 5, 3, 1 (value and saturation unchanged)."""
     if x.shape[1] == 1:
         return x
-    value, low = x.amax(1), x.amin(1)
-    spread = value - low
-    flat = spread == 0
-    saturation = spread / torch.where(flat, torch.ones_like(value), value)
-    spread = torch.where(flat, torch.ones_like(spread), spread)
     r, g, b = x.unbind(1)
-    hue = torch.where(value == r, (g - b) / spread,
-                      torch.where(value == g, (b - r) / spread + 2.0, (r - g) / spread + 4.0))
-    hue = torch.where(flat, torch.zeros_like(hue), hue)
-    hue = ((hue / 6.0 + 1.0).fmod(1.0) + shift[:, None, None]).remainder(1.0)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
-    k = (n + hue[:, None] * 6.0).remainder(6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-    return value[:, None] - (value * saturation)[:, None] * ramp
+    value, low = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+    spread = value - low  # v s
+    sextant = torch.where(value == r, g - b, torch.where(value == g, b - r + 2 * spread, r - g + 4 * spread))
+    h6 = sextant / spread.masked_fill(spread == 0, 1.0) + (6.0 + 6.0 * shift)[:, None, None]  # 6 h + 6, in [4, 12)
+    h6 = torch.where(h6 >= 6.0, h6 - 6.0, h6)
+    k = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None] + h6[:, None]
+    k = torch.where(k >= 6.0, k - 6.0, k)
+    return value[:, None] - spread[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 JITTERS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -282,8 +288,9 @@ def _on(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.T
 def colour_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """torchvision's ColorJitter on the images of ``apply``, each with its own ``factors``
     (brightness, contrast, saturation, hue) in its own ``order``."""
+    jitters = JITTERS if x.shape[1] == 3 else JITTERS[:2]  # saturation and hue leave one channel as it is
     for position in range(4):
-        for j, fn in enumerate(JITTERS):
+        for j, fn in enumerate(jitters):
             x = _on(x, apply & (order[:, position] == j), fn, factors[:, j])
     return x
 
