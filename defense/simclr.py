@@ -277,21 +277,22 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 JITTERS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def _on(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """``x`` with ``fn(x[mask], *(a[mask] for a in args))`` in place of the images of ``mask``."""
+def _on_(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``fn(x[mask], *(a[mask] for a in args))`` written in place over the images of ``mask``."""
     index = mask.nonzero().flatten()
     if len(index) == 0:
         return x
-    return x.index_copy(0, index, fn(x[index], *(a[index] for a in args)))
+    return x.index_copy_(0, index, fn(x[index], *(a[index] for a in args)))
 
 
 def colour_jitter(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """torchvision's ColorJitter on the images of ``apply``, each with its own ``factors``
     (brightness, contrast, saturation, hue) in its own ``order``."""
     jitters = JITTERS if x.shape[1] == 3 else JITTERS[:2]  # saturation and hue leave one channel as it is
+    x = x.clone()
     for position in range(4):
         for j, fn in enumerate(jitters):
-            x = _on(x, apply & (order[:, position] == j), fn, factors[:, j])
+            _on_(x, apply & (order[:, position] == j), fn, factors[:, j])
     return x
 
 
@@ -323,8 +324,8 @@ def apply_view_params(x: torch.Tensor, params: ViewParams, kernel: int | None = 
     with torch.autocast(x.device.type, enabled=False):
         out = crop_resize_flip(x, p.box, p.flip)
         out = colour_jitter(out, p.jitter, p.factors.to(x.dtype), p.order)
-        out = _on(out, p.gray, grayscale)
-        out = _on(out, p.blur, lambda y, s: gaussian_blur(y, s, kernel), p.sigma.to(x.dtype))
+        _on_(out, p.gray, grayscale)
+        _on_(out, p.blur, lambda y, s: gaussian_blur(y, s, kernel), p.sigma.to(x.dtype))
         return out.clamp_(0.0, 1.0)
 
 
