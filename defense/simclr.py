@@ -27,6 +27,9 @@ defenses' ``simclr_augment``:
   pixels beyond the crop's edge and uses a = -0.75. The four jitters run in each image's own
   random order, as torchvision's ColorJitter draws one; the blur is a separable convolution
   with one kernel per image (grouped), with torchvision's reflect padding.
+  Written on torch alone: kornia's augmentation module also draws per-image parameters, but
+  it is a dependency this project does not have (setup.cfg), and the views here are checked
+  against torchvision's own functions.
 * ``per_image`` (:func:`simclr_views`): torchvision.transforms.v2 image by image, torch's
   global generator; the implementation before the batched one.
 
