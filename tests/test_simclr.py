@@ -9,6 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from defense.simclr import (
     SimCLRViews, ViewParams, apply_view_params, batched_views, blur_kernel_size, draw_view_params,
+    simclr_augmentation, simclr_views,
 )
 
 BICUBIC = TF.InterpolationMode.BICUBIC
@@ -129,6 +130,21 @@ def test_views_on_cuda_match_the_cpu():
     params = draw_view_params(8, (16, 16), torch.Generator().manual_seed(0))
     on_gpu = apply_view_params(x.cuda(), params)
     assert on_gpu.device.type == "cuda" and torch.allclose(on_gpu.cpu(), apply_view_params(x, params), atol=1e-5)
+
+
+def test_batched_and_per_image_views_have_the_same_distribution():
+    """1000 views of one image each way: deciles of the views' mean and spread, and the mean
+    view, agree. Measured when written: at most 0.009, 0.012 and 0.031 on seeds 0 to 2; a
+    batched path with grayscale at p 0.6, jitter at p 0.3, no blur, no flip or crops of at
+    least 0.6 of the image pushed one of the three past its bound (0.039 to 0.125), seed 0."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 8, 8).expand(1000, 3, 8, 8).contiguous()
+    a = simclr_views(x, simclr_augmentation((8, 8)))
+    b = batched_views(x, torch.Generator().manual_seed(0))
+    deciles = torch.linspace(0.1, 0.9, 9)
+    assert (a.mean((1, 2, 3)).quantile(deciles) - b.mean((1, 2, 3)).quantile(deciles)).abs().max() < 0.03
+    assert (a.std((1, 2, 3)).quantile(deciles) - b.std((1, 2, 3)).quantile(deciles)).abs().max() < 0.025
+    assert (a.mean(0) - b.mean(0)).abs().max() < 0.05
 
 
 def test_an_unknown_mode_is_refused():
