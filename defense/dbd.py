@@ -16,6 +16,8 @@ Hyperparameters (BackdoorBench's config/defense/dbd/cifar10.yaml and the DBD con
 code reads, config_z/pretrain/squareTrigger/cifar10 and config_z/semi/badnets/cifar10):
     epoch_self (100), batch_size_self (512), lr_self (0.4), self_t_max (1000), temperature (0.5):
         SimCLR (SGD, momentum 0.9, weight decay 1e-4, cosine schedule stepped each epoch)
+    simclr_augment (batched): the SimCLR views drawn for the whole batch at once with per-image
+        parameters (per_image: torchvision v2 image by image); defense/simclr.py
     epoch_warmup (10), warmup_batch_size (128), sce_alpha (0.1), sce_beta (1.0): the linear head's epochs
     epsilon (0.5): the share of lowest-SCE samples kept labelled
     semi_epochs (100; BackdoorBench's ``epochs``), train_iteration (1024), semi_batch_size (64),
@@ -37,6 +39,7 @@ from __future__ import annotations
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
 
 import logging
+from typing import Literal
 
 import numpy as np
 import torch
@@ -153,9 +156,10 @@ class DBD(TrainingDefense):
                  warmup_batch_size: int = 128, sce_alpha: float = 0.1, sce_beta: float = 1.0, epsilon: float = 0.5,
                  semi_epochs: int = 100, train_iteration: int = 1024, semi_batch_size: int = 64,
                  mixmatch_temperature: float = 0.5, mixmatch_alpha: float = 0.75, lambda_u: float = 15.0,
-                 rampup_length: int = 190, semi_lr: float = 0.002):
+                 rampup_length: int = 190, semi_lr: float = 0.002,
+                 simclr_augment: Literal["batched", "per_image"] = "batched"):
         self.epoch_self, self.batch_size_self, self.lr_self = epoch_self, batch_size_self, lr_self
-        self.self_t_max, self.temperature = self_t_max, temperature
+        self.self_t_max, self.temperature, self.simclr_augment = self_t_max, temperature, simclr_augment
         self.epoch_warmup, self.warmup_batch_size, self.sce_alpha, self.sce_beta = (epoch_warmup, warmup_batch_size,
                                                                                     sce_alpha, sce_beta)
         self.epsilon, self.semi_epochs, self.train_iteration = epsilon, semi_epochs, train_iteration

@@ -12,7 +12,8 @@ The steps, as BackdoorBench runs them:
 1. SimCLR self-supervised pre-training of a backbone on the training set as delivered
    (``epoch_self`` epochs, defense/simclr.py; SGD lr ``lr_self`` 0.4, momentum 0.9, weight
    decay 1e-4, cosine schedule with T_max ``self_t_max`` 1000 stepped each epoch, batch
-   ``batch_size_self`` 512, temperature 0.5).
+   ``batch_size_self`` 512, temperature 0.5); views drawn for the whole batch at once with
+   per-image parameters (``simclr_augment: batched``; ``per_image``: torchvision v2 image by image).
 2. Detection by local gradient ascent (LGA, ABL's isolation loss in its flooding form
    ``|L - gamma| + gamma``) on a fresh model of the recipe's architecture, without
    augmentation (``epoch_lga`` epochs, SGD lr ``lr_lga`` 0.01 with BackdoorBench's cosine
@@ -50,6 +51,7 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 
 import logging
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -163,9 +165,10 @@ class NAB(TrainingDefense):
                  lr_lga: float = 0.01, batch_size_lga: int = 64, detect_ratio: float = 0.1,
                  centroid_ratio: float = 0.2, trigger_size: int = 2, epochs: int | None = 100,
                  batch_size: int | None = 256, lr: float | None = 0.01, sgd_momentum: float | None = 0.9,
-                 wd: float | None = 1e-4, lr_scheduler: str | None = "none"):
+                 wd: float | None = 1e-4, lr_scheduler: str | None = "none",
+                 simclr_augment: Literal["batched", "per_image"] = "batched"):
         self.epoch_self, self.batch_size_self, self.lr_self = epoch_self, batch_size_self, lr_self
-        self.self_t_max, self.temperature = self_t_max, temperature
+        self.self_t_max, self.temperature, self.simclr_augment = self_t_max, temperature, simclr_augment
         self.epoch_lga, self.gamma, self.lr_lga, self.batch_size_lga = epoch_lga, gamma, lr_lga, batch_size_lga
         self.detect_ratio, self.centroid_ratio, self.trigger_size = detect_ratio, centroid_ratio, trigger_size
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr

@@ -74,9 +74,11 @@ def test_linear_warmup_trains_only_the_head(small):
     assert changed and {k.rsplit(".", 1)[0] for k in changed} == head
 
 
-def test_a_short_run_keeps_epsilon_labelled_and_returns_the_architecture(small):
+@pytest.mark.parametrize("simclr_augment", ["batched", "per_image"])
+def test_a_short_run_keeps_epsilon_labelled_and_returns_the_architecture(small, simclr_augment):
     torch.manual_seed(0)
-    dbd = DBD(epoch_self=1, batch_size_self=128, epoch_warmup=1, semi_epochs=1, train_iteration=3, epsilon=0.3)
+    dbd = DBD(epoch_self=1, batch_size_self=128, epoch_warmup=1, semi_epochs=1, train_iteration=3, epsilon=0.3,
+              simclr_augment=simclr_augment)
     model = dbd.train(small)
     assert isinstance(model, Classifier) and not model.training
     assert len(dbd.extras()["labelled"]) == int(len(small) * 0.3) == dbd.report()["labelled"]
