@@ -514,15 +514,15 @@ def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Pat
 
 
 def _defaults(side: str, name: str) -> dict[str, Any]:
-    """The declared default of each parameter of method ``name`` (its harness's common ones
-    included): what a result made before a parameter existed computed with."""
+    """What a result of method ``name`` made before some of its parameters existed is taken
+    to hold for them (:func:`utils.config.absent_defaults`, the harness's common ones included)."""
     if side == "attack":
         from attack import ATTACKS as registry
         from attack.base import COMMON
     else:
         from defense import DEFENSES as registry
         from defense.base import COMMON
-    return {p.name: p.default for p in (*COMMON, *registry.get(name).params())}
+    return cfg.absent_defaults((*COMMON, *registry.get(name).params()))
 
 
 def _mismatch(run: Run, values: dict[str, Any], message: str) -> Run:

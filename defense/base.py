@@ -501,13 +501,13 @@ COMMON: list[Param] = [
           check=cfg.non_negative, control="apart"),
     Param("retune", bool, False, "after a mitigation, also fine-tune a copy of the purified model on a small seeded "
           "mix of poisoned and clean training samples (the retuning attack, Min et al., NeurIPS 2024; "
-          "utils/retune.py) and report its metrics as summary.json's 'retune'"),
+          "utils/retune.py) and report its metrics as summary.json's 'retune'", absent_is_default=True),
     Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
           "can run code, so only for records from a source you trust", control="apart"),
     Param("debug", bool, False, "show tracebacks", control=True),
     Param("retrain", bool | None, None, "data detection: retrain the model from scratch without the flagged samples "
           "(the attack's recipe, seeded) and report its C-Acc/ASR/RA (default: on for digits, off otherwise: it costs "
-          "a training run); other kinds ignore it"),
+          "a training run); other kinds ignore it", absent_is_default=True),
 ]
 # How or where a run is made, not what it computes (the ``control`` marks above): skipped when
 # a finished result (compare's reuse) or a checkpoint (--resume) is checked against a request.

@@ -100,21 +100,21 @@ def test_config_diff_ignores_where_and_how():
     requested = {"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b", "eval_every": 1}
     assert config_diff(requested, stored, CONTROL_KEYS) == []
     assert config_diff(requested, stored) == ["device: result 'cuda', requested 'cpu'", "eval_every: result 5, "
-                                              "requested 1", "record_root: result '/a', requested '/b'"]
+                                              "requested 1", "record_root: result '/a', requested '/b'",
+                                              "result_name: result None, requested (absent)"]
     assert config_diff({"epochs": 2, "lr": 0.1}, stored, CONTROL_KEYS) == ["epochs: result 3, requested 2"]
     assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored, CONTROL_KEYS) == [
         "new: result (absent), requested 1"]
-    # an option added after the run was made, left unset (None), is what the run did
-    assert config_diff({"epochs": 3, "lr": 0.1, "retune": None}, stored, CONTROL_KEYS) == []
-    assert config_diff({"epochs": 3, "lr": 0.1, "retune": 0}, stored, CONTROL_KEYS) == [
-        "retune: result (absent), requested 0"]
-    # ... or left at the parameter's declared default
+    # a parameter marked absent_is_default, added after the run was made: its absence is its default
     unset = {"retune": False}
     assert config_diff({"epochs": 3, "lr": 0.1, "retune": False}, stored, CONTROL_KEYS, defaults=unset) == []
-    assert config_diff({"epochs": 3, "lr": 0.1, "retune": True}, stored, CONTROL_KEYS, defaults={"retune": False}) == [
-        "retune: result (absent), requested True"]
-    assert config_diff({"epochs": 3, "lr": 0.1, "retune": 0}, stored, CONTROL_KEYS, defaults={"retune": False}) == [
-        "retune: result (absent), requested 0"]  # 0 is not False's type
+    assert config_diff({"epochs": 3, "lr": 0.1, "retune": True}, stored, CONTROL_KEYS, defaults=unset) == [
+        "retune: result False, requested True"]
+    assert config_diff({"epochs": 3, "lr": 0.1, "other": None}, stored, CONTROL_KEYS, defaults=unset) == [
+        "other: result (absent), requested None"]  # not marked: a new parameter may change what runs compute
+    from defense.base import COMMON
+    from utils.config import absent_defaults
+    assert absent_defaults(COMMON) == {"retune": False, "retrain": None}
 
 
 # -- executors ---------------------------------------------------------------------------------

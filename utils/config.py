@@ -44,7 +44,11 @@ class Param:
     against a request. ``"apart"``: a control that is also kept out of the config a run
     saves (the harness hands it over apart: ``--resume``, ``--save_every``). The lists of
     such keys are derived from these marks (:func:`control_keys`, :func:`apart_keys`),
-    never written out by hand."""
+    never written out by hand.
+
+    ``absent_is_default``: the parameter was added later and, at its default, only adds
+    outputs (``--retune``): a result saved before it existed computed what its default
+    computes, so :func:`config_diff` takes its absence from a stored config as the default."""
 
     name: str
     type: Any
@@ -53,20 +57,23 @@ class Param:
     aliases: tuple[str, ...] = ()
     check: Callable[[Any], str | None] | None = None  # returns a complaint or None
     control: bool | Literal["apart"] = False
+    absent_is_default: bool = False
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
 
-def _same(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b
-
-
 def control_keys(params: Iterable[Param]) -> frozenset[str]:
     """The names of the parameters that say how a run is made, not what it computes
     (``control`` set): what :func:`config_diff` skips."""
     return frozenset(p.name for p in params if p.control)
+
+
+def absent_defaults(params: Iterable[Param]) -> dict[str, Any]:
+    """The defaults of the parameters marked ``absent_is_default``: what :func:`config_diff`
+    takes a stored config without them to hold."""
+    return {p.name: p.default for p in params if p.absent_is_default}
 
 
 def apart_keys(params: Iterable[Param]) -> tuple[str, ...]:
@@ -80,17 +87,16 @@ def config_diff(requested: Mapping[str, Any], stored: Mapping[str, Any], ignore:
     """The differences between a requested resolved config and a stored one (a finished
     run's, a checkpoint's), as ``key: result X, requested Y`` texts (``labels`` name the
     two sides); keys in ``ignore`` (:func:`control_keys`) are skipped, floats equal to
-    1e-9 relative are equal, and a key one side lacks equals None on the other, or, lacking
-    in the stored config, the parameter's default in ``defaults`` (an option added after the
-    run was made, left at its default: the run computed what it would compute now)."""
+    1e-9 relative are equal, and a key of ``defaults`` (:func:`absent_defaults`) that the
+    stored config lacks is taken to hold its default there."""
     skip = set(ignore)
     missing = object()
     defaults = defaults or {}
     out = []
     for key in sorted((set(requested) | set(stored)) - skip):
         want, have = requested.get(key, missing), stored.get(key, missing)
-        if {want, have} <= {missing, None} or (have is missing and key in defaults and _same(want, defaults[key])):
-            continue
+        if have is missing and key in defaults:
+            have = defaults[key]
         if isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
             if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
                 continue
