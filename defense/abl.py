@@ -116,7 +116,6 @@ class ABL(TrainingDefense):
         self.lr, self.lr_finetuning, self.finetuning_drop = lr, lr_finetuning, finetuning_drop
         self.lr_unlearning, self.momentum, self.weight_decay = lr_unlearning, momentum, weight_decay
         self.batch_size = batch_size
-        self._isolated = torch.zeros(0, dtype=torch.long)
 
     def phases(self) -> Phases:
         """Isolation, fine-tuning on the rest, unlearning."""
@@ -174,16 +173,11 @@ class ABL(TrainingDefense):
                                          desc=f"unlearn {e}")
                 stats["train_epoch_loss_avg_over_batch"] *= -1
             data.report(epoch, model, train_loss=stats["train_epoch_loss_avg_over_batch"], train_acc=stats["train_acc"])
-        if "isolated" in held:
-            self._isolated = held["isolated"]
+        # the isolated samples' indices in the training set (none when no epoch ran past the isolation)
+        isolated = held.get("isolated")
+        data.add_extras(isolated=isolated)
+        data.add_summary(isolated=len(isolated))
         return model.eval()
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """The isolated samples' indices in the training set."""
-        return {"isolated": self._isolated}
-
-    def report(self) -> dict:
-        return {"isolated": len(self._isolated)}
 
 
 if __name__ == "__main__":

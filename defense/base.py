@@ -52,7 +52,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -414,7 +414,7 @@ class Defense(Method):
     # TrainingData) -> Detection; input_detection: fit(model, DefenseData) -> InputDetector;
     # training_time: train(defense.training.TrainingSet) -> model (defense.training.TrainingDefense).
     kind: ClassVar[Literal["mitigation", "data_detection", "input_detection", "training_time"]] = "mitigation"
-    # Keys of extras() that hold N x C x H x W images in [0, 1]; the harness also writes
+    # Keys of data.add_extras(...) that hold N x C x H x W images in [0, 1]; the harness also writes
     # them as <key>/<i>.png (e.g. reversed triggers).
     image_extras: ClassVar[tuple[str, ...]] = ()
     # What ``python -m defense tune`` may search, next to the hyperparameters:
@@ -443,18 +443,32 @@ class Defense(Method):
         (defense.training.TrainingSet); see defense.training.TrainingDefense."""
         raise NotImplementedError
 
-    def extras(self) -> dict[str, torch.Tensor]:
-        """Deprecated: hand tensors over with ``data.add_extras(...)`` in ``mitigate``
-        (``detect``, ``fit``). Still read by the harness, before what ``data`` holds."""
-        return {}
 
-    def report(self) -> dict[str, Any]:
-        """Deprecated: hand summary values over with ``data.add_summary(...)``. Still read
-        by the harness, before what ``data`` holds."""
-        return {}
+# The hooks a method once overrode to hand results over, read by the harness no more.
+RETIRED_HOOKS = ("extras", "report")
 
 
-DEFENSES: Registry[Defense] = Registry("defense")
+class DefenseRegistry(Registry[Defense]):
+    """The defenses' registry: refuses, with one line, a class that still defines a retired
+    hook (:data:`RETIRED_HOOKS`), so that a method written against the old API fails loudly
+    instead of silently losing what it hands over."""
+
+    def register(self, name: str, *, aliases: Iterable[str] = ()):
+        wrap = super().register(name, aliases=aliases)
+
+        def checked(cls: type[Defense]) -> type[Defense]:
+            hooks = [h for h in RETIRED_HOOKS if callable(getattr(cls, h, None))]
+            if hooks:
+                raise TypeError(f"defense '{name}' ({cls.__module__}.{cls.__qualname__}) defines "
+                                f"{' and '.join(f'{h}()' for h in hooks)}, which the harness no longer reads: hand "
+                                "tensors over with data.add_extras(...) and summary values with data.add_summary(...) "
+                                "inside mitigate/detect/fit/train")
+            return wrap(cls)
+
+        return checked
+
+
+DEFENSES: Registry[Defense] = DefenseRegistry("defense")
 register_defense = DEFENSES.register
 
 
@@ -764,13 +778,6 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
     return data, idx
 
 
-def handed_over(defense: Defense, data: HandsOver) -> Outputs:
-    """What the method handed over through ``data`` (:meth:`DefenseData.add_extras`,
-    :meth:`DefenseData.add_summary`), after what its deprecated ``extras()`` and
-    ``report()`` hooks return (methods written before ``data.add_extras``)."""
-    return Outputs({**defense.extras(), **data.outputs.extras}, {**defense.report(), **data.outputs.summary})
-
-
 def _same(a: Any, b: float) -> bool:
     """Equal numbers, NaN equal to NaN."""
     return a == b or (isinstance(a, float) and a != a and b != b)
@@ -799,7 +806,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     monitor.undeclared_last_epoch = legacy - 1 if isinstance(legacy, int) and not isinstance(legacy, bool) else None
     before = monitor.evaluate(model)
     log.info("before: C-Acc %.4f  ASR %.4f  RA %.4f", before.clean_acc, before.asr, before.ra)
-    if training_time:  # its extras and summary values: the method's extras() and report() (defense/training.py)
+    if training_time:  # what it hands over, from its TrainingSet (defense/training.py)
         defender: DefenseData | HandsOver = HandsOver()
     else:
         defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"],
@@ -812,7 +819,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     if training_time:
         from defense.training import train_time
 
-        purified = train_time(defense, record, data, values, device, monitor, checkpoint)
+        purified = train_time(defense, record, data, values, device, monitor, checkpoint, defender)
     else:
         purified = defense.mitigate(model, defender)
         defender.check_deferred()
@@ -826,7 +833,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
     retuned = _retune(purified, record, data, values, device, measure) if values.get("retune") else None
 
-    extras = handed_over(defense, defender).extras
+    extras = defender.outputs.extras
     save_defense_result(folder, record.model_name, record.num_classes, purified.state_dict(), extras)
     for key in defense.image_extras:
         for i, image in enumerate(extras.get(key, ())):
@@ -846,7 +853,7 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
         "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
         "device": str(device), "clean_samples": len(idx), **({"retune": retuned} if retuned else {}),
-        **handed_over(defense, defender).summary,
+        **defender.outputs.summary,
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
     }
     save_json(summary, folder / "summary.json")
@@ -1124,7 +1131,7 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     summary = {
         "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
         "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),
-        "device": str(device), **extra, **handed_over(defense, held).summary,
+        "device": str(device), **extra, **held.outputs.summary,
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
     }
     save_json(summary, folder / "summary.json")

@@ -152,7 +152,6 @@ class Beatrix(Defense):
                  quantile: float = 0.95, layer: str | None = None, batch_size: int = 256):
         self.orders, self.mad_range, self.folds, self.quantile = list(orders), mad_range, folds, quantile
         self.layer, self.batch_size = layer, batch_size
-        self._classes: list[dict] = []
 
     def threshold(self, clean: torch.Tensor) -> float:
         """The ``quantile`` of the clean maps' deviations, each from the band of the other folds."""
@@ -170,7 +169,7 @@ class Beatrix(Defense):
         scores = torch.zeros(len(data), dtype=torch.float64)
         flagged = torch.zeros(len(data), dtype=torch.bool)
         mmd = np.zeros(data.num_classes)
-        self._classes = []
+        classes = []  # one row per class examined, in summary.json
         for c in range(data.num_classes):
             clean = clean_maps[clean_pred == c]
             idx = torch.nonzero(train_pred == c).flatten()
@@ -185,20 +184,18 @@ class Beatrix(Defense):
             flagged[idx[out]] = True
             pooled = train_maps[idx].mean((2, 3))
             mmd[c] = kernel_mmd(pooled[~out][:500], pooled[out][:500]) if out.any() and (~out).any() else 0.0
-            self._classes.append({"class": c, "clean": int(len(clean)), "samples": int(len(idx)),
-                                  "threshold": threshold, "flagged": int(out.sum()), "kmmd": mmd[c]})
+            classes.append({"class": c, "clean": int(len(clean)), "samples": int(len(idx)),
+                             "threshold": threshold, "flagged": int(out.sum()), "kmmd": mmd[c]})
         median = np.median(mmd)
         index = np.abs(mmd - median) / 1.4826 / (np.median(np.abs(mmd - median)) + 1e-6)
-        for row in self._classes:
+        for row in classes:
             row["anomaly_index"] = float(index[row["class"]])
             row["target"] = bool(index[row["class"]] > math.exp(2))
             log.info("class %d: %d clean, %d samples, threshold %.4g, %d flagged, KMMD %.4g, anomaly index %.2f%s",
                      row["class"], row["clean"], row["samples"], row["threshold"], row["flagged"], row["kmmd"],
                      row["anomaly_index"], "  -> target" if row["target"] else "")
+        data.add_summary(classes=classes)
         return Detection(scores.float(), flagged)
-
-    def report(self) -> dict[str, list]:
-        return {"classes": self._classes}
 
 
 if __name__ == "__main__":

@@ -89,19 +89,6 @@ class Pruned:
         data.add_summary(**self.summary())
 
 
-class ReportsPruning:
-    """Deprecated (pruning defenses call ``Pruned.hand_over(data)``): a mixin giving
-    ``extras()`` and ``report()`` from ``self.pruned``, the :class:`Pruned` of the last ``mitigate``."""
-
-    pruned: Pruned | None = None
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        return {} if self.pruned is None else dict(self.pruned.extras)
-
-    def report(self) -> dict[str, Any]:
-        return {} if self.pruned is None else self.pruned.summary()
-
-
 def inputs_on_one_batch(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any,
                         batch_size: int) -> tuple[int, dict[str, torch.Tensor]]:
     """Each layer's input on one seeded, train-transformed batch of the defender's data

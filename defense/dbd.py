@@ -166,7 +166,6 @@ class DBD(TrainingDefense):
         self.semi_batch_size, self.mixmatch_temperature = semi_batch_size, mixmatch_temperature
         self.mixmatch_alpha, self.lambda_u, self.rampup_length, self.semi_lr = (mixmatch_alpha, lambda_u,
                                                                                 rampup_length, semi_lr)
-        self._labelled = torch.zeros(0, dtype=torch.long)
 
     def phases(self) -> Phases:
         return Phases(("self", self.epoch_self), ("warmup", self.epoch_warmup), ("semi", self.semi_epochs))
@@ -198,8 +197,10 @@ class DBD(TrainingDefense):
                 # BackdoorBench's ramp counts the epochs from the first linear warm-up epoch
                 lx, lu = self.semi_epoch(data, model, optimizer, labelled, self.epoch_warmup + e, generator)
                 data.report(epoch, model, lx=lx, lu=lu)
-        if labelled is not None:
-            self._labelled = torch.nonzero(labelled).flatten()
+        # the training indices the last semi-supervised epoch took as labelled (none when it never ran)
+        kept = torch.zeros(0, dtype=torch.long) if labelled is None else torch.nonzero(labelled).flatten()
+        data.add_extras(labelled=kept)
+        data.add_summary(labelled=len(kept))
         return model.eval()
 
     def warmup_epoch(self, data: TrainingSet, model: Classifier, optimizer: torch.optim.Optimizer, epoch: int,
@@ -255,13 +256,6 @@ class DBD(TrainingDefense):
             optimizer.step()
             total_x, total_u = total_x + lx.item(), total_u + lu.item()
         return total_x / self.train_iteration, total_u / self.train_iteration
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """The training indices kept labelled in the last MixMatch epoch."""
-        return {"labelled": self._labelled}
-
-    def report(self) -> dict:
-        return {"labelled": len(self._labelled)}
 
 
 if __name__ == "__main__":

@@ -70,7 +70,6 @@ class DBR(SensitivityDefense):
                                trans2)
         self.br_epochs, self.br_lr, self.br_batch_size = br_epochs, br_lr, br_batch_size
         self.momentum, self.weight_decay, self.epochs = momentum, weight_decay, epochs
-        self._split = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
 
     def phases(self, recipe: Recipe) -> Phases:
         return Phases(("train", recipe.epochs), ("sd", self.sd.epochs), ("br", self.br_epochs))
@@ -106,8 +105,10 @@ class DBR(SensitivityDefense):
                 held["clean"], held["poisoned"] = self.sd.split(data, sd_model, data.generator(1))
             unlearn, relearn = self.remove_epoch(data, model, br_optimizer, held, epoch, generator)
             data.report(epoch, model, unlearn_loss=unlearn, relearn_loss=relearn)
-        if "clean" in held:
-            self._split = (held["clean"], held["poisoned"])
+        # the training indices taken as clean and as poisoned (none when no epoch ran past the split)
+        clean, poisoned = held.get("clean"), held.get("poisoned")
+        data.add_extras(clean=clean, poisoned=poisoned)
+        data.add_summary(taken_as_clean=len(clean), taken_as_poisoned=len(poisoned))
         return model.eval()
 
     def remove_epoch(self, data: TrainingSet, model: nn.Module, optimizer: torch.optim.Optimizer, held: Held,
@@ -125,13 +126,6 @@ class DBR(SensitivityDefense):
         relearn = data.train_epoch(model, optimizer, images=data.train.images[clean], labels=data.train.labels[clean],
                                    epoch=epoch, generator=generator, batch_size=self.br_batch_size, desc="relearn")
         return -unlearn["train_epoch_loss_avg_over_batch"], relearn["train_epoch_loss_avg_over_batch"]
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """The training indices taken as clean and as poisoned."""
-        return {"clean": self._split[0], "poisoned": self._split[1]}
-
-    def report(self) -> dict:
-        return {"taken_as_clean": len(self._split[0]), "taken_as_poisoned": len(self._split[1])}
 
 
 if __name__ == "__main__":

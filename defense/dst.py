@@ -196,7 +196,6 @@ class DST(SensitivityDefense):
         self.sscl_epochs, self.sscl_lr, self.temperature = sscl_epochs, sscl_lr, temperature
         self.mce_epochs, self.mce_lr, self.poison_weight = mce_epochs, mce_lr, poison_weight
         self.batch_size = batch_size
-        self._flags = torch.zeros(0, dtype=torch.long)
 
     def phases(self) -> Phases:
         return Phases(("sd", self.sd.epochs), ("sscl", self.sscl_epochs), ("mce", self.mce_epochs))
@@ -244,8 +243,12 @@ class DST(SensitivityDefense):
                 stats = data.train_epoch(model, mce_optimizer, labels=coded, epoch=epoch, augment=False, step=step,
                                          generator=generator, batch_size=self.batch_size, desc=f"mixed CE {e}")
             data.report(epoch, model, **{f"{phase}_loss": stats["train_epoch_loss_avg_over_batch"]})
-        if "flags" in held:
-            self._flags = held["flags"]
+        # each training sample's flag from the SD stage: 0 taken as clean, 1 uncertain, 2 taken as poisoned
+        # (none when no epoch ran past the split)
+        flags = held.get("flags")
+        data.add_extras(flags=flags)
+        data.add_summary(taken_as_clean=int((flags == CLEAN).sum()),
+                         taken_as_poisoned=int((flags == POISONED).sum()))
         return model.eval()
 
     def sscl_step(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
@@ -280,14 +283,6 @@ class DST(SensitivityDefense):
             return mixed_cross_entropy(logits, labels, flags, self.poison_weight), logits, labels
 
         return step
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """Each training sample's flag from the SD stage: 0 taken as clean, 1 uncertain, 2 taken as poisoned."""
-        return {"flags": self._flags}
-
-    def report(self) -> dict:
-        return {"taken_as_clean": int((self._flags == CLEAN).sum()),
-                "taken_as_poisoned": int((self._flags == POISONED).sum())}
 
 
 if __name__ == "__main__":

@@ -173,8 +173,6 @@ class NAB(TrainingDefense):
         self.detect_ratio, self.centroid_ratio, self.trigger_size = detect_ratio, centroid_ratio, trigger_size
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.sgd_momentum, self.wd, self.lr_scheduler = sgd_momentum, wd, lr_scheduler
-        self._found = {"suspicious": torch.zeros(0, dtype=torch.long), "relabelled": torch.zeros(0, dtype=torch.long)}
-        self._trigger: Stamp | None = None
 
     def phases(self, recipe: Recipe) -> Phases:
         return Phases(("self", self.epoch_self), ("lga", self.epoch_lga), ("train", recipe.epochs))
@@ -219,10 +217,14 @@ class NAB(TrainingDefense):
                 if scheduler is not None:
                     scheduler.step()
                 data.report(epoch, stamped, train_loss=stats["train_epoch_loss_avg_over_batch"])
-        if "labels" in held:
-            changed = held["labels"] != data.train.labels
-            self._found = {"suspicious": held["suspicious"], "relabelled": torch.nonzero(changed).flatten()}
-        self._trigger = trigger
+        # the suspicious and relabelled training indices (none when no epoch ran past the relabelling),
+        # and the defensive trigger (value, mask)
+        suspicious = held.get("suspicious")
+        relabelled = torch.nonzero(held["labels"] != data.train.labels).flatten() if "labels" in held else \
+            torch.zeros(0, dtype=torch.long)
+        data.add_extras(suspicious=suspicious, relabelled=relabelled,
+                        defensive_trigger=torch.stack([trigger.value.cpu(), trigger.mask.cpu()]))
+        data.add_summary(suspicious=len(suspicious), relabelled=len(relabelled))
         return stamped.eval()
 
     def relabel(self, data: TrainingSet, ascent: Classifier,
@@ -260,16 +262,6 @@ class NAB(TrainingDefense):
 
         return data.train_epoch(model, optimizer, labels=torch.arange(len(data)), epoch=epoch, step=step,
                                 generator=generator, desc=f"train {epoch}")
-
-    def extras(self) -> dict[str, torch.Tensor]:
-        """The suspicious and relabelled training indices, and the defensive trigger (value, mask)."""
-        out = dict(self._found)
-        if self._trigger is not None:
-            out["defensive_trigger"] = torch.stack([self._trigger.value.cpu(), self._trigger.mask.cpu()])
-        return out
-
-    def report(self) -> dict:
-        return {"suspicious": len(self._found["suspicious"]), "relabelled": len(self._found["relabelled"])}
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ class NPD(Defense):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-        self.layer = name
+        data.add_summary(polarized_layer=name)
         return model.eval()
 
     def warm_up(self, model: Classifier, polarizer: Polarizer, data: DefenseData, generator: torch.Generator) -> None:
@@ -252,9 +252,6 @@ class NPD(Defense):
                 seen += len(y)
             data.report(epoch, model, train_loss=total / max(seen, 1), train_acc=correct / max(seen, 1),
                         adv_acc=robust / max(seen, 1))
-
-    def report(self) -> dict:
-        return {"polarized_layer": getattr(self, "layer", None)}
 
 
 if __name__ == "__main__":

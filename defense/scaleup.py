@@ -74,7 +74,6 @@ class ScaleUp(Defense):
                  batch_size: int = 256):
         self.scales, self.threshold, self.standardize, self.batch_size = list(scales), threshold, standardize, \
             batch_size
-        self._clean: tuple[float, float] | None = None
 
     def consistency(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
         parts = [scaled_consistency(model, x[i:i + self.batch_size], self.scales)
@@ -87,18 +86,16 @@ class ScaleUp(Defense):
         if self.standardize:
             clean = self.consistency(model, data.tensors()[0]).double()
             mean, std = float(clean.mean()), max(float(clean.std(unbiased=False)), 1e-6)
-            self._clean = (mean, std)
             log.info("SCALE-UP: clean subset's consistency %.4f +- %.4f (%d images)", mean, std, len(clean))
+        # the clean subset's consistency statistics (None when not standardized)
+        data.add_summary(clean_consistency_mean=mean if self.standardize else None,
+                         clean_consistency_std=std if self.standardize else None)
 
         def detector(x: torch.Tensor) -> Detection:
             spc = (self.consistency(model, x).double() - mean) / std
             return Detection(spc.float(), spc >= self.threshold)
 
         return detector
-
-    def report(self) -> dict[str, float | None]:
-        mean, std = self._clean if self._clean is not None else (None, None)
-        return {"clean_consistency_mean": mean, "clean_consistency_std": std}
 
 
 if __name__ == "__main__":

@@ -180,7 +180,6 @@ class SCAn(Defense):
                  layer: str | None = None, batch_size: int = 256):
         self.threshold, self.em_iters, self.tol, self.layer, self.batch_size = threshold, em_iters, tol, layer, \
             batch_size
-        self._classes: list[dict] = []
 
     def detect(self, model: Classifier, data: TrainingDataWithClean) -> Detection:
         train = data.features(model, batch_size=self.batch_size, layer=self.layer).double().numpy()
@@ -213,20 +212,18 @@ class SCAn(Defense):
             suspicious[k] = idx[in_train][(z if first else ~z)[in_train]]
         j = anomaly_index(statistics) if np.max(statistics) > 0 else np.zeros(data.num_classes)
         flagged = np.zeros(len(train), dtype=bool)
-        self._classes = []
+        classes = []  # one row per class, in summary.json
         for k in range(data.num_classes):
             contaminated = bool(j[k] > self.threshold)
             if contaminated:
                 flagged[suspicious.get(k, [])] = True
-            self._classes.append({"class": k, "statistic": round(float(statistics[k]), 4),
-                                  "anomaly_index": round(float(j[k]), 4), "flagged": contaminated})
+            classes.append({"class": k, "statistic": round(float(statistics[k]), 4),
+                            "anomaly_index": round(float(j[k]), 4), "flagged": contaminated})
             log.info("class %d: statistic %.4g, anomaly index %.3f%s", k, statistics[k], j[k],
                      "  -> contaminated" if contaminated else "")
         scores = np.maximum(j, 0.0)[train_labels] * posterior
+        data.add_summary(classes=classes)
         return Detection(torch.from_numpy(scores).float(), torch.from_numpy(flagged))
-
-    def report(self) -> dict[str, list]:
-        return {"classes": self._classes}
 
 
 if __name__ == "__main__":

@@ -202,7 +202,6 @@ class SPECTRE(Defense):
                  limit2: float = 1.5, max_dims: int = 64, layer: str | None = None, batch_size: int = 256):
         self.percentile, self.alpha, self.tau, self.limit1, self.limit2 = percentile, alpha, tau, limit1, limit2
         self.max_dims, self.layer, self.batch_size = max_dims, layer, batch_size
-        self._classes: list[dict] = []
 
     def class_eps(self, n: int, total: int) -> int:
         """BackdoorBench's eps of a class of n samples in a training set of ``total``."""
@@ -218,23 +217,21 @@ class SPECTRE(Defense):
         features = data.features(model, batch_size=self.batch_size, layer=self.layer).double().numpy()
         scores = np.zeros(len(data))
         flagged = np.zeros(len(data), dtype=bool)
-        self._classes = []
+        classes = []  # one row per class examined, in summary.json
         for c, idx in data.class_indices(min_size=3):
             eps = self.class_eps(len(idx), len(data))
             s, statistic, k = spectre_class(features[idx], eps, self.alpha, self.tau, self.limit1, self.max_dims)
             scores[idx] = s
             count = min(len(idx), int(round(self.limit2 * eps)))
             flagged[idx[np.argsort(-s, kind="stable")[:count]]] = True
-            self._classes.append({"class": c, "samples": int(len(idx)), "eps": eps, "dims": k,
-                                  "que_statistic": round(statistic, 4)})
+            classes.append({"class": c, "samples": int(len(idx)), "eps": eps, "dims": k,
+                            "que_statistic": round(statistic, 4)})
             log.info("class %d: %d samples, eps %d, k %d, QUE statistic %.4f", c, len(idx), eps, k, statistic)
-        if self._classes:
+        if classes:
             log.info("SPECTRE: suspected target class %d (largest QUE statistic)",
-                     max(self._classes, key=lambda r: r["que_statistic"])["class"])
+                     max(classes, key=lambda r: r["que_statistic"])["class"])
+        data.add_summary(classes=classes)
         return Detection(torch.from_numpy(scores).float(), torch.from_numpy(flagged))
-
-    def report(self) -> dict[str, list]:
-        return {"classes": self._classes}
 
 
 if __name__ == "__main__":

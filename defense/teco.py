@@ -93,7 +93,6 @@ class TeCo(Defense):
                  batch_size: int = 256):
         self.corruptions, self.max_severity, self.frr, self.batch_size = list(corruptions), max_severity, frr, \
             batch_size
-        self._threshold: float | None = None
 
     def severities(self, model: Classifier, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The flip severity of each image of ``x`` for each corruption type: (N, types)."""
@@ -116,7 +115,7 @@ class TeCo(Defense):
         generator = data.generator(1)
         reference = self.deviation(model, data.tensors()[0], generator).sort().values.cpu()
         threshold = float(reference[min(int((1 - self.frr) * len(reference)), len(reference) - 1)])
-        self._threshold = threshold
+        data.add_summary(deviation_threshold=threshold)
         log.info("TeCo: deviation threshold %.4f (the %.0f%% quantile of %d clean images; %d corruption types)",
                  threshold, 100 * (1 - self.frr), len(reference), len(self.corruptions))
 
@@ -125,9 +124,6 @@ class TeCo(Defense):
             return Detection(d, d > threshold)
 
         return detector
-
-    def report(self) -> dict[str, float | None]:
-        return {"deviation_threshold": self._threshold}
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defense.base import Defense, DefenseData, Monitor, TrainingData
+from defense.base import Defense, DefenseData, HandsOver, Monitor, TrainingData
 from utils import config as cfg
 from utils.datasets import Dataset, ImageData, train_transform
 from utils.errors import UserError
@@ -183,11 +183,13 @@ def delivered_set(record: AttackRecord, data: Dataset, device: torch.device, amp
 
 
 def train_time(defense: Any, record: AttackRecord, data: Dataset, values: dict[str, Any], device: torch.device,
-               monitor: Monitor, checkpoint: Checkpoint | None) -> nn.Module:
+               monitor: Monitor, checkpoint: Checkpoint | None, handed: HandsOver) -> nn.Module:
     """The defense's ``train`` on what a training-time defender holds (:func:`delivered_set`);
-    returns its model."""
+    returns its model. What it hands over (``data.add_extras``, ``data.add_summary``) goes to
+    ``handed.outputs``."""
     recipe = Recipe.of_record(record).overridden(defense)
     held = delivered_set(record, data, device, values["amp"], values["random_seed"], recipe, monitor, checkpoint)
+    held.outputs = handed.outputs
     monitor.last_epoch = defense.total_epochs(recipe) - 1
     log.info("training-time defense on the training set as delivered: %d samples; recipe %s", len(held),
              ", ".join(f"{f.name}={getattr(recipe, f.name)}" for f in fields(recipe)))
@@ -224,6 +226,11 @@ class Held:
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor held under ``key``, or an empty long tensor when the run never computed it (no
+        epoch ran that far)."""
+        return self.tensors.get(key, torch.zeros(0, dtype=torch.long))
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
         self.tensors[key] = value

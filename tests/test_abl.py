@@ -2,6 +2,8 @@
 phases, and that unlearning ascends the isolated samples' loss."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,13 +51,13 @@ def test_phases_follow_the_schedule():
 def test_unlearning_raises_the_isolated_samples_loss(delivered):
     torch.manual_seed(0)
     before = ABL(tuning_epochs=2, finetuning_epochs=1, unlearning_epochs=0, batch_size=128)
-    model = before.train(delivered)
-    isolated = before.extras()["isolated"]
-    assert len(isolated) == int(len(delivered) * 0.01) == before.report()["isolated"]
+    model = before.train(held := dataclasses.replace(delivered))  # its own outputs (what the method hands over)
+    isolated = held.outputs.extras["isolated"]
+    assert len(isolated) == int(len(delivered) * 0.01) == held.outputs.summary["isolated"]
     torch.manual_seed(0)
     after = ABL(tuning_epochs=2, finetuning_epochs=1, unlearning_epochs=5, lr_unlearning=0.05, batch_size=128)
-    unlearnt = after.train(delivered)
-    assert torch.equal(after.extras()["isolated"], isolated)  # same seed, same isolation
+    unlearnt = after.train(held := dataclasses.replace(delivered))
+    assert torch.equal(held.outputs.extras["isolated"], isolated)  # same seed, same isolation
     loss_before = delivered.losses(model)[isolated].mean()
     loss_after = delivered.losses(unlearnt)[isolated].mean()
     assert loss_after > 10 * loss_before + 0.1

@@ -79,6 +79,6 @@ def test_a_short_run_keeps_epsilon_labelled_and_returns_the_architecture(small, 
     torch.manual_seed(0)
     dbd = DBD(epoch_self=1, batch_size_self=128, epoch_warmup=1, semi_epochs=1, train_iteration=3, epsilon=0.3,
               simclr_augment=simclr_augment)
-    model = dbd.train(small)
+    model = dbd.train(held := dataclasses.replace(small))  # its own outputs (what the method hands over)
     assert isinstance(model, Classifier) and not model.training
-    assert len(dbd.extras()["labelled"]) == int(len(small) * 0.3) == dbd.report()["labelled"]
+    assert len(held.outputs.extras["labelled"]) == int(len(small) * 0.3) == held.outputs.summary["labelled"]

@@ -3,6 +3,8 @@
 separation loss, and a short run's split."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -76,9 +78,9 @@ def test_feature_sensitivity_recomputed_independently(delivered):
 def test_a_short_run_splits_by_the_ratios_and_unlearns(delivered):
     torch.manual_seed(0)
     dbr = DBR(sd_epochs=1, sd_finetune_epochs=1, br_epochs=1, br_lr=0.05, epochs=2)
-    dbr.train(delivered)
-    clean, poisoned = dbr.extras()["clean"], dbr.extras()["poisoned"]
+    dbr.train(held := dataclasses.replace(delivered))  # its own outputs (what the method hands over)
+    clean, poisoned = held.outputs.extras["clean"], held.outputs.extras["poisoned"]
     n = len(delivered)
     assert len(clean) >= int(0.2 * n) and len(poisoned) >= int(0.05 * n)
     assert not set(clean.tolist()) & set(poisoned.tolist())
-    assert dbr.report() == {"taken_as_clean": len(clean), "taken_as_poisoned": len(poisoned)}
+    assert held.outputs.summary == {"taken_as_clean": len(clean), "taken_as_poisoned": len(poisoned)}

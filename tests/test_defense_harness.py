@@ -176,6 +176,28 @@ def test_unknown_defense_name_suggests():
         defense.run("saw", result_file="x")
 
 
+@pytest.mark.parametrize("hooks", [("extras",), ("report",), ("extras", "report")])
+def test_a_defense_defining_the_retired_hooks_is_refused_at_registration(hooks):
+    """A method written against the old API (extras() / report() on the defense) fails loudly
+    at registration, with one line naming data.add_extras / data.add_summary, instead of
+    silently losing what it hands over."""
+    from defense.base import DEFENSES, Defense
+
+    methods = {"mitigate": lambda self, model, data: model}
+    methods.update({hook: lambda self: {} for hook in hooks})
+    old = type("OldStyle", (Defense,), {"paper": "none", **methods})
+    with pytest.raises(TypeError) as info:
+        DEFENSES.register("old_style_test")(old)
+    message = str(info.value)
+    assert "\n" not in message and "defense 'old_style_test'" in message
+    assert all(f"{hook}()" in message for hook in hooks)
+    assert "data.add_extras(...)" in message and "data.add_summary(...)" in message
+    assert "old_style_test" not in DEFENSES.names()
+    inherited = type("Inherits", (old,), {})  # a subclass of one inherits the refusal
+    with pytest.raises(TypeError, match="data.add_summary"):
+        DEFENSES.register("inherits_test")(inherited)
+
+
 def test_image_extras_are_written_as_png(record_root):
     import cv2
 
@@ -191,12 +213,10 @@ def test_image_extras_are_written_as_png(record_root):
             self.epochs = epochs
 
         def mitigate(self, model, data):
-            return model
-
-        def extras(self):
             grey = torch.zeros(2, 1, 8, 8)
             grey[1, 0, 2, 3] = 1.0
-            return {"pictures": grey}
+            data.add_extras(pictures=grey)
+            return model
 
     DEFENSES.register("painter_test")(Painter)
     try:

@@ -107,11 +107,13 @@ class _Spy(Defense):
 
     def detect(self, model, data):
         type(self).seen.append(data)
+        data.add_summary(seen=len(type(self).seen))
         corner = data.train.images[:, :, -2:, -2:].float().mean((1, 2, 3))  # BadNets' patch is bright
         return Detection(corner, corner > 200)
 
     def fit(self, model, data):
         type(self).seen.append(data)
+        data.add_summary(seen=len(type(self).seen))
         threshold = float(data.clean.images.float().mean())
 
         def score(x):
@@ -119,9 +121,6 @@ class _Spy(Defense):
             return Detection(s, s > threshold)
 
         return score
-
-    def report(self):
-        return {"seen": len(type(self).seen)}
 
 
 @pytest.fixture
@@ -166,7 +165,7 @@ def test_a_data_detector_gets_the_training_set_as_delivered_and_nothing_else(spy
     name, cls = spy("data_detection")
     summary = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu")
     (data,) = cls.seen
-    assert type(data) is TrainingData
+    assert type(data) is TrainingData and summary["seen"] == 1  # what it handed over (data.add_summary)
     assert {f.name for f in dataclasses.fields(data)} == {"train", "info", "device", "amp", "seed"}
     assert {f.name for f in dataclasses.fields(data.train)} == {"images", "labels"}
     record = load_record(record_root / "badnet_digits")

@@ -83,9 +83,9 @@ def test_a_short_run_flags_every_sample_and_trains_only_the_classifier_in_the_la
     torch.manual_seed(0)
     dst = DST(sd_epochs=1, sd_finetune_epochs=0, sscl_epochs=1, mce_epochs=0, batch_size=128)
     encoder = dst.train(data).state_dict()
-    flags = dst.extras()["flags"]
+    flags = data.outputs.extras["flags"]
     assert len(flags) == len(data) and set(flags.unique().tolist()) == {CLEAN, UNCERTAIN, POISONED}
-    assert int((flags == POISONED).sum()) == dst.report()["taken_as_poisoned"] >= int(0.05 * len(data))
+    assert int((flags == POISONED).sum()) == data.outputs.summary["taken_as_poisoned"] >= int(0.05 * len(data))
     torch.manual_seed(0)
     both = DST(sd_epochs=1, sd_finetune_epochs=0, sscl_epochs=1, mce_epochs=1, batch_size=128)
     trained = both.train(data).state_dict()

@@ -37,7 +37,8 @@ def test_the_detector_standardises_with_the_clean_subset():
     detector = up.fit(Brightness(), data)
     clean_values = scaled_consistency(Brightness(), images.float() / 255, up.scales)
     mean, std = float(clean_values.mean()), float(clean_values.std(unbiased=False))
-    assert up.report()["clean_consistency_mean"] == pytest.approx(mean)
+    assert data.outputs.summary["clean_consistency_mean"] == pytest.approx(mean)
+    assert data.outputs.summary["clean_consistency_std"] == pytest.approx(std)
     out = detector(torch.stack([torch.full((1, 4, 4), 0.05), torch.full((1, 4, 4), 0.5)]))
     assert out.scores.tolist() == pytest.approx([(0.4 - mean) / std, (1.0 - mean) / std], rel=1e-5)
     assert out.flagged.tolist() == [False, True]

@@ -224,6 +224,9 @@ class ${Class}(Defense):
         for epoch in range(start, self.epochs):
             # <one pass over the clean subset>
             data.report(epoch, model)  # add the epoch's losses as keywords: data.report(epoch, model, loss=...)
+        # What the result keeps besides the model, handed over through data (the one way; a defense that defines
+        # extras() or report() methods is refused at registration): tensors for defense_result.pt with
+        # data.add_extras(mask=...), plain values for summary.json with data.add_summary(pruned=...).
         return model.eval()
 
 
