@@ -7,6 +7,7 @@ Every module of this package registers its attack on import; installed distribut
 theirs through the entry-point group ``saubench.attacks`` (see utils.registry).
 ``python -m attack list`` shows them all; ``python -m attack new NAME`` starts a new one.
 """
+
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
 from attack.base import ATTACKS, Attack, AttackContext, create_attack, list_attacks, main, register_attack, run
 from utils.registry import import_package_modules, load_plugins

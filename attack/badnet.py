@@ -11,6 +11,7 @@ Hyperparameters:
 
     python attack/badnet.py --dataset digits --save_folder_name badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)

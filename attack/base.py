@@ -29,6 +29,7 @@ LC), :meth:`Attack.batch_hook` (poison each batch on the fly: WaNet),
 with the victim: Input-Aware's generators), :meth:`Attack.cross` (a "noise mode" test set
 with true labels, saved as the record's ``cross_test``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,13 +52,33 @@ from utils.history import History
 from utils.metrics import Metrics, accuracy, closing_text, evaluate, mean_loss
 from utils.models import Classifier, create_model, model_spec
 from utils.files import StagedFolder, save_json
-from utils.poison import (PoisonedSet, batch_poison_count, bd_test_indices, check_target, poisoned_set,
-                          poisoned_training_set, select_poison_indices, target_labels, to_float, to_uint8)
+from utils.poison import (
+    PoisonedSet,
+    batch_poison_count,
+    bd_test_indices,
+    check_target,
+    poisoned_set,
+    poisoned_training_set,
+    select_poison_indices,
+    target_labels,
+    to_float,
+    to_uint8,
+)
 from utils.provenance import provenance
 from utils.records import AttackRecord, live_defense_locks, load_record, record_dir, split_digest
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
-                           replay, resolve_device, seed_everything)
+from utils.runtime import (
+    autocast,
+    check_data_root,
+    check_record_root,
+    grad_scaler,
+    held_logs,
+    log_to,
+    progress,
+    replay,
+    resolve_device,
+    seed_everything,
+)
 from utils.train import BatchHook, Checkpoint, Step, make_optimizer, make_scheduler, predict, train_epoch
 
 log = logging.getLogger("saubench")
@@ -122,21 +143,30 @@ class AttackContext:
         by the same training as attack/prototype.py."""
         info = self.dataset.info
         if record is None:
-            log.info("training a clean model (%s, %d epochs) to craft the trigger on", self.config["model"],
-                     self.config["epochs"])
+            log.info(
+                "training a clean model (%s, %d epochs) to craft the trigger on",
+                self.config["model"],
+                self.config["epochs"],
+            )
             model, _ = fit(self.config, info, self.dataset.train, self.device, desc="clean model")
             model.eval()
-            acc = accuracy(predict(model, self.dataset.test.images, device=self.device, amp=self.config["amp"]),
-                           self.dataset.test.labels)
+            acc = accuracy(
+                predict(model, self.dataset.test.images, device=self.device, amp=self.config["amp"]),
+                self.dataset.test.labels,
+            )
             log.info("clean model: C-Acc %.4f", acc)
             return model
         rec = load_record(record_dir(Path(self.config["record_root"]), record))
         if rec.attack != "prototype":
-            raise UserError(f"clean_model '{record}' is a {rec.attack} record, not a clean model "
-                            "(make one with attack/prototype.py)")
+            raise UserError(
+                f"clean_model '{record}' is a {rec.attack} record, not a clean model "
+                "(make one with attack/prototype.py)"
+            )
         if rec.clean_data != info.name or tuple(rec.img_size) != info.img_size or rec.num_classes != info.num_classes:
-            raise UserError(f"clean_model '{record}' was trained on {rec.clean_data} {tuple(rec.img_size)} with "
-                            f"{rec.num_classes} classes, not on {info.name} {info.img_size} with {info.num_classes}")
+            raise UserError(
+                f"clean_model '{record}' was trained on {rec.clean_data} {tuple(rec.img_size)} with "
+                f"{rec.num_classes} classes, not on {info.name} {info.img_size} with {info.num_classes}"
+            )
         log.info("clean model: record %s (%s)", rec.path, rec.model_name)
         return rec.build_model().to(self.device).eval()
 
@@ -148,21 +178,24 @@ class Training:
     with the victim receive it in :meth:`Attack.before_training` and
     :meth:`Attack.train_step`; they may append their own optimizers and schedulers."""
 
-    def __init__(self, model: nn.Module, data: ImageData, info: DatasetInfo, device: torch.device,
-                 values: dict[str, Any]):
+    def __init__(
+        self, model: nn.Module, data: ImageData, info: DatasetInfo, device: torch.device, values: dict[str, Any]
+    ):
         self.model, self.data, self.info, self.device = model, data, info, device
         self.amp = bool(values["amp"])
         self.batch_size = int(values["batch_size"])
         self.epochs = int(values["epochs"])
-        optimizer = make_optimizer(model.parameters(), values["client_optimizer"], values["lr"],
-                                   values["sgd_momentum"], values["wd"])
+        optimizer = make_optimizer(
+            model.parameters(), values["client_optimizer"], values["lr"], values["sgd_momentum"], values["wd"]
+        )
         scheduler = make_scheduler(optimizer, values["lr_scheduler"], values["epochs"])
         self.optimizers: list[torch.optim.Optimizer] = [optimizer]
         self.schedulers: list[Any] = [] if scheduler is None else [scheduler]
         self.scaler = grad_scaler(device, self.amp)
         self.generator = torch.Generator().manual_seed(int(values["random_seed"]))
-        self.policy = PoisonPolicy(float(values["pratio"]), int(values["attack_target"]),
-                                   str(values["attack_label_trans"]), info.num_classes)
+        self.policy = PoisonPolicy(
+            float(values["pratio"]), int(values["attack_target"]), str(values["attack_label_trans"]), info.num_classes
+        )
         self.epoch = 0  # the epoch under way (set by the harness before each)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,14 +210,31 @@ class Training:
         idx = torch.randperm(len(self.data), generator=self.generator)[:n]
         return self.augment(self.data.images[idx].to(self.device).float().div_(255.0))
 
-    def run_epoch(self, step: Step, optimizers: Sequence[torch.optim.Optimizer] | None = None, *, epoch: int = 0,
-                  desc: str = "train") -> dict[str, float]:
+    def run_epoch(
+        self,
+        step: Step,
+        optimizers: Sequence[torch.optim.Optimizer] | None = None,
+        *,
+        epoch: int = 0,
+        desc: str = "train",
+    ) -> dict[str, float]:
         """One pass over the training split (shuffled, augmented) minimising ``step``'s loss
         with ``optimizers`` (default: all of :attr:`optimizers`); see utils.train.train_epoch."""
-        return train_epoch(self.model, self.data.images, self.data.labels,
-                           self.optimizers if optimizers is None else optimizers, batch_size=self.batch_size,
-                           device=self.device, epoch=epoch, augment=self.augment, step=step, scaler=self.scaler,
-                           amp=self.amp, generator=self.generator, desc=desc)
+        return train_epoch(
+            self.model,
+            self.data.images,
+            self.data.labels,
+            self.optimizers if optimizers is None else optimizers,
+            batch_size=self.batch_size,
+            device=self.device,
+            epoch=epoch,
+            augment=self.augment,
+            step=step,
+            scaler=self.scaler,
+            amp=self.amp,
+            generator=self.generator,
+            desc=desc,
+        )
 
 
 class Attack(Method):
@@ -216,7 +266,7 @@ class Attack(Method):
         (``bd_train``). By default every image gets the trigger (:meth:`apply`); an attack
         whose training images differ from its test-time trigger (LC's adversarial
         perturbation) overrides it, and keeps any further product in :meth:`extras`."""
-        return torch.cat([self.apply(x[start:start + 1024]) for start in range(0, len(x), 1024)]) if len(x) else x
+        return torch.cat([self.apply(x[start : start + 1024]) for start in range(0, len(x), 1024)]) if len(x) else x
 
     def cross(self, x: torch.Tensor) -> torch.Tensor:
         """Optional "noise mode" (WaNet, Input-Aware): images that carry a perturbed
@@ -233,8 +283,9 @@ class Attack(Method):
         """Optional: called once the victim and its optimizer exist, before its first epoch
         (pre-train a generator, add optimizers to ``training``)."""
 
-    def train_step(self, training: Training, x: torch.Tensor, y: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def train_step(
+        self, training: Training, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Optional: the loss of one augmented training batch, for attacks that train
         something with the victim; returns (loss, logits, targets). When an attack defines
         it, the harness minimises that loss with all of ``training.optimizers`` instead of
@@ -249,8 +300,9 @@ class Attack(Method):
         """What of the attack changes while the victim trains, for checkpoints: by default
         every module (a generator trained with the victim) and every torch.Generator
         (per-batch poisoning draws) held as an attribute. Override to add or leave out."""
-        return {name: value for name, value in sorted(vars(self).items())
-                if isinstance(value, (nn.Module, torch.Generator))}
+        return {
+            name: value for name, value in sorted(vars(self).items()) if isinstance(value, (nn.Module, torch.Generator))
+        }
 
     @classmethod
     def defines(cls, hook: str) -> bool:
@@ -286,9 +338,14 @@ COMMON: list[Param] = [
     Param("pratio", float, 0.1, "poisoning ratio (of the whole training set)", check=cfg.fraction),
     Param("attack_target", int, 0, "target label (all2one)", check=cfg.non_negative),
     Param("attack_label_trans", Literal["all2one", "all2all"], "all2one", "label transform"),
-    Param("exclude_target_class", bool, False, "dirty-label all2one: draw the poisoned training samples from the "
-          "non-target classes only (off: from all samples, as BackdoorBench; a target-class sample drawn keeps "
-          "its label)"),
+    Param(
+        "exclude_target_class",
+        bool,
+        False,
+        "dirty-label all2one: draw the poisoned training samples from the "
+        "non-target classes only (off: from all samples, as BackdoorBench; a target-class sample drawn keeps "
+        "its label)",
+    ),
     Param("save_folder_name", str | None, None, "record folder name (default: <attack>_<dataset>)", control=True),
     Param("yaml_path", str | None, None, "training recipe (default: config/attack/prototype/<dataset>.yaml)"),
     Param("bd_yaml_path", str | None, None, "attack parameters (default: config/attack/<attack>/default.yaml)"),
@@ -301,10 +358,22 @@ COMMON: list[Param] = [
     Param("download", bool, True, "download missing datasets where possible", control=True),
     Param("overwrite", bool, False, "replace an existing record", control=True),
     Param("resume", bool, False, "continue an interrupted run from its checkpoint", control="apart"),
-    Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
-          check=cfg.non_negative, control="apart"),
-    Param("export_backdoorbench", bool, False, "also write the record in BackdoorBench's layout, in "
-          "<record>/backdoorbench/ (attack_result.pt and PNG folders)", control="apart"),
+    Param(
+        "save_every",
+        int,
+        1,
+        "save a checkpoint every N epochs (and after the last; 0: never)",
+        check=cfg.non_negative,
+        control="apart",
+    ),
+    Param(
+        "export_backdoorbench",
+        bool,
+        False,
+        "also write the record in BackdoorBench's layout, in "
+        "<record>/backdoorbench/ (attack_result.pt and PNG folders)",
+        control="apart",
+    ),
     Param("debug", bool, False, "show tracebacks", control=True),
 ]
 # How or where a run is made, not what it computes (the ``control`` marks above): skipped when
@@ -346,10 +415,14 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple
     """The run's parameters and, apart, the controls kept out of its config (APART_KEYS)."""
     cls = ATTACKS.get(name)
     params = [*COMMON, *cls.params()]
-    parser = cfg.build_parser(f"attack/{name}.py", params, (cls.__doc__ or "").strip().split("\n")[0],
-                              "The defaults above are the code's; a run reads config/attack/prototype/<dataset>.yaml "
-                              f"and config/attack/{name}/<dataset or default>.yaml over them.\nThe values a run will "
-                              f"use: python -m attack show {name} --dataset <dataset>")
+    parser = cfg.build_parser(
+        f"attack/{name}.py",
+        params,
+        (cls.__doc__ or "").strip().split("\n")[0],
+        "The defaults above are the code's; a run reads config/attack/prototype/<dataset>.yaml "
+        f"and config/attack/{name}/<dataset or default>.yaml over them.\nThe values a run will "
+        f"use: python -m attack show {name} --dataset <dataset>",
+    )
     cli = cfg.parse_cli(parser, argv)
     cfg.check_early(params, overrides, ("dataset", "yaml_path", "bd_yaml_path"))
     first = {**overrides, **cli}
@@ -389,8 +462,9 @@ def main(name: str) -> dict[str, Any]:
     return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 
-def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
-          ) -> tuple[dict[str, Any], dict[str, Any], Attack, torch.device]:
+def setup(
+    name: str, argv: Sequence[str], overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], Attack, torch.device]:
     """Everything that can be checked without data, checked before anything is written:
     the config, the run controls, the attack and the device."""
     values, control = _resolve(name, argv, overrides)
@@ -400,8 +474,10 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
     if info.num_classes > 0:
         check_target(values["attack_target"], info.num_classes)
     if ATTACKS.get(name).kind == "clean-label" and values["attack_label_trans"] != "all2one":
-        raise UserError(f"attack {name} is clean-label: it poisons target-class samples only, so "
-                        "--attack_label_trans must be all2one")
+        raise UserError(
+            f"attack {name} is clean-label: it poisons target-class samples only, so "
+            "--attack_label_trans must be all2one"
+        )
     hyper = {p.name: values[p.name] for p in ATTACKS.get(name).params()}
     try:
         attack = create_attack(name, **hyper)
@@ -414,8 +490,9 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
 
 def load_data(values: dict[str, Any]) -> Dataset:
     """The run's dataset, checked against the attack's target, before anything is written."""
-    data = load_dataset(values["dataset"], values["data_root"], download=values["download"],
-                        img_size=values["img_size"])
+    data = load_dataset(
+        values["dataset"], values["data_root"], download=values["download"], img_size=values["img_size"]
+    )
     check_target(values["attack_target"], data.info.num_classes)
     return data
 
@@ -424,8 +501,11 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     values, control, attack, device = setup(name, argv, overrides)
     with held_logs() as loading:
         data = load_data(values)
-    out = StagedFolder(record_dir(Path(values["record_root"]), values["save_folder_name"]), values["overwrite"],
-                       root=Path(values["record_root"]))
+    out = StagedFolder(
+        record_dir(Path(values["record_root"]), values["save_folder_name"]),
+        values["overwrite"],
+        root=Path(values["record_root"]),
+    )
     if values["overwrite"]:
         check_no_defense_running(out.final)
     folder = out.open(resume=control["resume"])
@@ -439,8 +519,14 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         check_no_defense_running(out.final)  # a defense may have started on the old record meanwhile
         final = out.commit()
     with log_to(None):  # the run's log is closed: the closing line goes to the console
-        log.info("%s on %s done: %s  (%.1f s); record in %s", name, values["dataset"], closing_text(summary),
-                 summary["seconds"], final)
+        log.info(
+            "%s on %s done: %s  (%.1f s); record in %s",
+            name,
+            values["dataset"],
+            closing_text(summary),
+            summary["seconds"],
+            final,
+        )
     return summary
 
 
@@ -451,13 +537,21 @@ def check_no_defense_running(record: Path) -> None:
     busy = live_defense_locks(record)
     if busy:
         lock, holder = busy[0]
-        raise UserError(f"{record} is in use by a defense run ({holder}, lock {lock}): wait for it to finish "
-                        "before replacing the record, or remove the lock if that run is gone")
+        raise UserError(
+            f"{record} is in use by a defense run ({holder}, lock {lock}): wait for it to finish "
+            "before replacing the record, or remove the lock if that run is gone"
+        )
 
 
-def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder: Path,
-            checkpoint: Checkpoint | None = None, data: Dataset | None = None,
-            export_backdoorbench: bool = False) -> dict[str, Any]:
+def _attack(
+    attack: Attack,
+    values: dict[str, Any],
+    device: torch.device,
+    folder: Path,
+    checkpoint: Checkpoint | None = None,
+    data: Dataset | None = None,
+    export_backdoorbench: bool = False,
+) -> dict[str, Any]:
     start = time.perf_counter()
     if checkpoint is not None:
         checkpoint.start_clock()
@@ -466,17 +560,24 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
         data = load_data(values)
     info = data.info
     target, label_trans = values["attack_target"], values["attack_label_trans"]
-    ctx = AttackContext(data, target, label_trans, device, np.random.default_rng(values["random_seed"]),
-                        cfg.plain(values))
+    ctx = AttackContext(
+        data, target, label_trans, device, np.random.default_rng(values["random_seed"]), cfg.plain(values)
+    )
     attack.prepare(ctx)
 
     # Poisoned samples, at rest.
     poison_idx = torch.zeros(0, dtype=torch.long)
     bd_train = None
     if attack.kind in ("dirty-label", "clean-label"):
-        poison_idx = select_poison_indices(data.train.labels, values["pratio"], label_trans=label_trans, target=target,
-                                           clean_label=attack.kind == "clean-label", rng=ctx.rng,
-                                           exclude_target_class=values["exclude_target_class"])
+        poison_idx = select_poison_indices(
+            data.train.labels,
+            values["pratio"],
+            label_trans=label_trans,
+            target=target,
+            clean_label=attack.kind == "clean-label",
+            rng=ctx.rng,
+            exclude_target_class=values["exclude_target_class"],
+        )
         labels = data.train.labels[poison_idx]
         if attack.kind == "dirty-label":
             labels = target_labels(labels, label_trans, target, info.num_classes)
@@ -487,8 +588,9 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     train_set, _ = poisoned_training_set(data.train, bd_train)
 
     # The victim.
-    model, history = fit(values, info, train_set, device, attack=attack, ctx=ctx, on_eval=test_sets.evaluate,
-                         checkpoint=checkpoint)
+    model, history = fit(
+        values, info, train_set, device, attack=attack, ctx=ctx, on_eval=test_sets.evaluate, checkpoint=checkpoint
+    )
     if test_sets.metrics is None:  # zero epochs
         test_sets.evaluate(model)
     metrics = test_sets.metrics
@@ -496,25 +598,53 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
 
     record = AttackRecord(
-        model_name=values["model"], num_classes=info.num_classes, model=model.state_dict(), img_size=info.img_size,
-        clean_data=info.name, attack=attack.name, attack_params=cfg.plain(attack.hyperparameters()),
-        poison_indices=poison_idx, bd_test=test_sets.bd_test, bd_train=bd_train, cross_test=test_sets.cross_test,
-        mean=info.mean, std=info.std, extras=attack.extras(), config=cfg.plain(values),
-        clean_train=split_digest(data.train.images, data.train.labels))
+        model_name=values["model"],
+        num_classes=info.num_classes,
+        model=model.state_dict(),
+        img_size=info.img_size,
+        clean_data=info.name,
+        attack=attack.name,
+        attack_params=cfg.plain(attack.hyperparameters()),
+        poison_indices=poison_idx,
+        bd_test=test_sets.bd_test,
+        bd_train=bd_train,
+        cross_test=test_sets.cross_test,
+        mean=info.mean,
+        std=info.std,
+        extras=attack.extras(),
+        config=cfg.plain(values),
+        clean_train=split_digest(data.train.images, data.train.labels),
+    )
     record.save(folder)
     identity = record.compute_identity()
     if export_backdoorbench:
         from utils.backdoorbench import EXPORT_FOLDER, export_record
 
-        where = export_record(record, folder / EXPORT_FOLDER, f"{values['save_folder_name']}/{EXPORT_FOLDER}",
-                              len(data.train), len(data.test))
-        log.info("BackdoorBench's layout of the record written to %s", Path(values["record_root"]) /
-                 values["save_folder_name"] / where.name)
+        where = export_record(
+            record,
+            folder / EXPORT_FOLDER,
+            f"{values['save_folder_name']}/{EXPORT_FOLDER}",
+            len(data.train),
+            len(data.test),
+        )
+        log.info(
+            "BackdoorBench's layout of the record written to %s",
+            Path(values["record_root"]) / values["save_folder_name"] / where.name,
+        )
     history.save_csv(folder / "attack_df.csv")
     history.save_plot(folder / "attack_plot.png", f"{attack.name} on {info.name} ({values['model']})")
-    summary = {**metrics.headline(), "seconds": round(seconds, 2), "attack": attack.name, "dataset": info.name,
-               "model": values["model"], "epochs": values["epochs"], "device": str(device),
-               "poisoned": int(len(poison_idx)), "record_identity": identity, **provenance()}
+    summary = {
+        **metrics.headline(),
+        "seconds": round(seconds, 2),
+        "attack": attack.name,
+        "dataset": info.name,
+        "model": values["model"],
+        "epochs": values["epochs"],
+        "device": str(device),
+        "poisoned": int(len(poison_idx)),
+        "record_identity": identity,
+        **provenance(),
+    }
     if test_sets.cross_acc is not None:
         summary["cross_acc"] = test_sets.cross_acc
     save_json(summary, folder / "attack_summary.json")
@@ -522,10 +652,18 @@ def _attack(attack: Attack, values: dict[str, Any], device: torch.device, folder
     return summary
 
 
-def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: torch.device, *,
-        attack: Attack | None = None, ctx: AttackContext | None = None,
-        on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
-        desc: str = "epoch", checkpoint: Checkpoint | None = None) -> tuple[Classifier, History]:
+def fit(
+    values: dict[str, Any],
+    info: DatasetInfo,
+    train: ImageData,
+    device: torch.device,
+    *,
+    attack: Attack | None = None,
+    ctx: AttackContext | None = None,
+    on_eval: Callable[[nn.Module], dict[str, float]] | None = None,
+    desc: str = "epoch",
+    checkpoint: Checkpoint | None = None,
+) -> tuple[Classifier, History]:
     """Train a fresh ``values["model"]`` on ``train`` with the run's recipe: every
     training of the harness (victims and clean models alike) goes through here. ``attack`` may poison
     batches (:meth:`Attack.batch_hook`) or take over the loss (:meth:`Attack.train_step`);
@@ -547,14 +685,23 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
     def evaluate(epoch: int, row: dict[str, Any]) -> None:
         if on_eval is not None and ((epoch + 1) % values["eval_every"] == 0 or epoch + 1 == epochs):
             row.update(on_eval(model))
-            log.info("epoch %d: loss %.4f  %s", epoch, row["train_epoch_loss_avg_over_batch"],
-                     "  ".join(f"{name} {row[key]:.4f}" for key, name in _SHOWN.items() if key in row))
+            log.info(
+                "epoch %d: loss %.4f  %s",
+                epoch,
+                row["train_epoch_loss_avg_over_batch"],
+                "  ".join(f"{name} {row[key]:.4f}" for key, name in _SHOWN.items() if key in row),
+            )
 
     start = 0
     if checkpoint is not None:
-        checkpoint.track(model=model, optimizers=training.optimizers, schedulers=training.schedulers,
-                         scaler=training.scaler, generator=training.generator,
-                         attack=attack.state() if attack is not None else {})
+        checkpoint.track(
+            model=model,
+            optimizers=training.optimizers,
+            schedulers=training.schedulers,
+            scaler=training.scaler,
+            generator=training.generator,
+            attack=attack.state() if attack is not None else {},
+        )
         restored = checkpoint.restore()
         if restored is not None:
             history.rows = [dict(row) for row in restored["history"]]
@@ -566,10 +713,21 @@ def fit(values: dict[str, Any], info: DatasetInfo, train: ImageData, device: tor
         if step is not None:
             stats = training.run_epoch(step, epoch=epoch, desc=f"{desc} {epoch}")
         else:
-            stats = train_epoch(model, train.images, train.labels, training.optimizers, batch_size=training.batch_size,
-                                device=device, epoch=epoch, augment=training.augment, batch_hook=hook,
-                                scaler=training.scaler, amp=training.amp, generator=training.generator,
-                                desc=f"{desc} {epoch}")
+            stats = train_epoch(
+                model,
+                train.images,
+                train.labels,
+                training.optimizers,
+                batch_size=training.batch_size,
+                device=device,
+                epoch=epoch,
+                augment=training.augment,
+                batch_hook=hook,
+                scaler=training.scaler,
+                amp=training.amp,
+                generator=training.generator,
+                desc=f"{desc} {epoch}",
+            )
         for scheduler in training.schedulers:
             scheduler.step()
         row = history.add(epoch=epoch, **stats)
@@ -589,8 +747,7 @@ class _TestSets:
     through :meth:`Attack.cross`, true labels). Built once, or at every evaluation when the
     trigger is trained with the victim."""
 
-    def __init__(self, attack: Attack, data: Dataset, label_trans: str, target: int, device: torch.device,
-                 amp: bool):
+    def __init__(self, attack: Attack, data: Dataset, label_trans: str, target: int, device: torch.device, amp: bool):
         self.attack, self.data, self.label_trans, self.target = attack, data, label_trans, target
         self.device, self.amp = device, amp
         self.metrics: Metrics | None = None
@@ -619,6 +776,10 @@ class _TestSets:
         if self.cross_test is not None:
             logits = predict(model, self.cross_test.images, device=self.device, amp=self.amp)
             self.cross_acc = accuracy(logits, self.cross_test.labels)
-            row.update({"cross_test_loss_avg_over_batch": mean_loss(logits, self.cross_test.labels),
-                        "test_cross_acc": self.cross_acc})
+            row.update(
+                {
+                    "cross_test_loss_avg_over_batch": mean_loss(logits, self.cross_test.labels),
+                    "test_cross_acc": self.cross_acc,
+                }
+            )
         return row

@@ -23,6 +23,7 @@ keys with the same default value); the default pattern is seeded noise, not Hell
 
     python attack/blended.py --dataset digits --save_folder_name blended_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)

@@ -57,6 +57,7 @@ recipe; the trigger's place scales with the image (BackdoorBench refuses images 
 
     python attack/blind.py --dataset digits --save_folder_name blind_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -73,7 +74,7 @@ from utils.errors import UserError
 from utils.poison import target_labels
 
 # The authors' pattern: 1 white, 0 black, -1 untouched.
-PATTERN = torch.tensor([[1., 0., 1.], [-1., 1., -1.], [-1., -1., 0.], [-1., 1., -1.], [1., 0., 1.]])
+PATTERN = torch.tensor([[1.0, 0.0, 1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 0.0], [-1.0, 1.0, -1.0], [1.0, 0.0, 1.0]])
 PLACE = (3, 23)  # top-left corner on a 32x32 image
 
 
@@ -86,8 +87,8 @@ def pattern_and_mask(size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]
     top = min(round(PLACE[0] * h / 32), h - ph)
     left = min(round(PLACE[1] * w / 32), w - pw)
     pattern, mask = torch.zeros(h, w), torch.zeros(h, w)
-    pattern[top:top + ph, left:left + pw] = PATTERN.clamp(min=0)
-    mask[top:top + ph, left:left + pw] = (PATTERN >= 0).float()
+    pattern[top : top + ph, left : left + pw] = PATTERN.clamp(min=0)
+    mask[top : top + ph, left : left + pw] = (PATTERN >= 0).float()
     return pattern, mask
 
 
@@ -119,8 +120,9 @@ def gradient_normalizer(loss: float, grads: Sequence[torch.Tensor], kind: str) -
     return min(loss * norm, 10.0)  # loss+
 
 
-def mgda_scales(losses: dict[str, torch.Tensor], grads: dict[str, Sequence[torch.Tensor]], normalize: str
-                ) -> dict[str, float]:
+def mgda_scales(
+    losses: dict[str, torch.Tensor], grads: dict[str, Sequence[torch.Tensor]], normalize: str
+) -> dict[str, float]:
     """MGDA's scales of two tasks (the first key is gamma's task)."""
     first, second = list(losses)
     scaled = {}
@@ -169,14 +171,23 @@ class Blind(Attack):
     paper = "Bagdasaryan and Shmatikov, Blind Backdoors in Deep Learning Models, USENIX Security 2021"
     year = 2021
 
-    param_checks = {"fix_scale_normal_weight": non_negative, "fix_scale_backdoor_weight": non_negative,
-                    "batch_history_len": positive, "backdoor_batch_loss_threshold": non_negative}
+    param_checks = {
+        "fix_scale_normal_weight": non_negative,
+        "fix_scale_backdoor_weight": non_negative,
+        "batch_history_len": positive,
+        "backdoor_batch_loss_threshold": non_negative,
+    }
     smoke_params = {"batch_history_len": 5}
 
-    def __init__(self, weight_loss_balance_mode: Literal["fixed", "MGDA"] = "fixed",
-                 mgda_normalize: Literal["loss+", "loss", "l2", "none"] = "loss+",
-                 fix_scale_normal_weight: float = 1.0, fix_scale_backdoor_weight: float = 0.9,
-                 batch_history_len: int = 1000, backdoor_batch_loss_threshold: float = 1.0):
+    def __init__(
+        self,
+        weight_loss_balance_mode: Literal["fixed", "MGDA"] = "fixed",
+        mgda_normalize: Literal["loss+", "loss", "l2", "none"] = "loss+",
+        fix_scale_normal_weight: float = 1.0,
+        fix_scale_backdoor_weight: float = 0.9,
+        batch_history_len: int = 1000,
+        backdoor_batch_loss_threshold: float = 1.0,
+    ):
         self.weight_loss_balance_mode = weight_loss_balance_mode
         self.mgda_normalize = mgda_normalize
         self.fix_scale_normal_weight = fix_scale_normal_weight
@@ -205,8 +216,9 @@ class Blind(Attack):
         grads = {task: torch.autograd.grad(loss, params, retain_graph=True) for task, loss in losses.items()}
         return mgda_scales(losses, grads, self.mgda_normalize)
 
-    def train_step(self, training: Training, x: torch.Tensor, y: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, training: Training, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = training.model
         self.history.to(x.device)
         attacking = self.history.stable(self.backdoor_batch_loss_threshold)

@@ -44,6 +44,7 @@ batch is poisoned afresh.
 
     python attack/bpp.py --dataset digits --save_folder_name bpp_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -106,8 +107,10 @@ class BPP(Attack):
     """
 
     kind = "training-controlled"
-    paper = ("Wang, Zhai and Ma, BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks via "
-             "Image Quantization and Contrastive Adversarial Learning, CVPR 2022")
+    paper = (
+        "Wang, Zhai and Ma, BppAttack: Stealthy and Efficient Trojan Attacks against Deep Neural Networks via "
+        "Image Quantization and Contrastive Adversarial Learning, CVPR 2022"
+    )
     year = 2022
 
     param_checks = {"squeeze_num": squeeze_num_check, "neg_ratio": unit_interval}
@@ -146,9 +149,9 @@ class BPP(Attack):
             pick = torch.randint(len(self._donors), (n_neg,), generator=self._generator)
             donors = self._donors[pick].to(x.device).to(x.dtype).div_(255.0)
             bd = self.apply(x[:n_bd])
-            neg = self.negative(x[n_bd:n_bd + n_neg], donors)
+            neg = self.negative(x[n_bd : n_bd + n_neg], donors)
             y_bd = target_labels(y[:n_bd], self._label_trans, self._target, self._num_classes)
-            return torch.cat([bd, neg, x[n_bd + n_neg:]]), torch.cat([y_bd, y[n_bd:]])
+            return torch.cat([bd, neg, x[n_bd + n_neg :]]), torch.cat([y_bd, y[n_bd:]])
 
         return hook
 

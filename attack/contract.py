@@ -10,6 +10,7 @@ A class that is not registered (a throwaway class in a test) runs under a tempor
 tests/test_attack_contract.py applies the checks to every registered attack;
 tests/test_attack.py checks the records the harness writes for each.
 """
+
 from __future__ import annotations
 
 import typing
@@ -22,8 +23,17 @@ from attack.base import ATTACKS, Attack, Kind, run
 from tools.contract import Contract, Guard, in_window
 
 # What an attack's own code may run in: the trigger and every optional hook of the harness.
-HOOKS = ("__init__", "prepare", "apply", "poison_training", "cross", "batch_hook", "before_training", "train_step",
-         "extras")
+HOOKS = (
+    "__init__",
+    "prepare",
+    "apply",
+    "poison_training",
+    "cross",
+    "batch_hook",
+    "before_training",
+    "train_step",
+    "extras",
+)
 
 
 def _guard_batch_hook(guard: Guard, name: str, args: tuple, result: Any) -> Any:
@@ -35,8 +45,15 @@ def _guard_batch_hook(guard: Guard, name: str, args: tuple, result: Any) -> Any:
 
 class AttackContract(Contract):
     def _run(self, name: str, cls: type[Attack], root: Path, **options: Any) -> dict[str, Any]:
-        return run(name, dataset="digits", record_root=str(root), save_folder_name=name, device="cpu",
-                   overwrite=True, **{"epochs": 1, **cls.smoke_params, **options})
+        return run(
+            name,
+            dataset="digits",
+            record_root=str(root),
+            save_folder_name=name,
+            device="cpu",
+            overwrite=True,
+            **{"epochs": 1, **cls.smoke_params, **options},
+        )
 
     def check_run(self, cls: type[Attack], root: Path, **options: Any) -> dict[str, Any]:
         """Run ``cls`` once through the harness on digits (1 epoch, its smoke_params, on
@@ -71,8 +88,16 @@ class AttackContract(Contract):
 
 
 CONTRACT = AttackContract(
-    side="attack", base=Attack, registry=ATTACKS, decorator="register_attack", harness="attack.base",
-    kinds=typing.get_args(Kind), yearless_kinds=("clean",),
-    hints={"context": "the images given to apply and the AttackContext given to prepare, with ctx.clean_model()",
-           "evaluation": "the harness evaluates the victim every --eval_every epochs",
-           "seeding": "ctx.rng, ctx.seed(); the harness seeds torch before the run"})
+    side="attack",
+    base=Attack,
+    registry=ATTACKS,
+    decorator="register_attack",
+    harness="attack.base",
+    kinds=typing.get_args(Kind),
+    yearless_kinds=("clean",),
+    hints={
+        "context": "the images given to apply and the AttackContext given to prepare, with ctx.clean_model()",
+        "evaluation": "the harness evaluates the victim every --eval_every epochs",
+        "seeding": "ctx.rng, ctx.seed(); the harness seeds torch before the run",
+    },
+)

@@ -41,6 +41,7 @@ matrix implementation of the same DCT) is not a hyperparameter here.
 
     python attack/ctrl.py --dataset digits --save_folder_name ctrl_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -64,14 +65,21 @@ class CTRL(Attack):
     """
 
     kind = "clean-label"
-    paper = ("Li, Pang, Xi, Du, Ji, Yao and Wang, An Embarrassingly Simple Backdoor Attack on Self-supervised "
-             "Learning, ICCV 2023")
+    paper = (
+        "Li, Pang, Xi, Du, Ji, Yao and Wang, An Embarrassingly Simple Backdoor Attack on Self-supervised "
+        "Learning, ICCV 2023"
+    )
     year = 2023
 
     param_checks = {"magnitude": non_negative}
 
-    def __init__(self, magnitude: float = 100.0, use_yuv: bool = True, trigger_channels: list[int] = (1, 2),
-                 pos_list: list[int] = (15, 31)):
+    def __init__(
+        self,
+        magnitude: float = 100.0,
+        use_yuv: bool = True,
+        trigger_channels: list[int] = (1, 2),
+        pos_list: list[int] = (15, 31),
+    ):
         if len(pos_list) == 0:
             raise ValueError("pos_list must name at least one position")
         if len(trigger_channels) == 0:

@@ -8,6 +8,7 @@ channels; kornia's YUV has no offset), and the inverse transforms are the exact 
 inverses, so a trigger added to the chroma channels leaves the luma unchanged up to
 floating-point error (before clipping).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,15 +19,23 @@ import torch
 from utils.errors import UserError
 
 # Rows: output channels; columns: R, G, B.
-YCRCB = torch.tensor([[0.299, 0.587, 0.114],                          # Y
-                      [0.713 * 0.701, -0.713 * 0.587, -0.713 * 0.114],  # Cr = 0.713 (R - Y) + 128/255
-                      [-0.564 * 0.299, -0.564 * 0.587, 0.564 * 0.886]],  # Cb = 0.564 (B - Y) + 128/255
-                     dtype=torch.float64)
+YCRCB = torch.tensor(
+    [
+        [0.299, 0.587, 0.114],  # Y
+        [0.713 * 0.701, -0.713 * 0.587, -0.713 * 0.114],  # Cr = 0.713 (R - Y) + 128/255
+        [-0.564 * 0.299, -0.564 * 0.587, 0.564 * 0.886],
+    ],  # Cb = 0.564 (B - Y) + 128/255
+    dtype=torch.float64,
+)
 YCRCB_OFFSET = torch.tensor([0.0, 128 / 255, 128 / 255], dtype=torch.float64)
-YUV = torch.tensor([[0.299, 0.587, 0.114],       # Y
-                    [-0.147, -0.289, 0.436],     # U
-                    [0.615, -0.515, -0.100]],    # V
-                   dtype=torch.float64)
+YUV = torch.tensor(
+    [
+        [0.299, 0.587, 0.114],  # Y
+        [-0.147, -0.289, 0.436],  # U
+        [0.615, -0.515, -0.100],
+    ],  # V
+    dtype=torch.float64,
+)
 NO_OFFSET = torch.zeros(3, dtype=torch.float64)
 
 
@@ -70,8 +79,13 @@ def block_idct(y: torch.Tensor, window: int) -> torch.Tensor:
     return torch.einsum("ki,ncakbl,lj->ncaibj", d, _blocks(y, window), d).reshape(y.shape)
 
 
-def frequency_mask(shape: tuple[int, int, int], window: int, channels: Sequence[int],
-                   positions: Sequence[tuple[int, int]], magnitude: float) -> torch.Tensor:
+def frequency_mask(
+    shape: tuple[int, int, int],
+    window: int,
+    channels: Sequence[int],
+    positions: Sequence[tuple[int, int]],
+    magnitude: float,
+) -> torch.Tensor:
     """The (C, H, W) block-DCT-domain trigger: ``magnitude`` at ``positions`` (row, column
     within each block) of every ``window`` x ``window`` block of ``channels``, zero elsewhere."""
     mask = torch.zeros(shape, dtype=torch.float64)
@@ -81,17 +95,29 @@ def frequency_mask(shape: tuple[int, int, int], window: int, channels: Sequence[
     return mask
 
 
-def check_blocks(name: str, size: tuple[int, int], window: int, positions: Sequence[tuple[int, int]],
-                 channels: Sequence[int], num_channels: int) -> None:
+def check_blocks(
+    name: str,
+    size: tuple[int, int],
+    window: int,
+    positions: Sequence[tuple[int, int]],
+    channels: Sequence[int],
+    num_channels: int,
+) -> None:
     """UserError unless ``window`` tiles an image of ``size`` and every position and channel fits."""
     h, w = size
     if h % window or w % window:
-        raise UserError(f"{name}: window_size {window} does not tile the {h}x{w} images; give a --window_size that "
-                        f"divides {h} and {w} (and --pos_list inside it)")
+        raise UserError(
+            f"{name}: window_size {window} does not tile the {h}x{w} images; give a --window_size that "
+            f"divides {h} and {w} (and --pos_list inside it)"
+        )
     bad = [p for p in positions if not (0 <= p[0] < window and 0 <= p[1] < window)]
     if bad:
-        raise UserError(f"{name}: trigger position {bad[0]} lies outside the {window}x{window} DCT block; give a "
-                        f"--pos_list of indices below {window}")
+        raise UserError(
+            f"{name}: trigger position {bad[0]} lies outside the {window}x{window} DCT block; give a "
+            f"--pos_list of indices below {window}"
+        )
     if num_channels == 3 and any(not 0 <= ch < 3 for ch in channels):
-        raise UserError(f"{name}: channel {[ch for ch in channels if not 0 <= ch < 3][0]} is not a channel of the "
-                        "3-channel colour space (0, 1 or 2)")
+        raise UserError(
+            f"{name}: channel {[ch for ch in channels if not 0 <= ch < 3][0]} is not a channel of the "
+            "3-channel colour space (0, 1 or 2)"
+        )

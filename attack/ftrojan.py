@@ -37,6 +37,7 @@ apply (declared; the paper and BackdoorBench are RGB only).
 
     python attack/ftrojan.py --dataset digits --save_folder_name ftrojan_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -44,8 +45,16 @@ import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is o
 import torch
 
 from attack.base import Attack, AttackContext, main, register_attack
-from attack.frequency import (YCRCB, YCRCB_OFFSET, block_dct, block_idct, check_blocks, frequency_mask, from_colour,
-                              to_colour)
+from attack.frequency import (
+    YCRCB,
+    YCRCB_OFFSET,
+    block_dct,
+    block_idct,
+    check_blocks,
+    frequency_mask,
+    from_colour,
+    to_colour,
+)
 from utils.config import non_negative, positive
 
 
@@ -67,14 +76,21 @@ class FTrojan(Attack):
     """
 
     kind = "dirty-label"
-    paper = ("Wang, Yao, Xu, An, Tong and Wang, An Invisible Black-Box Backdoor Attack Through Frequency Domain, "
-             "ECCV 2022")
+    paper = (
+        "Wang, Yao, Xu, An, Tong and Wang, An Invisible Black-Box Backdoor Attack Through Frequency Domain, ECCV 2022"
+    )
     year = 2022
 
     param_checks = {"magnitude": non_negative, "window_size": positive}
 
-    def __init__(self, channel_list: list[int] = (1, 2), magnitude: float = 30.0, YUV: bool = True,  # noqa: N803
-                 window_size: int = 32, pos_list: list[int] = (15, 15, 31, 31)):
+    def __init__(
+        self,
+        channel_list: list[int] = (1, 2),
+        magnitude: float = 30.0,
+        YUV: bool = True,  # noqa: N803
+        window_size: int = 32,
+        pos_list: list[int] = (15, 15, 31, 31),
+    ):
         if len(pos_list) == 0 or len(pos_list) % 2:
             raise ValueError(f"pos_list must hold (row, column) pairs, an even number of indices, got {list(pos_list)}")
         if len(channel_list) == 0:

@@ -12,6 +12,7 @@ are multiples of 16):
 spread by a linear layer), ``bound`` the largest change of a pixel. Images are float
 N x C x H x W in [0, 1].
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,10 +40,12 @@ class ResidualEncoder(nn.Module):
         self.bound = bound
         cin = channels + message_channels
         self.inc = nn.Sequential(nn.Conv2d(cin, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU())
-        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
-                                  nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.ReLU())
-        self.up = nn.Sequential(nn.Conv2d(3 * width + cin, width, 3, 1, 1), nn.ReLU(),
-                                nn.Conv2d(width, width, 3, 1, 1), nn.ReLU())
+        self.down = nn.Sequential(
+            nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(), nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.ReLU()
+        )
+        self.up = nn.Sequential(
+            nn.Conv2d(3 * width + cin, width, 3, 1, 1), nn.ReLU(), nn.Conv2d(width, width, 3, 1, 1), nn.ReLU()
+        )
         self.out = nn.Conv2d(width, channels, 1)
 
     def residual(self, x: torch.Tensor, message: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,9 +73,19 @@ def conv_stack(cin: int, widths: Sequence[int], strides: Sequence[int], norm: bo
 Loss = Callable[[torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
 
 
-def train_hiding(modules: Sequence[nn.Module], loss: Loss, images: torch.Tensor, *, steps: int, batch_size: int,
-                 lr: float, betas: tuple[float, float], device: torch.device, generator: torch.Generator,
-                 name: str) -> dict[str, float]:
+def train_hiding(
+    modules: Sequence[nn.Module],
+    loss: Loss,
+    images: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    betas: tuple[float, float],
+    device: torch.device,
+    generator: torch.Generator,
+    name: str,
+) -> dict[str, float]:
     """Minimise ``loss(batch, step)`` over ``modules`` with Adam for ``steps`` steps; each batch
     is ``batch_size`` uint8 ``images`` drawn by ``generator`` (epochs of shuffled passes), as
     float on ``device``. Returns the last step's statistics (``loss`` returns them with the
@@ -85,7 +98,7 @@ def train_hiding(modules: Sequence[nn.Module], loss: Loss, images: torch.Tensor,
     for step in range(steps):
         if at + batch_size > len(order):
             order, at = torch.randperm(len(images), generator=generator), 0
-        batch = images[order[at:at + batch_size]].to(device).float().div_(255.0)
+        batch = images[order[at : at + batch_size]].to(device).float().div_(255.0)
         at += batch_size
         value, stats = loss(batch, step)
         optimizer.zero_grad(set_to_none=True)
@@ -99,8 +112,9 @@ def train_hiding(modules: Sequence[nn.Module], loss: Loss, images: torch.Tensor,
 
 
 @torch.no_grad()
-def in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device,
-               batch_size: int = 512) -> torch.Tensor:
+def in_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> torch.Tensor:
     """``fn`` over ``x`` in batches on ``device``; the result on ``x``'s device and dtype."""
-    parts = [fn(x[start:start + batch_size].to(device).float()) for start in range(0, len(x), batch_size)]
+    parts = [fn(x[start : start + batch_size].to(device).float()) for start in range(0, len(x), batch_size)]
     return torch.cat(parts).to(x.device, x.dtype) if parts else x.clone()

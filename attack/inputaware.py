@@ -41,6 +41,7 @@ is None).
 
     python attack/inputaware.py --dataset digits --save_folder_name inputaware_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -71,8 +72,9 @@ def _block(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
 class Generator(nn.Module):
     """An encoder-decoder from images in [0, 1] to ``out_channels`` maps in [0, 1]."""
 
-    def __init__(self, in_channels: int, out_channels: int, size: tuple[int, int], mean: Sequence[float],
-                 std: Sequence[float]):
+    def __init__(
+        self, in_channels: int, out_channels: int, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+    ):
         super().__init__()
         width, steps = (16, 2) if in_channels == 1 else (32, 3)
         while steps > 0 and (size[0] % 2**steps or size[1] % 2**steps):
@@ -88,8 +90,11 @@ class Generator(nn.Module):
         layers.append(_block(c, c))
         for i in reversed(range(steps)):
             c = width * 2**i
-            layers += [nn.Upsample(scale_factor=2, mode="bilinear"), _block(c, c),
-                       _block(c, c // 2 if i else out_channels, relu=i > 0)]
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear"),
+                _block(c, c),
+                _block(c, c // 2 if i else out_channels, relu=i > 0),
+            ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,12 +114,13 @@ def diversity(x1: torch.Tensor, x2: torch.Tensor, out1: torch.Tensor, out2: torc
     return (dist_x / (dist_out + EPSILON)).mean()
 
 
-def generators_from_extras(extras: dict[str, torch.Tensor], channels: int, size: tuple[int, int],
-                           mean: Sequence[float], std: Sequence[float]) -> tuple[Generator, Generator]:
+def generators_from_extras(
+    extras: dict[str, torch.Tensor], channels: int, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> tuple[Generator, Generator]:
     """G and M of a record, in eval mode, from its extras."""
     nets = Generator(channels, channels, size, mean, std), Generator(channels, 1, size, mean, std)
     for prefix, net in zip(("netG.", "netM."), nets):
-        net.load_state_dict({k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)})
+        net.load_state_dict({k[len(prefix) :]: v for k, v in extras.items() if k.startswith(prefix)})
     return nets[0].eval(), nets[1].eval()
 
 
@@ -160,15 +166,31 @@ class InputAware(Attack):
     paper = "Nguyen and Tran, Input-Aware Dynamic Backdoor Attack, NeurIPS 2020"
     year = 2020
 
-    param_checks = {"lr_G": positive, "lr_M": positive, "lambda_div": non_negative, "lambda_norm": non_negative,
-                    "mask_density": unit_interval, "clean_train_epochs": non_negative,
-                    "schedulerG_lambda": positive, "schedulerM_lambda": positive}
+    param_checks = {
+        "lr_G": positive,
+        "lr_M": positive,
+        "lambda_div": non_negative,
+        "lambda_norm": non_negative,
+        "mask_density": unit_interval,
+        "clean_train_epochs": non_negative,
+        "schedulerG_lambda": positive,
+        "schedulerM_lambda": positive,
+    }
     smoke_params = {"clean_train_epochs": 2}
 
-    def __init__(self, lr_G: float = 0.01, lr_M: float = 0.01, lambda_div: float = 1.0, lambda_norm: float = 100.0,
-                 mask_density: float = 0.032, clean_train_epochs: int = 25,
-                 schedulerG_milestones: list[int] = (200, 300, 400, 500), schedulerG_lambda: float = 0.1,
-                 schedulerM_milestones: list[int] = (10, 20), schedulerM_lambda: float = 0.1):
+    def __init__(
+        self,
+        lr_G: float = 0.01,
+        lr_M: float = 0.01,
+        lambda_div: float = 1.0,
+        lambda_norm: float = 100.0,
+        mask_density: float = 0.032,
+        clean_train_epochs: int = 25,
+        schedulerG_milestones: list[int] = (200, 300, 400, 500),
+        schedulerG_lambda: float = 0.1,
+        schedulerM_milestones: list[int] = (10, 20),
+        schedulerM_lambda: float = 0.1,
+    ):
         self.lr_G, self.lr_M = lr_G, lr_M
         self.lambda_div, self.lambda_norm = lambda_div, lambda_norm
         self.mask_density = mask_density
@@ -209,15 +231,17 @@ class InputAware(Attack):
         sched_m = torch.optim.lr_scheduler.MultiStepLR(opt_m, self.schedulerM_milestones, self.schedulerM_lambda)
         self.net_m.train()
         for epoch in range(self.clean_train_epochs):
-            stats = training.run_epoch(lambda x, y: (self._mask_loss(training, x), None, None), [opt_m],
-                                       epoch=epoch, desc=f"mask {epoch}")
+            stats = training.run_epoch(
+                lambda x, y: (self._mask_loss(training, x), None, None), [opt_m], epoch=epoch, desc=f"mask {epoch}"
+            )
             sched_m.step()
             log.info("mask pre-training epoch %d: loss %.4f", epoch, stats["train_epoch_loss_avg_over_batch"])
         self.net_m.eval().requires_grad_(False)
         opt_g = torch.optim.Adam(self.net_g.parameters(), self.lr_G, betas=(0.5, 0.9))
         training.optimizers.append(opt_g)
         training.schedulers.append(
-            torch.optim.lr_scheduler.MultiStepLR(opt_g, self.schedulerG_milestones, self.schedulerG_lambda))
+            torch.optim.lr_scheduler.MultiStepLR(opt_g, self.schedulerG_milestones, self.schedulerG_lambda)
+        )
 
     def _mask_loss(self, training: Training, x: torch.Tensor) -> torch.Tensor:
         x2 = training.sample(len(x))
@@ -225,8 +249,9 @@ class InputAware(Attack):
         density = F.relu(m1 - self.mask_density).mean()
         return self.lambda_norm * density + self.lambda_div * diversity(x, x2, m1, m2)
 
-    def train_step(self, training: Training, x: torch.Tensor, y: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, training: Training, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.net_g.train()
         n = len(x)
         n_bd = training.policy.count(n, self._generator)
@@ -238,10 +263,10 @@ class InputAware(Attack):
         if n_cross:
             x2 = training.sample(n_cross)
             patterns2 = self.net_g(x2)
-            clean = x[n_bd:n_bd + n_cross]
+            clean = x[n_bd : n_bd + n_cross]
             parts.append(clean + (patterns2 - clean) * threshold(self.net_m(x2)))
             loss_div = self.lambda_div * diversity(x[:n_cross], x2, patterns[:n_cross], patterns2)
-        inputs = torch.cat([*parts, x[n_bd + n_cross:]])
+        inputs = torch.cat([*parts, x[n_bd + n_cross :]])
         targets = torch.cat([training.policy.relabel(y[:n_bd]), y[n_bd:]])
         logits = training.model(inputs)
         return F.cross_entropy(logits, targets) + loss_div, logits, targets

@@ -44,6 +44,7 @@ refused.
 
     python attack/lc.py --dataset digits --save_folder_name lc_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -64,14 +65,42 @@ log = logging.getLogger("saubench")
 # BackdoorBench's utils/bd_img_transform/lc.py "all-corners": ((row, column), sign), negative
 # indices counted from the bottom and the right.
 ALL_CORNERS = [
-    ((0, 0), 1), ((0, 1), -1), ((0, 2), -1), ((1, 0), -1), ((1, 1), 1), ((1, 2), -1), ((2, 0), 1), ((2, 1), -1),
+    ((0, 0), 1),
+    ((0, 1), -1),
+    ((0, 2), -1),
+    ((1, 0), -1),
+    ((1, 1), 1),
+    ((1, 2), -1),
+    ((2, 0), 1),
+    ((2, 1), -1),
     ((2, 2), 1),
-    ((-1, 0), 1), ((-1, 1), -1), ((-1, 2), 1), ((-2, 0), -1), ((-2, 1), 1), ((-2, 2), -1), ((-3, 0), 1),
-    ((-3, 1), -1), ((-3, 2), -1),
-    ((0, -1), 1), ((0, -2), -1), ((0, -3), -1), ((1, -1), -1), ((1, -2), 1), ((1, -3), -1), ((2, -1), 1),
-    ((2, -2), -1), ((2, -3), 1),
-    ((-1, -1), 1), ((-1, -2), -1), ((-1, -3), 1), ((-2, -1), -1), ((-2, -2), 1), ((-2, -3), -1), ((-3, -1), 1),
-    ((-3, -2), -1), ((-3, -3), -1),
+    ((-1, 0), 1),
+    ((-1, 1), -1),
+    ((-1, 2), 1),
+    ((-2, 0), -1),
+    ((-2, 1), 1),
+    ((-2, 2), -1),
+    ((-3, 0), 1),
+    ((-3, 1), -1),
+    ((-3, 2), -1),
+    ((0, -1), 1),
+    ((0, -2), -1),
+    ((0, -3), -1),
+    ((1, -1), -1),
+    ((1, -2), 1),
+    ((1, -3), -1),
+    ((2, -1), 1),
+    ((2, -2), -1),
+    ((2, -3), 1),
+    ((-1, -1), 1),
+    ((-1, -2), -1),
+    ((-1, -3), 1),
+    ((-2, -1), -1),
+    ((-2, -2), 1),
+    ((-2, -3), -1),
+    ((-3, -1), 1),
+    ((-3, -2), -1),
+    ((-3, -3), -1),
 ]
 
 
@@ -91,15 +120,24 @@ def stamp(x: torch.Tensor, pattern: torch.Tensor, amplitude: float) -> torch.Ten
     return (x + amplitude * pattern.to(x.device, x.dtype)).clamp(0, 1)
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
-        generator: torch.Generator, amp: bool = False) -> torch.Tensor:
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    generator: torch.Generator,
+    amp: bool = False,
+) -> torch.Tensor:
     """Untargeted L-infinity PGD with a random start: maximise the cross-entropy of ``y``."""
     delta = (torch.rand(x.shape, generator=generator) * 2 - 1).to(x.device) * eps
     delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
     for _ in range(steps):
         with autocast(x.device, amp):
             loss = F.cross_entropy(model(x + delta).float(), y)
-        grad, = torch.autograd.grad(loss, delta)
+        (grad,) = torch.autograd.grad(loss, delta)
         with torch.no_grad():
             delta += step_size * grad.sign()
             delta.clamp_(-eps, eps)
@@ -123,12 +161,22 @@ class LC(Attack):
     paper = "Turner, Tsipras and Madry, Label-Consistent Backdoor Attacks, arXiv:1912.02771, 2019"
     year = 2019
 
-    param_checks = {"eps": non_negative, "pgd_steps": non_negative, "step_size": non_negative,
-                    "reduced_amplitude": unit_interval}
+    param_checks = {
+        "eps": non_negative,
+        "pgd_steps": non_negative,
+        "step_size": non_negative,
+        "reduced_amplitude": unit_interval,
+    }
     smoke_params = {"pgd_steps": 2}
 
-    def __init__(self, clean_model: str | None = None, eps: float = 16.0, pgd_steps: int = 10,
-                 step_size: float = 2.0, reduced_amplitude: float = 1.0):
+    def __init__(
+        self,
+        clean_model: str | None = None,
+        eps: float = 16.0,
+        pgd_steps: int = 10,
+        step_size: float = 2.0,
+        reduced_amplitude: float = 1.0,
+    ):
         self.clean_model = clean_model
         self.eps = eps
         self.pgd_steps = pgd_steps
@@ -152,16 +200,27 @@ class LC(Attack):
         labels = ctx.dataset.train.labels[indices]
         wrong, out = 0, []
         for start in range(0, len(x), 256):
-            chunk = x[start:start + 256].to(ctx.device)
-            y = labels[start:start + 256].to(ctx.device)
-            adv = pgd(model, chunk, y, eps=self.eps / 255, step_size=self.step_size / 255, steps=self.pgd_steps,
-                      generator=generator, amp=ctx.config["amp"])
+            chunk = x[start : start + 256].to(ctx.device)
+            y = labels[start : start + 256].to(ctx.device)
+            adv = pgd(
+                model,
+                chunk,
+                y,
+                eps=self.eps / 255,
+                step_size=self.step_size / 255,
+                steps=self.pgd_steps,
+                generator=generator,
+                amp=ctx.config["amp"],
+            )
             with torch.no_grad():
                 wrong += int((model(adv).argmax(1) != y).sum())
             out.append(self.apply(adv).cpu())
         self.adversarial_error = wrong / max(len(x), 1)
-        log.info("LC: the clean model misclassifies %.2f of the %d adversarial target-class images",
-                 self.adversarial_error, len(x))
+        log.info(
+            "LC: the clean model misclassifies %.2f of the %d adversarial target-class images",
+            self.adversarial_error,
+            len(x),
+        )
         return torch.cat(out) if out else x.clone()
 
     def extras(self) -> dict[str, torch.Tensor]:

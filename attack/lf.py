@@ -38,6 +38,7 @@ perturbation (crafted towards --attack_target).
     python attack/lf.py --dataset digits --save_folder_name lf_digits
     python attack/lf.py --dataset cifar10 --clean_model prototype_cifar10
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -83,8 +84,17 @@ def rescale(v: torch.Tensor, magnitude: float) -> torch.Tensor:
     return (v - v.min()) / span * magnitude
 
 
-def universal_perturbation(model: nn.Module, images: torch.Tensor, target: int, *, sigma: float, magnitude: float,
-                           steps: int, step_size: float, amp: bool = True) -> torch.Tensor:
+def universal_perturbation(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int,
+    *,
+    sigma: float,
+    magnitude: float,
+    steps: int,
+    step_size: float,
+    amp: bool = True,
+) -> torch.Tensor:
     """A low-frequency perturbation (1, C, H, W) in [0, magnitude] that pushes ``images``
     towards ``target`` on ``model`` (in eval mode)."""
     v = torch.zeros_like(images[:1])
@@ -118,12 +128,24 @@ class LowFrequency(Attack):
     paper = "Zeng et al., Rethinking the Backdoor Attacks' Triggers: A Frequency Perspective, ICCV 2021"
     year = 2021
 
-    param_checks = {"sigma": non_negative, "magnitude": unit_interval, "num_images": positive,
-                    "max_iter_uni": non_negative, "step_size": positive}
+    param_checks = {
+        "sigma": non_negative,
+        "magnitude": unit_interval,
+        "num_images": positive,
+        "max_iter_uni": non_negative,
+        "step_size": positive,
+    }
     smoke_params = {"max_iter_uni": 5}
 
-    def __init__(self, clean_model: str | None = None, sigma: float = 6.0, magnitude: float = 0.2,
-                 num_images: int = 100, max_iter_uni: int = 50, step_size: float = 0.05):
+    def __init__(
+        self,
+        clean_model: str | None = None,
+        sigma: float = 6.0,
+        magnitude: float = 0.2,
+        num_images: int = 100,
+        max_iter_uni: int = 50,
+        step_size: float = 0.05,
+    ):
         self.clean_model = clean_model
         self.sigma = sigma
         self.magnitude = magnitude
@@ -138,14 +160,26 @@ class LowFrequency(Attack):
         train = ctx.dataset.train
         idx = torch.from_numpy(ctx.rng.choice(len(train), size=min(self.num_images, len(train)), replace=False))
         images = train.images[idx].to(ctx.device).float() / 255.0
-        v = universal_perturbation(model, images, ctx.target, sigma=self.sigma, magnitude=self.magnitude,
-                                   steps=self.max_iter_uni, step_size=self.step_size, amp=ctx.config["amp"])
+        v = universal_perturbation(
+            model,
+            images,
+            ctx.target,
+            sigma=self.sigma,
+            magnitude=self.magnitude,
+            steps=self.max_iter_uni,
+            step_size=self.step_size,
+            amp=ctx.config["amp"],
+        )
         others = train.labels[idx] != ctx.target
         with torch.no_grad():
             hits = model((images[others.to(ctx.device)] + v).clamp(0, 1)).argmax(1) == ctx.target
         self.fooling_rate = float(hits.float().mean()) if len(hits) else float("nan")
-        log.info("LF perturbation: %.2f of the %d non-target crafting images go to class %d on the clean model",
-                 self.fooling_rate, len(hits), ctx.target)
+        log.info(
+            "LF perturbation: %.2f of the %d non-target crafting images go to class %d on the clean model",
+            self.fooling_rate,
+            len(hits),
+            ctx.target,
+        )
         self.perturbation = v[0].cpu()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ than ``both_train_epochs``.
 
     python attack/lira.py --dataset digits --save_folder_name lira_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -102,7 +103,7 @@ class Autoencoder(nn.Module):
         for width in WIDTHS[:k]:
             down += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
             c = width
-        up, outs = [], list(reversed(WIDTHS[:k - 1])) + [channels]
+        up, outs = [], list(reversed(WIDTHS[: k - 1])) + [channels]
         for i, width in enumerate(outs):
             up.append(nn.ConvTranspose2d(c, width, 4, stride=2, padding=1))
             if i < len(outs) - 1:
@@ -119,11 +120,12 @@ def perturb(x: torch.Tensor, generator: nn.Module, eps: float) -> torch.Tensor:
     return (x + eps * generator(x)).clamp(0, 1)
 
 
-def generator_from_extras(extras: dict[str, torch.Tensor], channels: int, size: tuple[int, int],
-                          mean: Sequence[float], std: Sequence[float]) -> Autoencoder:
+def generator_from_extras(
+    extras: dict[str, torch.Tensor], channels: int, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> Autoencoder:
     """T of a record, in eval mode, from its extras."""
     net = Autoencoder(channels, size, mean, std)
-    net.load_state_dict({k[len("generator."):]: v for k, v in extras.items() if k.startswith("generator.")})
+    net.load_state_dict({k[len("generator.") :]: v for k, v in extras.items() if k.startswith("generator.")})
     return net.eval()
 
 
@@ -145,11 +147,24 @@ class LIRA(Attack):
     paper = "Doan, Lao, Zhao and Li, LIRA: Learnable, Imperceptible and Robust Backdoor Attacks, ICCV 2021"
     year = 2021
 
-    param_checks = {"eps": unit_interval, "test_eps": unit_interval, "alpha": unit_interval,
-                    "finetune_alpha": unit_interval, "lr_atk": positive, "both_train_epochs": non_negative}
+    param_checks = {
+        "eps": unit_interval,
+        "test_eps": unit_interval,
+        "alpha": unit_interval,
+        "finetune_alpha": unit_interval,
+        "lr_atk": positive,
+        "both_train_epochs": non_negative,
+    }
 
-    def __init__(self, eps: float = 0.01, test_eps: float = 0.01, alpha: float = 0.5, finetune_alpha: float = 0.5,
-                 lr_atk: float = 0.0001, both_train_epochs: int = 50):
+    def __init__(
+        self,
+        eps: float = 0.01,
+        test_eps: float = 0.01,
+        alpha: float = 0.5,
+        finetune_alpha: float = 0.5,
+        lr_atk: float = 0.0001,
+        both_train_epochs: int = 50,
+    ):
         self.eps, self.test_eps = eps, test_eps
         self.alpha, self.finetune_alpha = alpha, finetune_alpha
         self.lr_atk = lr_atk
@@ -164,8 +179,11 @@ class LIRA(Attack):
         self.frozen = copy.deepcopy(self.generator).eval().requires_grad_(False)
         self._target, self._label_trans, self._num_classes = ctx.target, ctx.label_trans, ctx.num_classes
         if int(ctx.config["epochs"]) <= self.both_train_epochs:
-            log.warning("lira: %d epochs, all of them stage I (both_train_epochs %d): no fine-tuning stage",
-                        ctx.config["epochs"], self.both_train_epochs)
+            log.warning(
+                "lira: %d epochs, all of them stage I (both_train_epochs %d): no fine-tuning stage",
+                ctx.config["epochs"],
+                self.both_train_epochs,
+            )
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         device = next(self.generator.parameters()).device
@@ -180,8 +198,9 @@ class LIRA(Attack):
     def before_training(self, training: Training) -> None:
         training.optimizers.append(torch.optim.Adam(self.generator.parameters(), lr=self.lr_atk))
 
-    def train_step(self, training: Training, x: torch.Tensor, y: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, training: Training, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = training.model
         stage_one = training.epoch < self.both_train_epochs
         if stage_one and self._frozen_epoch != training.epoch:  # the copy catches up at each epoch's start
@@ -197,7 +216,7 @@ class LIRA(Attack):
             self.generator.train()
             detached = {name: p.detach() for name, p in model.named_parameters()}
             both = torch.cat([x, perturb(x, self.generator, self.eps)])
-            logits_gen = functional_call(model, detached, (both,))[len(x):]
+            logits_gen = functional_call(model, detached, (both,))[len(x) :]
             loss = loss + F.cross_entropy(logits_gen, y_bd)  # T's loss: its gradient reaches T only
         return loss, logits, y
 

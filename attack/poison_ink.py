@@ -55,6 +55,7 @@ gray-scale images get a gray ink (the paper is RGB only).
 
     python attack/poison_ink.py --dataset digits --save_folder_name poison_ink_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -86,7 +87,7 @@ def luminance(x: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) luminance of RGB images (the channel itself for gray-scale ones)."""
     if x.shape[1] == 1:
         return x
-    return sum(w * x[:, i:i + 1] for i, w in enumerate(LUMA))
+    return sum(w * x[:, i : i + 1] for i, w in enumerate(LUMA))
 
 
 def edge_mask(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -149,19 +150,41 @@ class PoisonInk(Attack):
     """
 
     kind = "dirty-label"
-    paper = ("Zhang, Chen, Huang, Liao, Zhang, Feng, Hua and Yu, Poison Ink: Robust and Invisible Backdoor Attack, "
-             "IEEE TIP 31, 2022")
+    paper = (
+        "Zhang, Chen, Huang, Liao, Zhang, Feng, Hua and Yu, Poison Ink: Robust and Invisible Backdoor Attack, "
+        "IEEE TIP 31, 2022"
+    )
     year = 2022
 
-    param_checks = {"ink": ink_check, "canny_low": non_negative, "canny_high": non_negative,
-                    "max_residual": positive, "width": positive, "hiding_epochs": non_negative,
-                    "hiding_batch_size": positive, "hiding_lr": positive, "beta": non_negative,
-                    "beta_edge": non_negative, "beta_clean": non_negative}
+    param_checks = {
+        "ink": ink_check,
+        "canny_low": non_negative,
+        "canny_high": non_negative,
+        "max_residual": positive,
+        "width": positive,
+        "hiding_epochs": non_negative,
+        "hiding_batch_size": positive,
+        "hiding_lr": positive,
+        "beta": non_negative,
+        "beta_edge": non_negative,
+        "beta_clean": non_negative,
+    }
     smoke_params = {"hiding_epochs": 1, "width": 8}
 
-    def __init__(self, ink: list[float] = (80, 160, 80), canny_low: float = 100.0, canny_high: float = 200.0,
-                 max_residual: float = 16.0, width: int = 32, hiding_epochs: int = 200, hiding_batch_size: int = 32,
-                 hiding_lr: float = 2e-4, beta: float = 1.0, beta_edge: float = 13.0, beta_clean: float = 100.0):
+    def __init__(
+        self,
+        ink: list[float] = (80, 160, 80),
+        canny_low: float = 100.0,
+        canny_high: float = 200.0,
+        max_residual: float = 16.0,
+        width: int = 32,
+        hiding_epochs: int = 200,
+        hiding_batch_size: int = 32,
+        hiding_lr: float = 2e-4,
+        beta: float = 1.0,
+        beta_edge: float = 13.0,
+        beta_clean: float = 100.0,
+    ):
         if canny_low > canny_high:
             raise ValueError(f"canny_low must not exceed canny_high, got {canny_low} > {canny_high}")
         self.ink = ink
@@ -191,25 +214,36 @@ class PoisonInk(Attack):
         self.injector = ResidualEncoder(channels, channels, self.width, self.max_residual / 255)
         self.reveal = RevealNet(channels, self.width)
 
-    def losses(self, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
-               ) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(
+        self, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss on a batch of clean images ``x`` (``transform``: the random T)."""
         mask, mark = self.trigger(x)
         container = self.inject(x, mark)
         c = x.shape[1]
         moved = transform(torch.cat([container, x, 1 - mark, mask], 1))  # padding: black images, white watermark
-        container_t, x_t, mark_t, mask_t = moved[:, :c], moved[:, c:2 * c], 1 - moved[:, 2 * c:3 * c], moved[:, 3 * c:]
+        container_t, x_t, mark_t, mask_t = (
+            moved[:, :c],
+            moved[:, c : 2 * c],
+            1 - moved[:, 2 * c : 3 * c],
+            moved[:, 3 * c :],
+        )
         revealed = self.reveal(container_t)
         err_image = F.mse_loss(container, x)
         err_edge = F.mse_loss(revealed * mask_t, mark_t * mask_t)
         err_back = F.mse_loss(revealed * (1 - mask_t), mark_t * (1 - mask_t))
         err_clean = F.mse_loss(self.reveal(x_t), torch.ones_like(x_t))
         total = err_image + self.beta * (self.beta_edge * err_edge + err_back + self.beta_clean * err_clean)
-        return total, {"image": float(err_image.detach()), "edge": float(err_edge.detach()),
-                       "back": float(err_back.detach()), "clean": float(err_clean.detach())}
+        return total, {
+            "image": float(err_image.detach()),
+            "edge": float(err_edge.detach()),
+            "back": float(err_back.detach()),
+            "clean": float(err_clean.detach()),
+        }
 
-    def fit(self, images: torch.Tensor, info: DatasetInfo, device: torch.device, generator: torch.Generator
-            ) -> dict[str, float]:
+    def fit(
+        self, images: torch.Tensor, info: DatasetInfo, device: torch.device, generator: torch.Generator
+    ) -> dict[str, float]:
         """Train the injection and reveal networks on uint8 ``images`` of the dataset ``info``."""
         self.device = device
         if self.injector is None:
@@ -220,9 +254,18 @@ class PoisonInk(Attack):
             return self.losses(x, lambda t: train_transform(info, t, shift))
 
         steps = self.hiding_epochs * math.ceil(len(images) / self.hiding_batch_size)
-        return train_hiding([self.injector, self.reveal], loss, images, steps=steps,
-                            batch_size=min(self.hiding_batch_size, len(images)), lr=self.hiding_lr,
-                            betas=(0.5, 0.999), device=device, generator=generator, name="Poison Ink networks")
+        return train_hiding(
+            [self.injector, self.reveal],
+            loss,
+            images,
+            steps=steps,
+            batch_size=min(self.hiding_batch_size, len(images)),
+            lr=self.hiding_lr,
+            betas=(0.5, 0.999),
+            device=device,
+            generator=generator,
+            name="Poison Ink networks",
+        )
 
     def prepare(self, ctx: AttackContext) -> None:
         train = ctx.dataset.train
@@ -234,12 +277,19 @@ class PoisonInk(Attack):
         sample = train.images[torch.randperm(len(train), generator=generator)[:1000]].float() / 255
         poisoned = to_uint8(self.apply(sample)).float() / 255
         mark = self.trigger(sample)[1]
-        self.stats = {"reveal_error": float(F.mse_loss(self.read(poisoned), mark)),
-                      "reveal_error_clean": float(F.mse_loss(self.read(sample), torch.ones_like(sample))),
-                      "mean_abs_residual": float((poisoned - sample).abs().mean() * 255)}
-        log.info("Poison Ink: reveal MSE %.4f on %d injected training images (uint8), %.4f on clean ones; "
-                 "mean |residual| %.2f / 255", self.stats["reveal_error"], len(sample),
-                 self.stats["reveal_error_clean"], self.stats["mean_abs_residual"])
+        self.stats = {
+            "reveal_error": float(F.mse_loss(self.read(poisoned), mark)),
+            "reveal_error_clean": float(F.mse_loss(self.read(sample), torch.ones_like(sample))),
+            "mean_abs_residual": float((poisoned - sample).abs().mean() * 255),
+        }
+        log.info(
+            "Poison Ink: reveal MSE %.4f on %d injected training images (uint8), %.4f on clean ones; "
+            "mean |residual| %.2f / 255",
+            self.stats["reveal_error"],
+            len(sample),
+            self.stats["reveal_error_clean"],
+            self.stats["mean_abs_residual"],
+        )
 
     def inject(self, x: torch.Tensor, mark: torch.Tensor) -> torch.Tensor:
         """H's output for images ``x`` with watermarks ``mark``; the watermark minus white is added
@@ -257,9 +307,13 @@ class PoisonInk(Attack):
         return {}  # the networks are fixed before the victim trains; a resumed run trains them again
 
     def extras(self) -> dict[str, torch.Tensor]:
-        return {"ink": torch.tensor([float(v) for v in self.ink]),
-                **{name: torch.tensor(self.stats.get(name, 0.0))
-                   for name in ("reveal_error", "reveal_error_clean", "mean_abs_residual")}}
+        return {
+            "ink": torch.tensor([float(v) for v in self.ink]),
+            **{
+                name: torch.tensor(self.stats.get(name, 0.0))
+                for name in ("reveal_error", "reveal_error_clean", "mean_abs_residual")
+            },
+        }
 
 
 if __name__ == "__main__":

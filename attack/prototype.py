@@ -3,6 +3,7 @@ some attacks (LF, TrojanNN) and defenses need, and the baseline accuracy of a re
 
     python attack/prototype.py --dataset cifar10 --save_folder_name prototype_cifar10
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)

@@ -53,6 +53,7 @@ NaN in BackdoorBench's np.power).
 
     python attack/refool.py --dataset digits --save_folder_name refool_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -110,8 +111,9 @@ def in_focus(t: torch.Tensor, r: torch.Tensor, alpha_t: float) -> torch.Tensor:
     return from_linear(alpha_t * to_linear(t) + (1 - alpha_t) * to_linear(r))
 
 
-def ghost(t: torch.Tensor, r: torch.Tensor, alpha_t: float, offset: tuple[int, int], ghost_alpha: float
-          ) -> torch.Tensor:
+def ghost(
+    t: torch.Tensor, r: torch.Tensor, alpha_t: float, offset: tuple[int, int], ghost_alpha: float
+) -> torch.Tensor:
     """Ghost effect: R mixed with a copy shifted by ``offset`` (dy, dx >= 1) pixels, the
     overlap cropped and resized (bicubic) back to the image size."""
     dy, dx = offset
@@ -160,16 +162,28 @@ class Refool(Attack):
     """
 
     kind = "clean-label"
-    paper = ("Liu, Ma, Bailey and Lu, Reflection Backdoor: A Natural Backdoor Attack on Deep Neural Networks, "
-             "ECCV 2020")
+    paper = "Liu, Ma, Bailey and Lu, Reflection Backdoor: A Natural Backdoor Attack on Deep Neural Networks, ECCV 2020"
     year = 2020
 
-    param_checks = {"ghost_rate": unit_interval, "in_focus_rate": unit_interval, "alpha_t": below_one,
-                    "offset": offset_check, "ghost_alpha": below_one, "num_reflections": positive}
+    param_checks = {
+        "ghost_rate": unit_interval,
+        "in_focus_rate": unit_interval,
+        "alpha_t": below_one,
+        "offset": offset_check,
+        "ghost_alpha": below_one,
+        "num_reflections": positive,
+    }
 
-    def __init__(self, ghost_rate: float = 0.49, in_focus_rate: float = 0.0, alpha_t: float = 0.4,
-                 offset: list[int] = (0, 0), sigma: float = -1.0, ghost_alpha: float = -1.0,
-                 num_reflections: int = 200):
+    def __init__(
+        self,
+        ghost_rate: float = 0.49,
+        in_focus_rate: float = 0.0,
+        alpha_t: float = 0.4,
+        offset: list[int] = (0, 0),
+        sigma: float = -1.0,
+        ghost_alpha: float = -1.0,
+        num_reflections: int = 200,
+    ):
         if ghost_rate + in_focus_rate > 1:
             raise ValueError(f"ghost_rate + in_focus_rate must be at most 1, got {ghost_rate + in_focus_rate}")
         self.ghost_rate = ghost_rate
@@ -189,7 +203,7 @@ class Refool(Attack):
         others = torch.nonzero(train.labels != ctx.target).flatten()
         if len(others) == 0:
             raise UserError("refool: the training set has no image outside the target class to reflect")
-        chosen = torch.randperm(len(others), generator=self._generator)[:self.num_reflections]
+        chosen = torch.randperm(len(others), generator=self._generator)[: self.num_reflections]
         self.reflection_indices = others[chosen.sort().values]
         self.reflections = train.images[self.reflection_indices].clone()
 

@@ -24,6 +24,7 @@ truncates).
 
     python attack/sig.py --dataset digits --save_folder_name sig_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)

@@ -57,6 +57,7 @@ BCH error correction (bchlib is not a dependency).
 
     python attack/ssba.py --dataset digits --save_folder_name ssba_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -145,19 +146,37 @@ class SSBA(Attack):
     """
 
     kind = "dirty-label"
-    paper = ("Li, Li, Wu, Li, He and Lyu, Invisible Backdoor Attack with Sample-Specific Triggers, ICCV 2021")
+    paper = "Li, Li, Wu, Li, He and Lyu, Invisible Backdoor Attack with Sample-Specific Triggers, ICCV 2021"
     year = 2021
 
-    param_checks = {"fingerprint_length": positive, "max_residual": positive, "width": positive,
-                    "encoder_epochs": non_negative, "encoder_batch_size": positive, "encoder_lr": positive,
-                    "l2_loss_weight": non_negative, "l2_loss_await": non_negative, "l2_loss_ramp": positive,
-                    "bce_loss_weight": non_negative}
+    param_checks = {
+        "fingerprint_length": positive,
+        "max_residual": positive,
+        "width": positive,
+        "encoder_epochs": non_negative,
+        "encoder_batch_size": positive,
+        "encoder_lr": positive,
+        "l2_loss_weight": non_negative,
+        "l2_loss_await": non_negative,
+        "l2_loss_ramp": positive,
+        "bce_loss_weight": non_negative,
+    }
     smoke_params = {"encoder_epochs": 1, "fingerprint_length": 8, "width": 8}
 
-    def __init__(self, secret: str = "abcd", fingerprint_length: int = 100, max_residual: float = 16.0,
-                 width: int = 32, encoder_epochs: int = 20, encoder_batch_size: int = 64, encoder_lr: float = 1e-4,
-                 l2_loss_weight: float = 10.0, l2_loss_await: int = 1000, l2_loss_ramp: int = 3000,
-                 bce_loss_weight: float = 1.0):
+    def __init__(
+        self,
+        secret: str = "abcd",
+        fingerprint_length: int = 100,
+        max_residual: float = 16.0,
+        width: int = 32,
+        encoder_epochs: int = 20,
+        encoder_batch_size: int = 64,
+        encoder_lr: float = 1e-4,
+        l2_loss_weight: float = 10.0,
+        l2_loss_await: int = 1000,
+        l2_loss_ramp: int = 3000,
+        bce_loss_weight: float = 1.0,
+    ):
         self.secret = secret
         self.fingerprint_length = fingerprint_length
         self.max_residual = max_residual
@@ -197,13 +216,25 @@ class SSBA(Attack):
             bce = F.binary_cross_entropy_with_logits(logits, bits)
             l2 = F.mse_loss(encoded, x)
             return self.bce_loss_weight * bce + self.l2_weight(step) * l2, {
-                "bce": float(bce.detach()), "l2": float(l2.detach()), "bit_acc": bit_accuracy(logits.detach(), bits)}
+                "bce": float(bce.detach()),
+                "l2": float(l2.detach()),
+                "bit_acc": bit_accuracy(logits.detach(), bits),
+            }
 
         steps = self.encoder_epochs * math.ceil(len(images) / self.encoder_batch_size)
         batch = min(self.encoder_batch_size, len(images))
-        return train_hiding([self.encoder, self.decoder], loss, images, steps=steps, batch_size=batch,
-                            lr=self.encoder_lr, betas=(0.9, 0.999), device=device, generator=generator,
-                            name="SSBA encoder")
+        return train_hiding(
+            [self.encoder, self.decoder],
+            loss,
+            images,
+            steps=steps,
+            batch_size=batch,
+            lr=self.encoder_lr,
+            betas=(0.9, 0.999),
+            device=device,
+            generator=generator,
+            name="SSBA encoder",
+        )
 
     def prepare(self, ctx: AttackContext) -> None:
         train = ctx.dataset.train
@@ -214,11 +245,17 @@ class SSBA(Attack):
         self.fit(train.images, ctx.device, generator)
         sample = train.images[torch.randperm(len(train), generator=generator)[:1000]]
         encoded = to_uint8(self.apply(sample.float() / 255)).float() / 255
-        self.stats = {"bit_accuracy": bit_accuracy(self.decode(encoded), self.bits.expand(len(encoded), -1)),
-                      "mean_abs_residual": float((encoded - sample.float() / 255).abs().mean() * 255)}
-        log.info("SSBA: the decoder reads the string from %d encoded training images (uint8) at bit accuracy "
-                 "%.4f; mean |residual| %.2f / 255", len(sample), self.stats["bit_accuracy"],
-                 self.stats["mean_abs_residual"])
+        self.stats = {
+            "bit_accuracy": bit_accuracy(self.decode(encoded), self.bits.expand(len(encoded), -1)),
+            "mean_abs_residual": float((encoded - sample.float() / 255).abs().mean() * 255),
+        }
+        log.info(
+            "SSBA: the decoder reads the string from %d encoded training images (uint8) at bit accuracy "
+            "%.4f; mean |residual| %.2f / 255",
+            len(sample),
+            self.stats["bit_accuracy"],
+            self.stats["mean_abs_residual"],
+        )
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder's bit logits for images ``x``."""
@@ -232,8 +269,11 @@ class SSBA(Attack):
         return {}  # the encoder is fixed before the victim trains; a resumed run trains it again
 
     def extras(self) -> dict[str, torch.Tensor]:
-        return {"secret_bits": self.bits.clone(), "bit_accuracy": torch.tensor(self.stats.get("bit_accuracy", 0.0)),
-                "mean_abs_residual": torch.tensor(self.stats.get("mean_abs_residual", 0.0))}
+        return {
+            "secret_bits": self.bits.clone(),
+            "bit_accuracy": torch.tensor(self.stats.get("bit_accuracy", 0.0)),
+            "mean_abs_residual": torch.tensor(self.stats.get("mean_abs_residual", 0.0)),
+        }
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ wrap around); the selected layer is found automatically (the last linear layer).
     python attack/trojannn.py --dataset digits --save_folder_name trojannn_digits
     python attack/trojannn.py --dataset cifar10 --clean_model prototype_cifar10
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -61,7 +62,7 @@ def square_mask(size: tuple[int, int], area: float) -> torch.Tensor:
     h, w = size
     side_h, side_w = (max(1, min(n, round(math.sqrt(area) * n))) for n in (h, w))
     mask = torch.zeros(1, h, w)
-    mask[:, h - side_h:, w - side_w:] = 1
+    mask[:, h - side_h :, w - side_w :] = 1
     return mask
 
 
@@ -78,8 +79,18 @@ def most_connected(layer: nn.Linear, count: int) -> torch.Tensor:
     return layer.weight.detach().abs().sum(0).argsort(descending=True)[:count]
 
 
-def neuron_trigger(model: nn.Module, start: torch.Tensor, mask: torch.Tensor, neurons: torch.Tensor, value: float, *,
-                   iters: int, eps: float, alpha: float, tolerance: float = 1e-3) -> torch.Tensor:
+def neuron_trigger(
+    model: nn.Module,
+    start: torch.Tensor,
+    mask: torch.Tensor,
+    neurons: torch.Tensor,
+    value: float,
+    *,
+    iters: int,
+    eps: float,
+    alpha: float,
+    tolerance: float = 1e-3,
+) -> torch.Tensor:
     """Signed-gradient descent on sum_i (a_i(x * mask) - value)^2, x within ``eps`` of
     ``start`` and in [0, 1]; ``a`` is the input of the model's last linear layer."""
     features: list[torch.Tensor] = []
@@ -122,13 +133,26 @@ class TrojanNN(Attack):
     paper = "Liu et al., Trojaning Attack on Neural Networks, NDSS 2018"
     year = 2018
 
-    param_checks = {"mask_area": unit_interval, "num_neuron": positive, "mask_update_iters": non_negative,
-                    "eps": non_negative, "alpha": positive}
+    param_checks = {
+        "mask_area": unit_interval,
+        "num_neuron": positive,
+        "mask_update_iters": non_negative,
+        "eps": non_negative,
+        "alpha": positive,
+    }
     smoke_params = {"mask_update_iters": 20}
 
-    def __init__(self, clean_model: str | None = None, mask_path: str | None = None, mask_area: float = 0.07,
-                 num_neuron: int = 2, neuron_target_values: float = 100.0, mask_update_iters: int = 1000,
-                 eps: float = 0.3, alpha: float = 0.1):
+    def __init__(
+        self,
+        clean_model: str | None = None,
+        mask_path: str | None = None,
+        mask_area: float = 0.07,
+        num_neuron: int = 2,
+        neuron_target_values: float = 100.0,
+        mask_update_iters: int = 1000,
+        eps: float = 0.3,
+        alpha: float = 0.1,
+    ):
         if mask_path is not None and not Path(mask_path).is_file():
             raise ValueError(f"mask_path {mask_path}: no such file")
         self.clean_model = clean_model
@@ -161,8 +185,16 @@ class TrojanNN(Attack):
         self.neurons = most_connected(head, self.num_neuron).cpu()
         mask = self.mask.to(ctx.device)
         start = mask.expand(1, info.channels, *info.size).clone()  # white inside the mask
-        trigger = neuron_trigger(model, start, mask, self.neurons.to(ctx.device), self.neuron_target_values,
-                                 iters=self.mask_update_iters, eps=self.eps, alpha=self.alpha)
+        trigger = neuron_trigger(
+            model,
+            start,
+            mask,
+            self.neurons.to(ctx.device),
+            self.neuron_target_values,
+            iters=self.mask_update_iters,
+            eps=self.eps,
+            alpha=self.alpha,
+        )
         self.trigger = (trigger[0] * mask).cpu()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ set is kept at rest (``bd_train`` is None): every batch is poisoned afresh.
 
     python attack/wanet.py --dataset digits --save_folder_name wanet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -121,9 +122,9 @@ class WaNet(Attack):
             n_bd = policy.count(len(x), self._generator)
             n_cross = min(int(n_bd * self.cross_ratio), len(x) - n_bd)
             bd = self.apply(x[:n_bd])
-            noisy = self.cross(x[n_bd:n_bd + n_cross])
+            noisy = self.cross(x[n_bd : n_bd + n_cross])
             y_bd = policy.relabel(y[:n_bd])
-            return torch.cat([bd, noisy, x[n_bd + n_cross:]]), torch.cat([y_bd, y[n_bd:]])
+            return torch.cat([bd, noisy, x[n_bd + n_cross :]]), torch.cat([y_bd, y[n_bd:]])
 
         return hook
 

@@ -80,6 +80,7 @@ says which; the default output name gets "_tuned".
 (for example while a long grid runs elsewhere); the runs not yet finished show as
 "not run".
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -93,8 +94,18 @@ from typing import Any, Callable, Literal, Sequence
 from bench.executors import Resources, make_executor
 from bench.grid import RecordSpec, Spec, columns_of, load_grid, spec_from_records
 from bench.jobs import Progress, Run, execute, identity_problem, read_json
-from bench.tables import (Table, aggregate, config_diff, detection_json, detection_markdown, detection_table, markdown,
-                          terminal_table, to_csv, to_json)
+from bench.tables import (
+    Table,
+    aggregate,
+    config_diff,
+    detection_json,
+    detection_markdown,
+    detection_table,
+    markdown,
+    terminal_table,
+    to_csv,
+    to_json,
+)
 from utils import cluster, config as cfg
 from utils.cli import entry
 from utils.config import Param
@@ -107,49 +118,98 @@ log = logging.getLogger("saubench.compare")
 PARAMS: list[Param] = [
     Param("result_file", list[str] | None, None, "attack records (folders of --record_root) to compare on"),
     Param("grid", str | None, None, "a grid file (config/grid/*.yaml): attacks, defenses and seeds"),
-    Param("defenses", list[str] | None, None, "defenses; none given: every registered mitigation defense (with "
-          "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC, TPR, F1, time) and "
-          "ROC curves"),
+    Param(
+        "defenses",
+        list[str] | None,
+        None,
+        "defenses; none given: every registered mitigation defense (with "
+        "--grid: the grid's); detectors (strip, spectral, ac) get their own table (AUROC, TPR, F1, time) and "
+        "ROC curves",
+    ),
     Param("seeds", list[int] | None, None, "defense seeds; none given: 0 (with --grid: the grid's)"),
     Param("option", list[str] | None, None, "defense options KEY=VALUE (all defenses) or DEFENSE.KEY=VALUE"),
     Param("smoke", bool, False, "start every method from its smoke_params (seconds-long runs, for trying things)"),
-    Param("name", str | None, None,
-          "output folder record/compare/<name>; none given: the grid's name or the records' names"),
+    Param(
+        "name",
+        str | None,
+        None,
+        "output folder record/compare/<name>; none given: the grid's name or the records' names",
+    ),
     Param("record_root", str, "record", "folder of the records"),
     Param("data_root", str | None, None, "folder holding the datasets; none given: ./data (never a record's own)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N, for every run"),
-    Param("jobs", int, 1, "parallel runs on this machine (worker processes; one GPU each when there are GPUs)",
-          check=cfg.positive),
+    Param(
+        "jobs",
+        int,
+        1,
+        "parallel runs on this machine (worker processes; one GPU each when there are GPUs)",
+        check=cfg.positive,
+    ),
     Param("executor", Literal["local", "ray"], "local", "local (this machine) or ray"),
     Param("ray_address", str | None, None, "Ray cluster address; none given: start a local instance"),
     Param("cpus_per_run", float, 1.0, "Ray: CPUs each run asks for", check=cfg.positive),
-    Param("gpus_per_run", float | None, None, "Ray: GPUs each run asks for; none given: 1 when the cluster has GPUs",
-          check=cfg.non_negative),
-    Param("retries", int, 1, "Ray: times a run lost with its worker or node is run again (resuming from its "
-          "checkpoint); a run that raises is not retried", check=cfg.non_negative),
-    Param("ray_code", Literal["installed", "working_dir"], "installed",
-          "Ray: the code the nodes run: installed (each node's install, checked to be the driver's version) or "
-          "working_dir (this checkout, shipped to every node by Ray)"),
-    Param("rows", Literal["defenses", "records"], "defenses",
-          "layout of the printed table: a row per defense, or a row per record (both are written)"),
+    Param(
+        "gpus_per_run",
+        float | None,
+        None,
+        "Ray: GPUs each run asks for; none given: 1 when the cluster has GPUs",
+        check=cfg.non_negative,
+    ),
+    Param(
+        "retries",
+        int,
+        1,
+        "Ray: times a run lost with its worker or node is run again (resuming from its "
+        "checkpoint); a run that raises is not retried",
+        check=cfg.non_negative,
+    ),
+    Param(
+        "ray_code",
+        Literal["installed", "working_dir"],
+        "installed",
+        "Ray: the code the nodes run: installed (each node's install, checked to be the driver's version) or "
+        "working_dir (this checkout, shipped to every node by Ray)",
+    ),
+    Param(
+        "rows",
+        Literal["defenses", "records"],
+        "defenses",
+        "layout of the printed table: a row per defense, or a row per record (both are written)",
+    ),
     Param("html", bool, False, "also write index.html: the table and the plots in one page"),
     Param("plots", bool, True, "write the plots"),
     Param("quiet", bool, False, "no progress bar: log lines only"),
     Param("overwrite", bool, False, "re-run runs whose result exists with a different config"),
-    Param("resume", bool, False, "continue the runs an earlier comparison left unfinished (killed, Ctrl-C) from "
-          "their checkpoints; a checkpoint made with other settings fails its run"),
-    Param("table_only", bool, False,
-          "run nothing: write the table of the results that exist (the rest show as 'not run')"),
-    Param("recipes", Literal["reference", "tuned"], "reference",
-          "recipe family of every defense: reference (config/defense/<name>/<dataset>.yaml) or tuned "
-          "(record/<record>/tune/<name>/recipe.yaml, written by python -m defense tune)"),
+    Param(
+        "resume",
+        bool,
+        False,
+        "continue the runs an earlier comparison left unfinished (killed, Ctrl-C) from "
+        "their checkpoints; a checkpoint made with other settings fails its run",
+    ),
+    Param(
+        "table_only", bool, False, "run nothing: write the table of the results that exist (the rest show as 'not run')"
+    ),
+    Param(
+        "recipes",
+        Literal["reference", "tuned"],
+        "reference",
+        "recipe family of every defense: reference (config/defense/<name>/<dataset>.yaml) or tuned "
+        "(record/<record>/tune/<name>/recipe.yaml, written by python -m defense tune)",
+    ),
     Param("debug", bool, False, "show tracebacks"),
 ]
 
 # -- the command ----------------------------------------------------------------------------------
 
-def run(argv: Sequence[str] | None = None, *, attack_fn: Callable[..., Any] | None = None,
-        defense_fn: Callable[..., Any] | None = None, **overrides: Any) -> dict[str, Any]:
+
+def run(
+    argv: Sequence[str] | None = None,
+    *,
+    attack_fn: Callable[..., Any] | None = None,
+    defense_fn: Callable[..., Any] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Compare; returns the table as a dict (table.json's content, plus ``markdown`` and
     ``outputs``). ``attack_fn(name, **kw)`` and ``defense_fn(name, **kw)`` replace
     ``attack.run`` and ``defense.run`` (tests); they must be picklable for ``--jobs`` > 1
@@ -173,13 +233,19 @@ def resolve(argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     if values["seeds"] is not None and any(s < 0 for s in values["seeds"]):
         raise UserError(f"--seeds must be >= 0, got {values['seeds']}")
     if values["executor"] == "ray" and values["jobs"] != 1:
-        raise UserError("--jobs is for the local executor; with --executor ray, Ray runs as many runs at once as "
-                        "the cluster's resources allow (--cpus_per_run, --gpus_per_run)")
+        raise UserError(
+            "--jobs is for the local executor; with --executor ray, Ray runs as many runs at once as "
+            "the cluster's resources allow (--cpus_per_run, --gpus_per_run)"
+        )
     return values
 
 
-def _compare(argv: Sequence[str], overrides: dict[str, Any], attack_fn: Callable[..., Any] | None,
-             defense_fn: Callable[..., Any] | None) -> dict[str, Any]:
+def _compare(
+    argv: Sequence[str],
+    overrides: dict[str, Any],
+    attack_fn: Callable[..., Any] | None,
+    defense_fn: Callable[..., Any] | None,
+) -> dict[str, Any]:
     values = resolve(argv, overrides)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -192,8 +258,9 @@ def _compare(argv: Sequence[str], overrides: dict[str, Any], attack_fn: Callable
         log.removeHandler(handler)
 
 
-def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
-          defense_fn: Callable[..., Any] | None) -> dict[str, Any]:
+def _main(
+    values: dict[str, Any], attack_fn: Callable[..., Any] | None, defense_fn: Callable[..., Any] | None
+) -> dict[str, Any]:
     import attack
     import defense
 
@@ -210,16 +277,27 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
             inside_root(root, run.log)
     todo = [r for r in runs if r.status == "todo"]
     counts = {s: sum(r.status == s for r in runs) for s in ("reused", "mismatch", "blocked", "failed", "unavailable")}
-    log.info("compare %s: %d runs: %d to run, %d reused%s", spec.name, len(runs), len(todo), counts["reused"],
-             "".join(f", {n} {s}" for s, n in counts.items() if n and s != "reused"))
+    log.info(
+        "compare %s: %d runs: %d to run, %d reused%s",
+        spec.name,
+        len(runs),
+        len(todo),
+        counts["reused"],
+        "".join(f", {n} {s}" for s, n in counts.items() if n and s != "reused"),
+    )
 
     if todo and values["table_only"]:
         log.info("--table_only: %d runs not run", len(todo))
     elif todo:
         on_ray = values["executor"] == "ray"
-        executor = make_executor(values["executor"], jobs=values["jobs"], gpus=_local_gpus(values),
-                                 ray_address=values["ray_address"], retries=values["retries"],
-                                 runtime_env=cluster.runtime_env(values["ray_code"]) if on_ray else None)
+        executor = make_executor(
+            values["executor"],
+            jobs=values["jobs"],
+            gpus=_local_gpus(values),
+            ray_address=values["ray_address"],
+            retries=values["retries"],
+            runtime_env=cluster.runtime_env(values["ray_code"]) if on_ray else None,
+        )
         progress = None
         try:
             if on_ray:  # shared record root, datasets and code on every node, before anything runs
@@ -227,8 +305,7 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
                 log.info("Ray: %d node(s) see the record root %s and the datasets", nodes, root)
             gpus = values["gpus_per_run"]
             if gpus is None:
-                gpus = 1.0 if on_ray and values["device"] != "cpu" and \
-                    executor.cluster_gpus() > 0 else 0.0  # type: ignore[attr-defined]
+                gpus = 1.0 if on_ray and values["device"] != "cpu" and executor.cluster_gpus() > 0 else 0.0  # type: ignore[attr-defined]
             default = Resources(values["cpus_per_run"], gpus)
             for run in todo:
                 run.resources = replace(default, **spec.resources.get(run.method, {}))
@@ -251,8 +328,13 @@ def _main(values: dict[str, Any], attack_fn: Callable[..., Any] | None,
     # training-time defenses end with a model, as mitigations do: the same table (Time includes the training)
     detectors = [d for d in spec.defenses if defense.DEFENSES.get(d).kind not in ("mitigation", "training_time")]
     mitigations = [d for d in spec.defenses if d not in detectors]
-    table = aggregate(spec.name, columns_of(spec), [*mitigations, *names], spec.seeds,
-                      [r for r in [*runs, *found] if r.method not in detectors])
+    table = aggregate(
+        spec.name,
+        columns_of(spec),
+        [*mitigations, *names],
+        spec.seeds,
+        [r for r in [*runs, *found] if r.method not in detectors],
+    )
     table.purpose = spec.purpose
     detection = detection_table(columns_of(spec), detectors, runs) if detectors else None
     return write_outputs(table, out_dir, values, detection)
@@ -277,17 +359,27 @@ def backdoorbench_runs(spec: Spec, root: Path, runs: Sequence[Run]) -> list[Run]
             numbers = [before.get("asr"), after["asr"], before.get("clean_acc"), after["clean_acc"]]
             known = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
             summary = {"after": after, "der": der(*numbers) if known else None, "device": "BackdoorBench"}
-            out.append(Run("defense", rec.record_name, name + BACKDOORBENCH_MARK, 0, {}, folder / "defense" / name,
-                           status="reused", summary=summary))
+            out.append(
+                Run(
+                    "defense",
+                    rec.record_name,
+                    name + BACKDOORBENCH_MARK,
+                    0,
+                    {},
+                    folder / "defense" / name,
+                    status="reused",
+                    summary=summary,
+                )
+            )
     return out
 
 
 RECIPE_LINES = {
     "reference": "Recipes: reference, for every defense (config/defense/<name>/<dataset>.yaml: BackdoorBench's values "
-                 "or the paper's).",
+    "or the paper's).",
     "tuned": "Recipes: tuned, for every defense (record/<record>/tune/<name>/recipe.yaml, else the shipped "
-             "config/defense/<name>/<dataset>_tuned.yaml: chosen by python -m defense tune on a validation split; a "
-             "defense without one is reported, not run).",
+    "config/defense/<name>/<dataset>_tuned.yaml: chosen by python -m defense tune on a validation split; a "
+    "defense without one is reported, not run).",
 }
 
 
@@ -314,20 +406,21 @@ def recipe_line(family: str, runs: Sequence[Run]) -> str:
             said.setdefault(recipe, set()).add(run.method)
     if not said:
         return RECIPE_LINES[family]
-    exceptions = "; ".join(f"{', '.join(sorted(names))} ({kind}: see the yaml's recipe_note)"
-                           for kind, names in sorted(said.items()))
+    exceptions = "; ".join(
+        f"{', '.join(sorted(names))} ({kind}: see the yaml's recipe_note)" for kind, names in sorted(said.items())
+    )
     return f"{RECIPE_LINES[family]} Except where the shipped yaml says otherwise: {exceptions}."
 
 
-def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
-                  detection: Table | None = None) -> dict[str, Any]:
+def write_outputs(
+    table: Table, out_dir: Path, values: dict[str, Any], detection: Table | None = None
+) -> dict[str, Any]:
     """The tables (mitigation defenses; detectors, when any, in their own table after it:
     ``detection`` of :func:`bench.tables.detection_table`), their files and plots."""
     family = values.get("recipes", "reference")
     after = "" if detection is None else "\n" + detection_markdown(detection) + "\n"
     recipes = recipe_line(family, table.runs)
-    texts = {rows: markdown(table, rows) + "\n" + recipes + "\n" + after
-             for rows in ("defenses", "records")}
+    texts = {rows: markdown(table, rows) + "\n" + recipes + "\n" + after for rows in ("defenses", "records")}
     data = {**to_json(table), "recipes": family}
     if detection is not None:
         data["detection"] = detection_json(detection)
@@ -348,18 +441,27 @@ def write_outputs(table: Table, out_dir: Path, values: dict[str, Any],
         import html
 
         line = f'<p id="recipes">{html.escape(recipe_line(family, table.runs))}</p>'
-        page = html_page(table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"],
-                         detection=detection)
+        page = html_page(
+            table, plots, about(values), links=[p.name for p in outputs if p.suffix != ".png"], detection=detection
+        )
         page = page.replace("</h1>", "</h1>" + line, 1)
         save_text(page, out_dir / "index.html")
         outputs.append(out_dir / "index.html")
     log.info("written to %s", out_dir)
     shown = out_dir / ("table.md" if values["rows"] == "defenses" else "table_by_record.md")
-    terminal = terminal_table(table, values["rows"]) + \
-        ("" if detection is None else "\n" + terminal_table(detection)) + f"\nThe full table (markdown): {shown}\n"
+    terminal = (
+        terminal_table(table, values["rows"])
+        + ("" if detection is None else "\n" + terminal_table(detection))
+        + f"\nThe full table (markdown): {shown}\n"
+    )
     failed = len(table.failed) + (0 if detection is None else len(detection.failed))  # detectors' failures too
-    return {**data, "markdown": texts[values["rows"]], "terminal": terminal, "failed": failed,
-            "outputs": [str(p) for p in outputs]}
+    return {
+        **data,
+        "markdown": texts[values["rows"]],
+        "terminal": terminal,
+        "failed": failed,
+        "outputs": [str(p) for p in outputs],
+    }
 
 
 def _invocation() -> str | None:
@@ -378,14 +480,23 @@ def about(values: dict[str, Any]) -> list[tuple[str, str]]:
     script = _invocation()
     command = f"{script} {' '.join(sys.argv[1:])}" if script is not None else "bench.compare.run(...) from Python"
     config = f"grid {values['grid']}" if values.get("grid") else "records " + " ".join(values.get("result_file") or [])
-    options = {k: v for k, v in values.items() if k in ("seeds", "defenses", "smoke", "recipes", "device", "option")
-               and v not in (None, False, [])}
+    options = {
+        k: v
+        for k, v in values.items()
+        if k in ("seeds", "defenses", "smoke", "recipes", "device", "option") and v not in (None, False, [])
+    }
     if options:
         config += "; " + ", ".join(f"{k}={v}" for k, v in options.items())
-    machine = f"{platform.node() or '?'} ({platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, " \
-              f"Python {platform.python_version()})"
-    return [("command", command), ("config", config),
-            ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")), ("machine", machine)]
+    machine = (
+        f"{platform.node() or '?'} ({platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()})"
+    )
+    return [
+        ("command", command),
+        ("config", config),
+        ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
+        ("machine", machine),
+    ]
 
 
 def _data_root(values: dict[str, Any]) -> str | None:
@@ -427,14 +538,19 @@ def _fill_missing_baselines(runs: list[Run]) -> None:
     for run in runs:
         if run.side == "attack" and run.status == "reused" and run.summary is None:
             for other in runs:
-                if other.side == "defense" and other.record == run.record and other.ok and \
-                        (other.summary or {}).get("before"):  # a detector's summary has none
+                if (
+                    other.side == "defense"
+                    and other.record == run.record
+                    and other.ok
+                    and (other.summary or {}).get("before")
+                ):  # a detector's summary has none
                     before = (other.summary or {}).get("before") or {}
                     run.summary = {**before, "device": other.summary.get("device")}
                     break
 
 
 # -- the plan: what exists, what to run ---------------------------------------------------------------
+
 
 def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run]:
     """One attack run per record (reused, mismatched or to run) and one defense run per
@@ -443,8 +559,11 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
     data_root = _data_root(values)
     for rec in spec.records:
         folder = record_dir(root, rec.record_name)
-        base = _attack_run(rec, folder, values, root, data_root, logs) if rec.attack is not None else \
-            _existing_record(rec, folder, values, root)
+        base = (
+            _attack_run(rec, folder, values, root, data_root, logs)
+            if rec.attack is not None
+            else _existing_record(rec, folder, values, root)
+        )
         if rec.seed is not None:
             base.seed, base.column = rec.seed, rec.column
         runs.append(base)
@@ -457,8 +576,19 @@ def plan(spec: Spec, values: dict[str, Any], root: Path, logs: Path) -> list[Run
 
 def _existing_record(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path) -> Run:
     record = load_record(folder)  # one line naming what is wrong, listing the records there
-    run = Run("attack", rec.record_name, record.attack, 0, {}, folder, None, "reused", identity=record.identity,
-              legacy=record.legacy, dataset=record.clean_data)
+    run = Run(
+        "attack",
+        rec.record_name,
+        record.attack,
+        0,
+        {},
+        folder,
+        None,
+        "reused",
+        identity=record.identity,
+        legacy=record.legacy,
+        dataset=record.clean_data,
+    )
     problem = _baseline(run, folder)
     if problem is not None:
         run.status, run.message = "mismatch", problem
@@ -484,16 +614,25 @@ def _baseline(run: Run, folder: Path) -> str | None:
     return f"attack_summary.json is {problem}"
 
 
-def _attack_run(rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None,
-                logs: Path) -> Run:
+def _attack_run(
+    rec: RecordSpec, folder: Path, values: dict[str, Any], root: Path, data_root: str | None, logs: Path
+) -> Run:
     from attack.base import CONTROL_KEYS as ATTACK_CONTROLS, resolve_config as resolve_attack
 
     # Absolute paths: worker processes and Ray tasks may start elsewhere.
     options = {**rec.options, "record_root": str(root), "device": values["device"]}
     if data_root is not None:
         options["data_root"] = data_root
-    run = Run("attack", rec.record_name, rec.attack or "", 0, options, folder, logs / rec.record_name / "attack.log",
-              dataset=str(options.get("dataset", "")))
+    run = Run(
+        "attack",
+        rec.record_name,
+        rec.attack or "",
+        0,
+        options,
+        folder,
+        logs / rec.record_name / "attack.log",
+        dataset=str(options.get("dataset", "")),
+    )
     if not (folder / RECORD_FILE).exists():
         if folder.exists():
             return _mismatch(run, values, f"{folder} exists but holds no {RECORD_FILE}")
@@ -561,8 +700,17 @@ def tuned_recipe(root: Path, record: str, defense: str, dataset: str = "") -> tu
     return path, ""
 
 
-def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, values: dict[str, Any], root: Path,
-                 data_root: str | None, logs: Path, resolved: dict[str, Any]) -> Run:
+def _defense_run(
+    base: Run,
+    name: str,
+    options: dict[str, Any],
+    seed: int,
+    values: dict[str, Any],
+    root: Path,
+    data_root: str | None,
+    logs: Path,
+    resolved: dict[str, Any],
+) -> Run:
     """``resolved``: the resolved config of this (record, defense), shared by its seeds:
     resolved once (which checks every option's value before anything runs), then only
     the seed and the result folder change."""
@@ -570,13 +718,28 @@ def _defense_run(base: Run, name: str, options: dict[str, Any], seed: int, value
 
     recipes = values.get("recipes", "reference")
     folder_name = result_name(name, seed, recipes)
-    opts = {**options, "result_file": base.record, "record_root": str(root), "random_seed": seed,
-            "result_name": folder_name, "device": values["device"]}
+    opts = {
+        **options,
+        "result_file": base.record,
+        "record_root": str(root),
+        "random_seed": seed,
+        "result_name": folder_name,
+        "device": values["device"],
+    }
     if data_root is not None:
         opts["data_root"] = data_root
     folder = record_dir(root, base.record) / "defense" / folder_name
-    run = Run("defense", base.record, name, seed, opts, folder, logs / base.record / f"{folder_name}.log",
-              depends_on=base, column=base.column)
+    run = Run(
+        "defense",
+        base.record,
+        name,
+        seed,
+        opts,
+        folder,
+        logs / base.record / f"{folder_name}.log",
+        depends_on=base,
+        column=base.column,
+    )
     if recipes == "tuned":
         if "yaml_path" in options:
             raise UserError(f"defense {name}: 'yaml_path' and --recipes tuned both choose the recipe; give one")

@@ -24,6 +24,7 @@ process pool and Ray (module-level functions, plain values).
   optional extra: ``pip install sau-bench[ray]``, or ``sau-bench[ray-default]`` for the
   dashboard and ``ray list``).
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -86,8 +87,13 @@ class Executor(ABC):
     def __init__(self) -> None:
         self._ids = itertools.count()
 
-    def submit(self, fn: Callable[..., Any], args: Sequence[Any] = (), deps: Iterable[Handle] = (),
-               resources: Resources | None = None) -> Handle:
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        args: Sequence[Any] = (),
+        deps: Iterable[Handle] = (),
+        resources: Resources | None = None,
+    ) -> Handle:
         handle = Handle(next(self._ids), fn, tuple(args), tuple(deps), resources or Resources())
         self._submit(handle)
         return handle
@@ -121,6 +127,7 @@ def _dependency_error(error: BaseException) -> DependencyFailed:
 
 
 # -- this process -----------------------------------------------------------------------------
+
 
 class InlineExecutor(Executor):
     """Runs each job in this process when its result is asked for, in submission order."""
@@ -158,6 +165,7 @@ class InlineExecutor(Executor):
 
 # -- worker processes on this machine ----------------------------------------------------------
 
+
 def _pin_gpu(queue: Any) -> None:
     """Pool initializer: this worker sees one GPU."""
     gpu = queue.get()
@@ -178,8 +186,7 @@ class ProcessExecutor(Executor):
         queue = ctx.Queue()
         for k in range(jobs):
             queue.put(gpus[k % len(gpus)] if gpus else None)
-        self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_pin_gpu,
-                                            initargs=(queue,))
+        self._pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_pin_gpu, initargs=(queue,))
         self._waiting: list[Handle] = []
 
     def _submit(self, handle: Handle) -> None:
@@ -228,6 +235,7 @@ def _copy_future(inner: cf.Future, outer: cf.Future) -> None:
 
 # -- Ray ----------------------------------------------------------------------------------------------
 
+
 def _ray_call(fn: Callable[..., Any], args: tuple, *deps: Any) -> Any:
     """The Ray task: ``deps`` are the dependencies' results, passed only so that Ray waits for them."""
     return fn(*args)
@@ -240,8 +248,13 @@ class RayExecutor(Executor):
     worker or node; ``runtime_env``: Ray's, for the whole job (given to ``ray.init``: a
     local working_dir is shipped only at the job level; utils.cluster.runtime_env)."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, retries: int = 1,
-                 runtime_env: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        retries: int = 1,
+        runtime_env: dict[str, Any] | None = None,
+    ):
         super().__init__()
         if retries < 0:
             raise UserError(f"--retries must be >= 0, got {retries}")
@@ -249,13 +262,17 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError:
-            raise UserError("--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'sau-bench[ray-default]' for "
-                            "the dashboard and ray list)") from None
+            raise UserError(
+                "--executor ray needs Ray: pip install 'sau-bench[ray]' (or 'sau-bench[ray-default]' for "
+                "the dashboard and ray list)"
+            ) from None
         self._ray = ray
         self._owns = not ray.is_initialized()
         if runtime_env is not None and not self._owns:
-            raise UserError("a Ray runtime_env (--ray_code working_dir) is set when connecting to Ray, but Ray is "
-                            "already initialized in this process")
+            raise UserError(
+                "a Ray runtime_env (--ray_code working_dir) is set when connecting to Ray, but Ray is "
+                "already initialized in this process"
+            )
         if self._owns:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "runtime_env": runtime_env}
             if address is None:
@@ -264,8 +281,9 @@ class RayExecutor(Executor):
                 # "local": a new instance, never a cluster that `ray start` left running on this host
                 ray.init(address=address or "local", **kwargs)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"cannot start or reach Ray at {address or 'a local instance'}: "
-                                f"{str(exc).splitlines()[0]}") from None
+                raise UserError(
+                    f"cannot start or reach Ray at {address or 'a local instance'}: {str(exc).splitlines()[0]}"
+                ) from None
         self._task = ray.remote(_ray_call)
 
     def cluster_gpus(self) -> float:
@@ -273,14 +291,19 @@ class RayExecutor(Executor):
 
     def _submit(self, handle: Handle) -> None:
         res = handle.resources
-        options: dict[str, Any] = {"num_cpus": res.cpus, "num_gpus": res.gpus, "max_retries": self.retries,
-                                   "retry_exceptions": False}
+        options: dict[str, Any] = {
+            "num_cpus": res.cpus,
+            "num_gpus": res.gpus,
+            "max_retries": self.retries,
+            "retry_exceptions": False,
+        }
         if res.memory is not None:
             options["memory"] = res.memory
         handle.ref = self._task.options(**options).remote(handle.fn, handle.args, *(dep.ref for dep in handle.deps))
 
-    def on_every_node(self, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float = 300.0
-                      ) -> list[tuple[str, Any]]:
+    def on_every_node(
+        self, fn: Callable[..., Any], args: Sequence[Any] = (), timeout: float = 300.0
+    ) -> list[tuple[str, Any]]:
         """``fn(*args)`` once on every live node (pinned to it, asking for no CPU), as
         (node id, result); a node that does not answer within ``timeout`` seconds, or
         fails, is one line."""
@@ -290,20 +313,26 @@ class RayExecutor(Executor):
         nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
         refs = {}
         for node in nodes:
-            options: dict[str, Any] = {"num_cpus": 0, "max_retries": 0,
-                                       "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+            options: dict[str, Any] = {
+                "num_cpus": 0,
+                "max_retries": 0,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False),
+            }
             refs[node] = self._task.options(**options).remote(fn, tuple(args))
         out = []
         for node, ref in refs.items():
             try:
                 out.append((node, ray.get(ref, timeout=timeout)))
             except ray.exceptions.GetTimeoutError:
-                raise UserError(f"node {node[:12]} did not answer the check within {timeout:.0f} s (is it "
-                                "overloaded, or unable to start a worker?)") from None
+                raise UserError(
+                    f"node {node[:12]} did not answer the check within {timeout:.0f} s (is it "
+                    "overloaded, or unable to start a worker?)"
+                ) from None
             except ray.exceptions.RayError as exc:
                 text = str(getattr(exc, "cause", None) or exc).strip().splitlines()
-                raise UserError(f"node {node[:12]} failed the check: {text[-1] if text else type(exc).__name__}"
-                                ) from None
+                raise UserError(
+                    f"node {node[:12]} failed the check: {text[-1] if text else type(exc).__name__}"
+                ) from None
         return out
 
     def _outcome(self, handle: Handle) -> tuple[Any, BaseException | None]:
@@ -336,9 +365,16 @@ class RayExecutor(Executor):
             self._ray.shutdown()
 
 
-def make_executor(kind: str = "local", *, jobs: int = 1, gpus: Sequence[int] = (), ray_address: str | None = None,
-                  num_cpus: int | None = None, retries: int = 1, runtime_env: dict[str, Any] | None = None
-                  ) -> Executor:
+def make_executor(
+    kind: str = "local",
+    *,
+    jobs: int = 1,
+    gpus: Sequence[int] = (),
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    retries: int = 1,
+    runtime_env: dict[str, Any] | None = None,
+) -> Executor:
     """``local`` with ``jobs`` 1: in this process; ``local`` with more: a process pool;
     ``ray``: Ray tasks (``retries``, ``runtime_env``: see :class:`RayExecutor`)."""
     if kind == "ray":

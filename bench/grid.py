@@ -3,6 +3,7 @@ with their options, and the seeds, read from a grid file (config/grid/*.yaml) or
 command line's --result_file, --defenses and --option; every name and option is checked
 against its registry before anything runs. See bench/compare.py for the grid file's keys.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,20 @@ from typing import Any, Callable, Sequence
 from utils import cluster, config as cfg
 from utils.errors import UserError
 
-GRID_KEYS = {"name", "datasets", "models", "record_name", "attack_options", "attacks", "defense_options", "defenses",
-             "seeds", "record_seeds", "purpose", "resources"}
+GRID_KEYS = {
+    "name",
+    "datasets",
+    "models",
+    "record_name",
+    "attack_options",
+    "attacks",
+    "defense_options",
+    "defenses",
+    "seeds",
+    "record_seeds",
+    "purpose",
+    "resources",
+}
 
 
 @dataclass
@@ -55,8 +68,9 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
         try:
             value = cfg.load_yaml(text, "--option")
         except UserError as exc:
-            raise UserError(f"--option {cfg.brief(item)}: the value is not valid YAML "
-                            f"({str(exc).removeprefix('--option: ')})") from None
+            raise UserError(
+                f"--option {cfg.brief(item)}: the value is not valid YAML ({str(exc).removeprefix('--option: ')})"
+            ) from None
         target, dot, name = key.rpartition(".")
         if not dot:
             for d in out:
@@ -64,8 +78,9 @@ def _parse_options(items: Sequence[str] | None, defenses: Sequence[str]) -> dict
             continue
         canonical = DEFENSES.canonical(target)
         if canonical not in out:
-            raise UserError(f"--option {cfg.brief(item)}: defense {canonical} is not among the compared ones "
-                            f"({', '.join(out)})")
+            raise UserError(
+                f"--option {cfg.brief(item)}: defense {canonical} is not among the compared ones ({', '.join(out)})"
+            )
         out[canonical][name] = value
     return out
 
@@ -90,9 +105,12 @@ def spec_from_records(values: dict[str, Any]) -> Spec:
     records = list(dict.fromkeys(values["result_file"]))
     defenses = _defense_names(values["defenses"], "--defenses")
     options = _parse_options(values["option"], defenses)
-    spec = Spec(_default_name(records), [RecordSpec(r) for r in records],
-                {d: _with_smoke("defense", d, options[d], values["smoke"], "--option") for d in defenses},
-                sorted(set(values["seeds"] or [0])))
+    spec = Spec(
+        _default_name(records),
+        [RecordSpec(r) for r in records],
+        {d: _with_smoke("defense", d, options[d], values["smoke"], "--option") for d in defenses},
+        sorted(set(values["seeds"] or [0])),
+    )
     for d, opts in spec.defenses.items():
         _check_defense_keys(d, opts, "--option")
     return spec
@@ -159,13 +177,18 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
         _checked(lambda: dataset_info(name), path)
     for name in models:
         _checked(lambda: model_spec(name), path)
-    attacks = {_checked(lambda: ATTACKS.canonical(k), path): v for k, v in
-               _methods(data["attacks"], "attacks", path).items()}
-    grid_defenses = {_defense_names([k], str(path))[0]: v
-                     for k, v in _methods(data["defenses"], "defenses", path).items()}
+    attacks = {
+        _checked(lambda: ATTACKS.canonical(k), path): v for k, v in _methods(data["attacks"], "attacks", path).items()
+    }
+    grid_defenses = {
+        _defense_names([k], str(path))[0]: v for k, v in _methods(data["defenses"], "defenses", path).items()
+    }
     seeds = values["seeds"] if values["seeds"] is not None else data.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                             for s in seeds):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise UserError(f"{path}: 'seeds' must be a non-empty list of integers >= 0")
     template = data.get("record_name", "{attack}_{dataset}_{model}" if models else "{attack}_{dataset}")
     if not isinstance(template, str):
@@ -173,9 +196,13 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
     common_attack = _mapping(data.get("attack_options"), "'attack_options'", path)
     common_defense = _mapping(data.get("defense_options"), "'defense_options'", path)
     # where runs read and write, and --trust_record: the user's choice, never a grid file's
-    cfg.refuse_user_only([cfg.Layer(str(path), options) for options in (common_attack, common_defense,
-                                                                        *attacks.values(), *grid_defenses.values())],
-                         what="a grid file")
+    cfg.refuse_user_only(
+        [
+            cfg.Layer(str(path), options)
+            for options in (common_attack, common_defense, *attacks.values(), *grid_defenses.values())
+        ],
+        what="a grid file",
+    )
 
     record_seeds = data.get("record_seeds", False)
     if not isinstance(record_seeds, bool):
@@ -188,8 +215,11 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
                     record = cfg.fill_template(template, {"attack": name, "dataset": dataset, "model": model or ""})
                 except ValueError as exc:
                     raise UserError(f"{path}: 'record_name' {cfg.brief(template, 60)}: {exc}") from None
-                options = {**_with_smoke("attack", name, {**common_attack, **opts}, values["smoke"], str(path)),
-                           "dataset": dataset, "save_folder_name": record}
+                options = {
+                    **_with_smoke("attack", name, {**common_attack, **opts}, values["smoke"], str(path)),
+                    "dataset": dataset,
+                    "save_folder_name": record,
+                }
                 if model is not None:
                     options["model"] = model
                 try:  # checks every key and value before anything runs
@@ -199,20 +229,30 @@ def load_grid(path: Path, values: dict[str, Any]) -> Spec:
                 seeded = [(seed_record_name(record, s), s) for s in seeds] if record_seeds else [(record, None)]
                 for record_k, seed in seeded:
                     if any(r.record_name == record_k for r in records):
-                        raise UserError(f"{path}: two runs would write record '{record_k}' (make 'record_name' tell "
-                                        "them apart)")
+                        raise UserError(
+                            f"{path}: two runs would write record '{record_k}' (make 'record_name' tell them apart)"
+                        )
                     if seed is None:
                         records.append(RecordSpec(record, name, options))
                     else:
-                        records.append(RecordSpec(record_k, name, {**options, "random_seed": seed,
-                                                                   "save_folder_name": record_k}, seed, record))
+                        records.append(
+                            RecordSpec(
+                                record_k,
+                                name,
+                                {**options, "random_seed": seed, "save_folder_name": record_k},
+                                seed,
+                                record,
+                            )
+                        )
 
     if values["defenses"] is not None:
         chosen = _defense_names(values["defenses"], "--defenses")
         grid_defenses = {d: grid_defenses.get(d, {}) for d in chosen}
     extra = _parse_options(values["option"], list(grid_defenses))
-    defenses = {d: _with_smoke("defense", d, {**common_defense, **opts, **extra[d]}, values["smoke"], str(path))
-                for d, opts in grid_defenses.items()}
+    defenses = {
+        d: _with_smoke("defense", d, {**common_defense, **opts, **extra[d]}, values["smoke"], str(path))
+        for d, opts in grid_defenses.items()
+    }
     for d, opts in defenses.items():
         _check_defense_keys(d, opts, str(path))
     name = data.get("name", path.stem)

@@ -4,6 +4,7 @@ record) or defense run (a record, a defense, a seed), run on an executor
 The planning (which runs exist, which are reused) is in :mod:`bench.compare`; the table
 built from the summaries the runs write is in :mod:`bench.tables`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,6 +27,7 @@ Status = Literal["todo", "done", "reused", "failed", "mismatch", "blocked", "una
 
 
 # -- runs ------------------------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class Run:
@@ -64,13 +66,19 @@ class Run:
         return self.status in ("done", "reused") and self.summary is not None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"side": self.side, "record": self.record, "method": self.method,
-                "seed": self.seed if self.side == "defense" or self.column else None, "status": self.status,
-                "message": self.message, "folder": None if self.folder is None else str(self.folder),
-                "log": None if self.log is None else str(self.log),
-                "seconds": None if self.summary is None else self.summary.get("seconds"),
-                "device": None if self.summary is None else self.summary.get("device"),
-                **{key: None if self.summary is None else self.summary.get(key) for key in ("code", "host", "node")}}
+        return {
+            "side": self.side,
+            "record": self.record,
+            "method": self.method,
+            "seed": self.seed if self.side == "defense" or self.column else None,
+            "status": self.status,
+            "message": self.message,
+            "folder": None if self.folder is None else str(self.folder),
+            "log": None if self.log is None else str(self.log),
+            "seconds": None if self.summary is None else self.summary.get("seconds"),
+            "device": None if self.summary is None else self.summary.get("device"),
+            **{key: None if self.summary is None else self.summary.get(key) for key in ("code", "host", "node")},
+        }
 
     def log_note(self) -> str:
         """`` (log: path)`` for a failed run whose log exists; empty otherwise (a run
@@ -93,11 +101,17 @@ def reason_of(exc: BaseException, limit: int = 160) -> str:
     reason = text if isinstance(exc, UserError) else f"{type(exc).__name__}: {text}".rstrip(": ")
     if isinstance(exc, LockHeld):  # whole: the lock's full path is what the user needs
         return reason
-    return reason if len(reason) <= limit else reason[:limit - 3] + "..."
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
-def logged_call(fn: Callable[..., Any], name: str, options: dict[str, Any], log: str | None,
-                attempt: str | None = None, folder: str | None = None) -> Any:
+def logged_call(
+    fn: Callable[..., Any],
+    name: str,
+    options: dict[str, Any],
+    log: str | None,
+    attempt: str | None = None,
+    folder: str | None = None,
+) -> Any:
     """``fn(name, **options)`` with its console output (stderr and stdout: the harness's
     log lines, warnings) written to ``log`` and inner progress bars off; a failure is
     raised as :class:`RunFailed` with one line and the log's path (the traceback is in
@@ -141,9 +155,11 @@ def made_by(summary: dict[str, Any]) -> dict[str, str | None]:
 
     code = summary.get("code")
     node = summary.get("node")
-    return {"code": describe(code) if isinstance(code, dict) else None,
-            "host": str(summary["host"]) if summary.get("host") else None,
-            "node": str(node)[:12] if node else None}
+    return {
+        "code": describe(code) if isinstance(code, dict) else None,
+        "host": str(summary["host"]) if summary.get("host") else None,
+        "node": str(node)[:12] if node else None,
+    }
 
 
 STALE = "stale: made on another version of the record"
@@ -174,8 +190,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 # -- execution ---------------------------------------------------------------------------------------
 
-def execute(runs: Sequence[Run], executor: Executor, functions: dict[str, Callable[..., Any]],
-            resources: Resources | None = None, on_finish: Callable[[Run], None] | None = None) -> None:
+
+def execute(
+    runs: Sequence[Run],
+    executor: Executor,
+    functions: dict[str, Callable[..., Any]],
+    resources: Resources | None = None,
+    on_finish: Callable[[Run], None] | None = None,
+) -> None:
     """Run every run whose status is ``todo`` on ``executor`` (``functions[run.side]``
     through :func:`logged_call`); a defense run whose record is being made waits for it.
     Each run ends ``done`` (summary set), ``failed`` or ``blocked`` (its attack failed);
@@ -186,10 +208,19 @@ def execute(runs: Sequence[Run], executor: Executor, functions: dict[str, Callab
         deps = []
         if run.depends_on is not None and id(run.depends_on) in by_run:
             deps.append(by_run[id(run.depends_on)])
-        handle = executor.submit(logged_call, (functions[run.side], run.method, run.options,
-                                               None if run.log is None else str(run.log), secrets.token_hex(8),
-                                               None if run.folder is None else str(run.folder)), deps,
-                                 run.resources or resources)
+        handle = executor.submit(
+            logged_call,
+            (
+                functions[run.side],
+                run.method,
+                run.options,
+                None if run.log is None else str(run.log),
+                secrets.token_hex(8),
+                None if run.folder is None else str(run.folder),
+            ),
+            deps,
+            run.resources or resources,
+        )
         handles[handle.id] = run
         by_run[id(run)] = handle
     for handle, result, error in executor.as_completed(list(by_run.values())):

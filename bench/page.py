@@ -12,6 +12,7 @@ the per-epoch CSV files (``<defense>_df.csv``) that the runs wrote.
   (``detection.roc``) or, for a summary without it, its ``<detector>_scores.csv``.
 * :func:`html_page`: the table and every plot in one self-contained page (PNG as base64).
 """
+
 from __future__ import annotations
 
 import base64
@@ -57,8 +58,11 @@ def _safe(name: str) -> str:
 
 def scatter(table: Table, record: str, path: Path) -> Path | None:
     """C-Acc (y) against ASR (x) of each defense on ``record``; None when nothing finished."""
-    rows = [r for r in table.rows if r.record == record and r.cells["c_acc"].mean is not None
-            and r.cells["asr"].mean is not None]
+    rows = [
+        r
+        for r in table.rows
+        if r.record == record and r.cells["c_acc"].mean is not None and r.cells["asr"].mean is not None
+    ]
     if not rows:
         return None
     plt = _pyplot()
@@ -75,9 +79,19 @@ def scatter(table: Table, record: str, path: Path) -> Path | None:
         # marker already drawn within a point of this one, so that none hides another
         x, y = scatter_position(asr.mean, acc.mean, placed)
         placed.append((asr.mean, acc.mean))
-        ax.errorbar(x, y, xerr=asr.std or None, yerr=acc.std or None, linestyle="none", capsize=3,
-                    label=row.defense + ("" if (x, y) == (asr.mean, acc.mean) else " (shifted)"), alpha=0.85,
-                    markeredgecolor="black", markeredgewidth=0.8, **style)
+        ax.errorbar(
+            x,
+            y,
+            xerr=asr.std or None,
+            yerr=acc.std or None,
+            linestyle="none",
+            capsize=3,
+            label=row.defense + ("" if (x, y) == (asr.mean, acc.mean) else " (shifted)"),
+            alpha=0.85,
+            markeredgecolor="black",
+            markeredgewidth=0.8,
+            **style,
+        )
     ax.set_xlabel("ASR (%)  (lower is better)")
     ax.set_ylabel("C-Acc (%)  (higher is better)")
     ax.set_xlim(-3, 103)
@@ -124,7 +138,7 @@ def mean_curve(runs: Sequence[Run], column: str) -> list[tuple[float, float]]:
 
 
 def seeds_text(runs: Sequence[Run]) -> str:
-    """"one seed" or "mean over N seeds"."""
+    """ "one seed" or "mean over N seeds"."""
     return "one seed" if len(runs) == 1 else f"mean over {len(runs)} seeds"
 
 
@@ -157,8 +171,9 @@ def curves(table: Table, record: str, path: Path) -> Path | None:
         ax.set_ylabel(f"{name} (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{name} per epoch on {record}" + (f" ({next(iter(counts.values()))})" if same else ""),
-                     fontsize=10)
+        ax.set_title(
+            f"{name} per epoch on {record}" + (f" ({next(iter(counts.values()))})" if same else ""), fontsize=10
+        )
     ax_acc.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
@@ -173,8 +188,13 @@ def shared_rate(table: Table, path: Path, defense: str = "sau") -> Path | None:
         runs = [r for r in table.runs if r.side == "defense" and r.group == record and r.method == defense and r.ok]
         points = mean_curve(runs, "shared_rate")
         if points:
-            ax.plot([e for e, _ in points], [100 * v for _, v in points], marker=MARKERS[i % len(MARKERS)],
-                    markersize=3, label=f"{record} ({seeds_text(runs)})")
+            ax.plot(
+                [e for e, _ in points],
+                [100 * v for _, v in points],
+                marker=MARKERS[i % len(MARKERS)],
+                markersize=3,
+                label=f"{record} ({seeds_text(runs)})",
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -219,15 +239,22 @@ def roc_curves(detection: Table, record: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     drawn = False
     for i, detector in enumerate(detection.defenses):
-        runs = sorted((r for r in detection.runs if r.group == record and r.method == detector and r.ok),
-                      key=lambda r: r.seed)
+        runs = sorted(
+            (r for r in detection.runs if r.group == record and r.method == detector and r.ok), key=lambda r: r.seed
+        )
         curves_drawn = [(run, points) for run in runs for points in [roc_of(run)] if points is not None]
         for k, (run, points) in enumerate(curves_drawn):
             auroc = detection.row(record, detector).cells["auroc"]
             others = ", other seeds light" if len(curves_drawn) > 1 else ""
             label = f"{detector} (AUROC {auroc.text()}; seed {run.seed}{others})" if k == 0 else None
-            ax.plot(points["fpr"], points["tpr"], color=f"C{i % 10}", linewidth=1.8 if k == 0 else 0.8,
-                    alpha=1.0 if k == 0 else 0.35, label=label)
+            ax.plot(
+                points["fpr"],
+                points["tpr"],
+                color=f"C{i % 10}",
+                linewidth=1.8 if k == 0 else 0.8,
+                alpha=1.0 if k == 0 else 0.35,
+                label=label,
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -286,8 +313,9 @@ def html_table(table: Table, table_id: str = "compare") -> str:
     detectors' table (``table.detectors``) has a row per detector."""
     e = html.escape
     first = "Detector" if table.detectors else "Defense"
-    head1 = [f'<th rowspan="2">{first}</th>'] + [f'<th colspan="{len(table.columns)}">{e(r)}</th>'
-                                                 for r in table.records]
+    head1 = [f'<th rowspan="2">{first}</th>'] + [
+        f'<th colspan="{len(table.columns)}">{e(r)}</th>' for r in table.records
+    ]
     head2 = [f"<th>{e(c)}</th>" for _ in table.records for c in table.columns]
     body = []
     for defense in table.names:
@@ -300,37 +328,63 @@ def html_table(table: Table, table_id: str = "compare") -> str:
                 cls = ' class="problem"' if i == 0 and not row.seeds and row.problems else ""
                 cells.append(f"<td{cls}>{safe}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="{e(table_id, quote=True)}">\n<thead><tr>' + "".join(head1) + "</tr>\n<tr>" +
-            "".join(head2) + "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
+    return (
+        f'<table id="{e(table_id, quote=True)}">\n<thead><tr>'
+        + "".join(head1)
+        + "</tr>\n<tr>"
+        + "".join(head2)
+        + "</tr></thead>\n<tbody>\n"
+        + "\n".join(body)
+        + "\n</tbody>\n</table>"
+    )
 
 
-def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[tuple[str, str]] = (),
-              links: Sequence[str] = (), detection: Table | None = None) -> str:
+def html_page(
+    table: Table,
+    plots: Sequence[tuple[str, Path]],
+    about: Sequence[tuple[str, str]] = (),
+    links: Sequence[str] = (),
+    detection: Table | None = None,
+) -> str:
     """One self-contained page: the table's purpose (when it has one), how it was made
     (``about``: command, config, date, machine), links to its data files (``links``,
     names relative to the page), the table, the notes, the detectors' table (``detection``,
     when any) and every plot as a base64 PNG."""
     e = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>SAU-Bench comparison: {e(table.name)}</title>", f"<style>{_STYLE}</style></head><body>",
-             f"<h1>Comparison: {e(table.name)}</h1>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>SAU-Bench comparison: {e(table.name)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>Comparison: {e(table.name)}</h1>",
+    ]
     if table.purpose:
         parts.append(f'<p id="purpose" class="purpose"><b>Purpose:</b> {e(table.purpose)}</p>')
     if about:
-        parts.append('<dl id="about">' + "".join(f"<dt>{e(k)}</dt><dd><code>{e(v)}</code></dd>" for k, v in about)
-                     + "</dl>")
+        parts.append(
+            '<dl id="about">' + "".join(f"<dt>{e(k)}</dt><dd><code>{e(v)}</code></dd>" for k, v in about) + "</dl>"
+        )
     if links:
-        parts.append('<p id="files">Data: ' + ", ".join(f'<a href="{e(name, quote=True)}">{e(name)}</a>'
-                                                        for name in links) + "</p>")
-    parts += [f"<p>{e(table_note(table))}; the best value of each column among the defenses in bold.</p>",
-              html_table(table)]
+        parts.append(
+            '<p id="files">Data: '
+            + ", ".join(f'<a href="{e(name, quote=True)}">{e(name)}</a>' for name in links)
+            + "</p>"
+        )
+    parts += [
+        f"<p>{e(table_note(table))}; the best value of each column among the defenses in bold.</p>",
+        html_table(table),
+    ]
     notes = notes_of(table)
     if notes:
-        parts.append('<h2>Runs that did not finish</h2><ul id="notes">' +
-                     "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+        parts.append(
+            '<h2>Runs that did not finish</h2><ul id="notes">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"
+        )
     if detection is not None:
-        parts += ["<h2>Detectors</h2>", f"<p>{e(table_note(detection))}; the best value of each column in bold.</p>",
-                  html_table(detection, "detection")]
+        parts += [
+            "<h2>Detectors</h2>",
+            f"<p>{e(table_note(detection))}; the best value of each column in bold.</p>",
+            html_table(detection, "detection"),
+        ]
         notes = notes_of(detection)
         if notes:
             parts.append('<ul id="detection_notes">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
@@ -338,11 +392,25 @@ def html_page(table: Table, plots: Sequence[tuple[str, Path]], about: Sequence[t
         parts.append("<h2>Plots</h2>")
     for title, path in plots:
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        parts.append(f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
-                     f"<figcaption>{e(title)}</figcaption></figure>")
+        parts.append(
+            f'<figure><img alt="{e(title)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{e(title)}</figcaption></figure>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
-__all__ = ["METRICS", "curves", "html_page", "html_table", "make_plots", "mean_curve", "roc_curves", "roc_of",
-           "scatter", "scatter_position", "seeds_text", "shared_rate"]
+__all__ = [
+    "METRICS",
+    "curves",
+    "html_page",
+    "html_table",
+    "make_plots",
+    "mean_curve",
+    "roc_curves",
+    "roc_of",
+    "scatter",
+    "scatter_position",
+    "seeds_text",
+    "shared_rate",
+]

@@ -16,6 +16,7 @@ The detectors' table (:func:`detection_table`, issue 20): per record, a row per 
 with AUROC, TPR at 5% FPR and the flagged set's F1 (summary.json's ``detection``), the
 retrained model's C-Acc and ASR when a run retrained one (``retrained``), and the time.
 """
+
 from __future__ import annotations
 
 import csv
@@ -40,14 +41,19 @@ class Metric:
     short: str = ""  # the label in the terminal's narrow columns, when the label is too long
 
 
-METRICS = (Metric("c_acc", "C-Acc", True), Metric("asr", "ASR", False), Metric("ra", "RA", True),
-           Metric("der", "DER", True))
+METRICS = (
+    Metric("c_acc", "C-Acc", True),
+    Metric("asr", "ASR", False),
+    Metric("ra", "RA", True),
+    Metric("der", "DER", True),
+)
 # the ASR of the purified model after the retuning attack (summary.json's "retune", written by
 # ``--retune``): a column of its own only when some run of the table has it
 RETUNE = Metric("retune_asr", "ASR after retuning", False, "ASR retuned")
 
 
 # -- the table ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Cell:
@@ -133,8 +139,14 @@ class Table:
     @property
     def failed(self) -> list[Run]:
         """Runs that failed, or did not run because their record failed (not mismatches)."""
-        return [r for r in self.runs if r.status == "failed" or r.status == "blocked" and
-                r.depends_on is not None and r.depends_on.status == "failed"]
+        return [
+            r
+            for r in self.runs
+            if r.status == "failed"
+            or r.status == "blocked"
+            and r.depends_on is not None
+            and r.depends_on.status == "failed"
+        ]
 
 
 def _percent(value: Any) -> float | None:
@@ -145,12 +157,21 @@ def metrics_of(run: Run) -> dict[str, float | None]:
     """C-Acc, ASR, RA, DER in percent from an attack summary (DER None) or a defense summary."""
     s = run.summary or {}
     if run.side == "attack":
-        return {"c_acc": _percent(s.get("clean_acc")), "asr": _percent(s.get("asr")), "ra": _percent(s.get("ra")),
-                "der": None, RETUNE.key: None}
+        return {
+            "c_acc": _percent(s.get("clean_acc")),
+            "asr": _percent(s.get("asr")),
+            "ra": _percent(s.get("ra")),
+            "der": None,
+            RETUNE.key: None,
+        }
     after = s.get("after") or {}
-    return {"c_acc": _percent(after.get("clean_acc")), "asr": _percent(after.get("asr")),
-            "ra": _percent(after.get("ra")), "der": _percent(s.get("der")),
-            RETUNE.key: _percent((s.get("retune") or {}).get("asr")) if isinstance(s.get("retune"), dict) else None}
+    return {
+        "c_acc": _percent(after.get("clean_acc")),
+        "asr": _percent(after.get("asr")),
+        "ra": _percent(after.get("ra")),
+        "der": _percent(s.get("der")),
+        RETUNE.key: _percent((s.get("retune") or {}).get("asr")) if isinstance(s.get("retune"), dict) else None,
+    }
 
 
 def retuned(runs: Sequence[Run]) -> bool:
@@ -158,8 +179,9 @@ def retuned(runs: Sequence[Run]) -> bool:
     return any(r.side == "defense" and r.ok and isinstance((r.summary or {}).get("retune"), dict) for r in runs)
 
 
-def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds: Sequence[int],
-              runs: Sequence[Run]) -> Table:
+def aggregate(
+    name: str, records: Sequence[str], defenses: Sequence[str], seeds: Sequence[int], runs: Sequence[Run]
+) -> Table:
     """The table of ``runs``: attack runs give the "no defense" rows, defense runs the
     others (mean ± std over the seeds that finished); best values are marked where at
     least two defenses have one."""
@@ -167,16 +189,25 @@ def aggregate(name: str, records: Sequence[str], defenses: Sequence[str], seeds:
     rows = []
     for record in records:
         for defense in [NO_DEFENSE, *defenses]:
-            mine = [r for r in runs if r.group == record and
-                    (r.side == "attack" if defense == NO_DEFENSE else r.side == "defense" and r.method == defense)]
+            mine = [
+                r
+                for r in runs
+                if r.group == record
+                and (r.side == "attack" if defense == NO_DEFENSE else r.side == "defense" and r.method == defense)
+            ]
             rows.append(_row(record, defense, mine, shown, metrics_of))
     for record in records:
         _mark_best([r for r in rows if r.record == record and r.defense != NO_DEFENSE], shown)
     return Table(name, list(records), list(defenses), list(seeds), rows, list(runs), metrics=shown)
 
 
-def _row(record: str, name: str, mine: Sequence[Run], metrics: Sequence[Metric],
-         values_of: Callable[[Run], dict[str, float | None]]) -> Row:
+def _row(
+    record: str,
+    name: str,
+    mine: Sequence[Run],
+    metrics: Sequence[Metric],
+    values_of: Callable[[Run], dict[str, float | None]],
+) -> Row:
     """The row of ``name`` on ``record`` from its runs ``mine``: ``metrics`` (read by
     ``values_of``), time, devices and provenance of those that finished; the others as problems."""
     row = Row(record, name, {m.key: Cell() for m in metrics})
@@ -204,8 +235,9 @@ def _mark_best(candidates: Sequence[Row], metrics: Sequence[Metric]) -> None:
     """Mark the best mean of each metric among ``candidates`` (ties at the shown precision
     all), where at least two have one."""
     for metric in metrics:
-        means = {id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates
-                 if r.cells[metric.key].mean is not None}
+        means = {
+            id(r): round(r.cells[metric.key].mean, DIGITS) for r in candidates if r.cells[metric.key].mean is not None
+        }
         if len(means) < 2:  # nothing to compare with
             continue
         best = max(means.values()) if metric.higher_is_better else min(means.values())
@@ -265,28 +297,42 @@ def table_note(table: Table) -> str:
     """What the numbers are: units, seeds, and what Time measures."""
     if table.detectors:
         return detection_note(table)
-    which = "seeds" if not any(r.column for r in table.runs) else \
-        "seeds (seed k: the attack's record and the defense both made with seed k)"
-    text = (f"C-Acc, ASR, RA, DER in %, mean ± std over {which} {', '.join(map(str, table.seeds))}; Time: each run's "
-            f"wall time and device (for \"{NO_DEFENSE}\": the attack's training time)")
+    which = (
+        "seeds"
+        if not any(r.column for r in table.runs)
+        else "seeds (seed k: the attack's record and the defense both made with seed k)"
+    )
+    text = (
+        f"C-Acc, ASR, RA, DER in %, mean ± std over {which} {', '.join(map(str, table.seeds))}; Time: each run's "
+        f'wall time and device (for "{NO_DEFENSE}": the attack\'s training time)'
+    )
     return text + (f"; {retune_note(table.runs)}" if RETUNE in table.metrics else "")
 
 
 def retune_note(runs: Sequence[Run]) -> str:
     """What the "ASR after retuning" column is, with the retuning sets the runs' summaries name."""
-    sets = sorted({(s["retune"].get("poisoned_samples"), s["retune"].get("clean_samples"))
-                   for r in runs if r.side == "defense" and r.ok
-                   for s in [r.summary or {}] if isinstance(s.get("retune"), dict)}, key=str)
+    sets = sorted(
+        {
+            (s["retune"].get("poisoned_samples"), s["retune"].get("clean_samples"))
+            for r in runs
+            if r.side == "defense" and r.ok
+            for s in [r.summary or {}]
+            if isinstance(s.get("retune"), dict)
+        },
+        key=str,
+    )
     said = ", ".join(f"{p} poisoned + {c} clean" for p, c in sets)
-    return (f"ASR after retuning: the ASR (%) of the purified model after the retuning attack of Min et al. "
-            f"(NeurIPS 2024: a few epochs of fine-tuning on a small set of clean and poisoned training samples; "
-            f"the settings come from each run's summary.json \"retune\", here {said} samples); "
-            f"\"—\": a run made without --retune")
+    return (
+        f"ASR after retuning: the ASR (%) of the purified model after the retuning attack of Min et al. "
+        f"(NeurIPS 2024: a few epochs of fine-tuning on a small set of clean and poisoned training samples; "
+        f'the settings come from each run\'s summary.json "retune", here {said} samples); '
+        f'"—": a run made without --retune'
+    )
 
 
 def _fit(text: str, width: int) -> str:
     """``text`` cut to ``width`` characters (an ellipsis at the end when cut)."""
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
 
 
 CELLS_WIDTH = 14  # "99.99 ± 99.99*"
@@ -312,8 +358,11 @@ def _took(seconds: Cell, devices: Sequence[str], width: int) -> str:
 
 
 def _terminal_header(labels: Sequence[str], name_width: int, time_width: int) -> str:
-    return f"{'':<{name_width}} " + " ".join(f"{_fit(c, CELLS_WIDTH):>{CELLS_WIDTH}}" for c in labels) + \
-        f" {'Time':>{time_width}}"
+    return (
+        f"{'':<{name_width}} "
+        + " ".join(f"{_fit(c, CELLS_WIDTH):>{CELLS_WIDTH}}" for c in labels)
+        + f" {'Time':>{time_width}}"
+    )
 
 
 def terminal_table(table: Table, rows: Literal["defenses", "records"] = "defenses", width: int = 100) -> str:
@@ -373,8 +422,13 @@ def to_records(table: Table) -> list[dict[str, Any]]:
     """One plain dict per (record, defense): the numbers of the table, in percent."""
     out = []
     for row in table.rows:
-        item: dict[str, Any] = {"record": row.record, "defense": row.defense, "n": len(row.seeds),
-                                "expected": row.expected, "seeds": row.seeds}
+        item: dict[str, Any] = {
+            "record": row.record,
+            "defense": row.defense,
+            "n": len(row.seeds),
+            "expected": row.expected,
+            "seeds": row.seeds,
+        }
         for metric in table.metrics:
             cell = row.cells[metric.key]
             item[metric.key] = cell.mean
@@ -411,17 +465,25 @@ def to_csv(table: Table) -> str:
 
 
 def to_json(table: Table) -> dict[str, Any]:
-    return {"name": table.name, "records": table.records, "defenses": table.defenses, "seeds": table.seeds,
-            "rows": to_records(table), "runs": [r.as_dict() for r in table.runs], "notes": notes_of(table)}
+    return {
+        "name": table.name,
+        "records": table.records,
+        "defenses": table.defenses,
+        "seeds": table.seeds,
+        "rows": to_records(table),
+        "runs": [r.as_dict() for r in table.runs],
+        "notes": notes_of(table),
+    }
 
 
 # -- detectors ------------------------------------------------------------------------------------------
 
-DETECTION_METRICS = (Metric("auroc", "AUROC", True), Metric("tpr_at_5fpr", "TPR@5%FPR", True),
-                     Metric("f1", "F1", True))
+DETECTION_METRICS = (Metric("auroc", "AUROC", True), Metric("tpr_at_5fpr", "TPR@5%FPR", True), Metric("f1", "F1", True))
 # the model retrained without the flagged samples (data detectors, --retrain): shown when some run has it
-RETRAINED = (Metric("retrained_c_acc", "Retrained C-Acc", True, "Retr. C-Acc"),
-             Metric("retrained_asr", "Retrained ASR", False, "Retr. ASR"))
+RETRAINED = (
+    Metric("retrained_c_acc", "Retrained C-Acc", True, "Retr. C-Acc"),
+    Metric("retrained_asr", "Retrained ASR", False, "Retr. ASR"),
+)
 
 
 def detection_values(run: Run) -> dict[str, float | None]:
@@ -430,8 +492,11 @@ def detection_values(run: Run) -> dict[str, float | None]:
     s = run.summary or {}
     found = s.get("detection") if isinstance(s.get("detection"), dict) else {}
     retrained = s.get("retrained") if isinstance(s.get("retrained"), dict) else {}
-    return {**{m.key: _percent(found.get(m.key)) for m in DETECTION_METRICS},
-            "retrained_c_acc": _percent(retrained.get("clean_acc")), "retrained_asr": _percent(retrained.get("asr"))}
+    return {
+        **{m.key: _percent(found.get(m.key)) for m in DETECTION_METRICS},
+        "retrained_c_acc": _percent(retrained.get("clean_acc")),
+        "retrained_asr": _percent(retrained.get("asr")),
+    }
 
 
 def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequence[Run]) -> Table:
@@ -442,10 +507,14 @@ def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequ
     (:func:`detection_markdown`, :func:`terminal_table`): six numbers per record and
     detector do not fit 100 columns beside another record's."""
     mine = [r for r in runs if r.side == "defense" and r.method in detectors]
-    metrics = DETECTION_METRICS + (RETRAINED if any(
-        isinstance((r.summary or {}).get("retrained"), dict) for r in mine if r.ok) else ())
-    rows = [_row(record, d, [r for r in mine if r.method == d and r.group == record], metrics, detection_values)
-            for record in records for d in detectors]
+    metrics = DETECTION_METRICS + (
+        RETRAINED if any(isinstance((r.summary or {}).get("retrained"), dict) for r in mine if r.ok) else ()
+    )
+    rows = [
+        _row(record, d, [r for r in mine if r.method == d and r.group == record], metrics, detection_values)
+        for record in records
+        for d in detectors
+    ]
     for record in records:
         _mark_best([r for r in rows if r.record == record], metrics)
     seeds = sorted({r.seed for r in mine})
@@ -453,10 +522,12 @@ def detection_table(records: Sequence[str], detectors: Sequence[str], runs: Sequ
 
 
 def detection_note(table: Table) -> str:
-    text = (f"Detectors, in %, mean ± std over seeds {', '.join(map(str, table.seeds))}: AUROC of the suspicion "
-            "scores, TPR at 5% FPR (the largest TPR of a threshold whose FPR is at most 5%), F1 of the set the "
-            "detector flags (\"—\": it flags none of its own); positives: the training set's poisoned samples (data "
-            "detection) or the backdoor test set against the clean test set (input detection)")
+    text = (
+        f"Detectors, in %, mean ± std over seeds {', '.join(map(str, table.seeds))}: AUROC of the suspicion "
+        "scores, TPR at 5% FPR (the largest TPR of a threshold whose FPR is at most 5%), F1 of the set the "
+        'detector flags ("—": it flags none of its own); positives: the training set\'s poisoned samples (data '
+        "detection) or the backdoor test set against the clean test set (input detection)"
+    )
     if RETRAINED[0] in table.metrics:
         text += "; Retrained C-Acc/ASR: the model retrained from scratch without the flagged samples (--retrain)"
     return text + "; Time: each run's wall time and device"
@@ -467,8 +538,12 @@ def detection_markdown(table: Table) -> str:
     best of each column in bold, the note below."""
     lines = []
     for record in table.records:
-        lines += [f"**Detectors on {record}**", "",
-                  "| Detector | " + " | ".join(table.columns) + " |", "|---|" + ":---:|" * len(table.columns)]
+        lines += [
+            f"**Detectors on {record}**",
+            "",
+            "| Detector | " + " | ".join(table.columns) + " |",
+            "|---|" + ":---:|" * len(table.columns),
+        ]
         for detector in table.defenses:
             cells = [detector, *_cells(table.row(record, detector), lambda t: f"**{t}**", table.metrics)]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -489,16 +564,32 @@ def detection_json(table: Table) -> dict[str, Any]:
         cells = {}
         for record in table.records:
             row = table.row(record, detector)
-            cell: dict[str, Any] = {"n": len(row.seeds), "expected": row.expected, "seeds": row.seeds,
-                                    "problem": row.problem_text() or None}
+            cell: dict[str, Any] = {
+                "n": len(row.seeds),
+                "expected": row.expected,
+                "seeds": row.seeds,
+                "problem": row.problem_text() or None,
+            }
             for metric in table.metrics:
                 c = row.cells[metric.key]
                 cell.update({metric.key: c.mean, f"{metric.key}_std": c.std, f"{metric.key}_values": c.values})
-            cell.update({"std": row.cells["auroc"].std, "text": row.cells["auroc"].text(),
-                         "seconds": row.seconds.mean, "seconds_std": row.seconds.std,
-                         "device": "/".join(sorted(set(row.devices))) or None,
-                         "best": [m.key for m in table.metrics if m.key in row.best]})
+            cell.update(
+                {
+                    "std": row.cells["auroc"].std,
+                    "text": row.cells["auroc"].text(),
+                    "seconds": row.seconds.mean,
+                    "seconds_std": row.seconds.std,
+                    "device": "/".join(sorted(set(row.devices))) or None,
+                    "best": [m.key for m in table.metrics if m.key in row.best],
+                }
+            )
             cells[record] = cell
         rows.append({"detector": detector, "cells": cells})
-    return {"records": table.records, "detectors": table.defenses, "metrics": [m.key for m in table.metrics],
-            "seeds": table.seeds, "rows": rows, "notes": notes_of(table)}
+    return {
+        "records": table.records,
+        "detectors": table.defenses,
+        "metrics": [m.key for m in table.metrics],
+        "seeds": table.seeds,
+        "rows": rows,
+        "notes": notes_of(table),
+    }

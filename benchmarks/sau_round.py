@@ -7,6 +7,7 @@ and the unlearning step, and print samples per second. A benchmark, not a test.
 It builds the defender's data exactly as ``defense/sau.py`` does (same YAML, same seeded
 clean subset) and times whole rounds, excluding evaluation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,13 +57,24 @@ def main() -> None:
     ref = record.build_model().to(device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    sae = SharedAdversarialExamples(model, ref, bound=sau.trigger_norm, step_size=sau.adv_lr, steps=sau.adv_steps,
-                                    norm=sau.norm_type, init=sau.pgd_init, beta_1=sau.beta_1, beta_2=sau.beta_2,
-                                    amp=args.amp)
+    sae = SharedAdversarialExamples(
+        model,
+        ref,
+        bound=sau.trigger_norm,
+        step_size=sau.adv_lr,
+        steps=sau.adv_steps,
+        norm=sau.norm_type,
+        init=sau.pgd_init,
+        beta_1=sau.beta_1,
+        beta_2=sau.beta_2,
+        amp=args.amp,
+    )
     optimizer = make_optimizer(model.parameters(), "adam", sau.lr)
-    print(f"record {args.result_file}: {record.model_name} on {record.clean_data}, {len(idx)} clean samples "
-          f"(ratio {ratio}), batch {sau.batch_size}, device {device}, amp {args.amp and device.type == 'cuda'}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"record {args.result_file}: {record.model_name} on {record.clean_data}, {len(idx)} clean samples "
+        f"(ratio {ratio}), batch {sau.batch_size}, device {device}, amp {args.amp and device.type == 'cuda'}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     defender.tensors()  # move the subset to the device once, outside the timings
     for r in range(args.rounds):
         t_search = t_unlearn = 0.0
@@ -80,9 +92,11 @@ def main() -> None:
             steps += found.stats.steps
         n = len(idx)
         total = t_search + t_unlearn
-        print(f"round {r}: {total:.2f} s = search {t_search:.2f} s + unlearning {t_unlearn:.2f} s; "
-              f"{n / total:.0f} samples/s ({n / t_search:.0f} search, {n / t_unlearn:.0f} unlearning); "
-              f"PGD steps taken {steps}")
+        print(
+            f"round {r}: {total:.2f} s = search {t_search:.2f} s + unlearning {t_unlearn:.2f} s; "
+            f"{n / total:.0f} samples/s ({n / t_search:.0f} search, {n / t_unlearn:.0f} unlearning); "
+            f"PGD steps taken {steps}"
+        )
 
 
 if __name__ == "__main__":

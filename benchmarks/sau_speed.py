@@ -31,6 +31,7 @@ round, and the FLOPs of one round (measured with torch.utils.flop_counter.FlopCo
 over a whole round of each; convolutions and matrix products, forward and backward) with
 the achieved GFLOP/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,12 +88,23 @@ class Clock:
 
 # -- (a) the reference: BackdoorBench's structure ----------------------------------------------------
 
-def reference_search(sau: SAU, model: nn.Module, model_ref: nn.Module, x: torch.Tensor, y: torch.Tensor
-                     ) -> torch.Tensor:
+
+def reference_search(
+    sau: SAU, model: nn.Module, model_ref: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """BackdoorBench's Shared_PGD.attack, with this project's loss terms and projection."""
-    sae = SharedAdversarialExamples(model, model_ref, bound=sau.trigger_norm, step_size=sau.adv_lr,
-                                    steps=sau.adv_steps, norm=sau.norm_type, init=sau.pgd_init, beta_1=sau.beta_1,
-                                    beta_2=sau.beta_2, amp=False)
+    sae = SharedAdversarialExamples(
+        model,
+        model_ref,
+        bound=sau.trigger_norm,
+        step_size=sau.adv_lr,
+        steps=sau.adv_steps,
+        norm=sau.norm_type,
+        init=sau.pgd_init,
+        beta_1=sau.beta_1,
+        beta_2=sau.beta_2,
+        amp=False,
+    )
     delta = sae.initial(x).requires_grad_(True)
     for _ in range(sau.adv_steps):
         clean_pred = model(x).argmax(1)  # every step, with a graph, as BackdoorBench
@@ -101,26 +113,38 @@ def reference_search(sau: SAU, model: nn.Module, model_ref: nn.Module, x: torch.
         pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
         fooled, fooled_ref = pred != clean_pred, pred_ref != clean_pred_ref
         shared = fooled & fooled_ref & (pred == pred_ref)
-        loss = (sau.beta_1 * adversarial_loss(logits, logits_ref, y, fooled, fooled_ref)
-                + sau.beta_2 * share_loss(logits, logits_ref, shared))
+        loss = sau.beta_1 * adversarial_loss(logits, logits_ref, y, fooled, fooled_ref) + sau.beta_2 * share_loss(
+            logits, logits_ref, shared
+        )
         delta.grad = None
         loss.backward()  # also into both models' parameters, as BackdoorBench
-        delta = project(delta.detach() - sau.adv_lr * delta.grad.sign(), sau.norm_type,
-                        sau.trigger_norm).requires_grad_(True)
+        delta = project(
+            delta.detach() - sau.adv_lr * delta.grad.sign(), sau.norm_type, sau.trigger_norm
+        ).requires_grad_(True)
         if bool(shared.all()):
             break
     return delta.detach()
 
 
-def reference_unlearning(sau: SAU, model: nn.Module, model_ref: nn.Module, optimizer: torch.optim.Optimizer,
-                         x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> None:
+def reference_unlearning(
+    sau: SAU,
+    model: nn.Module,
+    model_ref: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    delta: torch.Tensor,
+) -> None:
     model.train(sau.train_mode)
     logits, logits_adv = model(torch.cat([x, x + delta])).split(len(x))
     model.eval()
     pred_ref_clean = model_ref(x).argmax(1)
     pred_ref_adv = model_ref(x + delta).argmax(1)
-    loss = (sau.lmd_1 * F.cross_entropy(logits, y) + sau.lmd_2 * F.cross_entropy(logits_adv, y)
-            + sau.lmd_3 * shared_adversarial_risk(logits_adv, pred_ref_adv, pred_ref_clean, y))
+    loss = (
+        sau.lmd_1 * F.cross_entropy(logits, y)
+        + sau.lmd_2 * F.cross_entropy(logits_adv, y)
+        + sau.lmd_3 * shared_adversarial_risk(logits_adv, pred_ref_adv, pred_ref_clean, y)
+    )
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -146,8 +170,14 @@ def reference_evaluation(model: nn.Module, test, bd_test, device: torch.device, 
     return Metrics(acc, asr, ra, loss, bd_loss, ra_loss)
 
 
-def reference_rounds(sau: SAU, model: nn.Module, data: DefenseData, rounds: int, clock: Clock, evaluate_fn,
-                     ) -> dict[int, Metrics]:
+def reference_rounds(
+    sau: SAU,
+    model: nn.Module,
+    data: DefenseData,
+    rounds: int,
+    clock: Clock,
+    evaluate_fn,
+) -> dict[int, Metrics]:
     model_ref = copy.deepcopy(model).eval()  # trainable parameters, as BackdoorBench's copy
     model.eval()
     optimizer = make_optimizer(model.parameters(), "adam", sau.lr)
@@ -156,8 +186,14 @@ def reference_rounds(sau: SAU, model: nn.Module, data: DefenseData, rounds: int,
     metrics = {}
     for r in range(rounds):
         clock.round = r
-        for idx, y in batches(torch.arange(len(y_all)), y_all, batch_size=sau.batch_size, device=data.device,
-                              shuffle=True, generator=generator):
+        for idx, y in batches(
+            torch.arange(len(y_all)),
+            y_all,
+            batch_size=sau.batch_size,
+            device=data.device,
+            shuffle=True,
+            generator=generator,
+        ):
             x = x_all[idx]
             delta = clock.timed("search", reference_search, sau, model, model_ref, x, y)
             for _ in range(sau.outer_steps):
@@ -168,8 +204,17 @@ def reference_rounds(sau: SAU, model: nn.Module, data: DefenseData, rounds: int,
 
 # -- (b) the project's default, timed from outside -----------------------------------------------------
 
-def default_rounds(sau: SAU, model: nn.Module, data: DefenseData, rounds: int, clock: Clock, evaluate_fn,
-                   eval_every: int, channels_last: bool = True) -> dict[int, Metrics]:
+
+def default_rounds(
+    sau: SAU,
+    model: nn.Module,
+    data: DefenseData,
+    rounds: int,
+    clock: Clock,
+    evaluate_fn,
+    eval_every: int,
+    channels_last: bool = True,
+) -> dict[int, Metrics]:
     metrics: dict[int, Metrics] = {}
 
     class TimedSAE(SharedAdversarialExamples):
@@ -226,8 +271,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--eval_every", type=int, default=5, help="(b)'s evaluation schedule (the default's)")
-    parser.add_argument("--exact-only", dest="exact_only", action="store_true",
-                        help="(b) in float32 and evaluated every round; compare every round's metrics")
+    parser.add_argument(
+        "--exact-only",
+        dest="exact_only",
+        action="store_true",
+        help="(b) in float32 and evaluated every round; compare every round's metrics",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--data_root", default=None, help="default: the record's, else ./data")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled round")
@@ -243,8 +292,11 @@ def main() -> int:
     sau = SAU(**{k: v for k, v in options.items() if k in SAU().hyperparameters()})
     device = resolve_device(args.device)
     where = args.data_root or record.config.get("data_root")
-    data = load_dataset(record.clean_data, where if isinstance(where, str) and Path(where).is_dir() else "data",
-                        img_size=record.config.get("img_size"))
+    data = load_dataset(
+        record.clean_data,
+        where if isinstance(where, str) and Path(where).is_dir() else "data",
+        img_size=record.config.get("img_size"),
+    )
     idx = clean_indices(data.train.labels, record.poison_indices, ratio, args.seed)
     amp = not args.exact_only
     eval_every = 1 if args.exact_only else args.eval_every
@@ -255,25 +307,47 @@ def main() -> int:
         return d
 
     backdoored = record.build_model().to(device).eval()
-    print(f"record {args.record}: {record.model_name} on {record.clean_data}, {len(idx)} clean samples (ratio "
-          f"{ratio}), batch {sau.batch_size}, {args.rounds} rounds, adv_steps {sau.adv_steps}, device {device}, "
-          f"torch threads {torch.get_num_threads()}; test {len(data.test)} + backdoor test {len(record.bd_test)}")
-    print(f"(b): the default, amp {amp and device.type == 'cuda'}, evaluation every {eval_every} rounds and the last"
-          + (", the default memory layout (channels_last changes rounding, so it is left out here)"
-             if args.exact_only else ""))
+    print(
+        f"record {args.record}: {record.model_name} on {record.clean_data}, {len(idx)} clean samples (ratio "
+        f"{ratio}), batch {sau.batch_size}, {args.rounds} rounds, adv_steps {sau.adv_steps}, device {device}, "
+        f"torch threads {torch.get_num_threads()}; test {len(data.test)} + backdoor test {len(record.bd_test)}"
+    )
+    print(
+        f"(b): the default, amp {amp and device.type == 'cuda'}, evaluation every {eval_every} rounds and the last"
+        + (
+            ", the default memory layout (channels_last changes rounding, so it is left out here)"
+            if args.exact_only
+            else ""
+        )
+    )
 
     clocks = {"a": Clock(device), "b": Clock(device)}
     metrics = {}
     seed_everything(args.seed)
-    metrics["a"] = reference_rounds(sau, copy.deepcopy(backdoored), defender(), args.rounds, clocks["a"],
-                                    lambda m: reference_evaluation(m, data.test, record.bd_test, device))
+    metrics["a"] = reference_rounds(
+        sau,
+        copy.deepcopy(backdoored),
+        defender(),
+        args.rounds,
+        clocks["a"],
+        lambda m: reference_evaluation(m, data.test, record.bd_test, device),
+    )
     seed_everything(args.seed)
-    metrics["b"] = default_rounds(sau, copy.deepcopy(backdoored), defender(), args.rounds, clocks["b"],
-                                  lambda m: evaluate(m, data.test, record.bd_test, device=device), eval_every,
-                                  channels_last=not args.exact_only)
+    metrics["b"] = default_rounds(
+        sau,
+        copy.deepcopy(backdoored),
+        defender(),
+        args.rounds,
+        clocks["b"],
+        lambda m: evaluate(m, data.test, record.bd_test, device=device),
+        eval_every,
+        channels_last=not args.exact_only,
+    )
 
-    print(f"\n{'round':>5} | {'(a) search':>10} {'unlearn':>8} {'eval':>6} {'total':>7} | {'(b) search':>10} "
-          f"{'unlearn':>8} {'eval':>6} {'total':>7} | {'a/b':>5}")
+    print(
+        f"\n{'round':>5} | {'(a) search':>10} {'unlearn':>8} {'eval':>6} {'total':>7} | {'(b) search':>10} "
+        f"{'unlearn':>8} {'eval':>6} {'total':>7} | {'a/b':>5}"
+    )
     totals = {k: {p: 0.0 for p in PARTS} for k in clocks}
     for r in range(args.rounds):
         cells = []
@@ -285,9 +359,11 @@ def main() -> int:
         ratio_r = sum(clocks["a"].part(r, p) for p in PARTS) / max(sum(clocks["b"].part(r, p) for p in PARTS), 1e-9)
         print(f"{r:>5} | {cells[0]} | {cells[1]} | {ratio_r:5.2f}")
     ta, tb = (sum(totals[k].values()) for k in ("a", "b"))
-    print(f"{'all':>5} | {totals['a']['search']:10.2f} {totals['a']['unlearning']:8.2f} "
-          f"{totals['a']['evaluation']:6.2f} {ta:7.2f} | {totals['b']['search']:10.2f} "
-          f"{totals['b']['unlearning']:8.2f} {totals['b']['evaluation']:6.2f} {tb:7.2f} | {ta / max(tb, 1e-9):5.2f}")
+    print(
+        f"{'all':>5} | {totals['a']['search']:10.2f} {totals['a']['unlearning']:8.2f} "
+        f"{totals['a']['evaluation']:6.2f} {ta:7.2f} | {totals['b']['search']:10.2f} "
+        f"{totals['b']['unlearning']:8.2f} {totals['b']['evaluation']:6.2f} {tb:7.2f} | {ta / max(tb, 1e-9):5.2f}"
+    )
     print("ratios a/b: " + ", ".join(f"{p} {totals['a'][p] / max(totals['b'][p], 1e-9):.2f}" for p in PARTS))
 
     print("\nround | (a) C-Acc    ASR     RA | (b) C-Acc    ASR     RA")
@@ -297,8 +373,10 @@ def main() -> int:
         same = b is not None and (a.clean_acc, a.asr, a.ra) == (b.clean_acc, b.asr, b.ra)
         differ |= b is not None and not same
         shown_b = "   (not evaluated)" if b is None else f"{b.clean_acc:10.4f} {b.asr:6.4f} {b.ra:6.4f}"
-        print(f"{r:>5} | {a.clean_acc:9.4f} {a.asr:6.4f} {a.ra:6.4f} | {shown_b}" + ("" if b is None or same
-                                                                                   else "  DIFFERENT"))
+        print(
+            f"{r:>5} | {a.clean_acc:9.4f} {a.asr:6.4f} {a.ra:6.4f} | {shown_b}"
+            + ("" if b is None or same else "  DIFFERENT")
+        )
 
     if args.flops:
         # FLOPs of one round (a fresh copy of the backdoored model, one round each), and GFLOP/s
@@ -314,14 +392,18 @@ def main() -> int:
         with torch.no_grad():
             per_sample = round_flops(lambda: backdoored(data.train.images[:64].to(device).float() / 255)) / 64
         n_eval = len(data.test) + len(record.bd_test)
-        print(f"\nmodel forward: {per_sample / 1e6:.2f} MFLOP a sample; one evaluation: (a) "
-              f"{(n_eval + len(record.bd_test)) * per_sample / 1e9:.2f} GFLOP, "
-              f"(b) {n_eval * per_sample / 1e9:.2f} GFLOP")
+        print(
+            f"\nmodel forward: {per_sample / 1e6:.2f} MFLOP a sample; one evaluation: (a) "
+            f"{(n_eval + len(record.bd_test)) * per_sample / 1e9:.2f} GFLOP, "
+            f"(b) {n_eval * per_sample / 1e9:.2f} GFLOP"
+        )
         for k in ("a", "b"):
             work = sum(clocks[k].part(r, p) for r in range(args.rounds) for p in ("search", "unlearning")) / args.rounds
-            print(f"({k}) one round's search + unlearning: {flops[k] / 1e9:.2f} GFLOP "
-                  f"(= {flops[k] / per_sample / len(idx):.1f} forward passes a clean sample), "
-                  f"{flops[k] / 1e9 / max(work, 1e-9):.1f} GFLOP/s achieved")
+            print(
+                f"({k}) one round's search + unlearning: {flops[k] / 1e9:.2f} GFLOP "
+                f"(= {flops[k] / per_sample / len(idx):.1f} forward passes a clean sample), "
+                f"{flops[k] / 1e9 / max(work, 1e-9):.1f} GFLOP/s achieved"
+            )
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

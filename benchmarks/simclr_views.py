@@ -10,6 +10,7 @@ batched), measured in this run. The per-image path always runs on the CPU (it is
 over images in BackdoorBench's form); the batched one on ``--device``. ``--threads`` (1) sets
 torch's CPU threads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"batch {args.batch}, {args.repeats} repeats (median), {args.threads} CPU thread(s), batched on {device}, "
-          f"torch {torch.__version__}")
+    print(
+        f"batch {args.batch}, {args.repeats} repeats (median), {args.threads} CPU thread(s), batched on {device}, "
+        f"torch {torch.__version__}"
+    )
     for name, shape in SHAPES.items():
         torch.manual_seed(0)
         x = torch.rand(args.batch, *shape)
@@ -60,8 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator().manual_seed(0)
         per_image = timed(lambda: simclr_views(x, augmentation), args.repeats, lambda: None)
         batched = timed(lambda: batched_views(on_device, generator), args.repeats, sync)
-        print(f"{name}: per image {per_image * 1e3:9.1f} ms/batch  batched {batched * 1e3:8.2f} ms/batch  "
-              f"ratio {per_image / batched:7.1f}x")
+        print(
+            f"{name}: per image {per_image * 1e3:9.1f} ms/batch  batched {batched * 1e3:8.2f} ms/batch  "
+            f"ratio {per_image / batched:7.1f}x"
+        )
 
 
 if __name__ == "__main__":

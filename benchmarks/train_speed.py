@@ -14,6 +14,7 @@ on CUDA only); evaluation: ``utils.metrics.logits_fp32`` (the harness's float32 
 batch size, capped the same way). One warm-up batch, then batches for about
 ``--seconds`` seconds each; FLOPs from torch.utils.flop_counter.FlopCounterMode.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,10 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, amp {args.amp and device.type == 'cuda'}")
-    print(f"{'model':<20} {'dataset':<14} {'input':<10} {'MFLOP/sample':>12} {'batch':>6} {'train/s':>9} "
-          f"{'GFLOP/s':>8} {'eval/s':>9} {'GFLOP/s':>8}")
+    print(
+        f"{'model':<20} {'dataset':<14} {'input':<10} {'MFLOP/sample':>12} {'batch':>6} {'train/s':>9} "
+        f"{'GFLOP/s':>8} {'eval/s':>9} {'GFLOP/s':>8}"
+    )
     for name in args.models or list_models():
         info, batch_size = recipe_of(name)
         side = max(min(info.size), model_spec(name).min_size)
@@ -112,11 +115,15 @@ def main() -> None:
         eval_batch = min(eval_batch_size(device), cap)
         images = (torch.rand(eval_batch, info.channels, *size) * 255).to(torch.uint8)
         train_rate = rate(train_step, batch, args.seconds, device)
-        eval_rate = rate(lambda: logits_fp32(model, images, device=device, batch_size=eval_batch), eval_batch,
-                         args.seconds, device)
-        print(f"{name:<20} {info.name:<14} {'x'.join(map(str, (info.channels, *size))):<10} {flops / 1e6:12.1f} "
-              f"{batch:>6} {train_rate:9.1f} {3 * flops * train_rate / 1e9:8.1f} {eval_rate:9.1f} "
-              f"{flops * eval_rate / 1e9:8.1f}", flush=True)
+        eval_rate = rate(
+            lambda: logits_fp32(model, images, device=device, batch_size=eval_batch), eval_batch, args.seconds, device
+        )
+        print(
+            f"{name:<20} {info.name:<14} {'x'.join(map(str, (info.channels, *size))):<10} {flops / 1e6:12.1f} "
+            f"{batch:>6} {train_rate:9.1f} {3 * flops * train_rate / 1e9:8.1f} {eval_rate:9.1f} "
+            f"{flops * eval_rate / 1e9:8.1f}",
+            flush=True,
+        )
     print("GFLOP/s: training counts 3 forward passes a sample (forward, input and weight gradients)")
 
 

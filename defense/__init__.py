@@ -7,9 +7,20 @@ Every module of this package registers its defense on import; installed distribu
 theirs through the entry-point group ``saubench.defenses`` (see utils.registry).
 ``python -m defense list`` shows them all; ``python -m defense new NAME`` starts a new one.
 """
+
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
-from defense.base import (DEFENSES, Defense, DefenseData, Detection, TrainingData, create_defense, list_defenses,
-                          main, register_defense, run)
+from defense.base import (
+    DEFENSES,
+    Defense,
+    DefenseData,
+    Detection,
+    TrainingData,
+    create_defense,
+    list_defenses,
+    main,
+    register_defense,
+    run,
+)
 from utils.registry import import_package_modules, load_plugins
 
 PLUGIN_GROUP = "saubench.defenses"
@@ -19,5 +30,15 @@ PLUGIN_GROUP = "saubench.defenses"
 import_package_modules("defense", skip=("base", "compare", "contract", "tune", "training"))
 load_plugins(DEFENSES, PLUGIN_GROUP, Defense)
 
-__all__ = ["DEFENSES", "Defense", "DefenseData", "Detection", "TrainingData", "create_defense", "list_defenses",
-           "main", "register_defense", "run"]
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "DefenseData",
+    "Detection",
+    "TrainingData",
+    "create_defense",
+    "list_defenses",
+    "main",
+    "register_defense",
+    "run",
+]

@@ -2,6 +2,7 @@
 the registered defenses, a skeleton for a new one, a run of one (see tools/scaffold.py and
 CONTRIBUTING.md), the YAML file and values a run on a dataset uses, or a study that tunes
 one on a validation split (see defense/tune.py)."""
+
 import sys
 
 from defense import DEFENSES, run

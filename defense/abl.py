@@ -37,6 +37,7 @@ Deviations:
   BackdoorBench and the authors' code; the paper writes it per sample.
 * The per-sample losses are computed in batches in eval mode (BackdoorBench: batch size 1).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -94,21 +95,43 @@ class ABL(TrainingDefense):
         batch_size: batch size (None: the attack's recipe)
     """
 
-    paper = ("Li, Lyu, Koren, Lyu, Li and Ma, Anti-Backdoor Learning: Training Clean Models on Poisoned Data, "
-             "NeurIPS 2021, arXiv:2110.11571")
+    paper = (
+        "Li, Lyu, Koren, Lyu, Li and Ma, Anti-Backdoor Learning: Training Clean Models on Poisoned Data, "
+        "NeurIPS 2021, arXiv:2110.11571"
+    )
     year = 2021
-    param_checks = {"tuning_epochs": cfg.non_negative, "finetuning_epochs": cfg.non_negative,
-                    "unlearning_epochs": cfg.non_negative, "isolation_ratio": _ratio, "lr": cfg.positive,
-                    "lr_finetuning": cfg.positive, "lr_unlearning": cfg.positive, "momentum": cfg.non_negative,
-                    "weight_decay": cfg.non_negative, "finetuning_drop": cfg.non_negative}
+    param_checks = {
+        "tuning_epochs": cfg.non_negative,
+        "finetuning_epochs": cfg.non_negative,
+        "unlearning_epochs": cfg.non_negative,
+        "isolation_ratio": _ratio,
+        "lr": cfg.positive,
+        "lr_finetuning": cfg.positive,
+        "lr_unlearning": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+        "finetuning_drop": cfg.non_negative,
+    }
     smoke_params = {"tuning_epochs": 1, "finetuning_epochs": 1, "unlearning_epochs": 1, "batch_size": 128}
 
-    def __init__(self, tuning_epochs: int = 20, finetuning_ascent_model: bool = True, finetuning_epochs: int = 60,
-                 unlearning_epochs: int = 20, isolation_ratio: float = 0.01,
-                 gradient_ascent_type: Literal["LGA", "Flooding"] = "Flooding", gamma: float = 0.5,
-                 flooding: float = 0.5, lr: float = 0.01, lr_finetuning: float = 0.01, finetuning_drop: int = 40,
-                 lr_unlearning: float = 1e-4, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 batch_size: int | None = 256):
+    def __init__(
+        self,
+        tuning_epochs: int = 20,
+        finetuning_ascent_model: bool = True,
+        finetuning_epochs: int = 60,
+        unlearning_epochs: int = 20,
+        isolation_ratio: float = 0.01,
+        gradient_ascent_type: Literal["LGA", "Flooding"] = "Flooding",
+        gamma: float = 0.5,
+        flooding: float = 0.5,
+        lr: float = 0.01,
+        lr_finetuning: float = 0.01,
+        finetuning_drop: int = 40,
+        lr_unlearning: float = 1e-4,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        batch_size: int | None = 256,
+    ):
         self.tuning_epochs, self.finetuning_ascent_model = tuning_epochs, finetuning_ascent_model
         self.finetuning_epochs, self.unlearning_epochs = finetuning_epochs, unlearning_epochs
         self.isolation_ratio, self.gradient_ascent_type = isolation_ratio, gradient_ascent_type
@@ -119,16 +142,23 @@ class ABL(TrainingDefense):
 
     def phases(self) -> Phases:
         """Isolation, fine-tuning on the rest, unlearning."""
-        return Phases(("isolate", self.tuning_epochs),
-                      ("finetune", self.finetuning_epochs if self.finetuning_ascent_model else 0),
-                      ("unlearn", self.unlearning_epochs))
+        return Phases(
+            ("isolate", self.tuning_epochs),
+            ("finetune", self.finetuning_epochs if self.finetuning_ascent_model else 0),
+            ("unlearn", self.unlearning_epochs),
+        )
 
     def total_epochs(self, recipe: Recipe) -> int:
         return self.phases().total
 
     def sgd(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                               nesterov=self.momentum > 0)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            nesterov=self.momentum > 0,
+        )
 
     def train(self, data: TrainingSet) -> nn.Module:
         model = data.new_model()
@@ -144,21 +174,38 @@ class ABL(TrainingDefense):
                 held["isolated"] = isolate(data.losses(model), self.isolation_ratio)
                 log.info("isolated %d of %d training samples (lowest loss)", len(held["isolated"]), len(data))
             if phase == "isolate":
+
                 def step(x, y):
                     logits = model(x)
-                    return bounded_loss(F.cross_entropy(logits, y), self.gradient_ascent_type, self.gamma,
-                                        self.flooding), logits, y
+                    return (
+                        bounded_loss(F.cross_entropy(logits, y), self.gradient_ascent_type, self.gamma, self.flooding),
+                        logits,
+                        y,
+                    )
 
-                stats = data.train_epoch(model, isolation_optimizer, epoch=epoch, augment=False, step=step,
-                                         generator=generator, desc=f"isolate {e}")
+                stats = data.train_epoch(
+                    model,
+                    isolation_optimizer,
+                    epoch=epoch,
+                    augment=False,
+                    step=step,
+                    generator=generator,
+                    desc=f"isolate {e}",
+                )
             elif phase == "finetune":
                 for group in optimizer.param_groups:
                     group["lr"] = self.lr_finetuning * (0.1 if e >= self.finetuning_drop else 1.0)
                 keep = torch.ones(len(data), dtype=torch.bool)
                 keep[held["isolated"]] = False
-                stats = data.train_epoch(model, optimizer, images=data.train.images[keep],
-                                         labels=data.train.labels[keep], epoch=epoch, generator=generator,
-                                         desc=f"fine-tune {e}")
+                stats = data.train_epoch(
+                    model,
+                    optimizer,
+                    images=data.train.images[keep],
+                    labels=data.train.labels[keep],
+                    epoch=epoch,
+                    generator=generator,
+                    desc=f"fine-tune {e}",
+                )
             else:
                 for group in optimizer.param_groups:
                     group["lr"] = self.lr_unlearning
@@ -168,9 +215,16 @@ class ABL(TrainingDefense):
                     return -F.cross_entropy(logits, y), logits, y
 
                 idx = held["isolated"]
-                stats = data.train_epoch(model, optimizer, images=data.train.images[idx],
-                                         labels=data.train.labels[idx], epoch=epoch, step=step, generator=generator,
-                                         desc=f"unlearn {e}")
+                stats = data.train_epoch(
+                    model,
+                    optimizer,
+                    images=data.train.images[idx],
+                    labels=data.train.labels[idx],
+                    epoch=epoch,
+                    step=step,
+                    generator=generator,
+                    desc=f"unlearn {e}",
+                )
                 stats["train_epoch_loss_avg_over_batch"] *= -1
             data.report(epoch, model, train_loss=stats["train_epoch_loss_avg_over_batch"], train_acc=stats["train_acc"])
         # the isolated samples' indices in the training set (none when no epoch ran past the isolation)

@@ -39,6 +39,7 @@ Deviations:
   run's seed): exact below that.
 * The score above is this project's (BackdoorBench and the paper only flag).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -65,8 +66,9 @@ def _at_least_two(value: int) -> str | None:
     return None if value >= 2 else "must be >= 2"
 
 
-def cluster_class(features: np.ndarray, nb_dims: int, nb_clusters: int, seed: int
-                  ) -> tuple[np.ndarray, float, float, np.ndarray]:
+def cluster_class(
+    features: np.ndarray, nb_dims: int, nb_clusters: int, seed: int
+) -> tuple[np.ndarray, float, float, np.ndarray]:
     """ICA to ``nb_dims`` and k-means of one class's activations (n, D): whether each
     sample is in the smallest cluster, that cluster's relative size, the silhouette score,
     and each sample's membership of the smallest cluster (vs the largest one), in [0, 1]."""
@@ -91,8 +93,9 @@ def cluster_class(features: np.ndarray, nb_dims: int, nb_clusters: int, seed: in
     if small == big or len(set(labels.tolist())) < 2:
         return np.zeros(n, dtype=bool), 0.5, 0.0, np.zeros(n)
     sample = min(n, 5000)
-    silhouette = float(silhouette_score(projected, labels, sample_size=sample if sample < n else None,
-                                        random_state=seed))
+    silhouette = float(
+        silhouette_score(projected, labels, sample_size=sample if sample < n else None, random_state=seed)
+    )
     d_small = np.linalg.norm(projected - kmeans.cluster_centers_[small], axis=1)
     d_big = np.linalg.norm(projected - kmeans.cluster_centers_[big], axis=1)
     membership = d_big / np.maximum(d_small + d_big, 1e-12)
@@ -114,15 +117,28 @@ class AC(Defense):
     """
 
     kind = "data_detection"
-    paper = ("Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy and Srivastava, Detecting Backdoor Attacks on "
-             "Deep Neural Networks by Activation Clustering, AAAI SafeAI 2019, arXiv:1811.03728")
+    paper = (
+        "Chen, Carvalho, Baracaldo, Ludwig, Edwards, Lee, Molloy and Srivastava, Detecting Backdoor Attacks on "
+        "Deep Neural Networks by Activation Clustering, AAAI SafeAI 2019, arXiv:1811.03728"
+    )
     year = 2018
-    param_checks = {"nb_dims": cfg.positive, "nb_clusters": _at_least_two, "size_threshold": _below_half,
-                    "batch_size": cfg.positive}
+    param_checks = {
+        "nb_dims": cfg.positive,
+        "nb_clusters": _at_least_two,
+        "size_threshold": _below_half,
+        "batch_size": cfg.positive,
+    }
 
-    def __init__(self, nb_dims: int = 10, nb_clusters: int = 2,
-                 cluster_analysis: Literal["smaller", "silhouette"] = "smaller", size_threshold: float = 0.35,
-                 silhouette_threshold: float = 0.15, layer: str | None = None, batch_size: int = 256):
+    def __init__(
+        self,
+        nb_dims: int = 10,
+        nb_clusters: int = 2,
+        cluster_analysis: Literal["smaller", "silhouette"] = "smaller",
+        size_threshold: float = 0.35,
+        silhouette_threshold: float = 0.15,
+        layer: str | None = None,
+        batch_size: int = 256,
+    ):
         self.nb_dims, self.nb_clusters, self.cluster_analysis = nb_dims, nb_clusters, cluster_analysis
         self.size_threshold, self.silhouette_threshold = size_threshold, silhouette_threshold
         self.layer, self.batch_size = layer, batch_size
@@ -133,17 +149,34 @@ class AC(Defense):
         flagged = np.zeros(len(data), dtype=bool)
         classes: list[dict[str, float | int | bool]] = []
         for c, idx in data.class_indices(min_size=2):
-            in_small, size, silhouette, membership = cluster_class(features[idx], self.nb_dims, self.nb_clusters,
-                                                                   data.seed)
-            suspicious = size < self.size_threshold if self.cluster_analysis == "smaller" else \
-                silhouette > self.silhouette_threshold
+            in_small, size, silhouette, membership = cluster_class(
+                features[idx], self.nb_dims, self.nb_clusters, data.seed
+            )
+            suspicious = (
+                size < self.size_threshold
+                if self.cluster_analysis == "smaller"
+                else silhouette > self.silhouette_threshold
+            )
             if suspicious:
                 flagged[idx[in_small]] = True
             scores[idx] = (1.0 - size) * max(0.0, silhouette) * membership
-            classes.append({"class": c, "samples": int(len(idx)), "smaller_cluster": round(size, 4),
-                            "silhouette": round(silhouette, 4), "flagged": bool(suspicious)})
-            log.info("class %d: %d samples, smaller cluster %.3f, silhouette %.3f%s", c, len(idx), size, silhouette,
-                     "  -> flagged" if suspicious else "")
+            classes.append(
+                {
+                    "class": c,
+                    "samples": int(len(idx)),
+                    "smaller_cluster": round(size, 4),
+                    "silhouette": round(silhouette, 4),
+                    "flagged": bool(suspicious),
+                }
+            )
+            log.info(
+                "class %d: %d samples, smaller cluster %.3f, silhouette %.3f%s",
+                c,
+                len(idx),
+                size,
+                silhouette,
+                "  -> flagged" if suspicious else "",
+            )
         data.add_summary(classes=classes)
         return Detection(torch.from_numpy(scores).float(), torch.from_numpy(flagged))
 

@@ -70,6 +70,7 @@ Deviations from BackdoorBench that remain, each stated:
 --resume: the mask optimisation cannot resume (it is not checkpointed); an interrupted
 run starts again from the beginning, with the same seed, and gives the same result.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -98,8 +99,12 @@ def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     LayerNorm over one dimension), with a weight and a bias, in module order."""
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, NORM_LAYERS) and getattr(module, "weight", None) is not None \
-                and getattr(module, "bias", None) is not None and module.weight.dim() == 1:
+        if (
+            isinstance(module, NORM_LAYERS)
+            and getattr(module, "weight", None) is not None
+            and getattr(module, "bias", None) is not None
+            and module.weight.dim() == 1
+        ):
             found.append((name, module))
     return found
 
@@ -152,7 +157,7 @@ def select_pruned(values: torch.Tensor, pruning_by: str, threshold: float, numbe
         raise ValueError("pruning_by 'number' needs number")
     chosen = torch.zeros(len(values), dtype=torch.bool, device=values.device)
     order = torch.sort(values, stable=True).indices
-    chosen[order[:min(number, len(values))]] = True
+    chosen[order[: min(number, len(values))]] = True
     return chosen
 
 
@@ -163,7 +168,7 @@ def prune_neurons(layers: list[tuple[str, nn.Module]], pruned: torch.Tensor, zer
     start = 0
     for _, module in layers:
         n = module.weight.numel()
-        idx = pruned[start:start + n].to(module.weight.device)
+        idx = pruned[start : start + n].to(module.weight.device)
         module.weight[idx] = 0.0
         if zero_bias:
             module.bias[idx] = 0.0
@@ -194,26 +199,58 @@ class ANP(Defense):
         report_every: iterations between two progress rows (each evaluated by the harness)
     """
 
-    paper = ("Wu and Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021, "
-             "arXiv:2110.14430")
+    paper = "Wu and Wang, Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021, arXiv:2110.14430"
     year = 2021
-    search_space = {"eps": ("float", 0.1, 0.6), "alpha": ("float", 0.1, 0.5), "threshold": ("float", 0.05, 0.5),
-                    "nb_iter": ("int", 500, 2000)}
-    param_aliases = {"eps": ("anp_eps",), "steps": ("anp_steps",), "alpha": ("anp_alpha",),
-                     "report_every": ("print_every",), "threshold": ("pruning_threshold",)}
-    param_checks = {"nb_iter": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "eps": cfg.non_negative, "steps": cfg.positive, "alpha": cfg.unit_interval,
-                    "threshold": cfg.unit_interval, "number": cfg.non_negative, "report_every": cfg.positive,
-                    "pruning_max": cfg.unit_interval, "pruning_step": cfg.positive, "acc_ratio": cfg.non_negative,
-                    "val_fraction": lambda v: None if 0 < v < 1 else "must be in (0, 1)"}
+    search_space = {
+        "eps": ("float", 0.1, 0.6),
+        "alpha": ("float", 0.1, 0.5),
+        "threshold": ("float", 0.05, 0.5),
+        "nb_iter": ("int", 500, 2000),
+    }
+    param_aliases = {
+        "eps": ("anp_eps",),
+        "steps": ("anp_steps",),
+        "alpha": ("anp_alpha",),
+        "report_every": ("print_every",),
+        "threshold": ("pruning_threshold",),
+    }
+    param_checks = {
+        "nb_iter": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "eps": cfg.non_negative,
+        "steps": cfg.positive,
+        "alpha": cfg.unit_interval,
+        "threshold": cfg.unit_interval,
+        "number": cfg.non_negative,
+        "report_every": cfg.positive,
+        "pruning_max": cfg.unit_interval,
+        "pruning_step": cfg.positive,
+        "acc_ratio": cfg.non_negative,
+        "val_fraction": lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+    }
     smoke_params = {"nb_iter": 20, "batch_size": 32, "report_every": 10}
 
-    def __init__(self, nb_iter: int = 2000, batch_size: int = 128, lr: float = 0.2, eps: float = 0.4,
-                 steps: int = 1, alpha: float = 0.2,
-                 pruning_by: Literal["threshold", "number", "clean_acc"] = "threshold", threshold: float = 0.2,
-                 number: int | None = None, pruning_max: float = 0.9, pruning_step: float = 0.05,
-                 acc_ratio: float = 0.1, val_fraction: float = 0.2, prune_bias: bool = False,
-                 clip_noise: bool = False, train_mode: bool = True, report_every: int = 500):
+    def __init__(
+        self,
+        nb_iter: int = 2000,
+        batch_size: int = 128,
+        lr: float = 0.2,
+        eps: float = 0.4,
+        steps: int = 1,
+        alpha: float = 0.2,
+        pruning_by: Literal["threshold", "number", "clean_acc"] = "threshold",
+        threshold: float = 0.2,
+        number: int | None = None,
+        pruning_max: float = 0.9,
+        pruning_step: float = 0.05,
+        acc_ratio: float = 0.1,
+        val_fraction: float = 0.2,
+        prune_bias: bool = False,
+        clip_noise: bool = False,
+        train_mode: bool = True,
+        report_every: int = 500,
+    ):
         if pruning_by == "number" and number is None:
             raise ValueError("pruning_by 'number' needs --number (how many neurons to prune)")
         self.nb_iter, self.batch_size, self.lr = nb_iter, batch_size, lr
@@ -235,19 +272,21 @@ class ANP(Defense):
             threshold = self.choose_threshold(model, held_out, values)
         else:
             values = self.optimize_masks(model, data)
-        pruned = select_pruned(values, "number" if self.pruning_by == "number" else "threshold", threshold,
-                               self.number)
+        pruned = select_pruned(values, "number" if self.pruning_by == "number" else "threshold", threshold, self.number)
         prune_neurons(layers, pruned, zero_bias=self.prune_bias)
         extras, start = {}, 0
         for name, module in layers:
             n = module.weight.numel()
-            extras[f"mask.{name}"] = values[start:start + n].cpu()
-            extras[f"pruned.{name}"] = pruned[start:start + n].cpu()
+            extras[f"mask.{name}"] = values[start : start + n].cpu()
+            extras[f"pruned.{name}"] = pruned[start : start + n].cpu()
             start += n
         data.add_extras(**extras)
-        data.add_summary(pruned_neurons=int(pruned.sum()), total_neurons=len(values),
-                         threshold=None if self.pruning_by == "number" else threshold,
-                         pruned_by_layer={name: int(extras[f"pruned.{name}"].sum()) for name, _ in layers})
+        data.add_summary(
+            pruned_neurons=int(pruned.sum()),
+            total_neurons=len(values),
+            threshold=None if self.pruning_by == "number" else threshold,
+            pruned_by_layer={name: int(extras[f"pruned.{name}"].sum()) for name, _ in layers},
+        )
         return model.eval()
 
     def choose_threshold(self, model: Classifier, data: DefenseData, values: torch.Tensor) -> float:
@@ -287,8 +326,11 @@ class ANP(Defense):
             with data.autocast():
                 logits = masks.forward(work, x)
                 loss_nat = F.cross_entropy(logits.float(), y)
-                loss_rob = (F.cross_entropy(masks.forward(work, x, perturbed=True).float(), y) if self.eps > 0
-                            else torch.zeros((), device=x.device))
+                loss_rob = (
+                    F.cross_entropy(masks.forward(work, x, perturbed=True).float(), y)
+                    if self.eps > 0
+                    else torch.zeros((), device=x.device)
+                )
             loss = self.alpha * loss_nat + (1 - self.alpha) * loss_rob
             data.step(loss, optimizer, epoch=it // self.report_every, batch=it)
             with torch.no_grad():
@@ -298,13 +340,26 @@ class ANP(Defense):
             total_correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if (it + 1) % self.report_every == 0 or it + 1 == self.nb_iter:
-                data.report(it // self.report_every, view, loss=total_loss / seen, train_acc=total_correct / seen,
-                            iteration=it + 1, mask_mean=float(masks.values().mean()))
+                data.report(
+                    it // self.report_every,
+                    view,
+                    loss=total_loss / seen,
+                    train_acc=total_correct / seen,
+                    iteration=it + 1,
+                    mask_mean=float(masks.values().mean()),
+                )
                 total_loss, total_correct, seen = 0.0, 0, 0
         return masks.values()
 
-    def perturb(self, masks: NeuronMasks, work: nn.Module, data: DefenseData, x: torch.Tensor, y: torch.Tensor,
-                sign_scale: float) -> None:
+    def perturb(
+        self,
+        masks: NeuronMasks,
+        work: nn.Module,
+        data: DefenseData,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        sign_scale: float,
+    ) -> None:
         """delta, xi: uniform in [-eps, eps], then ``steps`` signed ascent steps of size
         eps / steps on the cross-entropy, unclipped as in BackdoorBench (its noise optimizer:
         SGD with rate eps / steps on the sign of the gradient), so they reach up to 2 * eps;

@@ -43,6 +43,7 @@ exactly the weights and the <name>_df.csv rows of an uninterrupted run. Work don
 the loop (a teacher, a pruning step, a trigger search) is done again on resume,
 from the same seed; a defense that never calls it restarts from the beginning.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,11 +71,29 @@ from utils.models import Classifier
 from utils.files import StagedFolder, save_json, save_png, save_text
 from utils.poison import PoisonedSet
 from utils.provenance import provenance
-from utils.records import (AttackRecord, check_clean_train, check_record_unchanged, load_record, locate_record,
-                           record_dir, save_defense_result)
+from utils.records import (
+    AttackRecord,
+    check_clean_train,
+    check_record_unchanged,
+    load_record,
+    locate_record,
+    record_dir,
+    save_defense_result,
+)
 from utils.registry import Method, Registry
-from utils.runtime import (autocast, check_data_root, check_record_root, grad_scaler, held_logs, log_to, progress,
-                           replay, resolve_device, seed_everything, sign_scale)
+from utils.runtime import (
+    autocast,
+    check_data_root,
+    check_record_root,
+    grad_scaler,
+    held_logs,
+    log_to,
+    progress,
+    replay,
+    resolve_device,
+    seed_everything,
+    sign_scale,
+)
 from utils.train import Checkpoint, batches, check_all_finite, check_finite, first_non_finite, predict
 
 log = logging.getLogger("saubench")
@@ -82,11 +101,13 @@ log = logging.getLogger("saubench")
 
 # -- what a defense sees -------------------------------------------------------------------------
 
+
 def _model_signature(model: nn.Module) -> tuple:
     """What, besides its tensors, decides what ``model`` computes: its modules (names and
     types) and the hooks installed on them."""
-    return tuple((name, type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-                 for name, m in model.named_modules())
+    return tuple(
+        (name, type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
+    )
 
 
 def _model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -104,8 +125,7 @@ class Monitor:
     (``torch.equal`` against a copy kept from that evaluation): an exact check, so a
     defense that changes its model after its last report is evaluated again."""
 
-    def __init__(self, evaluate_fn: Callable[[nn.Module], Metrics], eval_every: int = 1,
-                 last_epoch: int | None = None):
+    def __init__(self, evaluate_fn: Callable[[nn.Module], Metrics], eval_every: int = 1, last_epoch: int | None = None):
         self.evaluate_fn = evaluate_fn
         self.eval_every = eval_every
         self.last_epoch = last_epoch
@@ -122,9 +142,15 @@ class Monitor:
         tensors = _model_tensors(model)
         if self._last is not None:
             ident, last_signature, last_tensors, metrics = self._last
-            if ident == id(model) and last_signature == signature and len(last_tensors) == len(tensors) and all(
+            if (
+                ident == id(model)
+                and last_signature == signature
+                and len(last_tensors) == len(tensors)
+                and all(
                     n == m and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(a, b)
-                    for (n, a), (m, b) in zip(tensors, last_tensors)):
+                    for (n, a), (m, b) in zip(tensors, last_tensors)
+                )
+            ):
                 return metrics
         metrics = self.evaluate_fn(model)
         self._last = (id(model), signature, [(n, t.detach().clone()) for n, t in tensors], metrics)
@@ -147,8 +173,9 @@ class Monitor:
             self.eval_seconds += time.perf_counter() - start
             row.update(metrics.as_row())
             shown = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-            log.info("epoch %d: %s  C-Acc %.4f  ASR %.4f  RA %.4f", epoch, shown, metrics.clean_acc, metrics.asr,
-                     metrics.ra)
+            log.info(
+                "epoch %d: %s  C-Acc %.4f  ASR %.4f  RA %.4f", epoch, shown, metrics.clean_acc, metrics.asr, metrics.ra
+            )
 
 
 @dataclass
@@ -222,12 +249,14 @@ class DefenseData(HandsOver):
             self._on_device = (self.clean.images.to(self.device).float().div_(255.0), self.clean.labels.to(self.device))
         return self._on_device
 
-    def batches(self, batch_size: int, *, shuffle: bool = True, augment: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, *, shuffle: bool = True, augment: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of the clean subset on the device, with the train transform if ``augment``."""
         x_all, y_all = self.tensors()
-        for x, y in batches(x_all, y_all, batch_size=batch_size, device=self.device, shuffle=shuffle,
-                            generator=generator):
+        for x, y in batches(
+            x_all, y_all, batch_size=batch_size, device=self.device, shuffle=shuffle, generator=generator
+        ):
             yield (self.augment(x) if augment else x), y
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,9 +298,17 @@ class DefenseData(HandsOver):
         pending, self._pending[:] = list(self._pending), []
         check_all_finite(pending)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, epoch: int, batch: int,
-             what: str = "loss", defer_check: bool = False,
-             gradients: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    def step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epoch: int,
+        batch: int,
+        what: str = "loss",
+        defer_check: bool = False,
+        gradients: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """One optimisation step of ``optimizer`` on ``loss``, the same for every method:
         the NaN check (:meth:`check`), zeroed gradients, the backward pass through the
         gradient scaler (loss scaling under float16 autocast), the optimizer's step and the
@@ -337,14 +374,16 @@ class DefenseData(HandsOver):
         cut = len(order) - max(1, int(round(fraction * len(order))))
         parts = []
         for idx in (order[:cut], order[cut:]):
-            part = DefenseData(self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor,
-                               self.checkpoint)
+            part = DefenseData(
+                self.clean.subset(idx), self.info, self.device, self.amp, self.seed, self.monitor, self.checkpoint
+            )
             part.outputs, part._pending, part._scaler = self.outputs, self._pending, self.scaler
             parts.append(part)
         return parts[0], parts[1]
 
 
 # -- the validation split (tuning) ---------------------------------------------------------------------
+
 
 @dataclass
 class ValidationSplit:
@@ -360,8 +399,14 @@ class ValidationSplit:
     backdoor: PoisonedSet
 
 
-def validation_split(defender: DefenseData, record: AttackRecord, fraction: float = 0.2, seed: int = 0,
-                     max_backdoor: int | None = 1000, held_indices: torch.Tensor | None = None) -> ValidationSplit:
+def validation_split(
+    defender: DefenseData,
+    record: AttackRecord,
+    fraction: float = 0.2,
+    seed: int = 0,
+    max_backdoor: int | None = 1000,
+    held_indices: torch.Tensor | None = None,
+) -> ValidationSplit:
     """Cut a validation split from what the defender holds: ``fraction`` of the clean
     subset (at least one sample, at least one left to train on), drawn with ``seed``, and
     up to ``max_backdoor`` of the record's poisoned training images whose label differs
@@ -370,15 +415,17 @@ def validation_split(defender: DefenseData, record: AttackRecord, fraction: floa
     part keeps the defender's device, precision and seed, without a monitor or checkpoint."""
     n = len(defender.clean)
     if n < 2:
-        raise UserError(f"the defender's clean subset has {n} sample(s): too few to hold out a validation part "
-                        "(raise --ratio)")
+        raise UserError(
+            f"the defender's clean subset has {n} sample(s): too few to hold out a validation part (raise --ratio)"
+        )
     if not 0 < fraction < 1:
         raise UserError(f"the validation fraction must be in (0, 1), got {fraction}")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     held = min(n - 1, max(1, int(round(fraction * n))))
-    train = DefenseData(defender.clean.subset(order[held:].sort().values), defender.info, defender.device,
-                        defender.amp, defender.seed)
+    train = DefenseData(
+        defender.clean.subset(order[held:].sort().values), defender.info, defender.device, defender.amp, defender.seed
+    )
     clean = defender.clean.subset(order[:held].sort().values)
     poisoned = record.bd_train
     if poisoned is None:
@@ -391,8 +438,9 @@ def validation_split(defender: DefenseData, record: AttackRecord, fraction: floa
     keep = torch.nonzero(usable).flatten()
     if max_backdoor is not None and len(keep) > max_backdoor:
         keep = keep[torch.randperm(len(keep), generator=generator)[:max_backdoor]].sort().values
-    backdoor = PoisonedSet(poisoned.images[keep], poisoned.labels[keep], poisoned.original_labels[keep],
-                           poisoned.indices[keep])
+    backdoor = PoisonedSet(
+        poisoned.images[keep], poisoned.labels[keep], poisoned.original_labels[keep], poisoned.indices[keep]
+    )
     return ValidationSplit(train, clean, backdoor)
 
 
@@ -403,6 +451,7 @@ def evaluate_validation(model: nn.Module, split: ValidationSplit, device: torch.
 
 
 # -- the contract ----------------------------------------------------------------------------------
+
 
 class Defense(Method):
     """Base class. A defense takes its hyperparameters as annotated keyword arguments of
@@ -459,10 +508,12 @@ class DefenseRegistry(Registry[Defense]):
         def checked(cls: type[Defense]) -> type[Defense]:
             hooks = [h for h in RETIRED_HOOKS if callable(getattr(cls, h, None))]
             if hooks:
-                raise TypeError(f"defense '{name}' ({cls.__module__}.{cls.__qualname__}) defines "
-                                f"{' and '.join(f'{h}()' for h in hooks)}, which the harness no longer reads: hand "
-                                "tensors over with data.add_extras(...) and summary values with data.add_summary(...) "
-                                "inside mitigate/detect/fit/train")
+                raise TypeError(
+                    f"defense '{name}' ({cls.__module__}.{cls.__qualname__}) defines "
+                    f"{' and '.join(f'{h}()' for h in hooks)}, which the harness no longer reads: hand "
+                    "tensors over with data.add_extras(...) and summary values with data.add_summary(...) "
+                    "inside mitigate/detect/fit/train"
+                )
             return wrap(cls)
 
         return checked
@@ -491,37 +542,81 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 # -- the harness ----------------------------------------------------------------------------------
 
 COMMON: list[Param] = [
-    Param("result_file", str, help="attack record: its name (a folder of --record_root), or the path of its folder "
-          "(absolute, or with a '/'; the folder's parent is then the record root)"),
+    Param(
+        "result_file",
+        str,
+        help="attack record: its name (a folder of --record_root), or the path of its folder "
+        "(absolute, or with a '/'; the folder's parent is then the record root)",
+    ),
     Param("yaml_path", str | None, None, "defense config (default: config/defense/<name>/<dataset>.yaml)"),
     Param("ratio", float, 0.05, "defender's clean data, as a fraction of the training set", check=cfg.fraction),
     Param("index", str | None, None, "file of clean training indices, one a line (instead of --ratio)"),
-    Param("exclude_poisoned", bool, False, "draw the clean subset only among training samples that were not "
-          "poisoned, and refuse an --index file naming poisoned ones (off: from all samples, as BackdoorBench; "
-          "the images are the clean versions either way)"),
+    Param(
+        "exclude_poisoned",
+        bool,
+        False,
+        "draw the clean subset only among training samples that were not "
+        "poisoned, and refuse an --index file naming poisoned ones (off: from all samples, as BackdoorBench; "
+        "the images are the clean versions either way)",
+    ),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N", control=True),
     Param("amp", bool, False, "mixed precision (bf16/fp16) on CUDA: opt-in; BackdoorBench runs fp32"),
     Param("random_seed", int, 0, "random seed", check=cfg.seed),
     Param("eval_every", int, 5, "evaluate every N epochs (and at the end)", check=cfg.positive, control=True),
     Param("record_root", str, "record", "folder of the records", control=True),
-    Param("data_root", str | None, None, "folder holding the datasets (default: ./data; never the record's own)",
-          control=True),
+    Param(
+        "data_root",
+        str | None,
+        None,
+        "folder holding the datasets (default: ./data; never the record's own)",
+        control=True,
+    ),
     Param("download", bool, True, "download missing datasets where possible", control=True),
     Param("overwrite", bool, False, "replace an existing result", control=True),
-    Param("result_name", str | None, None, "folder of the result under <result_file>/defense/ (default: the "
-          "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)", control=True),
+    Param(
+        "result_name",
+        str | None,
+        None,
+        "folder of the result under <result_file>/defense/ (default: the "
+        "defense's name; defense/compare.py uses <name>_seed<k> for seeds other than 0)",
+        control=True,
+    ),
     Param("resume", bool, False, "continue an interrupted run from its checkpoint", control="apart"),
-    Param("save_every", int, 1, "save a checkpoint every N epochs (and after the last; 0: never)",
-          check=cfg.non_negative, control="apart"),
-    Param("retune", bool, False, "after a mitigation, also fine-tune a copy of the purified model on a small seeded "
-          "mix of poisoned and clean training samples (the retuning attack, Min et al., NeurIPS 2024; "
-          "utils/retune.py) and report its metrics as summary.json's 'retune'", absent_is_default=True),
-    Param("trust_record", bool, False, "read a record that needs pickle (a foreign or old format): unpickling "
-          "can run code, so only for records from a source you trust", control="apart"),
+    Param(
+        "save_every",
+        int,
+        1,
+        "save a checkpoint every N epochs (and after the last; 0: never)",
+        check=cfg.non_negative,
+        control="apart",
+    ),
+    Param(
+        "retune",
+        bool,
+        False,
+        "after a mitigation, also fine-tune a copy of the purified model on a small seeded "
+        "mix of poisoned and clean training samples (the retuning attack, Min et al., NeurIPS 2024; "
+        "utils/retune.py) and report its metrics as summary.json's 'retune'",
+        absent_is_default=True,
+    ),
+    Param(
+        "trust_record",
+        bool,
+        False,
+        "read a record that needs pickle (a foreign or old format): unpickling "
+        "can run code, so only for records from a source you trust",
+        control="apart",
+    ),
     Param("debug", bool, False, "show tracebacks", control=True),
-    Param("retrain", bool | None, None, "data detection: retrain the model from scratch without the flagged samples "
-          "(the attack's recipe, seeded) and report its C-Acc/ASR/RA (default: on for digits, off otherwise: it costs "
-          "a training run); other kinds ignore it", absent_is_default=True),
+    Param(
+        "retrain",
+        bool | None,
+        None,
+        "data detection: retrain the model from scratch without the flagged samples "
+        "(the attack's recipe, seeded) and report its C-Acc/ASR/RA (default: on for digits, off otherwise: it costs "
+        "a training run); other kinds ignore it",
+        absent_is_default=True,
+    ),
 ]
 # How or where a run is made, not what it computes (the ``control`` marks above): skipped when
 # a finished result (compare's reuse) or a checkpoint (--resume) is checked against a request.
@@ -530,8 +625,21 @@ COMMON: list[Param] = [
 CONTROL_KEYS = cfg.control_keys(COMMON)
 # The controls handed over apart from the config, kept out of summary.json.
 APART_KEYS = cfg.apart_keys(COMMON)
-IGNORED_KEYS = frozenset({"num_workers", "pin_memory", "non_blocking", "prefetch", "frequency_save", "dataset",
-                          "model", "dataset_path", "checkpoint_load", "checkpoint_save", "log"})
+IGNORED_KEYS = frozenset(
+    {
+        "num_workers",
+        "pin_memory",
+        "non_blocking",
+        "prefetch",
+        "frequency_save",
+        "dataset",
+        "model",
+        "dataset_path",
+        "checkpoint_load",
+        "checkpoint_save",
+        "log",
+    }
+)
 
 
 def resolve_config(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> tuple[dict[str, Any], AttackRecord]:
@@ -552,14 +660,19 @@ def show_config(name: str, dataset: str) -> str:
     return cfg.resolved_text(f"defense {cls.name} on {dataset}", params, layers)
 
 
-def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
-             ) -> tuple[dict[str, Any], dict[str, Any], AttackRecord]:
+def _resolve(
+    name: str, argv: Sequence[str], overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], AttackRecord]:
     cls = DEFENSES.get(name)
     params = [*COMMON, *cls.params()]
-    parser = cfg.build_parser(f"defense/{cls.name}.py", params, (cls.__doc__ or "").strip().split("\n")[0],
-                              "The defaults above are the code's; a run reads "
-                              f"config/defense/{cls.name}/<dataset>.yaml over them (<dataset>: the record's).\n"
-                              f"The values a run will use: python -m defense show {cls.name} --dataset <dataset>")
+    parser = cfg.build_parser(
+        f"defense/{cls.name}.py",
+        params,
+        (cls.__doc__ or "").strip().split("\n")[0],
+        "The defaults above are the code's; a run reads "
+        f"config/defense/{cls.name}/<dataset>.yaml over them (<dataset>: the record's).\n"
+        f"The values a run will use: python -m defense show {cls.name} --dataset <dataset>",
+    )
     cli = cfg.parse_cli(parser, argv)
     cfg.check_early(params, overrides, ("result_file", "record_root", "yaml_path", "trust_record"))
     first = {**overrides, **cli}
@@ -589,9 +702,12 @@ def _resolve(name: str, argv: Sequence[str], overrides: dict[str, Any]
         values["data_root"] = "data"
     where = record.config.get("data_root")
     if isinstance(where, str) and where and os.path.abspath(where) != os.path.abspath(values["data_root"]):
-        log.info("the record's data_root %s is ignored (a record does not choose where datasets are read from); "
-                 "they are read from %s: pass --data_root DIR to read them elsewhere", cfg.brief(where, 400),
-                 values["data_root"])
+        log.info(
+            "the record's data_root %s is ignored (a record does not choose where datasets are read from); "
+            "they are read from %s: pass --data_root DIR to read them elsewhere",
+            cfg.brief(where, 400),
+            values["data_root"],
+        )
     control = {key: values.pop(key) for key in APART_KEYS}
     return values, control, record
 
@@ -608,16 +724,19 @@ def main(name: str) -> dict[str, Any]:
     return entry(lambda args, kw: _run(name, args, kw), None, {})
 
 
-def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
-          ) -> tuple[dict[str, Any], dict[str, Any], AttackRecord, torch.device, Defense, Classifier]:
+def setup(
+    name: str, argv: Sequence[str], overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], AttackRecord, torch.device, Defense, Classifier]:
     """Everything that can be checked before the data is loaded, checked before anything
     is written: the config, the run controls, the record (and that its weights fit its
     model), the device and the defense."""
     values, control, record = _resolve(name, argv, overrides)
     cls = DEFENSES.get(name)
     if len(record.bd_test) == 0:
-        raise UserError(f"{record.path}: the record's backdoor test set (bd_test) is empty: ASR and RA cannot be "
-                        "measured (a clean model's record has nothing to defend)")
+        raise UserError(
+            f"{record.path}: the record's backdoor test set (bd_test) is empty: ASR and RA cannot be "
+            "measured (a clean model's record has nothing to defend)"
+        )
     device = resolve_device(values["device"])
     try:
         defense = cls(**{p.name: values[p.name] for p in cls.params()})
@@ -634,13 +753,18 @@ def setup(name: str, argv: Sequence[str], overrides: dict[str, Any]
 def check_finite_model(model: nn.Module, record: AttackRecord) -> None:
     """Refuse a record whose model is already non-finite: weights (or buffers) holding NaN
     or infinity, so that the run does not start and blame its learning rate later."""
-    bad = [name for name, t in model.state_dict().items()
-           if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())]
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())
+    ]
     if bad:
         where = record.path / "attack_result.pt" if record.path is not None else "the record"
-        raise UserError(f"{where}: the record's weights hold NaN/inf ({len(bad)} tensor(s), e.g. "
-                        f"{cfg.clip(bad[0], 60)}): the model was broken before the defense started (the attack's "
-                        "training diverged?)")
+        raise UserError(
+            f"{where}: the record's weights hold NaN/inf ({len(bad)} tensor(s), e.g. "
+            f"{cfg.clip(bad[0], 60)}): the model was broken before the defense started (the attack's "
+            "training diverged?)"
+        )
 
 
 def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -649,15 +773,27 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         inputs = load_inputs(record, values)
         check_finite_outputs(model, inputs[0].train.images[inputs[1][:64]], record)
         check_detectable(defense, record)
-    out = StagedFolder(record.path / "defense" / values["result_name"], values["overwrite"],
-                       root=Path(values["record_root"]))
-    if out.final.is_dir() and not values["overwrite"] and not (out.final / "summary.json").exists() and \
-            any(out.final.glob("*_df*.csv")):
-        raise UserError(f"{out.final} holds BackdoorBench's own {out.final.name} result: pass --result_name NAME "
-                        "to write ours beside it (or --overwrite to replace it)")
+    out = StagedFolder(
+        record.path / "defense" / values["result_name"], values["overwrite"], root=Path(values["record_root"])
+    )
+    if (
+        out.final.is_dir()
+        and not values["overwrite"]
+        and not (out.final / "summary.json").exists()
+        and any(out.final.glob("*_df*.csv"))
+    ):
+        raise UserError(
+            f"{out.final} holds BackdoorBench's own {out.final.name} result: pass --result_name NAME "
+            "to write ours beside it (or --overwrite to replace it)"
+        )
     folder = out.open(resume=control["resume"])
-    checkpoint = Checkpoint(out.checkpoint, control["save_every"], control["resume"],
-                            {**values, "record_sha256": record.sha256}, CONTROL_KEYS)
+    checkpoint = Checkpoint(
+        out.checkpoint,
+        control["save_every"],
+        control["resume"],
+        {**values, "record_sha256": record.sha256},
+        CONTROL_KEYS,
+    )
     with guarded(out):
         with log_to(folder, f"{defense.name}.log"):
             log.info("defense %s on %s", defense.name, record.path)
@@ -672,10 +808,19 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
             raise
         final = out.commit()
     with log_to(None):  # the run's log is closed: the closing line goes to the console
-        numbers = closing_text(summary["after"], summary["before"], summary["der"]) if "after" in summary \
+        numbers = (
+            closing_text(summary["after"], summary["before"], summary["der"])
+            if "after" in summary
             else detection_text(summary["detection"])
-        log.info("%s on %s done: %s  (%.1f s); result in %s", defense.name, values["result_file"], numbers,
-                 summary["seconds"], final)
+        )
+        log.info(
+            "%s on %s done: %s  (%.1f s); result in %s",
+            defense.name,
+            values["result_file"],
+            numbers,
+            summary["seconds"],
+            final,
+        )
     return summary
 
 
@@ -685,8 +830,10 @@ def check_finite_outputs(model: nn.Module, images: torch.Tensor, record: AttackR
     the run does not blame its learning rate later."""
     logits = predict(model, images, device=torch.device("cpu"), amp=False)
     if not bool(torch.isfinite(logits).all()):
-        raise UserError(f"{record.path}: the record's model gives NaN/inf outputs on clean images before the defense "
-                        "started (its normalization: a std of 0, or a NaN/inf mean or std?)")
+        raise UserError(
+            f"{record.path}: the record's model gives NaN/inf outputs on clean images before the defense "
+            "started (its normalization: a std of 0, or a NaN/inf mean or std?)"
+        )
 
 
 def discard_stale(out: StagedFolder) -> None:
@@ -711,8 +858,14 @@ def result_folder_name(defense: str, result_name: str | None = None) -> str:
     return name
 
 
-def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, ratio: float, seed: int,
-                  index_file: str | None = None, exclude_poisoned: bool = False) -> torch.Tensor:
+def clean_indices(
+    train_labels: torch.Tensor,
+    poison_indices: torch.Tensor,
+    ratio: float,
+    seed: int,
+    index_file: str | None = None,
+    exclude_poisoned: bool = False,
+) -> torch.Tensor:
     """The defender's clean subset, sorted: the indices in ``index_file`` or
     ``int(ratio * N)`` indices drawn with ``seed`` from all N training samples.
 
@@ -729,8 +882,10 @@ def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, rati
     indices in a file are kept once."""
     n = len(train_labels)
     if len(poison_indices) and (int(poison_indices.min()) < 0 or int(poison_indices.max()) >= n):
-        raise UserError(f"the record's poison indices reach {int(poison_indices.max())}, but the training set has "
-                        f"{n} samples: the record was not made on these dataset files")
+        raise UserError(
+            f"the record's poison indices reach {int(poison_indices.max())}, but the training set has "
+            f"{n} samples: the record was not made on these dataset files"
+        )
     poisoned = torch.zeros(n, dtype=torch.bool)
     if exclude_poisoned:
         poisoned[poison_indices] = True
@@ -748,8 +903,9 @@ def clean_indices(train_labels: torch.Tensor, poison_indices: torch.Tensor, rati
             raise UserError(f"--index {index_file}: indices must be in 0..{n - 1}")
         if poisoned[idx].any():
             bad = idx[poisoned[idx]][:5].tolist()
-            raise UserError(f"--index {index_file}: indices {bad} are poisoned training samples "
-                            "(--exclude_poisoned refuses them)")
+            raise UserError(
+                f"--index {index_file}: indices {bad} are poisoned training samples (--exclude_poisoned refuses them)"
+            )
         return idx.unique()
     pool = torch.nonzero(~poisoned).flatten()
     count = int(ratio * n)
@@ -765,16 +921,25 @@ def load_inputs(record: AttackRecord, values: dict[str, Any]) -> tuple[Dataset, 
     defender's clean indices: loaded and checked before anything is written."""
     img_size = record.config.get("img_size")
     if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < 1):
-        raise UserError(f"{record.path}: the record's config has img_size {cfg.brief(img_size)}, "
-                        "not a positive integer")
+        raise UserError(
+            f"{record.path}: the record's config has img_size {cfg.brief(img_size)}, not a positive integer"
+        )
     data = load_dataset(record.clean_data, values["data_root"], download=values["download"], img_size=img_size)
     if data.info.img_size != tuple(record.img_size) or data.info.num_classes != record.num_classes:
-        raise UserError(f"{record.path}: the record says {record.clean_data} is {tuple(record.img_size)} with "
-                        f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
-                        f"{data.info.num_classes}")
+        raise UserError(
+            f"{record.path}: the record says {record.clean_data} is {tuple(record.img_size)} with "
+            f"{record.num_classes} classes, but the files in {data.root} are {data.info.img_size} with "
+            f"{data.info.num_classes}"
+        )
     check_clean_train(record, data.train.images, data.train.labels, str(data.root or record.clean_data))
-    idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
-                        values["index"], values["exclude_poisoned"])
+    idx = clean_indices(
+        data.train.labels,
+        record.poison_indices,
+        values["ratio"],
+        values["random_seed"],
+        values["index"],
+        values["exclude_poisoned"],
+    )
     return data, idx
 
 
@@ -783,9 +948,16 @@ def _same(a: Any, b: float) -> bool:
     return a == b or (isinstance(a, float) and a != a and b != b)
 
 
-def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
-            folder: Path, model: Classifier | None = None, checkpoint: Checkpoint | None = None,
-            inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
+def _defend(
+    defense: Defense,
+    record: AttackRecord,
+    values: dict[str, Any],
+    device: torch.device,
+    folder: Path,
+    model: Classifier | None = None,
+    checkpoint: Checkpoint | None = None,
+    inputs: tuple[Dataset, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     seed_everything(values["random_seed"])
     data, idx = load_inputs(record, values) if inputs is None else inputs
     model = (record.build_model() if model is None else model).to(device).eval()
@@ -793,8 +965,12 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     if training_time:  # the defender holds the whole training set, as delivered (defense/training.py)
         idx = torch.arange(len(data.train))
     save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
-    log.info("defender's %s: %d of %d training samples", "training set" if training_time else "clean subset",
-             len(idx), len(data.train))
+    log.info(
+        "defender's %s: %d of %d training samples",
+        "training set" if training_time else "clean subset",
+        len(idx),
+        len(data.train),
+    )
 
     def measure(m: nn.Module) -> Metrics:  # float32, whatever --amp says
         return evaluate(m, data.test, record.bd_test, device=device)
@@ -809,8 +985,9 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     if training_time:  # what it hands over, from its TrainingSet (defense/training.py)
         defender: DefenseData | HandsOver = HandsOver()
     else:
-        defender = DefenseData(data.train.subset(idx), data.info, device, values["amp"], values["random_seed"],
-                               monitor, checkpoint)
+        defender = DefenseData(
+            data.train.subset(idx), data.info, device, values["amp"], values["random_seed"], monitor, checkpoint
+        )
 
     seed_everything(values["random_seed"])
     start = time.perf_counter()
@@ -826,8 +1003,10 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     # a resumed run: the time of every part (stored in the checkpoint), not this part's only
     seconds = checkpoint.elapsed() if checkpoint is not None else time.perf_counter() - start
     if not isinstance(purified, Classifier) or purified.name != record.model_name:
-        raise TypeError(f"{defense.name}.{'train' if training_time else 'mitigate'} must return a "
-                        f"model of the record's architecture (a {record.model_name})")
+        raise TypeError(
+            f"{defense.name}.{'train' if training_time else 'mitigate'} must return a "
+            f"model of the record's architecture (a {record.model_name})"
+        )
     purified.eval()
     after = monitor.evaluate(purified)  # reused when the last report evaluated this model unchanged
     log.info("after:  C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", after.clean_acc, after.asr, after.ra, seconds)
@@ -845,23 +1024,37 @@ def _defend(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
     columns = ("epoch", *METRIC_COLUMNS)
     monitor.history.save_csv(folder / f"{defense.name}_df.csv", columns)
     save_text(monitor.history.summary_csv(columns), folder / f"{defense.name}_df_summary.csv")
-    monitor.history.save_plot(folder / f"{defense.name}_plot.png",
-                              f"{defense.name} on {record.path.name} ({record.model_name})")
+    monitor.history.save_plot(
+        folder / f"{defense.name}_plot.png", f"{defense.name} on {record.path.name} ({record.model_name})"
+    )
     summary = {
-        "defense": defense.name, "result_file": values["result_file"],
-        "before": before.headline(), "after": after.headline(),
-        "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc), "record_identity": record.identity,
-        "seconds": round(seconds, 2), "eval_seconds": round(monitor.eval_seconds, 2),
-        "device": str(device), "clean_samples": len(idx), **({"retune": retuned} if retuned else {}),
+        "defense": defense.name,
+        "result_file": values["result_file"],
+        "before": before.headline(),
+        "after": after.headline(),
+        "der": der(before.asr, after.asr, before.clean_acc, after.clean_acc),
+        "record_identity": record.identity,
+        "seconds": round(seconds, 2),
+        "eval_seconds": round(monitor.eval_seconds, 2),
+        "device": str(device),
+        "clean_samples": len(idx),
+        **({"retune": retuned} if retuned else {}),
         **defender.outputs.summary,
-        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        **provenance(),
     }
     save_json(summary, folder / "summary.json")
     return summary
 
 
-def _retune(purified: nn.Module, record: AttackRecord, data: Dataset, values: dict[str, Any], device: torch.device,
-            measure: Callable[[nn.Module], Metrics]) -> dict[str, Any] | None:
+def _retune(
+    purified: nn.Module,
+    record: AttackRecord,
+    data: Dataset,
+    values: dict[str, Any],
+    device: torch.device,
+    measure: Callable[[nn.Module], Metrics],
+) -> dict[str, Any] | None:
     """--retune: the metrics of a copy of ``purified`` after the retuning attack (utils/retune.py)."""
     from utils.retune import retune, retune_set
 
@@ -877,6 +1070,7 @@ def _retune(purified: nn.Module, record: AttackRecord, data: Dataset, values: di
 
 # -- the detection kinds ----------------------------------------------------------------------------
 
+
 def layer_module(model: Classifier, layer: str | None) -> nn.Module:
     """The module ``model.net.<layer>`` (None: the architecture's feature layer, its last
     stage); one UserError line when the architecture has no such module."""
@@ -885,8 +1079,10 @@ def layer_module(model: Classifier, layer: str | None) -> nn.Module:
     try:
         return model.net.get_submodule(layer)
     except AttributeError:
-        raise UserError(f"model '{model.name}' has no layer '{layer}' (its stages: "
-                        f"{', '.join(model.spec.stages) or 'none declared'})") from None
+        raise UserError(
+            f"model '{model.name}' has no layer '{layer}' (its stages: "
+            f"{', '.join(model.spec.stages) or 'none declared'})"
+        ) from None
 
 
 @dataclass
@@ -923,11 +1119,21 @@ class TrainingData(HandsOver):
             if len(idx) >= min_size:
                 yield c, idx
 
-    def features(self, model: Classifier, images: torch.Tensor | None = None, batch_size: int = 256,
-                 layer: str | None = None) -> torch.Tensor:
+    def features(
+        self, model: Classifier, images: torch.Tensor | None = None, batch_size: int = 256, layer: str | None = None
+    ) -> torch.Tensor:
         """:meth:`penultimate` of ``images`` (uint8, N x C x H x W; default the training set)."""
-        held = self if images is None else TrainingData(ImageData(images, torch.zeros(len(images), dtype=torch.long)),
-                                                       self.info, self.device, self.amp, self.seed)
+        held = (
+            self
+            if images is None
+            else TrainingData(
+                ImageData(images, torch.zeros(len(images), dtype=torch.long)),
+                self.info,
+                self.device,
+                self.amp,
+                self.seed,
+            )
+        )
         return held.penultimate(model, batch_size, layer)
 
     def __len__(self) -> int:
@@ -936,8 +1142,8 @@ class TrainingData(HandsOver):
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The training set in order, in batches of float [0, 1] images and labels on the device."""
         for start in range(0, len(self.train), batch_size):
-            x = self.train.images[start:start + batch_size].to(self.device).float().div_(255.0)
-            yield x, self.train.labels[start:start + batch_size].to(self.device)
+            x = self.train.images[start : start + batch_size].to(self.device).float().div_(255.0)
+            yield x, self.train.labels[start : start + batch_size].to(self.device)
 
     def penultimate(self, model: Classifier, batch_size: int = 256, layer: str | None = None) -> torch.Tensor:
         """The model's penultimate representation (the input of its classifier layer,
@@ -1009,8 +1215,10 @@ def check_detectable(defense: Defense, record: AttackRecord) -> None:
 
         check_trainable(defense.name, record)
     if defense.kind == "data_detection" and (record.bd_train is None or len(record.bd_train) == 0):
-        raise UserError(f"{record.path}: the record keeps no poisoned training samples (bd_train; an attack that "
-                        f"poisons each batch afresh?): data detection ({defense.name}) has nothing to find")
+        raise UserError(
+            f"{record.path}: the record keeps no poisoned training samples (bd_train; an attack that "
+            f"poisons each batch afresh?): data detection ({defense.name}) has nothing to find"
+        )
 
 
 def checked_detection(defense: Defense, result: Any, n: int, where: str) -> Detection:
@@ -1035,20 +1243,29 @@ def score_inputs(defense: Defense, detector: InputDetector, images: torch.Tensor
     from utils.metrics import eval_batch_size
 
     if not callable(detector):
-        raise TypeError(f"{defense.name}.fit must return a function of a batch of images, not "
-                        f"{type(detector).__name__}")
+        raise TypeError(
+            f"{defense.name}.fit must return a function of a batch of images, not {type(detector).__name__}"
+        )
     size = eval_batch_size(device)
     parts = []
     for start in range(0, len(images), size):
-        x = images[start:start + size].to(device).float().div_(255.0)
+        x = images[start : start + size].to(device).float().div_(255.0)
         parts.append(checked_detection(defense, detector(x), len(x), "fit(...)(images)"))
     flags = [p.flagged for p in parts]
-    return Detection(torch.cat([p.scores for p in parts]) if parts else torch.zeros(0),
-                     torch.cat(flags) if parts and all(f is not None for f in flags) else None)
+    return Detection(
+        torch.cat([p.scores for p in parts]) if parts else torch.zeros(0),
+        torch.cat(flags) if parts and all(f is not None for f in flags) else None,
+    )
 
 
-def _retrained(defense: Defense, record: AttackRecord, data: Dataset, flagged: torch.Tensor | None,
-               values: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
+def _retrained(
+    defense: Defense,
+    record: AttackRecord,
+    data: Dataset,
+    flagged: torch.Tensor | None,
+    values: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any] | None:
     """C-Acc, ASR and RA of the model retrained without the detector's flagged samples
     (defense/retrain.py); None when the detector flags nothing of its own."""
     from defense.retrain import retrain_without
@@ -1060,14 +1277,27 @@ def _retrained(defense: Defense, record: AttackRecord, data: Dataset, flagged: t
     model = retrain_without(record, data, flagged, device, seed=values["random_seed"], amp=values["amp"])
     metrics = evaluate(model, data.test, record.bd_test, device=device)
     seconds = time.perf_counter() - start
-    log.info("retrained without %d flagged samples: C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)", int(flagged.sum()),
-             metrics.clean_acc, metrics.asr, metrics.ra, seconds)
+    log.info(
+        "retrained without %d flagged samples: C-Acc %.4f  ASR %.4f  RA %.4f  (%.1f s)",
+        int(flagged.sum()),
+        metrics.clean_acc,
+        metrics.asr,
+        metrics.ra,
+        seconds,
+    )
     return {**metrics.headline(), "removed": int(flagged.sum()), "seconds": round(seconds, 2)}
 
 
-def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], device: torch.device,
-            folder: Path, model: Classifier | None = None, checkpoint: Checkpoint | None = None,
-            inputs: tuple[Dataset, torch.Tensor] | None = None) -> dict[str, Any]:
+def _detect(
+    defense: Defense,
+    record: AttackRecord,
+    values: dict[str, Any],
+    device: torch.device,
+    folder: Path,
+    model: Classifier | None = None,
+    checkpoint: Checkpoint | None = None,
+    inputs: tuple[Dataset, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """The run of a detector (``kind`` data_detection or input_detection): it gets only
     what its kind may see; the harness scores, measures (utils.metrics.detection_metrics)
     and writes summary.json, <name>_scores.csv and BackdoorBench's detection_info.csv."""
@@ -1084,22 +1314,38 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         train, truth = poisoned_training_set(data.train, record.bd_train)
         clean = None
         if defense.uses_clean_subset:
-            idx = clean_indices(data.train.labels, record.poison_indices, values["ratio"], values["random_seed"],
-                                values["index"], exclude_poisoned=True)
+            idx = clean_indices(
+                data.train.labels,
+                record.poison_indices,
+                values["ratio"],
+                values["random_seed"],
+                values["index"],
+                exclude_poisoned=True,
+            )
             save_text("".join(f"{i}\n" for i in idx.tolist()), folder / "index.txt")
-            log.info("defender's clean subset: %d of %d training samples (none of them poisoned)", len(idx),
-                     len(data.train))
+            log.info(
+                "defender's clean subset: %d of %d training samples (none of them poisoned)", len(idx), len(data.train)
+            )
             clean = ImageData(data.train.images[idx], data.train.labels[idx])
-        held = TrainingData(ImageData(train.images, train.labels), data.info, device, values["amp"],
-                            values["random_seed"])
+        held = TrainingData(
+            ImageData(train.images, train.labels), data.info, device, values["amp"], values["random_seed"]
+        )
         if clean is not None:
             held = TrainingDataWithClean(held.train, held.info, device, held.amp, held.seed, clean)
         log.info("data detection on the training set as delivered: %d samples", len(held))
         seed_everything(values["random_seed"])
         result = checked_detection(defense, defense.detect(model, held), len(held), "detect")
         seconds = time.perf_counter() - start
-        rows = [("train", i, int(truth[i]), float(result.scores[i]),
-                 "" if result.flagged is None else int(result.flagged[i])) for i in range(len(truth))]
+        rows = [
+            (
+                "train",
+                i,
+                int(truth[i]),
+                float(result.scores[i]),
+                "" if result.flagged is None else int(result.flagged[i]),
+            )
+            for i in range(len(truth))
+        ]
         extra = {"training_samples": len(held), **({} if clean is None else {"clean_samples": len(clean)})}
         retrain = values.get("retrain")
         if retrain or (retrain is None and record.clean_data == "digits"):
@@ -1113,26 +1359,43 @@ def _detect(defense: Defense, record: AttackRecord, values: dict[str, Any], devi
         clean = score_inputs(defense, detector, data.test.images, device)
         bd = score_inputs(defense, detector, record.bd_test.images, device)
         seconds = time.perf_counter() - start
-        truth = torch.cat([torch.zeros(len(clean.scores), dtype=torch.bool),
-                           torch.ones(len(bd.scores), dtype=torch.bool)])
+        truth = torch.cat(
+            [torch.zeros(len(clean.scores), dtype=torch.bool), torch.ones(len(bd.scores), dtype=torch.bool)]
+        )
         flagged = None if clean.flagged is None or bd.flagged is None else torch.cat([clean.flagged, bd.flagged])
         result = Detection(torch.cat([clean.scores, bd.scores]), flagged)
-        rows = [(name, i, int(name == "bd_test"), float(part.scores[i]),
-                 "" if flagged is None else int(part.flagged[i]))
-                for name, part in (("clean_test", clean), ("bd_test", bd)) for i in range(len(part.scores))]
+        rows = [
+            (name, i, int(name == "bd_test"), float(part.scores[i]), "" if flagged is None else int(part.flagged[i]))
+            for name, part in (("clean_test", clean), ("bd_test", bd))
+            for i in range(len(part.scores))
+        ]
         extra = {"clean_samples": len(idx)}
     metrics = detection_metrics(result.scores, truth, result.flagged)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    log.info("detection: %s  (%d poisoned of %d; %.1f s)", shown, metrics["positives"],
-             metrics["positives"] + metrics["negatives"], seconds)
-    save_text("set,index,poisoned,score,flagged\n" + "".join(f"{s},{i},{p},{v!r},{f}\n" for s, i, p, v, f in rows),
-              folder / f"{defense.name}_scores.csv")
+    log.info(
+        "detection: %s  (%d poisoned of %d; %.1f s)",
+        shown,
+        metrics["positives"],
+        metrics["positives"] + metrics["negatives"],
+        seconds,
+    )
+    save_text(
+        "set,index,poisoned,score,flagged\n" + "".join(f"{s},{i},{p},{v!r},{f}\n" for s, i, p, v, f in rows),
+        folder / f"{defense.name}_scores.csv",
+    )
     save_text(detection_info_csv(values["result_file"], metrics), folder / "detection_info.csv")  # BackdoorBench's
     summary = {
-        "defense": defense.name, "kind": defense.kind, "result_file": values["result_file"],
-        "detection": metrics, "record_identity": record.identity, "seconds": round(seconds, 2),
-        "device": str(device), **extra, **held.outputs.summary,
-        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}), **provenance(),
+        "defense": defense.name,
+        "kind": defense.kind,
+        "result_file": values["result_file"],
+        "detection": metrics,
+        "record_identity": record.identity,
+        "seconds": round(seconds, 2),
+        "device": str(device),
+        **extra,
+        **held.outputs.summary,
+        "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
+        **provenance(),
     }
     save_json(summary, folder / "summary.json")
     return summary

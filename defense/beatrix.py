@@ -38,6 +38,7 @@ Deviations:
 * The folds are taken in the clean subset's order (BackdoorBench shuffles them first).
 * The score above is this project's (BackdoorBench only flags).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -103,14 +104,15 @@ def kernel_mmd(a: torch.Tensor, b: torch.Tensor) -> float:
     x = torch.cat([a, b]).double()
     d2 = torch.cdist(x, x).pow(2)
     bandwidth = d2.median() / 2.0
-    kernel = sum(torch.exp(-d2 / max(float(bandwidth) * 2.0 ** i, 1e-12)) for i in range(2))
+    kernel = sum(torch.exp(-d2 / max(float(bandwidth) * 2.0**i, 1e-12)) for i in range(2))
     n, m = len(a), len(b)
     value = kernel[:n, :n].mean() + kernel[n:, n:].mean() - 2 * kernel[:n, n:].mean()
     return float(value) * n * m / (n + m)
 
 
-def feature_maps(model: Classifier, images: torch.Tensor, device: torch.device, layer: str | None,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_maps(
+    model: Classifier, images: torch.Tensor, device: torch.device, layer: str | None, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The output of ``layer`` (default the architecture's feature layer) for uint8
     ``images``, on the CPU, and the model's predictions."""
     module = layer_module(model, layer)
@@ -119,7 +121,7 @@ def feature_maps(model: Classifier, images: torch.Tensor, device: torch.device, 
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
-                x = images[start:start + batch_size].to(device).float().div_(255.0)
+                x = images[start : start + batch_size].to(device).float().div_(255.0)
                 preds.append(model.eval()(x).argmax(1).cpu())
     finally:
         hook.remove()
@@ -141,15 +143,28 @@ class Beatrix(Defense):
 
     kind = "data_detection"
     uses_clean_subset = True
-    paper = ("Ma, Wang, Sun, Xue, Hu, Fu, Fu, Li and Nepal, The \"Beatrix\" Resurrections: Robust Backdoor Detection "
-             "via Gram Matrices, NDSS 2023, arXiv:2209.11715")
+    paper = (
+        'Ma, Wang, Sun, Xue, Hu, Fu, Fu, Li and Nepal, The "Beatrix" Resurrections: Robust Backdoor Detection '
+        "via Gram Matrices, NDSS 2023, arXiv:2209.11715"
+    )
     year = 2023
     smoke_params = {"orders": [1, 2]}
-    param_checks = {"mad_range": cfg.positive, "folds": _at_least_two, "quantile": _fraction,
-                    "batch_size": cfg.positive}
+    param_checks = {
+        "mad_range": cfg.positive,
+        "folds": _at_least_two,
+        "quantile": _fraction,
+        "batch_size": cfg.positive,
+    }
 
-    def __init__(self, orders: list[float] = (1, 2, 3, 4, 5, 6, 7, 8), mad_range: float = 10.0, folds: int = 5,
-                 quantile: float = 0.95, layer: str | None = None, batch_size: int = 256):
+    def __init__(
+        self,
+        orders: list[float] = (1, 2, 3, 4, 5, 6, 7, 8),
+        mad_range: float = 10.0,
+        folds: int = 5,
+        quantile: float = 0.95,
+        layer: str | None = None,
+        batch_size: int = 256,
+    ):
         self.orders, self.mad_range, self.folds, self.quantile = list(orders), mad_range, folds, quantile
         self.layer, self.batch_size = layer, batch_size
 
@@ -174,8 +189,12 @@ class Beatrix(Defense):
             clean = clean_maps[clean_pred == c]
             idx = torch.nonzero(train_pred == c).flatten()
             if len(clean) < self.folds or len(idx) == 0:
-                log.info("class %d: %d clean samples predicted, too few for %d folds: not examined", c, len(clean),
-                         self.folds)
+                log.info(
+                    "class %d: %d clean samples predicted, too few for %d folds: not examined",
+                    c,
+                    len(clean),
+                    self.folds,
+                )
                 continue
             threshold = max(self.threshold(clean), 1e-12)
             deviation = GramStatistics(clean, self.orders, self.mad_range).deviation(train_maps[idx])
@@ -184,16 +203,32 @@ class Beatrix(Defense):
             flagged[idx[out]] = True
             pooled = train_maps[idx].mean((2, 3))
             mmd[c] = kernel_mmd(pooled[~out][:500], pooled[out][:500]) if out.any() and (~out).any() else 0.0
-            classes.append({"class": c, "clean": int(len(clean)), "samples": int(len(idx)),
-                             "threshold": threshold, "flagged": int(out.sum()), "kmmd": mmd[c]})
+            classes.append(
+                {
+                    "class": c,
+                    "clean": int(len(clean)),
+                    "samples": int(len(idx)),
+                    "threshold": threshold,
+                    "flagged": int(out.sum()),
+                    "kmmd": mmd[c],
+                }
+            )
         median = np.median(mmd)
         index = np.abs(mmd - median) / 1.4826 / (np.median(np.abs(mmd - median)) + 1e-6)
         for row in classes:
             row["anomaly_index"] = float(index[row["class"]])
             row["target"] = bool(index[row["class"]] > math.exp(2))
-            log.info("class %d: %d clean, %d samples, threshold %.4g, %d flagged, KMMD %.4g, anomaly index %.2f%s",
-                     row["class"], row["clean"], row["samples"], row["threshold"], row["flagged"], row["kmmd"],
-                     row["anomaly_index"], "  -> target" if row["target"] else "")
+            log.info(
+                "class %d: %d clean, %d samples, threshold %.4g, %d flagged, KMMD %.4g, anomaly index %.2f%s",
+                row["class"],
+                row["clean"],
+                row["samples"],
+                row["threshold"],
+                row["flagged"],
+                row["kmmd"],
+                row["anomaly_index"],
+                "  -> target" if row["target"] else "",
+            )
         data.add_summary(classes=classes)
         return Detection(scores.float(), flagged)
 

@@ -38,6 +38,7 @@ Deviations from BackdoorBench:
 
     python defense/bnp.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -74,7 +75,7 @@ class BNP(Defense):
         batch_size: size of the clean batch whose statistics are compared with the running ones
     """
 
-    paper = ("Zheng, Tang, Li and Liu, Pre-activation Distributions Expose Backdoor Neurons, NeurIPS 2022")
+    paper = "Zheng, Tang, Li and Liu, Pre-activation Distributions Expose Backdoor Neurons, NeurIPS 2022"
     year = 2022
     kind = "mitigation"
     param_checks = {"u": cfg.non_negative, "batch_size": cfg.positive}
@@ -94,8 +95,7 @@ class BNP(Defense):
             zero_channels(bn, index)
             outcome.add(name, kl, index)
         outcome.hand_over(data)
-        log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", outcome.count, outcome.total,
-                 self.u, n)
+        log.info("bnp: %d of %d neurons pruned (u = %g, %d clean images)", outcome.count, outcome.total, self.u, n)
         return model
 
 

@@ -6,6 +6,7 @@ Each of these methods gives every output channel of a ``BatchNorm2d`` layer a sc
 the channels whose score is an outlier within their layer (beyond the layer's mean by
 ``u`` standard deviations) and prunes them by zeroing the layer's affine weight and bias,
 so that the channel outputs zero before its activation."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,8 +23,11 @@ from utils.errors import UserError
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     """The model's ``BatchNorm2d`` layers with affine weights and running statistics, in
     module order."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.affine and m.track_running_stats
+    ]
 
 
 def require_batchnorm(model: nn.Module, method: str) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -31,8 +35,10 @@ def require_batchnorm(model: nn.Module, method: str) -> list[tuple[str, nn.Batch
     layers = batchnorm_layers(model)
     if not layers:
         name = getattr(model, "name", type(model).__name__)
-        raise UserError(f"{method} prunes the channels of BatchNorm2d layers; model '{name}' has none, "
-                        "so it does not apply (use a model with BatchNorm, e.g. preactresnet18 or cnn)")
+        raise UserError(
+            f"{method} prunes the channels of BatchNorm2d layers; model '{name}' has none, "
+            "so it does not apply (use a model with BatchNorm, e.g. preactresnet18 or cnn)"
+        )
     return layers
 
 
@@ -79,8 +85,12 @@ class Pruned:
 
     def summary(self) -> dict[str, Any]:
         """The counts for summary.json."""
-        return {f"pruned_{self.unit}": self.count, f"total_{self.unit}": self.total, **self.more,
-                "pruned_by_layer": dict(self.by_layer)}
+        return {
+            f"pruned_{self.unit}": self.count,
+            f"total_{self.unit}": self.total,
+            **self.more,
+            "pruned_by_layer": dict(self.by_layer),
+        }
 
     def hand_over(self, data: Any) -> None:
         """Give the scores and pruned neurons (extras) and the counts (summary) to the
@@ -89,8 +99,9 @@ class Pruned:
         data.add_summary(**self.summary())
 
 
-def inputs_on_one_batch(model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any,
-                        batch_size: int) -> tuple[int, dict[str, torch.Tensor]]:
+def inputs_on_one_batch(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], data: Any, batch_size: int
+) -> tuple[int, dict[str, torch.Tensor]]:
     """Each layer's input on one seeded, train-transformed batch of the defender's data
     (``data``: the harness's DefenseData; BackdoorBench takes the first batch of its
     shuffled loader): the batch's size and the inputs by layer name."""
@@ -108,8 +119,10 @@ def capture_inputs(layers: list[tuple[str, nn.Module]]) -> Iterator[dict[str, to
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in layers:
+
         def hook(_module, inputs, _name=name):
             seen[_name] = inputs[0].detach().float()
+
         handles.append(module.register_forward_pre_hook(hook))
     try:
         yield seen

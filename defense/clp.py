@@ -35,6 +35,7 @@ Deviations from BackdoorBench:
 
     python defense/clp.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -73,8 +74,9 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, nn.Conv2d, str, nn.BatchN
             conv, conv_name = module, name
         elif id(module) in bns:
             if conv is None or conv.out_channels != module.num_features:
-                log.info("clp: %s skipped (no preceding convolution with %d output channels)", name,
-                         module.num_features)
+                log.info(
+                    "clp: %s skipped (no preceding convolution with %d output channels)", name, module.num_features
+                )
                 continue
             pairs.append((conv_name, conv, name, module))
     return pairs
@@ -88,8 +90,10 @@ class CLP(Defense):
         u: prune a channel whose Lipschitz upper bound exceeds its layer's mean by u standard deviations
     """
 
-    paper = ("Zheng, Tang, Li and Liu, Data-free Backdoor Removal based on Channel Lipschitzness, ECCV 2022, "
-             "arXiv:2208.03111")
+    paper = (
+        "Zheng, Tang, Li and Liu, Data-free Backdoor Removal based on Channel Lipschitzness, ECCV 2022, "
+        "arXiv:2208.03111"
+    )
     year = 2022
     kind = "mitigation"
     param_checks = {"u": cfg.non_negative}

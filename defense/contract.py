@@ -11,6 +11,7 @@ makes one in seconds). A class that is not registered (a throwaway class in a te
 under a temporary name. tests/test_defense_contract.py applies every check to every
 registered defense.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,11 @@ from utils.records import load_defense_result, record_dir
 
 def folder_digest(folder: Path) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` except the defense results."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and "defense" not in p.relative_to(folder).parts}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "defense" not in p.relative_to(folder).parts
+    }
 
 
 def _returns_the_model(guard: Guard, name: str, args: tuple, result: Any) -> Any:
@@ -52,8 +56,9 @@ def trains_a_model(cls: type[Defense]) -> bool:
 
 
 class DefenseContract(Contract):
-    def check_run(self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits",
-                  **options: Any) -> dict[str, Any]:
+    def check_run(
+        self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits", **options: Any
+    ) -> dict[str, Any]:
         """Run ``cls`` once through the harness (its smoke_params, on the CPU) with the
         guards on during ``__init__`` and ``mitigate`` (a detector's ``detect`` or ``fit``, a
         training-time defense's ``train``): rules no-record-loading,
@@ -63,11 +68,19 @@ class DefenseContract(Contract):
         before = folder_digest(folder)
         if cls.kind == "data_detection":  # the retraining is the harness's, tested apart (tests/test_detection.py)
             options = {"retrain": False, **options}
-        with self.registered(cls) as name, self.guarded_methods(cls, ("__init__", "mitigate", "detect", "fit", "train"),
-                                                                _returns_the_model) as guard:
+        with (
+            self.registered(cls) as name,
+            self.guarded_methods(cls, ("__init__", "mitigate", "detect", "fit", "train"), _returns_the_model) as guard,
+        ):
             try:
-                summary = run(name, result_file=result_file, record_root=str(record_root), device="cpu",
-                              overwrite=True, **{**cls.smoke_params, **options})
+                summary = run(
+                    name,
+                    result_file=result_file,
+                    record_root=str(record_root),
+                    device="cpu",
+                    overwrite=True,
+                    **{**cls.smoke_params, **options},
+                )
             except Exception:
                 guard.raise_first()
                 raise
@@ -78,8 +91,9 @@ class DefenseContract(Contract):
                 self.fail(cls, "record-untouched", f"{', '.join(changed[:3])} in {folder} changed")
         return summary
 
-    def check_deterministic(self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits",
-                            seed: int = 3, **options: Any) -> None:
+    def check_deterministic(
+        self, cls: type[Defense], record_root: Path, result_file: str = "badnet_digits", seed: int = 3, **options: Any
+    ) -> None:
         """Two runs with the same seed give the same numbers and the same weights (a
         detector: the same detection metrics and the same scores)."""
         results = []
@@ -87,8 +101,15 @@ class DefenseContract(Contract):
             options = {"retrain": False, **options}
         with self.registered(cls) as name:
             for _ in range(2):
-                summary = run(name, result_file=result_file, record_root=str(record_root), device="cpu",
-                              random_seed=seed, overwrite=True, **{**cls.smoke_params, **options})
+                summary = run(
+                    name,
+                    result_file=result_file,
+                    record_root=str(record_root),
+                    device="cpu",
+                    random_seed=seed,
+                    overwrite=True,
+                    **{**cls.smoke_params, **options},
+                )
                 folder = record_dir(Path(record_root), result_file) / "defense" / name
                 if not trains_a_model(cls):
                     results.append((summary["detection"], (folder / f"{name}_scores.csv").read_text()))
@@ -97,8 +118,9 @@ class DefenseContract(Contract):
         if not trains_a_model(cls):
             (first, scores_first), (second, scores_second) = results
             if first != second or scores_first != scores_second:
-                self.fail(cls, "deterministic", f"two runs with seed {seed} gave different scores ({first} and "
-                          f"{second})")
+                self.fail(
+                    cls, "deterministic", f"two runs with seed {seed} gave different scores ({first} and {second})"
+                )
             return
         (first, weights_first), (second, weights_second) = results
         if first["after"] != second["after"]:
@@ -109,7 +131,15 @@ class DefenseContract(Contract):
 
 
 CONTRACT = DefenseContract(
-    side="defense", base=Defense, registry=DEFENSES, decorator="register_defense", harness="defense.base",
+    side="defense",
+    base=Defense,
+    registry=DEFENSES,
+    decorator="register_defense",
+    harness="defense.base",
     kinds=typing.get_args(typing.get_args(typing.get_type_hints(Defense)["kind"])[0]),
-    hints={"context": "the model and DefenseData", "evaluation": "report progress with data.report(epoch, model, "
-           "**losses)", "seeding": "data.seed, data.generator(); the harness seeds torch before mitigate"})
+    hints={
+        "context": "the model and DefenseData",
+        "evaluation": "report progress with data.report(epoch, model, **losses)",
+        "seeding": "data.seed, data.generator(); the harness seeds torch before mitigate",
+    },
+)

@@ -12,6 +12,7 @@ but not the severity scales. Gaussian blur and JPEG below are torchvision's func
     from defense.corruptions import CORRUPTIONS, corrupt
     y = corrupt(x, "gaussian_noise", severity=3, generator=g)
 """
+
 from __future__ import annotations
 
 import math
@@ -22,14 +23,14 @@ import torch.nn.functional as F
 
 # name -> the five severities' parameter (make_cifar_c.py)
 LEVELS: dict[str, tuple[float, ...]] = {
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),   # standard deviation
-    "shot_noise": (500, 250, 100, 75, 50),              # photons per unit of intensity
-    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),    # salt-and-pepper amount
-    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),         # sigma, in pixels
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),          # added to the value
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),            # factor around the image's mean
-    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),          # size factor of the downsampling
-    "jpeg_compression": (80, 65, 58, 50, 40),           # JPEG quality
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # standard deviation
+    "shot_noise": (500, 250, 100, 75, 50),  # photons per unit of intensity
+    "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),  # salt-and-pepper amount
+    "gaussian_blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # sigma, in pixels
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to the value
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # factor around the image's mean
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # size factor of the downsampling
+    "jpeg_compression": (80, 65, 58, 50, 40),  # JPEG quality
 }
 
 
@@ -83,8 +84,19 @@ def jpeg_compression(x, c, generator):
     return jpeg(as_bytes, int(c)).to(x.device).float() / 255
 
 
-FUNCTIONS: dict[str, Callable] = {f.__name__: f for f in (gaussian_noise, shot_noise, impulse_noise, gaussian_blur,
-                                                          brightness, contrast, pixelate, jpeg_compression)}
+FUNCTIONS: dict[str, Callable] = {
+    f.__name__: f
+    for f in (
+        gaussian_noise,
+        shot_noise,
+        impulse_noise,
+        gaussian_blur,
+        brightness,
+        contrast,
+        pixelate,
+        jpeg_compression,
+    )
+}
 CORRUPTIONS: tuple[str, ...] = tuple(LEVELS)
 
 

@@ -34,6 +34,7 @@ Deviations from BackdoorBench:
   pass over all gives it the same mix).
 * The SimCLR augmentation's deviations: defense/simclr.py.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -60,8 +61,14 @@ def _ratio(value: float) -> str | None:
     return None if 0.0 < value < 1.0 else "must be in (0, 1)"
 
 
-def symmetric_cross_entropy(logits: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float = 0.1,
-                            beta: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+def symmetric_cross_entropy(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """SCE (Wang et al., ICCV 2019) as BackdoorBench computes it: ``alpha * CE + beta * RCE``,
     the reverse cross-entropy ``-sum_k p_k log q_k`` with ``p`` the softmax clamped to
     [1e-7, 1] and ``q`` the one-hot label clamped to [1e-4, 1]."""
@@ -88,8 +95,9 @@ def rampup(epoch: float, length: int) -> float:
     return 1.0 if length == 0 else float(np.clip(epoch / length, 0.0, 1.0))
 
 
-def mixmatch_loss(xlogits: torch.Tensor, xtargets: torch.Tensor, ulogits: torch.Tensor,
-                  utargets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mixmatch_loss(
+    xlogits: torch.Tensor, xtargets: torch.Tensor, ulogits: torch.Tensor, utargets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """MixMatch's losses: Lx, the soft cross-entropy of the labelled part, and Lu, the mean
     squared error between the unlabelled part's softmax and its targets (mean over classes too)."""
     lx = -(F.log_softmax(xlogits, 1) * xtargets).sum(1).mean()
@@ -101,7 +109,7 @@ def credible(losses: torch.Tensor, epsilon: float) -> torch.Tensor:
     """BackdoorBench's high-credibility split: a boolean mask of the ``int(N * epsilon)``
     lowest losses (labelled); the rest is unlabelled."""
     mask = torch.zeros(len(losses), dtype=torch.bool)
-    mask[torch.argsort(losses, stable=True)[:int(len(losses) * epsilon)]] = True
+    mask[torch.argsort(losses, stable=True)[: int(len(losses) * epsilon)]] = True
     return mask
 
 
@@ -117,7 +125,7 @@ class Cycler:
     def next(self) -> torch.Tensor:
         if self.at + self.batch_size > len(self.order):
             self.order, self.at = self.indices[torch.randperm(len(self.indices), generator=self.generator)], 0
-        out = self.order[self.at:self.at + self.batch_size]
+        out = self.order[self.at : self.at + self.batch_size]
         self.at += self.batch_size
         return out
 
@@ -126,7 +134,9 @@ class Cycler:
 class DBD(TrainingDefense):
     __doc__ = (
         "DBD: SimCLR backbone, SCE linear head on it frozen, MixMatch on the lowest-loss (credible) split.\n\n"
-        "    Args:\n" + SIMCLR_ARGS + """epoch_warmup: epochs of the linear head on the frozen backbone
+        "    Args:\n"
+        + SIMCLR_ARGS
+        + """epoch_warmup: epochs of the linear head on the frozen backbone
         warmup_batch_size: their batch size
         sce_alpha: SCE's cross-entropy weight
         sce_beta: SCE's reverse cross-entropy weight
@@ -139,33 +149,67 @@ class DBD(TrainingDefense):
         lambda_u: the unlabelled loss's weight after the ramp
         rampup_length: epochs of the ramp
         semi_lr: Adam learning rate of the head and of MixMatch
-""")
+"""
+    )
 
-    paper = ("Huang, Li, Wu, Qin and Ren, Backdoor Defense via Decoupling the Training Process, ICLR 2022, "
-             "arXiv:2202.03423")
+    paper = (
+        "Huang, Li, Wu, Qin and Ren, Backdoor Defense via Decoupling the Training Process, ICLR 2022, arXiv:2202.03423"
+    )
     year = 2022
-    param_checks = {**SIMCLR_CHECKS, "epoch_warmup": cfg.non_negative,
-                    "warmup_batch_size": cfg.positive, "epsilon": _ratio, "semi_epochs": cfg.non_negative,
-                    "train_iteration": cfg.positive, "semi_batch_size": cfg.positive,
-                    "mixmatch_temperature": cfg.positive, "mixmatch_alpha": cfg.positive, "lambda_u": cfg.non_negative,
-                    "rampup_length": cfg.non_negative, "semi_lr": cfg.positive}
+    param_checks = {
+        **SIMCLR_CHECKS,
+        "epoch_warmup": cfg.non_negative,
+        "warmup_batch_size": cfg.positive,
+        "epsilon": _ratio,
+        "semi_epochs": cfg.non_negative,
+        "train_iteration": cfg.positive,
+        "semi_batch_size": cfg.positive,
+        "mixmatch_temperature": cfg.positive,
+        "mixmatch_alpha": cfg.positive,
+        "lambda_u": cfg.non_negative,
+        "rampup_length": cfg.non_negative,
+        "semi_lr": cfg.positive,
+    }
     smoke_params = {"epoch_self": 1, "epoch_warmup": 1, "semi_epochs": 1, "train_iteration": 2}
 
-    def __init__(self, epoch_self: int = 100, batch_size_self: int = 512, lr_self: float = 0.4,
-                 self_t_max: int = 1000, temperature: float = 0.5, epoch_warmup: int = 10,
-                 warmup_batch_size: int = 128, sce_alpha: float = 0.1, sce_beta: float = 1.0, epsilon: float = 0.5,
-                 semi_epochs: int = 100, train_iteration: int = 1024, semi_batch_size: int = 64,
-                 mixmatch_temperature: float = 0.5, mixmatch_alpha: float = 0.75, lambda_u: float = 15.0,
-                 rampup_length: int = 190, semi_lr: float = 0.002,
-                 simclr_augment: Literal["batched", "per_image"] = "batched"):
+    def __init__(
+        self,
+        epoch_self: int = 100,
+        batch_size_self: int = 512,
+        lr_self: float = 0.4,
+        self_t_max: int = 1000,
+        temperature: float = 0.5,
+        epoch_warmup: int = 10,
+        warmup_batch_size: int = 128,
+        sce_alpha: float = 0.1,
+        sce_beta: float = 1.0,
+        epsilon: float = 0.5,
+        semi_epochs: int = 100,
+        train_iteration: int = 1024,
+        semi_batch_size: int = 64,
+        mixmatch_temperature: float = 0.5,
+        mixmatch_alpha: float = 0.75,
+        lambda_u: float = 15.0,
+        rampup_length: int = 190,
+        semi_lr: float = 0.002,
+        simclr_augment: Literal["batched", "per_image"] = "batched",
+    ):
         self.epoch_self, self.batch_size_self, self.lr_self = epoch_self, batch_size_self, lr_self
         self.self_t_max, self.temperature, self.simclr_augment = self_t_max, temperature, simclr_augment
-        self.epoch_warmup, self.warmup_batch_size, self.sce_alpha, self.sce_beta = (epoch_warmup, warmup_batch_size,
-                                                                                    sce_alpha, sce_beta)
+        self.epoch_warmup, self.warmup_batch_size, self.sce_alpha, self.sce_beta = (
+            epoch_warmup,
+            warmup_batch_size,
+            sce_alpha,
+            sce_beta,
+        )
         self.epsilon, self.semi_epochs, self.train_iteration = epsilon, semi_epochs, train_iteration
         self.semi_batch_size, self.mixmatch_temperature = semi_batch_size, mixmatch_temperature
-        self.mixmatch_alpha, self.lambda_u, self.rampup_length, self.semi_lr = (mixmatch_alpha, lambda_u,
-                                                                                rampup_length, semi_lr)
+        self.mixmatch_alpha, self.lambda_u, self.rampup_length, self.semi_lr = (
+            mixmatch_alpha,
+            lambda_u,
+            rampup_length,
+            semi_lr,
+        )
 
     def phases(self) -> Phases:
         return Phases(("self", self.epoch_self), ("warmup", self.epoch_warmup), ("semi", self.semi_epochs))
@@ -181,8 +225,13 @@ class DBD(TrainingDefense):
         self_model, self_optimizer, self_scheduler, augmentation = simclr.build(model, data)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.semi_lr)
         generator = data.generator()
-        start = data.resume(model=model, self_model=self_model, optimizers=[self_optimizer, optimizer],
-                            schedulers=[self_scheduler], generator=generator)
+        start = data.resume(
+            model=model,
+            self_model=self_model,
+            optimizers=[self_optimizer, optimizer],
+            schedulers=[self_scheduler],
+            generator=generator,
+        )
         phases, labelled = self.phases(), None
         for epoch in range(start, phases.total):
             phase, e = phases.of(epoch)
@@ -203,8 +252,14 @@ class DBD(TrainingDefense):
         data.add_summary(labelled=len(kept))
         return model.eval()
 
-    def warmup_epoch(self, data: TrainingSet, model: Classifier, optimizer: torch.optim.Optimizer, epoch: int,
-                     generator: torch.Generator) -> dict[str, float]:
+    def warmup_epoch(
+        self,
+        data: TrainingSet,
+        model: Classifier,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
         """One epoch of the linear head on the frozen backbone (train transform, SCE)."""
         head = model.classifier_layer()
 
@@ -214,8 +269,15 @@ class DBD(TrainingDefense):
             logits = head(features)
             return self.sce(logits, y, data.num_classes), logits, y
 
-        return data.train_epoch(model, optimizer, epoch=epoch, step=step, generator=generator,
-                                batch_size=self.warmup_batch_size, desc=f"linear warm-up {epoch}")
+        return data.train_epoch(
+            model,
+            optimizer,
+            epoch=epoch,
+            step=step,
+            generator=generator,
+            batch_size=self.warmup_batch_size,
+            desc=f"linear warm-up {epoch}",
+        )
 
     def split(self, data: TrainingSet, model: Classifier) -> torch.Tensor:
         """The high-credibility mask: the ``epsilon`` share with the lowest SCE loss under the
@@ -225,8 +287,15 @@ class DBD(TrainingDefense):
         log.info("DBD: %d of %d samples kept labelled (lowest SCE loss)", int(mask.sum()), len(mask))
         return mask
 
-    def semi_epoch(self, data: TrainingSet, model: Classifier, optimizer: torch.optim.Optimizer,
-                   labelled: torch.Tensor, epoch: int, generator: torch.Generator) -> tuple[float, float]:
+    def semi_epoch(
+        self,
+        data: TrainingSet,
+        model: Classifier,
+        optimizer: torch.optim.Optimizer,
+        labelled: torch.Tensor,
+        epoch: int,
+        generator: torch.Generator,
+    ) -> tuple[float, float]:
         """``train_iteration`` MixMatch steps on the split (``epoch``: the ramp's epoch); the mean Lx and Lu."""
         device, k = data.device, data.num_classes
         xs = Cycler(torch.nonzero(labelled).flatten(), self.semi_batch_size, generator)

@@ -27,6 +27,7 @@ Deviations:
   the SD stage, then BR.
 * The SD stage's deviations: defense/sensitivity.py.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -49,25 +50,47 @@ log = logging.getLogger("saubench")
 class DBR(SensitivityDefense):
     __doc__ = (
         "D-BR: split the training set by feature sensitivity; unlearn the poisoned part, relearn the clean part.\n\n"
-        "    Args:\n" + SD_ARGS + """        br_epochs: unlearning-relearning epochs
+        "    Args:\n"
+        + SD_ARGS
+        + """        br_epochs: unlearning-relearning epochs
         br_lr: their learning rate
         br_batch_size: their batch size
         momentum: their SGD momentum
         weight_decay: their SGD weight decay
         epochs: epochs of the model trained before removal (None: the attack's recipe)
-""")
+"""
+    )
 
-    param_checks = {**Distinguishment.PARAM_CHECKS, "br_epochs": cfg.non_negative, "br_lr": cfg.positive,
-                    "br_batch_size": cfg.positive, "momentum": cfg.non_negative, "weight_decay": cfg.non_negative}
+    param_checks = {
+        **Distinguishment.PARAM_CHECKS,
+        "br_epochs": cfg.non_negative,
+        "br_lr": cfg.positive,
+        "br_batch_size": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+    }
     smoke_params = {"epochs": 1, "sd_epochs": 1, "sd_finetune_epochs": 1, "br_epochs": 1}
 
-    def __init__(self, sd_epochs: int = 2, sd_finetune_epochs: int = 10, sd_lr: float = 0.01,
-                 sd_batch_size: int = 128, clean_ratio: float = 0.2, poison_ratio: float = 0.05,
-                 trans1: Transformation = "rotate", trans2: Transformation = "affine", br_epochs: int = 20,
-                 br_lr: float = 1e-4, br_batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 epochs: int | None = None):
-        self.keep_split_params(sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio, trans1,
-                               trans2)
+    def __init__(
+        self,
+        sd_epochs: int = 2,
+        sd_finetune_epochs: int = 10,
+        sd_lr: float = 0.01,
+        sd_batch_size: int = 128,
+        clean_ratio: float = 0.2,
+        poison_ratio: float = 0.05,
+        trans1: Transformation = "rotate",
+        trans2: Transformation = "affine",
+        br_epochs: int = 20,
+        br_lr: float = 1e-4,
+        br_batch_size: int = 128,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        epochs: int | None = None,
+    ):
+        self.keep_split_params(
+            sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio, trans1, trans2
+        )
         self.br_epochs, self.br_lr, self.br_batch_size = br_epochs, br_lr, br_batch_size
         self.momentum, self.weight_decay, self.epochs = momentum, weight_decay, epochs
 
@@ -82,12 +105,18 @@ class DBR(SensitivityDefense):
         optimizer, scheduler = data.recipe.optimizer(model.parameters()), None
         scheduler = data.recipe.scheduler(optimizer)
         sd_optimizer, sd_scheduler = self.sd.optimizer(sd_model)
-        br_optimizer = torch.optim.SGD(model.parameters(), lr=self.br_lr, momentum=self.momentum,
-                                       weight_decay=self.weight_decay)
+        br_optimizer = torch.optim.SGD(
+            model.parameters(), lr=self.br_lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         generator, held = data.generator(), Held()
-        start = data.resume(model=model, sd_model=sd_model, optimizers=[optimizer, sd_optimizer, br_optimizer],
-                            schedulers=[s for s in (scheduler, sd_scheduler) if s is not None], generator=generator,
-                            held=held)
+        start = data.resume(
+            model=model,
+            sd_model=sd_model,
+            optimizers=[optimizer, sd_optimizer, br_optimizer],
+            schedulers=[s for s in (scheduler, sd_scheduler) if s is not None],
+            generator=generator,
+            held=held,
+        )
         phases = self.phases(data.recipe)
         for epoch in range(start, phases.total):
             phase, e = phases.of(epoch)
@@ -111,20 +140,44 @@ class DBR(SensitivityDefense):
         data.add_summary(taken_as_clean=len(clean), taken_as_poisoned=len(poisoned))
         return model.eval()
 
-    def remove_epoch(self, data: TrainingSet, model: nn.Module, optimizer: torch.optim.Optimizer, held: Held,
-                     epoch: int, generator: torch.Generator) -> tuple[float, float]:
+    def remove_epoch(
+        self,
+        data: TrainingSet,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        held: Held,
+        epoch: int,
+        generator: torch.Generator,
+    ) -> tuple[float, float]:
         """One BR epoch: gradient ascent over the samples taken as poisoned, then descent over those
         taken as clean; their mean cross-entropies."""
+
         def ascent(x, y):
             logits = model(x)
             return -F.cross_entropy(logits, y), logits, y
 
         poisoned, clean = held["poisoned"], held["clean"]
-        unlearn = data.train_epoch(model, optimizer, images=data.train.images[poisoned],
-                                   labels=data.train.labels[poisoned], epoch=epoch, step=ascent, generator=generator,
-                                   batch_size=self.br_batch_size, desc="unlearn")
-        relearn = data.train_epoch(model, optimizer, images=data.train.images[clean], labels=data.train.labels[clean],
-                                   epoch=epoch, generator=generator, batch_size=self.br_batch_size, desc="relearn")
+        unlearn = data.train_epoch(
+            model,
+            optimizer,
+            images=data.train.images[poisoned],
+            labels=data.train.labels[poisoned],
+            epoch=epoch,
+            step=ascent,
+            generator=generator,
+            batch_size=self.br_batch_size,
+            desc="unlearn",
+        )
+        relearn = data.train_epoch(
+            model,
+            optimizer,
+            images=data.train.images[clean],
+            labels=data.train.labels[clean],
+            epoch=epoch,
+            generator=generator,
+            batch_size=self.br_batch_size,
+            desc="relearn",
+        )
         return -unlearn["train_epoch_loss_avg_over_batch"], relearn["train_epoch_loss_avg_over_batch"]
 
 

@@ -34,6 +34,7 @@ Deviations:
   and grayscale change nothing, as in torchvision.
 * The SD stage's deviations: defense/sensitivity.py.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -60,8 +61,12 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def resized_crop(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
     """A random crop of each image (area ``scale`` of it, aspect ``ratio``) resized back to its size (bilinear)."""
     n, _, h, w = x.shape
     area = _uniform(n, *scale, generator) * h * w
@@ -72,8 +77,13 @@ def resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float
     top = torch.floor(torch.rand(n, generator=generator) * (h - ch + 1))
     zero = torch.zeros(n)
     # output -> input in normalised coordinates: the crop's centre and half-sizes
-    theta = torch.stack([torch.stack([cw / w, zero, (2 * left + cw) / w - 1], 1),
-                         torch.stack([zero, ch / h, (2 * top + ch) / h - 1], 1)], 1).to(x.device)
+    theta = torch.stack(
+        [
+            torch.stack([cw / w, zero, (2 * left + cw) / w - 1], 1),
+            torch.stack([zero, ch / h, (2 * top + ch) / h - 1], 1),
+        ],
+        1,
+    ).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -81,11 +91,17 @@ def resized_crop(x: torch.Tensor, generator: torch.Generator, scale: tuple[float
 def _gray(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
-def colour_jitter(x: torch.Tensor, generator: torch.Generator, brightness: float = 0.4, contrast: float = 0.4,
-                  saturation: float = 0.4, hue: float = 0.1) -> torch.Tensor:
+def colour_jitter(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+) -> torch.Tensor:
     """Brightness, contrast, saturation and hue changes drawn for each image."""
     n = len(x)
 
@@ -120,8 +136,13 @@ def contrastive_view(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(gray, _gray(x).expand_as(x), x)
 
 
-def consistency_supcon_loss(features: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor,
-                            temperature: float = 0.1, base_temperature: float = BASE_TEMPERATURE) -> torch.Tensor:
+def consistency_supcon_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    flags: torch.Tensor,
+    temperature: float = 0.1,
+    base_temperature: float = BASE_TEMPERATURE,
+) -> torch.Tensor:
     """SS-CTL's loss of ``features`` (bsz, views, d; normalised): supervised contrastive for
     clean anchors (positives: every other view with the same label), self-supervised for
     the others (positive: their own other views); BackdoorBench's SupConLoss_Consistency."""
@@ -141,10 +162,12 @@ def consistency_supcon_loss(features: torch.Tensor, labels: torch.Tensor, flags:
     return -(temperature / base_temperature) * mean_log_prob.mean()
 
 
-def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor,
-                        poison_weight: float) -> torch.Tensor:
+def mixed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor, poison_weight: float
+) -> torch.Tensor:
     """CE on the samples taken as clean minus ``poison_weight`` x CE on those taken as poisoned
     (uncertain ones left out); an empty part adds 0 (BackdoorBench: NaN)."""
+
     def part(mask: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits[mask], labels[mask]) if bool(mask.any()) else logits.sum() * 0.0
 
@@ -154,7 +177,7 @@ def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, flags: torch
 def sscl_rate(lr: float, epoch: int, epochs: int, batch: int, batches: int) -> float:
     """BackdoorBench's SS-CTL rate at 1-based ``epoch`` and 0-based ``batch``: cosine from
     ``lr`` to lr/1000, linear warm-up from 0.01 over the first 10 epochs."""
-    eta_min = lr * 0.1 ** 3
+    eta_min = lr * 0.1**3
     if epoch <= WARM_EPOCHS:
         warm_to = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * WARM_EPOCHS / epochs)) / 2
         return WARM_FROM + (batch + (epoch - 1) * batches) / (WARM_EPOCHS * batches) * (warm_to - WARM_FROM)
@@ -172,27 +195,51 @@ def mce_rate(lr: float, epoch: int, batch: int, batches: int) -> float:
 class DST(SensitivityDefense):
     __doc__ = (
         "D-ST: split the training set by feature sensitivity; train securely (SS-CTL features, mixed CE).\n\n"
-        "    Args:\n" + SD_ARGS + """        sscl_epochs: SS-CTL epochs
+        "    Args:\n"
+        + SD_ARGS
+        + """        sscl_epochs: SS-CTL epochs
         sscl_lr: SS-CTL learning rate
         temperature: SS-CTL temperature
         mce_epochs: mixed cross-entropy epochs
         mce_lr: mixed cross-entropy learning rate
         poison_weight: weight of the ascended cross-entropy of the samples taken as poisoned
         batch_size: SS-CTL and mixed cross-entropy batch size
-""")
+"""
+    )
 
-    param_checks = {**Distinguishment.PARAM_CHECKS, "sscl_epochs": cfg.non_negative, "sscl_lr": cfg.positive,
-                    "temperature": cfg.positive, "mce_epochs": cfg.non_negative, "mce_lr": cfg.positive,
-                    "poison_weight": cfg.non_negative, "batch_size": cfg.positive}
+    param_checks = {
+        **Distinguishment.PARAM_CHECKS,
+        "sscl_epochs": cfg.non_negative,
+        "sscl_lr": cfg.positive,
+        "temperature": cfg.positive,
+        "mce_epochs": cfg.non_negative,
+        "mce_lr": cfg.positive,
+        "poison_weight": cfg.non_negative,
+        "batch_size": cfg.positive,
+    }
     smoke_params = {"sd_epochs": 1, "sd_finetune_epochs": 1, "sscl_epochs": 1, "mce_epochs": 1}
 
-    def __init__(self, sd_epochs: int = 2, sd_finetune_epochs: int = 10, sd_lr: float = 0.01,
-                 sd_batch_size: int = 128, clean_ratio: float = 0.2, poison_ratio: float = 0.05,
-                 trans1: Transformation = "rotate", trans2: Transformation = "affine", sscl_epochs: int = 200,
-                 sscl_lr: float = 0.5, temperature: float = 0.1, mce_epochs: int = 10, mce_lr: float = 5.0,
-                 poison_weight: float = 0.001, batch_size: int = 128):
-        self.keep_split_params(sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio, trans1,
-                               trans2)
+    def __init__(
+        self,
+        sd_epochs: int = 2,
+        sd_finetune_epochs: int = 10,
+        sd_lr: float = 0.01,
+        sd_batch_size: int = 128,
+        clean_ratio: float = 0.2,
+        poison_ratio: float = 0.05,
+        trans1: Transformation = "rotate",
+        trans2: Transformation = "affine",
+        sscl_epochs: int = 200,
+        sscl_lr: float = 0.5,
+        temperature: float = 0.1,
+        mce_epochs: int = 10,
+        mce_lr: float = 5.0,
+        poison_weight: float = 0.001,
+        batch_size: int = 128,
+    ):
+        self.keep_split_params(
+            sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio, trans1, trans2
+        )
         self.sscl_epochs, self.sscl_lr, self.temperature = sscl_epochs, sscl_lr, temperature
         self.mce_epochs, self.mce_lr, self.poison_weight = mce_epochs, mce_lr, poison_weight
         self.batch_size = batch_size
@@ -209,21 +256,28 @@ class DST(SensitivityDefense):
         head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, PROJECTION_DIM)).to(data.device)
         sd_optimizer, sd_scheduler = self.sd.optimizer(sd_model)
         classifier = model.classifier_layer()
-        encoder_params = [p for name, p in model.named_parameters()
-                          if not any(p is q for q in classifier.parameters())]
-        sscl_optimizer = torch.optim.SGD([*encoder_params, *head.parameters()], lr=self.sscl_lr, momentum=0.9,
-                                         weight_decay=5e-4)
+        encoder_params = [p for name, p in model.named_parameters() if not any(p is q for q in classifier.parameters())]
+        sscl_optimizer = torch.optim.SGD(
+            [*encoder_params, *head.parameters()], lr=self.sscl_lr, momentum=0.9, weight_decay=5e-4
+        )
         mce_optimizer = torch.optim.SGD(classifier.parameters(), lr=self.mce_lr, momentum=0.9, weight_decay=5e-4)
         generator, views, held = data.generator(), data.generator(2), Held()
-        start = data.resume(model=model, sd_model=sd_model, head=head,
-                            optimizers=[sd_optimizer, sscl_optimizer, mce_optimizer], scheduler=sd_scheduler,
-                            generators=[generator, views], held=held)
+        start = data.resume(
+            model=model,
+            sd_model=sd_model,
+            head=head,
+            optimizers=[sd_optimizer, sscl_optimizer, mce_optimizer],
+            scheduler=sd_scheduler,
+            generators=[generator, views],
+            held=held,
+        )
         phases = self.phases()
         for epoch in range(start, phases.total):
             phase, e = phases.of(epoch)
             if phase == "sd":
-                data.report(epoch, model, sd_loss=self.sd.epoch(data, sd_model, sd_optimizer, sd_scheduler, e, epoch,
-                                                                generator))
+                data.report(
+                    epoch, model, sd_loss=self.sd.epoch(data, sd_model, sd_optimizer, sd_scheduler, e, epoch, generator)
+                )
                 continue
             if "flags" not in held:
                 clean, poisoned = self.sd.split(data, sd_model, data.generator(1))
@@ -235,24 +289,48 @@ class DST(SensitivityDefense):
             batches = math.ceil(len(data) / self.batch_size)
             if phase == "sscl":
                 step = self.sscl_step(model, head, sscl_optimizer, e + 1, batches, views)
-                stats = data.train_epoch(model, sscl_optimizer, labels=coded, epoch=epoch, augment=False, step=step,
-                                         generator=generator, batch_size=self.batch_size, desc=f"SS-CTL {e}")
+                stats = data.train_epoch(
+                    model,
+                    sscl_optimizer,
+                    labels=coded,
+                    epoch=epoch,
+                    augment=False,
+                    step=step,
+                    generator=generator,
+                    batch_size=self.batch_size,
+                    desc=f"SS-CTL {e}",
+                )
                 head.train()
             else:
                 step = self.mce_step(model, classifier, mce_optimizer, e + 1, batches, views)
-                stats = data.train_epoch(model, mce_optimizer, labels=coded, epoch=epoch, augment=False, step=step,
-                                         generator=generator, batch_size=self.batch_size, desc=f"mixed CE {e}")
+                stats = data.train_epoch(
+                    model,
+                    mce_optimizer,
+                    labels=coded,
+                    epoch=epoch,
+                    augment=False,
+                    step=step,
+                    generator=generator,
+                    batch_size=self.batch_size,
+                    desc=f"mixed CE {e}",
+                )
             data.report(epoch, model, **{f"{phase}_loss": stats["train_epoch_loss_avg_over_batch"]})
         # each training sample's flag from the SD stage: 0 taken as clean, 1 uncertain, 2 taken as poisoned
         # (none when no epoch ran past the split)
         flags = held.get("flags")
         data.add_extras(flags=flags)
-        data.add_summary(taken_as_clean=int((flags == CLEAN).sum()),
-                         taken_as_poisoned=int((flags == POISONED).sum()))
+        data.add_summary(taken_as_clean=int((flags == CLEAN).sum()), taken_as_poisoned=int((flags == POISONED).sum()))
         return model.eval()
 
-    def sscl_step(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                  batches: int, views: torch.Generator):
+    def sscl_step(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        batches: int,
+        views: torch.Generator,
+    ):
         """The SS-CTL loss of a batch of two views of each image, with the batch's learning rate."""
         counter = iter(range(batches))
 
@@ -267,8 +345,15 @@ class DST(SensitivityDefense):
 
         return step
 
-    def mce_step(self, model: nn.Module, classifier: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                 batches: int, views: torch.Generator):
+    def mce_step(
+        self,
+        model: nn.Module,
+        classifier: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        batches: int,
+        views: torch.Generator,
+    ):
         """The mixed cross-entropy of the linear classifier on the frozen features of one view."""
         counter = iter(range(batches))
 

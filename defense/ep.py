@@ -37,6 +37,7 @@ Deviations from the paper and BackdoorBench, and what they mean:
 
     python defense/ep.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -111,8 +112,7 @@ class EP(Defense):
             zero_channels(bn, index)
             outcome.add(name, entropy, index)
         outcome.hand_over(data)
-        log.info("ep: %d of %d neurons pruned (u = %g, %d images)", outcome.count, outcome.total, self.u,
-                 n)
+        log.info("ep: %d of %d neurons pruned (u = %g, %d images)", outcome.count, outcome.total, self.u, n)
         return model
 
 

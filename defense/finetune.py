@@ -2,6 +2,7 @@
 teacher) and NC (unlearning). Not a defense itself: it registers nothing. A reported
 fine-tuning is the run's resumable loop (``data.resume``); NAD's teacher, not reported,
 is trained again on resume."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -48,9 +49,19 @@ def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def sgd_loop(model: nn.Module, data: DefenseData, *, epochs: int, lr: float, momentum: float, weight_decay: float,
-             lr_scheduler: str, params: Iterable[torch.Tensor] | None = None, resume: bool = True,
-             seed_offset: int = 0) -> SGDLoop:
+def sgd_loop(
+    model: nn.Module,
+    data: DefenseData,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    lr_scheduler: str,
+    params: Iterable[torch.Tensor] | None = None,
+    resume: bool = True,
+    seed_offset: int = 0,
+) -> SGDLoop:
     """SGD over ``params`` (default: the model's) with a per-epoch schedule, a gradient
     scaler and a seeded generator; with ``resume``, the loop is the run's own: declared
     and made resumable (``data.epochs``), its ``epochs`` starting after a restored
@@ -66,11 +77,23 @@ def sgd_loop(model: nn.Module, data: DefenseData, *, epochs: int, lr: float, mom
     return SGDLoop(optimizer, scheduler, scaler, generator, span)
 
 
-def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0.01, batch_size: int = 128,
-              momentum: float = 0.9, weight_decay: float = 5e-4, augment: bool = True,
-              lr_scheduler: str = "CosineAnnealingLR", images: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None, report: bool = True, epoch_offset: int = 0,
-              seed_offset: int = 0) -> nn.Module:
+def fine_tune(
+    model: nn.Module,
+    data: DefenseData,
+    *,
+    epochs: int,
+    lr: float = 0.01,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    augment: bool = True,
+    lr_scheduler: str = "CosineAnnealingLR",
+    images: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    report: bool = True,
+    epoch_offset: int = 0,
+    seed_offset: int = 0,
+) -> nn.Module:
     """SGD with momentum and weight decay, a per-epoch schedule, and the dataset's train
     transform, on ``images``/``labels`` (default: the defender's clean subset). With
     ``report``, each epoch's loss and accuracy go to ``data.report`` as epoch
@@ -78,14 +101,38 @@ def fine_tune(model: nn.Module, data: DefenseData, *, epochs: int, lr: float = 0
     Returns ``model`` in eval mode."""
     if images is None:
         images, labels = data.tensors()
-    loop = sgd_loop(model, data, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                    lr_scheduler=lr_scheduler, resume=report, seed_offset=seed_offset)
+    loop = sgd_loop(
+        model,
+        data,
+        epochs=epochs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        lr_scheduler=lr_scheduler,
+        resume=report,
+        seed_offset=seed_offset,
+    )
     for epoch in loop.epochs:
-        stats = train_epoch(model, images, labels, loop.optimizer, batch_size=batch_size, device=data.device,
-                            epoch=epoch, augment=data.augment if augment else None, scaler=loop.scaler,
-                            amp=data.amp, generator=loop.generator, desc=f"fine-tune {epoch}")
+        stats = train_epoch(
+            model,
+            images,
+            labels,
+            loop.optimizer,
+            batch_size=batch_size,
+            device=data.device,
+            epoch=epoch,
+            augment=data.augment if augment else None,
+            scaler=loop.scaler,
+            amp=data.amp,
+            generator=loop.generator,
+            desc=f"fine-tune {epoch}",
+        )
         loop.end_epoch()
         if report:
-            data.report(epoch_offset + epoch, model, train_loss=stats["train_epoch_loss_avg_over_batch"],
-                        train_acc=stats["train_acc"])
+            data.report(
+                epoch_offset + epoch,
+                model,
+                train_loss=stats["train_epoch_loss_avg_over_batch"],
+                train_acc=stats["train_acc"],
+            )
     return model.eval()

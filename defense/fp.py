@@ -61,6 +61,7 @@ Deviations from BackdoorBench that remain:
 --resume: the pruning (a few forward passes) is done again, from the same seed, and the
 fine-tuning goes on exactly from its checkpoint.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -82,8 +83,9 @@ log = logging.getLogger("saubench")
 
 
 @torch.no_grad()
-def mean_activation(model: nn.Module, layer: nn.Module, data: DefenseData, batch_size: int = 256,
-                    augment: bool = False) -> torch.Tensor:
+def mean_activation(
+    model: nn.Module, layer: nn.Module, data: DefenseData, batch_size: int = 256, augment: bool = False
+) -> torch.Tensor:
     """The mean output of each channel of ``layer`` over ``data`` (over samples and
     positions), with the model in eval mode; a float32 vector on the CPU. With
     ``augment``, each image goes through the dataset's train transform first."""
@@ -133,21 +135,38 @@ class FP(Defense):
         rank_augment: rank the channels on train-transformed images, as BackdoorBench (off: the images as they are)
     """
 
-    paper = ("Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
-             "Networks, RAID 2018, arXiv:1805.12185")
+    paper = (
+        "Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
+        "Networks, RAID 2018, arXiv:1805.12185"
+    )
     year = 2018
     search_space = {"acc_ratio": ("float", 0.02, 0.2), "lr": ("float_log", 1e-3, 1e-1), "epochs": ("int", 10, 100)}
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
-    param_checks = {"acc_ratio": cfg.unit_interval, "once_prune_ratio": cfg.unit_interval,
-                    "val_ratio": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-                    "epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "momentum": cfg.non_negative, "weight_decay": cfg.non_negative}
+    param_checks = {
+        "acc_ratio": cfg.unit_interval,
+        "once_prune_ratio": cfg.unit_interval,
+        "val_ratio": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+    }
     smoke_params = {"epochs": 2, "once_prune_ratio": 0.05}
 
-    def __init__(self, acc_ratio: float = 0.1, once_prune_ratio: float = 0.0, val_ratio: float = 0.2,
-                 epochs: int = 100, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4,
-                 lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR", rank_augment: bool = True):
+    def __init__(
+        self,
+        acc_ratio: float = 0.1,
+        once_prune_ratio: float = 0.0,
+        val_ratio: float = 0.2,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+        rank_augment: bool = True,
+    ):
         self.acc_ratio, self.once_prune_ratio, self.val_ratio = acc_ratio, once_prune_ratio, val_ratio
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
@@ -155,8 +174,16 @@ class FP(Defense):
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         self.prune(model, data)
-        return fine_tune(model, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                         momentum=self.momentum, weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
+        return fine_tune(
+            model,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+        )
 
     def prune(self, model: Classifier, data: DefenseData) -> int:
         """Mask the least active channels of the feature layer while the held-out clean
@@ -188,15 +215,31 @@ class FP(Defense):
                 break
             pruned, acc_kept = k, acc
         model.set_mask(layer, mask_of(pruned))
-        log.info("fine-pruning: %d of %d channels of %s pruned; held-out clean accuracy %.4f -> %.4f (%d samples)",
-                 pruned, channels, layer, acc_0, acc_kept, len(held_out))
+        log.info(
+            "fine-pruning: %d of %d channels of %s pruned; held-out clean accuracy %.4f -> %.4f (%d samples)",
+            pruned,
+            channels,
+            layer,
+            acc_0,
+            acc_kept,
+            len(held_out),
+        )
         # the pruning order (least active channel first), the mean activations, and the
         # held-out accuracy after each pruning step (prune_curve_acc at prune_curve_pruned channels)
-        data.add_extras(prune_order=order, activation=activation,
-                        prune_curve_pruned=torch.tensor([k for k, _ in curve]),
-                        prune_curve_acc=torch.tensor([a for _, a in curve]))
-        data.add_summary(pruned=pruned, channels=channels, feature_layer=layer, held_out_samples=len(held_out),
-                         held_out_acc_unpruned=acc_0, held_out_acc_pruned=acc_kept)
+        data.add_extras(
+            prune_order=order,
+            activation=activation,
+            prune_curve_pruned=torch.tensor([k for k, _ in curve]),
+            prune_curve_acc=torch.tensor([a for _, a in curve]),
+        )
+        data.add_summary(
+            pruned=pruned,
+            channels=channels,
+            feature_layer=layer,
+            held_out_samples=len(held_out),
+            held_out_acc_unpruned=acc_0,
+            held_out_acc_pruned=acc_kept,
+        )
         return pruned
 
 

@@ -32,6 +32,7 @@ dataset's train transform.
 
     python defense/fst.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -73,18 +74,33 @@ class FST(Defense):
         alpha: weight of the inner product of the head with the backdoored head
     """
 
-    paper = ("Min, Qin, Shen and Cheng, Towards Stable Backdoor Purification through Feature Shift Tuning, "
-             "NeurIPS 2023, arXiv:2310.01875")
+    paper = (
+        "Min, Qin, Shen and Cheng, Towards Stable Backdoor Purification through Feature Shift Tuning, "
+        "NeurIPS 2023, arXiv:2310.01875"
+    )
     year = 2023
     kind = "mitigation"
-    param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "momentum": cfg.non_negative, "weight_decay": cfg.non_negative, "alpha": cfg.non_negative}
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+        "alpha": cfg.non_negative,
+    }
     search_space = {"alpha": ("float_log", 0.01, 1.0), "lr": ("float_log", 1e-3, 1e-1)}
     smoke_params = {"epochs": 1}
 
-    def __init__(self, epochs: int = 10, batch_size: int = 128, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
-                 alpha: float = 0.2):
+    def __init__(
+        self,
+        epochs: int = 10,
+        batch_size: int = 128,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+        alpha: float = 0.2,
+    ):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler, self.alpha = momentum, weight_decay, lr_scheduler, alpha
 
@@ -94,8 +110,15 @@ class FST(Defense):
         radius = w_ori.norm()
         head.reset_parameters()  # random, but seeded: the harness seeds torch before mitigate
         project_to_norm(head.weight, radius)
-        loop = sgd_loop(model, data, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-                        weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
+        loop = sgd_loop(
+            model,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+        )
         for epoch in loop.epochs:
             model.train()
             total, correct, seen = 0.0, 0, 0
@@ -110,8 +133,13 @@ class FST(Defense):
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
             loop.end_epoch()
-            data.report(epoch, model.eval(), train_loss=total / max(seen, 1), train_acc=correct / max(seen, 1),
-                        head_inner_product=float(feature_shift_penalty(head.weight.detach(), w_ori)))
+            data.report(
+                epoch,
+                model.eval(),
+                train_loss=total / max(seen, 1),
+                train_acc=correct / max(seen, 1),
+                head_inner_product=float(feature_shift_penalty(head.weight.detach(), w_ori)),
+            )
         return model.eval()
 
 

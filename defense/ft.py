@@ -27,6 +27,7 @@ Deviations:
   (defense.finetune) offers cosine or a constant rate, so config/defense/ft/tiny.yaml
   keeps 200 epochs with the cosine schedule.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -53,25 +54,49 @@ class FT(Defense):
         lr_scheduler: per-epoch learning-rate schedule
     """
 
-    paper = ("Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
-             "Networks, RAID 2018, arXiv:1805.12185 (fine-tuning baseline; BackdoorBench's configuration)")
+    paper = (
+        "Liu, Dolan-Gavitt and Garg, Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
+        "Networks, RAID 2018, arXiv:1805.12185 (fine-tuning baseline; BackdoorBench's configuration)"
+    )
     year = 2018
-    search_space = {"lr": ("float_log", 1e-3, 1e-1), "weight_decay": ("float_log", 1e-5, 1e-3),
-                    "epochs": ("int", 10, 100)}
+    search_space = {
+        "lr": ("float_log", 1e-3, 1e-1),
+        "weight_decay": ("float_log", 1e-5, 1e-3),
+        "epochs": ("int", 10, 100),
+    }
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
-    param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "momentum": cfg.non_negative, "weight_decay": cfg.non_negative}
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+    }
     smoke_params = {"epochs": 2}
 
-    def __init__(self, epochs: int = 100, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4,
-                 lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR"):
+    def __init__(
+        self,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+    ):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
-        return fine_tune(model, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                         momentum=self.momentum, weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
+        return fine_tune(
+            model,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+        )
 
 
 if __name__ == "__main__":

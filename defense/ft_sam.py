@@ -50,6 +50,7 @@ Deviations from BackdoorBench:
 
     python defense/ft_sam.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -77,8 +78,9 @@ def smooth_cross_entropy(logits: torch.Tensor, y: torch.Tensor, smoothing: float
 
 
 @torch.no_grad()
-def sam_perturbation(params: list[nn.Parameter], rho: float, adaptive: bool = True,
-                     eps: float = 1e-12) -> list[torch.Tensor | None]:
+def sam_perturbation(
+    params: list[nn.Parameter], rho: float, adaptive: bool = True, eps: float = 1e-12
+) -> list[torch.Tensor | None]:
     """The ascent epsilon for each parameter from its ``.grad`` (None where it has none):
     rho * T_w^2 g / ||T_w g|| with T_w = |w| (``adaptive``), or rho * g / ||g||; all zeros
     when the gradient norm is not finite."""
@@ -114,9 +116,16 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
-def sam_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-             x: torch.Tensor, rho: float, adaptive: bool, data: DefenseData,
-             scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
+def sam_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    rho: float,
+    adaptive: bool,
+    data: DefenseData,
+    scaler: torch.amp.GradScaler,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One SAM step on batch ``x`` (``loss_fn`` maps logits to the loss): the gradient at w,
     the ascent to w + epsilon, the gradient there, w restored, then ``optimizer.step()``.
     Returns the logits and the loss at w."""
@@ -160,33 +169,65 @@ class FTSAM(Defense):
         label_smoothing: label smoothing of the cross-entropy (1 - s on the label, s / (K - 1) elsewhere)
     """
 
-    paper = ("Zhu, Wei, Shen, Fan and Wu, Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware "
-             "Minimization, ICCV 2023")
+    paper = (
+        "Zhu, Wei, Shen, Fan and Wu, Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware "
+        "Minimization, ICCV 2023"
+    )
     year = 2023
     kind = "mitigation"
     search_space = {"rho": ("float_log", 0.5, 10.0), "lr": ("float_log", 1e-3, 1e-1), "epochs": ("int", 10, 100)}
     param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",), "rho": ("rho_max",)}
-    param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "momentum": cfg.non_negative, "weight_decay": cfg.non_negative, "rho": cfg.non_negative,
-                    "label_smoothing": lambda v: None if 0 <= v < 1 else "must be in [0, 1)"}
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+        "rho": cfg.non_negative,
+        "label_smoothing": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+    }
     smoke_params = {"epochs": 2}
 
-    def __init__(self, epochs: int = 100, batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
-                 rho: float = 2.0, adaptive: bool = True, label_smoothing: float = 0.1):
+    def __init__(
+        self,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+        rho: float = 2.0,
+        adaptive: bool = True,
+        label_smoothing: float = 0.1,
+    ):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
         self.rho, self.adaptive, self.label_smoothing = rho, adaptive, label_smoothing
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
-        loop = sgd_loop(model, data, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-                        weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler)
+        loop = sgd_loop(
+            model,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+        )
         for epoch in loop.epochs:
             model.train()
             total, correct, seen = 0.0, 0, 0
             for x, y in data.batches(self.batch_size, augment=True, generator=loop.generator):
-                logits, loss = sam_step(model, loop.optimizer, lambda out, y=y: smooth_cross_entropy(
-                    out, y, self.label_smoothing), x, self.rho, self.adaptive, data, loop.scaler)
+                logits, loss = sam_step(
+                    model,
+                    loop.optimizer,
+                    lambda out, y=y: smooth_cross_entropy(out, y, self.label_smoothing),
+                    x,
+                    self.rho,
+                    self.adaptive,
+                    data,
+                    loop.scaler,
+                )
                 data.check(loss, epoch=epoch, batch=seen // self.batch_size)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())

@@ -67,6 +67,7 @@ Deviations from BackdoorBench that remain, each stated:
 --resume continues the rounds exactly (each round's perturbation is searched again from
 zero, so only the model, Adam's state and the generators are checkpointed).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -117,8 +118,9 @@ def twice_differentiable(model: nn.Module) -> Iterator[None]:
             del module.forward  # the class's forward again
 
 
-def implicit_hypergradient(delta: torch.Tensor, params: Sequence[torch.Tensor], fixed_point_map: FixedPointMap,
-                           outer_loss: OuterLoss, K: int) -> list[torch.Tensor]:
+def implicit_hypergradient(
+    delta: torch.Tensor, params: Sequence[torch.Tensor], fixed_point_map: FixedPointMap, outer_loss: OuterLoss, K: int
+) -> list[torch.Tensor]:
     """The gradient of ``outer_loss(delta*(params), params)`` with respect to ``params``,
     where ``delta`` approximates the fixed point delta* = fixed_point_map(delta*, params).
 
@@ -162,20 +164,46 @@ class IBAU(Defense):
         augment: apply the dataset's train transform to the batches
     """
 
-    paper = ("Zeng, Chen, Park, Mao, Jin and Jia, Adversarial Unlearning of Backdoors via Implicit Hypergradient, "
-             "ICLR 2022, arXiv:2110.03735")
+    paper = (
+        "Zeng, Chen, Park, Mao, Jin and Jia, Adversarial Unlearning of Backdoors via Implicit Hypergradient, "
+        "ICLR 2022, arXiv:2110.03735"
+    )
     year = 2022
-    search_space = {"lr": ("float_log", 1e-5, 1e-3), "delta_lr": ("float_log", 0.1, 10.0), "K": ("int", 3, 10),
-                    "epochs": ("int", 5, 20)}
+    search_space = {
+        "lr": ("float_log", 1e-5, 1e-3),
+        "delta_lr": ("float_log", 0.1, 10.0),
+        "K": ("int", 3, 10),
+        "epochs": ("int", 5, 20),
+    }
     param_aliases = {"epochs": ("n_rounds",)}
-    param_checks = {"epochs": cfg.non_negative, "K": cfg.non_negative, "batch_size": cfg.positive,
-                    "lr": cfg.positive, "delta_lr": cfg.positive, "fp_lr": cfg.positive, "lmd": cfg.non_negative,
-                    "inner_passes": cfg.positive, "delta_bound": cfg.positive, "portion": cfg.unit_interval}
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "K": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "delta_lr": cfg.positive,
+        "fp_lr": cfg.positive,
+        "lmd": cfg.non_negative,
+        "inner_passes": cfg.positive,
+        "delta_bound": cfg.positive,
+        "portion": cfg.unit_interval,
+    }
     smoke_params = {"epochs": 1, "batch_size": 32}
 
-    def __init__(self, epochs: int = 5, K: int = 5, batch_size: int = 256, lr: float = 1e-4, delta_lr: float = 10.0,
-                 fp_lr: float = 0.1, lmd: float = 0.001, inner_passes: int = 1, delta_bound: float | None = None,
-                 portion: float = 0.01, augment: bool = False):
+    def __init__(
+        self,
+        epochs: int = 5,
+        K: int = 5,
+        batch_size: int = 256,
+        lr: float = 1e-4,
+        delta_lr: float = 10.0,
+        fp_lr: float = 0.1,
+        lmd: float = 0.001,
+        inner_passes: int = 1,
+        delta_bound: float | None = None,
+        portion: float = 0.01,
+        augment: bool = False,
+    ):
         self.epochs, self.K, self.batch_size, self.lr = epochs, K, batch_size, lr
         self.delta_lr, self.fp_lr, self.lmd = delta_lr, fp_lr, lmd
         self.inner_passes, self.delta_bound = inner_passes, delta_bound
@@ -193,12 +221,13 @@ class IBAU(Defense):
             total, seen = 0.0, 0
             for step, (x, y) in enumerate(data.batches(self.batch_size, augment=self.augment, generator=generator)):
                 carries = torch.zeros(len(y), 1, 1, 1, device=x.device)
-                carries[torch.randperm(len(y), generator=pick)[:int(len(y) * self.portion)].to(x.device)] = 1.0
+                carries[torch.randperm(len(y), generator=pick)[: int(len(y) * self.portion)].to(x.device)] = 1.0
                 loss = self.outer_step(model, params, optimizer, data, x, y, delta, carries, epoch, step)
                 total += loss * len(y)
                 seen += len(y)
-            data.report(epoch, model, loss_outer=total / max(seen, 1), loss_inner=inner,
-                        delta_l2=float(delta.flatten().norm()))
+            data.report(
+                epoch, model, loss_outer=total / max(seen, 1), loss_inner=inner, delta_l2=float(delta.flatten().norm())
+            )
         return model.eval()
 
     @staticmethod
@@ -212,16 +241,24 @@ class IBAU(Defense):
             std = torch.tensor(list(data.info.std), dtype=torch.float32)
         return std.detach().to(device=like.device, dtype=like.dtype).reshape(1, -1, 1, 1)
 
-    def inner_objective(self, model: nn.Module, data: DefenseData, x: torch.Tensor, y: torch.Tensor,
-                        delta_n: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    def inner_objective(
+        self,
+        model: nn.Module,
+        data: DefenseData,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        delta_n: torch.Tensor,
+        std: torch.Tensor,
+    ) -> torch.Tensor:
         """G(delta_n, theta) = -CE(f(x + std * delta_n), y) + lmd * ||delta_n||^2 (mean over
         the batch): BackdoorBench's loss_inner on normalised inputs x_n + delta_n."""
         with data.autocast():
             logits = model(x + std * delta_n)
         return -F.cross_entropy(logits.float(), y) + self.lmd * delta_n.float().pow(2).sum()
 
-    def find_perturbation(self, model: nn.Module, data: DefenseData, like: torch.Tensor,
-                          generator: torch.Generator, epoch: int = 0) -> tuple[torch.Tensor, float]:
+    def find_perturbation(
+        self, model: nn.Module, data: DefenseData, like: torch.Tensor, generator: torch.Generator, epoch: int = 0
+    ) -> tuple[torch.Tensor, float]:
         """One universal perturbation from zero: one SGD step on G per batch over delta_n
         (shape 1 x C x H x W, normalised space), ``inner_passes`` passes. Returns the
         pixel-space delta = std * delta_n and the mean cross-entropy of the last pass
@@ -247,10 +284,17 @@ class IBAU(Defense):
                         delta_n.mul_((self.delta_bound / delta_n.norm().clamp_min(1e-12)).clamp(max=1.0))
         return (std * delta_n).detach(), total / max(seen, 1)
 
-    def hypergradient(self, model: nn.Module, params: list[torch.Tensor], data: DefenseData, x: torch.Tensor,
-                      y: torch.Tensor, delta: torch.Tensor, carries: torch.Tensor,
-                      scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
-                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def hypergradient(
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        data: DefenseData,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        delta: torch.Tensor,
+        carries: torch.Tensor,
+        scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The implicit hypergradient of the outer loss CE(f(x + carries * delta), y) on this
         batch with respect to ``params``, and that loss. The fixed point and its map are
         taken over delta_n = delta / std (BackdoorBench's normalised-space variable):
@@ -275,9 +319,19 @@ class IBAU(Defense):
             grads = implicit_hypergradient(delta / std, params, fixed_point_map, outer_loss, self.K)
         return grads, value["loss"]
 
-    def outer_step(self, model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                   data: DefenseData, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, carries: torch.Tensor,
-                   epoch: int, step: int) -> float:
+    def outer_step(
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        data: DefenseData,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        delta: torch.Tensor,
+        carries: torch.Tensor,
+        epoch: int,
+        step: int,
+    ) -> float:
         """One Adam step along the implicit hypergradient of the outer loss on this batch
         (``delta`` in pixel space, as :meth:`find_perturbation` returns it)."""
         grads, loss = self.hypergradient(model, params, data, x, y, delta, carries, data.scaler.scale)

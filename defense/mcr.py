@@ -48,6 +48,7 @@ Deviations from BackdoorBench:
 
     python defense/mcr.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -73,14 +74,16 @@ Weights = dict[str, torch.Tensor]
 def bezier_coefficients(t: float | torch.Tensor) -> torch.Tensor:
     """The quadratic Bezier weights ((1 - t)^2, 2 t (1 - t), t^2) of w_0, theta and w_1."""
     t = torch.as_tensor(t, dtype=torch.float32)
-    return torch.stack([(1 - t) ** 2, 2 * t * (1 - t), t ** 2])
+    return torch.stack([(1 - t) ** 2, 2 * t * (1 - t), t**2])
 
 
 def curve_point(w_0: Weights, theta: Weights, w_1: Weights, t: float | torch.Tensor) -> Weights:
     """phi_theta(t) for every parameter name (differentiable in ``theta``)."""
     c = bezier_coefficients(t)
-    return {name: c[0].to(w_0[name]) * w_0[name] + c[1].to(w_0[name]) * theta[name] + c[2].to(w_0[name]) * w_1[name]
-            for name in w_0}
+    return {
+        name: c[0].to(w_0[name]) * w_0[name] + c[1].to(w_0[name]) * theta[name] + c[2].to(w_0[name]) * w_1[name]
+        for name in w_0
+    }
 
 
 def parameters_of(model: nn.Module) -> Weights:
@@ -127,37 +130,76 @@ class MCR(Defense):
         ft_lr_scheduler: per-epoch schedule of that fine-tuning
     """
 
-    paper = ("Zhao, Chen, Das, Ramamurthy and Lin, Bridging Mode Connectivity in Loss Landscapes and Adversarial "
-             "Robustness, ICLR 2020")
+    paper = (
+        "Zhao, Chen, Das, Ramamurthy and Lin, Bridging Mode Connectivity in Loss Landscapes and Adversarial "
+        "Robustness, ICLR 2020"
+    )
     year = 2020
     kind = "mitigation"
-    param_aliases = {"t": ("test_t",), "epochs": ("train_curve_epochs",), "momentum": ("sgd_momentum",),
-                     "weight_decay": ("wd",)}
-    param_checks = {"t": cfg.unit_interval, "epochs": cfg.non_negative, "batch_size": cfg.positive,
-                    "lr": cfg.positive, "momentum": cfg.non_negative, "weight_decay": cfg.non_negative,
-                    "ft_epochs": cfg.non_negative, "ft_lr": cfg.positive}
+    param_aliases = {
+        "t": ("test_t",),
+        "epochs": ("train_curve_epochs",),
+        "momentum": ("sgd_momentum",),
+        "weight_decay": ("wd",),
+    }
+    param_checks = {
+        "t": cfg.unit_interval,
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+        "ft_epochs": cfg.non_negative,
+        "ft_lr": cfg.positive,
+    }
     search_space = {"t": ("float", 0.05, 0.5)}
     smoke_params = {"epochs": 2, "ft_epochs": 2}
 
-    def __init__(self, t: float = 0.1, epochs: int = 100, batch_size: int = 128, lr: float = 3e-5,
-                 momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR", ft_epochs: int = 100,
-                 ft_lr: float = 0.01, ft_lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR"):
+    def __init__(
+        self,
+        t: float = 0.1,
+        epochs: int = 100,
+        batch_size: int = 128,
+        lr: float = 3e-5,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+        ft_epochs: int = 100,
+        ft_lr: float = 0.01,
+        ft_lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+    ):
         self.t, self.epochs, self.batch_size, self.lr = t, epochs, batch_size, lr
         self.momentum, self.weight_decay, self.lr_scheduler = momentum, weight_decay, lr_scheduler
         self.ft_epochs, self.ft_lr, self.ft_lr_scheduler = ft_epochs, ft_lr, ft_lr_scheduler
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
         w_0 = parameters_of(model)
-        tuned = fine_tune(copy.deepcopy(model), data, epochs=self.ft_epochs, lr=self.ft_lr,
-                          batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
-                          lr_scheduler=self.ft_lr_scheduler, report=False, seed_offset=1)
+        tuned = fine_tune(
+            copy.deepcopy(model),
+            data,
+            epochs=self.ft_epochs,
+            lr=self.ft_lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.ft_lr_scheduler,
+            report=False,
+            seed_offset=1,
+        )
         w_1 = parameters_of(tuned)
         del tuned
         theta = {name: ((w_0[name] + w_1[name]) / 2).requires_grad_(True) for name in w_0}
-        loop = sgd_loop(model, data, epochs=self.epochs, lr=self.lr, momentum=self.momentum,
-                        weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler, params=list(theta.values()),
-                        resume=False)
+        loop = sgd_loop(
+            model,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+            params=list(theta.values()),
+            resume=False,
+        )
         work = copy.deepcopy(model)  # holds the BatchNorm statistics while the curve trains
         for p in work.parameters():
             p.requires_grad_(False)

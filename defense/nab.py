@@ -45,6 +45,7 @@ Deviations from BackdoorBench:
 * The per-sample losses are computed in eval mode in batches (BackdoorBench: batches of 64,
   eval mode; the same numbers).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -98,8 +99,9 @@ class StampedClassifier(Classifier):
     plain Classifier's (the stamp's buffers are not saved)."""
 
     def __init__(self, model: Classifier, stamp: Stamp):
-        super().__init__(model.spec, model.net, model.normalize.mean.flatten().tolist(),
-                         model.normalize.std.flatten().tolist())
+        super().__init__(
+            model.spec, model.net, model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist()
+        )
         self.masks = model.masks
         self._mask_hooks = model._mask_hooks
         self.stamp = stamp.to(next(model.parameters()).device)
@@ -110,7 +112,7 @@ class StampedClassifier(Classifier):
 
 def lowest(losses: torch.Tensor, ratio: float) -> torch.Tensor:
     """The indices of the ``int(ratio * N)`` lowest losses (BackdoorBench's count), sorted."""
-    return torch.argsort(losses, stable=True)[:int(len(losses) * ratio)].sort().values
+    return torch.argsort(losses, stable=True)[: int(len(losses) * ratio)].sort().values
 
 
 def lga_rate(lr: float, epoch: int, epochs: int) -> float:
@@ -118,8 +120,9 @@ def lga_rate(lr: float, epoch: int, epochs: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * epoch / (epochs + 80))) * lr
 
 
-def nearest_centroid_labels(features: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
-                            num_classes: int) -> torch.Tensor:
+def nearest_centroid_labels(
+    features: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """Every sample's nearest class centroid (Euclidean), the centroids being the mean
     features of the ``reference`` samples (a boolean mask) of each class by their label.
     A class with no reference sample has no centroid."""
@@ -137,7 +140,9 @@ def nearest_centroid_labels(features: torch.Tensor, labels: torch.Tensor, refere
 class NAB(TrainingDefense):
     __doc__ = (
         "NAB: detect (LGA), relabel (SimCLR centroids), stamp a defensive trigger in training and at test.\n\n"
-        "    Args:\n" + SIMCLR_ARGS + """epoch_lga: LGA detection epochs
+        "    Args:\n"
+        + SIMCLR_ARGS
+        + """epoch_lga: LGA detection epochs
         gamma: LGA's flooding level
         lr_lga: LGA learning rate
         batch_size_lga: LGA batch size
@@ -150,23 +155,44 @@ class NAB(TrainingDefense):
         sgd_momentum: final training SGD momentum (None: the attack's recipe)
         wd: final training weight decay (None: the attack's recipe)
         lr_scheduler: final training schedule (None: the attack's recipe)
-""")
+"""
+    )
 
-    paper = ("Liu, Sangiovanni-Vincentelli and Yue, Beating Backdoor Attack at Its Own Game, ICCV 2023, "
-             "arXiv:2307.15539")
+    paper = "Liu, Sangiovanni-Vincentelli and Yue, Beating Backdoor Attack at Its Own Game, ICCV 2023, arXiv:2307.15539"
     year = 2023
-    param_checks = {**SIMCLR_CHECKS, "epoch_lga": cfg.non_negative,
-                    "lr_lga": cfg.positive, "batch_size_lga": cfg.positive, "detect_ratio": _ratio,
-                    "centroid_ratio": _ratio, "trigger_size": cfg.positive}
+    param_checks = {
+        **SIMCLR_CHECKS,
+        "epoch_lga": cfg.non_negative,
+        "lr_lga": cfg.positive,
+        "batch_size_lga": cfg.positive,
+        "detect_ratio": _ratio,
+        "centroid_ratio": _ratio,
+        "trigger_size": cfg.positive,
+    }
     smoke_params = {"epoch_self": 1, "epoch_lga": 1, "epochs": 1}
 
-    def __init__(self, epoch_self: int = 100, batch_size_self: int = 512, lr_self: float = 0.4,
-                 self_t_max: int = 1000, temperature: float = 0.5, epoch_lga: int = 20, gamma: float = 0.5,
-                 lr_lga: float = 0.01, batch_size_lga: int = 64, detect_ratio: float = 0.1,
-                 centroid_ratio: float = 0.2, trigger_size: int = 2, epochs: int | None = 100,
-                 batch_size: int | None = 256, lr: float | None = 0.01, sgd_momentum: float | None = 0.9,
-                 wd: float | None = 1e-4, lr_scheduler: str | None = "none",
-                 simclr_augment: Literal["batched", "per_image"] = "batched"):
+    def __init__(
+        self,
+        epoch_self: int = 100,
+        batch_size_self: int = 512,
+        lr_self: float = 0.4,
+        self_t_max: int = 1000,
+        temperature: float = 0.5,
+        epoch_lga: int = 20,
+        gamma: float = 0.5,
+        lr_lga: float = 0.01,
+        batch_size_lga: int = 64,
+        detect_ratio: float = 0.1,
+        centroid_ratio: float = 0.2,
+        trigger_size: int = 2,
+        epochs: int | None = 100,
+        batch_size: int | None = 256,
+        lr: float | None = 0.01,
+        sgd_momentum: float | None = 0.9,
+        wd: float | None = 1e-4,
+        lr_scheduler: str | None = "none",
+        simclr_augment: Literal["batched", "per_image"] = "batched",
+    ):
         self.epoch_self, self.batch_size_self, self.lr_self = epoch_self, batch_size_self, lr_self
         self.self_t_max, self.temperature, self.simclr_augment = self_t_max, temperature, simclr_augment
         self.epoch_lga, self.gamma, self.lr_lga, self.batch_size_lga = epoch_lga, gamma, lr_lga, batch_size_lga
@@ -188,10 +214,15 @@ class NAB(TrainingDefense):
         optimizer = data.recipe.optimizer(model.parameters())
         scheduler = data.recipe.scheduler(optimizer)
         generator, held = data.generator(), Held()
-        start = data.resume(model=model, self_model=self_model, ascent=ascent,
-                            optimizers=[self_optimizer, lga_optimizer, optimizer],
-                            schedulers=[s for s in (self_scheduler, scheduler) if s is not None],
-                            generator=generator, held=held)
+        start = data.resume(
+            model=model,
+            self_model=self_model,
+            ascent=ascent,
+            optimizers=[self_optimizer, lga_optimizer, optimizer],
+            schedulers=[s for s in (self_scheduler, scheduler) if s is not None],
+            generator=generator,
+            held=held,
+        )
         trigger = defensive_trigger(info.channels, info.size, info.mean, self.trigger_size).to(data.device)
         stamped = StampedClassifier(model, trigger)  # what the harness evaluates: the test-time stamp included
         phases = self.phases(data.recipe)
@@ -201,12 +232,21 @@ class NAB(TrainingDefense):
                 loss = simclr.epoch(self_model, data, self_optimizer, self_scheduler, augmentation, epoch, generator)
                 data.report(epoch, stamped, simclr_loss=loss)
             elif phase == "lga":
+
                 def step(x, y):
                     logits = ascent(x)
                     return (F.cross_entropy(logits, y) - self.gamma).abs() + self.gamma, logits, y  # flooding
 
-                stats = data.train_epoch(ascent, lga_optimizer, epoch=epoch, augment=False, step=step,
-                                         generator=generator, batch_size=self.batch_size_lga, desc=f"LGA {e}")
+                stats = data.train_epoch(
+                    ascent,
+                    lga_optimizer,
+                    epoch=epoch,
+                    augment=False,
+                    step=step,
+                    generator=generator,
+                    batch_size=self.batch_size_lga,
+                    desc=f"LGA {e}",
+                )
                 for group in lga_optimizer.param_groups:
                     group["lr"] = lga_rate(self.lr_lga, e, self.epoch_lga)
                 data.report(epoch, stamped, lga_loss=stats["train_epoch_loss_avg_over_batch"])
@@ -220,15 +260,22 @@ class NAB(TrainingDefense):
         # the suspicious and relabelled training indices (none when no epoch ran past the relabelling),
         # and the defensive trigger (value, mask)
         suspicious = held.get("suspicious")
-        relabelled = torch.nonzero(held["labels"] != data.train.labels).flatten() if "labels" in held else \
-            torch.zeros(0, dtype=torch.long)
-        data.add_extras(suspicious=suspicious, relabelled=relabelled,
-                        defensive_trigger=torch.stack([trigger.value.cpu(), trigger.mask.cpu()]))
+        relabelled = (
+            torch.nonzero(held["labels"] != data.train.labels).flatten()
+            if "labels" in held
+            else torch.zeros(0, dtype=torch.long)
+        )
+        data.add_extras(
+            suspicious=suspicious,
+            relabelled=relabelled,
+            defensive_trigger=torch.stack([trigger.value.cpu(), trigger.mask.cpu()]),
+        )
         data.add_summary(suspicious=len(suspicious), relabelled=len(relabelled))
         return stamped.eval()
 
-    def relabel(self, data: TrainingSet, ascent: Classifier,
-                self_model: SelfModel) -> tuple[torch.Tensor, torch.Tensor]:
+    def relabel(
+        self, data: TrainingSet, ascent: Classifier, self_model: SelfModel
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The suspicious samples (lowest LGA losses) and every sample's training label: the
         nearest SimCLR class centroid for the suspicious ones, the delivered label otherwise."""
         losses = data.losses(ascent)
@@ -240,13 +287,23 @@ class NAB(TrainingDefense):
         nearest = nearest_centroid_labels(projections, data.train.labels, reference, data.num_classes)
         labels = data.train.labels.clone()
         labels[suspicious] = nearest[suspicious]
-        log.info("NAB: %d suspicious samples (lowest LGA loss), %d relabelled", len(suspicious),
-                 int((labels != data.train.labels).sum()))
+        log.info(
+            "NAB: %d suspicious samples (lowest LGA loss), %d relabelled",
+            len(suspicious),
+            int((labels != data.train.labels).sum()),
+        )
         return suspicious, labels
 
     @staticmethod
-    def train_epoch(data: TrainingSet, model: Classifier, optimizer: torch.optim.Optimizer, held: Held,
-                    trigger: Stamp, epoch: int, generator: torch.Generator) -> dict[str, float]:
+    def train_epoch(
+        data: TrainingSet,
+        model: Classifier,
+        optimizer: torch.optim.Optimizer,
+        held: Held,
+        trigger: Stamp,
+        epoch: int,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
         """One epoch on the relabelled set with the train transform; the samples whose label
         changed carry the defensive trigger (stamped after the transform)."""
         labels = held["labels"]
@@ -260,8 +317,15 @@ class NAB(TrainingDefense):
             logits = model(x)
             return F.cross_entropy(logits, y), logits, y
 
-        return data.train_epoch(model, optimizer, labels=torch.arange(len(data)), epoch=epoch, step=step,
-                                generator=generator, desc=f"train {epoch}")
+        return data.train_epoch(
+            model,
+            optimizer,
+            labels=torch.arange(len(data)),
+            epoch=epoch,
+            step=step,
+            generator=generator,
+            desc=f"train {epoch}",
+        )
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ distillation should lower.
 --resume: the teacher cannot resume (it is not checkpointed); it is fine-tuned again, from
 the same seed, and the student's distillation goes on exactly from its checkpoint.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -111,8 +112,9 @@ def stage_outputs(modules: Sequence[nn.Module]) -> Iterator[list[torch.Tensor | 
 
 
 @torch.no_grad()
-def attention_distance(model_s: Classifier, model_t: Classifier, data: DefenseData, p: float = 2.0,
-                       batch_size: int = 256) -> list[float]:
+def attention_distance(
+    model_s: Classifier, model_t: Classifier, data: DefenseData, p: float = 2.0, batch_size: int = 256
+) -> list[float]:
     """The mean L_AT between two models at each stage over ``data`` (eval mode, no
     augmentation): how far the student's attention is from the teacher's."""
     sums = [0.0] * len(model_s.spec.stages)
@@ -151,38 +153,72 @@ class NAD(Defense):
         p: power of the attention map, A = sum_c |F_c|^p
     """
 
-    paper = ("Li, Lyu, Koren, Lyu, Li and Ma, Neural Attention Distillation: Erasing Backdoor Triggers from Deep "
-             "Neural Networks, ICLR 2021, arXiv:2101.05930")
+    paper = (
+        "Li, Lyu, Koren, Lyu, Li and Ma, Neural Attention Distillation: Erasing Backdoor Triggers from Deep "
+        "Neural Networks, ICLR 2021, arXiv:2101.05930"
+    )
     year = 2021
-    search_space = {"lr": ("float_log", 1e-3, 1e-1), "beta_1": ("float_log", 1.0, 1000.0),
-                    "beta_2": ("float_log", 1.0, 2000.0), "beta_3": ("float_log", 1.0, 2000.0),
-                    "te_epochs": ("int", 5, 20)}
-    param_aliases = {"momentum": ("sgd_momentum",), "weight_decay": ("wd",), "beta_1": ("beta1",),
-                     "beta_2": ("beta2",), "beta_3": ("beta3",)}
-    param_checks = {"epochs": cfg.non_negative, "te_epochs": cfg.non_negative, "batch_size": cfg.positive,
-                    "lr": cfg.positive, "momentum": cfg.non_negative, "weight_decay": cfg.non_negative,
-                    "beta_1": cfg.non_negative, "beta_2": cfg.non_negative, "beta_3": cfg.non_negative,
-                    "p": cfg.positive}
+    search_space = {
+        "lr": ("float_log", 1e-3, 1e-1),
+        "beta_1": ("float_log", 1.0, 1000.0),
+        "beta_2": ("float_log", 1.0, 2000.0),
+        "beta_3": ("float_log", 1.0, 2000.0),
+        "te_epochs": ("int", 5, 20),
+    }
+    param_aliases = {
+        "momentum": ("sgd_momentum",),
+        "weight_decay": ("wd",),
+        "beta_1": ("beta1",),
+        "beta_2": ("beta2",),
+        "beta_3": ("beta3",),
+    }
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "te_epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+        "beta_1": cfg.non_negative,
+        "beta_2": cfg.non_negative,
+        "beta_3": cfg.non_negative,
+        "p": cfg.positive,
+    }
     smoke_params = {"epochs": 2, "te_epochs": 2}
 
-    def __init__(self, epochs: int = 10, te_epochs: int = 10, batch_size: int = 256, lr: float = 0.01,
-                 momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_scheduler: Literal["none", "CosineAnnealingLR"] = "none", beta_1: float = 500.0,
-                 beta_2: float = 1000.0, beta_3: float = 1000.0, p: float = 2.0):
+    def __init__(
+        self,
+        epochs: int = 10,
+        te_epochs: int = 10,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["none", "CosineAnnealingLR"] = "none",
+        beta_1: float = 500.0,
+        beta_2: float = 1000.0,
+        beta_3: float = 1000.0,
+        p: float = 2.0,
+    ):
         self.epochs, self.te_epochs, self.batch_size = epochs, te_epochs, batch_size
         self.lr, self.momentum, self.weight_decay, self.lr_scheduler = lr, momentum, weight_decay, lr_scheduler
         self.beta_1, self.beta_2, self.beta_3, self.p = beta_1, beta_2, beta_3, p
 
     def mitigate(self, model: Classifier, data: DefenseData) -> nn.Module:
         if len(model.spec.stages) != 3:
-            raise UserError(f"NAD distils attention at three stages; model '{model.name}' declares "
-                            f"{len(model.spec.stages)} ({', '.join(model.spec.stages) or 'none'})")
+            raise UserError(
+                f"NAD distils attention at three stages; model '{model.name}' declares "
+                f"{len(model.spec.stages)} ({', '.join(model.spec.stages) or 'none'})"
+            )
         teacher = self.teacher(model, data)
         before = attention_distance(model, teacher, data, self.p, self.batch_size)
         self.distil(model, teacher, data)
         after = attention_distance(model, teacher, data, self.p, self.batch_size)
-        log.info("NAD: attention distance to the teacher per stage %s -> %s", [f"{d:.3g}" for d in before],
-                 [f"{d:.3g}" for d in after])
+        log.info(
+            "NAD: attention distance to the teacher per stage %s -> %s",
+            [f"{d:.3g}" for d in before],
+            [f"{d:.3g}" for d in after],
+        )
         # the mean L_AT between student and teacher at each stage on the clean subset, before and
         # after distillation (it should fall; a rise means the betas are too large for the learning rate)
         data.add_summary(attention_distance_before=before, attention_distance_after=after)
@@ -191,9 +227,18 @@ class NAD(Defense):
     def teacher(self, model: Classifier, data: DefenseData) -> Classifier:
         """A copy of ``model`` fine-tuned on the clean subset for ``te_epochs``, frozen."""
         teacher = copy.deepcopy(model)
-        fine_tune(teacher, data, epochs=self.te_epochs, lr=self.lr, batch_size=self.batch_size,
-                  momentum=self.momentum, weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler,
-                  report=False, seed_offset=1)
+        fine_tune(
+            teacher,
+            data,
+            epochs=self.te_epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+            report=False,
+            seed_offset=1,
+        )
         log.info("NAD: teacher fine-tuned for %d epochs", self.te_epochs)
         teacher.eval()
         for param in teacher.parameters():
@@ -206,8 +251,9 @@ class NAD(Defense):
         optimizer = make_optimizer(model.parameters(), "sgd", self.lr, self.momentum, self.weight_decay)
         scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
         generator = data.generator(2)
-        for epoch in data.epochs(self.epochs, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 generator=generator):
+        for epoch in data.epochs(
+            self.epochs, model=model, optimizer=optimizer, scheduler=scheduler, generator=generator
+        ):
             sums = {"loss": 0.0, "loss_ce": 0.0, "loss_at": 0.0, "train_acc": 0.0}
             seen = 0
             model.train()

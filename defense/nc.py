@@ -64,6 +64,7 @@ Deviations, each stated:
 --resume: the reverse engineering cannot resume (it is not checkpointed); it runs again,
 from the same seed, and the unlearning goes on exactly from its checkpoint.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -160,7 +161,7 @@ class CostSchedule:
             self.cost *= self.multiplier
         elif self._down >= self.patience:
             self._down, self._lowered = 0, True
-            self.cost /= self.multiplier ** 1.5
+            self.cost /= self.multiplier**1.5
         return False
 
 
@@ -203,27 +204,58 @@ class NeuralCleanse(Defense):
         lr_scheduler: per-epoch learning-rate schedule of the unlearning
     """
 
-    paper = ("Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, Neural Cleanse: Identifying and Mitigating Backdoor "
-             "Attacks in Neural Networks, IEEE S&P 2019")
+    paper = (
+        "Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, Neural Cleanse: Identifying and Mitigating Backdoor "
+        "Attacks in Neural Networks, IEEE S&P 2019"
+    )
     year = 2019
-    search_space = {"init_cost": ("float_log", 1e-4, 1e-2), "anomaly_threshold": ("float", 1.5, 3.0),
-                    "unlearning_ratio": ("float", 0.1, 0.3), "epochs": ("int", 10, 100)}
+    search_space = {
+        "init_cost": ("float_log", 1e-4, 1e-2),
+        "anomaly_threshold": ("float", 1.5, 3.0),
+        "unlearning_ratio": ("float", 0.1, 0.3),
+        "epochs": ("int", 10, 100),
+    }
     param_aliases = {"nc_epochs": ("nc_epoch",), "momentum": ("sgd_momentum",), "weight_decay": ("wd",)}
-    param_checks = {"nc_epochs": cfg.positive, "mask_lr": cfg.positive, "init_cost": cfg.positive,
-                    "atk_succ_threshold": cfg.unit_interval, "patience": cfg.positive,
-                    "cost_multiplier": cfg.positive, "early_stop_threshold": cfg.positive,
-                    "early_stop_patience": cfg.positive, "anomaly_threshold": cfg.non_negative,
-                    "unlearning_ratio": cfg.unit_interval, "epochs": cfg.non_negative, "batch_size": cfg.positive,
-                    "lr": cfg.positive, "momentum": cfg.non_negative, "weight_decay": cfg.non_negative}
+    param_checks = {
+        "nc_epochs": cfg.positive,
+        "mask_lr": cfg.positive,
+        "init_cost": cfg.positive,
+        "atk_succ_threshold": cfg.unit_interval,
+        "patience": cfg.positive,
+        "cost_multiplier": cfg.positive,
+        "early_stop_threshold": cfg.positive,
+        "early_stop_patience": cfg.positive,
+        "anomaly_threshold": cfg.non_negative,
+        "unlearning_ratio": cfg.unit_interval,
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "momentum": cfg.non_negative,
+        "weight_decay": cfg.non_negative,
+    }
     smoke_params = {"nc_epochs": 2, "epochs": 1, "batch_size": 64}
     image_extras = ("masks", "patterns", "triggers")  # extras that are N x C x H x W images in [0, 1]
 
-    def __init__(self, nc_epochs: int = 80, mask_lr: float = 0.1, init_cost: float = 1e-3,
-                 atk_succ_threshold: float = 0.98, patience: int = 5, cost_multiplier: float = 2.0,
-                 early_stop: bool = True, early_stop_threshold: float = 0.99, early_stop_patience: int = 25,
-                 anomaly_threshold: float = 2.0, unlearning_ratio: float = 0.2, epochs: int = 100,
-                 batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR"):
+    def __init__(
+        self,
+        nc_epochs: int = 80,
+        mask_lr: float = 0.1,
+        init_cost: float = 1e-3,
+        atk_succ_threshold: float = 0.98,
+        patience: int = 5,
+        cost_multiplier: float = 2.0,
+        early_stop: bool = True,
+        early_stop_threshold: float = 0.99,
+        early_stop_patience: int = 25,
+        anomaly_threshold: float = 2.0,
+        unlearning_ratio: float = 0.2,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_scheduler: Literal["CosineAnnealingLR", "none"] = "CosineAnnealingLR",
+    ):
         self.nc_epochs, self.mask_lr, self.init_cost = nc_epochs, mask_lr, init_cost
         self.atk_succ_threshold, self.patience, self.cost_multiplier = atk_succ_threshold, patience, cost_multiplier
         self.early_stop, self.early_stop_threshold = early_stop, early_stop_threshold
@@ -234,8 +266,9 @@ class NeuralCleanse(Defense):
 
     # -- detection --------------------------------------------------------------------------------
 
-    def reverse_engineer(self, model: nn.Module, data: DefenseData, target: int,
-                         generator: torch.Generator) -> ReversedTrigger:
+    def reverse_engineer(
+        self, model: nn.Module, data: DefenseData, target: int, generator: torch.Generator
+    ) -> ReversedTrigger:
         """The smallest mask (and its pattern) found that sends the clean subset to
         ``target`` at the attack-success threshold; the last one if none reached it."""
         x_all, _ = data.tensors()
@@ -244,8 +277,15 @@ class NeuralCleanse(Defense):
         mask_t = to_tanh_space(init[:1]).requires_grad_(True)
         pattern_t = to_tanh_space(init[1:]).requires_grad_(True)
         optimizer = torch.optim.Adam([mask_t, pattern_t], lr=self.mask_lr, betas=(0.5, 0.9))
-        schedule = CostSchedule(self.init_cost, self.atk_succ_threshold, self.patience, self.cost_multiplier,
-                                self.early_stop, self.early_stop_threshold, self.early_stop_patience)
+        schedule = CostSchedule(
+            self.init_cost,
+            self.atk_succ_threshold,
+            self.patience,
+            self.cost_multiplier,
+            self.early_stop,
+            self.early_stop_threshold,
+            self.early_stop_patience,
+        )
         best: ReversedTrigger | None = None
         for epoch in range(self.nc_epochs):
             hits, seen, norm_sum, steps = 0, 0, 0.0, 0
@@ -281,15 +321,21 @@ class NeuralCleanse(Defense):
         triggers = []
         for target in range(data.num_classes):
             trigger = self.reverse_engineer(reference, data, target, generator)
-            log.info("NC class %d: mask L1 %.3f, attack success %.3f after %d epochs", target, trigger.norm,
-                     trigger.success, trigger.epochs)
+            log.info(
+                "NC class %d: mask L1 %.3f, attack success %.3f after %d epochs",
+                target,
+                trigger.norm,
+                trigger.success,
+                trigger.epochs,
+            )
             triggers.append(trigger)
         return triggers
 
     # -- mitigation -------------------------------------------------------------------------------
 
-    def unlearning_set(self, data: DefenseData, triggers: list[ReversedTrigger],
-                       flagged: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def unlearning_set(
+        self, data: DefenseData, triggers: list[ReversedTrigger], flagged: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The clean subset with a seeded ``unlearning_ratio`` share of it replaced by its
         copies stamped with each flagged class's trigger, at their true labels."""
         x, y = data.tensors()
@@ -310,21 +356,46 @@ class NeuralCleanse(Defense):
         flagged = flag_classes(norms, self.anomaly_threshold)
         masks = torch.stack([t.mask.float().cpu() for t in triggers])
         patterns = torch.stack([t.pattern.float().cpu() for t in triggers])
-        data.add_extras(**{"masks": masks, "patterns": patterns, "triggers": masks * patterns, "l1_norms": norms,
-                        "anomaly_index": index, "flagged": torch.tensor(flagged, dtype=torch.long)})
-        data.add_summary(**{"detected": bool(flagged), "flagged": flagged,
-                        "anomaly_index": {str(c): float(v) if math.isfinite(v) else None for c, v in enumerate(index)},
-                        "l1_norms": {str(c): float(v) for c, v in enumerate(norms)},
-                        "median_l1": median, "mad_l1": mad})
+        data.add_extras(
+            **{
+                "masks": masks,
+                "patterns": patterns,
+                "triggers": masks * patterns,
+                "l1_norms": norms,
+                "anomaly_index": index,
+                "flagged": torch.tensor(flagged, dtype=torch.long),
+            }
+        )
+        data.add_summary(
+            **{
+                "detected": bool(flagged),
+                "flagged": flagged,
+                "anomaly_index": {str(c): float(v) if math.isfinite(v) else None for c, v in enumerate(index)},
+                "l1_norms": {str(c): float(v) for c, v in enumerate(norms)},
+                "median_l1": median,
+                "mad_l1": mad,
+            }
+        )
         if not flagged:
-            log.info("NC: no class flagged (largest anomaly index %.2f); the model is returned unchanged",
-                     float(index.max()))
+            log.info(
+                "NC: no class flagged (largest anomaly index %.2f); the model is returned unchanged", float(index.max())
+            )
             return model.eval()
         log.info("NC: flagged classes %s; unlearning their reversed triggers", flagged)
         images, labels = self.unlearning_set(data, triggers, flagged)
-        return fine_tune(model, data, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                         momentum=self.momentum, weight_decay=self.weight_decay, lr_scheduler=self.lr_scheduler,
-                         images=images, labels=labels, seed_offset=2)
+        return fine_tune(
+            model,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            lr_scheduler=self.lr_scheduler,
+            images=images,
+            labels=labels,
+            seed_offset=2,
+        )
 
 
 if __name__ == "__main__":

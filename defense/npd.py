@@ -56,6 +56,7 @@ Deviations from BackdoorBench:
 
     python defense/npd.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -75,11 +76,16 @@ from utils.models import Classifier, Polarizer
 
 log = logging.getLogger("saubench")
 
-POLARIZER_LAYERS = {"preactresnet18": "layer4.1.conv1", "resnet18": "layer4.1.conv1", "cnn": "layer3.0",
-                    "vgg19_bn": "features.49", "mobilenet_v3_large": "features.16.0",
-                    "convnext_tiny": "features.7.2.block.0"}
-ADV_LR = 0.1        # BackdoorBench's adv_lr for the L2 bound
-LOSS_BOUND = 80.0   # per-sample attack losses are clamped to [-80, 80]
+POLARIZER_LAYERS = {
+    "preactresnet18": "layer4.1.conv1",
+    "resnet18": "layer4.1.conv1",
+    "cnn": "layer3.0",
+    "vgg19_bn": "features.49",
+    "mobilenet_v3_large": "features.16.0",
+    "convnext_tiny": "features.7.2.block.0",
+}
+ADV_LR = 0.1  # BackdoorBench's adv_lr for the L2 bound
+LOSS_BOUND = 80.0  # per-sample attack losses are clamped to [-80, 80]
 ATTACK_SUCCESS = 0.6  # the attack stops once more than this share of the batch reaches its target
 
 
@@ -95,8 +101,9 @@ def complement_nll(probs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return -torch.log(1.0001 - probs.gather(1, k[:, None]).squeeze(1) + 1e-12).mean()
 
 
-def targeted_perturbation(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, steps: int,
-                          data: DefenseData) -> torch.Tensor:
+def targeted_perturbation(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, steps: int, data: DefenseData
+) -> torch.Tensor:
     """delta with ||delta||_2 <= eps per sample that pushes ``model`` toward ``target``:
     signed descent steps on the targeted cross-entropy from zero, stopped once more than
     60% of the batch is classified as its target."""
@@ -115,8 +122,14 @@ def targeted_perturbation(model: nn.Module, x: torch.Tensor, target: torch.Tenso
     return delta.detach()
 
 
-def npd_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor,
-             target: torch.Tensor, lmd: tuple[float, float, float, float]) -> torch.Tensor:
+def npd_loss(
+    logits: torch.Tensor,
+    logits_adv: torch.Tensor,
+    y: torch.Tensor,
+    y_hat: torch.Tensor,
+    target: torch.Tensor,
+    lmd: tuple[float, float, float, float],
+) -> torch.Tensor:
     """lmd1 CE(f(x), y) + lmd2 CE(f(x'), y_hat) + lmd3 mean(-log(1 - p(x')_{k'}))
     + lmd4 mean(-log(1 - p(x')_target)), k' the most likely class of x' other than y."""
     probs = F.softmax(logits_adv, dim=1)
@@ -138,8 +151,10 @@ def input_channels(model: nn.Module, layer: nn.Module, x: torch.Tensor, name: st
     finally:
         hook.remove()
     if not seen or len(seen[0]) != 4:
-        raise UserError(f"NPD polarizes a feature map (N x C x H x W); the input of layer '{name}' is "
-                        f"{tuple(seen[0]) if seen else 'never computed'} (choose another --target_layer)")
+        raise UserError(
+            f"NPD polarizes a feature map (N x C x H x W); the input of layer '{name}' is "
+            f"{tuple(seen[0]) if seen else 'never computed'} (choose another --target_layer)"
+        )
     return int(seen[0][1])
 
 
@@ -161,21 +176,42 @@ class NPD(Defense):
         target_layer: the layer whose input is polarized (default: the model's declared layer)
     """
 
-    paper = ("Zhu, Wei, Zha and Wu, Neural Polarizer: A Lightweight and Effective Backdoor Defense via Purifying "
-             "Poisoned Features, NeurIPS 2023")
+    paper = (
+        "Zhu, Wei, Zha and Wu, Neural Polarizer: A Lightweight and Effective Backdoor Defense via Purifying "
+        "Poisoned Features, NeurIPS 2023"
+    )
     year = 2023
     kind = "mitigation"
     param_aliases = {"target_layer": ("target_layer_name",)}
-    param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "warm_epochs": cfg.non_negative, "inner_steps": cfg.non_negative, "trigger_norm": cfg.positive,
-                    "lmd1": cfg.non_negative, "lmd2": cfg.non_negative, "lmd3": cfg.non_negative,
-                    "lmd4": cfg.non_negative}
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "warm_epochs": cfg.non_negative,
+        "inner_steps": cfg.non_negative,
+        "trigger_norm": cfg.positive,
+        "lmd1": cfg.non_negative,
+        "lmd2": cfg.non_negative,
+        "lmd3": cfg.non_negative,
+        "lmd4": cfg.non_negative,
+    }
     search_space = {"trigger_norm": ("float_log", 0.5, 10.0), "lr": ("float_log", 1e-3, 1e-1)}
     smoke_params = {"epochs": 2, "warm_epochs": 1}
 
-    def __init__(self, epochs: int = 50, batch_size: int = 128, lr: float = 0.01, warm_epochs: int = 5,
-                 inner_steps: int = 2, trigger_norm: float = 3.0, lmd1: float = 1.0, lmd2: float = 0.4,
-                 lmd3: float = 0.4, lmd4: float = 0.4, target_layer: str | None = None):
+    def __init__(
+        self,
+        epochs: int = 50,
+        batch_size: int = 128,
+        lr: float = 0.01,
+        warm_epochs: int = 5,
+        inner_steps: int = 2,
+        trigger_norm: float = 3.0,
+        lmd1: float = 1.0,
+        lmd2: float = 0.4,
+        lmd3: float = 0.4,
+        lmd4: float = 0.4,
+        target_layer: str | None = None,
+    ):
         self.epochs, self.batch_size, self.lr, self.warm_epochs = epochs, batch_size, lr, warm_epochs
         self.inner_steps, self.trigger_norm = inner_steps, trigger_norm
         self.lmd1, self.lmd2, self.lmd3, self.lmd4 = lmd1, lmd2, lmd3, lmd4
@@ -184,9 +220,11 @@ class NPD(Defense):
     def layer_name(self, model: Classifier) -> str:
         name = self.target_layer or POLARIZER_LAYERS.get(model.name)
         if name is None:
-            raise UserError(f"NPD inserts its polarizer before a convolution; model '{model.name}' declares none, so "
-                            f"NPD does not apply to it (models with one: {', '.join(sorted(POLARIZER_LAYERS))}; or "
-                            "pass --target_layer)")
+            raise UserError(
+                f"NPD inserts its polarizer before a convolution; model '{model.name}' declares none, so "
+                f"NPD does not apply to it (models with one: {', '.join(sorted(POLARIZER_LAYERS))}; or "
+                "pass --target_layer)"
+            )
         try:
             model.net.get_submodule(name)
         except AttributeError:
@@ -227,8 +265,9 @@ class NPD(Defense):
             log.info("npd: warm-up epoch %d, clean loss %.4f", epoch, total / max(seen, 1))
         polarizer.eval()
 
-    def train_polarizer(self, model: Classifier, polarizer: Polarizer, data: DefenseData,
-                        generator: torch.Generator) -> None:
+    def train_polarizer(
+        self, model: Classifier, polarizer: Polarizer, data: DefenseData, generator: torch.Generator
+    ) -> None:
         optimizer = torch.optim.SGD(polarizer.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
         lmd = (self.lmd1, self.lmd2, self.lmd3, self.lmd4)
         for epoch in range(self.epochs):
@@ -250,8 +289,13 @@ class NPD(Defense):
                 correct += int((logits.argmax(1) == y).sum())
                 robust += int((logits_adv.argmax(1) == y).sum())
                 seen += len(y)
-            data.report(epoch, model, train_loss=total / max(seen, 1), train_acc=correct / max(seen, 1),
-                        adv_acc=robust / max(seen, 1))
+            data.report(
+                epoch,
+                model,
+                train_loss=total / max(seen, 1),
+                train_acc=correct / max(seen, 1),
+                adv_acc=robust / max(seen, 1),
+            )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ Deviations from BackdoorBench:
 
     python defense/rnp.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -59,8 +60,9 @@ from utils import config as cfg
 log = logging.getLogger("saubench")
 
 
-def masked_forward(model: nn.Module, layers: list[tuple[str, nn.BatchNorm2d]], masks: list[torch.Tensor],
-                   x: torch.Tensor) -> torch.Tensor:
+def masked_forward(
+    model: nn.Module, layers: list[tuple[str, nn.BatchNorm2d]], masks: list[torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     """``model(x)`` with each listed BN layer's weight multiplied by its mask (the bias unchanged)."""
     overrides = {f"{name}.weight": bn.weight * m for (name, bn), m in zip(layers, masks)}
     return functional_call(model, overrides, (x,), strict=False)
@@ -94,20 +96,35 @@ class RNP(Defense):
         batch_size: batch size of both phases
     """
 
-    paper = ("Li, Lyu, Ma, Chen, Koren, Li and Ma, Reconstructive Neuron Pruning for Backdoor Defense, "
-             "ICML 2023")
+    paper = "Li, Lyu, Ma, Chen, Koren, Li and Ma, Reconstructive Neuron Pruning for Backdoor Defense, ICML 2023"
     year = 2023
     kind = "mitigation"
-    param_checks = {"unlearning_epochs": cfg.non_negative, "unlearning_lr": cfg.positive,
-                    "unlearning_decay_epoch": cfg.non_negative, "clean_threshold": cfg.unit_interval,
-                    "recovering_epochs": cfg.non_negative, "recovering_lr": cfg.positive,
-                    "alpha": cfg.positive, "threshold": cfg.unit_interval, "batch_size": cfg.positive}
+    param_checks = {
+        "unlearning_epochs": cfg.non_negative,
+        "unlearning_lr": cfg.positive,
+        "unlearning_decay_epoch": cfg.non_negative,
+        "clean_threshold": cfg.unit_interval,
+        "recovering_epochs": cfg.non_negative,
+        "recovering_lr": cfg.positive,
+        "alpha": cfg.positive,
+        "threshold": cfg.unit_interval,
+        "batch_size": cfg.positive,
+    }
     smoke_params = {"unlearning_epochs": 2, "recovering_epochs": 2}
     search_space = {"threshold": ("float", 0.1, 0.9), "clean_threshold": ("float", 0.1, 0.5)}
 
-    def __init__(self, unlearning_epochs: int = 20, unlearning_lr: float = 0.01, unlearning_decay_epoch: int = 10,
-                 clean_threshold: float = 0.2, recovering_epochs: int = 20, recovering_lr: float = 0.2,
-                 alpha: float = 0.2, threshold: float = 0.7, batch_size: int = 256):
+    def __init__(
+        self,
+        unlearning_epochs: int = 20,
+        unlearning_lr: float = 0.01,
+        unlearning_decay_epoch: int = 10,
+        clean_threshold: float = 0.2,
+        recovering_epochs: int = 20,
+        recovering_lr: float = 0.2,
+        alpha: float = 0.2,
+        threshold: float = 0.7,
+        batch_size: int = 256,
+    ):
         self.unlearning_epochs, self.unlearning_lr = unlearning_epochs, unlearning_lr
         self.unlearning_decay_epoch, self.clean_threshold = unlearning_decay_epoch, clean_threshold
         self.recovering_epochs, self.recovering_lr, self.alpha = recovering_epochs, recovering_lr, alpha
@@ -128,8 +145,13 @@ class RNP(Defense):
                 bn.weight[pruned] = 0.0
                 outcome.add(name, m, pruned)
         outcome.hand_over(data)
-        log.info("rnp: %d of %d neurons pruned (mask <= %g) after %d unlearning epochs", outcome.count,
-                 outcome.total, self.threshold, used)
+        log.info(
+            "rnp: %d of %d neurons pruned (mask <= %g) after %d unlearning epochs",
+            outcome.count,
+            outcome.total,
+            self.threshold,
+            used,
+        )
         return model.eval()
 
     def unlearn(self, work: nn.Module, data: DefenseData, generator: torch.Generator) -> int:
@@ -148,8 +170,11 @@ class RNP(Defense):
                 optimizer.zero_grad(set_to_none=True)
                 (-loss).backward()  # no loss scaling (as before data.step): gradient ascent, plain SGD
                 optimizer.step()
-                total, correct, seen = total + loss.item() * len(y), correct + int((logits.argmax(1) == y).sum()), \
-                    seen + len(y)
+                total, correct, seen = (
+                    total + loss.item() * len(y),
+                    correct + int((logits.argmax(1) == y).sum()),
+                    seen + len(y),
+                )
             scheduler.step()
             train_acc = correct / max(seen, 1)
             data.report(epoch, work.eval(), unlearning_loss=total / max(seen, 1), train_acc=train_acc)
@@ -157,8 +182,9 @@ class RNP(Defense):
                 return epoch + 1
         return self.unlearning_epochs
 
-    def recover(self, work: nn.Module, data: DefenseData, generator: torch.Generator,
-                epoch_offset: int = 0) -> list[torch.Tensor]:
+    def recover(
+        self, work: nn.Module, data: DefenseData, generator: torch.Generator, epoch_offset: int = 0
+    ) -> list[torch.Tensor]:
         """Masks on the unlearned model's BN weights, trained on alpha * the clean loss with
         the weights frozen and clipped to [0, 1] after each step; returns them."""
         layers = require_batchnorm(work, "RNP")
@@ -180,12 +206,19 @@ class RNP(Defense):
                 with torch.no_grad():
                     for m in masks:
                         m.clamp_(0.0, 1.0)
-                total, correct, seen = total + loss.item() * len(y), correct + int((logits.argmax(1) == y).sum()), \
-                    seen + len(y)
+                total, correct, seen = (
+                    total + loss.item() * len(y),
+                    correct + int((logits.argmax(1) == y).sum()),
+                    seen + len(y),
+                )
             work.eval()
-            data.report(epoch_offset + epoch, MaskedView(work, layers, masks), recovering_loss=total / max(seen, 1),
-                        train_acc=correct / max(seen, 1),
-                        mask_mean=float(torch.cat([m.detach().flatten() for m in masks]).mean()))
+            data.report(
+                epoch_offset + epoch,
+                MaskedView(work, layers, masks),
+                recovering_loss=total / max(seen, 1),
+                train_acc=correct / max(seen, 1),
+                mask_mean=float(torch.cat([m.detach().flatten() for m in masks]).mean()),
+            )
         return masks
 
 

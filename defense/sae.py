@@ -34,6 +34,7 @@ move it by a rounding error; the dense search would then see the shared sample's
 prediction on that rounded delta, the active set keeps the prediction it had when it
 became shared. For L_inf, the default, the clamp is exact.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,14 @@ def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
     return (0.5 * (p * p.log() + q * q.log()) - 0.5 * (p * log_m + q * log_m)).sum(1)
 
 
-def adversarial_loss(logits: torch.Tensor, logits_ref: torch.Tensor, labels: torch.Tensor,
-                     fooled: torch.Tensor, fooled_ref: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+def adversarial_loss(
+    logits: torch.Tensor,
+    logits_ref: torch.Tensor,
+    labels: torch.Tensor,
+    fooled: torch.Tensor,
+    fooled_ref: torch.Tensor,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """L_adv: minus the cross-entropy to the true label, counted for each model only on
     the samples it is not yet fooled on, averaged over the batch (``batch_size``, default
     the number of rows) and both models."""
@@ -69,8 +76,9 @@ def adversarial_loss(logits: torch.Tensor, logits_ref: torch.Tensor, labels: tor
     return -(ce[~fooled].sum() + ce_ref[~fooled_ref].sum()) / (2 * (batch_size or len(labels)))
 
 
-def share_loss(logits: torch.Tensor, logits_ref: torch.Tensor, shared: torch.Tensor,
-               batch_size: int | None = None) -> torch.Tensor:
+def share_loss(
+    logits: torch.Tensor, logits_ref: torch.Tensor, shared: torch.Tensor, batch_size: int | None = None
+) -> torch.Tensor:
     """L_share: the JS divergence between the two models' predictions, summed over the
     samples that are not yet shared, divided by the batch size (default: the number of rows)."""
     return js_divergence(logits, logits_ref)[~shared].sum() / (batch_size or len(shared))
@@ -169,9 +177,19 @@ class SharedAdversarialExamples:
     attributes ``stats``, ``pred_ref`` and ``clean_pred_ref`` of the generator.
     """
 
-    def __init__(self, model: nn.Module, model_ref: nn.Module, bound: float = 0.2, step_size: float = 0.2,
-                 steps: int = 5, norm: Norm = "L_inf", init: Init = "max", beta_1: float = 0.01,
-                 beta_2: float = 1.0, amp: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        model_ref: nn.Module,
+        bound: float = 0.2,
+        step_size: float = 0.2,
+        steps: int = 5,
+        norm: Norm = "L_inf",
+        init: Init = "max",
+        beta_1: float = 0.01,
+        beta_2: float = 1.0,
+        amp: bool = True,
+    ):
         if bound <= 0 or step_size <= 0 or steps < 1:
             raise ValueError("bound and step_size must be > 0 and steps >= 1")
         if norm not in ("L_inf", "L2", "L1") or init not in ("max", "random", "zero", "min"):
@@ -202,19 +220,22 @@ class SharedAdversarialExamples:
         """f_ref's labels on ``images`` (its clean predictions: f_ref never changes, so a
         caller may compute them once and pass them to every search)."""
         with autocast(images.device, self.amp):
-            return torch.cat([self.model_ref(images[i:i + batch_size]).argmax(1)
-                              for i in range(0, len(images), batch_size)])
+            return torch.cat(
+                [self.model_ref(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
+            )
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor,
-                 clean_pred_ref: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, clean_pred_ref: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Deprecated (use :meth:`search`): delta for ``images``; the search's labels and
         rates are left on the generator (``pred_ref``, ``clean_pred_ref``, ``stats``)."""
         found = self.search(images, labels, clean_pred_ref)
         self.stats, self.pred_ref, self.clean_pred_ref = found.stats, found.pred_ref, found.clean_pred_ref
         return found.delta
 
-    def search(self, images: torch.Tensor, labels: torch.Tensor,
-               clean_pred_ref: torch.Tensor | None = None) -> SAEResult:
+    def search(
+        self, images: torch.Tensor, labels: torch.Tensor, clean_pred_ref: torch.Tensor | None = None
+    ) -> SAEResult:
         """The shared adversarial perturbation of ``images`` and how the search ended;
         ``clean_pred_ref``: f_ref's labels on ``images`` when known
         (:meth:`reference_predictions`), else computed here."""
@@ -242,11 +263,16 @@ class SharedAdversarialExamples:
                 fooled_a, fooled_ref_a = pred_a != clean_pred[active], pred_ref_a != clean_pred_ref[active]
                 shared_a = fooled_a & fooled_ref_a & (pred_a == pred_ref_a)
                 pred_ref[active], fooled[active], fooled_ref[active], shared[active] = (
-                    pred_ref_a, fooled_a, fooled_ref_a, shared_a)
+                    pred_ref_a,
+                    fooled_a,
+                    fooled_ref_a,
+                    shared_a,
+                )
                 if last or bool(shared_a.all()):
                     break
-                loss = (self.beta_1 * adversarial_loss(logits, logits_ref, labels[active], fooled_a, fooled_ref_a, n)
-                        + self.beta_2 * share_loss(logits, logits_ref, shared_a, n))
+                loss = self.beta_1 * adversarial_loss(
+                    logits, logits_ref, labels[active], fooled_a, fooled_ref_a, n
+                ) + self.beta_2 * share_loss(logits, logits_ref, shared_a, n)
                 (grad,) = torch.autograd.grad(loss * scale, d)
                 step = torch.zeros_like(delta)  # zero for the samples left out: their gradient is zero
                 step[active] = grad.sign()

@@ -58,6 +58,7 @@ for bit those of a run before this change; the returned model is contiguous agai
 --resume continues the unlearning rounds exactly (the model, Adam's state, the shuffling
 and random states are checkpointed; the reference model is the record's).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -74,8 +75,9 @@ from utils import config as cfg
 from utils.train import batches, make_optimizer, make_scheduler
 
 
-def shared_adversarial_risk(logits_adv: torch.Tensor, pred_ref_adv: torch.Tensor, pred_ref_clean: torch.Tensor,
-                            labels: torch.Tensor) -> torch.Tensor:
+def shared_adversarial_risk(
+    logits_adv: torch.Tensor, pred_ref_adv: torch.Tensor, pred_ref_clean: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """L_sar: -(1/B) sum over the samples where the backdoored model's label on x + delta
     is wrong and differs from its label on x, of log(1 - p_f(that label | x + delta))."""
     mask = (pred_ref_adv != labels) & (pred_ref_adv != pred_ref_clean)
@@ -120,20 +122,45 @@ class SAU(Defense):
     year = 2023
     # python -m defense tune's search space: the unlearning rate, the ball, the search's
     # steps, the loss weights and the rounds (the clean weight lmd_1 stays 1: a scale).
-    search_space = {"lr": ("float_log", 1e-5, 1e-3), "trigger_norm": ("float", 0.1, 0.4), "adv_steps": ("int", 3, 10),
-                    "lmd_2": ("float", 0.0, 1.0), "lmd_3": ("float_log", 0.1, 10.0), "epochs": ("int", 10, 100)}
+    search_space = {
+        "lr": ("float_log", 1e-5, 1e-3),
+        "trigger_norm": ("float", 0.1, 0.4),
+        "adv_steps": ("int", 3, 10),
+        "lmd_2": ("float", 0.0, 1.0),
+        "lmd_3": ("float_log", 0.1, 10.0),
+        "epochs": ("int", 10, 100),
+    }
     param_aliases = {"epochs": ("n_rounds",)}
     smoke_params = {"epochs": 2}
-    param_checks = {"epochs": cfg.non_negative, "batch_size": cfg.positive, "lr": cfg.positive,
-                    "trigger_norm": cfg.positive, "adv_lr": cfg.positive, "adv_steps": cfg.positive,
-                    "outer_steps": cfg.positive}
+    param_checks = {
+        "epochs": cfg.non_negative,
+        "batch_size": cfg.positive,
+        "lr": cfg.positive,
+        "trigger_norm": cfg.positive,
+        "adv_lr": cfg.positive,
+        "adv_steps": cfg.positive,
+        "outer_steps": cfg.positive,
+    }
 
-    def __init__(self, epochs: int = 100, batch_size: int = 256, lr: float = 1e-4,
-                 norm_type: Literal["L_inf", "L2", "L1"] = "L_inf", trigger_norm: float = 0.2, adv_lr: float = 0.2,
-                 adv_steps: int = 5, pgd_init: Literal["max", "random", "zero", "min"] = "max", beta_1: float = 0.01,
-                 beta_2: float = 1.0, lmd_1: float = 1.0, lmd_2: float = 0.0, lmd_3: float = 1.0,
-                 outer_steps: int = 1, train_mode: bool = False,
-                 lr_scheduler: Literal["none", "CosineAnnealingLR"] = "none"):
+    def __init__(
+        self,
+        epochs: int = 100,
+        batch_size: int = 256,
+        lr: float = 1e-4,
+        norm_type: Literal["L_inf", "L2", "L1"] = "L_inf",
+        trigger_norm: float = 0.2,
+        adv_lr: float = 0.2,
+        adv_steps: int = 5,
+        pgd_init: Literal["max", "random", "zero", "min"] = "max",
+        beta_1: float = 0.01,
+        beta_2: float = 1.0,
+        lmd_1: float = 1.0,
+        lmd_2: float = 0.0,
+        lmd_3: float = 1.0,
+        outer_steps: int = 1,
+        train_mode: bool = False,
+        lr_scheduler: Literal["none", "CosineAnnealingLR"] = "none",
+    ):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.norm_type, self.trigger_norm, self.adv_lr = norm_type, trigger_norm, adv_lr
         self.adv_steps, self.pgd_init = adv_steps, pgd_init
@@ -148,9 +175,18 @@ class SAU(Defense):
         model.to(memory_format=fmt)
         model_ref = frozen_copy(model)
         model.eval()
-        sae = SharedAdversarialExamples(model, model_ref, bound=self.trigger_norm, step_size=self.adv_lr,
-                                        steps=self.adv_steps, norm=self.norm_type, init=self.pgd_init,
-                                        beta_1=self.beta_1, beta_2=self.beta_2, amp=data.amp)
+        sae = SharedAdversarialExamples(
+            model,
+            model_ref,
+            bound=self.trigger_norm,
+            step_size=self.adv_lr,
+            steps=self.adv_steps,
+            norm=self.norm_type,
+            init=self.pgd_init,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            amp=data.amp,
+        )
         optimizer = make_optimizer(model.parameters(), "adam", self.lr, weight_decay=0.0)
         scheduler = make_scheduler(optimizer, self.lr_scheduler, self.epochs)
         generator = data.generator()
@@ -161,8 +197,16 @@ class SAU(Defense):
             terms: list[dict[str, torch.Tensor]] = []
             rates, sizes = [], []
             # the order data.batches(self.batch_size, generator=generator) gives, as indices
-            for step, (idx, y) in enumerate(batches(torch.arange(len(y_all)), y_all, batch_size=self.batch_size,
-                                                    device=data.device, shuffle=True, generator=generator)):
+            for step, (idx, y) in enumerate(
+                batches(
+                    torch.arange(len(y_all)),
+                    y_all,
+                    batch_size=self.batch_size,
+                    device=data.device,
+                    shuffle=True,
+                    generator=generator,
+                )
+            ):
                 x = x_all[idx].contiguous(memory_format=fmt)
                 found = sae.search(x, y, clean_pred_ref[idx])
                 # non-finite values are checked once a round, at data.report (one host sync)
@@ -184,9 +228,17 @@ class SAU(Defense):
             data.report(epoch, model, **{k: v / seen for k, v in sums.items()})
         return model.to(memory_format=torch.contiguous_format).eval()
 
-    def unlearning_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: DefenseData,
-                        x: torch.Tensor, y: torch.Tensor, found: SAEResult, epoch: int, step: int
-                        ) -> dict[str, torch.Tensor]:
+    def unlearning_step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: DefenseData,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        found: SAEResult,
+        epoch: int,
+        step: int,
+    ) -> dict[str, torch.Tensor]:
         """One step on lmd_1 * L_clean + lmd_2 * L_adv-train + lmd_3 * L_sar (``found``: the
         batch's shared adversarial examples); returns the terms as detached tensors (no
         host sync: the loss is checked at the round's end)."""
@@ -199,8 +251,12 @@ class SAU(Defense):
         loss_sar = shared_adversarial_risk(logits_adv, found.pred_ref, found.clean_pred_ref, y)
         loss = self.lmd_1 * loss_cl + self.lmd_2 * loss_at + self.lmd_3 * loss_sar
         data.step(loss, optimizer, epoch=epoch, batch=step, defer_check=True)
-        return {"loss": loss.detach(), "loss_cl": loss_cl.detach(), "loss_at": loss_at.detach(),
-                "loss_sar": loss_sar.detach()}
+        return {
+            "loss": loss.detach(),
+            "loss_cl": loss_cl.detach(),
+            "loss_at": loss_at.detach(),
+            "loss_sar": loss_sar.detach(),
+        }
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ Deviations:
 * Amplification acts on the [0, 1] pixel values, before the model's normalisation (the
   project's convention; the paper amplifies the input image the same way).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -65,19 +66,32 @@ class ScaleUp(Defense):
     """
 
     kind = "input_detection"
-    paper = ("Guo, Li, Chen, Wang, Wu and Zhang, SCALE-UP: An Efficient Black-box Input-level Backdoor Detection via "
-             "Analyzing Scaled Prediction Consistency, ICLR 2023, arXiv:2302.03251")
+    paper = (
+        "Guo, Li, Chen, Wang, Wu and Zhang, SCALE-UP: An Efficient Black-box Input-level Backdoor Detection via "
+        "Analyzing Scaled Prediction Consistency, ICLR 2023, arXiv:2302.03251"
+    )
     year = 2023
     param_checks = {"scales": _scales, "batch_size": cfg.positive}
 
-    def __init__(self, scales: list[float] = (3, 5, 7, 9, 11), threshold: float = 0.5, standardize: bool = True,
-                 batch_size: int = 256):
-        self.scales, self.threshold, self.standardize, self.batch_size = list(scales), threshold, standardize, \
-            batch_size
+    def __init__(
+        self,
+        scales: list[float] = (3, 5, 7, 9, 11),
+        threshold: float = 0.5,
+        standardize: bool = True,
+        batch_size: int = 256,
+    ):
+        self.scales, self.threshold, self.standardize, self.batch_size = (
+            list(scales),
+            threshold,
+            standardize,
+            batch_size,
+        )
 
     def consistency(self, model: Classifier, x: torch.Tensor) -> torch.Tensor:
-        parts = [scaled_consistency(model, x[i:i + self.batch_size], self.scales)
-                 for i in range(0, len(x), self.batch_size)]
+        parts = [
+            scaled_consistency(model, x[i : i + self.batch_size], self.scales)
+            for i in range(0, len(x), self.batch_size)
+        ]
         return torch.cat(parts) if parts else torch.zeros(0, device=x.device)
 
     def fit(self, model: Classifier, data: DefenseData) -> InputDetector:
@@ -88,8 +102,10 @@ class ScaleUp(Defense):
             mean, std = float(clean.mean()), max(float(clean.std(unbiased=False)), 1e-6)
             log.info("SCALE-UP: clean subset's consistency %.4f +- %.4f (%d images)", mean, std, len(clean))
         # the clean subset's consistency statistics (None when not standardized)
-        data.add_summary(clean_consistency_mean=mean if self.standardize else None,
-                         clean_consistency_std=std if self.standardize else None)
+        data.add_summary(
+            clean_consistency_mean=mean if self.standardize else None,
+            clean_consistency_std=std if self.standardize else None,
+        )
 
         def detector(x: torch.Tensor) -> Detection:
             spc = (self.consistency(model, x).double() - mean) / std

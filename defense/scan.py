@@ -44,6 +44,7 @@ Deviations:
   BackdoorBench: numpy's global state).
 * The per-sample score above is this project's (BackdoorBench and the paper only flag).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -77,8 +78,9 @@ class GlobalModel:
     iterations: int
 
 
-def global_model(reprs: np.ndarray, labels: np.ndarray, num_classes: int, iters: int = 100,
-                 tol: float = 1e-5) -> GlobalModel:
+def global_model(
+    reprs: np.ndarray, labels: np.ndarray, num_classes: int, iters: int = 100, tol: float = 1e-5
+) -> GlobalModel:
     """EM estimate of S_u and S_e from labelled (clean) representations (N, M): each
     step takes the posterior mean of every class's identity given its samples, then the
     covariances of the identities and of the residuals."""
@@ -107,8 +109,9 @@ def global_model(reprs: np.ndarray, labels: np.ndarray, num_classes: int, iters:
     return GlobalModel(s_u, s_e, step)
 
 
-def split_class(x: np.ndarray, f: np.ndarray, rng: np.random.Generator, iters: int = 100,
-                tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_class(
+    x: np.ndarray, f: np.ndarray, rng: np.random.Generator, iters: int = 100, tol: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two components of one class's (centred) representations under the shared
     variation, F = S_e^-1: from a random assignment, each sample joins component 1 when
     its discriminant x F (u_1 - u_2) exceeds (u_1 F u_1 - u_2 F u_2) / 2. Returns the
@@ -133,8 +136,9 @@ def split_class(x: np.ndarray, f: np.ndarray, rng: np.random.Generator, iters: i
     return z, u1, u2
 
 
-def split_statistic(x: np.ndarray, model: GlobalModel, f: np.ndarray, z: np.ndarray, u1: np.ndarray,
-                    u2: np.ndarray) -> float:
+def split_statistic(
+    x: np.ndarray, model: GlobalModel, f: np.ndarray, z: np.ndarray, u1: np.ndarray, u2: np.ndarray
+) -> float:
     """The log-likelihood ratio (per sample, up to the factor -1/2 of the Gaussian's
     exponent) of the split (means u_1, u_2) against one identity (its posterior mean mu)
     for one class's representations ``x``."""
@@ -170,16 +174,33 @@ class SCAn(Defense):
 
     kind = "data_detection"
     uses_clean_subset = True
-    paper = ("Tang, Wang, Tang and Zhang, Demon in the Variant: Statistical Analysis of DNNs for Robust Backdoor "
-             "Contamination Detection, USENIX Security 2021, arXiv:1908.00686")
+    paper = (
+        "Tang, Wang, Tang and Zhang, Demon in the Variant: Statistical Analysis of DNNs for Robust Backdoor "
+        "Contamination Detection, USENIX Security 2021, arXiv:1908.00686"
+    )
     year = 2021
-    param_checks = {"threshold": cfg.positive, "em_iters": cfg.positive, "tol": cfg.positive,
-                    "batch_size": cfg.positive}
+    param_checks = {
+        "threshold": cfg.positive,
+        "em_iters": cfg.positive,
+        "tol": cfg.positive,
+        "batch_size": cfg.positive,
+    }
 
-    def __init__(self, threshold: float = math.exp(2), em_iters: int = 100, tol: float = 1e-5,
-                 layer: str | None = None, batch_size: int = 256):
-        self.threshold, self.em_iters, self.tol, self.layer, self.batch_size = threshold, em_iters, tol, layer, \
-            batch_size
+    def __init__(
+        self,
+        threshold: float = math.exp(2),
+        em_iters: int = 100,
+        tol: float = 1e-5,
+        layer: str | None = None,
+        batch_size: int = 256,
+    ):
+        self.threshold, self.em_iters, self.tol, self.layer, self.batch_size = (
+            threshold,
+            em_iters,
+            tol,
+            layer,
+            batch_size,
+        )
 
     def detect(self, model: Classifier, data: TrainingDataWithClean) -> Detection:
         train = data.features(model, batch_size=self.batch_size, layer=self.layer).double().numpy()
@@ -217,10 +238,21 @@ class SCAn(Defense):
             contaminated = bool(j[k] > self.threshold)
             if contaminated:
                 flagged[suspicious.get(k, [])] = True
-            classes.append({"class": k, "statistic": round(float(statistics[k]), 4),
-                            "anomaly_index": round(float(j[k]), 4), "flagged": contaminated})
-            log.info("class %d: statistic %.4g, anomaly index %.3f%s", k, statistics[k], j[k],
-                     "  -> contaminated" if contaminated else "")
+            classes.append(
+                {
+                    "class": k,
+                    "statistic": round(float(statistics[k]), 4),
+                    "anomaly_index": round(float(j[k]), 4),
+                    "flagged": contaminated,
+                }
+            )
+            log.info(
+                "class %d: statistic %.4g, anomaly index %.3f%s",
+                k,
+                statistics[k],
+                j[k],
+                "  -> contaminated" if contaminated else "",
+            )
         scores = np.maximum(j, 0.0)[train_labels] * posterior
         data.add_summary(classes=classes)
         return Detection(torch.from_numpy(scores).float(), torch.from_numpy(flagged))

@@ -24,6 +24,7 @@ Deviations from BackdoorBench:
   normalised coordinates (a rotation of a non-square image is stretched; every dataset
   here is square).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,9 @@ log = logging.getLogger("saubench")
 Transformation = Literal["rotate", "affine", "flip", "none"]
 
 
-def affine_view(x: torch.Tensor, angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
-                flip: torch.Tensor | None = None) -> torch.Tensor:
+def affine_view(
+    x: torch.Tensor, angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, flip: torch.Tensor | None = None
+) -> torch.Tensor:
     """Images ``x`` (N, C, H, W) rotated by ``angle`` degrees, then shifted by ``tx``, ``ty``
     pixels (right, down), optionally mirrored first (``flip``, booleans); nearest-neighbour,
     zero fill."""
@@ -52,14 +54,20 @@ def affine_view(x: torch.Tensor, angle: torch.Tensor, tx: torch.Tensor, ty: torc
     sx = torch.ones(n, device=x.device) if flip is None else 1.0 - 2.0 * flip.to(x.device, torch.float32)
     txn, tyn = 2.0 * tx.to(x.device, torch.float32) / w, 2.0 * ty.to(x.device, torch.float32) / h
     # output -> input coordinates: mirror^-1 R^-1 (p - t)
-    theta = torch.stack([torch.stack([sx * cos, sx * sin, -sx * (cos * txn + sin * tyn)], 1),
-                         torch.stack([-sin, cos, sin * txn - cos * tyn], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([sx * cos, sx * sin, -sx * (cos * txn + sin * tyn)], 1),
+            torch.stack([-sin, cos, sin * txn - cos * tyn], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def random_view(x: torch.Tensor, transformations: tuple[Transformation, ...],
-                generator: torch.Generator) -> torch.Tensor:
+def random_view(
+    x: torch.Tensor, transformations: tuple[Transformation, ...], generator: torch.Generator
+) -> torch.Tensor:
     """``x`` through the transformations, in order (rotate: up to 180 degrees either way;
     affine: a translation of up to 20% of the width and height, whole pixels; flip: a
     mirror image), with parameters drawn from ``generator`` (CPU) for each image."""
@@ -78,8 +86,13 @@ def random_view(x: torch.Tensor, transformations: tuple[Transformation, ...],
 
 
 @torch.no_grad()
-def feature_sensitivity(model: nn.Module, data: TrainingSet, transformations: tuple[Transformation, ...],
-                        generator: torch.Generator, batch_size: int = 256) -> torch.Tensor:
+def feature_sensitivity(
+    model: nn.Module,
+    data: TrainingSet,
+    transformations: tuple[Transformation, ...],
+    generator: torch.Generator,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """FCT of every training sample, in order: the mean over feature dimensions of the
     squared difference between the penultimate features of the image and of its
     transformed copy ((N,) float32 on the CPU)."""
@@ -130,13 +143,27 @@ class Distinguishment:
     BackdoorBench's optimiser factory), batches of ``sd_batch_size`` (128); then the FCT
     split with ``clean_ratio`` (0.2) and ``poison_ratio`` (0.05) under ``trans1`` then ``trans2``."""
 
-    PARAM_CHECKS = {"sd_epochs": cfg.non_negative, "sd_finetune_epochs": cfg.non_negative, "sd_lr": cfg.positive,
-                    "sd_batch_size": cfg.positive, "clean_ratio": _ratio, "poison_ratio": _ratio}
+    PARAM_CHECKS = {
+        "sd_epochs": cfg.non_negative,
+        "sd_finetune_epochs": cfg.non_negative,
+        "sd_lr": cfg.positive,
+        "sd_batch_size": cfg.positive,
+        "clean_ratio": _ratio,
+        "poison_ratio": _ratio,
+    }
     COSINE_T_MAX = 100
 
-    def __init__(self, sd_epochs: int = 2, sd_finetune_epochs: int = 10, sd_lr: float = 0.01,
-                 sd_batch_size: int = 128, clean_ratio: float = 0.2, poison_ratio: float = 0.05,
-                 trans1: Transformation = "rotate", trans2: Transformation = "affine"):
+    def __init__(
+        self,
+        sd_epochs: int = 2,
+        sd_finetune_epochs: int = 10,
+        sd_lr: float = 0.01,
+        sd_batch_size: int = 128,
+        clean_ratio: float = 0.2,
+        poison_ratio: float = 0.05,
+        trans1: Transformation = "rotate",
+        trans2: Transformation = "affine",
+    ):
         self.sd_epochs, self.sd_finetune_epochs, self.sd_lr = sd_epochs, sd_finetune_epochs, sd_lr
         self.sd_batch_size, self.clean_ratio, self.poison_ratio = sd_batch_size, clean_ratio, poison_ratio
         self.trans1, self.trans2 = trans1, trans2
@@ -145,29 +172,58 @@ class Distinguishment:
         optimizer = torch.optim.SGD(model.parameters(), lr=self.sd_lr, momentum=0.9, weight_decay=5e-4)
         return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.COSINE_T_MAX)
 
-    def epoch(self, data: TrainingSet, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, e: int,
-              epoch: int, generator: torch.Generator) -> float:
+    def epoch(
+        self,
+        data: TrainingSet,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        e: int,
+        epoch: int,
+        generator: torch.Generator,
+    ) -> float:
         """SD epoch ``e`` (cross-entropy, then centre separation), without augmentation; its mean loss."""
         if e < self.sd_epochs:
-            stats = data.train_epoch(model, optimizer, epoch=epoch, augment=False, generator=generator,
-                                     batch_size=self.sd_batch_size, desc=f"SD train {e}")
+            stats = data.train_epoch(
+                model,
+                optimizer,
+                epoch=epoch,
+                augment=False,
+                generator=generator,
+                batch_size=self.sd_batch_size,
+                desc=f"SD train {e}",
+            )
         else:
+
             def step(x, y):
                 return centre_separation_loss(model.penultimate(x), y, data.num_classes), None, None
 
-            stats = data.train_epoch(model, optimizer, epoch=epoch, augment=False, step=step, generator=generator,
-                                     batch_size=self.sd_batch_size, desc=f"SD fine-tune {e - self.sd_epochs}")
+            stats = data.train_epoch(
+                model,
+                optimizer,
+                epoch=epoch,
+                augment=False,
+                step=step,
+                generator=generator,
+                batch_size=self.sd_batch_size,
+                desc=f"SD fine-tune {e - self.sd_epochs}",
+            )
         scheduler.step()
         return stats["train_epoch_loss_avg_over_batch"]
 
-    def split(self, data: TrainingSet, model: nn.Module,
-              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(
+        self, data: TrainingSet, model: nn.Module, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean indices, poisoned indices) of the training set by FCT."""
-        fct = feature_sensitivity(model, data, tuple(t for t in (self.trans1, self.trans2) if t != "none"),
-                                  generator)
+        fct = feature_sensitivity(model, data, tuple(t for t in (self.trans1, self.trans2) if t != "none"), generator)
         clean, poisoned = separate(fct, self.clean_ratio, self.poison_ratio)
-        log.info("feature sensitivity: %d samples taken as clean, %d as poisoned, %d uncertain (of %d)", len(clean),
-                 len(poisoned), len(data) - len(clean) - len(poisoned), len(data))
+        log.info(
+            "feature sensitivity: %d samples taken as clean, %d as poisoned, %d uncertain (of %d)",
+            len(clean),
+            len(poisoned),
+            len(data) - len(clean) - len(poisoned),
+            len(data),
+        )
         return clean, poisoned
 
     @property
@@ -190,16 +246,28 @@ SD_ARGS = """        sd_epochs: SD epochs of cross-entropy without augmentation
 class SensitivityDefense(TrainingDefense):
     """The base of D-BR and D-ST: their paper and the SD stage's hyperparameters."""
 
-    paper = ("Chen, Wu and Wang, Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples, "
-             "NeurIPS 2022")
+    paper = "Chen, Wu and Wang, Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples, NeurIPS 2022"
     year = 2022
 
-    def keep_split_params(self, sd_epochs: int, sd_finetune_epochs: int, sd_lr: float, sd_batch_size: int,
-                          clean_ratio: float, poison_ratio: float, trans1: Transformation,
-                          trans2: Transformation) -> None:
+    def keep_split_params(
+        self,
+        sd_epochs: int,
+        sd_finetune_epochs: int,
+        sd_lr: float,
+        sd_batch_size: int,
+        clean_ratio: float,
+        poison_ratio: float,
+        trans1: Transformation,
+        trans2: Transformation,
+    ) -> None:
         """Keep the SD stage's hyperparameters as attributes and as :attr:`sd`."""
-        self.sd_epochs, self.sd_finetune_epochs, self.sd_lr, self.sd_batch_size = (sd_epochs, sd_finetune_epochs,
-                                                                                   sd_lr, sd_batch_size)
+        self.sd_epochs, self.sd_finetune_epochs, self.sd_lr, self.sd_batch_size = (
+            sd_epochs,
+            sd_finetune_epochs,
+            sd_lr,
+            sd_batch_size,
+        )
         self.clean_ratio, self.poison_ratio, self.trans1, self.trans2 = clean_ratio, poison_ratio, trans1, trans2
-        self.sd = Distinguishment(sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio,
-                                  trans1, trans2)
+        self.sd = Distinguishment(
+            sd_epochs, sd_finetune_epochs, sd_lr, sd_batch_size, clean_ratio, poison_ratio, trans1, trans2
+        )

@@ -36,6 +36,7 @@ Deviations:
   draws a boundary in the (fooled, confidence) plane, BackdoorBench thresholds the
   confidence.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -95,20 +96,39 @@ class SentiNet(Defense):
     """
 
     kind = "input_detection"
-    paper = ("Chou, Tramer and Pellegrino, SentiNet: Detecting Localized Universal Attacks Against Deep Learning "
-             "Systems, IEEE S&P Workshops 2020, arXiv:1812.00292")
+    paper = (
+        "Chou, Tramer and Pellegrino, SentiNet: Detecting Localized Universal Attacks Against Deep Learning "
+        "Systems, IEEE S&P Workshops 2020, arXiv:1812.00292"
+    )
     year = 2020
-    param_checks = {"n_overlay": cfg.positive, "mask_threshold": _unit_interval, "conf_threshold": _unit_interval,
-                    "batch_size": cfg.positive}
+    param_checks = {
+        "n_overlay": cfg.positive,
+        "mask_threshold": _unit_interval,
+        "conf_threshold": _unit_interval,
+        "batch_size": cfg.positive,
+    }
     smoke_params = {"n_overlay": 8}
 
-    def __init__(self, n_overlay: int = 100, mask_threshold: float = 0.85, conf_threshold: float = 0.9,
-                 layer: str | None = None, batch_size: int = 128):
+    def __init__(
+        self,
+        n_overlay: int = 100,
+        mask_threshold: float = 0.85,
+        conf_threshold: float = 0.9,
+        layer: str | None = None,
+        batch_size: int = 128,
+    ):
         self.n_overlay, self.mask_threshold, self.conf_threshold = n_overlay, mask_threshold, conf_threshold
         self.layer, self.batch_size = layer, batch_size
 
-    def transplant(self, model: Classifier, x: torch.Tensor, mask: torch.Tensor, label: torch.Tensor,
-                   clean: torch.Tensor, inert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def transplant(
+        self,
+        model: Classifier,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        label: torch.Tensor,
+        clean: torch.Tensor,
+        inert: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fooled fraction and average inert confidence of inputs ``x`` with regions ``mask`` (N, 1, H, W)."""
         n, k = len(x), len(clean)
         region = (x * mask).unsqueeze(1)
@@ -133,7 +153,7 @@ class SentiNet(Defense):
         def detector(x: torch.Tensor) -> Detection:
             fooled, conf = [], []
             for i in range(0, len(x), self.batch_size):
-                part = x[i:i + self.batch_size]
+                part = x[i : i + self.batch_size]
                 with torch.no_grad():
                     label = model(part).argmax(1)
                 mask = (grad_cam(model, layer, part, label) >= self.mask_threshold).float().unsqueeze(1)

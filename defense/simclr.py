@@ -49,6 +49,7 @@ Deviations from BackdoorBench:
 * Saturation and hue leave a one-channel image unchanged (torchvision's rule); grayscale
   of a one-channel image is the image.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,13 @@ SIMCLR_ARGS = """        epoch_self: SimCLR epochs
         temperature: SimCLR temperature
         simclr_augment: SimCLR views: batched (whole batch, per-image parameters) or per_image (torchvision v2)
 """
-SIMCLR_CHECKS = {"epoch_self": cfg.non_negative, "batch_size_self": cfg.positive, "lr_self": cfg.positive,
-                 "self_t_max": cfg.positive, "temperature": cfg.positive}
+SIMCLR_CHECKS = {
+    "epoch_self": cfg.non_negative,
+    "batch_size_self": cfg.positive,
+    "lr_self": cfg.positive,
+    "self_t_max": cfg.positive,
+    "temperature": cfg.positive,
+}
 
 # BackdoorBench's SimCLR augmentation (get_transform_self)
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
@@ -92,15 +98,20 @@ def blur_kernel_size(size: tuple[int, int]) -> int:
 
 def simclr_augmentation(size: tuple[int, int]) -> v2.Compose:
     """The SimCLR view of one float image (C, H, W) in [0, 1] (BackdoorBench's values)."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=v2.InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(FLIP_P),
-        v2.RandomApply([v2.ColorJitter(brightness=JITTER[0], contrast=JITTER[1], saturation=JITTER[2],
-                                       hue=JITTER[3])], p=JITTER_P),
-        v2.RandomGrayscale(GRAY_P),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=BLUR_P),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(FLIP_P),
+            v2.RandomApply(
+                [v2.ColorJitter(brightness=JITTER[0], contrast=JITTER[1], saturation=JITTER[2], hue=JITTER[3])],
+                p=JITTER_P,
+            ),
+            v2.RandomGrayscale(GRAY_P),
+            v2.RandomApply([v2.GaussianBlur(blur_kernel_size(size), sigma=BLUR_SIGMA)], p=BLUR_P),
+        ]
+    )
 
 
 def simclr_views(x: torch.Tensor, augmentation: v2.Compose) -> torch.Tensor:
@@ -111,6 +122,7 @@ def simclr_views(x: torch.Tensor, augmentation: v2.Compose) -> torch.Tensor:
 
 # -- the batched views ------------------------------------------------------------------------
 
+
 @dataclass
 class ViewParams:
     """One SimCLR view's parameters for each of N images (tensors on one device).
@@ -120,6 +132,7 @@ class ViewParams:
     contrast and saturation factors and the hue shift; order: (N, 4) long, the jitters'
     order (a permutation of 0..3, in the order of ``factors``); gray: (N,) bool; blur: (N,)
     bool; sigma: (N,) the blur's standard deviation."""
+
     box: torch.Tensor
     flip: torch.Tensor
     jitter: torch.Tensor
@@ -137,9 +150,16 @@ class ViewParams:
         """The identity view: the whole image, no flip, jitter, grayscale or blur."""
         h, w = size
         false = torch.zeros(n, dtype=torch.bool)
-        return cls(box=torch.tensor([[0, 0, h, w]]).repeat(n, 1), flip=false, jitter=false.clone(),
-                   factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1), order=torch.arange(4).repeat(n, 1),
-                   gray=false.clone(), blur=false.clone(), sigma=torch.ones(n))
+        return cls(
+            box=torch.tensor([[0, 0, h, w]]).repeat(n, 1),
+            flip=false,
+            jitter=false.clone(),
+            factors=torch.tensor([[1.0, 1.0, 1.0, 0.0]]).repeat(n, 1),
+            order=torch.arange(4).repeat(n, 1),
+            gray=false.clone(),
+            blur=false.clone(),
+            sigma=torch.ones(n),
+        )
 
 
 def _crop_boxes(n: int, size: tuple[int, int], generator: torch.Generator, tries: int = 10) -> torch.Tensor:
@@ -149,8 +169,9 @@ def _crop_boxes(n: int, size: tuple[int, int], generator: torch.Generator, tries
     height, width = size
     dev = generator.device
     area = torch.empty(n, tries, device=dev).uniform_(*CROP_SCALE, generator=generator) * (height * width)
-    log_ratio = torch.empty(n, tries, device=dev).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
-                                                           generator=generator)
+    log_ratio = torch.empty(n, tries, device=dev).uniform_(
+        math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]), generator=generator
+    )
     ratio = log_ratio.exp()
     w = (area * ratio).sqrt().round().long()
     h = (area / ratio).sqrt().round().long()
@@ -198,8 +219,9 @@ def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
 
-def resample_matrices(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
-                      dtype: torch.dtype) -> torch.Tensor:
+def resample_matrices(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     """(N, out_size, in_size): row o holds the weights of torch's antialiased bicubic resize
     (``interpolate(..., mode="bicubic", antialias=True)``) of the crop ``[start, start +
     length)`` of an axis to ``out_size``, over the whole axis: the cubic at the output
@@ -377,8 +399,12 @@ class SelfModel(nn.Module):
     def __init__(self, backbone: Classifier, feature_dim: int, proj_dim: int = 128):
         super().__init__()
         self.backbone = backbone
-        self.proj_head = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.BatchNorm1d(feature_dim), nn.ReLU(),
-                                       nn.Linear(feature_dim, proj_dim))
+        self.proj_head = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(),
+            nn.Linear(feature_dim, proj_dim),
+        )
 
     @classmethod
     def around(cls, backbone: Classifier, channels: int, size: tuple[int, int], proj_dim: int = 128) -> "SelfModel":
@@ -398,18 +424,36 @@ class SelfModel(nn.Module):
         return F.normalize(self.proj_head(self.features(x)), dim=1)
 
 
-def simclr_epoch(model: SelfModel, data: TrainingSet, optimizer: torch.optim.Optimizer, views: SimCLRViews,
-                 temperature: float, *, batch_size: int, epoch: int, generator: torch.Generator) -> float:
+def simclr_epoch(
+    model: SelfModel,
+    data: TrainingSet,
+    optimizer: torch.optim.Optimizer,
+    views: SimCLRViews,
+    temperature: float,
+    *,
+    batch_size: int,
+    epoch: int,
+    generator: torch.Generator,
+) -> float:
     """One SimCLR epoch over the training set as delivered (labels unused), shuffled and (for
     batched views) augmented with ``generator``; its mean loss."""
+
     def step(x, y):
         b = len(x)
         pair = torch.cat([views(x, generator), views(x, generator)], 0)
         z = model(pair)
         return nt_xent(torch.stack([z[:b], z[b:]], 1), temperature), None, None
 
-    stats = data.train_epoch(model, optimizer, epoch=epoch, augment=False, step=step, generator=generator,
-                             batch_size=batch_size, desc=f"SimCLR {epoch}")
+    stats = data.train_epoch(
+        model,
+        optimizer,
+        epoch=epoch,
+        augment=False,
+        step=step,
+        generator=generator,
+        batch_size=batch_size,
+        desc=f"SimCLR {epoch}",
+    )
     return stats["train_epoch_loss_avg_over_batch"]
 
 
@@ -438,10 +482,26 @@ class SimCLRStage:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.t_max)
         return model, optimizer, scheduler, SimCLRViews(data.info.size, self.augment)
 
-    def epoch(self, model: SelfModel, data: TrainingSet, optimizer: torch.optim.Optimizer, scheduler,
-              views: SimCLRViews, epoch: int, generator: torch.Generator) -> float:
+    def epoch(
+        self,
+        model: SelfModel,
+        data: TrainingSet,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        views: SimCLRViews,
+        epoch: int,
+        generator: torch.Generator,
+    ) -> float:
         """One SimCLR epoch and a schedule step; the mean loss."""
-        loss = simclr_epoch(model, data, optimizer, views, self.temperature, batch_size=self.batch_size,
-                            epoch=epoch, generator=generator)
+        loss = simclr_epoch(
+            model,
+            data,
+            optimizer,
+            views,
+            self.temperature,
+            batch_size=self.batch_size,
+            epoch=epoch,
+            generator=generator,
+        )
         scheduler.step()
         return loss

@@ -28,6 +28,7 @@ Deviations:
 * Every class is examined (as BackdoorBench when no target label is given); a class with
   fewer than two samples scores 0.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -71,8 +72,9 @@ class Spectral(Defense):
     year = 2018
     param_checks = {"expected_rate": _rate, "removal_factor": cfg.positive, "batch_size": cfg.positive}
 
-    def __init__(self, expected_rate: float = 0.1, removal_factor: float = 1.5, layer: str | None = None,
-                 batch_size: int = 256):
+    def __init__(
+        self, expected_rate: float = 0.1, removal_factor: float = 1.5, layer: str | None = None, batch_size: int = 256
+    ):
         self.expected_rate, self.removal_factor, self.batch_size = expected_rate, removal_factor, batch_size
         self.layer = layer
 

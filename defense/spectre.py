@@ -38,6 +38,7 @@ Deviations:
 * BackdoorBench flags every class; so does this version (its per-class statistic is
   reported, the class with the largest one named as the suspected target).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -83,7 +84,7 @@ def filter_step(s: np.ndarray, eps: float, tau: float, limit: int | None) -> np.
     def limited(keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
         if limit is not None and n - limit > 0:  # never remove more than limit: keep the n - limit lowest
             keep = keep.copy()
-            keep[np.argpartition(scores, n - limit - 1)[:n - limit]] = True
+            keep[np.argpartition(scores, n - limit - 1)[: n - limit]] = True
         return keep
 
     far = norms >= big_c * d * math.log(n / tau)
@@ -152,8 +153,9 @@ def whiten(x: np.ndarray, selected: np.ndarray) -> np.ndarray:
     return (x - x[selected].mean(0)) @ _inverse_sqrt(sigma)
 
 
-def spectre_class(features: np.ndarray, eps: int, alpha: float = 4.0, tau: float = 0.1, limit1: float = 2.0,
-                  max_dims: int = 64) -> tuple[np.ndarray, float, int]:
+def spectre_class(
+    features: np.ndarray, eps: int, alpha: float = 4.0, tau: float = 0.1, limit1: float = 2.0, max_dims: int = 64
+) -> tuple[np.ndarray, float, int]:
     """SPECTRE on one class (n, D): the QUE score of each sample with the PCA dimension k
     whose robustly whitened representation has the largest QUE statistic, that statistic
     and k."""
@@ -165,8 +167,11 @@ def spectre_class(features: np.ndarray, eps: int, alpha: float = 4.0, tau: float
     best: tuple[np.ndarray, float, int] | None = None
     for k in sorted({max(1, min(top, int(v))) for v in np.linspace(1, math.sqrt(max_dims), 8) ** 2}):
         part = reduced[:, :k]
-        selected = np.ones(n, dtype=bool) if k == 1 else \
-            robust_selection(part, max(eps, 1) / n, tau, limit=int(round(limit1 * eps)))
+        selected = (
+            np.ones(n, dtype=bool)
+            if k == 1
+            else robust_selection(part, max(eps, 1) / n, tau, limit=int(round(limit1 * eps)))
+        )
         scores, _ = que_scores(whiten(part, selected), alpha)
         # the statistic that picks k: the full reduced representation whitened by the kept samples
         _, statistic = que_scores(whiten(reduced, selected), alpha)
@@ -191,15 +196,33 @@ class SPECTRE(Defense):
     """
 
     kind = "data_detection"
-    paper = ("Hayase, Kong, Somani and Oh, SPECTRE: Defending Against Backdoor Attacks Using Robust Statistics, "
-             "ICML 2021, arXiv:2104.11315")
+    paper = (
+        "Hayase, Kong, Somani and Oh, SPECTRE: Defending Against Backdoor Attacks Using Robust Statistics, "
+        "ICML 2021, arXiv:2104.11315"
+    )
     year = 2021
     smoke_params = {"max_dims": 4}
-    param_checks = {"percentile": cfg.positive, "alpha": cfg.positive, "tau": cfg.positive, "limit1": cfg.positive,
-                    "limit2": cfg.positive, "max_dims": cfg.positive, "batch_size": cfg.positive}
+    param_checks = {
+        "percentile": cfg.positive,
+        "alpha": cfg.positive,
+        "tau": cfg.positive,
+        "limit1": cfg.positive,
+        "limit2": cfg.positive,
+        "max_dims": cfg.positive,
+        "batch_size": cfg.positive,
+    }
 
-    def __init__(self, percentile: float = 0.01, alpha: float = 4.0, tau: float = 0.1, limit1: float = 2.0,
-                 limit2: float = 1.5, max_dims: int = 64, layer: str | None = None, batch_size: int = 256):
+    def __init__(
+        self,
+        percentile: float = 0.01,
+        alpha: float = 4.0,
+        tau: float = 0.1,
+        limit1: float = 2.0,
+        limit2: float = 1.5,
+        max_dims: int = 64,
+        layer: str | None = None,
+        batch_size: int = 256,
+    ):
         self.percentile, self.alpha, self.tau, self.limit1, self.limit2 = percentile, alpha, tau, limit1, limit2
         self.max_dims, self.layer, self.batch_size = max_dims, layer, batch_size
 
@@ -224,12 +247,15 @@ class SPECTRE(Defense):
             scores[idx] = s
             count = min(len(idx), int(round(self.limit2 * eps)))
             flagged[idx[np.argsort(-s, kind="stable")[:count]]] = True
-            classes.append({"class": c, "samples": int(len(idx)), "eps": eps, "dims": k,
-                            "que_statistic": round(statistic, 4)})
+            classes.append(
+                {"class": c, "samples": int(len(idx)), "eps": eps, "dims": k, "que_statistic": round(statistic, 4)}
+            )
             log.info("class %d: %d samples, eps %d, k %d, QUE statistic %.4f", c, len(idx), eps, k, statistic)
         if classes:
-            log.info("SPECTRE: suspected target class %d (largest QUE statistic)",
-                     max(classes, key=lambda r: r["que_statistic"])["class"])
+            log.info(
+                "SPECTRE: suspected target class %d (largest QUE statistic)",
+                max(classes, key=lambda r: r["que_statistic"])["class"],
+            )
         data.add_summary(classes=classes)
         return Detection(torch.from_numpy(scores).float(), torch.from_numpy(flagged))
 

@@ -28,6 +28,7 @@ Deviations:
   the whole subset (BackdoorBench: a class-balanced sample of the clean test set, which
   the harness never gives a defense).
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -59,11 +60,12 @@ class STRIP(Defense):
     """
 
     kind = "input_detection"
-    paper = ("Gao, Xu, Wang, Chen, Ranasinghe and Nepal, STRIP: A Defence Against Trojan Attacks on Deep Neural "
-             "Networks, ACSAC 2019, arXiv:1902.06531")
+    paper = (
+        "Gao, Xu, Wang, Chen, Ranasinghe and Nepal, STRIP: A Defence Against Trojan Attacks on Deep Neural "
+        "Networks, ACSAC 2019, arXiv:1902.06531"
+    )
     year = 2019
-    param_checks = {"alpha": cfg.positive, "n_overlay": cfg.positive, "frr": _unit_interval,
-                    "batch_size": cfg.positive}
+    param_checks = {"alpha": cfg.positive, "n_overlay": cfg.positive, "frr": _unit_interval, "batch_size": cfg.positive}
     smoke_params = {"n_overlay": 8}
 
     def __init__(self, alpha: float = 1.0, n_overlay: int = 100, frr: float = 0.1, batch_size: int = 128):
@@ -86,14 +88,24 @@ class STRIP(Defense):
             return clean[torch.randperm(len(clean), generator=generator)[:count].to(clean.device)]
 
         def entropies(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.entropy(model, x[i:i + self.batch_size], draw())
-                              for i in range(0, len(x), self.batch_size)]) if len(x) else torch.zeros(0)
+            return (
+                torch.cat(
+                    [self.entropy(model, x[i : i + self.batch_size], draw()) for i in range(0, len(x), self.batch_size)]
+                )
+                if len(x)
+                else torch.zeros(0)
+            )
 
         reference = entropies(clean).sort().values.cpu()
         threshold = float(reference[min(int(self.frr * len(reference)), len(reference) - 1)])
         data.add_summary(entropy_threshold=threshold)
-        log.info("STRIP: entropy threshold %.4f (the %.0f%% quantile of %d clean images, %d overlays each)",
-                 threshold, 100 * self.frr, len(reference), count)
+        log.info(
+            "STRIP: entropy threshold %.4f (the %.0f%% quantile of %d clean images, %d overlays each)",
+            threshold,
+            100 * self.frr,
+            len(reference),
+            count,
+        )
 
         def detector(x: torch.Tensor) -> Detection:
             e = entropies(x)

@@ -35,6 +35,7 @@ Deviations:
 * Noise is drawn from a generator seeded by the run's seed.
 * The flagged set (the clean-quantile threshold) is this project's.
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -82,17 +83,28 @@ class TeCo(Defense):
     """
 
     kind = "input_detection"
-    paper = ("Liu, Li, Wang, Hu, Ye, Jin, Wu and Xiao, Detecting Backdoors During the Inference Stage Based on "
-             "Corruption Robustness Consistency, CVPR 2023, arXiv:2303.18191")
+    paper = (
+        "Liu, Li, Wang, Hu, Ye, Jin, Wu and Xiao, Detecting Backdoors During the Inference Stage Based on "
+        "Corruption Robustness Consistency, CVPR 2023, arXiv:2303.18191"
+    )
     year = 2023
-    param_checks = {"corruptions": _known, "max_severity": cfg.positive, "frr": _unit_interval,
-                    "batch_size": cfg.positive}
+    param_checks = {
+        "corruptions": _known,
+        "max_severity": cfg.positive,
+        "frr": _unit_interval,
+        "batch_size": cfg.positive,
+    }
     smoke_params = {"corruptions": ["gaussian_noise", "brightness"], "max_severity": 2}
 
-    def __init__(self, corruptions: list[str] = CORRUPTIONS, max_severity: int = 5, frr: float = 0.1,
-                 batch_size: int = 256):
-        self.corruptions, self.max_severity, self.frr, self.batch_size = list(corruptions), max_severity, frr, \
-            batch_size
+    def __init__(
+        self, corruptions: list[str] = CORRUPTIONS, max_severity: int = 5, frr: float = 0.1, batch_size: int = 256
+    ):
+        self.corruptions, self.max_severity, self.frr, self.batch_size = (
+            list(corruptions),
+            max_severity,
+            frr,
+            batch_size,
+        )
 
     def severities(self, model: Classifier, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The flip severity of each image of ``x`` for each corruption type: (N, types)."""
@@ -106,8 +118,10 @@ class TeCo(Defense):
         return torch.stack(out, 1)
 
     def deviation(self, model: Classifier, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        parts = [self.severities(model, x[i:i + self.batch_size], generator).float().std(1, unbiased=False)
-                 for i in range(0, len(x), self.batch_size)]
+        parts = [
+            self.severities(model, x[i : i + self.batch_size], generator).float().std(1, unbiased=False)
+            for i in range(0, len(x), self.batch_size)
+        ]
         return torch.cat(parts) if parts else torch.zeros(0, device=x.device)
 
     def fit(self, model: Classifier, data: DefenseData) -> InputDetector:
@@ -116,8 +130,13 @@ class TeCo(Defense):
         reference = self.deviation(model, data.tensors()[0], generator).sort().values.cpu()
         threshold = float(reference[min(int((1 - self.frr) * len(reference)), len(reference) - 1)])
         data.add_summary(deviation_threshold=threshold)
-        log.info("TeCo: deviation threshold %.4f (the %.0f%% quantile of %d clean images; %d corruption types)",
-                 threshold, 100 * (1 - self.frr), len(reference), len(self.corruptions))
+        log.info(
+            "TeCo: deviation threshold %.4f (the %.0f%% quantile of %d clean images; %d corruption types)",
+            threshold,
+            100 * (1 - self.frr),
+            len(reference),
+            len(self.corruptions),
+        )
 
         def detector(x: torch.Tensor) -> Detection:
             d = self.deviation(model, x, generator)

@@ -27,6 +27,7 @@ batch while the victim trains) leave no training set a defender could receive: t
 records keep no poisoned training set and the kind refuses them (:func:`check_trainable`),
 as BackdoorBench does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,8 +68,15 @@ class Recipe:
     wd: float = 5e-4
     lr_scheduler: str = "CosineAnnealingLR"
 
-    OVERRIDABLE: ClassVar[tuple[str, ...]] = ("epochs", "batch_size", "lr", "client_optimizer", "sgd_momentum",
-                                               "wd", "lr_scheduler")
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = (
+        "epochs",
+        "batch_size",
+        "lr",
+        "client_optimizer",
+        "sgd_momentum",
+        "wd",
+        "lr_scheduler",
+    )
 
     @classmethod
     def of_record(cls, record: AttackRecord) -> "Recipe":
@@ -83,11 +91,18 @@ class Recipe:
             values.update({k: fallback[k] for k in missing if k in fallback})
             log.info("the record's config lacks %s: taken from %s", ", ".join(missing), cfg.shown(path))
         try:
-            return cls(model=record.model_name, epochs=int(values["epochs"]), batch_size=int(values["batch_size"]),
-                       lr=float(values["lr"]), **{k: values[k] for k in cls.OVERRIDABLE[3:] if k in values})
+            return cls(
+                model=record.model_name,
+                epochs=int(values["epochs"]),
+                batch_size=int(values["batch_size"]),
+                lr=float(values["lr"]),
+                **{k: values[k] for k in cls.OVERRIDABLE[3:] if k in values},
+            )
         except KeyError as exc:
-            raise UserError(f"{record.path}: the record's config has no training recipe ({exc.args[0]} missing) and "
-                            f"config/attack/prototype/{record.clean_data}.yaml does not give it") from None
+            raise UserError(
+                f"{record.path}: the record's config has no training recipe ({exc.args[0]} missing) and "
+                f"config/attack/prototype/{record.clean_data}.yaml does not give it"
+            ) from None
         except (TypeError, ValueError) as exc:
             raise UserError(f"{record.path}: the record's training recipe is malformed ({exc})") from None
 
@@ -100,8 +115,7 @@ class Recipe:
 
     def optimizer(self, params, lr: float | None = None) -> torch.optim.Optimizer:
         """The recipe's optimizer over ``params`` (learning rate ``lr`` if given)."""
-        return make_optimizer(params, self.client_optimizer, self.lr if lr is None else lr, self.sgd_momentum,
-                              self.wd)
+        return make_optimizer(params, self.client_optimizer, self.lr if lr is None else lr, self.sgd_momentum, self.wd)
 
     def scheduler(self, optimizer: torch.optim.Optimizer, epochs: int | None = None):
         """The recipe's per-epoch schedule over ``epochs`` (default: the recipe's), or None."""
@@ -133,8 +147,9 @@ class TrainingSet(TrainingData):
     def new_model(self) -> Classifier:
         """A freshly initialised model of the recipe's architecture, on the device."""
         info = self.info
-        return create_model(self.recipe.model, info.num_classes, info.channels, info.size, info.mean,
-                            info.std).to(self.device)
+        return create_model(self.recipe.model, info.num_classes, info.channels, info.size, info.mean, info.std).to(
+            self.device
+        )
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return grad_scaler(self.device, self.amp)
@@ -145,20 +160,40 @@ class TrainingSet(TrainingData):
         logits = predict(model, self.train.images, device=self.device, batch_size=batch_size, amp=self.amp)
         return F.cross_entropy(logits, self.train.labels, reduction="none")
 
-    def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer], *,
-                    images: torch.Tensor | None = None, labels: torch.Tensor | None = None, epoch: int = 0,
-                    augment: bool = True, step: Step | None = None, generator: torch.Generator | None = None,
-                    batch_size: int | None = None, scaler: torch.amp.GradScaler | None = None,
-                    desc: str = "train") -> dict[str, float]:
+    def train_epoch(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+        *,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        epoch: int = 0,
+        augment: bool = True,
+        step: Step | None = None,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        desc: str = "train",
+    ) -> dict[str, float]:
         """One epoch of the attack side's loop (utils.train.train_epoch) over the training set
         as delivered, or over ``images``/``labels`` (uint8 or float, e.g. a subset), shuffled
         with ``generator``, with the train transform if ``augment``, in batches of the
         recipe's size; ``step(x, y) -> (loss, logits, targets)`` replaces the cross-entropy."""
-        return train_epoch(model, self.train.images if images is None else images,
-                           self.train.labels if labels is None else labels, optimizer,
-                           batch_size=self.recipe.batch_size if batch_size is None else batch_size,
-                           device=self.device, epoch=epoch, augment=self.augment if augment else None, step=step,
-                           scaler=scaler, amp=self.amp, generator=generator, desc=desc)
+        return train_epoch(
+            model,
+            self.train.images if images is None else images,
+            self.train.labels if labels is None else labels,
+            optimizer,
+            batch_size=self.recipe.batch_size if batch_size is None else batch_size,
+            device=self.device,
+            epoch=epoch,
+            augment=self.augment if augment else None,
+            step=step,
+            scaler=scaler,
+            amp=self.amp,
+            generator=generator,
+            desc=desc,
+        )
 
 
 def check_trainable(name: str, record: AttackRecord) -> None:
@@ -166,24 +201,49 @@ def check_trainable(name: str, record: AttackRecord) -> None:
     defender would have no training set to receive."""
     attack = str(record.attack).lower().replace("-", "")
     if attack in TRAINING_CONTROLLED or record.bd_train is None or len(record.bd_train) == 0:
-        raise UserError(f"{record.path}: the attack ({record.attack}) controlled the victim's training (it poisons "
-                        f"batches on the fly, and its record keeps no poisoned training set): a training-time "
-                        f"defense ({name}) cannot retrain it")
+        raise UserError(
+            f"{record.path}: the attack ({record.attack}) controlled the victim's training (it poisons "
+            f"batches on the fly, and its record keeps no poisoned training set): a training-time "
+            f"defense ({name}) cannot retrain it"
+        )
 
 
-def delivered_set(record: AttackRecord, data: Dataset, device: torch.device, amp: bool = False, seed: int = 0,
-                  recipe: Recipe | None = None, monitor: Monitor | None = None,
-                  checkpoint: Checkpoint | None = None) -> TrainingSet:
+def delivered_set(
+    record: AttackRecord,
+    data: Dataset,
+    device: torch.device,
+    amp: bool = False,
+    seed: int = 0,
+    recipe: Recipe | None = None,
+    monitor: Monitor | None = None,
+    checkpoint: Checkpoint | None = None,
+) -> TrainingSet:
     """What a training-time defender holds on ``record``: the record's poisoned samples in
     place of their clean versions in ``data.train`` (the poison indicator stays here), and the
     record's recipe unless ``recipe``."""
     delivered, _ = poisoned_training_set(data.train, record.bd_train)
-    return TrainingSet(ImageData(delivered.images, delivered.labels), data.info, device, amp, seed,
-                       Recipe.of_record(record) if recipe is None else recipe, monitor, checkpoint)
+    return TrainingSet(
+        ImageData(delivered.images, delivered.labels),
+        data.info,
+        device,
+        amp,
+        seed,
+        Recipe.of_record(record) if recipe is None else recipe,
+        monitor,
+        checkpoint,
+    )
 
 
-def train_time(defense: Any, record: AttackRecord, data: Dataset, values: dict[str, Any], device: torch.device,
-               monitor: Monitor, checkpoint: Checkpoint | None, handed: HandsOver) -> nn.Module:
+def train_time(
+    defense: Any,
+    record: AttackRecord,
+    data: Dataset,
+    values: dict[str, Any],
+    device: torch.device,
+    monitor: Monitor,
+    checkpoint: Checkpoint | None,
+    handed: HandsOver,
+) -> nn.Module:
     """The defense's ``train`` on what a training-time defender holds (:func:`delivered_set`);
     returns its model. What it hands over (``data.add_extras``, ``data.add_summary``) goes to
     ``handed.outputs``."""
@@ -191,8 +251,11 @@ def train_time(defense: Any, record: AttackRecord, data: Dataset, values: dict[s
     held = delivered_set(record, data, device, values["amp"], values["random_seed"], recipe, monitor, checkpoint)
     held.outputs = handed.outputs
     monitor.last_epoch = defense.total_epochs(recipe) - 1
-    log.info("training-time defense on the training set as delivered: %d samples; recipe %s", len(held),
-             ", ".join(f"{f.name}={getattr(recipe, f.name)}" for f in fields(recipe)))
+    log.info(
+        "training-time defense on the training set as delivered: %d samples; recipe %s",
+        len(held),
+        ", ".join(f"{f.name}={getattr(recipe, f.name)}" for f in fields(recipe)),
+    )
     return defense.train(held)
 
 

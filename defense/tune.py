@@ -32,6 +32,7 @@ the study; what ``--yaml_path`` and ``compare --recipes tuned`` read) and summar
 (trials, best value and parameters, seed, objective, budget, every trial's numbers).
 A tuned recipe is then run with the whole clean subset, like any recipe.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,16 @@ from typing import Any, Literal, Sequence
 import torch
 import yaml
 
-from defense.base import (DEFENSES, Defense, DefenseData, ValidationSplit, evaluate_validation, load_inputs,
-                          resolve_config, validation_split)
+from defense.base import (
+    DEFENSES,
+    Defense,
+    DefenseData,
+    ValidationSplit,
+    evaluate_validation,
+    load_inputs,
+    resolve_config,
+    validation_split,
+)
 from utils import config as cfg
 from utils.cli import entry
 from utils.config import Param
@@ -64,21 +73,54 @@ SPACE_KINDS = ("float_log", "float", "int", "choice")
 
 PARAMS: list[Param] = [
     Param("result_file", str, help="attack record name (a folder of --record_root)"),
-    Param("trials", int, 20, "trials of the study in all (a resumed study adds trials up to this number)",
-          check=cfg.positive),
-    Param("objective", Literal["acc-asr", "der"], "acc-asr",
-          "what the study maximises on the validation split: C-Acc - ASR, or DER against the backdoored model"),
+    Param(
+        "trials",
+        int,
+        20,
+        "trials of the study in all (a resumed study adds trials up to this number)",
+        check=cfg.positive,
+    ),
+    Param(
+        "objective",
+        Literal["acc-asr", "der"],
+        "acc-asr",
+        "what the study maximises on the validation split: C-Acc - ASR, or DER against the backdoored model",
+    ),
     Param("seed", int, 0, "seed of the sampler, of the validation split and of every trial's run", check=cfg.seed),
-    Param("val_ratio", float, 0.2, "share of the defender's clean subset held out for validation C-Acc",
-          check=lambda v: None if 0 < v < 1 else "must be in (0, 1)"),
-    Param("val_backdoor", int, 1000, "poisoned training images (the record's bd_train) kept for validation ASR",
-          check=cfg.positive),
-    Param("max_epochs", int | None, None, "budget: the most epochs a trial may train (caps the range of 'epochs')",
-          check=cfg.positive),
-    Param("option", list[str] | None, None, "fixed values KEY=VALUE (YAML values): a hyperparameter given here "
-          "is not searched; harness keys such as ratio are accepted too"),
-    Param("yaml_path", str | None, None, "the recipe the search starts from (default: the defense's yaml for the "
-          "record's dataset)"),
+    Param(
+        "val_ratio",
+        float,
+        0.2,
+        "share of the defender's clean subset held out for validation C-Acc",
+        check=lambda v: None if 0 < v < 1 else "must be in (0, 1)",
+    ),
+    Param(
+        "val_backdoor",
+        int,
+        1000,
+        "poisoned training images (the record's bd_train) kept for validation ASR",
+        check=cfg.positive,
+    ),
+    Param(
+        "max_epochs",
+        int | None,
+        None,
+        "budget: the most epochs a trial may train (caps the range of 'epochs')",
+        check=cfg.positive,
+    ),
+    Param(
+        "option",
+        list[str] | None,
+        None,
+        "fixed values KEY=VALUE (YAML values): a hyperparameter given here "
+        "is not searched; harness keys such as ratio are accepted too",
+    ),
+    Param(
+        "yaml_path",
+        str | None,
+        None,
+        "the recipe the search starts from (default: the defense's yaml for the record's dataset)",
+    ),
     Param("record_root", str, "record", "folder of the records"),
     Param("data_root", str | None, None, "folder holding the datasets (default: the record's)"),
     Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
@@ -89,6 +131,7 @@ PARAMS: list[Param] = [
 
 
 # -- search spaces ---------------------------------------------------------------------------------
+
 
 def check_space(cls: type[Defense]) -> dict[str, tuple[Any, ...]]:
     """``cls.search_space``, checked against the defense's hyperparameters."""
@@ -104,8 +147,11 @@ def check_space(cls: type[Defense]) -> dict[str, tuple[Any, ...]]:
             if len(spec) != 2 or not isinstance(spec[1], (list, tuple)) or not spec[1]:
                 raise TypeError(f"{where}: expected ('choice', [values])")
             continue
-        if len(spec) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec[1:]) \
-                or not spec[1] <= spec[2]:
+        if (
+            len(spec) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec[1:])
+            or not spec[1] <= spec[2]
+        ):
             raise TypeError(f"{where}: expected ({spec[0]!r}, low, high) with low <= high")
         if spec[0] == "float_log" and spec[1] <= 0:
             raise TypeError(f"{where}: a log range needs low > 0")
@@ -151,6 +197,7 @@ WORST = {"acc-asr": -1.0, "der": 0.0}
 
 # -- the command ------------------------------------------------------------------------------------
 
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m defense tune NAME ARGS``."""
     entry(lambda args, kw: _tune_cli(args), argv, {})
@@ -161,12 +208,16 @@ def _tune_cli(argv: Sequence[str]) -> dict[str, Any]:
         if argv and argv[0] in ("-h", "--help"):
             _parser("NAME").print_help()
             return {}
-        raise UserError("python -m defense tune: give the defense's name first, e.g. python -m defense tune sau "
-                        "--result_file badnet_digits --trials 20")
+        raise UserError(
+            "python -m defense tune: give the defense's name first, e.g. python -m defense tune sau "
+            "--result_file badnet_digits --trials 20"
+        )
     summary = tune(argv[0], list(argv[1:]))
     if summary:
-        sys.stdout.write(f"best {summary['objective']} {summary['best_value']:.4f} with "
-                         f"{summary['best_params']}\nrecipe: {summary['recipe']}\n")
+        sys.stdout.write(
+            f"best {summary['objective']} {summary['best_value']:.4f} with "
+            f"{summary['best_params']}\nrecipe: {summary['recipe']}\n"
+        )
     return summary
 
 
@@ -180,48 +231,87 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
     try:
         import optuna
     except ImportError:
-        raise UserError("python -m defense tune needs Optuna: pip install -e \".[tune]\" (or pip install optuna)"
-                        ) from None
+        raise UserError(
+            'python -m defense tune needs Optuna: pip install -e ".[tune]" (or pip install optuna)'
+        ) from None
     cls = DEFENSES.get(DEFENSES.canonical(name))
     if cls.kind == "training_time":
-        raise UserError(f"defense {cls.name} is a training-time defense: tuning purifies the record's model on a "
-                        "validation split of the clean subset, a training-time defense trains its own (not supported)")
+        raise UserError(
+            f"defense {cls.name} is a training-time defense: tuning purifies the record's model on a "
+            "validation split of the clean subset, a training-time defense trains its own (not supported)"
+        )
     if cls.kind != "mitigation":
-        raise UserError(f"defense {cls.name} is a detector ({cls.kind}): tuning chooses a mitigation's recipe by "
-                        "validation C-Acc and ASR; a detector has none to tune")
+        raise UserError(
+            f"defense {cls.name} is a detector ({cls.kind}): tuning chooses a mitigation's recipe by "
+            "validation C-Acc and ASR; a detector has none to tune"
+        )
     cli = cfg.parse_cli(_parser(cls.name), argv)
     values = cfg.resolve(PARAMS, [cfg.Layer("keyword arguments", overrides)], cli)
     fixed = _parse_options(values["option"])
-    unknown = [k for k in fixed if k in ("result_file", "record_root", "yaml_path", "random_seed", "device",
-                                         "data_root", "trust_record", "resume", "result_name")]
+    unknown = [
+        k
+        for k in fixed
+        if k
+        in (
+            "result_file",
+            "record_root",
+            "yaml_path",
+            "random_seed",
+            "device",
+            "data_root",
+            "trust_record",
+            "resume",
+            "result_name",
+        )
+    ]
     if unknown:
         raise UserError(f"--option {unknown[0]}: give it as --{unknown[0]} (or not at all: tune sets it)")
-    run_keys = {"result_file": values["result_file"], "record_root": values["record_root"],
-                "device": values["device"], "random_seed": values["seed"], "trust_record": values["trust_record"],
-                **({"yaml_path": values["yaml_path"]} if values["yaml_path"] else {}),
-                **({"data_root": values["data_root"]} if values["data_root"] else {})}
+    run_keys = {
+        "result_file": values["result_file"],
+        "record_root": values["record_root"],
+        "device": values["device"],
+        "random_seed": values["seed"],
+        "trust_record": values["trust_record"],
+        **({"yaml_path": values["yaml_path"]} if values["yaml_path"] else {}),
+        **({"data_root": values["data_root"]} if values["data_root"] else {}),
+    }
     base, record = resolve_config(cls.name, [], {**fixed, **run_keys})  # every fixed value checked here
     hyper = {p.name: base[p.name] for p in cls.params()}
     space = searched_space(cls, {k: v for k, v in fixed.items() if k in hyper}, values["max_epochs"])
     if not space:
-        raise UserError(f"defense {cls.name}: nothing to search (no search_space declared, or every searched "
-                        "hyperparameter fixed by --option)")
+        raise UserError(
+            f"defense {cls.name}: nothing to search (no search_space declared, or every searched "
+            "hyperparameter fixed by --option)"
+        )
 
     folder = _tune_folder(Path(values["record_root"]), values["result_file"], cls.name)
     device = resolve_device(values["device"])
-    setting = cfg.plain({"defense": cls.name, "result_file": values["result_file"], "record_sha256": record.sha256,
-                         "objective": values["objective"], "seed": values["seed"], "val_ratio": values["val_ratio"],
-                         "val_backdoor": values["val_backdoor"], "space": space,
-                         "base": {k: v for k, v in base.items() if k not in ("debug", "overwrite", "device",
-                                                                              "record_root", "data_root", "download",
-                                                                              "result_name")}})
+    setting = cfg.plain(
+        {
+            "defense": cls.name,
+            "result_file": values["result_file"],
+            "record_sha256": record.sha256,
+            "objective": values["objective"],
+            "seed": values["seed"],
+            "val_ratio": values["val_ratio"],
+            "val_backdoor": values["val_backdoor"],
+            "space": space,
+            "base": {
+                k: v
+                for k, v in base.items()
+                if k not in ("debug", "overwrite", "device", "record_root", "data_root", "download", "result_name")
+            },
+        }
+    )
 
     data, idx = load_inputs(record, base)  # the training split and the clean indices only
     defender = DefenseData(data.train.subset(idx), data.info, device, base["amp"], base["random_seed"])
     split = validation_split(defender, record, values["val_ratio"], values["seed"], values["val_backdoor"], idx)
     if len(split.backdoor) == 0:
-        raise UserError(f"{record.path}: the record keeps no poisoned training images whose label the attack "
-                        f"changed (bd_train; attack {record.attack}), so the validation ASR cannot be estimated")
+        raise UserError(
+            f"{record.path}: the record keeps no poisoned training images whose label the attack "
+            f"changed (bd_train; attack {record.attack}), so the validation ASR cannot be estimated"
+        )
     if values["overwrite"]:  # only once every check has passed
         for leftover in ("study.db", "recipe.yaml", "summary.json", "tune.log"):
             (folder / leftover).unlink(missing_ok=True)
@@ -229,28 +319,52 @@ def tune(name: str, argv: Sequence[str] = (), **overrides: Any) -> dict[str, Any
         return _study(optuna, cls, values, base, record, hyper, space, split, device, folder, setting)
 
 
-def _study(optuna: Any, cls: type[Defense], values: dict[str, Any], base: dict[str, Any], record: AttackRecord,
-           hyper: dict[str, Any], space: dict[str, tuple[Any, ...]], split: ValidationSplit, device: torch.device,
-           folder: Path, setting: dict[str, Any]) -> dict[str, Any]:
+def _study(
+    optuna: Any,
+    cls: type[Defense],
+    values: dict[str, Any],
+    base: dict[str, Any],
+    record: AttackRecord,
+    hyper: dict[str, Any],
+    space: dict[str, tuple[Any, ...]],
+    split: ValidationSplit,
+    device: torch.device,
+    folder: Path,
+    setting: dict[str, Any],
+) -> dict[str, Any]:
     storage_file = folder / "study.db"
-    log.info("tune %s on %s: %d clean samples to train on, %d held out, %d poisoned training images; "
-             "objective %s, seed %d", cls.name, record.path, len(split.train), len(split.clean), len(split.backdoor),
-             values["objective"], values["seed"])
+    log.info(
+        "tune %s on %s: %d clean samples to train on, %d held out, %d poisoned training images; objective %s, seed %d",
+        cls.name,
+        record.path,
+        len(split.train),
+        len(split.clean),
+        len(split.backdoor),
+        values["objective"],
+        values["seed"],
+    )
     seed_everything(values["seed"])
     before = evaluate_validation(record.build_model().to(device).eval(), split, device, base["amp"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{storage_file}")
     study_name = f"{cls.name}-{values['result_file']}"
-    study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=values["seed"]))
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=values["seed"]),
+    )
     made_with = study.user_attrs.get("setting")
     if made_with is None:
         study.set_user_attr("setting", setting)
     elif made_with != setting:
         old, new = _flat(made_with), _flat(setting)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise UserError(f"{storage_file} holds a study made with other settings ({', '.join(diff)}): pass "
-                        "--overwrite to start again")
+        raise UserError(
+            f"{storage_file} holds a study made with other settings ({', '.join(diff)}): pass "
+            "--overwrite to start again"
+        )
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):  # a killed run's
         storage.set_trial_state_values(stale._trial_id, state=optuna.trial.TrialState.FAIL)
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
@@ -275,8 +389,9 @@ def _study(optuna: Any, cls: type[Defense], values: dict[str, Any], base: dict[s
         value = objective_value(values["objective"], after, before)
         trial.set_user_attr("val", after.headline())
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
-        log.info("trial %d: %s  val C-Acc %.4f  ASR %.4f  -> %.4f", trial.number, chosen, after.clean_acc, after.asr,
-                 value)
+        log.info(
+            "trial %d: %s  val C-Acc %.4f  ASR %.4f  -> %.4f", trial.number, chosen, after.clean_acc, after.asr, value
+        )
         return value if math.isfinite(value) else WORST[values["objective"]]
 
     if todo:
@@ -318,8 +433,17 @@ def _tune_folder(root: Path, record_name: str, name: str) -> Path:
     return folder
 
 
-def _write(study: Any, cls: type[Defense], hyper: dict[str, Any], base: dict[str, Any], values: dict[str, Any],
-           before: Metrics, folder: Path, storage_file: Path, space: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+def _write(
+    study: Any,
+    cls: type[Defense],
+    hyper: dict[str, Any],
+    base: dict[str, Any],
+    values: dict[str, Any],
+    before: Metrics,
+    folder: Path,
+    storage_file: Path,
+    space: dict[str, tuple[Any, ...]],
+) -> dict[str, Any]:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -327,32 +451,63 @@ def _write(study: Any, cls: type[Defense], hyper: dict[str, Any], base: dict[str
     params = {**hyper, **best.params}
     where = f"{values['result_file']}/tune/{cls.name}/study.db"  # in the record root
     study_ref = f"study {study.study_name} in {where} (trial {best.number} of {len(complete)})"
-    recipe = {"recipe": "tuned",
-              "recipe_source": f"python -m defense tune {cls.name}: {study_ref}",
-              "recipe_note": f"chosen on the validation split (objective {values['objective']}, seed "
-                             f"{values['seed']}); the test set was not read",
-              "ratio": base["ratio"], **({"index": base["index"]} if base["index"] is not None else {}),
-              **cfg.plain(params)}
-    header = (f"# {cls.name} on {values['result_file']}: a tuned recipe written by python -m defense tune.\n"
-              f"# Searched: {', '.join(space)}; the other values come from {base['yaml_path'] or 'the defaults'}"
-              f"{' and --option' if values['option'] else ''}.\n")
+    recipe = {
+        "recipe": "tuned",
+        "recipe_source": f"python -m defense tune {cls.name}: {study_ref}",
+        "recipe_note": f"chosen on the validation split (objective {values['objective']}, seed "
+        f"{values['seed']}); the test set was not read",
+        "ratio": base["ratio"],
+        **({"index": base["index"]} if base["index"] is not None else {}),
+        **cfg.plain(params),
+    }
+    header = (
+        f"# {cls.name} on {values['result_file']}: a tuned recipe written by python -m defense tune.\n"
+        f"# Searched: {', '.join(space)}; the other values come from {base['yaml_path'] or 'the defaults'}"
+        f"{' and --option' if values['option'] else ''}.\n"
+    )
     save_text(header + yaml.safe_dump(recipe, sort_keys=False, width=1000), folder / "recipe.yaml")
     summary = {
-        "defense": cls.name, "result_file": values["result_file"], "study": study.study_name,
-        "storage": str(storage_file), "objective": values["objective"], "seed": values["seed"],
-        "trials": len(complete), "best_trial": best.number, "best_value": best.value, "best_params": best.params,
+        "defense": cls.name,
+        "result_file": values["result_file"],
+        "study": study.study_name,
+        "storage": str(storage_file),
+        "objective": values["objective"],
+        "seed": values["seed"],
+        "trials": len(complete),
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
         "best_val": best.user_attrs.get("val"),
         "before_val": before.headline(),
-        "budget": {"trials": values["trials"], "max_epochs": values["max_epochs"],
-                   "seconds": round(sum(float(t.user_attrs.get("seconds", 0.0)) for t in complete), 2)},
-        "space": cfg.plain(space), "fixed": _parse_options(values["option"]),
+        "budget": {
+            "trials": values["trials"],
+            "max_epochs": values["max_epochs"],
+            "seconds": round(sum(float(t.user_attrs.get("seconds", 0.0)) for t in complete), 2),
+        },
+        "space": cfg.plain(space),
+        "fixed": _parse_options(values["option"]),
         "validation": {"val_ratio": values["val_ratio"], "val_backdoor": values["val_backdoor"]},
-        "base_yaml": base["yaml_path"], "recipe": str(folder / "recipe.yaml"),
-        "history": [{"number": t.number, "value": t.value, "params": t.params, "val": t.user_attrs.get("val"),
-                     "error": t.user_attrs.get("error")} for t in complete],
+        "base_yaml": base["yaml_path"],
+        "recipe": str(folder / "recipe.yaml"),
+        "history": [
+            {
+                "number": t.number,
+                "value": t.value,
+                "params": t.params,
+                "val": t.user_attrs.get("val"),
+                "error": t.user_attrs.get("error"),
+            }
+            for t in complete
+        ],
         **provenance(),
     }
     save_json(cfg.plain(summary), folder / "summary.json")
-    log.info("best %s %.4f (trial %d): %s; recipe written to %s", values["objective"], best.value, best.number,
-             best.params, folder / "recipe.yaml")
+    log.info(
+        "best %s %.4f (trial %d): %s; recipe written to %s",
+        values["objective"],
+        best.value,
+        best.number,
+        best.params,
+        folder / "recipe.yaml",
+    )
     return summary

@@ -7,6 +7,7 @@ registries (and the methods' docstrings), so that they cannot drift from the cod
 Only the project's own methods are listed, not plugins installed beside it.
 tests/test_contributing.py runs the check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,10 @@ from utils.registry import Registry, describe  # noqa: E402
 
 BEGIN = "<!-- tables:begin -->"
 END = "<!-- tables:end -->"
-NOTE = ("<!-- Generated from the registries by scripts/readme_tables.py: edit the code (docstrings, "
-        "`paper`, `year`, `kind`), then run it. -->")
+NOTE = (
+    "<!-- Generated from the registries by scripts/readme_tables.py: edit the code (docstrings, "
+    "`paper`, `year`, `kind`), then run it. -->"
+)
 
 
 _ESCAPES = {"|": "\\|", "<": "&lt;", ">": "&gt;", "*": "\\*", "\n": " "}  # Markdown inside a table cell
@@ -85,9 +88,27 @@ def methods_table(registry: Registry[Any]) -> str:
 
 def tables() -> str:
     """The generated block, markers included."""
-    parts = [BEGIN, NOTE, "", "#### Datasets", "", datasets_table(), "", "#### Models", "", models_table(), "",
-             "#### Attacks", "", methods_table(attack.ATTACKS), "", "#### Defenses", "",
-             methods_table(defense.DEFENSES), END]
+    parts = [
+        BEGIN,
+        NOTE,
+        "",
+        "#### Datasets",
+        "",
+        datasets_table(),
+        "",
+        "#### Models",
+        "",
+        models_table(),
+        "",
+        "#### Attacks",
+        "",
+        methods_table(attack.ATTACKS),
+        "",
+        "#### Defenses",
+        "",
+        methods_table(defense.DEFENSES),
+        END,
+    ]
     return "\n".join(parts)
 
 
@@ -96,7 +117,7 @@ def render(readme: str) -> str:
     start, end = readme.find(BEGIN), readme.find(END)
     if start < 0 or end < start:
         raise ValueError(f"the README has no {BEGIN} ... {END} block")
-    return readme[:start] + tables() + readme[end + len(END):]
+    return readme[:start] + tables() + readme[end + len(END) :]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check:
         if wanted != current:
-            print(f"{path} is out of date with the registries: run python scripts/readme_tables.py",
-                  file=sys.stderr)
+            print(f"{path} is out of date with the registries: run python scripts/readme_tables.py", file=sys.stderr)
             return 1
         return 0
     if wanted != current:

@@ -11,6 +11,7 @@ from the default.yaml beside it (it is read over it, like a dataset's file); its
 gives the study's budget, objective, best validation numbers and the commit that ran it.
 Nothing here reads the test set: a study only ever saw the validation split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for defense in args.defenses:
         folder = record_dir(root, args.result_file) / "tune" / defense
         if not (folder / "recipe.yaml").is_file():
-            print(f"{defense}: no study in {folder} (python -m defense tune {defense} --result_file "
-                  f"{args.result_file})", file=sys.stderr)
+            print(
+                f"{defense}: no study in {folder} (python -m defense tune {defense} --result_file {args.result_file})",
+                file=sys.stderr,
+            )
             return 2
         text = shipped_text(folder, defense, args.result_file, dataset)
         target = cfg.CONFIG_DIR / "defense" / defense / f"{dataset}{cfg.TUNED_SUFFIX}.yaml"

@@ -1,4 +1,5 @@
 """Shared fixtures: a small BadNets record on digits, made once per test session."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,7 @@ def digits_record_root(tmp_path_factory) -> Path:
     from attack import run
 
     root = tmp_path_factory.mktemp("records")
-    run("badnet", dataset="digits", save_folder_name="badnet_digits", record_root=str(root), epochs=12,
-        device="cpu")
+    run("badnet", dataset="digits", save_folder_name="badnet_digits", record_root=str(root), epochs=12, device="cpu")
     return root
 
 

@@ -1,5 +1,6 @@
 """ABL (defense/abl.py): the bounded isolation loss, the isolation of the lowest losses, the
 phases, and that unlearning ascends the isolated samples' loss."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,14 @@ def test_isolate_takes_the_lowest_losses_by_backdoorbenchs_count():
 
 def test_phases_follow_the_schedule():
     abl = ABL(tuning_epochs=2, finetuning_epochs=3, unlearning_epochs=1)
-    assert [abl.phases().of(e) for e in range(6)] == [("isolate", 0), ("isolate", 1), ("finetune", 0), ("finetune", 1),
-                                                   ("finetune", 2), ("unlearn", 0)]
+    assert [abl.phases().of(e) for e in range(6)] == [
+        ("isolate", 0),
+        ("isolate", 1),
+        ("finetune", 0),
+        ("finetune", 1),
+        ("finetune", 2),
+        ("unlearn", 0),
+    ]
     skip = ABL(tuning_epochs=2, finetuning_ascent_model=False, finetuning_epochs=3, unlearning_epochs=1)
     assert skip.total_epochs(None) == 3 and skip.phases().of(2) == ("unlearn", 0)
 

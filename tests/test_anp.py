@@ -2,6 +2,7 @@
 pruning rule (threshold, number, held-out clean accuracy), BackdoorBench's weight-only
 pruning, and pruned neurons that output zero (prune_bias) in the returned model and in its
 saved weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -99,8 +100,7 @@ def test_clean_acc_rule_chooses_the_threshold_on_a_held_out_part(digits_defender
     assert 0.0 <= threshold <= 0.9 and abs(threshold / 0.05 - round(threshold / 0.05)) < 1e-9
 
 
-@pytest.mark.parametrize("rule", [{"pruning_by": "threshold", "threshold": 0.9},
-                                  {"pruning_by": "number", "number": 7}])
+@pytest.mark.parametrize("rule", [{"pruning_by": "threshold", "threshold": 0.9}, {"pruning_by": "number", "number": 7}])
 def test_pruned_neurons_are_the_smallest_masks_and_output_zero(digits_defender, rule):
     record, data = digits_defender
     model = record.build_model().eval()
@@ -121,8 +121,9 @@ def test_pruned_neurons_are_the_smallest_masks_and_output_zero(digits_defender, 
 
     # Each pruned channel outputs exactly zero; the others do not; nothing else changed.
     outputs = {}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
-             for name, module in layers]
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o)) for name, module in layers
+    ]
     x, _ = data.tensors()
     reloaded = record.build_model(model.state_dict()).eval()
     with torch.no_grad():

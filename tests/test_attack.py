@@ -1,4 +1,5 @@
 """The attack harness and the record contract, checked for every registered attack."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ def _same(a, b) -> bool:
     return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if attack.ATTACKS.get(n).kind in ("dirty-label",
-                                                                                     "training-controlled")])
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if attack.ATTACKS.get(n).kind in ("dirty-label", "training-controlled")]
+)
 def test_all2all_for_every_label_flipping_attack(name, tmp_path):
     quick(name, tmp_path, epochs=1, attack_label_trans="all2all")
     record = load_record(tmp_path / name)
@@ -205,13 +207,35 @@ def test_all2all_uses_shifted_labels_and_the_whole_test_set(tmp_path):
 
 def test_command_line_run_and_errors(tmp_path):
     env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, "attack/badnet.py", "--dataset", "digits", "--epochs", "1",
-                           "--record_root", str(tmp_path), "--device", "cpu"], cwd=ROOT, capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "attack/badnet.py",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--record_root",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "badnet_digits" / "attack_result.pt").is_file()
-    proc = subprocess.run([sys.executable, "attack/badnet.py", "--dataset", "digitz", "--record_root",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "attack/badnet.py", "--dataset", "digitz", "--record_root", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "did you mean digits" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
 

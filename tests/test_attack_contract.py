@@ -2,6 +2,7 @@
 rules are listed in tools/contract.py). The records the harness writes for each attack,
 and their determinism, are checked in tests/test_attack.py. tests/test_contributing.py
 breaks each rule on purpose."""
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ on-disk layout (a pickled dict with NumPy arrays, PNG folders, DataParallel's "m
 prefixes) reads back as our typed record and every defense runs on it from the command
 line; --export_backdoorbench writes that layout; our results sit beside its own, with its
 file names and columns; defense/compare.py lists its results next to ours."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,20 @@ from utils.models import classifier_state, create_model, load_weights
 from utils.records import RECORD_FILE, load_defense_result, load_record
 
 ROOT = Path(__file__).resolve().parents[1]
-BB_COLUMNS = ["", "epoch", "clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch",
-              "ra_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra"]
+BB_COLUMNS = [
+    "",
+    "epoch",
+    "clean_test_loss_avg_over_batch",
+    "bd_test_loss_avg_over_batch",
+    "ra_test_loss_avg_over_batch",
+    "test_acc",
+    "test_asr",
+    "test_ra",
+]
 
 
 # -- architectures: BackdoorBench's key layout, the same function -----------------------------------------
+
 
 class RefPreActBlock(nn.Module):
     """BackdoorBench's PreActBlock (models/preact_resnet.py), rewritten for this test."""
@@ -86,8 +96,9 @@ def bb_reference(name: str) -> nn.Module:
     return getattr(tvm, name)(num_classes=10)
 
 
-@pytest.mark.parametrize("name", ["preactresnet18", "resnet18", "mobilenet_v3_large", "vgg19_bn", "convnext_tiny",
-                                  "vit_b_16"])
+@pytest.mark.parametrize(
+    "name", ["preactresnet18", "resnet18", "mobilenet_v3_large", "vgg19_bn", "convnext_tiny", "vit_b_16"]
+)
 def test_backdoorbench_weights_load_without_missing_keys_and_compute_the_same(name):
     torch.manual_seed(0)
     ref = bb_reference(name).eval()
@@ -114,6 +125,7 @@ def test_normalization_matches_our_datasets_where_both_know_it():
 
 # -- a record in BackdoorBench's exact layout --------------------------------------------------------------
 
+
 def _png(image: torch.Tensor, path: Path) -> None:
     """As BackdoorBench saves: a PIL image (mode L or RGB) written as PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,9 +143,14 @@ def _bb_state(folder: Path, name: str, sub: str, images, labels, original, indic
         indicator[i] = 1
         data_dict[np.int64(i)] = {"path": f"{save}/{y0}/{i}.png", "other_info": [y, y0]}
     shown = np.where(indicator == 1)[0] if subset else np.arange(size)
-    return {"bd_data_container": {"save_folder_path": save, "data_dict": data_dict, "save_file_format": ".png"},
-            "getitem_all": True, "getitem_all_switch": False, "original_index_array": shown,
-            "poison_indicator": indicator, "save_folder_path": save}
+    return {
+        "bd_data_container": {"save_folder_path": save, "data_dict": data_dict, "save_file_format": ".png"},
+        "getitem_all": True,
+        "getitem_all_switch": False,
+        "original_index_array": shown,
+        "poison_indicator": indicator,
+        "save_folder_path": save,
+    }
 
 
 def write_bb_record(source, folder: Path, name: str) -> dict:
@@ -142,13 +159,18 @@ def write_bb_record(source, folder: Path, name: str) -> dict:
     folder.mkdir(parents=True)
     tr, te = source.bd_train, source.bd_test
     data = {
-        "model_name": source.model_name, "num_classes": source.num_classes,
-        "model": {f"module.{k[len('net.'):]}": v for k, v in source.model.items()},
-        "data_path": "./data/digits", "img_size": (8, 8, 1), "clean_data": "digits",
-        "bd_train": _bb_state(folder, name, "bd_train_dataset", tr.images, tr.labels, tr.original_labels, tr.indices,
-                              1437, subset=False),
-        "bd_test": _bb_state(folder, name, "bd_test_dataset", te.images, te.labels, te.original_labels, te.indices,
-                             360, subset=True),
+        "model_name": source.model_name,
+        "num_classes": source.num_classes,
+        "model": {f"module.{k[len('net.') :]}": v for k, v in source.model.items()},
+        "data_path": "./data/digits",
+        "img_size": (8, 8, 1),
+        "clean_data": "digits",
+        "bd_train": _bb_state(
+            folder, name, "bd_train_dataset", tr.images, tr.labels, tr.original_labels, tr.indices, 1437, subset=False
+        ),
+        "bd_test": _bb_state(
+            folder, name, "bd_test_dataset", te.images, te.labels, te.original_labels, te.indices, 360, subset=True
+        ),
     }
     for i in (0, 5):  # WaNet's cross test images: only PNG files, true labels
         _png(te.images[i], folder / "cross_test_dataset" / str(int(te.original_labels[i])) / f"{i}.png")
@@ -228,6 +250,7 @@ def test_missing_images_and_unknown_architectures_are_one_line(bb_copy):
 
 # -- our results beside BackdoorBench's ----------------------------------------------------------------------
 
+
 def read_rows(path: Path) -> list[list[str]]:
     with open(path, newline="") as fh:
         return list(csv.reader(fh))
@@ -243,30 +266,42 @@ def test_every_defense_runs_on_it_from_the_command_line_and_writes_backdoorbench
     theirs = record / "defense" / "ft_bb"  # what BackdoorBench's own fine-tuning left there
     theirs.mkdir(parents=True)
     (theirs / "ft_df.csv").write_text(",".join(BB_COLUMNS) + "\n0,0,0.3,0.2,2.0,0.91,0.25,0.70\n")
-    (theirs / "ft_df_summary.csv").write_text(",".join(BB_COLUMNS[1:]).join([",", "\n"]) +
-                                              "last,0,0.3,0.2,2.0,0.91,0.25,0.70\nvalid_max,0,0.3,0.2,2.0,0.91,"
-                                              "0.25,0.70\nexist_nan_value,False,False,False,False,False,False,False\n")
-    proc = cli("defense/sau.py", "--result_file", "bb", "--record_root", str(root), "--device", "cpu",
-               "--epochs", "2")
+    (theirs / "ft_df_summary.csv").write_text(
+        ",".join(BB_COLUMNS[1:]).join([",", "\n"]) + "last,0,0.3,0.2,2.0,0.91,0.25,0.70\nvalid_max,0,0.3,0.2,2.0,0.91,"
+        "0.25,0.70\nexist_nan_value,False,False,False,False,False,False,False\n"
+    )
+    proc = cli("defense/sau.py", "--result_file", "bb", "--record_root", str(root), "--device", "cpu", "--epochs", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "BackdoorBench record" in (record / "defense" / "sau" / "sau.log").read_text()
-    proc = cli("defense/compare.py", "--result_file", "bb", "--record_root", str(root), "--device", "cpu", "--smoke",
-               "--name", "bb", "--no-plots")
+    proc = cli(
+        "defense/compare.py",
+        "--result_file",
+        "bb",
+        "--record_root",
+        str(root),
+        "--device",
+        "cpu",
+        "--smoke",
+        "--name",
+        "bb",
+        "--no-plots",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = [n for n in defense.list_defenses() if defense.DEFENSES.get(n).kind == "mitigation"]  # compare's default
     reference = load_record(record)
     for name in names:
         out = record / "defense" / name
         rows = read_rows(out / f"{name}_df.csv")
-        assert rows[0][:len(BB_COLUMNS)] == BB_COLUMNS and rows[-1][5], f"{name}: columns or last row"
+        assert rows[0][: len(BB_COLUMNS)] == BB_COLUMNS and rows[-1][5], f"{name}: columns or last row"
         summary = read_rows(out / f"{name}_df_summary.csv")
         assert summary[0] == rows[0] and [r[0] for r in summary[1:]] == ["last", "valid_max", "exist_nan_value"]
         after = json.loads((out / "summary.json").read_text())["after"]
         assert float(summary[1][5]) == pytest.approx(after["clean_acc"])
         raw = torch.load(out / "defense_result.pt", weights_only=True)
         # besides pruning masks and NPD's polarizer (both rebuilt by load_weights): the record's architecture
-        assert {k for k in raw["model"] if not k.startswith(("masks.", "polarizers."))} == \
-            {k[4:] for k in reference.model}
+        assert {k for k in raw["model"] if not k.startswith(("masks.", "polarizers."))} == {
+            k[4:] for k in reference.model
+        }
         reference.build_model(load_defense_result(out / "defense_result.pt")["model"])
     table = json.loads((root / "compare" / "bb" / "table.json").read_text())
     assert table["defenses"] == [*names, "ft_bb (BackdoorBench)"]
@@ -281,8 +316,9 @@ def test_our_run_does_not_replace_backdoorbench_results_of_the_same_name(bb_copy
     (theirs / "sau_df_summary.csv").write_text(",test_acc\nlast,0.9\n")
     with pytest.raises(UserError, match="holds BackdoorBench's own sau result: pass --result_name"):
         defense.run("sau", result_file="bb", record_root=str(bb_copy), device="cpu", epochs=0)
-    summary = defense.run("sau", result_file="bb", record_root=str(bb_copy), device="cpu", epochs=0,
-                          result_name="sau_saubench")
+    summary = defense.run(
+        "sau", result_file="bb", record_root=str(bb_copy), device="cpu", epochs=0, result_name="sau_saubench"
+    )
     assert summary["after"] == summary["before"]
     assert [name for name, _ in defense_results(bb_copy / "bb")] == ["sau"]
     rows = read_rows(bb_copy / "bb" / "defense" / "sau_saubench" / "sau_df.csv")
@@ -295,21 +331,33 @@ def test_summary_csv_is_backdoorbench_s_last_valid_max_and_nan_flag():
     history.add(epoch=1, loss=1.0)
     history.add(epoch=2, loss=3.0, test_acc=float("nan"))
     text = history.summary_csv(("epoch", "test_acc"))
-    assert text.splitlines() == [",epoch,test_acc,loss", "last,2,nan_value,3.0", "valid_max,2,0.5,3.0",
-                                 "exist_nan_value,False,True,False"]
+    assert text.splitlines() == [
+        ",epoch,test_acc,loss",
+        "last,2,nan_value,3.0",
+        "valid_max,2,0.5,3.0",
+        "exist_nan_value,False,True,False",
+    ]
 
 
 # -- --export_backdoorbench --------------------------------------------------------------------------------
 
+
 def test_export_reads_back_into_the_same_tensors_and_outputs(tmp_path):
-    attack.run("badnet", dataset="digits", epochs=1, save_folder_name="exp", record_root=str(tmp_path),
-               device="cpu", export_backdoorbench=True)
+    attack.run(
+        "badnet",
+        dataset="digits",
+        epochs=1,
+        save_folder_name="exp",
+        record_root=str(tmp_path),
+        device="cpu",
+        export_backdoorbench=True,
+    )
     ours, folder = load_record(tmp_path / "exp"), tmp_path / "exp" / "backdoorbench"
     same_record(ours, load_record(folder))
     data = torch.load(folder / RECORD_FILE, weights_only=False)
     assert isinstance(data["bd_test"]["poison_indicator"], np.ndarray) and data["img_size"] == (8, 8, 1)
-    assert set(data["model"]) == {k[len("net."):] for k in ours.model}
+    assert set(data["model"]) == {k[len("net.") :] for k in ours.model}
     entry = next(iter(data["bd_test"]["bd_data_container"]["data_dict"].values()))
     assert entry["path"].startswith("./record/exp/backdoorbench/bd_test_dataset/")
-    assert (tmp_path / entry["path"][len("./record/"):]).is_file()
+    assert (tmp_path / entry["path"][len("./record/") :]).is_file()
     assert "export_backdoorbench" not in ours.config  # how the run was written, not what it computed

@@ -1,5 +1,6 @@
 """Beatrix (defense/beatrix.py): the Gram features by hand, the median/MAD band and the
 deviation by hand, the out-of-fold threshold, and a run on the digits BadNets record."""
+
 from __future__ import annotations
 
 import math

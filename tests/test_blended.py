@@ -1,5 +1,6 @@
 """Blended: the poisoned pixels are (1 - alpha) * x + alpha * pattern, for the seeded
 noise pattern and for a pattern read from a file."""
+
 from __future__ import annotations
 
 import cv2

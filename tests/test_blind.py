@@ -1,6 +1,7 @@
 """Blind: the pattern sits where the authors put it, the blended loss is the clean loss until
 the clean loss has settled and then the fixed or MGDA blend of clean and backdoor losses,
 and MGDA's weights are the least-norm combination of the two gradients."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,8 @@ from utils.records import load_record
 def test_pattern_place_on_32x32_and_on_8x8():
     pattern, mask = pattern_and_mask((32, 32))
     assert mask.sum() == 9 and torch.equal(torch.nonzero(mask).min(0).values, torch.tensor([3, 23]))
-    assert torch.equal(pattern[3:8, 23:26], torch.tensor([[1., 0, 1], [0, 1, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]))
-    assert torch.equal(mask[3:8, 23:26], torch.tensor([[1., 1, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0], [1, 1, 1]]))
+    assert torch.equal(pattern[3:8, 23:26], torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 0], [0, 1, 0], [1, 0, 1]]))
+    assert torch.equal(mask[3:8, 23:26], torch.tensor([[1.0, 1, 1], [0, 1, 0], [0, 0, 1], [0, 1, 0], [1, 1, 1]]))
     _, mask = pattern_and_mask((8, 8))
     assert mask.sum() == 9 and torch.equal(torch.nonzero(mask).min(0).values, torch.tensor([1, 5]))
     x = torch.full((2, 3, 8, 8), 0.5)
@@ -55,8 +56,9 @@ class _Training:
 
 def _blind(**kw) -> Blind:
     blind = Blind(batch_history_len=3, **kw)
-    ctx = AttackContext(load_dataset("digits"), 0, "all2one", torch.device("cpu"), np.random.default_rng(0),
-                        {"pratio": 0.1})
+    ctx = AttackContext(
+        load_dataset("digits"), 0, "all2one", torch.device("cpu"), np.random.default_rng(0), {"pratio": 0.1}
+    )
     blind.prepare(ctx)
     return blind
 
@@ -98,8 +100,15 @@ def test_mgda_blend_uses_the_scales_of_the_gradients():
 
 
 def test_digits_record_has_the_pattern_on_the_backdoor_test_set(tmp_path):
-    attack.run("blind", dataset="digits", epochs=1, batch_history_len=5, device="cpu", record_root=str(tmp_path),
-               save_folder_name="b")
+    attack.run(
+        "blind",
+        dataset="digits",
+        epochs=1,
+        batch_history_len=5,
+        device="cpu",
+        record_root=str(tmp_path),
+        save_folder_name="b",
+    )
     record, data = load_record(tmp_path / "b"), load_dataset("digits")
     _, mask = pattern_and_mask((8, 8))
     clean = data.test.images[record.bd_test.indices]

@@ -1,6 +1,7 @@
 """BNP: BackdoorBench's KL score of a BN channel (against torch.distributions), a planted
 channel whose running statistics disagree with the clean data is pruned and no other, the
 statistics come from a seeded clean batch, and a run through the harness on digits."""
+
 from __future__ import annotations
 
 import contextlib
@@ -87,6 +88,7 @@ def test_run_on_digits(record_root):
     assert summary["total_neurons"] == 288 and summary["pruned_neurons"] > 0
     for name, count in summary["pruned_by_layer"].items():
         assert int((state[f"{name}.weight"] == 0).sum()) == int((state[f"{name}.bias"] == 0).sum()) == count
-    again = defense.run("bnp", result_file="badnet_digits", record_root=str(record_root), device="cpu", u=1.0,
-                        overwrite=True)
+    again = defense.run(
+        "bnp", result_file="badnet_digits", record_root=str(record_root), device="cpu", u=1.0, overwrite=True
+    )
     assert again["pruned_by_layer"] == summary["pruned_by_layer"]  # the clean batch is drawn from the seed

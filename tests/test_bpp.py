@@ -1,6 +1,7 @@
 """BppAttack: squeezed images hold only squeeze_num levels, Floyd-Steinberg error
 diffusion matches a hand-computed example and the row-major loop, and each batch gets
 backdoor and negative samples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,8 +62,9 @@ def test_wavefront_dithering_equals_the_row_major_loop():
 
 
 def test_batch_hook_makes_backdoor_and_negative_samples():
-    ctx = AttackContext(load_dataset("digits"), 0, "all2one", torch.device("cpu"), np.random.default_rng(0),
-                        {"pratio": 0.1})
+    ctx = AttackContext(
+        load_dataset("digits"), 0, "all2one", torch.device("cpu"), np.random.default_rng(0), {"pratio": 0.1}
+    )
     bpp = BPP(squeeze_num=4, neg_ratio=0.1)
     bpp.prepare(ctx)
     x, y = torch.rand(50, 1, 8, 8), torch.randint(0, 10, (50,))

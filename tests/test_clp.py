@@ -1,6 +1,7 @@
 """CLP: the channel Lipschitz upper bound against a hand-computed spectral norm, the
 outlier rule on a planted channel, BackdoorBench's conv/BN pairing, the refusal of a model
 without BatchNorm, and a run through the harness on digits."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,8 +65,9 @@ def test_a_planted_channel_with_a_large_bound_is_pruned_and_no_other():
 
 
 def test_each_bn_goes_with_the_last_convolution_before_it():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1),
-                          nn.BatchNorm2d(5))  # the last BN has no matching convolution: skipped
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(5)
+    )  # the last BN has no matching convolution: skipped
     pairs = conv_bn_pairs(model)
     assert [(conv_name, bn_name) for conv_name, _, bn_name, _ in pairs] == [("1", "2")]
 
@@ -88,5 +90,6 @@ def test_run_on_digits_prunes_in_the_saved_weights(record_root):
         zeroed += count
     assert zeroed == summary["pruned_channels"]
     changed = [k for k, v in record.model.items() if not torch.equal(v, state[k])]
-    assert changed and all(k.endswith((".weight", ".bias")) and k.rsplit(".", 1)[0] in summary["pruned_by_layer"]
-                           for k in changed)
+    assert changed and all(
+        k.endswith((".weight", ".bias")) and k.rsplit(".", 1)[0] in summary["pruned_by_layer"] for k in changed
+    )

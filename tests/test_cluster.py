@@ -6,6 +6,7 @@ resources per method, code versions in the summaries.
 
 The cluster tests are marked ``ray`` and skipped without Ray; every process they start is
 ended by its pid (never `ray stop`, which would end other people's Ray on this host)."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- leases --------------------------------------------------------------------------------------------
 
+
 def test_a_lease_is_refreshed_while_held_and_an_expired_one_is_taken_over(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SAUBENCH_LEASE_SECONDS", "0.4")  # heartbeat every 0.1 s
     lock = tmp_path / ".run.lock"
@@ -51,16 +53,19 @@ def test_a_lease_is_refreshed_while_held_and_an_expired_one_is_taken_over(tmp_pa
     with pytest.raises(LockHeld) as held:
         StagedFolder(tmp_path / "run").open()
     assert held.value.lock == lock and f"remove {lock} if that run is gone" in str(held.value)
-    assert inspect(lock).remote and wait_until_free(lock, timeout=0.1, poll=0.05) == \
-        f"process {os.getppid()} on host another-host"
+    assert (
+        inspect(lock).remote
+        and wait_until_free(lock, timeout=0.1, poll=0.05) == f"process {os.getppid()} on host another-host"
+    )
     old = time.time() - 1
     os.utime(lock, (old, old))  # its node was lost: no heartbeat for longer than the lease
     assert wait_until_free(lock, timeout=0.1, poll=0.05) is None
     with caplog.at_level(logging.WARNING, logger="saubench"):
         folder = StagedFolder(tmp_path / "run")
         folder.open()
-    assert f"taking over the lock {lock}: the lease of process {os.getppid()} on host another-host expired" \
-        in caplog.text
+    assert (
+        f"taking over the lock {lock}: the lease of process {os.getppid()} on host another-host expired" in caplog.text
+    )
     assert lock.read_text() == f"{os.getpid()} {socket.gethostname()}\n"
     folder.discard()
     assert not lock.exists()
@@ -71,24 +76,37 @@ def test_the_table_note_names_the_full_path_of_a_lock_that_binds(record_root, mo
     lock = record_root / "badnet_digits" / "defense" / ".ft_seed1.lock"
     lock.parent.mkdir(exist_ok=True)
     lock.write_text("4242 a-host-far-away-with-a-long-name-" + "x" * 120 + "\n")
-    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
-                         plots=False, quiet=True, defenses=["ft"], seeds=[1])
+    result = compare.run(
+        result_file=["badnet_digits"],
+        record_root=str(record_root),
+        device="cpu",
+        smoke=True,
+        plots=False,
+        quiet=True,
+        defenses=["ft"],
+        seeds=[1],
+    )
     note = next(n for n in result["notes"] if "ft on badnet_digits (seed 1): failed" in n)
     assert f"remove {lock} if that run is gone" in note and len(note) > 300  # not cut
 
 
 # -- resources per method and what made a result ---------------------------------------------------------------
 
+
 def test_grid_resources_per_method_are_checked():
-    assert parse_resources({"nc": {"cpus": 2, "gpus": 1, "memory": "8G"}, "badnet": {"memory": 1000}},
-                           ["badnet", "nc", "ft"], "g.yaml") == {"nc": {"cpus": 2.0, "gpus": 1.0,
-                                                                        "memory": 8 * 1024 ** 3},
-                                                                 "badnet": {"memory": 1000}}
-    assert parse_memory("512MiB", "x") == 512 * 1024 ** 2 and parse_memory("1.5g", "x") == int(1.5 * 1024 ** 3)
-    bad = [({"sau": {"cpus": 1}}, "'sau' is not an attack or defense of the grid"),
-           ({"nc": {"cpu": 1}}, "unknown key 'cpu'"), ({"nc": {"cpus": 0}}, "cpus must be a number > 0"),
-           ({"nc": {"gpus": -1}}, "gpus must be a number >= 0"), ({"nc": {"memory": "lots"}}, "memory must be"),
-           ({"nc": 2}, "must be a mapping"), ([1], "'resources' must be a mapping")]
+    assert parse_resources(
+        {"nc": {"cpus": 2, "gpus": 1, "memory": "8G"}, "badnet": {"memory": 1000}}, ["badnet", "nc", "ft"], "g.yaml"
+    ) == {"nc": {"cpus": 2.0, "gpus": 1.0, "memory": 8 * 1024**3}, "badnet": {"memory": 1000}}
+    assert parse_memory("512MiB", "x") == 512 * 1024**2 and parse_memory("1.5g", "x") == int(1.5 * 1024**3)
+    bad = [
+        ({"sau": {"cpus": 1}}, "'sau' is not an attack or defense of the grid"),
+        ({"nc": {"cpu": 1}}, "unknown key 'cpu'"),
+        ({"nc": {"cpus": 0}}, "cpus must be a number > 0"),
+        ({"nc": {"gpus": -1}}, "gpus must be a number >= 0"),
+        ({"nc": {"memory": "lots"}}, "memory must be"),
+        ({"nc": 2}, "must be a mapping"),
+        ([1], "'resources' must be a mapping"),
+    ]
     for value, message in bad:
         with pytest.raises(UserError, match=message):
             parse_resources(value, ["badnet", "nc", "ft"], "g.yaml")
@@ -96,19 +114,28 @@ def test_grid_resources_per_method_are_checked():
 
 def test_grid_resources_reach_each_run(tmp_path):
     grid = tmp_path / "grid.yaml"
-    grid.write_text("datasets: [digits]\nattacks: [badnet]\ndefenses: [ft, fp]\n"
-                    "resources:\n  fp: {cpus: 2, memory: 1G}\n  badnet: {gpus: 0.5}\n")
+    grid.write_text(
+        "datasets: [digits]\nattacks: [badnet]\ndefenses: [ft, fp]\n"
+        "resources:\n  fp: {cpus: 2, memory: 1G}\n  badnet: {gpus: 0.5}\n"
+    )
     values = compare.resolve(["--grid", str(grid)], {})
     spec = compare.load_grid(grid, values)
-    assert spec.resources == {"fp": {"cpus": 2.0, "memory": 1024 ** 3}, "badnet": {"gpus": 0.5}}
+    assert spec.resources == {"fp": {"cpus": 2.0, "memory": 1024**3}, "badnet": {"gpus": 0.5}}
     grid.write_text("datasets: [digits]\nattacks: [badnet]\ndefenses: [ft]\nresources: {nc: {cpus: 2}}\n")
     with pytest.raises(UserError, match=r"grid.yaml: resources: 'nc' is not an attack or defense of the grid"):
         compare.load_grid(grid, values)
 
 
 def test_every_summary_names_code_version_host_and_node(record_root):
-    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
-                         plots=False, quiet=True, defenses=["ft"])
+    result = compare.run(
+        result_file=["badnet_digits"],
+        record_root=str(record_root),
+        device="cpu",
+        smoke=True,
+        plots=False,
+        quiet=True,
+        defenses=["ft"],
+    )
     summary = json.loads((record_root / "badnet_digits/defense/ft/summary.json").read_text())
     code = summary["code"]
     assert code["package"].startswith("sau-bench ") and len(code["commit"]) == 40 and isinstance(code["dirty"], bool)
@@ -122,6 +149,7 @@ def test_every_summary_names_code_version_host_and_node(record_root):
 
 
 # -- the checks on every node, with the nodes played by this process ------------------------------------------------
+
 
 class Nodes:
     """RayExecutor.on_every_node's stand-in: ``fn`` called here once per pretended node,
@@ -153,14 +181,20 @@ def test_each_node_must_see_the_record_root_the_datasets_and_the_code(tmp_path, 
         cluster.check_nodes(Nodes({"a" * 56: {}, "b" * 56: {"SAUBENCH_TEST_UNSHARED": str(root)}}), root, [])
     empty = tmp_path / "data"
     empty.mkdir()
-    with pytest.raises(UserError, match=rf"^dataset mnist is not on node aaaaaaaaaaaa \(host .*\): no .* under "
-                                        rf"{empty} \(put the files there on every node"):
+    with pytest.raises(
+        UserError,
+        match=rf"^dataset mnist is not on node aaaaaaaaaaaa \(host .*\): no .* under "
+        rf"{empty} \(put the files there on every node",
+    ):
         cluster.check_nodes(Nodes({"a" * 56: {}}), root, [("mnist", str(empty))])
     other = {"package": "sau-bench 0.0.9", "commit": None, "dirty": None}
     real = cluster.probe
     monkeypatch.setattr(cluster, "probe", lambda *a: {**real(*a), "code": other})
-    with pytest.raises(UserError, match=r"runs sau-bench 0.0.9, the driver sau-bench .*: install the same version on "
-                                        r"every node, or pass --ray_code working_dir"):
+    with pytest.raises(
+        UserError,
+        match=r"runs sau-bench 0.0.9, the driver sau-bench .*: install the same version on "
+        r"every node, or pass --ray_code working_dir",
+    ):
         cluster.check_nodes(Nodes({"a" * 56: {}}), root, [])
     assert cluster.check_nodes(Nodes({"a" * 56: {}}), root, [], ray_code="working_dir") == 1
     # a checkout shipped by Ray (no .git) names the driver's version, which the driver put in the environment
@@ -182,16 +216,26 @@ def test_a_failure_names_its_log_only_when_the_log_exists(tmp_path):
     from bench.jobs import Run
     from bench.tables import aggregate, notes_of
 
-    lost = Run("defense", "r1", "ft", 0, log=tmp_path / "never-written.log", status="failed",
-               message="Ray: The worker died unexpectedly (tried 2 times)")
+    lost = Run(
+        "defense",
+        "r1",
+        "ft",
+        0,
+        log=tmp_path / "never-written.log",
+        status="failed",
+        message="Ray: The worker died unexpectedly (tried 2 times)",
+    )
     ran = Run("defense", "r1", "ft", 1, log=tmp_path / "ft_seed1.log", status="failed", message="ValueError: x")
     ran.log.write_text("Traceback ...\n")
     notes = notes_of(aggregate("t", ["r1"], ["ft"], [0, 1], [lost, ran]))
-    assert notes == ["ft on r1 (seed 0): failed: Ray: The worker died unexpectedly (tried 2 times)",
-                     f"ft on r1 (seed 1): failed: ValueError: x (log: {ran.log})"]
+    assert notes == [
+        "ft on r1 (seed 0): failed: Ray: The worker died unexpectedly (tried 2 times)",
+        f"ft on r1 (seed 1): failed: ValueError: x (log: {ran.log})",
+    ]
 
 
 # -- a two-node Ray cluster on this host -----------------------------------------------------------------------
+
 
 def _free_ports(n: int) -> list[int]:
     socks = []
@@ -248,22 +292,63 @@ class Cluster:
         ports = _free_ports(32)  # all at once: distinct
         self.port, self.b_manager_port = ports[0], ports[8]
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    # a lost node is noticed in about a second
-                    "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
-                    "RAY_health_check_initial_delay_ms": "500", "SAUBENCH_NO_PROGRESS": "1"}
-        common = ["--num-cpus", "1", "--disable-usage-stats", "--object-store-memory", str(80 * 1024 ** 2)]
-        head = ["--head", "--port", str(self.port), "--include-dashboard", "false", "--dashboard-port",
-                str(ports[1]), "--temp-dir", str(self.temp), "--node-manager-port", str(ports[2]),
-                "--object-manager-port", str(ports[3]), "--runtime-env-agent-port", str(ports[4]),
-                "--metrics-export-port", str(ports[5]), "--dashboard-agent-listen-port", str(ports[6]),
-                "--dashboard-agent-grpc-port", str(ports[7]), "--worker-port-list",
-                ",".join(map(str, ports[16:24]))]
-        node_b = ["--address", self.address, "--node-manager-port", str(ports[8]), "--object-manager-port",
-                  str(ports[9]), "--runtime-env-agent-port", str(ports[10]), "--metrics-export-port", str(ports[11]),
-                  "--dashboard-agent-listen-port", str(ports[12]), "--dashboard-agent-grpc-port", str(ports[13]),
-                  "--worker-port-list", ",".join(map(str, ports[24:32]))]
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            # a lost node is noticed in about a second
+            "RAY_health_check_period_ms": "500",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "500",
+            "SAUBENCH_NO_PROGRESS": "1",
+        }
+        common = ["--num-cpus", "1", "--disable-usage-stats", "--object-store-memory", str(80 * 1024**2)]
+        head = [
+            "--head",
+            "--port",
+            str(self.port),
+            "--include-dashboard",
+            "false",
+            "--dashboard-port",
+            str(ports[1]),
+            "--temp-dir",
+            str(self.temp),
+            "--node-manager-port",
+            str(ports[2]),
+            "--object-manager-port",
+            str(ports[3]),
+            "--runtime-env-agent-port",
+            str(ports[4]),
+            "--metrics-export-port",
+            str(ports[5]),
+            "--dashboard-agent-listen-port",
+            str(ports[6]),
+            "--dashboard-agent-grpc-port",
+            str(ports[7]),
+            "--worker-port-list",
+            ",".join(map(str, ports[16:24])),
+        ]
+        node_b = [
+            "--address",
+            self.address,
+            "--node-manager-port",
+            str(ports[8]),
+            "--object-manager-port",
+            str(ports[9]),
+            "--runtime-env-agent-port",
+            str(ports[10]),
+            "--metrics-export-port",
+            str(ports[11]),
+            "--dashboard-agent-listen-port",
+            str(ports[12]),
+            "--dashboard-agent-grpc-port",
+            str(ports[13]),
+            "--worker-port-list",
+            ",".join(map(str, ports[24:32])),
+        ]
         try:
             self._start(head + common, self.env)
             self._start(node_b + common, {**self.env, "SAUBENCH_TEST_UNSHARED": str(hidden)})
@@ -273,8 +358,14 @@ class Cluster:
         self.b_node = self._node_id(self.b_manager_port)
 
     def _start(self, args: list[str], env: dict[str, str]) -> None:
-        proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "start", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         if proc.returncode != 0:
             pytest.fail(f"ray start failed: {proc.stderr[-2000:]}")
 
@@ -309,10 +400,30 @@ def cluster(tmp_path_factory):
 def _compare_cli(cluster: Cluster, grid: Path, root: Path, *extra: str) -> subprocess.Popen:
     """defense/compare.py on the cluster, in a process of its own (Ray reads its token from
     the environment when it is first imported)."""
-    return subprocess.Popen([sys.executable, "defense/compare.py", "--grid", str(grid), "--record_root", str(root),
-                             "--device", "cpu", "--no-plots", "--quiet", "--executor", "ray", "--ray_address",
-                             cluster.address, *extra], cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "defense/compare.py",
+            "--grid",
+            str(grid),
+            "--record_root",
+            str(root),
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--quiet",
+            "--executor",
+            "ray",
+            "--ray_address",
+            cluster.address,
+            *extra,
+        ],
+        cwd=ROOT,
+        env=cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 CLUSTER_GRID = """
@@ -336,8 +447,10 @@ def test_a_node_that_cannot_see_the_record_root_stops_the_grid_with_one_line(clu
     out, err = proc.communicate(timeout=240)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and out == "" and len(lines) == 1, err[-3000:]
-    assert lines[0].startswith(f"error: the record root {cluster.hidden} is not shared storage: node "
-                               f"{cluster.b_node[:12]} (host {socket.gethostname()}) cannot read back")
+    assert lines[0].startswith(
+        f"error: the record root {cluster.hidden} is not shared storage: node "
+        f"{cluster.b_node[:12]} (host {socket.gethostname()}) cannot read back"
+    )
     assert "docs/cluster.md" in lines[0]
     assert not (cluster.hidden / "badnet_digits").exists()  # nothing ran
 
@@ -390,7 +503,7 @@ def test_ray_code_working_dir_ships_this_checkout_with_its_version(tmp_path):
     from utils.provenance import code_version
 
     with RayExecutor(None, 1, runtime_env=runtime_env("working_dir")) as ex:
-        (node, shipped), = ex.on_every_node(code_version)
+        ((node, shipped),) = ex.on_every_node(code_version)
     assert shipped["shipped_by_driver"] and {k: shipped[k] for k in ("package", "commit", "dirty")} == code_version()
 
 
@@ -408,8 +521,16 @@ def test_compare_resume_continues_a_run_left_unfinished(record_root, monkeypatch
     with pytest.raises(KeyboardInterrupt):  # a comparison's run, killed after its first epoch
         defense.run("ft", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2)
     monkeypatch.setattr(utils.train.Checkpoint, "save", real)
-    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
-                         plots=False, quiet=True, defenses=["ft"], resume=True)
+    result = compare.run(
+        result_file=["badnet_digits"],
+        record_root=str(record_root),
+        device="cpu",
+        smoke=True,
+        plots=False,
+        quiet=True,
+        defenses=["ft"],
+        resume=True,
+    )
     assert [r["status"] for r in result["runs"]] == ["reused", "done"]
     log = (record_root / "compare/badnet_digits/logs/badnet_digits/ft.log").read_text()
     assert "resuming after epoch 0" in log

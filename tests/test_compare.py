@@ -1,6 +1,7 @@
 """The comparison (bench/, also python defense/compare.py) and its pieces: aggregation and
 table rendering (bench.tables), runs and executors (bench.jobs, bench.executors), resume,
 failures, config mismatches, grids (bench.grid), plots and the HTML page (bench.page)."""
+
 from __future__ import annotations
 
 import base64
@@ -27,11 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- aggregation on hand-made summaries ----------------------------------------------------------------
 
+
 def _write_summary(folder: Path, acc: float, asr: float, ra: float, der: float, seconds: float) -> Path:
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({
-        "before": {"clean_acc": 0.95, "asr": 1.0, "ra": 0.0},
-        "after": {"clean_acc": acc, "asr": asr, "ra": ra}, "der": der, "seconds": seconds, "device": "cpu"}))
+    (folder / "summary.json").write_text(
+        json.dumps(
+            {
+                "before": {"clean_acc": 0.95, "asr": 1.0, "ra": 0.0},
+                "after": {"clean_acc": acc, "asr": asr, "ra": ra},
+                "der": der,
+                "seconds": seconds,
+                "device": "cpu",
+            }
+        )
+    )
     return folder
 
 
@@ -39,15 +49,21 @@ def _hand_made(tmp_path: Path) -> list[Run]:
     """Record r1: defense a (ASR 10% and 20%), defense b (ASR 5% and 7%); b's C-Acc is lower."""
     att = tmp_path / "r1"
     att.mkdir()
-    (att / "attack_summary.json").write_text(json.dumps({"clean_acc": 0.95, "asr": 1.0, "ra": 0.0, "seconds": 9.0,
-                                                          "device": "cpu"}))
+    (att / "attack_summary.json").write_text(
+        json.dumps({"clean_acc": 0.95, "asr": 1.0, "ra": 0.0, "seconds": 9.0, "device": "cpu"})
+    )
     runs = [Run("attack", "r1", "badnet", 0, status="reused", summary=read_json(att / "attack_summary.json"))]
-    values = {("a", 0): (0.90, 0.10, 0.80, 0.90), ("a", 1): (0.92, 0.20, 0.70, 0.85),
-              ("b", 0): (0.80, 0.05, 0.60, 0.80), ("b", 1): (0.84, 0.07, 0.92, 0.80)}
+    values = {
+        ("a", 0): (0.90, 0.10, 0.80, 0.90),
+        ("a", 1): (0.92, 0.20, 0.70, 0.85),
+        ("b", 0): (0.80, 0.05, 0.60, 0.80),
+        ("b", 1): (0.84, 0.07, 0.92, 0.80),
+    }
     for (d, seed), (acc, asr, ra, der) in values.items():
         folder = _write_summary(att / "defense" / f"{d}_seed{seed}", acc, asr, ra, der, 2.0 + seed)
-        runs.append(Run("defense", "r1", d, seed, folder=folder, status="reused",
-                        summary=read_json(folder / "summary.json")))
+        runs.append(
+            Run("defense", "r1", d, seed, folder=folder, status="reused", summary=read_json(folder / "summary.json"))
+        )
     return runs
 
 
@@ -75,10 +91,14 @@ def test_by_record_layout_has_a_row_per_record_and_the_same_cells(tmp_path):
     runs[0].summary.pop("seconds")  # the attack's time unknown: shown as a dash
     table = aggregate("t", ["r1", "r2"], ["a", "b"], [0], runs)  # r2: asked for, nothing run
     md = markdown(table, rows="records").splitlines()
-    assert md[0] == ("| Record | no defense C-Acc | ASR | RA | DER | Time | a C-Acc | ASR | RA | DER | Time "
-                     "| b C-Acc | ASR | RA | DER | Time |")
-    assert md[2] == ("| r1 | 95.00 | 100.00 | 0.00 | — | — | **90.00** | 10.00 | **80.00** | **90.00** | 2.0 s cpu "
-                     "| 80.00 | **5.00** | 60.00 | 80.00 | 2.0 s cpu |")
+    assert md[0] == (
+        "| Record | no defense C-Acc | ASR | RA | DER | Time | a C-Acc | ASR | RA | DER | Time "
+        "| b C-Acc | ASR | RA | DER | Time |"
+    )
+    assert md[2] == (
+        "| r1 | 95.00 | 100.00 | 0.00 | — | — | **90.00** | 10.00 | **80.00** | **90.00** | 2.0 s cpu "
+        "| 80.00 | **5.00** | 60.00 | 80.00 | 2.0 s cpu |"
+    )
     assert md[3] == "| r2 |" + " — |" * 15
     assert len([line for line in md if line.startswith("| r")]) == 2
     alone = aggregate("t", ["r1"], ["a"], [0], [r for r in runs if r.method != "b"])
@@ -99,29 +119,40 @@ def test_config_diff_ignores_where_and_how():
     stored = {"epochs": 3, "lr": 0.1, "device": "cuda", "record_root": "/a", "result_name": None, "eval_every": 5}
     requested = {"epochs": 3, "lr": 0.1, "device": "cpu", "record_root": "/b", "eval_every": 1}
     assert config_diff(requested, stored, CONTROL_KEYS) == []
-    assert config_diff(requested, stored) == ["device: result 'cuda', requested 'cpu'", "eval_every: result 5, "
-                                              "requested 1", "record_root: result '/a', requested '/b'",
-                                              "result_name: result None, requested (absent)"]
+    assert config_diff(requested, stored) == [
+        "device: result 'cuda', requested 'cpu'",
+        "eval_every: result 5, requested 1",
+        "record_root: result '/a', requested '/b'",
+        "result_name: result None, requested (absent)",
+    ]
     assert config_diff({"epochs": 2, "lr": 0.1}, stored, CONTROL_KEYS) == ["epochs: result 3, requested 2"]
     assert config_diff({"epochs": 3, "lr": 0.1, "new": 1}, stored, CONTROL_KEYS) == [
-        "new: result (absent), requested 1"]
+        "new: result (absent), requested 1"
+    ]
     # a parameter marked absent_is_default, added after the run was made: its absence is its default
     unset = {"retune": False}
     assert config_diff({"epochs": 3, "lr": 0.1, "retune": False}, stored, CONTROL_KEYS, defaults=unset) == []
     assert config_diff({"epochs": 3, "lr": 0.1, "retune": True}, stored, CONTROL_KEYS, defaults=unset) == [
-        "retune: result False, requested True"]
+        "retune: result False, requested True"
+    ]
     assert config_diff({"epochs": 3, "lr": 0.1, "other": None}, stored, CONTROL_KEYS, defaults=unset) == [
-        "other: result (absent), requested None"]  # not marked: a new parameter may change what runs compute
+        "other: result (absent), requested None"
+    ]  # not marked: a new parameter may change what runs compute
     from defense.base import COMMON
     from utils.config import absent_defaults
+
     assert absent_defaults(COMMON) == {"retune": False, "retrain": None}
 
 
 # -- executors ---------------------------------------------------------------------------------
 
+
 def _check_dependencies(ex, tmp_path):
     first, second = tmp_path / "first.txt", tmp_path / "second.txt"
-    slow = ex.submit(subprocess.run, (["sh", "-c", f"sleep 1 && echo x > {first}"],), )
+    slow = ex.submit(
+        subprocess.run,
+        (["sh", "-c", f"sleep 1 && echo x > {first}"],),
+    )
     after = ex.submit(shutil.copyfile, (str(first), str(second)), deps=[slow])  # fails if run before `slow`
     bad = ex.submit(operator.truediv, (1, 0))
     blocked = ex.submit(operator.add, (1, 2), deps=[bad])
@@ -144,10 +175,12 @@ def test_process_executor_runs_dependents_after_their_dependencies(tmp_path):
 
 # -- the command on the session's digits record ------------------------------------------------------
 
+
 def _compare(root, **kw):
     kw.setdefault("defense_fn", None)
-    return compare.run(result_file=["badnet_digits"], record_root=str(root), device="cpu", smoke=True,
-                       plots=False, quiet=True, **kw)
+    return compare.run(
+        result_file=["badnet_digits"], record_root=str(root), device="cpu", smoke=True, plots=False, quiet=True, **kw
+    )
 
 
 class Counting:
@@ -176,7 +209,11 @@ def test_seed_layout_and_resume_after_an_interruption(record_root):
     first = _compare(record_root, defenses=["ft", "sau"], seeds=[0, 1], defense_fn=resumed)
     assert resumed.calls == [("sau", 0), ("sau", 1)]
     assert {(r["method"], r["seed"]): r["status"] for r in first["runs"] if r["side"] == "defense"} == {
-        ("ft", 0): "reused", ("ft", 1): "reused", ("sau", 0): "done", ("sau", 1): "done"}
+        ("ft", 0): "reused",
+        ("ft", 1): "reused",
+        ("sau", 0): "done",
+        ("sau", 1): "done",
+    }
     assert sorted(p.name for p in out.iterdir()) == ["ft", "ft_seed1", "sau", "sau_seed1"]
 
     again = Counting()
@@ -191,7 +228,9 @@ def test_report_runs_nothing_and_shows_what_exists(record_root):
     result = _compare(record_root, defenses=["ft", "sau"], seeds=[0], table_only=True, defense_fn=calls)
     assert calls.calls == [] and not (record_root / "badnet_digits" / "defense" / "sau").exists()
     assert {r["method"]: r["status"] for r in result["runs"] if r["side"] == "defense"} == {
-        "ft": "reused", "sau": "todo"}
+        "ft": "reused",
+        "sau": "todo",
+    }
     rows = {r["defense"]: r for r in result["rows"]}
     assert rows["ft"]["n"] == 1 and rows["sau"]["n"] == 0
     assert "| sau | not run | — |" in result["markdown"] and result["failed"] == 0
@@ -238,6 +277,7 @@ def test_bad_input_is_one_user_error(record_root, tmp_path):
 
 # -- grids ------------------------------------------------------------------------------------------
 
+
 def _grid(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "grid.yaml"
     path.write_text(text)
@@ -269,8 +309,15 @@ def test_grid_makes_missing_records_then_defends(tmp_path):
         return defense.run(name, **kw)
 
     grid = _grid(tmp_path, TINY_GRID)
-    kw = dict(grid=str(grid), record_root=str(tmp_path / "rec"), device="cpu", quiet=True, plots=False,
-              attack_fn=attack_fn, defense_fn=defense_fn)
+    kw = dict(
+        grid=str(grid),
+        record_root=str(tmp_path / "rec"),
+        device="cpu",
+        quiet=True,
+        plots=False,
+        attack_fn=attack_fn,
+        defense_fn=defense_fn,
+    )
     result = compare.run(**kw)
     assert calls == ["attack badnet", "ft 0", "ft 1"] and result["name"] == "grid"
     assert [r["defense"] for r in result["rows"]] == [NO_DEFENSE, "ft"] and result["rows"][1]["n"] == 2
@@ -300,15 +347,28 @@ def test_record_seeds_make_a_record_per_seed_and_a_column_per_attack(tmp_path):
         return defense.run(name, **kw)
 
     grid = _grid(tmp_path, TINY_GRID + "record_seeds: true\n")
-    result = compare.run(grid=str(grid), record_root=str(tmp_path / "rec"), device="cpu", quiet=True, plots=False,
-                         attack_fn=attack_fn, defense_fn=defense_fn)
-    assert sorted(calls) == ["attack badnet_digits 0", "attack badnet_digits_seed1 1", "ft badnet_digits 0",
-                             "ft badnet_digits_seed1 1"]
+    result = compare.run(
+        grid=str(grid),
+        record_root=str(tmp_path / "rec"),
+        device="cpu",
+        quiet=True,
+        plots=False,
+        attack_fn=attack_fn,
+        defense_fn=defense_fn,
+    )
+    assert sorted(calls) == [
+        "attack badnet_digits 0",
+        "attack badnet_digits_seed1 1",
+        "ft badnet_digits 0",
+        "ft badnet_digits_seed1 1",
+    ]
     assert result["records"] == ["badnet_digits"]
     baseline, ft = result["rows"]
     assert baseline["n"] == 2 and ft["n"] == 2 and ft["seeds"] == [0, 1]
-    accs = [json.loads((tmp_path / "rec" / r / "attack_summary.json").read_text())["clean_acc"]
-            for r in ("badnet_digits", "badnet_digits_seed1")]
+    accs = [
+        json.loads((tmp_path / "rec" / r / "attack_summary.json").read_text())["clean_acc"]
+        for r in ("badnet_digits", "badnet_digits_seed1")
+    ]
     assert accs[0] != accs[1]  # two records, trained with two seeds
     assert "the attack's record and the defense both made with seed k" in result["markdown"]
     with pytest.raises(UserError, match="'record_seeds' must be true or false"):
@@ -348,7 +408,8 @@ def test_shipped_grids_ask_for_what_they_say():
     assert all(r.options.get("pratio") == 0.1 for r in paper.records if r.attack != "sig")
     attacks = compare.load_grid(ROOT / "config/grid/fashion_mnist_attacks.yaml", values)
     assert {r.options.get("clean_model") for r in attacks.records if r.attack in ("lf", "trojannn")} == {
-        "prototype_fashion_mnist"}
+        "prototype_fashion_mnist"
+    }
     assert list(attacks.defenses) == ["sau"] and attacks.defenses["sau"]["eval_every"] == 5
 
 
@@ -358,33 +419,76 @@ def test_python_m_bench_and_the_defense_compare_alias_are_one_command(record_roo
     assert defense.compare.run is compare.run and defense.compare.main is compare.main
     assert "compare" not in defense.DEFENSES.names()  # the alias is no defense
     env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([sys.executable, "-m", "bench", "--grid", str(_grid(tmp_path, TINY_GRID.replace(
-        "[badnet]", "[badnett]"))), "--record_root", str(record_root)], cwd=ROOT, capture_output=True, text=True,
-        env=env, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--grid",
+            str(_grid(tmp_path, TINY_GRID.replace("[badnet]", "[badnett]"))),
+            "--record_root",
+            str(record_root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "unknown attack 'badnett'" in bad.stderr
-    usage = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
-                           env=env, timeout=300)
+    usage = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+    )
     assert usage.returncode == 0 and usage.stdout.startswith("usage: python -m bench")
 
 
 def test_command_line_prints_the_table_and_exits_2_on_bad_input(record_root, tmp_path):
     env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    bad = subprocess.run([sys.executable, "defense/compare.py", "--grid", str(_grid(tmp_path, TINY_GRID.replace(
-        "[badnet]", "[badnett]"))), "--record_root", str(record_root)], cwd=ROOT, capture_output=True, text=True,
-        env=env, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "defense/compare.py",
+            "--grid",
+            str(_grid(tmp_path, TINY_GRID.replace("[badnet]", "[badnett]"))),
+            "--record_root",
+            str(record_root),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1 and "unknown attack 'badnett'" in bad.stderr
     _compare(record_root, defenses=["ft"])
-    ok = subprocess.run([sys.executable, "defense/compare.py", "--result_file", "badnet_digits", "--defenses", "ft",
-                         "--smoke", "--device", "cpu", "--record_root", str(record_root), "--no-plots"], cwd=ROOT,
-                        capture_output=True, text=True, env=env, timeout=300)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "defense/compare.py",
+            "--result_file",
+            "badnet_digits",
+            "--defenses",
+            "ft",
+            "--smoke",
+            "--device",
+            "cpu",
+            "--record_root",
+            str(record_root),
+            "--no-plots",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     # the terminal gets a table that fits 100 columns and the name of the full markdown file
     table_md = record_root / "compare" / "badnet_digits" / "table.md"
     table_lines = ok.stdout.splitlines()[:-1]  # the last names the file: a path, as long as it is
-    assert max(len(line) for line in table_lines) <= 100 < max(len(line) for line in
-                                                               table_md.read_text().splitlines())
+    assert max(len(line) for line in table_lines) <= 100 < max(len(line) for line in table_md.read_text().splitlines())
     assert ok.stdout.rstrip().endswith(f"The full table (markdown): {table_md}")
     ft_line = next(line for line in ok.stdout.splitlines() if line.startswith("ft "))
     assert ft_line.split()[1] == table_md.read_text().split("| ft | ")[1].split(" |")[0].strip("*")
@@ -392,6 +496,7 @@ def test_command_line_prints_the_table_and_exits_2_on_bad_input(record_root, tmp
 
 
 # -- plots and the HTML page -------------------------------------------------------------------------
+
 
 class _Page(HTMLParser):
     def __init__(self):
@@ -421,8 +526,11 @@ def html_result(record_root):
 
 def test_html_page_holds_the_table_and_embedded_plots(html_result, record_root):
     out = record_root / "compare" / "badnet_digits"
-    assert sorted(p.name for p in out.glob("*.png")) == ["curves_badnet_digits.png", "sau_shared_rate.png",
-                                                         "scatter_badnet_digits.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "curves_badnet_digits.png",
+        "sau_shared_rate.png",
+        "scatter_badnet_digits.png",
+    ]
     page = _Page()
     page.feed((out / "index.html").read_text())
     assert page.tables == ["compare"] and page.rows == 2 + 3  # two header rows; no defense, ft, sau
@@ -445,10 +553,25 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)")
 def test_html_page_renders_in_headless_chromium(html_result, record_root, tmp_path):
     page = record_root / "compare" / "badnet_digits" / "index.html"
-    proc = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     assert '<table id="compare">' in dom and "no defense" in dom and ">sau</td>" in dom
@@ -456,6 +579,7 @@ def test_html_page_renders_in_headless_chromium(html_result, record_root, tmp_pa
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -480,14 +604,39 @@ def test_ray_compare_writes_to_the_shared_record_root(local_ray, record_root):
 
 # -- what a newcomer reads ---------------------------------------------------------------------------
 
+
 def _table(purpose=None, defenses=("ft", "a_defense_with_a_very_long_name_indeed"), record="r" * 60):
-    runs = [Run("attack", record, "badnet", 0, {}, None, status="reused",
-                summary={"clean_acc": 0.99, "asr": 0.97, "ra": 0.03, "seconds": 33.7, "device": "cpu"})]
+    runs = [
+        Run(
+            "attack",
+            record,
+            "badnet",
+            0,
+            {},
+            None,
+            status="reused",
+            summary={"clean_acc": 0.99, "asr": 0.97, "ra": 0.03, "seconds": 33.7, "device": "cpu"},
+        )
+    ]
     for seed in (0, 1):
         for i, d in enumerate(defenses):
-            runs.append(Run("defense", record, d, seed, {}, None, status="done",
-                            summary={"after": {"clean_acc": 0.981 - 0.01 * i, "asr": 0.1234 + 0.01 * seed,
-                                               "ra": 0.8}, "der": 0.9123, "seconds": 1234.5, "device": "cuda:0"}))
+            runs.append(
+                Run(
+                    "defense",
+                    record,
+                    d,
+                    seed,
+                    {},
+                    None,
+                    status="done",
+                    summary={
+                        "after": {"clean_acc": 0.981 - 0.01 * i, "asr": 0.1234 + 0.01 * seed, "ra": 0.8},
+                        "der": 0.9123,
+                        "seconds": 1234.5,
+                        "device": "cuda:0",
+                    },
+                )
+            )
     runs.append(Run("defense", record, "broken", 0, {}, None, status="failed", message="x" * 300))
     table = aggregate("t", [record], [*defenses, "broken"], [0, 1], runs)
     table.purpose = purpose
@@ -568,10 +717,12 @@ def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_re
 
     result = _compare(record_root, defenses=["ft"], seeds=[0])
     assert "Recipes: reference, for every defense" in result["markdown"] and "Except" not in result["markdown"]
-    on_test = Run("defense", "r", "ft", 0,
-                  summary={"config": {"yaml_path": "config/defense/ft/digits_tuned_on_test.yaml"}})
+    on_test = Run(
+        "defense", "r", "ft", 0, summary={"config": {"yaml_path": "config/defense/ft/digits_tuned_on_test.yaml"}}
+    )
     assert recipe_line("reference", [on_test]).endswith(
-        "Except where the shipped yaml says otherwise: ft (tuned: see the yaml's recipe_note).")
+        "Except where the shipped yaml says otherwise: ft (tuned: see the yaml's recipe_note)."
+    )
     run = Run("defense", "r", "nc", 0, summary={"config": {"yaml_path": "config/defense/nc/digits.yaml"}})
     foreign = Run("defense", "r", "x", 0, summary={"config": {"yaml_path": "../../etc/passwd"}})
     assert recipe_line("reference", [run, foreign]).endswith("or the paper's).")  # nothing to except
@@ -579,6 +730,7 @@ def test_the_recipe_line_names_defenses_whose_shipped_yaml_is_not_a_reference_re
 
 
 # -- issue 22: the retuning attack's column ------------------------------------------------------------
+
 
 def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
     from bench.page import html_table
@@ -593,10 +745,10 @@ def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
     assert a.cells["retune_asr"].mean == pytest.approx(50.0) and a.cells["retune_asr"].text() == "50.00 ± 14.14"
     md = markdown(table)
     assert "| Defense | r1 C-Acc | ASR | RA | DER | ASR after retuning | Time |" in md
-    assert ("| a | **91.00 ± 1.41** | 15.00 ± 7.07 | 75.00 ± 7.07 | **87.50 ± 3.54** | 50.00 ± 14.14 "
-            "| 2.5 ± 0.7 s cpu |") in md
-    assert ("| b | 82.00 ± 2.83 | **6.00 ± 1.41** | **76.00 ± 22.63** | 80.00 ± 0.00 | — "
-            "| 2.5 ± 0.7 s cpu |") in md
+    assert (
+        "| a | **91.00 ± 1.41** | 15.00 ± 7.07 | 75.00 ± 7.07 | **87.50 ± 3.54** | 50.00 ± 14.14 | 2.5 ± 0.7 s cpu |"
+    ) in md
+    assert ("| b | 82.00 ± 2.83 | **6.00 ± 1.41** | **76.00 ± 22.63** | 80.00 ± 0.00 | — | 2.5 ± 0.7 s cpu |") in md
     assert "| no defense | 95.00 | 100.00 | 0.00 | — | — | 9.0 s cpu |" in md
     assert "retuning attack of Min et al. (NeurIPS 2024" in md and "5 poisoned + 45 clean samples" in md
     csv_lines = to_csv(table).splitlines()
@@ -609,8 +761,9 @@ def test_retune_results_get_a_column_with_their_mean_and_a_note(tmp_path):
     a_line = next(line for line in text.splitlines() if line.startswith("a "))
     assert "50.00 ± 14.14" in a_line and "ASR retuned" in text and "no defense " in text
     page = html_table(table)
-    assert '<th colspan="6">r1</th>' in page and "<th>ASR after retuning</th>" in page and "<td>50.00 ± 14.14</td>" \
-        in page
+    assert (
+        '<th colspan="6">r1</th>' in page and "<th>ASR after retuning</th>" in page and "<td>50.00 ± 14.14</td>" in page
+    )
 
 
 def test_without_retune_results_the_table_is_unchanged(tmp_path):
@@ -626,21 +779,40 @@ def test_without_retune_results_the_table_is_unchanged(tmp_path):
 
 # -- issue 20: the detectors' table ----------------------------------------------------------------------
 
+
 def _detector_runs() -> list[Run]:
     """Two detectors on record r1, seeds 0 and 1: ``ac`` retrained a model, ``strip`` (input
     detection) flags nothing of its own on seed 1; ``spectral`` failed."""
+
     def summary(auroc, tpr, f1, seconds, retrained=None):
-        out = {"detection": {"auroc": auroc, "tpr_at_5fpr": tpr, "f1": f1, "positives": 10, "negatives": 90},
-               "seconds": seconds, "device": "cpu"}
+        out = {
+            "detection": {"auroc": auroc, "tpr_at_5fpr": tpr, "f1": f1, "positives": 10, "negatives": 90},
+            "seconds": seconds,
+            "device": "cpu",
+        }
         return {**out, "retrained": retrained} if retrained is not None else out
 
-    return [Run("defense", "r1", "ac", 0, status="done",
-                summary=summary(0.90, 0.50, 0.60, 4.0, {"clean_acc": 0.95, "asr": 0.02, "ra": 0.9, "removed": 12})),
-            Run("defense", "r1", "ac", 1, status="done",
-                summary=summary(0.80, 0.40, 0.50, 6.0, {"clean_acc": 0.93, "asr": 0.04, "ra": 0.9, "removed": 11})),
-            Run("defense", "r1", "strip", 0, status="done", summary=summary(0.99, 0.95, 0.70, 1.0)),
-            Run("defense", "r1", "strip", 1, status="done", summary=summary(0.97, 0.93, None, 1.0)),
-            Run("defense", "r1", "spectral", 0, status="failed", message="boom")]
+    return [
+        Run(
+            "defense",
+            "r1",
+            "ac",
+            0,
+            status="done",
+            summary=summary(0.90, 0.50, 0.60, 4.0, {"clean_acc": 0.95, "asr": 0.02, "ra": 0.9, "removed": 12}),
+        ),
+        Run(
+            "defense",
+            "r1",
+            "ac",
+            1,
+            status="done",
+            summary=summary(0.80, 0.40, 0.50, 6.0, {"clean_acc": 0.93, "asr": 0.04, "ra": 0.9, "removed": 11}),
+        ),
+        Run("defense", "r1", "strip", 0, status="done", summary=summary(0.99, 0.95, 0.70, 1.0)),
+        Run("defense", "r1", "strip", 1, status="done", summary=summary(0.97, 0.93, None, 1.0)),
+        Run("defense", "r1", "spectral", 0, status="failed", message="boom"),
+    ]
 
 
 def test_detector_table_has_tpr_f1_time_and_retrained_numbers():
@@ -703,8 +875,10 @@ def test_roc_plot_per_record_from_stored_points_or_the_scores_csv(tmp_path):
         run.summary["detection"]["roc"] = {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0]}
     folder = tmp_path / "strip_seed1"  # an older summary without points: read from its scores csv
     folder.mkdir()
-    (folder / "strip_scores.csv").write_text("set,index,poisoned,score,flagged\nclean_test,0,0,0.1,\n"
-                                             "clean_test,1,0,0.7,\nbd_test,0,1,0.9,\nbd_test,1,1,0.4,\n")
+    (folder / "strip_scores.csv").write_text(
+        "set,index,poisoned,score,flagged\nclean_test,0,0,0.1,\n"
+        "clean_test,1,0,0.7,\nbd_test,0,1,0.9,\nbd_test,1,1,0.4,\n"
+    )
     runs[3].folder = folder
     assert roc_of(runs[0]) == {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.8, 1.0]}
     assert roc_of(runs[3]) == roc_points(torch.tensor([0.1, 0.7, 0.9, 0.4]), torch.tensor([0, 0, 1, 1]))
@@ -722,14 +896,23 @@ def test_written_outputs_hold_the_detectors_and_count_their_failures(tmp_path):
     from bench.tables import detection_table
 
     detection = detection_table(["r1"], ["ac", "strip", "spectral"], _detector_runs())
-    values = {"plots": False, "html": True, "rows": "defenses", "recipes": "reference", "grid": None,
-              "result_file": ["r1"]}
+    values = {
+        "plots": False,
+        "html": True,
+        "rows": "defenses",
+        "recipes": "reference",
+        "grid": None,
+        "result_file": ["r1"],
+    }
     result = write_outputs(_table(record="r1"), tmp_path, values, detection)
     assert result["failed"] == 2  # the mitigation table's "broken" and the detector "spectral"
     assert result["detection"]["rows"][0]["cells"]["r1"]["f1"] == pytest.approx(55.0)
     assert "**Detectors on r1**" in (tmp_path / "table.md").read_text()
-    assert json.loads((tmp_path / "table.json").read_text())["detection"]["metrics"][:3] == ["auroc", "tpr_at_5fpr",
-                                                                                             "f1"]
+    assert json.loads((tmp_path / "table.json").read_text())["detection"]["metrics"][:3] == [
+        "auroc",
+        "tpr_at_5fpr",
+        "f1",
+    ]
     terminal = result["terminal"].splitlines()[:-1]  # the last line names the markdown file
     assert max(len(line) for line in terminal) <= 100 and "detectors on record r1" in terminal
     assert 'id="detection"' in (tmp_path / "index.html").read_text()

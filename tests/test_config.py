@@ -1,5 +1,6 @@
 """Config precedence and errors: command line > keyword arguments > method YAML > recipe
 YAML > defaults; unknown keys and wrong types stop with one line naming the key and file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +52,18 @@ def test_unknown_key_names_the_key_and_the_file_and_suggests():
         resolve(Layer("config/x.yaml", {"epoch": 3}))
 
 
-@pytest.mark.parametrize("key,value", [("train_mode", "yes"), ("train_mode", 1), ("model", 3), ("norm", "L1"),
-                                       ("betas", 0.9), ("epochs", True), ("lr", "fast")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("train_mode", "yes"),
+        ("train_mode", 1),
+        ("model", 3),
+        ("norm", "L1"),
+        ("betas", 0.9),
+        ("epochs", True),
+        ("lr", "fast"),
+    ],
+)
 def test_wrong_types_are_refused(key, value):
     with pytest.raises(UserError, match=f"b.yaml: '{key}' must be"):
         resolve(Layer("b.yaml", {key: value}))
@@ -77,8 +88,9 @@ def test_required_parameter_missing():
 
 def test_command_line_parsing_types_bools_and_lists():
     parser = cfg.build_parser("prog", PARAMS)
-    given = cfg.parse_cli(parser, ["--epochs", "3", "--train_mode", "--betas", "0.5", "0.6", "--index", "none",
-                                   "--n_rounds", "2"])
+    given = cfg.parse_cli(
+        parser, ["--epochs", "3", "--train_mode", "--betas", "0.5", "0.6", "--index", "none", "--n_rounds", "2"]
+    )
     assert given == {"epochs": 3, "train_mode": True, "betas": [0.5, 0.6], "index": None, "rounds": 2}
     assert cfg.parse_cli(parser, ["--no-train_mode"]) == {"train_mode": False}
     with pytest.raises(UserError, match="invalid int value"):
@@ -136,8 +148,9 @@ def test_shipped_yaml_files_parse_and_use_known_keys():
         assert set(cfg.read_yaml(path)) <= attack_keys, path
     for path in sorted((cfg.CONFIG_DIR / "defense").rglob("*.yaml")):
         cls = defense.DEFENSES.get(path.parent.name)
-        keys = {p.name for p in DEFENSE_COMMON} | DEFENSE_IGNORED | {
-            a for p in cls.params() for a in (p.name, *p.aliases)}
+        keys = (
+            {p.name for p in DEFENSE_COMMON} | DEFENSE_IGNORED | {a for p in cls.params() for a in (p.name, *p.aliases)}
+        )
         assert set(cfg.read_yaml(path)) <= keys | cfg.RECIPE_KEYS, path
 
 
@@ -185,6 +198,7 @@ def test_recipe_metadata_is_checked_and_kept_out_of_the_values(tmp_path):
 
 # -- the run controls: one mark, every list derived from it --------------------------------------------
 
+
 def test_run_controls_are_marked_once_and_every_list_derives_from_the_marks():
     from attack import base as attack_base
     from defense import base as defense_base
@@ -193,8 +207,16 @@ def test_run_controls_are_marked_once_and_every_list_derives_from_the_marks():
         marked = {p.name for p in module.COMMON if p.control}
         assert module.CONTROL_KEYS == marked == cfg.control_keys(module.COMMON)
         assert set(module.APART_KEYS) == {p.name for p in module.COMMON if p.control == "apart"} <= marked
-        assert {"device", "record_root", "data_root", "overwrite", "debug", "download", "resume",
-                "save_every"} <= marked
+        assert {
+            "device",
+            "record_root",
+            "data_root",
+            "overwrite",
+            "debug",
+            "download",
+            "resume",
+            "save_every",
+        } <= marked
         assert not marked & {"epochs", "lr", "random_seed", "ratio", "pratio", "model", "amp"}
     assert set(defense_base.APART_KEYS) == {"resume", "save_every", "trust_record"}
     assert set(attack_base.APART_KEYS) == {"resume", "save_every", "export_backdoorbench"}
@@ -202,6 +224,7 @@ def test_run_controls_are_marked_once_and_every_list_derives_from_the_marks():
     assert "eval_every" in defense_base.CONTROL_KEYS and "eval_every" not in attack_base.CONTROL_KEYS
     import bench.tables
     import utils.train
+
     assert not hasattr(utils.train, "RESUME_IGNORES") and not hasattr(bench.tables, "IGNORED_CONFIG_KEYS")
     assert bench.tables.config_diff is cfg.config_diff
 
@@ -211,7 +234,8 @@ def test_config_diff_skips_the_given_keys_and_near_equal_floats():
     assert cfg.config_diff({"lr": 0.1 + 1e-12, "epochs": 3, "device": "cpu"}, stored, {"device"}) == []
     assert cfg.config_diff({"lr": 0.2, "epochs": 3}, stored, {"device"}) == ["lr: result 0.1, requested 0.2"]
     assert cfg.config_diff({"epochs": 4}, {"epochs": 3}, labels=("checkpoint", "now")) == [
-        "epochs: checkpoint 3, now 4"]
+        "epochs: checkpoint 3, now 4"
+    ]
 
 
 def test_checkpoint_resumes_across_control_changes_but_not_across_others(tmp_path):
@@ -235,6 +259,7 @@ def test_checkpoint_resumes_across_control_changes_but_not_across_others(tmp_pat
 
 
 # -- --help and `show` -------------------------------------------------------------------------------------
+
 
 def test_help_shows_each_default_once():
     from defense.base import COMMON
@@ -279,8 +304,14 @@ def test_show_on_the_command_line(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "SAUBENCH_NO_PROGRESS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "defense", "show", "sau", "--dataset", "digits"], cwd=root,
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defense", "show", "sau", "--dataset", "digits"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("defense sau on digits:") and "config/defense/sau/digits.yaml" in proc.stdout
 
@@ -324,8 +355,11 @@ def test_shipped_dataset_yamls_hold_only_what_differs_from_their_default():
         for default in sorted((cfg.CONFIG_DIR / side).glob("*/default.yaml")):
             base = cfg.read_yaml(default)
             for path in sorted(default.parent.glob("*.yaml")):
-                repeated = [k for k, v in cfg.read_yaml(path).items()
-                            if path != default and k not in cfg.RECIPE_KEYS and k in base and base[k] == v]
+                repeated = [
+                    k
+                    for k, v in cfg.read_yaml(path).items()
+                    if path != default and k not in cfg.RECIPE_KEYS and k in base and base[k] == v
+                ]
                 assert not repeated, f"{path} repeats {repeated} of {default.name}"
 
 

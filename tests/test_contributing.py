@@ -1,6 +1,7 @@
 """Contributing: `python -m defense|attack new` skeletons pass the contract as written; each
 contract rule, broken on purpose by a throwaway method, fails with a message naming it;
 `list`, entry-point plugins, the README's generated tables, CONTRIBUTING.md's worked example."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,10 +33,22 @@ ENV = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHO
 
 # -- `new`, in a temporary copy of the project ---------------------------------------------------
 
-COPIED = ["attack", "bench", "defense", "tools", "utils", "config", "scripts", "README.md", "pyproject.toml",
-          "tests/conftest.py",
-          "tests/test_defense_contract.py", "tests/test_attack_contract.py", "tests/test_attack.py",
-          "tests/test_contributing.py"]
+COPIED = [
+    "attack",
+    "bench",
+    "defense",
+    "tools",
+    "utils",
+    "config",
+    "scripts",
+    "README.md",
+    "pyproject.toml",
+    "tests/conftest.py",
+    "tests/test_defense_contract.py",
+    "tests/test_attack_contract.py",
+    "tests/test_attack.py",
+    "tests/test_contributing.py",
+]
 
 
 def test_new_skeletons_pass_the_contract_unchanged_in_a_copy_of_the_project(tmp_path):
@@ -47,34 +60,65 @@ def test_new_skeletons_pass_the_contract_unchanged_in_a_copy_of_the_project(tmp_
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
     for side, name in (("defense", "mydefense"), ("attack", "myattack")):
-        proc = subprocess.run([sys.executable, "-m", side, "new", name], cwd=tmp_path, env=ENV,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", side, "new", name],
+            cwd=tmp_path,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert f"{side}/{name}.py" in proc.stdout and "README.md: tables updated" in proc.stdout
         for path in (f"{side}/{name}.py", f"config/{side}/{name}/default.yaml", f"tests/test_{name}.py"):
             assert (tmp_path / path).is_file(), path
     # One run of the copy's tests: the skeletons' own tests, every contract test selecting them,
     # the attack record contract, and the README check (the README now lists both).
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-q", "-rA",
-                           "tests/test_defense_contract.py", "tests/test_attack_contract.py", "tests/test_attack.py",
-                           "tests/test_mydefense.py", "tests/test_myattack.py", "tests/test_contributing.py",
-                           "-k", "mydefense or myattack or readme_tables_match"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "0",
+            "-q",
+            "-rA",
+            "tests/test_defense_contract.py",
+            "tests/test_attack_contract.py",
+            "tests/test_attack.py",
+            "tests/test_mydefense.py",
+            "tests/test_myattack.py",
+            "tests/test_contributing.py",
+            "-k",
+            "mydefense or myattack or readme_tables_match",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     passed = set(re.findall(r"^PASSED (\S+)", proc.stdout, re.M))
-    expected = {f"tests/test_defense_contract.py::test_static_rules[mydefense-{rule}]" for rule in
-                DEFENSE_CONTRACT.static_checks()}
-    expected |= {f"tests/test_attack_contract.py::test_static_rules[myattack-{rule}]" for rule in
-                 ATTACK_CONTRACT.static_checks()}
-    expected |= {"tests/test_defense_contract.py::test_runs_on_what_it_is_given_and_writes_a_loadable_result"
-                 "[mydefense]",
-                 "tests/test_defense_contract.py::test_same_seed_gives_identical_numbers[mydefense]",
-                 "tests/test_attack_contract.py::test_trigger_and_hooks_use_only_what_they_are_given[myattack]",
-                 "tests/test_attack.py::test_every_attack_writes_a_record_that_loads[myattack]",
-                 "tests/test_attack.py::test_every_attack_is_deterministic_given_the_seed[myattack]",
-                 "tests/test_mydefense.py::test_mydefense_does_not_raise_the_attack_success_rate",
-                 "tests/test_myattack.py::test_myattack_plants_a_backdoor_on_digits",
-                 "tests/test_contributing.py::test_readme_tables_match_the_registries"}
+    expected = {
+        f"tests/test_defense_contract.py::test_static_rules[mydefense-{rule}]"
+        for rule in DEFENSE_CONTRACT.static_checks()
+    }
+    expected |= {
+        f"tests/test_attack_contract.py::test_static_rules[myattack-{rule}]" for rule in ATTACK_CONTRACT.static_checks()
+    }
+    expected |= {
+        "tests/test_defense_contract.py::test_runs_on_what_it_is_given_and_writes_a_loadable_result[mydefense]",
+        "tests/test_defense_contract.py::test_same_seed_gives_identical_numbers[mydefense]",
+        "tests/test_attack_contract.py::test_trigger_and_hooks_use_only_what_they_are_given[myattack]",
+        "tests/test_attack.py::test_every_attack_writes_a_record_that_loads[myattack]",
+        "tests/test_attack.py::test_every_attack_is_deterministic_given_the_seed[myattack]",
+        "tests/test_mydefense.py::test_mydefense_does_not_raise_the_attack_success_rate",
+        "tests/test_myattack.py::test_myattack_plants_a_backdoor_on_digits",
+        "tests/test_contributing.py::test_readme_tables_match_the_registries",
+    }
     assert expected <= passed, sorted(expected - passed)
 
 
@@ -94,11 +138,14 @@ def test_new_refuses_taken_and_invalid_names_in_one_line(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as exit_info:
         main("defense", defense.DEFENSES, defense.run)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err == "error: defense 'sau' already exists (defense/sau.py, class SAU); " \
-                                               "choose another name\n"
+    assert (
+        exit_info.value.code == 2
+        and err == "error: defense 'sau' already exists (defense/sau.py, class SAU); choose another name\n"
+    )
 
 
 # -- `list` --------------------------------------------------------------------------------------
+
 
 def test_list_shows_every_method_with_its_paper_year_kind_and_defaults(capsys):
     main("defense", defense.DEFENSES, defense.run, ["list"])
@@ -332,8 +379,9 @@ class UnseededAttack(GoodAttack):
 def throwaway(tmp_path_factory):
     """A module of throwaway methods: GoodDefense and GoodAttack, and one class per broken rule."""
     path = tmp_path_factory.mktemp("throwaway") / "saubench_throwaway.py"
-    path.write_text(HEADER.format(what="Throwaway methods for the contract tests, each breaking one rule") + GOOD
-                    + BROKEN)
+    path.write_text(
+        HEADER.format(what="Throwaway methods for the contract tests, each breaking one rule") + GOOD + BROKEN
+    )
     yield import_file(path, path.stem)
     sys.modules.pop(path.stem, None)
 
@@ -351,8 +399,10 @@ def good_config(monkeypatch, tmp_path):
 
 def test_throwaway_good_methods_keep_every_rule(throwaway, good_config, record_root, tmp_path):
     """The control: what the breaking tests change is the one thing that breaks them."""
-    for contract, cls, root in ((DEFENSE_CONTRACT, throwaway.GoodDefense, record_root),
-                                (ATTACK_CONTRACT, throwaway.GoodAttack, tmp_path / "attacks")):
+    for contract, cls, root in (
+        (DEFENSE_CONTRACT, throwaway.GoodDefense, record_root),
+        (ATTACK_CONTRACT, throwaway.GoodAttack, tmp_path / "attacks"),
+    ):
         with contract.registered(cls):
             contract.check_static(cls)
             contract.check_run(cls, root)
@@ -395,8 +445,11 @@ BREAKS = [  # throwaway class, the rule it breaks, the check that catches it
 @pytest.mark.parametrize("cls_name, rule, check", BREAKS, ids=[f"{rule}-{cls}" for cls, rule, _ in BREAKS])
 def test_breaking_a_rule_fails_with_a_message_naming_it(cls_name, rule, check, throwaway, record_root, tmp_path):
     cls = getattr(throwaway, cls_name)
-    side, contract, root = (("attack", ATTACK_CONTRACT, tmp_path) if issubclass(cls, attack.Attack) else
-                            ("defense", DEFENSE_CONTRACT, record_root))
+    side, contract, root = (
+        ("attack", ATTACK_CONTRACT, tmp_path)
+        if issubclass(cls, attack.Attack)
+        else ("defense", DEFENSE_CONTRACT, record_root)
+    )
     throwaway.TOUCHED = record_root / "badnet_digits" / "attack_df.csv"
     with pytest.raises(ContractError) as info:
         if check == "static":
@@ -432,26 +485,33 @@ def plugin_site(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: saubench-demo-plugin\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(ENTRY_POINTS)
     (site / "saubench_demo_plugin.py").write_text(
-        HEADER.format(what="A third-party defense and attack, published as a package and registered through entry "
-                      "points") + GOOD)
+        HEADER.format(
+            what="A third-party defense and attack, published as a package and registered through entry points"
+        )
+        + GOOD
+    )
     return site
 
 
 def test_plugin_shows_up_in_list_on_the_command_line(plugin_site):
     env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(plugin_site), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "defense", "list"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defense", "list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     block = proc.stdout.split("\nsmoothing  (", 1)[1].split("\n\n", 1)[0]
     assert block.startswith("mitigation, 2024)") and "GoodDefense: keeps every rule" in block
     assert "defaults: epochs=2 scale=1.0" in block
     assert "source:   plugin saubench-demo-plugin (saubench_demo_plugin)" in block
-    assert "defense plugin 'broken' (saubench_demo_missing_module:Nothing, from saubench-demo-plugin) was not " \
-           "loaded: ModuleNotFoundError" in proc.stderr
+    assert (
+        "defense plugin 'broken' (saubench_demo_missing_module:Nothing, from saubench-demo-plugin) was not "
+        "loaded: ModuleNotFoundError" in proc.stderr
+    )
 
 
-def test_plugin_registers_runs_through_the_harness_and_keeps_the_contract(plugin_site, record_root, monkeypatch,
-                                                                          tmp_path):
+def test_plugin_registers_runs_through_the_harness_and_keeps_the_contract(
+    plugin_site, record_root, monkeypatch, tmp_path
+):
     monkeypatch.syspath_prepend(str(plugin_site))
     try:
         with pytest.warns(RuntimeWarning, match="defense plugin 'broken' .* was not loaded"):
@@ -473,6 +533,7 @@ def test_plugin_registers_runs_through_the_harness_and_keeps_the_contract(plugin
 
 
 # -- the README's tables ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def readme_tables():
@@ -504,6 +565,7 @@ def test_readme_check_fails_when_out_of_date_and_the_generator_fixes_it(readme_t
 
 # -- CONTRIBUTING.md's worked example --------------------------------------------------------------
 
+
 def test_the_worked_example_in_contributing_keeps_the_contract(tmp_path, record_root, digits_defender):
     text = (ROOT / "CONTRIBUTING.md").read_text()
     example = text.split("## A worked example", 1)[1].split("\n## ", 1)[0]
@@ -516,8 +578,7 @@ def test_the_worked_example_in_contributing_keeps_the_contract(tmp_path, record_
         module = import_file(tmp_path / "fst.py", "defense.fst")
         fst = defense.DEFENSES.get("fst")
         assert fst is module.FST
-        assert set(config) - {"ratio"} == set(fst.defaults()) and \
-            all(config[k] == v for k, v in fst.defaults().items())
+        assert set(config) - {"ratio"} == set(fst.defaults()) and all(config[k] == v for k, v in fst.defaults().items())
         DEFENSE_CONTRACT.check_static(fst, config=False)  # its config is in the text, not in config/
         recipe = tmp_path / "fst.yaml"  # its config as the text gives it (config/defense/fst/ is the shipped one's)
         recipe.write_text(yaml.safe_dump(config))

@@ -1,5 +1,6 @@
 """CTRL: the trigger leaves the luminance alone and sits at the chosen frequencies of U
 and V; only target-class training images are poisoned and they keep their labels."""
+
 from __future__ import annotations
 
 import torch

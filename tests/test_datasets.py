@@ -1,6 +1,7 @@
 """Dataset loaders on small files written here in the real on-disk formats (no network),
 the messages for missing or broken files, every registered dataset's declaration, and
 the train transform."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ def _rng(seed: int = 0) -> np.random.Generator:
 
 
 # -- CIFAR: pickled batches ----------------------------------------------------------------------
+
 
 def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,16 +98,19 @@ def test_cifar_batch_without_labels_is_user_error(tmp_path):
 
 # -- MNIST and Fashion-MNIST: IDX files ----------------------------------------------------------
 
+
 def _idx(array: np.ndarray) -> bytes:
     return struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
 def _write_idx_set(folder: Path, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
     rng = _rng(seed)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, 6).astype(np.uint8),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
-              "t10k-labels-idx1-ubyte": np.array([7, 0, 9], dtype=np.uint8)}
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 6).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": np.array([7, 0, 9], dtype=np.uint8),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     for stem, array in arrays.items():
         if gz:
@@ -124,9 +129,17 @@ def _assert_idx_loaded(data, arrays: dict[str, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
-@pytest.mark.parametrize("name,place", [("mnist", "mnist"), ("mnist", "MNIST/raw"), ("mnist", "."),
-                                        ("fashion_mnist", "fashion_mnist"), ("fashion_mnist", "FashionMNIST/raw"),
-                                        ("fashion_mnist", ".")])
+@pytest.mark.parametrize(
+    "name,place",
+    [
+        ("mnist", "mnist"),
+        ("mnist", "MNIST/raw"),
+        ("mnist", "."),
+        ("fashion_mnist", "fashion_mnist"),
+        ("fashion_mnist", "FashionMNIST/raw"),
+        ("fashion_mnist", "."),
+    ],
+)
 def test_idx_datasets(tmp_path, name, place, gz, no_debian_fashion):
     arrays = _write_idx_set(tmp_path / place, gz)
     data = load_dataset(name, tmp_path, download=False)
@@ -162,6 +175,7 @@ def test_truncated_idx_is_one_line_user_error(tmp_path, gz, keep):
 
 # -- GTSRB: torchvision's layout -----------------------------------------------------------------
 
+
 def _write_rgb(path: Path, rgb: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1]))  # cv2 writes BGR
@@ -185,8 +199,10 @@ def test_gtsrb_resizes_every_image_to_32(tmp_path):
     images = base / "GTSRB" / "Final_Test" / "Images"
     _write_rgb(images / "00000.ppm", _solid(50, 45, BLUE))
     _write_rgb(images / "00001.ppm", _solid(32, 32, GREEN))
-    (base / "GT-final_test.csv").write_text("Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\r\n"
-                                            "00000.ppm;45;50;5;5;40;45;17\r\n00001.ppm;32;32;5;5;27;27;42\r\n")
+    (base / "GT-final_test.csv").write_text(
+        "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\r\n"
+        "00000.ppm;45;50;5;5;40;45;17\r\n00001.ppm;32;32;5;5;27;27;42\r\n"
+    )
 
     data = load_dataset("gtsrb", tmp_path, download=False)
     assert data.root == base and data.info.num_classes == 43
@@ -200,6 +216,7 @@ def test_gtsrb_resizes_every_image_to_32(tmp_path):
 
 
 # -- Tiny-ImageNet -------------------------------------------------------------------------------
+
 
 def test_tiny_imagenet(tmp_path):
     folder = tmp_path / "tiny-imagenet-200"
@@ -228,6 +245,7 @@ def test_tiny_imagenet(tmp_path):
 
 
 # -- imagefolder -------------------------------------------------------------------------------
+
 
 def _write_imagefolder(root: Path, sizes=((10, 12), (10, 12))) -> np.ndarray:
     rng = _rng(3)
@@ -285,6 +303,7 @@ def test_imagefolder_empty_class_or_split_is_user_error(tmp_path):
 
 # -- digits ------------------------------------------------------------------------------------
 
+
 def test_digits_split():
     data = load_dataset("digits", "/nonexistent", download=False)  # bundled: no files, no folder
     assert data.root is None
@@ -297,6 +316,7 @@ def test_digits_split():
 
 
 # -- missing files, failed downloads, unknown names ---------------------------------------------
+
 
 def test_missing_files_without_download_say_what_to_put_where(tmp_path):
     with pytest.raises(UserError) as err:
@@ -343,6 +363,7 @@ def test_unknown_dataset_suggests_close_names(call):
 
 # -- declarations ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list_datasets())
 def test_declared_info_is_sensible(name):
     info = dataset_info(name)
@@ -358,19 +379,26 @@ def test_declared_info_is_sensible(name):
 
 def test_known_declarations():
     assert {n: (dataset_info(n).num_classes, dataset_info(n).img_size) for n in list_datasets()} == {
-        "cifar10": (10, (32, 32, 3)), "cifar100": (100, (32, 32, 3)), "digits": (10, (8, 8, 1)),
-        "fashion_mnist": (10, (28, 28, 1)), "gtsrb": (43, (32, 32, 3)), "imagefolder": (0, (0, 0, 3)),
-        "mnist": (10, (28, 28, 1)), "tiny": (200, (64, 64, 3))}
+        "cifar10": (10, (32, 32, 3)),
+        "cifar100": (100, (32, 32, 3)),
+        "digits": (10, (8, 8, 1)),
+        "fashion_mnist": (10, (28, 28, 1)),
+        "gtsrb": (43, (32, 32, 3)),
+        "imagefolder": (0, (0, 0, 3)),
+        "mnist": (10, (28, 28, 1)),
+        "tiny": (200, (64, 64, 3)),
+    }
     assert [n for n in list_datasets() if dataset_info(n).hflip] == ["cifar10"]  # as BackdoorBench
 
 
 # -- train transform ---------------------------------------------------------------------------
 
+
 def _shifts(image: torch.Tensor, p: int) -> torch.Tensor:
     """Every crop of the zero-padded image, then their mirror images: (2 (2p+1)^2, C, H, W)."""
     padded = torch.nn.functional.pad(image, (p, p, p, p))
     h, w = image.shape[-2:]
-    crops = torch.stack([padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * p + 1) for dx in range(2 * p + 1)])
+    crops = torch.stack([padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * p + 1) for dx in range(2 * p + 1)])
     return torch.cat([crops, crops.flip(-1)])
 
 

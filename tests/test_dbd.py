@@ -1,6 +1,7 @@
 """DBD (defense/dbd.py): the symmetric cross-entropy, the MixMatch pieces (sharpening,
 mixup, losses, ramp) by hand, the high-credibility split, the batch cycler, the frozen
 backbone of the linear warm-up, and a short run. The SimCLR loss is tested in tests/test_nab.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,15 @@ def test_linear_warmup_trains_only_the_head(small):
 @pytest.mark.parametrize("simclr_augment", ["batched", "per_image"])
 def test_a_short_run_keeps_epsilon_labelled_and_returns_the_architecture(small, simclr_augment):
     torch.manual_seed(0)
-    dbd = DBD(epoch_self=1, batch_size_self=128, epoch_warmup=1, semi_epochs=1, train_iteration=3, epsilon=0.3,
-              simclr_augment=simclr_augment)
+    dbd = DBD(
+        epoch_self=1,
+        batch_size_self=128,
+        epoch_warmup=1,
+        semi_epochs=1,
+        train_iteration=3,
+        epsilon=0.3,
+        simclr_augment=simclr_augment,
+    )
     model = dbd.train(held := dataclasses.replace(small))  # its own outputs (what the method hands over)
     assert isinstance(model, Classifier) and not model.training
     assert len(held.outputs.extras["labelled"]) == int(len(small) * 0.3) == held.outputs.summary["labelled"]

@@ -1,6 +1,7 @@
 """D-BR (defense/dbr.py) and the feature-sensitivity split it shares with D-ST
 (defense/sensitivity.py): the transformations, the FCT, the thresholds, the centre
 separation loss, and a short run's split."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,14 @@ import pytest
 import torch
 
 from defense.dbr import DBR
-from defense.sensitivity import (affine_view, centre_separation_loss, feature_sensitivity, random_view, separate,
-                                 thresholds)
+from defense.sensitivity import (
+    affine_view,
+    centre_separation_loss,
+    feature_sensitivity,
+    random_view,
+    separate,
+    thresholds,
+)
 from defense.training import delivered_set
 from utils.datasets import load_dataset
 from utils.models import create_model
@@ -42,8 +49,10 @@ def test_random_views_stay_within_their_ranges():
     assert torch.equal(view.sum((1, 2, 3)), x.sum((1, 2, 3)))  # whole-pixel shifts of at most 2 lose nothing
     moved = (view != x).flatten(1).any(1)
     assert 0 < int(moved.sum()) < 64
-    assert torch.equal(random_view(x, ("rotate", "affine"), torch.Generator().manual_seed(3)),
-                       random_view(x, ("rotate", "affine"), torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        random_view(x, ("rotate", "affine"), torch.Generator().manual_seed(3)),
+        random_view(x, ("rotate", "affine"), torch.Generator().manual_seed(3)),
+    )
 
 
 def test_thresholds_and_split_follow_backdoorbenchs_counts():
@@ -69,7 +78,7 @@ def test_feature_sensitivity_recomputed_independently(delivered):
     expected = []
     with torch.no_grad():
         for start in range(0, len(x), 500):
-            batch = x[start:start + 500]
+            batch = x[start : start + 500]
             view = random_view(batch, ("rotate", "affine"), generator)
             expected.append(((model.penultimate(batch) - model.penultimate(view)) ** 2).mean(1))
     assert torch.allclose(fct, torch.cat(expected))

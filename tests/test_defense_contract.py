@@ -2,6 +2,7 @@
 tested by being registered. The checks are defense.contract's (one function per rule,
 tools/contract.py lists the rules); each failure message names the rule that was broken
 and says how to fix it. tests/test_contributing.py breaks each rule on purpose."""
+
 from __future__ import annotations
 
 import sys

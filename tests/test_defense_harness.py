@@ -1,5 +1,6 @@
 """The defense harness: configuration, the defender's clean subset, outputs, and the
 Python and command-line entry points."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,19 @@ def test_python_and_command_line_give_the_same_summary(record_root, tmp_path):
     from_python = sau(record_root, epochs=2, random_seed=1)
     out = record_root / "badnet_digits" / "defense" / "sau"
     os.rename(out, tmp_path / "python_result")
-    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root),
-               "--epochs", "2", "--random_seed", "1", "--device", "cpu")
+    proc = cli(
+        "defense/sau.py",
+        "--result_file",
+        "badnet_digits",
+        "--record_root",
+        str(record_root),
+        "--epochs",
+        "2",
+        "--random_seed",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     from_cli = json.loads((out / "summary.json").read_text())
     assert from_cli["before"] == from_python["before"] and from_cli["after"] == from_python["after"]
@@ -142,8 +154,12 @@ def test_yaml_is_looked_up_by_dataset_and_overridden_by_arguments(record_root):
     assert s["config"]["yaml_path"] == "config/defense/sau/digits.yaml"
     assert s["config"]["trigger_norm"] == 0.2 and s["config"]["ratio"] == 0.2  # from digits.yaml
     assert sau(record_root, epochs=1, trigger_norm=0.1, overwrite=True)["config"]["trigger_norm"] == 0.1
-    assert sau(record_root, epochs=1, overwrite=True, yaml_path="config/defense/sau/digits_tuned_on_test.yaml"
-               )["config"]["ratio"] == 0.3  # read over default.yaml
+    assert (
+        sau(record_root, epochs=1, overwrite=True, yaml_path="config/defense/sau/digits_tuned_on_test.yaml")["config"][
+            "ratio"
+        ]
+        == 0.3
+    )  # read over default.yaml
 
 
 def test_bad_yaml_key_names_the_file(record_root, tmp_path):
@@ -155,16 +171,20 @@ def test_bad_yaml_key_names_the_file(record_root, tmp_path):
 
 
 def test_n_rounds_is_an_alias_of_epochs(record_root):
-    assert defense.run("sau", ["--result_file", "badnet_digits", "--record_root", str(record_root), "--n_rounds",
-                               "1", "--device", "cpu"])["config"]["epochs"] == 1
+    assert (
+        defense.run(
+            "sau",
+            ["--result_file", "badnet_digits", "--record_root", str(record_root), "--n_rounds", "1", "--device", "cpu"],
+        )["config"]["epochs"]
+        == 1
+    )
 
 
 def test_command_line_errors_are_one_line_and_exit_2(record_root):
     proc = cli("defense/sau.py", "--result_file", "nope", "--record_root", str(record_root))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "records there: badnet_digits" in proc.stderr
-    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root), "--epochs",
-               "-3")
+    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root), "--epochs", "-3")
     assert proc.returncode == 2 and "'epochs' must be >= 0" in proc.stderr
     proc = cli("defense/sau.py", "--record_root", str(record_root))
     assert proc.returncode == 2 and "--result_file" in proc.stderr
@@ -231,6 +251,7 @@ def test_image_extras_are_written_as_png(record_root):
 
 # -- what a newcomer meets ---------------------------------------------------------------------------
 
+
 def test_result_file_may_be_the_path_of_a_record_folder(record_root, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -262,8 +283,17 @@ def test_record_not_found_names_the_resolved_path_and_the_record_root_hint(recor
 
 
 def test_a_run_ends_with_one_line_of_its_numbers_and_folder(record_root):
-    proc = cli("defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(record_root), "--epochs", "1",
-               "--device", "cpu")
+    proc = cli(
+        "defense/sau.py",
+        "--result_file",
+        "badnet_digits",
+        "--record_root",
+        str(record_root),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert proc.returncode == 0, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     summary = json.loads((record_root / "badnet_digits/defense/sau/summary.json").read_text())
@@ -273,8 +303,19 @@ def test_a_run_ends_with_one_line_of_its_numbers_and_folder(record_root):
 
 
 def test_an_attack_run_ends_with_one_line_of_its_numbers_and_record(tmp_path):
-    proc = cli("attack/badnet.py", "--dataset", "digits", "--epochs", "1", "--device", "cpu", "--record_root",
-               str(tmp_path / "record"), "--save_folder_name", "one_epoch")
+    proc = cli(
+        "attack/badnet.py",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--record_root",
+        str(tmp_path / "record"),
+        "--save_folder_name",
+        "one_epoch",
+    )
     assert proc.returncode == 0, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     summary = json.loads((tmp_path / "record/one_epoch/attack_summary.json").read_text())
@@ -286,8 +327,21 @@ def test_an_attack_run_ends_with_one_line_of_its_numbers_and_record(tmp_path):
 def test_run_from_python_never_reads_sys_argv(record_root, monkeypatch):
     """run("sau") alone is a Python call without arguments: the process's argv (a notebook
     kernel's, pytest's) is not read; only main("sau"), a script's entry point, reads it."""
-    monkeypatch.setattr(sys, "argv", ["defense/sau.py", "--result_file", "badnet_digits", "--record_root",
-                                      str(record_root), "--epochs", "1", "--device", "cpu"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "defense/sau.py",
+            "--result_file",
+            "badnet_digits",
+            "--record_root",
+            str(record_root),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     with pytest.raises(UserError, match="missing required argument --result_file"):
         defense.run("sau")
     assert not (record_root / "badnet_digits" / "defense" / "sau").exists()
@@ -300,8 +354,11 @@ def test_hyperparameters_are_checked_in_the_constructor_on_every_route(route):
     import attack
     from defense.sau import SAU
 
-    build = {"class": lambda: SAU(lr=-1.0), "create_defense": lambda: defense.create_defense("sau", lr=-1.0),
-             "create_attack": lambda: attack.create_attack("wanet", k=0)}[route]
+    build = {
+        "class": lambda: SAU(lr=-1.0),
+        "create_defense": lambda: defense.create_defense("sau", lr=-1.0),
+        "create_attack": lambda: attack.create_attack("wanet", k=0),
+    }[route]
     with pytest.raises(ValueError, match=r"(lr must be > 0, got -1\.0|k must be > 0, got 0)"):
         build()
     assert defense.create_defense("sau", lr=1e-3).lr == 1e-3  # valid values pass
@@ -313,7 +370,12 @@ def test_a_method_file_written_before_main_still_reads_its_command_line(tmp_path
     script = tmp_path / "legacy_defense.py"
     script.write_text('import defense\n\nif __name__ == "__main__":\n    defense.run("sau")\n')
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(script), "--result_file", "no_such_record", "--record_root",
-                           str(tmp_path / "record")], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    done = subprocess.run(
+        [sys.executable, str(script), "--result_file", "no_such_record", "--record_root", str(tmp_path / "record")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert done.returncode == 2 and "no_such_record" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -2,6 +2,7 @@
 detector (never the poison indicator, never the test set), the metrics it computes once
 (utils.metrics.detection_metrics, checked by hand), and STRIP, Spectral Signatures and
 Activation Clustering on their own."""
+
 from __future__ import annotations
 
 import csv
@@ -26,6 +27,7 @@ from utils.poison import PoisonedSet
 
 # -- the metrics, by hand --------------------------------------------------------------------------
 
+
 def test_detection_metrics_match_a_hand_computation():
     scores, labels = torch.tensor([0.9, 0.8, 0.3, 0.1]), torch.tensor([1, 0, 1, 0])
     # pairs (positive, negative): (0.9, 0.8) (0.9, 0.1) (0.3, 0.1) ranked right, (0.3, 0.8) wrong: 3/4
@@ -44,8 +46,10 @@ def test_detection_info_csv_has_backdoorbench_columns_and_empty_cells_for_undefi
 
     scores, labels = torch.tensor([0.9, 0.8, 0.3, 0.1]), torch.tensor([1, 0, 1, 0])
     lines = detection_info_csv("r", detection_metrics(scores, labels, scores > 0.85)).splitlines()
-    assert lines == ["record,TN,FP,FN,TP,TPR,FPR,AUC,target,precision,F1,TPR_at_5FPR,positives,negatives",
-                     "r,2,0,1,1,0.5,0.0,0.75,None,1.0,0.6666666666666666,0.5,2,2"]
+    assert lines == [
+        "record,TN,FP,FN,TP,TPR,FPR,AUC,target,precision,F1,TPR_at_5FPR,positives,negatives",
+        "r,2,0,1,1,0.5,0.0,0.75,None,1.0,0.6666666666666666,0.5,2,2",
+    ]
     scores_only = detection_info_csv("r", detection_metrics(scores, labels)).splitlines()[1]
     assert scores_only == "r,,,,,,,0.75,None,,,0.5,2,2"
 
@@ -97,6 +101,7 @@ def test_ties_count_one_half_and_undefined_values_are_none():
 
 
 # -- what a detector is given --------------------------------------------------------------------
+
 
 class _Spy(Defense):
     """A throwaway detector that keeps what the harness gives it."""
@@ -191,8 +196,7 @@ def test_a_data_detector_gets_the_training_set_as_delivered_and_nothing_else(spy
     assert float(info["TPR_at_5FPR"]) == d["tpr_at_5fpr"] and int(info["positives"]) == d["positives"]
 
     _garbled(monkeypatch)  # other test sets: the same scores (they never reach the detector)
-    again = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                        overwrite=True)
+    again = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu", overwrite=True)
     assert again["detection"] == summary["detection"] and _scores(folder, name) == rows
 
 
@@ -236,8 +240,9 @@ def test_an_input_detector_is_fitted_on_the_clean_subset_only(spy, record_root, 
     assert [r["set"] for r in rows] == ["clean_test"] * len(test) + ["bd_test"] * len(record.bd_test)
 
     _garbled(monkeypatch)  # other test sets: the same fitted detector, other scores
-    defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu", ratio=0.1,
-                overwrite=True)
+    defense.run(
+        name, result_file="badnet_digits", record_root=str(record_root), device="cpu", ratio=0.1, overwrite=True
+    )
     fitted = cls.seen[1]
     assert torch.equal(fitted.clean.images, data.clean.images)
     assert _scores(folder, name) != rows
@@ -254,6 +259,7 @@ def test_a_detector_returning_a_bad_verdict_is_a_bug_named_as_such(spy, record_r
 
 
 # -- the methods ---------------------------------------------------------------------------------
+
 
 def test_spectral_scores_put_a_planted_minority_direction_on_top():
     g = torch.Generator().manual_seed(0)
@@ -283,8 +289,16 @@ def test_listing_shows_the_detectors_kinds():
 def test_compare_puts_detectors_in_their_own_table(record_root):
     from bench import compare
 
-    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
-                         plots=False, quiet=True, defenses=["ft", "spectral", "strip"], seeds=[0])
+    result = compare.run(
+        result_file=["badnet_digits"],
+        record_root=str(record_root),
+        device="cpu",
+        smoke=True,
+        plots=False,
+        quiet=True,
+        defenses=["ft", "spectral", "strip"],
+        seeds=[0],
+    )
     assert result["failed"] == 0
     assert [r["defense"] for r in result["rows"]] == ["no defense", "ft"]  # the mitigation table as before
     table = result["detection"]
@@ -314,8 +328,9 @@ def test_data_detection_on_a_record_without_poisoned_training_samples_is_one_use
 def test_spectral_and_ac_read_another_layer_when_asked(record_root):
     from utils.errors import UserError
 
-    summary = defense.run("spectral", result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                          layer="layer2")
+    summary = defense.run(
+        "spectral", result_file="badnet_digits", record_root=str(record_root), device="cpu", layer="layer2"
+    )
     assert summary["config"]["layer"] == "layer2" and summary["detection"]["auroc"] is not None
     with pytest.raises(UserError, match="model 'cnn' has no layer 'nope' \\(its stages: layer1, layer2, layer3\\)"):
         defense.run("ac", result_file="badnet_digits", record_root=str(record_root), device="cpu", layer="nope")
@@ -334,6 +349,7 @@ def test_retraining_without_the_flagged_samples_removes_the_backdoor(spy, record
     retrained = summary["retrained"]  # on by default on digits
     assert retrained["removed"] == summary["detection"]["flagged"] > 0
     assert retrained["asr"] < 0.2 and retrained["clean_acc"] > 0.8
-    quiet = defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                        retrain=False, overwrite=True)
+    quiet = defense.run(
+        name, result_file="badnet_digits", record_root=str(record_root), device="cpu", retrain=False, overwrite=True
+    )
     assert "retrained" not in quiet and quiet["detection"] == summary["detection"]

@@ -1,6 +1,7 @@
 """D-ST (defense/dst.py): the SS-CTL loss against an independent loop, the mixed
 cross-entropy by hand, the learning-rate schedules, the batched augmentation, and a short
 run's flags. The shared split is tested in tests/test_dbr.py."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from defense.dst import (CLEAN, DST, POISONED, UNCERTAIN, consistency_supcon_loss, contrastive_view, mce_rate,
-                         mixed_cross_entropy, resized_crop, sscl_rate)
+from defense.dst import (
+    CLEAN,
+    DST,
+    POISONED,
+    UNCERTAIN,
+    consistency_supcon_loss,
+    contrastive_view,
+    mce_rate,
+    mixed_cross_entropy,
+    resized_crop,
+    sscl_rate,
+)
 from defense.training import delivered_set
 from utils.datasets import load_dataset
 from utils.records import load_record
@@ -43,7 +54,8 @@ def test_consistency_supcon_loss_matches_an_independent_loop():
     assert got == pytest.approx(supcon_by_loop(features, labels, flags, 0.1), rel=1e-4)
     all_clean = torch.zeros(6, dtype=torch.long)
     assert float(consistency_supcon_loss(features, labels, all_clean, 0.5)) == pytest.approx(
-        supcon_by_loop(features, labels, all_clean, 0.5), rel=1e-4)
+        supcon_by_loop(features, labels, all_clean, 0.5), rel=1e-4
+    )
 
 
 def test_mixed_cross_entropy_by_hand():

@@ -1,6 +1,7 @@
 """EP: BackdoorBench's histogram entropy on a hand-computed case, the per-image channel
 maxima, a planted two-valued (bimodal) channel is pruned and no other, and a run through
 the harness on digits."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,7 @@ class Batch(HandsOver):
 
 
 def test_histogram_entropy_as_backdoorbench_counts_it():
-    feats = torch.tensor([[0.0, 0.05, 0.05, 0.15, 0.25, 0.25],
-                          [0.05, 0.05, 0.05, 0.05, 0.05, 0.05]])
+    feats = torch.tensor([[0.0, 0.05, 0.05, 0.15, 0.25, 0.25], [0.05, 0.05, 0.05, 0.05, 0.05, 0.05]])
     # bins of 0.1 from the global minimum 0, int(0.25 / 0.1) = 2 of them; values strictly inside
     # count (0 and 0.25 fall in none): row 0 has 2 and 1 of its 6 values in the bins
     expected_0 = -(2 / 6 * math.log(2 / 6) + 1 / 6 * math.log(1 / 6))

@@ -1,4 +1,5 @@
 """FP: which channels are pruned, the accuracy bound, and the mask saved with the weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,7 +54,7 @@ def test_prunes_the_least_active_channels_while_accuracy_stays_within_the_bound(
     mask = model.mask("layer3")
     pruned = mask == 0
     assert r["pruned"] > 0 and int(pruned.sum()) == r["pruned"] and r["channels"] == 128
-    assert set(torch.nonzero(pruned).flatten().tolist()) == set(extras["prune_order"][:r["pruned"]].tolist())
+    assert set(torch.nonzero(pruned).flatten().tolist()) == set(extras["prune_order"][: r["pruned"]].tolist())
     assert extras["activation"][pruned].max() <= extras["activation"][~pruned].min()
     acc_0 = r["held_out_acc_unpruned"]
     assert r["held_out_acc_pruned"] >= (1 - fp.acc_ratio) * acc_0 - 1e-6
@@ -95,8 +96,9 @@ def test_saved_result_reloads_with_the_mask_applied(digits_defender, tmp_path):
 
 
 def test_summary_reports_the_number_pruned(record_root):
-    summary = defense.run("fp", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=1,
-                          once_prune_ratio=0.05)
+    summary = defense.run(
+        "fp", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=1, once_prune_ratio=0.05
+    )
     state = load_defense_result(record_root / "badnet_digits" / "defense" / "fp" / "defense_result.pt")["model"]
     assert summary["pruned"] == int((state["masks.layer3"] == 0).sum()) > 0
     assert summary["feature_layer"] == "layer3" and summary["channels"] == 128

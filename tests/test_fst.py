@@ -1,6 +1,7 @@
 """FST: the penalty is the inner product with the backdoored head (value and gradient by
 hand), the projection keeps the norm, and a run re-initialises the head and moves it away
 from the backdoored one with its norm kept."""
+
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,5 @@
 """FT: fine-tuning changes the weights, keeps clean accuracy, and reads BackdoorBench's key names."""
+
 from __future__ import annotations
 
 import torch

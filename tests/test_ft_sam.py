@@ -1,6 +1,7 @@
 """FT-SAM: the ascent perturbation has norm rho (adaptive: the |w|-scaled norm), a step
 takes the gradient at w + epsilon but updates from w, BatchNorm statistics move once per
 step, BackdoorBench's smoothed loss, and a run through the harness on digits."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,10 +37,10 @@ def test_sam_perturbation_has_norm_rho():
     params = params_with_grads()
     epsilon = sam_perturbation(params, rho=2.0, adaptive=False)
     assert epsilon[2] is None
-    norm = torch.sqrt(sum((e ** 2).sum() for e in epsilon[:2]))
+    norm = torch.sqrt(sum((e**2).sum() for e in epsilon[:2]))
     assert torch.isclose(norm, torch.tensor(2.0), rtol=1e-5)
     for p, e in zip(params[:2], epsilon[:2]):  # along the gradient
-        assert torch.allclose(e, p.grad * (2.0 / torch.sqrt(sum((q.grad ** 2).sum() for q in params[:2]))))
+        assert torch.allclose(e, p.grad * (2.0 / torch.sqrt(sum((q.grad**2).sum() for q in params[:2]))))
 
 
 def test_adaptive_perturbation_has_weight_scaled_norm_rho():
@@ -47,7 +48,7 @@ def test_adaptive_perturbation_has_weight_scaled_norm_rho():
     epsilon = sam_perturbation(params, rho=0.5, adaptive=True)
     scaled = torch.sqrt(sum(((e / p.abs()) ** 2).sum() for p, e in zip(params[:2], epsilon[:2])))
     assert torch.isclose(scaled, torch.tensor(0.5), rtol=1e-5)  # ||T_w^{-1} epsilon|| = rho
-    plain = torch.sqrt(sum((e ** 2).sum() for e in epsilon[:2]))
+    plain = torch.sqrt(sum((e**2).sum() for e in epsilon[:2]))
     assert not torch.isclose(plain, torch.tensor(0.5), rtol=1e-2)  # it is not the plain norm
 
 
@@ -131,8 +132,9 @@ def test_smoothed_loss_matches_backdoorbench_up_to_a_constant():
 
 def test_run_on_digits_changes_the_weights_and_keeps_clean_accuracy(record_root):
     assert create_defense("ft-sam").adaptive is True  # BackdoorBench's name; ASAM by default
-    summary = defense.run("ft_sam", result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                          epochs=2, rho=0.5)
+    summary = defense.run(
+        "ft_sam", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2, rho=0.5
+    )
     state = load_defense_result(record_root / "badnet_digits" / "defense" / "ft_sam" / "defense_result.pt")["model"]
     record = load_record(record_root / "badnet_digits")
     assert any(not torch.equal(v, state[k]) for k, v in record.model.items() if k.endswith(".weight"))

@@ -1,5 +1,6 @@
 """FTrojan: the trigger lives only in the chosen block-DCT coefficients of the chroma
 channels, and the digits record holds exactly the triggered images."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """i-BAU: the implicit hypergradient against its closed form on a quadratic problem,
 BackdoorBench's normalised-space steps against the project's, and the universal
 perturbation search on the backdoored digits model."""
+
 from __future__ import annotations
 
 import torch
@@ -106,8 +107,9 @@ def test_a_round_lowers_the_loss_under_the_round_perturbation(digits_defender):
 
 
 def test_hard_activations_are_differentiated_twice_and_restored():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Hardswish(), nn.Linear(6, 6), nn.Hardsigmoid(),
-                          nn.Linear(6, 3))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(4, 6), nn.Hardswish(), nn.Linear(6, 6), nn.Hardsigmoid(), nn.Linear(6, 3)
+    )
     x, y = torch.randn(5, 4) * 3, torch.tensor([0, 1, 2, 0, 1])
     params = list(model.parameters())
 
@@ -115,8 +117,10 @@ def test_hard_activations_are_differentiated_twice_and_restored():
         def fp_map(d, _):
             (g,) = torch.autograd.grad(-F.cross_entropy(model(x + d), y), d, create_graph=True)
             return d - 0.1 * g
-        return implicit_hypergradient(torch.zeros(1, 4), params, fp_map,
-                                      lambda d, _: F.cross_entropy(model(x + d), y), K=3)
+
+        return implicit_hypergradient(
+            torch.zeros(1, 4), params, fp_map, lambda d, _: F.cross_entropy(model(x + d), y), K=3
+        )
 
     with torch.no_grad():
         reference = model(x)

@@ -5,6 +5,7 @@ the defenses writing into the record; the comparison reuses only results (and "n
 defense" numbers) made on the record in place; records whose parts make no sense are
 refused by both readers; the digests cover every tensor a defense or the comparison
 reads, and records written before that still load."""
+
 from __future__ import annotations
 
 import json
@@ -58,6 +59,7 @@ def lock_of_a_live_run(record_folder: Path, name: str = "sau") -> Path:
 
 
 # -- 3: identity, a result only on the record it was computed on ---------------------------------------------
+
 
 def test_summaries_name_the_identity_of_their_record(record_root):
     folder = record_root / NAME
@@ -115,12 +117,26 @@ def test_attack_overwrite_refuses_while_a_defense_writes_into_the_record(record_
     before = (record_root / NAME / RECORD_FILE).read_bytes()
     busy = r"badnet_digits is in use by a defense run \(process \d+, lock .*\.sau\.lock\)"
     with pytest.raises(UserError, match=busy):
-        attack.run("badnet", dataset="digits", save_folder_name=NAME, record_root=str(record_root), epochs=1,
-                   device="cpu", overwrite=True)
+        attack.run(
+            "badnet",
+            dataset="digits",
+            save_folder_name=NAME,
+            record_root=str(record_root),
+            epochs=1,
+            device="cpu",
+            overwrite=True,
+        )
     assert (record_root / NAME / RECORD_FILE).read_bytes() == before
     lock.write_text(f"999999999 {socket.gethostname()}\n")  # that run is gone: a dead lock does not stop it
-    attack.run("badnet", dataset="digits", save_folder_name=NAME, record_root=str(record_root), epochs=1,
-               device="cpu", overwrite=True)
+    attack.run(
+        "badnet",
+        dataset="digits",
+        save_folder_name=NAME,
+        record_root=str(record_root),
+        epochs=1,
+        device="cpu",
+        overwrite=True,
+    )
     assert (record_root / NAME / RECORD_FILE).read_bytes() != before
 
 
@@ -128,14 +144,28 @@ def test_the_refusal_is_one_line_and_exit_status_2_on_the_command_line(monkeypat
     from test_reliability import badnet_args, refused
 
     lock_of_a_live_run(record_root / NAME, "ft")
-    line = refused(monkeypatch, capsys, record_root, "attack/badnet.py",
-                   *badnet_args(record_root, "--save_folder_name", NAME, "--overwrite"))
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "attack/badnet.py",
+        *badnet_args(record_root, "--save_folder_name", NAME, "--overwrite"),
+    )
     assert "badnet_digits is in use by a defense run" in line and ".ft.lock" in line
 
 
 def _report(root: Path, **kw):
-    return compare.run(result_file=[NAME], record_root=str(root), device="cpu", defenses=["sau"], option=["epochs=0"],
-                       plots=False, quiet=True, table_only=True, **kw)
+    return compare.run(
+        result_file=[NAME],
+        record_root=str(root),
+        device="cpu",
+        defenses=["sau"],
+        option=["epochs=0"],
+        plots=False,
+        quiet=True,
+        table_only=True,
+        **kw,
+    )
 
 
 def test_compare_reuses_only_results_made_on_the_record_in_place(record_root):
@@ -191,6 +221,7 @@ def test_results_made_before_identities_beside_a_record_as_old_are_still_reused(
 
 # -- 4: files that belong together; records that make no sense ----------------------------------------------------
 
+
 def test_a_swapped_attack_result_is_not_reported_with_the_other_record_s_numbers(record_root, tmp_path):
     other = tmp_path / "other"
     record = load_record(record_root / NAME)
@@ -221,12 +252,14 @@ def _labels(part: str, name: str, value: int):
         t = getattr(s, name).clone()
         t[0] = value
         setattr(s, name, t)
+
     return change
 
 
 def _cross(record):
-    record.cross_test = PoisonedSet(record.bd_test.images.clone(), torch.tensor([0, 1, 2, 3]),
-                                    torch.tensor([0, 1, 2, 1]), torch.arange(4))
+    record.cross_test = PoisonedSet(
+        record.bd_test.images.clone(), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 1]), torch.arange(4)
+    )
 
 
 BAD = {
@@ -235,16 +268,27 @@ BAD = {
     "bd_train.labels": (_labels("bd_train", "labels", 7), r"'bd_train.labels' holds 7"),
     "bd_train.original_labels": (_labels("bd_train", "original_labels", 3), r"'bd_train.original_labels' holds 3"),
     "cross_test.labels": (_cross, r"'cross_test.labels' holds 3, outside 0..2"),
-    "num_classes huge": (lambda r: setattr(r, "num_classes", 10**12), rf"'num_classes' must be an integer in "
-                         rf"1..{MAX_CLASSES}, not 1000000000000"),
-    "num_classes vs model": (lambda r: setattr(r, "num_classes", 5), r"'num_classes' is 5 but the model's output "
-                             r"layer \(net.linear.weight\) has 3 outputs"),
-    "mean length": (lambda r: setattr(r, "mean", (0.5, 0.5, 0.5)), r"'normalization.mean' must have one entry per "
-                    r"channel \(1\), not 3"),
+    "num_classes huge": (
+        lambda r: setattr(r, "num_classes", 10**12),
+        rf"'num_classes' must be an integer in "
+        rf"1..{MAX_CLASSES}, not 1000000000000",
+    ),
+    "num_classes vs model": (
+        lambda r: setattr(r, "num_classes", 5),
+        r"'num_classes' is 5 but the model's output "
+        r"layer \(net.linear.weight\) has 3 outputs",
+    ),
+    "mean length": (
+        lambda r: setattr(r, "mean", (0.5, 0.5, 0.5)),
+        r"'normalization.mean' must have one entry per "
+        r"channel \(1\), not 3",
+    ),
     "std nan": (lambda r: setattr(r, "std", (float("nan"),)), r"'normalization.std' must be finite"),
     "std zero": (lambda r: setattr(r, "std", (0.0,)), r"'normalization.std' must be > 0"),
-    "poison indices": (lambda r: setattr(r, "poison_indices", torch.tensor([0, 3])),
-                       r"'poison_indices' leaves out poisoned training samples of bd_train \(e.g. 5\)"),
+    "poison indices": (
+        lambda r: setattr(r, "poison_indices", torch.tensor([0, 3])),
+        r"'poison_indices' leaves out poisoned training samples of bd_train \(e.g. 5\)",
+    ),
 }
 
 
@@ -264,8 +308,11 @@ def test_a_backdoorbench_record_goes_through_the_same_checks(digits_record_root,
     source = load_record(digits_record_root / NAME)
     source.bd_test.labels[0] = 10  # as its data_dict's other_info says
     write_bb_record(source, tmp_path / "bb", "bb")
-    with pytest.raises(UserError, match=r"bb/attack_result.pt: malformed attack record \('bd_test.labels' holds 10, "
-                                        r"outside 0..9"):
+    with pytest.raises(
+        UserError,
+        match=r"bb/attack_result.pt: malformed attack record \('bd_test.labels' holds 10, "
+        r"outside 0..9",
+    ):
         load_record(tmp_path / "bb")
     data = torch.load(tmp_path / "bb" / RECORD_FILE, weights_only=False)
     data["num_classes"] = 10**12
@@ -275,6 +322,7 @@ def test_a_backdoorbench_record_goes_through_the_same_checks(digits_record_root,
 
 
 # -- 5: digests over every tensor --------------------------------------------------------------------------------
+
 
 def _flip(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()

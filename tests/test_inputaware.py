@@ -1,5 +1,6 @@
 """Input-Aware: generated triggers differ between inputs, the masks respect the density
 after pre-training, and the saved generators reproduce the backdoor test set."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,18 @@ def rms(a: torch.Tensor) -> torch.Tensor:
 
 def test_triggers_differ_between_inputs_and_masks_respect_the_density(tmp_path):
     density = 0.032
-    attack.run("inputaware", dataset="digits", epochs=1, clean_train_epochs=4, batch_size=32, lambda_norm=100.0,
-               mask_density=density, device="cpu", record_root=str(tmp_path), save_folder_name="ia")
+    attack.run(
+        "inputaware",
+        dataset="digits",
+        epochs=1,
+        clean_train_epochs=4,
+        batch_size=32,
+        lambda_norm=100.0,
+        mask_density=density,
+        device="cpu",
+        record_root=str(tmp_path),
+        save_folder_name="ia",
+    )
     record, data = load_record(tmp_path / "ia"), load_dataset("digits")
     net_g, net_m = generators_from_extras(record.extras, 1, (8, 8), record.mean, record.std)
     x = data.test.images.float() / 255

@@ -12,6 +12,7 @@ A method file (a module of attack/ or defense/ that registers a class with
 ``@register_attack``/``@register_defense``) never imports another method file; methods share
 code through small modules of their package (defense/bnprune.py, attack/frequency.py, ...).
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,13 +60,17 @@ def imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                stem = package[:len(package) - node.level + 1]
+                stem = package[: len(package) - node.level + 1]
                 base = ".".join([*stem, base] if base else stem)
             found.add(base)
             found |= {f"{base}.{alias.name}" for alias in node.names if is_module(f"{base}.{alias.name}")}
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) ==
-              "import_module" and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)):
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             found.add(node.args[0].value)
     return found
 
@@ -77,7 +82,8 @@ def method_files() -> set[str]:
         for path in sorted((ROOT / side).glob("*.py")):
             for node in ast.walk(tree(path)):
                 if isinstance(node, ast.ClassDef) and any(
-                        getattr(getattr(d, "func", d), "id", None) == decorator for d in node.decorator_list):
+                    getattr(getattr(d, "func", d), "id", None) == decorator for d in node.decorator_list
+                ):
                     methods.add(module_name(path))
                     break
     return methods
@@ -102,8 +108,12 @@ def test_the_graph_is_read_from_every_package_and_finds_imports_inside_functions
     assert ("bench/compare.py", "attack", "attack") in found  # `import attack` inside a function
     assert any(f == "defense/sau.py" and top == "utils" for f, _, top in found)
     methods = method_files()
-    assert {"defense.sau", "attack.badnet"} <= methods and not methods & {"defense.base", "defense.bnprune",
-                                                                          "attack.frequency", "defense.compare"}
+    assert {"defense.sau", "attack.badnet"} <= methods and not methods & {
+        "defense.base",
+        "defense.bnprune",
+        "attack.frequency",
+        "defense.compare",
+    }
 
 
 def test_no_package_imports_one_above_it_or_a_sibling():
@@ -127,5 +137,7 @@ def test_no_method_file_imports_another_method_file():
         for name in sorted(imported_modules(path)):
             if name in methods and name != own:
                 bad.append(f"{path.relative_to(ROOT).as_posix()} imports {name}")
-    assert not bad, ("a method file imports another one; share the code through a small module of the package "
-                     "instead:\n  " + "\n  ".join(bad))
+    assert not bad, (
+        "a method file imports another one; share the code through a small module of the package "
+        "instead:\n  " + "\n  ".join(bad)
+    )

@@ -1,5 +1,6 @@
 """LC: only target-class training images are poisoned and keep their labels; they carry a
 bounded adversarial perturbation and the corner trigger, test images the trigger only."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ from utils.records import load_record
 
 def test_corner_trigger_is_four_3x3_patches():
     pattern = corner_trigger((8, 10))
-    assert torch.equal(pattern[:3, :3], torch.tensor([[1., -1, -1], [-1, 1, -1], [1, -1, 1]]))
-    assert torch.equal(pattern[-3:, -3:], torch.tensor([[-1., -1, 1], [-1, 1, -1], [1, -1, 1]]))
+    assert torch.equal(pattern[:3, :3], torch.tensor([[1.0, -1, -1], [-1, 1, -1], [1, -1, 1]]))
+    assert torch.equal(pattern[-3:, -3:], torch.tensor([[-1.0, -1, 1], [-1, 1, -1], [1, -1, 1]]))
     assert (pattern != 0).sum() == 36 and pattern[3:-3].abs().sum() == 0 and pattern[:, 3:-3].abs().sum() == 0
     x = torch.full((1, 2, 8, 10), 0.5)
     assert set(stamp(x, pattern, 1.0).unique().tolist()) == {0.0, 0.5, 1.0}
@@ -25,8 +26,9 @@ def test_corner_trigger_is_four_3x3_patches():
 
 
 def test_digits_record_poisons_only_target_class_images_and_keeps_labels(tmp_path):
-    attack.run("lc", dataset="digits", epochs=1, pgd_steps=3, device="cpu", record_root=str(tmp_path),
-               save_folder_name="l")
+    attack.run(
+        "lc", dataset="digits", epochs=1, pgd_steps=3, device="cpu", record_root=str(tmp_path), save_folder_name="l"
+    )
     record, data = load_record(tmp_path / "l"), load_dataset("digits")
     assert len(record.poison_indices) == round(0.05 * len(data.train))
     assert torch.all(data.train.labels[record.poison_indices] == 0)  # the target class only

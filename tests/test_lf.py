@@ -1,5 +1,6 @@
 """LF: the perturbation has (almost) no energy above the low-pass filter's cut-off, lies
 in [0, magnitude], and is added to the poisoned images."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def test_low_pass_filter_removes_what_lies_above_its_cutoff():
 
 
 def test_lf_perturbation_is_low_frequency_and_added_to_the_images(tmp_path):
-    attack.run("lf", dataset="digits", epochs=1, max_iter_uni=5, device="cpu", record_root=str(tmp_path),
-               save_folder_name="lf")
+    attack.run(
+        "lf", dataset="digits", epochs=1, max_iter_uni=5, device="cpu", record_root=str(tmp_path), save_folder_name="lf"
+    )
     record, data = load_record(tmp_path / "lf"), load_dataset("digits")
     v, params = record.extras["perturbation"], record.attack_params
     assert v.shape == (1, 8, 8) and 0 <= record.extras["fooling_rate"] <= 1

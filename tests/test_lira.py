@@ -1,5 +1,6 @@
 """LIRA: the trigger stays inside the L-infinity ball, the generator learns in stage I and is
 fixed in stage II, and the generator kept in the record rebuilds the backdoor test set."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,14 @@ class _Training:
 def test_generator_learns_in_stage_one_and_is_fixed_in_stage_two():
     torch.manual_seed(0)
     lira = LIRA(both_train_epochs=1, lr_atk=0.01)
-    ctx = AttackContext(load_dataset("digits"), 0, "all2one", torch.device("cpu"), np.random.default_rng(0),
-                        {"pratio": 0.1, "epochs": 2})
+    ctx = AttackContext(
+        load_dataset("digits"),
+        0,
+        "all2one",
+        torch.device("cpu"),
+        np.random.default_rng(0),
+        {"pratio": 0.1, "epochs": 2},
+    )
     lira.prepare(ctx)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     opt_f = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -65,8 +72,16 @@ def test_generator_learns_in_stage_one_and_is_fixed_in_stage_two():
 def test_generator_loss_leaves_no_gradient_in_the_classifier():
     torch.manual_seed(0)
     lira = LIRA(both_train_epochs=5, alpha=1.0)  # alpha 1: the classifier's own loss is the clean loss only
-    lira.prepare(AttackContext(load_dataset("digits"), 0, "all2one", torch.device("cpu"),
-                               np.random.default_rng(0), {"pratio": 0.1, "epochs": 10}))
+    lira.prepare(
+        AttackContext(
+            load_dataset("digits"),
+            0,
+            "all2one",
+            torch.device("cpu"),
+            np.random.default_rng(0),
+            {"pratio": 0.1, "epochs": 10},
+        )
+    )
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     x, y = torch.rand(16, 1, 8, 8), torch.randint(1, 10, (16,))
     loss, logits, _ = lira.train_step(_Training(model, 0), x, y)
@@ -78,8 +93,15 @@ def test_generator_loss_leaves_no_gradient_in_the_classifier():
 
 
 def test_digits_record_keeps_the_generator_that_rebuilds_the_backdoor_test_set(tmp_path):
-    attack.run("lira", dataset="digits", epochs=2, both_train_epochs=1, device="cpu", record_root=str(tmp_path),
-               save_folder_name="l")
+    attack.run(
+        "lira",
+        dataset="digits",
+        epochs=2,
+        both_train_epochs=1,
+        device="cpu",
+        record_root=str(tmp_path),
+        save_folder_name="l",
+    )
     record, data = load_record(tmp_path / "l"), load_dataset("digits")
     eps = record.attack_params["test_eps"]
     net = generator_from_extras(record.extras, 1, (8, 8), record.mean, record.std)

@@ -2,6 +2,7 @@
 gradient in the control point are the hand-computed ones, a theta at the midpoint of the
 end points gives the straight segment, BatchNorm statistics are recomputed exactly, and a
 run through the harness returns the curve's point at t."""
+
 from __future__ import annotations
 
 import copy
@@ -58,7 +59,7 @@ def test_gradient_in_theta_is_2t_1_minus_t_times_the_gradient_at_the_point():
     F.cross_entropy(torch.func.functional_call(model, point, (x,)), y).backward()
     at = {k: v.detach().clone().requires_grad_(True) for k, v in point.items()}
     grads = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(model, at, (x,)), y), list(at.values()))
-    for (name, g) in zip(at, grads):
+    for name, g in zip(at, grads):
         assert torch.allclose(theta[name].grad, 2 * t * (1 - t) * g, atol=1e-6)
 
 
@@ -73,7 +74,7 @@ def test_batchnorm_statistics_are_the_exact_average_over_the_clean_subset(digits
         h = model[1](model[0](x))
     # momentum None: PyTorch's cumulative average gives each batch's mean the same weight
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    means = torch.stack([h[order[i:i + 100]].mean(0) for i in range(0, len(x), 100)])
+    means = torch.stack([h[order[i : i + 100]].mean(0) for i in range(0, len(x), 100)])
     assert torch.allclose(model[2].running_mean, means.mean(0), atol=1e-5)
     assert model[2].momentum == 0.1 and not model.training
 

@@ -2,6 +2,7 @@
 sizes and min_size, output shape, any channel count, normalisation as the first
 operation and out of the state_dict, named stages; channel masks and load_weights; and
 PreAct-ResNet18's BackdoorBench key layout."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,12 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _trace(model: Classifier, x: torch.Tensor, layers) -> dict[str, torch.Tensor]:
     """The outputs of ``net.<layer>`` for each layer, and the logits (key "")."""
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [model.net.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach().clone())) for name in layers]
+    hooks = [
+        model.net.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach().clone())
+        )
+        for name in layers
+    ]
     try:
         outputs[""] = _run(model, x)
     finally:
@@ -90,7 +95,9 @@ def _kaiming_fan_out_std(conv: nn.Conv2d) -> float:
 
 # The rule each torchvision architecture applies to its first convolution: std of the weights.
 FIRST_CONV_STD = {
-    "resnet18": _kaiming_fan_out_std, "vgg19_bn": _kaiming_fan_out_std, "mobilenet_v3_large": _kaiming_fan_out_std,
+    "resnet18": _kaiming_fan_out_std,
+    "vgg19_bn": _kaiming_fan_out_std,
+    "mobilenet_v3_large": _kaiming_fan_out_std,
     "convnext_tiny": lambda conv: 0.02,
     "vit_b_16": lambda conv: math.sqrt(1 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])),
 }
@@ -199,12 +206,16 @@ def _state(**changes) -> dict:
     return {k: v for k, v in state.items() if v is not None}
 
 
-@pytest.mark.parametrize("state,complaint", [
-    (_state(**{"net.linear.weight": torch.zeros(5, 128)}), "size mismatch"),
-    (_state(**{"net.linear.bias": None}), "missing: net.linear.bias"),
-    (_state(**{"net.extra": torch.zeros(1)}), "unexpected: net.extra"),
-    (_state(**{"masks.layer9": torch.ones(128)}), "mask for unknown layer 'layer9'"),
-], ids=["shape", "missing", "unexpected", "unknown-mask-layer"])
+@pytest.mark.parametrize(
+    "state,complaint",
+    [
+        (_state(**{"net.linear.weight": torch.zeros(5, 128)}), "size mismatch"),
+        (_state(**{"net.linear.bias": None}), "missing: net.linear.bias"),
+        (_state(**{"net.extra": torch.zeros(1)}), "unexpected: net.extra"),
+        (_state(**{"masks.layer9": torch.ones(128)}), "mask for unknown layer 'layer9'"),
+    ],
+    ids=["shape", "missing", "unexpected", "unknown-mask-layer"],
+)
 def test_load_weights_mismatch_is_user_error(state, complaint):
     with pytest.raises(UserError, match=complaint) as err:
         load_weights(create_model("cnn", 3, 1, (8, 8)), state, source="rec/x.pt")
@@ -231,14 +242,21 @@ def test_preactresnet18_has_backdoorbench_keys():
     model = create_model("preactresnet18", 10, 3, (32, 32))
     keys = set(model.state_dict())
     block = {f"{bn}.{k}" for bn in ("bn1", "bn2") for k in BN} | {"conv1.weight", "conv2.weight"}
-    assert {k[len("net.layer1.0."):] for k in keys if k.startswith("net.layer1.0.")} == block
-    assert {k[len("net.layer2.0."):] for k in keys if k.startswith("net.layer2.0.")} == block | {"shortcut.0.weight"}
+    assert {k[len("net.layer1.0.") :] for k in keys if k.startswith("net.layer1.0.")} == block
+    assert {k[len("net.layer2.0.") :] for k in keys if k.startswith("net.layer2.0.")} == block | {"shortcut.0.weight"}
     assert {k for k in keys if ".shortcut." in k} == {f"net.layer{i}.0.shortcut.0.weight" for i in (2, 3, 4)}
     assert model.net.layer2[0].shortcut[0].stride == (2, 2) and model.net.layer2[0].shortcut[0].kernel_size == (1, 1)
     top = {k for k in keys if k.count(".") == 2}  # net.<module>.<tensor>: no final BatchNorm before pooling
     assert top == {"net.conv1.weight", "net.linear.weight", "net.linear.bias"}
     assert [name for name, _ in model.net.named_children()] == [
-        "conv1", "layer1", "layer2", "layer3", "layer4", "avgpool", "linear"]
+        "conv1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "avgpool",
+        "linear",
+    ]
     assert len(keys) == 1 + 4 * 2 * 12 + 3 + 2  # stem, 8 blocks, 3 shortcuts, head
     assert sum(p.numel() for p in model.parameters()) == 11_171_146
 

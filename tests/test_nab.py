@@ -2,6 +2,7 @@
 NT-Xent loss by hand, the per-image views, the defensive trigger and the model that stamps it
 at test time, the nearest-centroid relabelling, the LGA pieces, the stamping of relabelled
 samples in training, and a short run's detection."""
+
 from __future__ import annotations
 
 import dataclasses

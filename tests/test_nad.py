@@ -1,5 +1,6 @@
 """NAD: the attention map and loss against hand computations, the teacher, and the
 student's attention moving towards the teacher's on digits."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """Neural Cleanse: the anomaly index, the cost schedule, the unlearning set, and detection
 on the backdoored digits model (target 0) against a clean one."""
+
 from __future__ import annotations
 
 import math
@@ -35,11 +36,11 @@ def test_cost_schedule_raises_lowers_and_stops_early():
     assert not s.update(0.99, 5.0) and s.cost == 1e-3
     assert not s.update(0.99, 5.0) and s.cost == pytest.approx(2e-3)  # 2 epochs at the threshold: raise
     assert not s.update(0.5, 5.0) and not s.update(0.5, 5.0)
-    assert s.cost == pytest.approx(2e-3 / 2 ** 1.5)  # 2 epochs below: lower by multiplier^1.5
+    assert s.cost == pytest.approx(2e-3 / 2**1.5)  # 2 epochs below: lower by multiplier^1.5
     assert not s.update(0.5, 5.0)  # moved both ways; the best norm has stalled for 4 epochs
     assert s.update(0.5, 5.0)  # ... and now for 5
     improving = CostSchedule(cost=1e-3, threshold=0.98, patience=1, early_stop_patience=2)
-    assert not any(improving.update(0.99 if k % 2 else 0.5, 5.0 * 0.9 ** k) for k in range(10))
+    assert not any(improving.update(0.99 if k % 2 else 0.5, 5.0 * 0.9**k) for k in range(10))
     fresh = CostSchedule(cost=1e-3, threshold=0.98, patience=2, early_stop_patience=1)
     assert not any(fresh.update(0.99, 5.0 - k) for k in range(6))  # never lowered: no early stop
 

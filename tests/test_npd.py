@@ -2,6 +2,7 @@
 model's weights (state_dict, deep copy); the L2 projection, the complement loss and the
 four-term objective match hand computations; the targeted perturbation stays in its ball;
 a run trains the polarizer only, and NPD refuses a model without a declared layer."""
+
 from __future__ import annotations
 
 import copy
@@ -51,15 +52,18 @@ def test_polarizer_travels_with_the_state_dict_and_deep_copies():
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         expected = model(x)
-        fresh = load_weights(create_model("cnn", num_classes=10, in_channels=1, img_size=(8, 8)).eval(),
-                             model.state_dict())
+        fresh = load_weights(
+            create_model("cnn", num_classes=10, in_channels=1, img_size=(8, 8)).eval(), model.state_dict()
+        )
         assert torch.allclose(fresh(x), expected)
         twin = copy.deepcopy(model)
         twin.polarizer("layer3.0").conv.weight.zero_()  # the copy applies its own polarizer
         assert torch.allclose(model(x), expected)
         assert not torch.allclose(twin(x), expected)
-    bad = {k: (v[:32, :32] if k.endswith("conv.weight") and k.startswith("polarizers.") else v)
-           for k, v in model.state_dict().items()}
+    bad = {
+        k: (v[:32, :32] if k.endswith("conv.weight") and k.startswith("polarizers.") else v)
+        for k, v in model.state_dict().items()
+    }
     with pytest.raises(UserError, match="takes 64 channels"):
         load_weights(create_model("cnn", num_classes=10, in_channels=1, img_size=(8, 8)), bad)
 
@@ -67,7 +71,7 @@ def test_polarizer_travels_with_the_state_dict_and_deep_copies():
 def test_projection_onto_the_l2_ball():
     delta = torch.zeros(2, 1, 2, 2)
     delta[0, 0, 0, 0], delta[0, 0, 1, 1] = 3.0, 4.0  # norm 5: scaled to 2
-    delta[1, 0, 0, 1] = 1.0                           # norm 1: kept
+    delta[1, 0, 0, 1] = 1.0  # norm 1: kept
     out = project(delta, "L2", 2.0)
     assert torch.allclose(out[0, 0], torch.tensor([[1.2, 0.0], [0.0, 1.6]]))
     assert torch.equal(out[1], delta[1])
@@ -82,8 +86,9 @@ def test_complement_loss_and_objective_by_hand():
     by_hand = -(math.log(1.0001 - p[0, 2].item() + 1e-12) + math.log(1.0001 - p[1, 0].item() + 1e-12)) / 2
     assert complement_nll(p, torch.tensor([2, 0])).item() == pytest.approx(by_hand, rel=1e-6)
     lmd = (1.0, 0.4, 0.3, 0.2)
-    expected = (F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(logits_adv, y_hat)
-                + 0.3 * by_hand + 0.2 * by_hand).item()  # k' = target here
+    expected = (
+        F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(logits_adv, y_hat) + 0.3 * by_hand + 0.2 * by_hand
+    ).item()  # k' = target here
     assert npd_loss(logits, logits_adv, y, y_hat, target, lmd).item() == pytest.approx(expected, rel=1e-6)
     only_clean = npd_loss(logits, logits_adv, y, y_hat, target, (1.0, 0.0, 0.0, 0.0))
     assert only_clean.item() == pytest.approx(F.cross_entropy(logits, y).item())

@@ -1,4 +1,5 @@
 """Trigger placement, poison-index selection, label transforms and poisoned views."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,17 @@ import torch
 from attack.badnet import BadNet, scaled_patch_size
 from utils.datasets import ImageData
 from utils.errors import UserError
-from utils.poison import (apply_trigger, bd_test_indices, corner_patch, poisoned_set, poisoned_training_set,
-                          select_poison_indices, target_labels, to_float, to_uint8)
+from utils.poison import (
+    apply_trigger,
+    bd_test_indices,
+    corner_patch,
+    poisoned_set,
+    poisoned_training_set,
+    select_poison_indices,
+    target_labels,
+    to_float,
+    to_uint8,
+)
 
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 1, 1, 2, 2, 0, 1, 2, 1])  # 20 samples, 5 of class 0
 
@@ -48,39 +58,68 @@ def test_label_transforms():
 
 def test_dirty_label_selection_draws_from_all_samples_by_default_and_is_seeded():
     """BackdoorBench: round(pratio * N) of all N samples, target class included."""
-    idx = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
-                                rng=np.random.default_rng(1))
+    idx = select_poison_indices(
+        LABELS, 0.25, label_trans="all2one", target=0, clean_label=False, rng=np.random.default_rng(1)
+    )
     assert len(idx) == 5 and len(set(idx.tolist())) == 5
     assert torch.equal(idx, idx.sort().values)
-    again = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
-                                  rng=np.random.default_rng(1))
-    other = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
-                                  rng=np.random.default_rng(2))
+    again = select_poison_indices(
+        LABELS, 0.25, label_trans="all2one", target=0, clean_label=False, rng=np.random.default_rng(1)
+    )
+    other = select_poison_indices(
+        LABELS, 0.25, label_trans="all2one", target=0, clean_label=False, rng=np.random.default_rng(2)
+    )
     assert torch.equal(idx, again) and not torch.equal(idx, other)
-    hits = [bool((LABELS[select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
-                                               rng=np.random.default_rng(seed))] == 0).any()) for seed in range(10)]
+    hits = [
+        bool(
+            (
+                LABELS[
+                    select_poison_indices(
+                        LABELS,
+                        0.25,
+                        label_trans="all2one",
+                        target=0,
+                        clean_label=False,
+                        rng=np.random.default_rng(seed),
+                    )
+                ]
+                == 0
+            ).any()
+        )
+        for seed in range(10)
+    ]
     assert any(hits)  # some draws poison a target-class sample
-    everything = select_poison_indices(LABELS, 1.0, label_trans="all2one", target=0, clean_label=False,
-                                       rng=np.random.default_rng(0))
+    everything = select_poison_indices(
+        LABELS, 1.0, label_trans="all2one", target=0, clean_label=False, rng=np.random.default_rng(0)
+    )
     assert everything.tolist() == list(range(20))
 
 
 def test_dirty_label_selection_with_exclude_target_class_skips_the_target():
     for seed in range(10):
-        idx = select_poison_indices(LABELS, 0.25, label_trans="all2one", target=0, clean_label=False,
-                                    rng=np.random.default_rng(seed), exclude_target_class=True)
+        idx = select_poison_indices(
+            LABELS,
+            0.25,
+            label_trans="all2one",
+            target=0,
+            clean_label=False,
+            rng=np.random.default_rng(seed),
+            exclude_target_class=True,
+        )
         assert len(idx) == 5 and torch.all(LABELS[idx] != 0)
 
 
 def test_all2all_selection_may_take_any_class():
-    idx = select_poison_indices(LABELS, 1.0, label_trans="all2all", target=0, clean_label=False,
-                                rng=np.random.default_rng(0))
+    idx = select_poison_indices(
+        LABELS, 1.0, label_trans="all2all", target=0, clean_label=False, rng=np.random.default_rng(0)
+    )
     assert idx.tolist() == list(range(20))
 
 
 def test_clean_label_selection_takes_target_class_and_caps_with_a_warning(caplog):
-    idx = select_poison_indices(LABELS, 0.5, label_trans="all2one", target=0, clean_label=True,
-                                rng=np.random.default_rng(0))
+    idx = select_poison_indices(
+        LABELS, 0.5, label_trans="all2one", target=0, clean_label=True, rng=np.random.default_rng(0)
+    )
     assert torch.all(LABELS[idx] == 0) and len(idx) == 5  # 10 asked, 5 in the class
     assert "only 5 are eligible" in caplog.text
 

@@ -1,5 +1,6 @@
 """Poison Ink: the trigger (Canny edges of the luminance in the ink colour, white elsewhere),
 and the injected images stay close to the clean ones."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,8 +62,16 @@ def test_injected_digits_stay_close_and_carry_the_ink():
 
 
 def test_digits_record_keeps_the_injected_images(tmp_path):
-    attack.run("poison_ink", dataset="digits", epochs=1, device="cpu", record_root=str(tmp_path),
-               save_folder_name="p", width=8, hiding_epochs=1)
+    attack.run(
+        "poison_ink",
+        dataset="digits",
+        epochs=1,
+        device="cpu",
+        record_root=str(tmp_path),
+        save_folder_name="p",
+        width=8,
+        hiding_epochs=1,
+    )
     record, data = load_record(tmp_path / "p"), load_dataset("digits")
     assert len(record.poison_indices) == round(0.1 * len(data.train)) and torch.all(record.bd_train.labels == 0)
     assert torch.equal(record.extras["ink"], torch.tensor([80.0, 160.0, 80.0]))

@@ -2,6 +2,7 @@
 keywords), fed random corruptions and random values, give a valid object or the
 project's own error (UserError, which the command line prints as one line), never an
 exception from deep inside torch, yaml or argparse."""
+
 from __future__ import annotations
 
 import math
@@ -22,16 +23,28 @@ from utils.models import create_model
 from utils.records import RECORD_FILE, AttackRecord, load_record, tensor_digest
 from utils.poison import PoisonedSet
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 DELETE = object()
 
 # -- values ----------------------------------------------------------------------------------------------
 
-scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)
-           | st.text(max_size=8))
-plain = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=8)
+)
+plain = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @st.composite
@@ -46,12 +59,28 @@ values = plain | tensors() | st.dictionaries(st.text(max_size=6), tensors(), max
 
 def tiny_record_dict() -> dict:
     model = create_model("cnn", 3, 1, (8, 8), (0.5,), (0.5,))
-    bd = PoisonedSet(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
-                     torch.zeros(4, dtype=torch.long), torch.tensor([1, 2, 1, 2]), torch.tensor([0, 3, 5, 6]))
-    return AttackRecord(model_name="cnn", num_classes=3, model=model.state_dict(), img_size=(8, 8, 1),
-                        clean_data="digits", attack="badnet", attack_params={"patch_size": 1},
-                        poison_indices=torch.tensor([0, 3, 5, 6]), bd_test=bd, bd_train=bd, mean=(0.5,), std=(0.5,),
-                        extras={"pattern": torch.ones(1, 8, 8)}, config={"epochs": 3}).to_dict()
+    bd = PoisonedSet(
+        torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+        torch.zeros(4, dtype=torch.long),
+        torch.tensor([1, 2, 1, 2]),
+        torch.tensor([0, 3, 5, 6]),
+    )
+    return AttackRecord(
+        model_name="cnn",
+        num_classes=3,
+        model=model.state_dict(),
+        img_size=(8, 8, 1),
+        clean_data="digits",
+        attack="badnet",
+        attack_params={"patch_size": 1},
+        poison_indices=torch.tensor([0, 3, 5, 6]),
+        bd_test=bd,
+        bd_train=bd,
+        mean=(0.5,),
+        std=(0.5,),
+        extras={"pattern": torch.ones(1, 8, 8)},
+        config={"epochs": 3},
+    ).to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -85,29 +114,54 @@ def valid_or_user_error(folder: Path) -> None:
 
 # -- the record loader ----------------------------------------------------------------------------------------
 
+
 @SETTINGS
-@given(edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), max_size=8),
-       cut=st.none() | st.integers(0, 10**9))
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 255)), max_size=8),
+    cut=st.none() | st.integers(0, 10**9),
+)
 def test_corrupted_record_bytes(record_bytes, scratch, edits, cut):
     data = bytearray(record_bytes)
     for position, byte in edits:
         data[position % len(data)] = byte
     if cut is not None:
-        data = data[:cut % (len(data) + 1)]
+        data = data[: cut % (len(data) + 1)]
     (scratch / RECORD_FILE).write_bytes(bytes(data))
     valid_or_user_error(scratch)
 
 
-PATHS = [("model_name",), ("num_classes",), ("model",), ("img_size",), ("clean_data",), ("attack",),
-         ("attack_params",), ("poison_indices",), ("bd_test",), ("bd_test", "images"), ("bd_test", "labels"),
-         ("bd_test", "indices"), ("bd_train",), ("bd_train", "original_labels"), ("cross_test",),
-         ("normalization",), ("normalization", "mean"), ("extras",), ("config",), ("sha256",), ("version",),
-         ("format",), ("model", "net.linear.bias")]
+PATHS = [
+    ("model_name",),
+    ("num_classes",),
+    ("model",),
+    ("img_size",),
+    ("clean_data",),
+    ("attack",),
+    ("attack_params",),
+    ("poison_indices",),
+    ("bd_test",),
+    ("bd_test", "images"),
+    ("bd_test", "labels"),
+    ("bd_test", "indices"),
+    ("bd_train",),
+    ("bd_train", "original_labels"),
+    ("cross_test",),
+    ("normalization",),
+    ("normalization", "mean"),
+    ("extras",),
+    ("config",),
+    ("sha256",),
+    ("version",),
+    ("format",),
+    ("model", "net.linear.bias"),
+]
 
 
 @SETTINGS
-@given(changes=st.lists(st.tuples(st.sampled_from(PATHS), st.one_of(values, st.just(DELETE))), min_size=1,
-                        max_size=3), sign=st.booleans())
+@given(
+    changes=st.lists(st.tuples(st.sampled_from(PATHS), st.one_of(values, st.just(DELETE))), min_size=1, max_size=3),
+    sign=st.booleans(),
+)
 def test_records_with_random_fields(scratch, changes, sign):
     data = tiny_record_dict()
     for path, value in changes:
@@ -122,9 +176,10 @@ def test_records_with_random_fields(scratch, changes, sign):
             target[path[-1]] = value
     if sign:  # digests that match the changed fields, so that the loader looks further
         try:
-            data["sha256"] = {"model": tensor_digest(data["model"]),
-                              "bd_test": tensor_digest({k: v.long() if k != "images" else v
-                                                        for k, v in data["bd_test"].items()})}
+            data["sha256"] = {
+                "model": tensor_digest(data["model"]),
+                "bd_test": tensor_digest({k: v.long() if k != "images" else v for k, v in data["bd_test"].items()}),
+            }
         except Exception:
             pass
     try:
@@ -135,6 +190,7 @@ def test_records_with_random_fields(scratch, changes, sign):
 
 
 # -- YAML and the command line ------------------------------------------------------------------------------------
+
 
 def valid_or_user_error_setup(run) -> None:
     try:
@@ -153,10 +209,9 @@ def flags(keys):
 
 
 def token(keys):
-    return (st.sampled_from(flags(keys)) | st.text(max_size=10) | st.integers(-5, 10**12).map(str)
-            | st.floats().map(str)).filter(lambda t: not t.startswith("-h") and not (t.startswith("--") and
-                                                                                      "--help".startswith(t) and
-                                                                                      len(t) > 2))
+    return (
+        st.sampled_from(flags(keys)) | st.text(max_size=10) | st.integers(-5, 10**12).map(str) | st.floats().map(str)
+    ).filter(lambda t: not t.startswith("-h") and not (t.startswith("--") and "--help".startswith(t) and len(t) > 2))
 
 
 @SETTINGS
@@ -164,8 +219,7 @@ def token(keys):
 def test_attack_yaml_with_random_keys_and_values(scratch, mapping):
     path = scratch / "bd.yaml"
     path.write_text(yaml.safe_dump(mapping))
-    valid_or_user_error_setup(lambda: attack.base.setup("badnet", ["--bd_yaml_path", str(path)],
-                                                        {"dataset": "digits"}))
+    valid_or_user_error_setup(lambda: attack.base.setup("badnet", ["--bd_yaml_path", str(path)], {"dataset": "digits"}))
 
 
 @SETTINGS
@@ -183,8 +237,10 @@ def test_attack_command_line_with_random_arguments(argv):
 
 
 @SETTINGS
-@given(argv=st.lists(token(DEFENSE_KEYS), max_size=6),
-       mapping=st.dictionaries(st.sampled_from(DEFENSE_KEYS) | st.text(max_size=6), plain, max_size=3))
+@given(
+    argv=st.lists(token(DEFENSE_KEYS), max_size=6),
+    mapping=st.dictionaries(st.sampled_from(DEFENSE_KEYS) | st.text(max_size=6), plain, max_size=3),
+)
 def test_defense_yaml_and_command_line_with_random_values(digits_record_root, scratch, argv, mapping):
     path = scratch / "sau.yaml"
     path.write_text(yaml.safe_dump(mapping))

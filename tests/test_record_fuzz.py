@@ -8,6 +8,7 @@ BackdoorBench's records carry no digests, so a change that keeps them well-forme
 flipped byte in the weights, an in-range label) cannot be detected; for those the
 property is that the record's identity changes with its content, so that the comparison
 never reuses a result made on the original."""
+
 from __future__ import annotations
 
 import shutil
@@ -25,31 +26,50 @@ from utils.models import create_model
 from utils.records import RECORD_FILE, AttackRecord, load_record
 from utils.poison import PoisonedSet
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 KINDS = ("type", "none", "flip", "range", "shape", "delete")
 DELETE = object()
 
 
 def _set(n: int, seed: int, labels: list[int], original: list[int], indices: list[int]) -> PoisonedSet:
     g = torch.Generator().manual_seed(seed)
-    return PoisonedSet(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g), torch.tensor(labels),
-                       torch.tensor(original), torch.tensor(indices))
+    return PoisonedSet(
+        torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),
+        torch.tensor(labels),
+        torch.tensor(original),
+        torch.tensor(indices),
+    )
 
 
 def synthetic_record(num_classes: int = 3) -> AttackRecord:
     torch.manual_seed(0)
     model = create_model("cnn", num_classes, 1, (8, 8), (0.5,), (0.5,))
-    return AttackRecord(model_name="cnn", num_classes=num_classes, model=model.state_dict(), img_size=(8, 8, 1),
-                        clean_data="digits", attack="badnet", attack_params={"patch_size": 1},
-                        poison_indices=torch.tensor([1, 4, 6]),
-                        bd_test=_set(6, 1, [0] * 6, [1, 2, 1, 2, 1, 2], [0, 2, 5, 7, 8, 9]),
-                        bd_train=_set(3, 2, [0, 0, 0], [2, 1, 2], [1, 4, 6]),
-                        cross_test=_set(2, 3, [1, 2], [1, 2], [0, 1]), mean=(0.5,), std=(0.5,),
-                        extras={"pattern": torch.ones(1, 8, 8)}, config={"epochs": 3, "lr": 0.01})
+    return AttackRecord(
+        model_name="cnn",
+        num_classes=num_classes,
+        model=model.state_dict(),
+        img_size=(8, 8, 1),
+        clean_data="digits",
+        attack="badnet",
+        attack_params={"patch_size": 1},
+        poison_indices=torch.tensor([1, 4, 6]),
+        bd_test=_set(6, 1, [0] * 6, [1, 2, 1, 2, 1, 2], [0, 2, 5, 7, 8, 9]),
+        bd_train=_set(3, 2, [0, 0, 0], [2, 1, 2], [1, 4, 6]),
+        cross_test=_set(2, 3, [1, 2], [1, 2], [0, 1]),
+        mean=(0.5,),
+        std=(0.5,),
+        extras={"pattern": torch.ones(1, 8, 8)},
+        config={"epochs": 3, "lr": 0.01},
+    )
 
 
 # -- corruptions -------------------------------------------------------------------------------------------
+
 
 def _leaves(value: Any, path: tuple = ()) -> list[tuple]:
     """Every key path of a nested mapping (inner nodes too)."""
@@ -149,8 +169,11 @@ def _same(a: AttackRecord, b: AttackRecord) -> bool:
             return False
         if x is not None and not all(torch.equal(x.to_dict()[k], y.to_dict()[k]) for k in x.to_dict()):
             return False
-    return torch.equal(a.poison_indices, b.poison_indices) and a.model.keys() == b.model.keys() and all(
-        torch.equal(a.model[k], b.model[k]) for k in a.model)
+    return (
+        torch.equal(a.poison_indices, b.poison_indices)
+        and a.model.keys() == b.model.keys()
+        and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    )
 
 
 def _outcome(folder: Path, original: AttackRecord, *, detectable: bool = True) -> str:
@@ -170,6 +193,7 @@ def _outcome(folder: Path, original: AttackRecord, *, detectable: bool = True) -
 
 # -- SAU-Bench's records ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ours(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ours_valid")
@@ -181,8 +205,9 @@ def _our_paths() -> list[tuple]:
     """Every field and part, with three of the weights (the first, a counter, the output layer's)."""
     weights = list(synthetic_record().model)
     keep = {weights[0], next(k for k in weights if k.endswith("num_batches_tracked")), weights[-2]}
-    return [p for p in _leaves(synthetic_record().to_dict())
-            if not (p[0] == "model" and len(p) > 1 and p[1] not in keep)]
+    return [
+        p for p in _leaves(synthetic_record().to_dict()) if not (p[0] == "model" and len(p) > 1 and p[1] not in keep)
+    ]
 
 
 @pytest.mark.parametrize("path", _our_paths(), ids=lambda p: ".".join(map(str, p)))
@@ -258,6 +283,7 @@ def test_out_of_range_values_are_refused_even_with_matching_digests(tmp_path, ca
 
 # -- BackdoorBench's records ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def theirs(tmp_path_factory):
     """A synthetic 10-class BackdoorBench record (digits' sizes), its dict and its reading."""
@@ -280,10 +306,12 @@ def _bb_paths() -> list[tuple]:
             paths.append((part, key))
         for key in ("data_dict", "save_folder_path", "save_file_format"):
             paths.append((part, "bd_data_container", key))
-    paths += [("bd_test", "bd_data_container", "data_dict", 2), ("bd_test", "bd_data_container", "data_dict", 2,
-                                                                  "other_info"),
-              ("bd_train", "bd_data_container", "data_dict", 4, "path"),
-              ("bd_train", "bd_data_container", "data_dict", 4, "other_info")]
+    paths += [
+        ("bd_test", "bd_data_container", "data_dict", 2),
+        ("bd_test", "bd_data_container", "data_dict", 2, "other_info"),
+        ("bd_train", "bd_data_container", "data_dict", 4, "path"),
+        ("bd_train", "bd_data_container", "data_dict", 4, "other_info"),
+    ]
     return paths
 
 
@@ -343,13 +371,21 @@ def test_out_of_range_labels_and_classes_in_a_backdoorbench_record_are_refused(t
     folder, raw, _ = theirs
     work = tmp_path / "bb"
     shutil.copytree(folder, work)
-    for path, value, message in [(("num_classes",), 10**12, "'num_classes' must be an integer in 1..100000"),
-                                 (("num_classes",), 3, "'num_classes' is 3 but the model's output layer"),
-                                 (("img_size",), (8, 8, 0), "'img_size' must be"),
-                                 (("bd_test", "bd_data_container", "data_dict", 2, "other_info"), [10, 1],
-                                  "'bd_test.labels' holds 10, outside 0..9"),
-                                 (("bd_train", "bd_data_container", "data_dict", 4, "other_info"), [0, -1],
-                                  "'bd_train.original_labels' holds -1")]:
+    for path, value, message in [
+        (("num_classes",), 10**12, "'num_classes' must be an integer in 1..100000"),
+        (("num_classes",), 3, "'num_classes' is 3 but the model's output layer"),
+        (("img_size",), (8, 8, 0), "'img_size' must be"),
+        (
+            ("bd_test", "bd_data_container", "data_dict", 2, "other_info"),
+            [10, 1],
+            "'bd_test.labels' holds 10, outside 0..9",
+        ),
+        (
+            ("bd_train", "bd_data_container", "data_dict", 4, "other_info"),
+            [0, -1],
+            "'bd_train.original_labels' holds -1",
+        ),
+    ]:
         data = _copy(raw)
         _bb_apply(data, path, value)
         torch.save(data, work / RECORD_FILE)

@@ -1,5 +1,6 @@
 """The record round trip under weights_only=True, its integrity checks, and the write
 discipline (temporary names, staged folders, no overwrite without --overwrite)."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,15 @@ import torch
 
 from utils.errors import UserError
 from utils.models import create_model
-from utils.records import (RECORD_FILE, AttackRecord, load_defense_result, load_record, record_dir,
-                           save_defense_result, tensor_digest)
+from utils.records import (
+    RECORD_FILE,
+    AttackRecord,
+    load_defense_result,
+    load_record,
+    record_dir,
+    save_defense_result,
+    tensor_digest,
+)
 from utils.files import StagedFolder, save_json
 from utils.poison import PoisonedSet
 
@@ -22,12 +30,28 @@ class Foreign:
 
 def tiny_record() -> AttackRecord:
     model = create_model("cnn", 3, 1, (8, 8), (0.5,), (0.5,))
-    bd = PoisonedSet(torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
-                     torch.tensor([1, 2, 1, 2]), torch.tensor([0, 3, 5, 6]))
-    return AttackRecord(model_name="cnn", num_classes=3, model=model.state_dict(), img_size=(8, 8, 1),
-                        clean_data="digits", attack="badnet", attack_params={"patch_size": 1},
-                        poison_indices=torch.tensor([0, 3, 5, 6]), bd_test=bd, bd_train=bd, mean=(0.5,), std=(0.5,),
-                        extras={"pattern": torch.ones(1, 8, 8)}, config={"epochs": 3, "nested": {"a": [1, 2]}})
+    bd = PoisonedSet(
+        torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8),
+        torch.zeros(4, dtype=torch.long),
+        torch.tensor([1, 2, 1, 2]),
+        torch.tensor([0, 3, 5, 6]),
+    )
+    return AttackRecord(
+        model_name="cnn",
+        num_classes=3,
+        model=model.state_dict(),
+        img_size=(8, 8, 1),
+        clean_data="digits",
+        attack="badnet",
+        attack_params={"patch_size": 1},
+        poison_indices=torch.tensor([0, 3, 5, 6]),
+        bd_test=bd,
+        bd_train=bd,
+        mean=(0.5,),
+        std=(0.5,),
+        extras={"pattern": torch.ones(1, 8, 8)},
+        config={"epochs": 3, "nested": {"a": [1, 2]}},
+    )
 
 
 def test_round_trip_loads_with_weights_only(tmp_path):
@@ -52,8 +76,11 @@ def test_missing_record_lists_existing_ones(tmp_path):
     with pytest.raises(UserError, match=r"no attack record named 'two'.*records there: one"):
         load_record(tmp_path / "two")
     (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(UserError, match=r"empty_folder holds no attack_result.pt \(records in .*: one; looked in "
-                       r".*empty_folder\); give --record_root"):
+    with pytest.raises(
+        UserError,
+        match=r"empty_folder holds no attack_result.pt \(records in .*: one; looked in "
+        r".*empty_folder\); give --record_root",
+    ):
         load_record(tmp_path / "empty_folder")
 
 
@@ -117,7 +144,7 @@ def test_defense_result_round_trip_and_tamper_check(tmp_path):
     path = save_defense_result(tmp_path, "cnn", 3, state, {"mask": torch.ones(4)})
     raw = torch.load(path, weights_only=True)
     assert set(raw) >= {"model_name", "num_classes", "model"}  # BackdoorBench's keys
-    assert set(raw["model"]) == {k[len("net."):] for k in state}  # and its key layout
+    assert set(raw["model"]) == {k[len("net.") :] for k in state}  # and its key layout
     loaded = load_defense_result(path)
     assert loaded["extras"]["mask"].shape == (4,) and set(loaded["model"]) == set(state)
     raw["model"]["linear.bias"] += 1

@@ -1,6 +1,7 @@
 """ReFool: the three reflection models against hand-computed values and an independent
 NumPy/OpenCV re-computation of BackdoorBench's blend_images; the record poisons only
 target-class images, keeps their labels, and keeps the reflection pool (other-class images)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,17 @@ def test_vignette_peaks_in_the_middle_and_falls_to_the_border():
     assert v[0, 0] < 0.02 and v[16, 16] > 0.99  # three standard deviations to the border
 
 
-def blend_like_backdoorbench(t: np.ndarray, r: np.ndarray, *, ghost_model: bool, alpha_t: float, offset=(0, 0),
-                             ghost_alpha=0.0, sigma=1.0, att=1.1) -> np.ndarray:
+def blend_like_backdoorbench(
+    t: np.ndarray,
+    r: np.ndarray,
+    *,
+    ghost_model: bool,
+    alpha_t: float,
+    offset=(0, 0),
+    ghost_alpha=0.0,
+    sigma=1.0,
+    att=1.1,
+) -> np.ndarray:
     """BackdoorBench's blend_images (attack/refool.py) with its random draws fixed, on
     float HWC images of the output size (no resizing), written again with NumPy and OpenCV."""
     import cv2
@@ -42,8 +52,9 @@ def blend_like_backdoorbench(t: np.ndarray, r: np.ndarray, *, ghost_model: bool,
         r_1 = np.pad(r, ((0, offset[0]), (0, offset[1]), (0, 0)))
         r_2 = np.pad(r, ((offset[0], 0), (offset[1], 0), (0, 0)))
         ghost_r = r_1 * ghost_alpha + r_2 * (1 - ghost_alpha)
-        ghost_r = cv2.resize(ghost_r[offset[0]:-offset[0], offset[1]:-offset[1], :], (w, h),
-                             interpolation=cv2.INTER_CUBIC).reshape(h, w, -1)
+        ghost_r = cv2.resize(
+            ghost_r[offset[0] : -offset[0], offset[1] : -offset[1], :], (w, h), interpolation=cv2.INTER_CUBIC
+        ).reshape(h, w, -1)
         ghost_r = np.clip(ghost_r, 0, 1)  # the declared deviation: BackdoorBench's power gives NaN below 0
         return np.clip(np.power(ghost_r * (1 - alpha_t) + t * alpha_t, 1 / 2.2), 0, 1)
     sz = int(2 * np.ceil(2 * sigma) + 1)
@@ -51,7 +62,7 @@ def blend_like_backdoorbench(t: np.ndarray, r: np.ndarray, *, ghost_model: bool,
     blend = r_blur + t
     for i in range(t.shape[2]):
         mask = blend[:, :, i] > 1
-        mean_i = max(1., np.sum(blend[:, :, i] * mask) / (mask.sum() + 1e-6))
+        mean_i = max(1.0, np.sum(blend[:, :, i] * mask) / (mask.sum() + 1e-6))
         r_blur[:, :, i] = r_blur[:, :, i] - (mean_i - 1) * att
     r_blur = np.clip(r_blur, 0, 1)
     x = np.linspace(-3 - (7 / w) / 2, 3 + (7 / w) / 2, w + 1)

@@ -2,6 +2,7 @@
 nothing written; records load without pickle unless trusted; runs checkpoint, survive
 Ctrl-C, NaN losses and SIGKILL, and resume to exactly the weights of an uninterrupted run.
 docs/errors.md lists the messages checked here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,16 @@ import defense
 import utils.train
 from utils.errors import UserError
 from utils.models import create_model
-from utils.records import (RECORD_FILE, RECORD_READERS, AttackRecord, checkpoint_epoch, load_defense_result,
-                           load_record, register_record_reader, save_checkpoint)
+from utils.records import (
+    RECORD_FILE,
+    RECORD_READERS,
+    AttackRecord,
+    checkpoint_epoch,
+    load_defense_result,
+    load_record,
+    register_record_reader,
+    save_checkpoint,
+)
 from utils.files import CHECKPOINT_FILE, StagedFolder, save_json, save_torch
 from utils.poison import PoisonedSet
 
@@ -33,13 +42,17 @@ REAL_SAVE = utils.train.Checkpoint.save
 
 # -- helpers ----------------------------------------------------------------------------------------
 
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones too) with its SHA-256."""
     folder = Path(folder)
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def command_line(monkeypatch, capsys, script: str, *args: str) -> tuple[int, str]:
@@ -87,12 +100,24 @@ def signed(raw: dict) -> dict:
     def part(key):
         return None if raw.get(key) is None else PoisonedSet.from_dict(raw[key])
 
-    record = AttackRecord(model_name=raw["model_name"], num_classes=raw["num_classes"], model=raw["model"],
-                          img_size=tuple(raw["img_size"]), clean_data=raw["clean_data"], attack=raw["attack"],
-                          attack_params=raw["attack_params"], poison_indices=raw["poison_indices"],
-                          bd_test=part("bd_test"), bd_train=part("bd_train"), cross_test=part("cross_test"),
-                          mean=tuple(raw["normalization"]["mean"]), std=tuple(raw["normalization"]["std"]),
-                          extras=raw["extras"], config=raw["config"], clean_train=raw.get("clean_train_sha256", ""))
+    record = AttackRecord(
+        model_name=raw["model_name"],
+        num_classes=raw["num_classes"],
+        model=raw["model"],
+        img_size=tuple(raw["img_size"]),
+        clean_data=raw["clean_data"],
+        attack=raw["attack"],
+        attack_params=raw["attack_params"],
+        poison_indices=raw["poison_indices"],
+        bd_test=part("bd_test"),
+        bd_train=part("bd_train"),
+        cross_test=part("cross_test"),
+        mean=tuple(raw["normalization"]["mean"]),
+        std=tuple(raw["normalization"]["std"]),
+        extras=raw["extras"],
+        config=raw["config"],
+        clean_train=raw.get("clean_train_sha256", ""),
+    )
     return {**raw, "sha256": record_digests(record)}
 
 
@@ -123,20 +148,27 @@ def same_weights(a: dict, b: dict) -> bool:
 
 # -- bad input: the record -------------------------------------------------------------------------------
 
+
 def test_result_file_that_does_not_exist_lists_the_records(monkeypatch, capsys, record_root):
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "nope", "--record_root",
-                   str(record_root))
-    assert f"no attack record named 'nope' in {record_root} (records there: badnet_digits; looked in " \
-           f"{(record_root / 'nope').resolve()})" in line
+    line = refused(
+        monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "nope", "--record_root", str(record_root)
+    )
+    assert (
+        f"no attack record named 'nope' in {record_root} (records there: badnet_digits; looked in "
+        f"{(record_root / 'nope').resolve()})" in line
+    )
     assert "give --record_root DIR" in line and "--result_file path/to/nope" in line
 
 
 def test_result_file_without_a_record_file_lists_the_records(monkeypatch, capsys, record_root):
     (record_root / "empty").mkdir()
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "empty", "--record_root",
-                   str(record_root))
-    assert f"{record_root / 'empty'} holds no attack_result.pt (records in {record_root}: badnet_digits; looked in " \
-           f"{(record_root / 'empty').resolve()})" in line
+    line = refused(
+        monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "empty", "--record_root", str(record_root)
+    )
+    assert (
+        f"{record_root / 'empty'} holds no attack_result.pt (records in {record_root}: badnet_digits; looked in "
+        f"{(record_root / 'empty').resolve()})" in line
+    )
     assert "give --record_root DIR" in line
 
 
@@ -166,14 +198,35 @@ def _damaged(record_root: Path, damage: str):
     raise ValueError(damage)
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "corrupted", "unknown format", "unknown version",
-                                    "weights of another model", "changed weights", "changed bd test",
-                                    "malformed"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "empty",
+        "truncated",
+        "corrupted",
+        "unknown format",
+        "unknown version",
+        "weights of another model",
+        "changed weights",
+        "changed bd test",
+        "malformed",
+    ],
+)
 def test_damaged_records_are_refused_with_one_line(monkeypatch, capsys, record_root, damage):
     data, message = _damaged(record_root, damage)
     write_raw(record_root, "bad", data)
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "bad", "--record_root",
-                   str(record_root), "--device", "cpu")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        "--result_file",
+        "bad",
+        "--record_root",
+        str(record_root),
+        "--device",
+        "cpu",
+    )
     assert message in line and str(record_root / "bad") in line
 
 
@@ -182,8 +235,21 @@ def test_record_whose_dataset_files_are_missing(monkeypatch, capsys, record_root
     write_raw(record_root, "on_mnist", signed({**raw, "clean_data": "mnist"}))
     empty = tmp_path / "no_data_here"
     empty.mkdir()
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "on_mnist", "--record_root",
-                   str(record_root), "--data_root", str(empty), "--no-download", "--device", "cpu")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        "--result_file",
+        "on_mnist",
+        "--record_root",
+        str(record_root),
+        "--data_root",
+        str(empty),
+        "--no-download",
+        "--device",
+        "cpu",
+    )
     assert "mnist: files not found; put" in line and str(empty / "mnist") in line
 
 
@@ -203,19 +269,47 @@ def _imagefolder(root: Path, classes: int, side: int) -> Path:
 
 def _imagefolder_record(record_root: Path, name: str, classes: int = 3) -> None:
     model = create_model("cnn", classes, 3, (8, 8), (0.5,) * 3, (0.5,) * 3)
-    bd = PoisonedSet(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
-                     torch.ones(2, dtype=torch.long), torch.tensor([0, 1]))
-    AttackRecord("cnn", classes, model.state_dict(), (8, 8, 3), "imagefolder", "badnet", {}, torch.tensor([0]),
-                 bd, mean=(0.5,) * 3, std=(0.5,) * 3).save(record_root / name)
+    bd = PoisonedSet(
+        torch.zeros(2, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(2, dtype=torch.long),
+        torch.ones(2, dtype=torch.long),
+        torch.tensor([0, 1]),
+    )
+    AttackRecord(
+        "cnn",
+        classes,
+        model.state_dict(),
+        (8, 8, 3),
+        "imagefolder",
+        "badnet",
+        {},
+        torch.tensor([0]),
+        bd,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+    ).save(record_root / name)
 
 
 @pytest.mark.parametrize("classes,side,says", [(2, 8, "(8, 8, 3) with 2"), (3, 6, "(6, 6, 3) with 3")])
-def test_record_whose_dataset_has_another_shape_or_class_count(monkeypatch, capsys, record_root, tmp_path, classes,
-                                                               side, says):
+def test_record_whose_dataset_has_another_shape_or_class_count(
+    monkeypatch, capsys, record_root, tmp_path, classes, side, says
+):
     _imagefolder_record(record_root, "mine", classes=3)
     data = _imagefolder(tmp_path / "images", classes, side)
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "mine", "--record_root",
-                   str(record_root), "--data_root", str(data), "--device", "cpu")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        "--result_file",
+        "mine",
+        "--record_root",
+        str(record_root),
+        "--data_root",
+        str(data),
+        "--device",
+        "cpu",
+    )
     assert "the record says imagefolder is (8, 8, 3) with 3 classes, but the files in" in line
     assert line.endswith(f" are {says}")
 
@@ -224,12 +318,23 @@ def test_record_whose_poison_indices_do_not_fit_the_dataset(monkeypatch, capsys,
     raw = raw_record(record_root)
     poisoned = torch.cat([raw["poison_indices"], torch.tensor([5000])])
     write_raw(record_root, "elsewhere", signed({**raw, "poison_indices": poisoned}))
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "elsewhere", "--record_root",
-                   str(record_root), "--device", "cpu")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        "--result_file",
+        "elsewhere",
+        "--record_root",
+        str(record_root),
+        "--device",
+        "cpu",
+    )
     assert "the record's poison indices reach 5000, but the training set has 1437 samples" in line
 
 
 # -- bad input: names, values, devices, folders ------------------------------------------------------------
+
 
 def test_unknown_names_suggest_the_closest(monkeypatch, capsys, tmp_path, record_root):
     out = tmp_path / "records"
@@ -244,17 +349,20 @@ def test_unknown_names_suggest_the_closest(monkeypatch, capsys, tmp_path, record
     assert not out.exists()
 
 
-@pytest.mark.parametrize("yaml_text,message", [
-    ("epochs: 1\nadv_step: 3\n", "unknown key 'adv_step' (did you mean 'adv_steps'?)"),
-    ("epochs: ten\n", "'epochs' must be int, got 'ten'"),
-    ("epochs: -1\n", "'epochs' must be >= 0, got -1"),
-    ("lr: .nan\n", "'lr' must be a finite float, got nan"),
-    ("ratio: 1.5\n", "'ratio' must be in (0, 1], got 1.5"),
-    ("ratio: 0.0001\n", "--ratio 0.0001 gives an empty clean subset (1437 training samples)"),
-    ("epochs: [1,\n", "not valid YAML (line 2)"),
-    ("random_seed: 2020-13-45\n", "a value YAML cannot read"),
-    ("trust_record: true\n", "'trust_record' can be given only on the command line"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        ("epochs: 1\nadv_step: 3\n", "unknown key 'adv_step' (did you mean 'adv_steps'?)"),
+        ("epochs: ten\n", "'epochs' must be int, got 'ten'"),
+        ("epochs: -1\n", "'epochs' must be >= 0, got -1"),
+        ("lr: .nan\n", "'lr' must be a finite float, got nan"),
+        ("ratio: 1.5\n", "'ratio' must be in (0, 1], got 1.5"),
+        ("ratio: 0.0001\n", "--ratio 0.0001 gives an empty clean subset (1437 training samples)"),
+        ("epochs: [1,\n", "not valid YAML (line 2)"),
+        ("random_seed: 2020-13-45\n", "a value YAML cannot read"),
+        ("trust_record: true\n", "'trust_record' can be given only on the command line"),
+    ],
+)
 def test_bad_defense_yaml(monkeypatch, capsys, record_root, tmp_path, yaml_text, message):
     path = tmp_path / "sau.yaml"
     path.write_text(yaml_text)
@@ -262,15 +370,18 @@ def test_bad_defense_yaml(monkeypatch, capsys, record_root, tmp_path, yaml_text,
     assert message in line
 
 
-@pytest.mark.parametrize("yaml_text,message", [
-    ("pratio: 1.5\n", "'pratio' must be in (0, 1], got 1.5"),
-    ("pratio: 0\n", "'pratio' must be in (0, 1], got 0"),
-    ("attack_target: 10\n", "attack_target 10 is not a class"),
-    ("epochs: -3\n", "'epochs' must be >= 0, got -3"),
-    ("patch: 3\n", "unknown key 'patch'"),
-    ("save_folder_name: ../../outside\n", "must be a folder name inside"),
-    ("random_seed: 99999999999\n", "'random_seed' must be in 0..4294967295"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        ("pratio: 1.5\n", "'pratio' must be in (0, 1], got 1.5"),
+        ("pratio: 0\n", "'pratio' must be in (0, 1], got 0"),
+        ("attack_target: 10\n", "attack_target 10 is not a class"),
+        ("epochs: -3\n", "'epochs' must be >= 0, got -3"),
+        ("patch: 3\n", "unknown key 'patch'"),
+        ("save_folder_name: ../../outside\n", "must be a folder name inside"),
+        ("random_seed: 99999999999\n", "'random_seed' must be in 0..4294967295"),
+    ],
+)
 def test_bad_attack_yaml(monkeypatch, capsys, tmp_path, yaml_text, message):
     path = tmp_path / "bd.yaml"
     path.write_text(yaml_text)
@@ -298,8 +409,9 @@ def test_unknown_devices_and_options(monkeypatch, capsys, record_root):
 
 def test_data_root_that_does_not_exist(monkeypatch, capsys, record_root, tmp_path):
     missing = tmp_path / "no" / "such" / "folder"
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py",
-                   *sau_args(record_root, "--data_root", str(missing)))
+    line = refused(
+        monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--data_root", str(missing))
+    )
     assert f"--data_root {missing} does not exist" in line
     out = tmp_path / "records"
     line = refused(monkeypatch, capsys, tmp_path, "attack/badnet.py", *badnet_args(out, "--data_root", str(missing)))
@@ -311,22 +423,31 @@ def test_index_files_out_of_range_poisoned_or_unreadable(monkeypatch, capsys, re
     clean = next(i for i in range(1437) if i not in set(poisoned))
     index = tmp_path / "index.txt"
     for text, message, extra in [
-            ("1\n99999\n", "indices must be in 0..1436", ()),
-            (f"{clean}\n{poisoned[0]}\n", f"indices [{poisoned[0]}] are poisoned training samples "
-             "(--exclude_poisoned refuses them)", ("--exclude_poisoned",)),  # accepted without the flag
-            ("one\ntwo\n", "cannot read clean indices", ()), ("", "the file holds no index", ())]:
+        ("1\n99999\n", "indices must be in 0..1436", ()),
+        (
+            f"{clean}\n{poisoned[0]}\n",
+            f"indices [{poisoned[0]}] are poisoned training samples (--exclude_poisoned refuses them)",
+            ("--exclude_poisoned",),
+        ),  # accepted without the flag
+        ("one\ntwo\n", "cannot read clean indices", ()),
+        ("", "the file holds no index", ()),
+    ]:
         index.write_text(text)
-        line = refused(monkeypatch, capsys, record_root, "defense/sau.py",
-                       *sau_args(record_root, "--index", str(index), *extra))
+        line = refused(
+            monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--index", str(index), *extra)
+        )
         assert f"--index {index}: {message}" in line
 
 
-@pytest.mark.parametrize("script,args", [
-    ("attack/badnet.py", ("--save_folder_name", "../escape")),
-    ("attack/badnet.py", ("--save_folder_name", "/tmp/absolute")),
-    ("defense/sau.py", ("--result_name", "../../escape")),
-    ("defense/sau.py", ("--result_file", "../badnet_digits")),
-])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("attack/badnet.py", ("--save_folder_name", "../escape")),
+        ("attack/badnet.py", ("--save_folder_name", "/tmp/absolute")),
+        ("defense/sau.py", ("--result_name", "../../escape")),
+        ("defense/sau.py", ("--result_file", "../badnet_digits")),
+    ],
+)
 def test_paths_never_leave_the_record_folder(monkeypatch, capsys, record_root, script, args):
     base = badnet_args(record_root) if script.startswith("attack") else sau_args(record_root)
     line = refused(monkeypatch, capsys, record_root.parent, script, *base, *args)
@@ -335,20 +456,32 @@ def test_paths_never_leave_the_record_folder(monkeypatch, capsys, record_root, s
 
 # -- safety: pickle only when trusted ------------------------------------------------------------------------
 
+
 def test_a_record_that_needs_pickle_needs_trust_record(monkeypatch, capsys, record_root):
     raw = raw_record(record_root)
     raw["config"]["made_in"] = Path("/somewhere")  # a Python object: only pickle restores it
     write_raw(record_root, "foreign", signed(raw))
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "foreign", "--record_root",
-                   str(record_root), "--device", "cpu")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        "--result_file",
+        "foreign",
+        "--record_root",
+        str(record_root),
+        "--device",
+        "cpu",
+    )
     assert "holds a Python object (pathlib.PosixPath) that only pickle can load" in line
     assert "pass --trust_record to unpickle it if you trust where it came from" in line
     record = load_record(record_root / "foreign", trust=True)
     original = load_record(record_root / "badnet_digits").sha256
     assert record.config["made_in"] == Path("/somewhere") and record.sha256["model"] == original["model"]
     assert record.sha256["fields"] != original["fields"]  # its config differs
-    summary = defense.run("sau", result_file="foreign", record_root=str(record_root), device="cpu", epochs=0,
-                          trust_record=True)
+    summary = defense.run(
+        "sau", result_file="foreign", record_root=str(record_root), device="cpu", epochs=0, trust_record=True
+    )
     assert "trust_record" not in summary["config"]  # how a run was made, not what it computed
 
 
@@ -373,6 +506,7 @@ def test_foreign_formats_plug_into_load_record(record_root):
 
 
 # -- durability: atomic files, checkpoints, resume ------------------------------------------------------------
+
 
 def test_a_write_killed_halfway_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
@@ -426,8 +560,11 @@ def test_a_second_run_on_a_folder_being_written_stops_and_leaves_the_first_alone
     save_json({"epoch": 3}, staging / "progress.json")
     alive = os.getppid()  # another live process of this host
     first.lock.write_text(f"{alive} {socket.gethostname()}\n")
-    with pytest.raises(UserError, match=rf"^{re.escape(str(final))} is being written by another run \(process "
-                                        rf"{alive}\); wait for it to finish, or remove .*\.run\.lock if that run"):
+    with pytest.raises(
+        UserError,
+        match=rf"^{re.escape(str(final))} is being written by another run \(process "
+        rf"{alive}\); wait for it to finish, or remove .*\.run\.lock if that run",
+    ):
         StagedFolder(final, overwrite=True).open()
     first.lock.write_text(f"{alive} another-host\n")
     with pytest.raises(UserError, match=rf"\(process {alive} on host another-host\)"):
@@ -461,8 +598,11 @@ def test_a_run_on_a_locked_result_folder_is_one_line_and_writes_nothing(record_r
 
 def test_checkpoints_load_weights_only_and_finished_runs_keep_none(record_root, monkeypatch):
     monkeypatch.setattr(utils.train.Checkpoint, "save", interrupt_after(0))
-    with pytest.raises(KeyboardInterrupt, match=r"checkpoint of epoch 0 is kept in .*\.ft\.partial; run the same "
-                                                r"command with --resume"):
+    with pytest.raises(
+        KeyboardInterrupt,
+        match=r"checkpoint of epoch 0 is kept in .*\.ft\.partial; run the same "
+        r"command with --resume",
+    ):
         defense.run("ft", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2)
     partial = record_root / "badnet_digits" / "defense" / ".ft.partial"
     state = torch.load(partial / CHECKPOINT_FILE, weights_only=True)
@@ -474,14 +614,25 @@ def test_checkpoints_load_weights_only_and_finished_runs_keep_none(record_root, 
     assert sorted(p.name for p in done.iterdir()) == ["ft"] and not (done / "ft" / CHECKPOINT_FILE).exists()
 
 
-RESUMED_ATTACKS = {"badnet": {}, "inputaware": {"clean_train_epochs": 1}, "blind": {"batch_history_len": 5},
-                   "lira": {"both_train_epochs": 1}}  # lira: the interruption falls between its two stages
+RESUMED_ATTACKS = {
+    "badnet": {},
+    "inputaware": {"clean_train_epochs": 1},
+    "blind": {"batch_history_len": 5},
+    "lira": {"both_train_epochs": 1},
+}  # lira: the interruption falls between its two stages
 
 
 @pytest.mark.parametrize("name", sorted(RESUMED_ATTACKS))
 def test_an_interrupted_attack_resumes_to_the_same_weights(name, tmp_path, monkeypatch):
-    kw = {"dataset": "digits", "record_root": str(tmp_path), "device": "cpu", "epochs": 2, "batch_size": 128,
-          **attack.ATTACKS.get(name).smoke_params, **RESUMED_ATTACKS[name]}
+    kw = {
+        "dataset": "digits",
+        "record_root": str(tmp_path),
+        "device": "cpu",
+        "epochs": 2,
+        "batch_size": 128,
+        **attack.ATTACKS.get(name).smoke_params,
+        **RESUMED_ATTACKS[name],
+    }
     attack.run(name, save_folder_name="whole", **kw)
     monkeypatch.setattr(utils.train.Checkpoint, "save", interrupt_after(0))
     with pytest.raises(KeyboardInterrupt):
@@ -494,16 +645,28 @@ def test_an_interrupted_attack_resumes_to_the_same_weights(name, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "whole"]
 
 
-RESUMABLE = {"sau": {"epochs": 2}, "ft": {"epochs": 2}, "fp": {"epochs": 2, "once_prune_ratio": 0.05},
-             "nad": {"epochs": 2, "te_epochs": 1}, "nc": {"epochs": 2, "nc_epochs": 2, "batch_size": 64},
-             "ibau": {"epochs": 2, "batch_size": 128, "K": 2}}
+RESUMABLE = {
+    "sau": {"epochs": 2},
+    "ft": {"epochs": 2},
+    "fp": {"epochs": 2, "once_prune_ratio": 0.05},
+    "nad": {"epochs": 2, "te_epochs": 1},
+    "nc": {"epochs": 2, "nc_epochs": 2, "batch_size": 64},
+    "ibau": {"epochs": 2, "batch_size": 128, "K": 2},
+}
 
 
 @pytest.mark.parametrize("name", sorted(RESUMABLE))
 def test_an_interrupted_defense_resumes_to_the_same_weights_and_rows(name, record_root, monkeypatch):
     def run(result_name, **more):
-        return defense.run(name, result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                           result_name=result_name, **RESUMABLE[name], **more)
+        return defense.run(
+            name,
+            result_file="badnet_digits",
+            record_root=str(record_root),
+            device="cpu",
+            result_name=result_name,
+            **RESUMABLE[name],
+            **more,
+        )
 
     whole = run("whole")
     monkeypatch.setattr(utils.train.Checkpoint, "save", interrupt_after(0))
@@ -512,15 +675,21 @@ def test_an_interrupted_defense_resumes_to_the_same_weights_and_rows(name, recor
     monkeypatch.setattr(utils.train.Checkpoint, "save", REAL_SAVE)
     resumed = run("resumed", resume=True)
     out = record_root / "badnet_digits" / "defense"
-    assert same_weights(load_defense_result(out / "whole/defense_result.pt")["model"],
-                        load_defense_result(out / "resumed/defense_result.pt")["model"])
+    assert same_weights(
+        load_defense_result(out / "whole/defense_result.pt")["model"],
+        load_defense_result(out / "resumed/defense_result.pt")["model"],
+    )
     assert (out / f"whole/{name}_df.csv").read_text() == (out / f"resumed/{name}_df.csv").read_text()
     assert resumed["after"] == whole["after"] and resumed["config"] == {**whole["config"], "result_name": "resumed"}
 
 
 def test_anp_restarts_cleanly_on_resume(record_root, monkeypatch):
-    kw = {"result_file": "badnet_digits", "record_root": str(record_root), "device": "cpu",
-          **defense.DEFENSES.get("anp").smoke_params}
+    kw = {
+        "result_file": "badnet_digits",
+        "record_root": str(record_root),
+        "device": "cpu",
+        **defense.DEFENSES.get("anp").smoke_params,
+    }
     defense.run("anp", result_name="whole", **kw)
     calls = []
 
@@ -535,8 +704,10 @@ def test_anp_restarts_cleanly_on_resume(record_root, monkeypatch):
     monkeypatch.undo()
     defense.run("anp", result_name="resumed", resume=True, **kw)
     out = record_root / "badnet_digits/defense"
-    assert same_weights(load_defense_result(out / "whole/defense_result.pt")["model"],
-                        load_defense_result(out / "resumed/defense_result.pt")["model"])
+    assert same_weights(
+        load_defense_result(out / "whole/defense_result.pt")["model"],
+        load_defense_result(out / "resumed/defense_result.pt")["model"],
+    )
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_settings(record_root, monkeypatch):
@@ -544,19 +715,38 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(record_root, monke
     with pytest.raises(KeyboardInterrupt):
         defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2)
     monkeypatch.setattr(utils.train.Checkpoint, "save", REAL_SAVE)
-    with pytest.raises(UserError, match=r"cannot resume from .*checkpoint.pt: it was made with other settings "
-                                        r"\(epochs: checkpoint 2, now 3\); run without --resume to start again$"):
-        defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=3,
-                    resume=True)
+    with pytest.raises(
+        UserError,
+        match=r"cannot resume from .*checkpoint.pt: it was made with other settings "
+        r"\(epochs: checkpoint 2, now 3\); run without --resume to start again$",
+    ):
+        defense.run(
+            "sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=3, resume=True
+        )
     partial = record_root / "badnet_digits/defense/.sau.partial"
     assert checkpoint_epoch(partial / CHECKPOINT_FILE) == 0  # kept
-    defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2,
-                result_name="sau", resume=True)  # naming the default folder (as compare does) is the same run
+    defense.run(
+        "sau",
+        result_file="badnet_digits",
+        record_root=str(record_root),
+        device="cpu",
+        epochs=2,
+        result_name="sau",
+        resume=True,
+    )  # naming the default folder (as compare does) is the same run
     with pytest.raises(UserError, match="is complete: there is nothing to resume"):
-        defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2,
-                    resume=True)
-    defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=1,
-                result_name="fresh", resume=True)  # nothing to resume: starts from the beginning
+        defense.run(
+            "sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2, resume=True
+        )
+    defense.run(
+        "sau",
+        result_file="badnet_digits",
+        record_root=str(record_root),
+        device="cpu",
+        epochs=1,
+        result_name="fresh",
+        resume=True,
+    )  # nothing to resume: starts from the beginning
 
 
 def test_a_stale_checkpoint_is_discarded_by_a_run_without_resume(record_root, monkeypatch, caplog, capsys):
@@ -575,8 +765,10 @@ def test_ctrl_c_exits_130_with_one_line_that_says_how_to_resume(monkeypatch, cap
     last = err.strip().splitlines()[-1]
     partial = record_root / "badnet_digits" / "defense" / ".sau.partial"
     assert code == 130 and "Traceback" not in err
-    assert last == f"interrupted: the checkpoint of epoch 1 is kept in {partial}; run the same command with " \
-                   "--resume to continue"
+    assert (
+        last == f"interrupted: the checkpoint of epoch 1 is kept in {partial}; run the same command with "
+        "--resume to continue"
+    )
     assert checkpoint_epoch(partial / CHECKPOINT_FILE) == 1
 
 
@@ -594,7 +786,8 @@ def test_a_nan_loss_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(mon
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         f"error: the loss became nan at epoch 2, batch 0; lower the learning rate or check the data; the "
-        f"checkpoint of epoch 1 is kept in {partial} (--resume continues from it)")
+        f"checkpoint of epoch 1 is kept in {partial} (--resume continues from it)"
+    )
     assert checkpoint_epoch(partial / CHECKPOINT_FILE) == 1 and not (tmp_path / "badnet_digits").exists()
 
 
@@ -621,12 +814,20 @@ def test_check_finite_names_what_became_non_finite():
 
 # -- the kill test: SIGKILL mid-epoch, then --resume -----------------------------------------------------
 
+
 def _kill_after_checkpoints(runs: list[tuple[list[str], Path]], epoch: int) -> None:
     """Start ``python *args`` for every (args, checkpoint) at once; SIGKILL each once its
     checkpoint of ``epoch`` is in place (the next epoch is under way)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "SAUBENCH_NO_PROGRESS": "1"}
-    procs = [(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE), checkpoint) for args, checkpoint in runs]
+    procs = [
+        (
+            subprocess.Popen(
+                [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            ),
+            checkpoint,
+        )
+        for args, checkpoint in runs
+    ]
     try:
         deadline = time.monotonic() + 240
         waiting = list(procs)
@@ -664,12 +865,32 @@ def _no_half_written_file(partial: Path) -> None:
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(record_root, tmp_path):
     root = tmp_path / "attacks"
     out = record_root / "badnet_digits" / "defense"
-    attack_args = ["--dataset", "digits", "--epochs", "3", "--batch_size", "32", "--eval_every", "3", "--device", "cpu",
-                   "--record_root", str(root), "--save_folder_name", "killed"]
-    defense_args = list(sau_args(record_root, "--epochs", "3", "--batch_size", "64", "--eval_every", "3",
-                                 "--result_name", "killed"))
-    _kill_after_checkpoints([(["attack/badnet.py", *attack_args], root / ".killed.partial" / CHECKPOINT_FILE),
-                             (["defense/sau.py", *defense_args], out / ".killed.partial" / CHECKPOINT_FILE)], 0)
+    attack_args = [
+        "--dataset",
+        "digits",
+        "--epochs",
+        "3",
+        "--batch_size",
+        "32",
+        "--eval_every",
+        "3",
+        "--device",
+        "cpu",
+        "--record_root",
+        str(root),
+        "--save_folder_name",
+        "killed",
+    ]
+    defense_args = list(
+        sau_args(record_root, "--epochs", "3", "--batch_size", "64", "--eval_every", "3", "--result_name", "killed")
+    )
+    _kill_after_checkpoints(
+        [
+            (["attack/badnet.py", *attack_args], root / ".killed.partial" / CHECKPOINT_FILE),
+            (["defense/sau.py", *defense_args], out / ".killed.partial" / CHECKPOINT_FILE),
+        ],
+        0,
+    )
     for final in (root / "killed", out / "killed"):
         assert not final.exists()
         _no_half_written_file(final.parent / ".killed.partial")
@@ -682,7 +903,9 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(record_ro
 
     defense.run("sau", [*defense_args, "--resume"])
     defense.run("sau", [*defense_args[:-1], "whole"])
-    assert same_weights(load_defense_result(out / "whole/defense_result.pt")["model"],
-                        load_defense_result(out / "killed/defense_result.pt")["model"])
+    assert same_weights(
+        load_defense_result(out / "whole/defense_result.pt")["model"],
+        load_defense_result(out / "killed/defense_result.pt")["model"],
+    )
     assert (out / "whole/sau_df.csv").read_text() == (out / "killed/sau_df.csv").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["killed", "whole"]

@@ -1,6 +1,7 @@
 """--retune: the retuning set is seeded, mixes the record's poisoned training samples
 (their attacked labels) with clean ones that are not their clean versions, and a run with
 --retune adds the retuned model's metrics to summary.json without changing the purified model."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,10 @@ def test_retune_set_mixes_poisoned_and_clean_samples(digits_record_root):
     assert samples.poisoned == round(POISON_SHARE * len(samples.labels))
     bd = record.bd_train
     target = bd.labels[bd.labels != bd.original_labels]
-    assert bool((samples.labels[:samples.poisoned] == target[0]).all())  # all2one: the target label
+    assert bool((samples.labels[: samples.poisoned] == target[0]).all())  # all2one: the target label
     # the poisoned images are the record's, and no clean image is the clean version of one of them
     poisoned_rows = {bytes(img.numpy().tobytes()) for img in bd.images}
-    assert all(bytes(img.numpy().tobytes()) in poisoned_rows for img in samples.images[:samples.poisoned])
+    assert all(bytes(img.numpy().tobytes()) in poisoned_rows for img in samples.images[: samples.poisoned])
     again = retune_set(train, bd, seed=3)
     assert torch.equal(again.images, samples.images) and torch.equal(again.labels, samples.labels)
     assert not torch.equal(retune_set(train, bd, seed=4).labels, samples.labels)

@@ -1,6 +1,7 @@
 """RNP: the masked forward pass, unlearning that stops at the clean-accuracy threshold,
 recovery that touches only the masks, pruning of the original model by mask value (BN
 weights only, as BackdoorBench), and the refusal of a model without BatchNorm."""
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,15 @@ def test_pruning_zeroes_the_bn_weight_of_low_masks_in_the_original_model(digits_
     record, data = digits_defender
     model = record.build_model().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rnp = create_defense("rnp", unlearning_epochs=2, unlearning_lr=0.05, recovering_epochs=2, recovering_lr=5.0,
-                         batch_size=64, threshold=0.95)
+    rnp = create_defense(
+        "rnp",
+        unlearning_epochs=2,
+        unlearning_lr=0.05,
+        recovering_epochs=2,
+        recovering_lr=5.0,
+        batch_size=64,
+        threshold=0.95,
+    )
     assert rnp.mitigate(model, data) is model
     extras, report = data.outputs.extras, data.outputs.summary
     assert report["pruned_neurons"] == sum(int(extras[k].sum()) for k in extras if k.startswith("pruned.")) > 0
@@ -69,7 +77,7 @@ def test_pruning_zeroes_the_bn_weight_of_low_masks_in_the_original_model(digits_
         assert torch.equal(pruned, mask <= 0.95)
         weight = model.state_dict()[f"{name}.weight"]
         assert torch.all(weight[pruned] == 0) and torch.equal(weight[~pruned], before[f"{name}.weight"][~pruned])
-    assert changed and all(k.endswith(".weight") and k[:-len(".weight")] in report["pruned_by_layer"] for k in changed)
+    assert changed and all(k.endswith(".weight") and k[: -len(".weight")] in report["pruned_by_layer"] for k in changed)
 
 
 def test_a_model_without_batchnorm_is_refused(digits_defender):
@@ -79,8 +87,14 @@ def test_a_model_without_batchnorm_is_refused(digits_defender):
 
 
 def test_run_on_digits(record_root):
-    summary = defense.run("rnp", result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                          unlearning_epochs=3, recovering_epochs=2)
+    summary = defense.run(
+        "rnp",
+        result_file="badnet_digits",
+        record_root=str(record_root),
+        device="cpu",
+        unlearning_epochs=3,
+        recovering_epochs=2,
+    )
     state = load_defense_result(record_root / "badnet_digits" / "defense" / "rnp" / "defense_result.pt")["model"]
     assert summary["total_neurons"] == 288 and 1 <= summary["unlearning_epochs_used"] <= 3
     for name, count in summary["pruned_by_layer"].items():

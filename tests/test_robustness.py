@@ -3,6 +3,7 @@ keys, values that overflow torch, record roots that are files, full or read-only
 templates that reach into objects, Ctrl-C while torch loads, SIGTERM, records whose
 model is broken before the defense starts, and messages that must not mislead. Each is
 one line and exit status 2 (130/143 for interrupts) with nothing half-written."""
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,16 @@ import defense
 import utils.train
 from bench import compare
 from bench.grid import _parse_options
-from test_reliability import (REAL_SAVE, badnet_args, command_line, interrupt_after, refused, sau_args,
-                                    snapshot, write_raw)
+from test_reliability import (
+    REAL_SAVE,
+    badnet_args,
+    command_line,
+    interrupt_after,
+    refused,
+    sau_args,
+    snapshot,
+    write_raw,
+)
 from utils import config as cfg
 from utils.errors import UserError
 from utils.records import RECORD_FILE, checkpoint_epoch, load_record
@@ -58,8 +67,7 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
 def test_a_yaml_alias_bomb_in_a_defense_yaml_is_one_line(monkeypatch, capsys, record_root, tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMB)
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--yaml_path",
-                                                                                  str(path)))
+    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--yaml_path", str(path)))
     assert line == f"error: {path}: YAML anchors (&a) are not allowed in config files"
 
 
@@ -95,8 +103,8 @@ def test_brief_never_walks_a_whole_structure():
     shared = [_Counted()] * 1000
     text = cfg.brief([shared] * 1000)
     assert len(text) <= 80 and _Counted.calls <= 50
-    assert cfg.brief(10 ** 5000).startswith("<an integer of")  # str() of it would raise ValueError
-    assert cfg.brief("x" * 10 ** 6).endswith("...") and len(cfg.brief("x" * 10 ** 6)) == 80
+    assert cfg.brief(10**5000).startswith("<an integer of")  # str() of it would raise ValueError
+    assert cfg.brief("x" * 10**6).endswith("...") and len(cfg.brief("x" * 10**6)) == 80
     assert cfg.brief("ten") == "'ten'" and cfg.brief(1.5) == "1.5" and cfg.brief([1, 2]) == "[1, 2]"
 
 
@@ -110,6 +118,7 @@ def test_a_wrong_type_built_from_a_huge_value_gives_a_short_message():
 
 # -- floats that overflow torch ----------------------------------------------------------------------------
 
+
 def test_floats_beyond_float32_are_refused_in_the_parameter_machinery():
     params = [cfg.Param("lr", float, 0.1), cfg.Param("betas", list[float], [0.9])]
     with pytest.raises(UserError, match=r"^command line: 'lr' must be within float32's range .*got 1e\+308$"):
@@ -119,10 +128,13 @@ def test_floats_beyond_float32_are_refused_in_the_parameter_machinery():
     assert cfg.resolve(params, [], {"lr": 3e38})["lr"] == 3e38
 
 
-@pytest.mark.parametrize("script,args", [
-    ("defense/sau.py", ("--trigger_norm", "1e308")),
-    ("defense/sau.py", ("--lr", "1e308")),
-])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("defense/sau.py", ("--trigger_norm", "1e308")),
+        ("defense/sau.py", ("--lr", "1e308")),
+    ],
+)
 def test_overflowing_defense_floats_are_one_line(monkeypatch, capsys, record_root, script, args):
     line = refused(monkeypatch, capsys, record_root, script, *sau_args(record_root, *args))
     assert "must be within float32's range" in line
@@ -130,11 +142,13 @@ def test_overflowing_defense_floats_are_one_line(monkeypatch, capsys, record_roo
 
 def test_an_overflowing_attack_lr_is_one_line(monkeypatch, capsys, tmp_path):
     line = refused(monkeypatch, capsys, tmp_path, "attack/badnet.py", *badnet_args(tmp_path, "--lr", "1e308"))
-    assert line == "error: command line: 'lr' must be within float32's range (at most 3.403e+38 in magnitude), " \
-                   "got 1e+308"
+    assert (
+        line == "error: command line: 'lr' must be within float32's range (at most 3.403e+38 in magnitude), got 1e+308"
+    )
 
 
 # -- record roots that are files, full and read-only disks -----------------------------------------------
+
 
 def test_a_record_root_that_is_a_file_or_below_one(monkeypatch, capsys, tmp_path):
     blocker = tmp_path / "a_file"
@@ -192,22 +206,35 @@ def test_a_full_disk_after_a_checkpoint_keeps_it(monkeypatch, capsys, record_roo
     monkeypatch.setattr(torch, "save", _full_disk_after(1))
     code, err = command_line(monkeypatch, capsys, "defense/sau.py", *sau_args(record_root, "--epochs", "3"))
     partial = record_root / "badnet_digits" / "defense" / ".sau.partial"
-    assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1:] == [
-        f"error: cannot write {partial / CHECKPOINT_FILE}: No space left on device; the checkpoint of epoch 0 is "
-        f"kept in {partial} (--resume continues from it)"]
+    assert (
+        code == 2
+        and "Traceback" not in err
+        and err.strip().splitlines()[-1:]
+        == [
+            f"error: cannot write {partial / CHECKPOINT_FILE}: No space left on device; the checkpoint of epoch 0 is "
+            f"kept in {partial} (--resume continues from it)"
+        ]
+    )
     assert checkpoint_epoch(partial / CHECKPOINT_FILE) == 0 and not list(partial.glob(".*.tmp"))
 
 
 # -- grid templates ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("template", ["{dataset.__class__}", "{attack.__init__.__globals__}", "{attack[0]}",
-                                      "{attack!r}", "{attack:>999999999}", "{0}"])
+
+@pytest.mark.parametrize(
+    "template",
+    ["{dataset.__class__}", "{attack.__init__.__globals__}", "{attack[0]}", "{attack!r}", "{attack:>999999999}", "{0}"],
+)
 def test_a_grid_record_name_takes_plain_fields_only(tmp_path, template):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(f"datasets: [digits]\nattacks: {{badnet: {{}}}}\ndefenses: {{ft: {{}}}}\n"
-                    f"record_name: '{template}'\n")
-    with pytest.raises(UserError, match=r"'record_name' .*is not one of the plain fields \{attack\}, \{dataset\}, "
-                                        r"\{model\}$"):
+    grid.write_text(
+        f"datasets: [digits]\nattacks: {{badnet: {{}}}}\ndefenses: {{ft: {{}}}}\nrecord_name: '{template}'\n"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"'record_name' .*is not one of the plain fields \{attack\}, \{dataset\}, "
+        r"\{model\}$",
+    ):
         compare.load_grid(grid, compare.resolve([], {"grid": "x"}))
 
 
@@ -234,14 +261,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.mark.parametrize("script", ["defense/sau.py", "attack/badnet.py"])
 def test_ctrl_c_while_an_entry_script_imports_torch_is_one_line_and_130(script):
-    done = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, str(ROOT / script), "--help"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AT_IMPORT, str(ROOT / script), "--help"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 130 and done.stderr == "interrupted: no result was written\n", done.stderr
 
 
 def test_every_entry_script_loads_the_boot_module_before_torch():
-    scripts = [p for p in [*ROOT.glob("attack/*.py"), *ROOT.glob("defense/*.py")]
-               if 'if __name__ == "__main__"' in p.read_text()]
+    scripts = [
+        p
+        for p in [*ROOT.glob("attack/*.py"), *ROOT.glob("defense/*.py")]
+        if 'if __name__ == "__main__"' in p.read_text()
+    ]
     assert len(scripts) >= 10
     for path in scripts:
         imports = [node for node in ast.parse(path.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))]
@@ -264,12 +300,20 @@ defense.main("sau")
 
 
 def test_sigterm_keeps_the_checkpoint_like_ctrl_c_and_exits_143(record_root):
-    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_CHECKPOINT, *sau_args(record_root, "--epochs", "2")],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AFTER_CHECKPOINT, *sau_args(record_root, "--epochs", "2")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     partial = record_root / "badnet_digits" / "defense" / ".sau.partial"
     assert done.returncode == 143, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == f"interrupted: the checkpoint of epoch 0 is kept in {partial}; " \
-                                                   "run the same command with --resume to continue"
+    assert (
+        done.stderr.strip().splitlines()[-1] == f"interrupted: the checkpoint of epoch 0 is kept in {partial}; "
+        "run the same command with --resume to continue"
+    )
     assert checkpoint_epoch(partial / CHECKPOINT_FILE) == 0 and not (record_root / ".sau.lock").exists()
 
 
@@ -291,6 +335,7 @@ def test_sigterm_waits_for_a_checkpoint_being_written():
 
 # -- messages that must not mislead ------------------------------------------------------------------------
 
+
 class _System:
     def __reduce__(self):
         return (os.system, ("true",))
@@ -299,8 +344,19 @@ class _System:
 def test_a_record_holding_a_blocked_global_is_not_called_truncated(monkeypatch, capsys, record_root):
     write_raw(record_root, "evil", {"format": "x", "payload": _System()})
     for trust in ((), ("--trust_record",)):
-        line = refused(monkeypatch, capsys, record_root, "defense/sau.py", "--result_file", "evil", "--record_root",
-                       str(record_root), "--device", "cpu", *trust)
+        line = refused(
+            monkeypatch,
+            capsys,
+            record_root,
+            "defense/sau.py",
+            "--result_file",
+            "evil",
+            "--record_root",
+            str(record_root),
+            "--device",
+            "cpu",
+            *trust,
+        )
         assert "not a complete torch file" not in line
         assert f"{record_root / 'evil' / RECORD_FILE}: this attack record holds a reference to " in line
         assert "blocks" in line and "the file is refused" in line and "--trust_record" not in line
@@ -319,8 +375,15 @@ def test_nan_weights_in_a_record_are_blamed_on_the_record(monkeypatch, capsys, r
         record.model[key] = record.model[key].clone().fill_(math.nan)
 
     _record_with(record_root, "nan", poison)
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--epochs", "1")[2:],
-                   "--result_file", "nan")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        *sau_args(record_root, "--epochs", "1")[2:],
+        "--result_file",
+        "nan",
+    )
     assert "the record's weights hold NaN/inf" in line and "learning rate" not in line
 
 
@@ -329,8 +392,15 @@ def test_a_zero_std_in_a_record_is_not_blamed_on_the_learning_rate(monkeypatch, 
         record.std = tuple(0.0 for _ in record.std)
 
     _record_with(record_root, "std0", zero_std)
-    line = refused(monkeypatch, capsys, record_root, "defense/sau.py", *sau_args(record_root, "--epochs", "1")[2:],
-                   "--result_file", "std0")
+    line = refused(
+        monkeypatch,
+        capsys,
+        record_root,
+        "defense/sau.py",
+        *sau_args(record_root, "--epochs", "1")[2:],
+        "--result_file",
+        "std0",
+    )
     assert "std" in line and "learning rate" not in line
 
 
@@ -338,8 +408,7 @@ def test_resume_from_an_unreadable_checkpoint_says_it_was_removed(monkeypatch, c
     partial = record_root / "badnet_digits" / "defense" / ".sau.partial"
     partial.mkdir(parents=True)
     (partial / CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 not a whole zip")
-    code, err = command_line(monkeypatch, capsys, "defense/sau.py", *sau_args(record_root, "--epochs", "1",
-                                                                              "--resume"))
+    code, err = command_line(monkeypatch, capsys, "defense/sau.py", *sau_args(record_root, "--epochs", "1", "--resume"))
     assert code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
     assert f"{partial / CHECKPOINT_FILE}: cannot read this checkpoint" in err
     assert f"it was removed with {partial}, so the next run starts from the beginning" in err
@@ -353,12 +422,18 @@ def test_a_resumed_run_counts_the_seconds_of_every_part(record_root, tmp_path, m
     partial = record_root / "badnet_digits" / "defense" / ".sau.partial"
     first = torch.load(partial / CHECKPOINT_FILE, weights_only=True)["seconds"]
     monkeypatch.setattr(utils.train.Checkpoint, "save", REAL_SAVE)
-    summary = defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2,
-                          resume=True)  # nothing left to train: this part alone takes no time
+    summary = defense.run(
+        "sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=2, resume=True
+    )  # nothing left to train: this part alone takes no time
     assert first > 0 and summary["seconds"] >= round(first, 2)
 
-    kw = {"dataset": "digits", "record_root": str(tmp_path), "device": "cpu", "epochs": 2,
-          "save_folder_name": "resumed"}
+    kw = {
+        "dataset": "digits",
+        "record_root": str(tmp_path),
+        "device": "cpu",
+        "epochs": 2,
+        "save_folder_name": "resumed",
+    }
     monkeypatch.setattr(utils.train.Checkpoint, "save", interrupt_after(1))
     with pytest.raises(KeyboardInterrupt):
         attack.run("badnet", **kw)
@@ -389,8 +464,9 @@ def test_a_full_disk_under_the_run_log_prints_no_logging_traceback(tmp_path, cap
 
 def test_a_float_that_overflows_inside_torch_is_one_line(monkeypatch, capsys, record_root):
     # 3e38 is within float32's range, but Adam's step lr / (1 - beta_1) is not
-    code, err = command_line(monkeypatch, capsys, "defense/sau.py", *sau_args(record_root, "--epochs", "1",
-                                                                              "--lr", "3e38"))
+    code, err = command_line(
+        monkeypatch, capsys, "defense/sau.py", *sau_args(record_root, "--epochs", "1", "--lr", "3e38")
+    )
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: a value overflowed float32 inside torch during the run")
     assert not (record_root / "badnet_digits" / "defense").exists()
@@ -401,6 +477,8 @@ def test_a_full_disk_during_an_attack_removes_the_folders_the_run_made(monkeypat
     root = tmp_path / "new" / "records"
     code, err = command_line(monkeypatch, capsys, "attack/badnet.py", *badnet_args(root))
     assert code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == \
-        f"error: cannot write {root / '.badnet_digits.partial' / CHECKPOINT_FILE}: No space left on device"
+    assert (
+        err.strip().splitlines()[-1]
+        == f"error: cannot write {root / '.badnet_digits.partial' / CHECKPOINT_FILE}: No space left on device"
+    )
     assert list(tmp_path.iterdir()) == []  # record/, new/ and the staging folder: all gone

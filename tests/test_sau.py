@@ -1,5 +1,6 @@
 """SAU: the shared-adversarial-example generator, each loss term against a hand
 computation, and the defense on a small backdoored model."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,7 @@ from torch import nn
 
 import defense
 from defense.base import frozen_copy
-from defense.sae import (SharedAdversarialExamples, adversarial_loss, js_divergence, no_param_grads, project,
-                         share_loss)
+from defense.sae import SharedAdversarialExamples, adversarial_loss, js_divergence, no_param_grads, project, share_loss
 from defense.sau import shared_adversarial_risk
 from utils.records import load_record
 
@@ -31,8 +31,11 @@ class MeanThreshold(nn.Module):
 
 # -- the perturbation ball --------------------------------------------------------------------------
 
-NORMS = {"L_inf": lambda d: d.flatten(1).abs().amax(1), "L2": lambda d: d.flatten(1).norm(dim=1),
-         "L1": lambda d: d.flatten(1).abs().sum(1)}
+NORMS = {
+    "L_inf": lambda d: d.flatten(1).abs().amax(1),
+    "L2": lambda d: d.flatten(1).norm(dim=1),
+    "L1": lambda d: d.flatten(1).abs().sum(1),
+}
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -40,8 +43,7 @@ NORMS = {"L_inf": lambda d: d.flatten(1).abs().amax(1), "L2": lambda d: d.flatte
 def test_delta_stays_within_its_bound(norm, init):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
-    sae = SharedAdversarialExamples(model, frozen_copy(model), bound=0.5, step_size=0.4, steps=4, norm=norm,
-                                    init=init)
+    sae = SharedAdversarialExamples(model, frozen_copy(model), bound=0.5, step_size=0.4, steps=4, norm=norm, init=init)
     x, y = torch.rand(16, 3, 4, 4), torch.randint(0, 5, (16,))
     delta = sae(x, y)
     assert delta.shape == x.shape
@@ -108,8 +110,9 @@ def test_no_parameter_gradients_during_the_search():
     ref = MeanThreshold()
     seen = []
     model.register_forward_hook(lambda m, i, o: seen.append(m.w.requires_grad))
-    SharedAdversarialExamples(model, ref, init="zero", steps=2)(torch.full((2, 1, 2, 2), 0.1),
-                                                              torch.zeros(2, dtype=torch.long))
+    SharedAdversarialExamples(model, ref, init="zero", steps=2)(
+        torch.full((2, 1, 2, 2), 0.1), torch.zeros(2, dtype=torch.long)
+    )
     assert seen and not any(seen)
     assert model.w.requires_grad and model.w.grad is None  # restored, and never accumulated
     with no_param_grads(model):
@@ -133,7 +136,8 @@ def test_js_divergence_matches_the_definition():
         p, q = softmax(row), softmax(row_ref)
         m = [(a + b) / 2 for a, b in zip(p, q)]
         expected = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(
-            b * math.log(b / c) for b, c in zip(q, m))
+            b * math.log(b / c) for b, c in zip(q, m)
+        )
         got = js_divergence(torch.tensor([row]), torch.tensor([row_ref]))[0]
         assert got.item() == pytest.approx(expected, rel=1e-5)
     assert js_divergence(LOGITS, LOGITS).abs().max() < 1e-6
@@ -147,8 +151,12 @@ def test_adversarial_loss_counts_only_unfooled_samples_per_model():
     def ce(row, y):
         return -math.log(softmax(row)[y])
 
-    expected = -(ce(LOGITS[1].tolist(), 2) + ce(LOGITS[2].tolist(), 2)
-                 + ce(LOGITS_REF[0].tolist(), 0) + ce(LOGITS_REF[1].tolist(), 2)) / (2 * 3)
+    expected = -(
+        ce(LOGITS[1].tolist(), 2)
+        + ce(LOGITS[2].tolist(), 2)
+        + ce(LOGITS_REF[0].tolist(), 0)
+        + ce(LOGITS_REF[1].tolist(), 2)
+    ) / (2 * 3)
     got = adversarial_loss(LOGITS, LOGITS_REF, LABELS, fooled, fooled_ref)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
@@ -160,7 +168,7 @@ def test_share_loss_sums_over_unshared_samples_over_batch_size():
 
 
 def test_shared_adversarial_risk_matches_the_formula():
-    pred_ref_adv = torch.tensor([1, 2, 0])   # sample 1: equals its label -> not counted
+    pred_ref_adv = torch.tensor([1, 2, 0])  # sample 1: equals its label -> not counted
     pred_ref_clean = torch.tensor([0, 0, 0])  # sample 2: same as on x -> not counted
     expected = -math.log(1 - softmax(LOGITS[0].tolist())[1]) / 3
     got = shared_adversarial_risk(LOGITS, pred_ref_adv, pred_ref_clean, LABELS)
@@ -178,10 +186,12 @@ def test_shared_adversarial_risk_is_finite_when_the_probability_is_one():
 
 # -- the defense ------------------------------------------------------------------------------------
 
+
 def test_sau_removes_the_digits_backdoor(record_root):
     """A shortened digits recipe (40 rounds instead of 100) already cuts ASR well down."""
-    summary = defense.run("sau", result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                          epochs=40, eval_every=40)
+    summary = defense.run(
+        "sau", result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=40, eval_every=40
+    )
     before, after = summary["before"], summary["after"]
     assert before["asr"] > 0.8
     assert after["asr"] < 0.25 and after["clean_acc"] > before["clean_acc"] - 0.05

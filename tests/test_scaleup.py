@@ -1,5 +1,6 @@
 """SCALE-UP (defense/scaleup.py): the scaled prediction consistency of a hand-made model
 whose label is a brightness threshold, and the standardisation by the clean subset."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """SCAn (defense/scan.py): the global model's EM on a synthetic mixture whose covariances
 are known, the split and the likelihood-ratio test of a class holding two identities, the
 anomaly index, and a run on the digits BadNets record."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ loader could unpickle it (a record's own data_root, ``data/`` beside a BackdoorB
 record, a --data_root the user passes). Writes: symlinks in the record root that lead
 elsewhere (a record, a save folder, a record's ``defense/``, the staging, lock and old
 folders, compare's output folder and its logs)."""
+
 from __future__ import annotations
 
 import ast
@@ -46,6 +47,7 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
 
 # -- helpers ----------------------------------------------------------------------------------------
 
+
 class Payload:
     """Unpickled, it runs ``touch <marker>``: what a hostile "dataset" file does."""
 
@@ -68,10 +70,26 @@ def hostile_cifar(folder: Path, marker: Path, names=CIFAR10_FILES) -> Path:
 def cifar_record(folder: Path, config: dict | None = None) -> Path:
     """A small, valid SAU-Bench record on cifar10 (a cnn), with ``config``."""
     model = create_model("cnn", 10, 3, (32, 32), CIFAR_MEAN, CIFAR_STD)
-    bd = PoisonedSet(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
-                     torch.ones(2, dtype=torch.long), torch.tensor([0, 1]))
-    AttackRecord("cnn", 10, model.state_dict(), (32, 32, 3), "cifar10", "badnet", {}, torch.tensor([2]), bd,
-                 mean=CIFAR_MEAN, std=CIFAR_STD, config=dict(config or {})).save(folder)
+    bd = PoisonedSet(
+        torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(2, dtype=torch.long),
+        torch.ones(2, dtype=torch.long),
+        torch.tensor([0, 1]),
+    )
+    AttackRecord(
+        "cnn",
+        10,
+        model.state_dict(),
+        (32, 32, 3),
+        "cifar10",
+        "badnet",
+        {},
+        torch.tensor([2]),
+        bd,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        config=dict(config or {}),
+    ).save(folder)
     return folder
 
 
@@ -83,20 +101,42 @@ def backdoorbench_cifar_record(folder: Path, name: str) -> Path:
     cv2.imwrite(str(folder / "bd_test_dataset" / "1" / "3.png"), np.zeros((32, 32, 3), dtype=np.uint8))
     indicator = np.zeros(10)
     indicator[3] = 1
-    bd_test = {"bd_data_container": {"save_folder_path": save, "save_file_format": ".png",
-                                     "data_dict": {3: {"path": f"{save}/1/3.png", "other_info": [0, 1]}}},
-               "getitem_all": True, "getitem_all_switch": False, "original_index_array": np.array([3]),
-               "poison_indicator": indicator, "save_folder_path": save}
-    torch.save({"model_name": "cnn", "num_classes": 10, "model": bare_state(model.state_dict()),
-                "data_path": "./data/cifar10", "img_size": (32, 32, 3), "clean_data": "cifar10",
-                "bd_train": None, "bd_test": bd_test}, folder / RECORD_FILE)
+    bd_test = {
+        "bd_data_container": {
+            "save_folder_path": save,
+            "save_file_format": ".png",
+            "data_dict": {3: {"path": f"{save}/1/3.png", "other_info": [0, 1]}},
+        },
+        "getitem_all": True,
+        "getitem_all_switch": False,
+        "original_index_array": np.array([3]),
+        "poison_indicator": indicator,
+        "save_folder_path": save,
+    }
+    torch.save(
+        {
+            "model_name": "cnn",
+            "num_classes": 10,
+            "model": bare_state(model.state_dict()),
+            "data_path": "./data/cifar10",
+            "img_size": (32, 32, 3),
+            "clean_data": "cifar10",
+            "bd_train": None,
+            "bd_test": bd_test,
+        },
+        folder / RECORD_FILE,
+    )
     return folder
 
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     # PYTHONPATH: this checkout's packages, not those of an editable install elsewhere
-    env = {**os.environ, "SAUBENCH_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "SAUBENCH_NO_PROGRESS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -124,8 +164,18 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def sau_cli(record_root: Path, result_file: str, *more: str) -> subprocess.CompletedProcess:
-    return cli("defense/sau.py", "--result_file", result_file, "--record_root", str(record_root), "--device", "cpu",
-               "--epochs", "1", *more)
+    return cli(
+        "defense/sau.py",
+        "--result_file",
+        result_file,
+        "--record_root",
+        str(record_root),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        *more,
+    )
 
 
 def sau_api(record_root: Path, result_file: str, **more) -> dict:
@@ -133,6 +183,7 @@ def sau_api(record_root: Path, result_file: str, **more) -> dict:
 
 
 # -- 1. code execution ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", HOW)
 def test_a_record_does_not_choose_the_data_root(tmp_path, monkeypatch, how):
@@ -176,11 +227,13 @@ def test_the_ignored_record_data_root_is_logged(tmp_path):
         ignored = [m for m in seen if "the record's data_root" in m]
         assert len(ignored) == 1 and f"{str(theirs)!r} is ignored" in ignored[0]
         assert "read from data: pass --data_root DIR" in ignored[0]
-        values, _ = resolve_config("sau", [], {"result_file": "evil", "record_root": str(root),
-                                               "data_root": str(tmp_path)})
+        values, _ = resolve_config(
+            "sau", [], {"result_file": "evil", "record_root": str(root), "data_root": str(tmp_path)}
+        )
         assert values["data_root"] == str(tmp_path)  # a root the user passes is used
-        values, _ = resolve_config("sau", [], {"result_file": "evil", "record_root": str(root),
-                                               "data_root": str(theirs)})
+        values, _ = resolve_config(
+            "sau", [], {"result_file": "evil", "record_root": str(root), "data_root": str(theirs)}
+        )
         assert values["data_root"] == str(theirs)  # the record's, when the user passes it
     finally:
         logger.removeHandler(handler)
@@ -194,11 +247,32 @@ def test_compare_does_not_pass_the_record_data_root_on(tmp_path, monkeypatch, ho
     root = tmp_path / "record"
     evil = cifar_record(root / "evil", {"data_root": str(root / "evil" / "d")})
     hostile_cifar(evil / "d" / "cifar-10-batches-py", marker)
-    args = dict(result_file=["evil"], defenses=["sau"], record_root=str(root), device="cpu", plots=False,
-                option=["download=false", "epochs=1"], quiet=True)
+    args = dict(
+        result_file=["evil"],
+        defenses=["sau"],
+        record_root=str(root),
+        device="cpu",
+        plots=False,
+        option=["download=false", "epochs=1"],
+        quiet=True,
+    )
     if how == "cli":
-        proc = cli("defense/compare.py", "--result_file", "evil", "--defenses", "sau", "--record_root", str(root),
-                   "--device", "cpu", "--no-plots", "--quiet", "--option", "download=false", "epochs=1")
+        proc = cli(
+            "defense/compare.py",
+            "--result_file",
+            "evil",
+            "--defenses",
+            "sau",
+            "--record_root",
+            str(root),
+            "--device",
+            "cpu",
+            "--no-plots",
+            "--quiet",
+            "--option",
+            "download=false",
+            "epochs=1",
+        )
         assert proc.returncode == 1, proc.stderr[-2000:]  # the run failed: no data in ./data
         assert "failed" in proc.stdout
     else:
@@ -258,8 +332,12 @@ def test_a_hostile_dataset_folder_passed_as_data_root_runs_nothing(tmp_path, how
 def _batch_bytes(numpy1: bool) -> bytes:
     """A CIFAR batch as the real files are written: protocol 2, bytes keys, a uint8 array."""
     rng = np.random.default_rng(0)
-    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1],
-             b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"filenames": [b"a.png", b"b.png"]}
+    batch = {
+        b"batch_label": b"training batch 1 of 5",
+        b"labels": [3, 1],
+        b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+        b"filenames": [b"a.png", b"b.png"],
+    }
     raw = pickle.dumps(batch, protocol=2)
     return raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray") if numpy1 else raw
 
@@ -275,8 +353,10 @@ def test_real_cifar_batches_still_load(tmp_path, numpy1):
     assert batch[b"filenames"] == [b"a.png", b"b.png"]
 
 
-@pytest.mark.parametrize("payload", [
-    (os.system, ("true",)), (eval, ("1",)), (getattr, ("", "join")), (np.load, ("x",)), (io.BytesIO, (b"",))])
+@pytest.mark.parametrize(
+    "payload",
+    [(os.system, ("true",)), (eval, ("1",)), (getattr, ("", "join")), (np.load, ("x",)), (io.BytesIO, (b"",))],
+)
 def test_the_cifar_unpickler_refuses_every_other_callable(tmp_path, payload):
     from utils.datasets import _unpickle
 
@@ -314,17 +394,33 @@ def test_no_loader_unpickles_outside_the_gated_places():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             where = f"{rel}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.ClassDef) and any(_dotted(b).endswith("Unpickler") for b in node.bases):
-                unpicklers.append((str(rel), node.name, any(isinstance(f, ast.FunctionDef) and f.name == "find_class"
-                                                            for f in node.body)))
+                unpicklers.append(
+                    (
+                        str(rel),
+                        node.name,
+                        any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in node.body),
+                    )
+                )
             if not isinstance(node, ast.Call):
                 continue
             name = _dotted(node.func)
             keywords = {k.arg: k.value for k in node.keywords}
-            if name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "marshal.load", "marshal.loads",
-                        "dill.load", "dill.loads", "joblib.load", "shelve.open", "pd.read_pickle"):
+            if name in (
+                "pickle.load",
+                "pickle.loads",
+                "pickle.Unpickler",
+                "marshal.load",
+                "marshal.loads",
+                "dill.load",
+                "dill.loads",
+                "joblib.load",
+                "shelve.open",
+                "pd.read_pickle",
+            ):
                 problems.append(f"{where}: {name}")
-            if "allow_pickle" in keywords and not (isinstance(keywords["allow_pickle"], ast.Constant)
-                                                   and keywords["allow_pickle"].value is False):
+            if "allow_pickle" in keywords and not (
+                isinstance(keywords["allow_pickle"], ast.Constant) and keywords["allow_pickle"].value is False
+            ):
                 problems.append(f"{where}: {name}(allow_pickle=...)")
             if name == "torch.load":
                 safe = keywords.get("weights_only")
@@ -337,41 +433,75 @@ def test_no_loader_unpickles_outside_the_gated_places():
 
 # -- YAML and grid files: they do not choose where runs read and write, nor trust ----------------------------
 
-@pytest.mark.parametrize("how,kind,key", [
-    ("cli", "defense", "data_root"),
-    *(("api", "defense", key) for key in ("data_root", "record_root", "trust_record")),
-    *(("api", "attack", key) for key in ("data_root", "record_root"))])
+
+@pytest.mark.parametrize(
+    "how,kind,key",
+    [
+        ("cli", "defense", "data_root"),
+        *(("api", "defense", key) for key in ("data_root", "record_root", "trust_record")),
+        *(("api", "attack", key) for key in ("data_root", "record_root")),
+    ],
+)
 def test_a_yaml_file_cannot_choose_the_data_or_record_root(digits_record_root, tmp_path, elsewhere, how, kind, key):
     yaml_file = tmp_path / "x.yaml"
     yaml_file.write_text(f"{key}: {'true' if key == 'trust_record' else elsewhere}\n")
     root = digits_record_root
     if kind == "defense":
-        args = ["defense/sau.py", "--result_file", "badnet_digits", "--record_root", str(root), "--yaml_path",
-                str(yaml_file), "--device", "cpu"]
-        api = lambda: defense.run("sau", result_file="badnet_digits", record_root=str(root),  # noqa: E731
-                                  yaml_path=str(yaml_file), device="cpu")
+        args = [
+            "defense/sau.py",
+            "--result_file",
+            "badnet_digits",
+            "--record_root",
+            str(root),
+            "--yaml_path",
+            str(yaml_file),
+            "--device",
+            "cpu",
+        ]
+
+        def api():
+            return defense.run(
+                "sau", result_file="badnet_digits", record_root=str(root), yaml_path=str(yaml_file), device="cpu"
+            )
     else:
         root = tmp_path / "record"
         args = []
-        api = lambda: attack.run("badnet", dataset="digits", epochs=1, record_root=str(root),  # noqa: E731
-                                 bd_yaml_path=str(yaml_file), device="cpu")
+
+        def api():
+            return attack.run(
+                "badnet",
+                dataset="digits",
+                epochs=1,
+                record_root=str(root),
+                bd_yaml_path=str(yaml_file),
+                device="cpu",
+            )
+
     if how == "cli":
         line = one_line_error(cli(*args))
     else:
         with pytest.raises(UserError) as info:
             api()
         line = str(info.value)
-    assert f"x.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a YAML " \
-           "file" in line
+    assert (
+        f"x.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a YAML file" in line
+    )
     assert list(elsewhere.iterdir()) == []
     if kind == "attack":
         assert not root.exists()
 
 
-@pytest.mark.parametrize("how,where,key", [
-    ("cli", "defense_options", "trust_record"),
-    *(("api", where, key) for where in ("attack_options", "defense_options", "defenses")
-      for key in ("data_root", "record_root", "trust_record"))])
+@pytest.mark.parametrize(
+    "how,where,key",
+    [
+        ("cli", "defense_options", "trust_record"),
+        *(
+            ("api", where, key)
+            for where in ("attack_options", "defense_options", "defenses")
+            for key in ("data_root", "record_root", "trust_record")
+        ),
+    ],
+)
 def test_a_grid_file_cannot_choose_the_data_or_record_root_nor_trust(tmp_path, elsewhere, how, where, key):
     value = "true" if key == "trust_record" else str(elsewhere)
     defenses = f"defenses: {{ft: {{{key}: {value}}}}}" if where == "defenses" else "defenses: [ft]"
@@ -380,14 +510,17 @@ def test_a_grid_file_cannot_choose_the_data_or_record_root_nor_trust(tmp_path, e
     grid.write_text(f"datasets: [digits]\nattacks: [badnet]\n{options}{defenses}\n")
     root = tmp_path / "record"
     if how == "cli":
-        line = one_line_error(cli("defense/compare.py", "--grid", str(grid), "--record_root", str(root),
-                                  "--table_only"))
+        line = one_line_error(
+            cli("defense/compare.py", "--grid", str(grid), "--record_root", str(root), "--table_only")
+        )
     else:
         with pytest.raises(UserError) as info:
             bench.compare.run(grid=str(grid), record_root=str(root), table_only=True)
         line = str(info.value)
-    assert f"grid.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a grid " \
-           "file" in line
+    assert (
+        f"grid.yaml: '{key}' can be given only on the command line (or as a keyword argument), not in a grid "
+        "file" in line
+    )
     assert not root.exists() and list(elsewhere.iterdir()) == []
 
 
@@ -405,6 +538,7 @@ def test_a_record_does_not_choose_its_yaml_file(tmp_path):
 
 # -- 2. writes outside the record root ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def elsewhere(tmp_path) -> Path:
     folder = tmp_path / "elsewhere"
@@ -413,8 +547,7 @@ def elsewhere(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("how", HOW)
-def test_a_record_that_is_a_symlink_out_of_the_root_is_not_written_to(digits_record_root, tmp_path, elsewhere,
-                                                                        how):
+def test_a_record_that_is_a_symlink_out_of_the_root_is_not_written_to(digits_record_root, tmp_path, elsewhere, how):
     """ln -s /elsewhere record/link; defense/sau.py --result_file link."""
     root = private_copy(digits_record_root, tmp_path)
     target = elsewhere / "rec"
@@ -446,12 +579,31 @@ def test_an_attack_cannot_plant_a_record_through_a_symlink(tmp_path, elsewhere, 
     root.mkdir()
     (root / "linkroot").symlink_to(elsewhere)
     if how == "cli":
-        line = one_line_error(cli("attack/badnet.py", "--dataset", "digits", "--epochs", "1", "--record_root",
-                                  str(root), "--save_folder_name", "linkroot/planted", "--device", "cpu"))
+        line = one_line_error(
+            cli(
+                "attack/badnet.py",
+                "--dataset",
+                "digits",
+                "--epochs",
+                "1",
+                "--record_root",
+                str(root),
+                "--save_folder_name",
+                "linkroot/planted",
+                "--device",
+                "cpu",
+            )
+        )
     else:
         with pytest.raises(UserError) as info:
-            attack.run("badnet", dataset="digits", epochs=1, record_root=str(root),
-                       save_folder_name="linkroot/planted", device="cpu")
+            attack.run(
+                "badnet",
+                dataset="digits",
+                epochs=1,
+                record_root=str(root),
+                save_folder_name="linkroot/planted",
+                device="cpu",
+            )
         line = str(info.value)
     assert "linkroot/planted leads outside the record root" in line
     assert list(elsewhere.iterdir()) == []
@@ -502,12 +654,31 @@ def test_compare_outputs_and_logs_stay_inside_the_root(record_root, elsewhere, h
     (record_root / link).symlink_to(elsewhere)
     before = snapshot(elsewhere)
     if how == "cli":
-        line = one_line_error(cli("defense/compare.py", "--result_file", "badnet_digits", "--defenses", "sau",
-                                  "--record_root", str(record_root), "--name", "mine", "--table_only", "--no-plots"))
+        line = one_line_error(
+            cli(
+                "defense/compare.py",
+                "--result_file",
+                "badnet_digits",
+                "--defenses",
+                "sau",
+                "--record_root",
+                str(record_root),
+                "--name",
+                "mine",
+                "--table_only",
+                "--no-plots",
+            )
+        )
     else:
         with pytest.raises(UserError) as info:
-            bench.compare.run(result_file=["badnet_digits"], defenses=["sau"], record_root=str(record_root),
-                                name="mine", table_only=True, plots=False)
+            bench.compare.run(
+                result_file=["badnet_digits"],
+                defenses=["sau"],
+                record_root=str(record_root),
+                name="mine",
+                table_only=True,
+                plots=False,
+            )
         line = str(info.value)
     assert "leads outside the record root" in line
     assert snapshot(elsewhere) == before

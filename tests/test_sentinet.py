@@ -1,5 +1,6 @@
 """SentiNet (defense/sentinet.py): Grad-CAM on a tiny model against its closed form, and
 the transplant of a trigger region against that of a clean region."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,7 @@ def test_grad_cam_matches_its_closed_form_on_a_tiny_model():
     assert cam.shape == (4, 5, 5)
     assert torch.allclose(cam, expected, atol=1e-5)
     # default target: the predicted class
-    assert torch.allclose(grad_cam(model, model.features, x), grad_cam(model, model.features, x,
-                                                                       model(x).argmax(1)))
+    assert torch.allclose(grad_cam(model, model.features, x), grad_cam(model, model.features, x, model(x).argmax(1)))
 
 
 class Pixel(nn.Module):
@@ -94,7 +94,13 @@ def test_an_unknown_layer_is_one_user_error(record_root):
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="model 'cnn' has no layer 'nope'"):
-        defense.run("sentinet", result_file="badnet_digits", record_root=str(record_root), device="cpu",
-                    layer="nope", n_overlay=4)
+        defense.run(
+            "sentinet",
+            result_file="badnet_digits",
+            record_root=str(record_root),
+            device="cpu",
+            layer="nope",
+            n_overlay=4,
+        )
     with pytest.raises(UserError, match="model 'cnn' has no layer 'nope'"):
         defense.run("beatrix", result_file="badnet_digits", record_root=str(record_root), device="cpu", layer="nope")

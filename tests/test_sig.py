@@ -1,5 +1,6 @@
 """SIG: only target-class training images are poisoned (clean-label), and the added
 signal is delta / 255 * sin(2 pi j f / W) down every column."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """The batched SimCLR views (defense/simclr.py): the identity view, each operation against
 torchvision.transforms.v2.functional on the same image, per-image parameters, seeding, and
 the output's range, shape, dtype and device. The per-image path and the loss: tests/test_nab.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,14 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from defense.simclr import (
-    SimCLRViews, ViewParams, apply_view_params, batched_views, blur_kernel_size, draw_view_params,
-    simclr_augmentation, simclr_views,
+    SimCLRViews,
+    ViewParams,
+    apply_view_params,
+    batched_views,
+    blur_kernel_size,
+    draw_view_params,
+    simclr_augmentation,
+    simclr_views,
 )
 
 BICUBIC = TF.InterpolationMode.BICUBIC
@@ -49,14 +56,26 @@ def test_a_fixed_crop_is_torchvisions_bicubic_resized_crop(box):
 def test_a_flip_after_a_crop_is_torchvisions():
     x = images()
     out = apply_view_params(x, with_(4, 16, box=(2, 3, 10, 12), flip=True))
-    expected = per_image(x, lambda im: TF.horizontal_flip(
-        TF.resized_crop(im, 2, 3, 10, 12, [16, 16], interpolation=BICUBIC, antialias=True)))
+    expected = per_image(
+        x,
+        lambda im: TF.horizontal_flip(
+            TF.resized_crop(im, 2, 3, 10, 12, [16, 16], interpolation=BICUBIC, antialias=True)
+        ),
+    )
     assert torch.allclose(out, expected.clamp(0, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("j, fn, factor", [(0, TF.adjust_brightness, 1.3), (0, TF.adjust_brightness, 0.6),
-                                           (1, TF.adjust_contrast, 0.7), (2, TF.adjust_saturation, 1.4),
-                                           (3, TF.adjust_hue, 0.08), (3, TF.adjust_hue, -0.1)])
+@pytest.mark.parametrize(
+    "j, fn, factor",
+    [
+        (0, TF.adjust_brightness, 1.3),
+        (0, TF.adjust_brightness, 0.6),
+        (1, TF.adjust_contrast, 0.7),
+        (2, TF.adjust_saturation, 1.4),
+        (3, TF.adjust_hue, 0.08),
+        (3, TF.adjust_hue, -0.1),
+    ],
+)
 def test_each_jitter_is_torchvisions(j, fn, factor):
     x = images()
     factors = torch.tensor([1.0, 1.0, 1.0, 0.0])
@@ -70,14 +89,21 @@ def test_the_jitters_run_in_each_images_own_order():
     params = with_(2, 16, jitter=True, factors=[1.4, 0.6, 1.4, 0.1])
     params.order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
     out = apply_view_params(x, params)
-    ops = [lambda im: TF.adjust_brightness(im, 1.4), lambda im: TF.adjust_contrast(im, 0.6),
-           lambda im: TF.adjust_saturation(im, 1.4), lambda im: TF.adjust_hue(im, 0.1)]
+    ops = [
+        lambda im: TF.adjust_brightness(im, 1.4),
+        lambda im: TF.adjust_contrast(im, 0.6),
+        lambda im: TF.adjust_saturation(im, 1.4),
+        lambda im: TF.adjust_hue(im, 0.1),
+    ]
     for image, view, order in zip(x, out, params.order.tolist()):
         for k in order:
             image = ops[k](image)
         assert torch.allclose(view, image, atol=1e-5)
-    assert not torch.allclose(out[0], apply_view_params(x[:1], with_(1, 16, jitter=True, factors=[1.4, 0.6, 1.4, 0.1],
-                                                                    order=[3, 2, 1, 0]))[0], atol=1e-3)
+    assert not torch.allclose(
+        out[0],
+        apply_view_params(x[:1], with_(1, 16, jitter=True, factors=[1.4, 0.6, 1.4, 0.1], order=[3, 2, 1, 0]))[0],
+        atol=1e-3,
+    )
 
 
 def test_grayscale_and_blur_are_torchvisions():
@@ -97,7 +123,7 @@ def test_parameters_are_drawn_per_image_and_follow_the_recipe():
     p = draw_view_params(2000, (28, 28), torch.Generator().manual_seed(0))
     top, left, h, w = p.box.T
     assert (h > 0).all() and (w > 0).all() and (top + h <= 28).all() and (left + w <= 28).all()
-    area = (h * w).float() / 28 ** 2
+    area = (h * w).float() / 28**2
     assert area.min() >= 0.15 and area.max() <= 1.0
     assert len({tuple(b) for b in p.box.tolist()}) > 500
     for mask, rate in [(p.flip, 0.5), (p.jitter, 0.8), (p.gray, 0.2), (p.blur, 0.5)]:

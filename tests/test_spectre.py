@@ -1,6 +1,7 @@
 """SPECTRE (defense/spectre.py): the QUE matrix by hand, QUE scores on synthetic data whose
 outliers are known (they score on top; alpha moves the score from the norm to the top
 direction), the robust filter dropping far outliers, and a class with a planted minority."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ def test_que_scores_put_the_planted_outliers_on_top_and_alpha_interpolates():
     assert statistic > 2.0  # the whitened covariance has a direction of variance well above 1
     # alpha -> 0: the squared norm / d; large alpha: the squared projection on the top direction
     flat, _ = que_scores(white, alpha=1e-6)
-    assert flat == pytest.approx((white ** 2).sum(1) / 8, rel=1e-4)
+    assert flat == pytest.approx((white**2).sum(1) / 8, rel=1e-4)
     sharp, _ = que_scores(white, alpha=200.0)
     top = np.linalg.eigh(np.cov(white, rowvar=False))[1][:, -1]
     assert sharp == pytest.approx((white @ top) ** 2, rel=1e-2, abs=1e-3)

@@ -1,6 +1,7 @@
 """Speed work that must change no number: SAU's active-set search against the dense
 search, the one evaluation pass per test image, the reuse of an evaluation of an
 unchanged model, and float32 evaluation under autocast."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,8 +29,9 @@ def dense_search(sae: SharedAdversarialExamples, images: torch.Tensor, labels: t
         shared = fooled & fooled_ref & (pred == pred_ref)
         if bool(shared.all()) or steps == sae.steps:
             break
-        loss = (sae.beta_1 * adversarial_loss(logits, logits_ref, labels, fooled, fooled_ref)
-                + sae.beta_2 * share_loss(logits, logits_ref, shared))
+        loss = sae.beta_1 * adversarial_loss(logits, logits_ref, labels, fooled, fooled_ref) + sae.beta_2 * share_loss(
+            logits, logits_ref, shared
+        )
         (grad,) = torch.autograd.grad(loss, delta)
         delta = project(delta.detach() - sae.step_size * grad.sign(), sae.norm, sae.bound)
         steps += 1
@@ -38,23 +40,26 @@ def dense_search(sae: SharedAdversarialExamples, images: torch.Tensor, labels: t
 
 def tiny_cnn(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 6 * 6, 3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
     with torch.no_grad():  # BatchNorm statistics that are not the identity
         model[1].running_mean.uniform_(-0.2, 0.2)
         model[1].running_var.uniform_(0.5, 1.5)
     return model.eval()
 
 
-@pytest.mark.parametrize("norm,init", [("L_inf", "max"), ("L_inf", "random"), ("L_inf", "zero"), ("L2", "max"),
-                                       ("L1", "random")])
+@pytest.mark.parametrize(
+    "norm,init", [("L_inf", "max"), ("L_inf", "random"), ("L_inf", "zero"), ("L2", "max"), ("L1", "random")]
+)
 def test_the_active_set_search_gives_the_dense_search_numbers_with_fewer_passes(norm, init):
     f, f_ref = tiny_cnn(0), tiny_cnn(1)
     torch.manual_seed(2)
     x, y = torch.rand(48, 1, 6, 6), torch.randint(0, 3, (48,))
     bound = {"L_inf": 0.3, "L2": 2.0, "L1": 6.0}[norm]
-    sae = SharedAdversarialExamples(f, frozen_copy(f_ref), bound=bound, step_size=0.1, steps=6, norm=norm,
-                                    init=init, amp=False)
+    sae = SharedAdversarialExamples(
+        f, frozen_copy(f_ref), bound=bound, step_size=0.1, steps=6, norm=norm, init=init, amp=False
+    )
     torch.manual_seed(3)
     delta, fooled, fooled_ref, shared, pred_ref, steps = dense_search(sae, x, y)
     rows: list[int] = []
@@ -89,6 +94,7 @@ def test_cached_reference_labels_give_the_same_search():
 
 
 # -- evaluation ------------------------------------------------------------------------------------
+
 
 def test_evaluation_is_one_float32_pass_per_test_image_even_under_autocast(digits_record_root):
     from utils.datasets import load_dataset

@@ -1,6 +1,7 @@
 """SSBA: the string's bits, the encoder/decoder trained on digits (the decoder reads the
 fixed string back from the stored encoded images; the residual is bounded and differs
 between images), and the record the harness writes."""
+
 from __future__ import annotations
 
 import torch
@@ -11,12 +12,18 @@ from utils.datasets import load_dataset
 from utils.poison import to_uint8
 from utils.records import load_record
 
-TINY = {"fingerprint_length": 8, "max_residual": 64, "width": 16, "encoder_epochs": 10, "encoder_lr": 1e-3,
-        "l2_loss_await": 10_000}
+TINY = {
+    "fingerprint_length": 8,
+    "max_residual": 64,
+    "width": 16,
+    "encoder_epochs": 10,
+    "encoder_lr": 1e-3,
+    "l2_loss_await": 10_000,
+}
 
 
 def test_secret_bits_are_the_utf8_bits_padded_with_spaces():
-    expected = [0, 1, 1, 0, 0, 0, 0, 1,  0, 1, 1, 0, 0, 0, 1, 0,  0, 0, 1, 0]  # 'a' 0x61, 'b' 0x62, ' ' 0x20...
+    expected = [0, 1, 1, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0]  # 'a' 0x61, 'b' 0x62, ' ' 0x20...
     assert secret_bits("ab", 20).tolist() == expected
     assert secret_bits("abcd", 16).tolist() == expected[:16]
 
@@ -44,13 +51,22 @@ def test_decoder_reads_the_string_from_encoded_digits_and_the_residual_is_sample
 
 
 def test_digits_record_keeps_the_encoded_images_with_the_attackers_label(tmp_path):
-    attack.run("ssba", dataset="digits", epochs=1, device="cpu", record_root=str(tmp_path), save_folder_name="s",
-               **{**TINY, "encoder_epochs": 2})
+    attack.run(
+        "ssba",
+        dataset="digits",
+        epochs=1,
+        device="cpu",
+        record_root=str(tmp_path),
+        save_folder_name="s",
+        **{**TINY, "encoder_epochs": 2},
+    )
     record, data = load_record(tmp_path / "s"), load_dataset("digits")
     assert len(record.poison_indices) == round(0.1 * len(data.train))
     assert torch.all(record.bd_train.labels == 0)
     assert torch.equal(record.extras["secret_bits"], secret_bits("abcd", 8))
-    for bd, clean in ((record.bd_train, data.train.images[record.poison_indices]),
-                      (record.bd_test, data.test.images[record.bd_test.indices])):
+    for bd, clean in (
+        (record.bd_train, data.train.images[record.poison_indices]),
+        (record.bd_test, data.test.images[record.bd_test.indices]),
+    ):
         change = (bd.images.int() - clean.int()).abs()
         assert change.max() <= record.attack_params["max_residual"] == 64 and (change > 0).flatten(1).any(1).all()

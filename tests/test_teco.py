@@ -2,6 +2,7 @@
 and the deviation by hand, the corruptions' definitions on hand cases, seeded noise, and
 a model whose prediction rests on one bright pixel (a trigger) against one that reads the
 whole image."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,13 @@ from defense.teco import TeCo, flip_severity
 
 def test_flip_severity_by_hand():
     original = torch.tensor([1, 1, 2])
-    predictions = torch.tensor([[1, 1, 0, 0, 0],   # first change at severity 3
-                                [1, 1, 1, 1, 1],   # never: 5 + 1
-                                [0, 2, 2, 2, 2]])  # at once: 1
+    predictions = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],  # first change at severity 3
+            [1, 1, 1, 1, 1],  # never: 5 + 1
+            [0, 2, 2, 2, 2],
+        ]
+    )  # at once: 1
     assert flip_severity(predictions, original).tolist() == [3, 6, 1]
 
 
@@ -36,10 +41,18 @@ def test_corruptions_by_hand():
     salt = corrupt(torch.full((1, 1, 100, 100), 0.5), "impulse_noise", 5, torch.Generator().manual_seed(0))
     assert ((salt == 0) | (salt == 1)).float().mean().item() == pytest.approx(0.07, abs=0.01)
     for name in CORRUPTIONS:  # seeded: the same draw twice
-        a = corrupt(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), name, 3,
-                    torch.Generator().manual_seed(5))
-        b = corrupt(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), name, 3,
-                    torch.Generator().manual_seed(5))
+        a = corrupt(
+            torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+            name,
+            3,
+            torch.Generator().manual_seed(5),
+        )
+        b = corrupt(
+            torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+            name,
+            3,
+            torch.Generator().manual_seed(5),
+        )
         assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1 and len(LEVELS[name]) == 5
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt(x, "fog", 1)

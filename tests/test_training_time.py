@@ -3,6 +3,7 @@ defense receives (the training set as delivered and the recipe; no poison indica
 test data), the files it writes (those of every defense), the refusal of attacks that
 control training, the recipe and its overrides, and checkpoints. Parametrized over the
 registered training-time defenses, with a throwaway one (plain retraining) that always runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,17 @@ IDS = ["retrain", *TRAINING]
 
 def run(cls, record_root, **options):
     with CONTRACT.registered(cls) as name:
-        return name, defense.run(name, **{"result_file": "badnet_digits", "record_root": str(record_root),
-                                          "device": "cpu", "overwrite": True, **cls.smoke_params, **options})
+        return name, defense.run(
+            name,
+            **{
+                "result_file": "badnet_digits",
+                "record_root": str(record_root),
+                "device": "cpu",
+                "overwrite": True,
+                **cls.smoke_params,
+                **options,
+            },
+        )
 
 
 def reachable(obj, skip=("monitor", "checkpoint")):
@@ -94,21 +104,37 @@ def test_receives_the_training_set_as_delivered_without_indicator_or_test_data(c
     monkeypatch.setattr(cls, "train", lambda self, data, inner=cls.train: (got.append(data), inner(self, data))[1])
     run(cls, record_root)
     data = got[0]
-    assert {f.name for f in dataclasses.fields(data)} == {"train", "info", "device", "amp", "seed", "recipe",
-                                                          "monitor", "checkpoint"}
+    assert {f.name for f in dataclasses.fields(data)} == {
+        "train",
+        "info",
+        "device",
+        "amp",
+        "seed",
+        "recipe",
+        "monitor",
+        "checkpoint",
+    }
     record = load_record(record_root / "badnet_digits")
     clean = load_dataset("digits")
     delivered, indicator = poisoned_training_set(clean.train, record.bd_train)
     assert torch.equal(data.train.images, delivered.images) and torch.equal(data.train.labels, delivered.labels)
     assert type(data.train) is ImageData and data.recipe.model == record.model_name
-    forbidden = [indicator, record.poison_indices, record.bd_train.indices, clean.test.images, clean.test.labels,
-                 record.bd_test.images, record.bd_test.labels]
+    forbidden = [
+        indicator,
+        record.poison_indices,
+        record.bd_train.indices,
+        clean.test.images,
+        clean.test.labels,
+        record.bd_test.images,
+        record.bd_test.labels,
+    ]
     for o in reachable(data):
         assert not isinstance(o, (AttackRecord, Dataset)), f"{cls.__name__} can reach {type(o).__name__}"
         if isinstance(o, torch.Tensor):
             for bad in forbidden:
-                assert not (o.shape == bad.shape and torch.equal(o, bad.to(o.dtype))), \
+                assert not (o.shape == bad.shape and torch.equal(o, bad.to(o.dtype))), (
                     f"{cls.__name__} can reach a tensor equal to the poison indicator, indices or test data"
+                )
 
 
 @pytest.mark.parametrize("cls", CASES, ids=IDS)
@@ -128,7 +154,7 @@ def test_the_trained_model_depends_on_neither_test_data_nor_poison_indices(cls, 
     def other_record(*a, **k):
         record = load(*a, **k)
         record.bd_test.images.fill_(13)
-        record.poison_indices = torch.randperm(1437)[:len(record.poison_indices)].sort().values
+        record.poison_indices = torch.randperm(1437)[: len(record.poison_indices)].sort().values
         return record
 
     monkeypatch.setattr(defense.base, "load_inputs", sentinel_inputs)
@@ -143,9 +169,17 @@ def test_the_trained_model_depends_on_neither_test_data_nor_poison_indices(cls, 
 def test_writes_the_files_of_every_defense(cls, record_root):
     name, summary = run(cls, record_root)
     out = record_root / "badnet_digits" / "defense" / name
-    assert sorted(p.name for p in out.iterdir()) == sorted(["defense_result.pt", f"{name}_df.csv",
-                                                            f"{name}_df_summary.csv", "summary.json", "index.txt",
-                                                            f"{name}.log", f"{name}_plot.png"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "defense_result.pt",
+            f"{name}_df.csv",
+            f"{name}_df_summary.csv",
+            "summary.json",
+            "index.txt",
+            f"{name}.log",
+            f"{name}_plot.png",
+        ]
+    )
     record = load_record(record_root / "badnet_digits")
     result = load_defense_result(out / "defense_result.pt")
     record.build_model(result["model"])
@@ -165,8 +199,7 @@ def test_training_controlled_attacks_are_refused_in_one_line(record_root, monkey
     with pytest.raises(UserError, match="keeps no poisoned training set"):
         check_trainable("retrain", dataclasses.replace(record, bd_train=None))
     load = defense.base.load_record
-    monkeypatch.setattr(defense.base, "load_record", lambda *a, **k: dataclasses.replace(load(*a, **k),
-                                                                                          attack="wanet"))
+    monkeypatch.setattr(defense.base, "load_record", lambda *a, **k: dataclasses.replace(load(*a, **k), attack="wanet"))
     with pytest.raises(UserError) as err:
         run(Retrain, record_root)
     assert "\n" not in str(err.value)
@@ -241,8 +274,16 @@ def test_tuning_and_the_compare_default_leave_training_time_defenses_out(record_
 def test_compare_puts_training_time_defenses_in_the_mitigations_table(record_root):
     from bench import compare
 
-    result = compare.run(result_file=["badnet_digits"], record_root=str(record_root), device="cpu", smoke=True,
-                         plots=False, quiet=True, defenses=["ft", "abl"], seeds=[0])
+    result = compare.run(
+        result_file=["badnet_digits"],
+        record_root=str(record_root),
+        device="cpu",
+        smoke=True,
+        plots=False,
+        quiet=True,
+        defenses=["ft", "abl"],
+        seeds=[0],
+    )
     rows = {r["defense"]: r for r in result["rows"]}
     assert rows["abl"]["n"] == 1 and rows["ft"]["n"] == 1 and result["failed"] == 0
     assert "| abl |" in result["markdown"]

@@ -1,5 +1,6 @@
 """TrojanNN: the trigger lies inside its mask, its optimisation excites the selected
 neurons, and a clean model can come from a prototype record."""
+
 from __future__ import annotations
 
 import cv2
@@ -16,8 +17,9 @@ from utils.records import load_record
 
 
 def run(root, name: str, which: str = "trojannn", **kw) -> dict:
-    return attack.run(which, dataset="digits", epochs=1, device="cpu", record_root=str(root), save_folder_name=name,
-                      **kw)
+    return attack.run(
+        which, dataset="digits", epochs=1, device="cpu", record_root=str(root), save_folder_name=name, **kw
+    )
 
 
 def test_trigger_lies_inside_its_mask_and_reuses_a_prototype_record(tmp_path):
@@ -30,8 +32,9 @@ def test_trigger_lies_inside_its_mask_and_reuses_a_prototype_record(tmp_path):
     for bd, clean in ((record.bd_test, data.test), (record.bd_train, data.train)):
         changed = bd.images != clean.images[bd.indices]
         assert not changed[:, :, mask[0] == 0].any()  # nothing outside the mask
-        assert torch.equal(bd.images[:, :, mask[0] == 1], (trigger[:, mask[0] == 1] * 255).round().byte().expand(
-            len(bd), -1, -1))
+        assert torch.equal(
+            bd.images[:, :, mask[0] == 1], (trigger[:, mask[0] == 1] * 255).round().byte().expand(len(bd), -1, -1)
+        )
     proto = load_record(tmp_path / "proto").build_model()
     assert torch.equal(record.extras["neurons"], most_connected(last_linear(proto), 2))
     run(tmp_path, "b", "badnet")

@@ -1,5 +1,6 @@
 """Tuning on a validation split (defense/tune.py, defense.base.validation_split) and
 compare --recipes tuned: the study never reads the test set, resumes, and its recipe runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,9 +62,11 @@ def test_validation_split_is_seeded_disjoint_and_cut_from_poisoned_training_imag
     again = validation_split(defender, record, 0.25, seed=3)
     other = validation_split(defender, record, 0.25, seed=4)
     assert len(split.train) + len(split.clean) == len(defender) and len(split.clean) == round(0.25 * len(defender))
-    assert torch.equal(split.clean.images, again.clean.images) and torch.equal(split.backdoor.indices,
-                                                                             again.backdoor.indices)
+    assert torch.equal(split.clean.images, again.clean.images) and torch.equal(
+        split.backdoor.indices, again.backdoor.indices
+    )
     assert not torch.equal(split.clean.images, other.clean.images)
+
     # the two parts are the clean subset, cut in two: no sample in both
     def rows(images):
         return sorted(bytes(x.numpy()) for x in images)
@@ -77,8 +80,9 @@ def test_validation_split_is_seeded_disjoint_and_cut_from_poisoned_training_imag
     few = validation_split(defender, record, 0.25, seed=3, max_backdoor=5)
     assert len(few.backdoor) == 5
     held = record.bd_train.indices[:10]
-    assert not set(validation_split(defender, record, 0.25, seed=3, held_indices=held).backdoor.indices.tolist()) \
-        & set(held.tolist())
+    assert not set(validation_split(defender, record, 0.25, seed=3, held_indices=held).backdoor.indices.tolist()) & set(
+        held.tolist()
+    )
     without = validation_split(defender, dataclasses.replace(record, bd_train=None), 0.25, seed=3)
     assert len(without.backdoor) == 0
 
@@ -93,8 +97,9 @@ def test_every_defense_declares_a_valid_search_space():
 
 def test_tune_never_reads_the_test_set_and_compare_runs_its_recipe(record_root, monkeypatch):
     _hide_test_sets(monkeypatch)
-    summary = tune("sau", result_file="badnet_digits", record_root=str(record_root), trials=8,
-                   option=["epochs=1"], device="cpu")
+    summary = tune(
+        "sau", result_file="badnet_digits", record_root=str(record_root), trials=8, option=["epochs=1"], device="cpu"
+    )
     folder = record_root / "badnet_digits" / "tune" / "sau"
     assert summary["trials"] == 8 and len(summary["history"]) == 8
     assert set(summary["best_params"]) == {"lr", "trigger_norm", "adv_steps", "lmd_2", "lmd_3"}  # epochs fixed
@@ -112,8 +117,16 @@ def test_tune_never_reads_the_test_set_and_compare_runs_its_recipe(record_root, 
     assert not {k for k, v in shipped.items() if k in default and default[k] == v}  # ... not what default.yaml says
     monkeypatch.undo()
 
-    table = compare.run(result_file=["badnet_digits"], record_root=str(record_root), defenses=["sau", "ft"],
-                        recipes="tuned", device="cpu", plots=False, html=True, quiet=True)
+    table = compare.run(
+        result_file=["badnet_digits"],
+        record_root=str(record_root),
+        defenses=["sau", "ft"],
+        recipes="tuned",
+        device="cpu",
+        plots=False,
+        html=True,
+        quiet=True,
+    )
     assert table["recipes"] == "tuned" and "Recipes: tuned" in table["markdown"]
     rows = {r["defense"]: r for r in table["rows"]}
     assert rows["sau"]["n"] == 1 and rows["sau"]["asr"] is not None
@@ -138,8 +151,9 @@ def test_a_study_resumes_up_to_n_trials_and_refuses_other_settings(record_root):
         tune("ft", trials=3, option=["epochs=2"], **common)
     assert tune("ft", trials=1, option=["epochs=2"], overwrite=True, **common)["trials"] == 1
     again = tune("ft", trials=2, option=["epochs=1"], overwrite=True, **common)  # same seed, same study
-    assert [(t["params"], t["value"]) for t in again["history"]] == \
-        [(t["params"], t["value"]) for t in first["history"]]
+    assert [(t["params"], t["value"]) for t in again["history"]] == [
+        (t["params"], t["value"]) for t in first["history"]
+    ]
 
 
 def test_tune_refuses_what_it_cannot_do(record_root):
@@ -164,9 +178,27 @@ def test_command_line_tune(digits_record_root, tmp_path):
 
     root = private_copy(digits_record_root, tmp_path)
     base = [sys.executable, "-m", "defense", "tune"]
-    ok = subprocess.run([*base, "nad", "--result_file", "badnet_digits", "--record_root", str(root), "--trials", "1",
-                         "--option", "epochs=1", "te_epochs=1", "--device", "cpu"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+    ok = subprocess.run(
+        [
+            *base,
+            "nad",
+            "--result_file",
+            "badnet_digits",
+            "--record_root",
+            str(root),
+            "--trials",
+            "1",
+            "--option",
+            "epochs=1",
+            "te_epochs=1",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "recipe:" in ok.stdout and (root / "badnet_digits" / "tune" / "nad" / "recipe.yaml").is_file()
     with pytest.raises(UserError, match="--objective: invalid choice: 'asr'"):

@@ -1,5 +1,6 @@
 """WaNet: the warp is the identity at s = 0, the backdoor test set is reproduced exactly
 from the saved field, and each batch gets backdoor and noise-mode samples."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ def test_warp_is_the_identity_at_zero_strength():
     x = torch.rand(3, 2, 8, 8)
     assert torch.allclose(warp(x, warping_grid(noise, s=0.0)), x, atol=1e-6)
     assert (warp(x, warping_grid(noise, s=0.5)) - x).abs().max() > 0.01
-    assert noise.shape == (1, 8, 8, 2) and torch.isclose(random_field(4, 4, 4, torch.Generator()).abs().mean(),
-                                                         torch.tensor(1.0), atol=0.05)  # k = size: no upsampling
+    assert noise.shape == (1, 8, 8, 2) and torch.isclose(
+        random_field(4, 4, 4, torch.Generator()).abs().mean(), torch.tensor(1.0), atol=0.05
+    )  # k = size: no upsampling
 
 
 def test_bd_test_set_is_reproduced_from_the_saved_field(tmp_path):
@@ -35,8 +37,9 @@ def test_bd_test_set_is_reproduced_from_the_saved_field(tmp_path):
 
 
 def test_batch_hook_makes_backdoor_and_noise_mode_samples_with_all2all_labels():
-    ctx = AttackContext(load_dataset("digits"), 0, "all2all", torch.device("cpu"), np.random.default_rng(0),
-                        {"pratio": 0.1})
+    ctx = AttackContext(
+        load_dataset("digits"), 0, "all2all", torch.device("cpu"), np.random.default_rng(0), {"pratio": 0.1}
+    )
     wanet = WaNet()
     wanet.prepare(ctx)
     hook = wanet.batch_hook(ctx)

@@ -27,6 +27,7 @@ fail with the rule's message unless the harness itself calls them.
 tools/ never imports attack/ or defense/: each side builds a :class:`Contract` from its
 base class, registry and harness module.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,37 +44,54 @@ from utils import config as cfg
 from utils.registry import Registry
 
 RULES: dict[str, tuple[str, str]] = {  # rule: (what it asks, how to fix a break)
-    "registered": ("register the class under its name",
-                   "decorate a subclass of {base} with @{decorator}(\"<name>\")"),
-    "documented": ("document the paper in the docstrings",
-                   "give the module a docstring that cites the paper (authors, title, venue, year), states the idea, "
-                   "the hyperparameters with their defaults and any deviation; give the class a docstring whose first "
-                   "line says what the method does; set the class attribute `paper` to the citation"),
-    "year-and-kind": ("declare the paper's year and the method's kind",
-                      "set the class attributes `year` (an int, the paper's year) and `kind` (one of: {kinds})"),
-    "hyperparameters": ("keep the hyperparameters in the constructor, with defaults",
-                        "take every hyperparameter as an annotated keyword argument of __init__ with the paper's "
-                        "default, store it unchanged as an attribute of the same name, and name only hyperparameters "
-                        "in smoke_params"),
-    "config": ("ship a config for the offline default",
-               "add config/{side}/<name>/default.yaml (or digits.yaml) with the hyperparameters and their defaults"),
-    "no-record-loading": ("load no record and no dataset itself",
-                          "use what the harness passes in ({context}); the harness loads the record and the data"),
-    "no-evaluation": ("evaluate nothing itself",
-                      "leave evaluation to the harness ({evaluation}); it evaluates on test data the method "
-                      "never sees"),
-    "no-argv": ("parse no argv",
-                "take settings as constructor arguments; the harness builds the command line and the YAML lookup "
-                "from the constructor's signature"),
+    "registered": ("register the class under its name", 'decorate a subclass of {base} with @{decorator}("<name>")'),
+    "documented": (
+        "document the paper in the docstrings",
+        "give the module a docstring that cites the paper (authors, title, venue, year), states the idea, "
+        "the hyperparameters with their defaults and any deviation; give the class a docstring whose first "
+        "line says what the method does; set the class attribute `paper` to the citation",
+    ),
+    "year-and-kind": (
+        "declare the paper's year and the method's kind",
+        "set the class attributes `year` (an int, the paper's year) and `kind` (one of: {kinds})",
+    ),
+    "hyperparameters": (
+        "keep the hyperparameters in the constructor, with defaults",
+        "take every hyperparameter as an annotated keyword argument of __init__ with the paper's "
+        "default, store it unchanged as an attribute of the same name, and name only hyperparameters "
+        "in smoke_params",
+    ),
+    "config": (
+        "ship a config for the offline default",
+        "add config/{side}/<name>/default.yaml (or digits.yaml) with the hyperparameters and their defaults",
+    ),
+    "no-record-loading": (
+        "load no record and no dataset itself",
+        "use what the harness passes in ({context}); the harness loads the record and the data",
+    ),
+    "no-evaluation": (
+        "evaluate nothing itself",
+        "leave evaluation to the harness ({evaluation}); it evaluates on test data the method never sees",
+    ),
+    "no-argv": (
+        "parse no argv",
+        "take settings as constructor arguments; the harness builds the command line and the YAML lookup "
+        "from the constructor's signature",
+    ),
     "no-printing": ("print nothing", "log with logging.getLogger('saubench') (and tqdm for progress bars)"),
-    "returns-the-model": ("return the model it was given",
-                          "return the purified model from mitigate: the Classifier it received (or one of the same "
-                          "architecture)"),
-    "record-untouched": ("leave the attack record alone",
-                         "write nothing yourself; the harness writes the results under record/<name>/defense/"),
-    "deterministic": ("give identical numbers for the same seed",
-                      "draw every random number from generators seeded by the harness ({seeding}); no time, "
-                      "os.urandom or unseeded generators, no state kept between runs"),
+    "returns-the-model": (
+        "return the model it was given",
+        "return the purified model from mitigate: the Classifier it received (or one of the same architecture)",
+    ),
+    "record-untouched": (
+        "leave the attack record alone",
+        "write nothing yourself; the harness writes the results under record/<name>/defense/",
+    ),
+    "deterministic": (
+        "give identical numbers for the same seed",
+        "draw every random number from generators seeded by the harness ({seeding}); no time, "
+        "os.urandom or unseeded generators, no state kept between runs",
+    ),
 }
 
 
@@ -135,9 +153,11 @@ class Guard:
     def _install(self, where: str) -> None:
         from utils import datasets, metrics, records  # the functions the rules forbid
 
-        for rule, module, name in (("no-record-loading", records, "load_record"),
-                                   ("no-record-loading", datasets, "load_dataset"),
-                                   ("no-evaluation", metrics, "evaluate")):
+        for rule, module, name in (
+            ("no-record-loading", records, "load_record"),
+            ("no-record-loading", datasets, "load_dataset"),
+            ("no-evaluation", metrics, "evaluate"),
+        ):
             original = getattr(module, name)
             replacement = self._forbidden(rule, f"{module.__name__}.{name}", where, original)
             for holder in list(sys.modules.values()):  # every `from utils.x import name` binding
@@ -152,8 +172,11 @@ class Guard:
                     self._undo.append(functools.partial(setattr, holder, key, original))
         for name in ("parse_args", "parse_known_args"):
             original = vars(argparse.ArgumentParser)[name]
-            setattr(argparse.ArgumentParser, name,
-                    self._forbidden("no-argv", f"argparse.ArgumentParser.{name}", where, original))
+            setattr(
+                argparse.ArgumentParser,
+                name,
+                self._forbidden("no-argv", f"argparse.ArgumentParser.{name}", where, original),
+            )
             self._undo.append(functools.partial(setattr, argparse.ArgumentParser, name, original))
 
     def _forbidden(self, rule: str, what: str, where: str, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -195,10 +218,16 @@ class Contract:
 
     def error(self, cls: type, rule: str, detail: str) -> ContractError:
         what, fix = RULES[rule]
-        fix = fix.format(base=f"{self.base.__module__}.{self.base.__qualname__}", decorator=self.decorator,
-                         kinds=", ".join(self.kinds), side=self.side, **self.hints)
-        return ContractError(f"{self.label(cls)} breaks the contract rule '{rule}' ({what}): {detail}. "
-                             f"How to fix: {fix}.", rule)
+        fix = fix.format(
+            base=f"{self.base.__module__}.{self.base.__qualname__}",
+            decorator=self.decorator,
+            kinds=", ".join(self.kinds),
+            side=self.side,
+            **self.hints,
+        )
+        return ContractError(
+            f"{self.label(cls)} breaks the contract rule '{rule}' ({what}): {detail}. How to fix: {fix}.", rule
+        )
 
     def fail(self, cls: type, rule: str, detail: str) -> NoReturn:
         raise self.error(cls, rule, detail)
@@ -221,8 +250,12 @@ class Contract:
             self.fail(cls, "documented", "the class has no docstring (its first line is the method's summary)")
         module_doc = (inspect.getmodule(cls).__doc__ or "").strip()
         if len(module_doc) < 80:
-            self.fail(cls, "documented", f"the module docstring has {len(module_doc)} characters: too short to cite "
-                      "the paper and state the idea and the defaults")
+            self.fail(
+                cls,
+                "documented",
+                f"the module docstring has {len(module_doc)} characters: too short to cite "
+                "the paper and state the idea and the defaults",
+            )
         if isinstance(cls.year, int) and str(cls.year) not in module_doc:
             self.fail(cls, "documented", f"the module docstring does not cite the paper's year {cls.year}")
 
@@ -242,8 +275,9 @@ class Contract:
             self.fail(cls, "hyperparameters", str(exc))
         missing = [p.name for p in params if p.default is cfg.REQUIRED]
         if missing:
-            self.fail(cls, "hyperparameters", f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
-                      "default")
+            self.fail(
+                cls, "hyperparameters", f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no default"
+            )
         unknown = sorted(set(cls.smoke_params) - {p.name for p in params})
         if unknown:
             self.fail(cls, "hyperparameters", f"smoke_params names {', '.join(unknown)}, not a hyperparameter")
@@ -254,8 +288,9 @@ class Contract:
         except ContractError:
             raise
         except Exception as exc:
-            self.fail(cls, "hyperparameters", f"{cls.__qualname__}() with the defaults raised "
-                      f"{type(exc).__name__}: {exc}")
+            self.fail(
+                cls, "hyperparameters", f"{cls.__qualname__}() with the defaults raised {type(exc).__name__}: {exc}"
+            )
         guard.raise_first()
         try:
             stored = instance.hyperparameters()
@@ -274,9 +309,13 @@ class Contract:
 
     def static_checks(self) -> dict[str, Callable[[type], None]]:
         """The rules that read the class, by id (no run needed)."""
-        return {"registered": self.check_registered, "documented": self.check_documented,
-                "year-and-kind": self.check_year_and_kind, "hyperparameters": self.check_hyperparameters,
-                "config": self.check_config}
+        return {
+            "registered": self.check_registered,
+            "documented": self.check_documented,
+            "year-and-kind": self.check_year_and_kind,
+            "hyperparameters": self.check_hyperparameters,
+            "config": self.check_config,
+        }
 
     def check_static(self, cls: type, *, config: bool = True) -> None:
         for rule, check in self.static_checks().items():
@@ -305,8 +344,9 @@ class Contract:
                 cls.name = own
 
     @contextlib.contextmanager
-    def guarded_methods(self, cls: type, names: tuple[str, ...],
-                        after: Callable[[Guard, str, tuple, Any], Any] | None = None) -> Iterator[Guard]:
+    def guarded_methods(
+        self, cls: type, names: tuple[str, ...], after: Callable[[Guard, str, tuple, Any], Any] | None = None
+    ) -> Iterator[Guard]:
         """Replace ``cls``'s methods ``names`` (those it defines or inherits from below the
         base class) by ones that run inside the guard's window; ``after(guard, name, args,
         result)`` may check each result and returns what the caller gets. Restored on exit."""
@@ -328,8 +368,13 @@ class Contract:
                     setattr(cls, name, original)
 
 
-def in_window(guard: Guard, inner: Callable[..., Any], where: str, name: str = "",
-               after: Callable[[Guard, str, tuple, Any], Any] | None = None) -> Callable[..., Any]:
+def in_window(
+    guard: Guard,
+    inner: Callable[..., Any],
+    where: str,
+    name: str = "",
+    after: Callable[[Guard, str, tuple, Any], Any] | None = None,
+) -> Callable[..., Any]:
     """``inner`` run inside ``guard``'s window (``where`` names it in messages)."""
 
     @functools.wraps(inner)

@@ -12,6 +12,7 @@ The skeletons run as written (a defense that returns the model unchanged; an att
 blends a checkerboard) and pass the contract tests, so a contributor starts from green
 and replaces the placeholders: see CONTRIBUTING.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,37 +38,55 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Sequence[str] | None = None,
-         show: Callable[[str, str], str] | None = None) -> None:
+def main(
+    side: str,
+    registry: Registry[Any],
+    run: Callable[..., Any],
+    argv: Sequence[str] | None = None,
+    show: Callable[[str, str], str] | None = None,
+) -> None:
     """The ``python -m <side>`` command: ``list``, ``new NAME``, ``run NAME ARGS`` or
     ``show NAME --dataset D`` (``run`` is the side's harness; ``show(name, dataset)`` the
     text that says which YAML a run reads and the values it will use)."""
     entry(lambda args, kw: _main(side, registry, run, args, show), argv, {})
 
 
-def _main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Sequence[str],
-          show: Callable[[str, str], str] | None = None) -> None:
+def _main(
+    side: str,
+    registry: Registry[Any],
+    run: Callable[..., Any],
+    argv: Sequence[str],
+    show: Callable[[str, str], str] | None = None,
+) -> None:
     parser = _Parser(prog=f"python -m {side}", description=f"The registered {side}s, and new ones.")
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{list,new,run,show}" if show else "{list,new,run}", parser_class=_Parser)
-    listing = commands.add_parser("list", parents=[common], help=f"every registered {side}: paper, year, kind, "
-                                  "defaults")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{list,new,run,show}" if show else "{list,new,run}", parser_class=_Parser
+    )
+    listing = commands.add_parser(
+        "list", parents=[common], help=f"every registered {side}: paper, year, kind, defaults"
+    )
     listing.add_argument("--names", action="store_true", help="names only, one a line")
     new = commands.add_parser("new", parents=[common], help=f"write a skeleton {side}, its config and its test")
     new.add_argument("name", help="a lowercase Python identifier, e.g. my_" + side)
     new.add_argument("--root", default=str(PROJECT_ROOT), help="the project's folder")
-    running = commands.add_parser("run", help=f"run a {side} with the harness: NAME, then its arguments "
-                                  f"(python -m {side} run NAME --help)")
+    running = commands.add_parser(
+        "run", help=f"run a {side} with the harness: NAME, then its arguments (python -m {side} run NAME --help)"
+    )
     running.add_argument("name")
     running.add_argument("args", nargs=argparse.REMAINDER)
     if show is not None:
-        showing = commands.add_parser("show", parents=[common], help=f"the YAML file(s) a run of a {side} on a "
-                                      "dataset reads and the values it will use (list shows the code's defaults)")
+        showing = commands.add_parser(
+            "show",
+            parents=[common],
+            help=f"the YAML file(s) a run of a {side} on a "
+            "dataset reads and the values it will use (list shows the code's defaults)",
+        )
         showing.add_argument("name")
-        showing.add_argument("--dataset", default="digits", help="the dataset (a defense: the record's) "
-                             "(default: digits)")
+        showing.add_argument(
+            "--dataset", default="digits", help="the dataset (a defense: the record's) (default: digits)"
+        )
     args = parser.parse_args(list(argv))
     if args.command == "show" and show is not None:
         print(show(registry.canonical(args.name), args.dataset))
@@ -82,10 +101,12 @@ def _main(side: str, registry: Registry[Any], run: Callable[..., Any], argv: Seq
     written = new_method(side, args.name, registry, root)
     print(f"wrote {', '.join(str(p) for p in written)}")
     print(update_readme(root, side, args.name))
-    print(f"next: fill in the placeholders <...> and {'mitigate()' if side == 'defense' else 'apply()'}, then\n"
-          f"  python -m pytest tests/test_{args.name}.py tests/test_{side}_contract.py -k {args.name}\n"
-          f"  python scripts/readme_tables.py   # once the paper is filled in\n"
-          f"(CONTRIBUTING.md has the rules, a worked example and what a pull request shows)")
+    print(
+        f"next: fill in the placeholders <...> and {'mitigate()' if side == 'defense' else 'apply()'}, then\n"
+        f"  python -m pytest tests/test_{args.name}.py tests/test_{side}_contract.py -k {args.name}\n"
+        f"  python scripts/readme_tables.py   # once the paper is filled in\n"
+        f"(CONTRIBUTING.md has the rules, a worked example and what a pull request shows)"
+    )
 
 
 def update_readme(root: Path, side: str, name: str) -> str:
@@ -95,8 +116,9 @@ def update_readme(root: Path, side: str, name: str) -> str:
     script = root / "scripts" / "readme_tables.py"
     if not script.is_file() or not (root / "README.md").is_file() or not (root / side / f"{name}.py").is_file():
         return "README.md: tables not updated (run python scripts/readme_tables.py in the project's folder)"
-    proc = subprocess.run([sys.executable, str(script), "--readme", str(root / "README.md")], cwd=root,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--readme", str(root / "README.md")], cwd=root, capture_output=True, text=True
+    )
     if proc.returncode == 0:
         return "README.md: tables updated"
     reason = (proc.stderr.strip().splitlines() or ["no message"])[-1]
@@ -104,6 +126,7 @@ def update_readme(root: Path, side: str, name: str) -> str:
 
 
 # -- list ----------------------------------------------------------------------------------------
+
 
 def _value(value: Any) -> str:
     return str(value) if not isinstance(value, (list, tuple)) else ",".join(map(str, value))
@@ -114,8 +137,11 @@ def listing_text(side: str, registry: Registry[Any]) -> str:
     blocks = [f"{len(registry.names())} {side}s (python -m {side} new NAME adds one; see CONTRIBUTING.md)"]
     for name in registry.names():
         info: MethodInfo = describe(registry, name)
-        lines = [f"{info.name}  ({info.kind}, {info.year if info.year is not None else 'no paper'})",
-                 f"    {info.summary}", f"    paper:    {info.paper}"]
+        lines = [
+            f"{info.name}  ({info.kind}, {info.year if info.year is not None else 'no paper'})",
+            f"    {info.summary}",
+            f"    paper:    {info.paper}",
+        ]
         defaults = " ".join(f"{k}={_value(v)}" for k, v in info.defaults.items())
         lines.append(f"    defaults: {defaults or '(none)'}")
         if info.aliases:
@@ -127,23 +153,33 @@ def listing_text(side: str, registry: Registry[Any]) -> str:
 
 # -- new ----------------------------------------------------------------------------------------
 
+
 def check_new_name(side: str, name: str, registry: Registry[Any], root: Path) -> list[Path]:
     """The files ``new`` would write, relative to ``root``; UserError when ``name`` is not
     a lowercase identifier or is taken."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
-        raise UserError(f"'{name}' is not a valid {side} name: use a lowercase Python identifier (letters, digits "
-                        f"and underscores, starting with a letter), e.g. my_{side}")
+        raise UserError(
+            f"'{name}' is not a valid {side} name: use a lowercase Python identifier (letters, digits "
+            f"and underscores, starting with a letter), e.g. my_{side}"
+        )
     if name in registry:
         cls = registry.get(name)
-        raise UserError(f"{side} '{name}' already exists ({describe(registry, registry.canonical(name)).source}, "
-                        f"class {cls.__qualname__}); choose another name")
+        raise UserError(
+            f"{side} '{name}' already exists ({describe(registry, registry.canonical(name)).source}, "
+            f"class {cls.__qualname__}); choose another name"
+        )
     if name in RESERVED:
         raise UserError(f"'{name}' is a module of the {side} package that is not a {side}; choose another name")
     if not (root / side).is_dir() or not (root / "config").is_dir():
-        raise UserError(f"{root} is not the project's folder (no {side}/ and config/ in it); run `python -m {side} "
-                        "new` in a clone of the project, or pass --root")
-    files = [Path(side) / f"{name}.py", Path("config") / side / name / "default.yaml",
-             Path("tests") / f"test_{name}.py"]
+        raise UserError(
+            f"{root} is not the project's folder (no {side}/ and config/ in it); run `python -m {side} "
+            "new` in a clone of the project, or pass --root"
+        )
+    files = [
+        Path(side) / f"{name}.py",
+        Path("config") / side / name / "default.yaml",
+        Path("tests") / f"test_{name}.py",
+    ]
     for path in files:
         if (root / path).exists():
             raise UserError(f"{path} already exists in {root}; choose another name")
@@ -154,8 +190,11 @@ def new_method(side: str, name: str, registry: Registry[Any], root: Path = PROJE
     """Write the skeleton of ``name`` (method file, config, test) under ``root``; returns the
     paths written, relative to ``root``."""
     files = check_new_name(side, name, registry, root)
-    fields = {"name": name, "Class": "".join(part.capitalize() for part in name.split("_")),
-              "year": str(datetime.date.today().year)}
+    fields = {
+        "name": name,
+        "Class": "".join(part.capitalize() for part in name.split("_")),
+        "year": str(datetime.date.today().year),
+    }
     for path, template in zip(files, TEMPLATES[side]):
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(Template(template).substitute(fields), encoding="utf-8")
@@ -234,7 +273,7 @@ if __name__ == "__main__":
     run("${name}")
 '''
 
-DEFENSE_CONFIG = '''# ${Class}: the configuration for every dataset (add <dataset>.yaml beside this file for a
+DEFENSE_CONFIG = """# ${Class}: the configuration for every dataset (add <dataset>.yaml beside this file for a
 # dataset that needs other values). Keys: the harness's (ratio: the defender's clean share of
 # the training set) and the hyperparameters of defense/${name}.py, with the paper's values.
 recipe: reference
@@ -243,7 +282,7 @@ ratio: 0.05
 epochs: 10
 batch_size: 128
 lr: 0.01
-'''
+"""
 
 DEFENSE_TEST = '''"""defense/${name}.py. tests/test_defense_contract.py already holds ${name} to the contract
 (it is registered); this file tests what the method itself does."""
@@ -325,13 +364,13 @@ if __name__ == "__main__":
     run("${name}")
 '''
 
-ATTACK_CONFIG = '''# ${Class}: the attack's parameters (the harness's default --bd_yaml_path). Keys: the
+ATTACK_CONFIG = """# ${Class}: the attack's parameters (the harness's default --bd_yaml_path). Keys: the
 # harness's poisoning parameters and the hyperparameters of attack/${name}.py.
 attack_label_trans: all2one
 attack_target: 0
 pratio: 0.1
 alpha: 0.2
-'''
+"""
 
 ATTACK_TEST = '''"""attack/${name}.py. tests/test_attack_contract.py and tests/test_attack.py already hold
 ${name} to the contract and check its record (it is registered); this file tests what the

@@ -11,6 +11,7 @@ An attempt that finds lines of its own token there is a retry: it appends to the
 left (:func:`retried_options`). A new submission (a new token) starts the log
 afresh. The line also tells where a run is running (the tests read the pid and node).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,10 @@ def begin_attempt(log: Path, token: str) -> int:
 
 def attempt_header(number: int, token: str) -> str:
     """The line an attempt writes first into its log."""
-    return f"# attempt {number} of run {token}: host {socket.gethostname()}, Ray node {ray_node_id() or '-'}, " \
-           f"pid {os.getpid()}"
+    return (
+        f"# attempt {number} of run {token}: host {socket.gethostname()}, Ray node {ray_node_id() or '-'}, "
+        f"pid {os.getpid()}"
+    )
 
 
 def attempts_in(log: Path) -> list[dict[str, str | int]]:
@@ -43,12 +46,14 @@ def attempts_in(log: Path) -> list[dict[str, str | int]]:
         text = Path(log).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
-    return [{"number": int(m.group(1)), "token": m.group(2), "host": m.group(3), "node": m.group(4),
-             "pid": int(m.group(5))} for line in text.splitlines() if (m := HEADER.match(line))]
+    return [
+        {"number": int(m.group(1)), "token": m.group(2), "host": m.group(3), "node": m.group(4), "pid": int(m.group(5))}
+        for line in text.splitlines()
+        if (m := HEADER.match(line))
+    ]
 
 
-def retried_options(options: dict[str, Any], number: int, attempt: str, out: Any, folder: str | None
-                    ) -> dict[str, Any]:
+def retried_options(options: dict[str, Any], number: int, attempt: str, out: Any, folder: str | None) -> dict[str, Any]:
     """The options of attempt ``number`` of a run: a retry resumes from the checkpoint the
     lost attempt left, once that attempt's lock no longer binds (its process gone, or
     its lease expired); a line in the log says so."""

@@ -33,6 +33,7 @@ Writing (``--export_backdoorbench`` of the attack harness): :func:`export_record
 ``<record>/backdoorbench/`` in that layout, with paths in ``data_dict`` relative to a
 BackdoorBench checkout (``./record/<name>/backdoorbench/...``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -88,6 +89,7 @@ SAFE_GLOBALS = _numpy_globals()
 
 # -- reading -----------------------------------------------------------------------------------
 
+
 def is_backdoorbench(data: Any) -> bool:
     """Does ``data`` (what an attack_result.pt held) have BackdoorBench's keys (and not
     SAU-Bench's format tag)?"""
@@ -106,13 +108,29 @@ def read_backdoorbench(data: Any, path: Path) -> AttackRecord | None:
     except MalformedRecord as exc:
         raise UserError(f"{path}: malformed BackdoorBench record ({exc})") from None
     h, w, c = record.img_size
-    poisoned = f"{len(record.bd_train)} poisoned training images" if record.bd_train is not None else \
-        "no bd_train (the attack poisons while training)"
+    poisoned = (
+        f"{len(record.bd_train)} poisoned training images"
+        if record.bd_train is not None
+        else "no bd_train (the attack poisons while training)"
+    )
     cross = f", {len(record.cross_test)} cross test images" if record.cross_test is not None else ""
-    log.info("BackdoorBench record %s: %s on %s (%dx%dx%d, %d classes), %s, %d backdoor test images%s from PNG; "
-             "inputs normalised with mean %s std %s%s", folder, record.model_name, record.clean_data, h, w, c,
-             record.num_classes, poisoned, len(record.bd_test), cross, _short(record.mean), _short(record.std),
-             "".join(f"; {n}" for n in notes))
+    log.info(
+        "BackdoorBench record %s: %s on %s (%dx%dx%d, %d classes), %s, %d backdoor test images%s from PNG; "
+        "inputs normalised with mean %s std %s%s",
+        folder,
+        record.model_name,
+        record.clean_data,
+        h,
+        w,
+        c,
+        record.num_classes,
+        poisoned,
+        len(record.bd_test),
+        cross,
+        _short(record.mean),
+        _short(record.std),
+        "".join(f"; {n}" for n in notes),
+    )
     return record
 
 
@@ -121,8 +139,11 @@ def _short(values: Sequence[float]) -> str:
 
 
 def _integer(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        and not (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point())
+    ):
         raise MalformedRecord(f"'{key}' must be an integer, not {type(value).__name__}")
     return int(value)
 
@@ -163,8 +184,9 @@ def _parse(data: Mapping[str, Any], folder: Path) -> tuple[AttackRecord, list[st
     except UserError as exc:
         raise MalformedRecord(f"dataset {exc}") from None
     weights = data["model"]
-    if not isinstance(weights, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                   for k, v in weights.items()):
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
         raise MalformedRecord("'model' must be a state_dict (names to tensors)")
     if any(k.startswith(DATA_PARALLEL_PREFIX) for k in weights):
         notes.append("DataParallel's 'module.' prefixes removed")
@@ -175,10 +197,23 @@ def _parse(data: Mapping[str, Any], folder: Path) -> tuple[AttackRecord, list[st
     cross_test = _cross_test(folder / FOLDERS["cross_test"], hwc)
     # data_path is kept as information only: a record never chooses where clean data is read from
     config: dict[str, Any] = {"source": SOURCE, "data_path": str(data["data_path"])}
-    record = AttackRecord(model_name=model_name, num_classes=num_classes, model=classifier_state(weights),
-                          img_size=hwc, clean_data=clean_data, attack=SOURCE, attack_params={},
-                          poison_indices=poison_indices, bd_test=bd_test, bd_train=bd_train, cross_test=cross_test,
-                          mean=tuple(mean), std=tuple(std), config=config, path=folder)
+    record = AttackRecord(
+        model_name=model_name,
+        num_classes=num_classes,
+        model=classifier_state(weights),
+        img_size=hwc,
+        clean_data=clean_data,
+        attack=SOURCE,
+        attack_params={},
+        poison_indices=poison_indices,
+        bd_test=bd_test,
+        bd_train=bd_train,
+        cross_test=cross_test,
+        mean=tuple(mean),
+        std=tuple(std),
+        config=config,
+        path=folder,
+    )
     return record, notes  # checked, digested and given its identity by load_record (utils.records)
 
 
@@ -194,8 +229,9 @@ def _array(value: Any, key: str) -> np.ndarray:
     return array
 
 
-def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], shown_only: bool
-                  ) -> tuple[PoisonedSet, torch.Tensor]:
+def _poisoned_set(
+    state: Any, key: str, folder: Path, hwc: tuple[int, ...], shown_only: bool
+) -> tuple[PoisonedSet, torch.Tensor]:
     """The poisoned samples of one of BackdoorBench's dataset states, read from their PNG
     files, and the indices its poison_indicator marks. ``shown_only``: only the samples
     its original_index_array shows, in that order (bd_test); otherwise every poisoned
@@ -205,8 +241,10 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
     if not isinstance(state, Mapping):
         raise MalformedRecord(f"'{key}' must be a dataset state (a mapping), not {type(state).__name__}")
     if "x" in state and "poison_indicator" not in state:
-        raise MalformedRecord(f"'{key}' is in BackdoorBench 1.x's layout (x, y tensors, no original labels), "
-                              "which is not read; re-run the attack with BackdoorBench 2")
+        raise MalformedRecord(
+            f"'{key}' is in BackdoorBench 1.x's layout (x, y tensors, no original labels), "
+            "which is not read; re-run the attack with BackdoorBench 2"
+        )
     for part in ("poison_indicator", "original_index_array", "bd_data_container"):
         if part not in state:
             raise MalformedRecord(f"'{key}.{part}' is missing")
@@ -224,8 +262,13 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
     poisoned = np.flatnonzero(indicator)
     indices = shown[indicator[shown]] if shown_only else poisoned
     if shown_only and len(indices) < len(shown):
-        log.warning("%s: %d samples of %s are not poisoned; only its %d poisoned ones are used", folder,
-                    len(shown) - len(indices), key, len(indices))
+        log.warning(
+            "%s: %d samples of %s are not poisoned; only its %d poisoned ones are used",
+            folder,
+            len(shown) - len(indices),
+            key,
+            len(indices),
+        )
     entries = {}
     for k, v in container["data_dict"].items():
         entries[_integer(k, f"{key}.data_dict")] = v
@@ -233,15 +276,24 @@ def _poisoned_set(state: Any, key: str, folder: Path, hwc: tuple[int, ...], show
     for i in indices.tolist():
         entry = entries.get(i)
         if not isinstance(entry, Mapping) or "path" not in entry or len(entry.get("other_info") or ()) < 2:
-            raise MalformedRecord(f"'{key}' marks sample {i} as poisoned but its data_dict has no "
-                                  "{path, other_info: [bd_label, label]} for it")
+            raise MalformedRecord(
+                f"'{key}' marks sample {i} as poisoned but its data_dict has no "
+                "{path, other_info: [bd_label, label]} for it"
+            )
         paths.append(_image_file(folder, str(entry["path"]), key, i))
         labels.append(_integer(entry["other_info"][0], f"{key} label"))
         original.append(_integer(entry["other_info"][1], f"{key} original label"))
     h, w, c = hwc
     images = read_images(paths, labels, (h, w), c).images
-    return (PoisonedSet(images, torch.tensor(labels, dtype=torch.long), torch.tensor(original, dtype=torch.long),
-                        torch.from_numpy(indices.copy())), torch.from_numpy(poisoned.astype(np.int64)))
+    return (
+        PoisonedSet(
+            images,
+            torch.tensor(labels, dtype=torch.long),
+            torch.tensor(original, dtype=torch.long),
+            torch.from_numpy(indices.copy()),
+        ),
+        torch.from_numpy(poisoned.astype(np.int64)),
+    )
 
 
 def _image_file(folder: Path, stored: str, key: str, index: int) -> Path:
@@ -252,8 +304,10 @@ def _image_file(folder: Path, stored: str, key: str, index: int) -> Path:
         raise MalformedRecord(f"'{key}' sample {index} has the path {stored!r}, not <folder>/<label>/<index>.png")
     path = folder.joinpath(*parts[-3:])
     if not path.is_file():
-        raise UserError(f"{path}: missing ({key} sample {index} of the BackdoorBench record in {folder}; its "
-                        f"data_dict says {stored})")
+        raise UserError(
+            f"{path}: missing ({key} sample {index} of the BackdoorBench record in {folder}; its "
+            f"data_dict says {stored})"
+        )
     return path
 
 
@@ -264,8 +318,11 @@ def _cross_test(folder: Path, hwc: tuple[int, ...]) -> PoisonedSet | None:
 
     if not folder.is_dir():
         return None
-    found = sorted((int(p.stem), int(p.parent.name), p) for p in folder.glob("*/*.png")
-                   if p.stem.isdigit() and p.parent.name.isdigit())
+    found = sorted(
+        (int(p.stem), int(p.parent.name), p)
+        for p in folder.glob("*/*.png")
+        if p.stem.isdigit() and p.parent.name.isdigit()
+    )
     if not found:
         return None
     h, w, c = hwc
@@ -276,8 +333,10 @@ def _cross_test(folder: Path, hwc: tuple[int, ...]) -> PoisonedSet | None:
 
 # -- writing -------------------------------------------------------------------------------------
 
-def export_record(record: AttackRecord, folder: Path, name: str, train_size: int, test_size: int,
-                  overwrite: bool = False) -> Path:
+
+def export_record(
+    record: AttackRecord, folder: Path, name: str, train_size: int, test_size: int, overwrite: bool = False
+) -> Path:
     """Write ``record`` in BackdoorBench's layout to ``folder`` (which appears only when
     complete): attack_result.pt and the PNG folders. ``name``: the folder's path below a
     BackdoorBench checkout's ``record/``, which the paths in its data_dicts start from;
@@ -291,37 +350,55 @@ def export_record(record: AttackRecord, folder: Path, name: str, train_size: int
         base = f"./record/{name}"
         bd_train = None
         if record.bd_train is not None:
-            bd_train = _dataset_state(record.bd_train, staging, base, "bd_train", train_size,
-                                      shown=np.arange(train_size))
-        bd_test = _dataset_state(record.bd_test, staging, base, "bd_test", test_size,
-                                 shown=record.bd_test.indices.numpy().astype(np.int64))
+            bd_train = _dataset_state(
+                record.bd_train, staging, base, "bd_train", train_size, shown=np.arange(train_size)
+            )
+        bd_test = _dataset_state(
+            record.bd_test, staging, base, "bd_test", test_size, shown=record.bd_test.indices.numpy().astype(np.int64)
+        )
         if record.cross_test is not None:
             _write_pngs(record.cross_test, staging / FOLDERS["cross_test"])
         h, w, c = record.img_size
-        save_torch({"model_name": record.model_name, "num_classes": int(record.num_classes),
-                    "model": bare_state({k: v.detach().cpu() for k, v in record.model.items()}),
-                    "data_path": f"./data/{record.clean_data}",
-                    "img_size": (int(h), int(w), int(c)), "clean_data": record.clean_data,
-                    "bd_train": bd_train, "bd_test": bd_test}, staging / "attack_result.pt")
+        save_torch(
+            {
+                "model_name": record.model_name,
+                "num_classes": int(record.num_classes),
+                "model": bare_state({k: v.detach().cpu() for k, v in record.model.items()}),
+                "data_path": f"./data/{record.clean_data}",
+                "img_size": (int(h), int(w), int(c)),
+                "clean_data": record.clean_data,
+                "bd_train": bd_train,
+                "bd_test": bd_test,
+            },
+            staging / "attack_result.pt",
+        )
     except BaseException:
         out.discard()
         raise
     return out.commit()
 
 
-def _dataset_state(data: PoisonedSet, staging: Path, base: str, key: str, size: int, shown: np.ndarray
-                   ) -> dict[str, Any]:
+def _dataset_state(
+    data: PoisonedSet, staging: Path, base: str, key: str, size: int, shown: np.ndarray
+) -> dict[str, Any]:
     """The state of BackdoorBench's poisoned dataset for ``data`` (PNG files written)."""
     sub = FOLDERS[key]
     indicator = np.zeros(size, dtype=np.int64)
     indicator[data.indices.numpy()] = 1
     files = _write_pngs(data, staging / sub)
-    data_dict = {int(i): {"path": f"{base}/{sub}/{rel}", "other_info": [int(y), int(y0)]}
-                 for i, y, y0, rel in zip(data.indices.tolist(), data.labels.tolist(), data.original_labels.tolist(),
-                                          files)}
+    data_dict = {
+        int(i): {"path": f"{base}/{sub}/{rel}", "other_info": [int(y), int(y0)]}
+        for i, y, y0, rel in zip(data.indices.tolist(), data.labels.tolist(), data.original_labels.tolist(), files)
+    }
     container = {"save_folder_path": f"{base}/{sub}", "data_dict": data_dict, "save_file_format": ".png"}
-    return {"bd_data_container": container, "getitem_all": True, "getitem_all_switch": False,
-            "original_index_array": shown, "poison_indicator": indicator, "save_folder_path": f"{base}/{sub}"}
+    return {
+        "bd_data_container": container,
+        "getitem_all": True,
+        "getitem_all_switch": False,
+        "original_index_array": shown,
+        "poison_indicator": indicator,
+        "save_folder_path": f"{base}/{sub}",
+    }
 
 
 def _write_pngs(data: PoisonedSet, folder: Path) -> list[str]:
@@ -338,6 +415,7 @@ def _write_pngs(data: PoisonedSet, folder: Path) -> list[str]:
 
 # -- BackdoorBench's own defense results --------------------------------------------------------------
 
+
 def defense_results(record_folder: Path) -> list[tuple[str, dict[str, float | None]]]:
     """(folder name, final C-Acc/ASR/RA as fractions) of each result that BackdoorBench's
     defenses wrote in ``<record>/defense/<name>/`` (a ``*_df_summary.csv`` or ``*_df.csv``
@@ -349,8 +427,9 @@ def defense_results(record_folder: Path) -> list[tuple[str, dict[str, float | No
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if (sub / "summary.json").exists():
             continue  # ours
-        metrics = _last_metrics(sorted(sub.glob("*_df_summary.csv")), summary=True) or \
-            _last_metrics(sorted(p for p in sub.glob("*_df.csv")), summary=False)
+        metrics = _last_metrics(sorted(sub.glob("*_df_summary.csv")), summary=True) or _last_metrics(
+            sorted(p for p in sub.glob("*_df.csv")), summary=False
+        )
         if metrics is not None:
             out.append((sub.name, metrics))
     return out
@@ -366,8 +445,10 @@ def _last_metrics(paths: Sequence[Path], summary: bool) -> dict[str, float | Non
         if summary:
             rows = [r for r in rows if r.get("") == "last"]
         for row in reversed(rows):
-            values = {key: cell_number(row.get(column)) for key, column in
-                      (("clean_acc", "test_acc"), ("asr", "test_asr"), ("ra", "test_ra"))}
+            values = {
+                key: cell_number(row.get(column))
+                for key, column in (("clean_acc", "test_acc"), ("asr", "test_asr"), ("ra", "test_ra"))
+            }
             if values["clean_acc"] is not None:
                 return values
     return None

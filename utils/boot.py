@@ -10,6 +10,7 @@ Python's traceback). Once a run has started, utils.cli.entry handles Ctrl-C itse
 hook only sees an interrupt that came before (or after) it. In any other program (a
 notebook, a script importing the packages) nothing is changed.
 """
+
 from __future__ import annotations
 
 import os

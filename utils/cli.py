@@ -4,6 +4,7 @@ limit) the same line with 143; ``--debug`` shows the traceback instead. A run th
 or is interrupted after it saved a checkpoint keeps it, and its one line says where the
 checkpoint is and how to go on (``--resume``). A file system that refuses a write (full,
 read-only, no permission) is one line naming the path and the reason, not a traceback."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run; its message is the one line to print."""
 
 
-def entry(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] | None,
-          overrides: dict[str, Any]) -> Any:
+def entry(
+    main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] | None, overrides: dict[str, Any]
+) -> Any:
     """Call ``main(argv, overrides)``. Called with neither argv nor keyword arguments, this
     is a command-line run: arguments come from ``sys.argv`` and errors end the process.
     Otherwise it is a Python call and errors propagate as UserError (and Ctrl-C as
@@ -50,13 +52,16 @@ def entry(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] 
     except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(str(exc) if isinstance(exc, Interrupted) and str(exc) else "interrupted: no result was written",
-              file=sys.stderr)
+        print(
+            str(exc) if isinstance(exc, Interrupted) and str(exc) else "interrupted: no result was written",
+            file=sys.stderr,
+        )
         sys.exit(143 if _terminated(exc) else 130)
 
 
-def python_call(main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] | None,
-                overrides: dict[str, Any]) -> Any:
+def python_call(
+    main: Callable[[list[str], dict[str, Any]], Any], argv: Sequence[str] | None, overrides: dict[str, Any]
+) -> Any:
     """The body of ``attack.run`` and ``defense.run``: :func:`entry` as a Python call,
     ``argv`` None meaning no arguments (never ``sys.argv``). Deprecated forward: called
     with nothing from the top level of the file Python runs as its script (a method file
@@ -73,9 +78,14 @@ def called_as_script(depth: int = 2) -> bool:
     read ``sys.argv``."""
     frame = sys._getframe(depth)
     path = frame.f_globals.get("__file__")
-    return (frame.f_globals.get("__name__") == "__main__" and frame.f_code.co_name == "<module>"
-            and isinstance(path, str) and bool(sys.argv) and bool(sys.argv[0])
-            and os.path.realpath(path) == os.path.realpath(sys.argv[0]))
+    return (
+        frame.f_globals.get("__name__") == "__main__"
+        and frame.f_code.co_name == "<module>"
+        and isinstance(path, str)
+        and bool(sys.argv)
+        and bool(sys.argv[0])
+        and os.path.realpath(path) == os.path.realpath(sys.argv[0])
+    )
 
 
 def _terminated(exc: BaseException) -> bool:
@@ -118,9 +128,11 @@ def overflow_error(exc: BaseException) -> UserError | None:
     without overflow``: a hyperparameter that is finite and within float32's range, but
     that a step multiplies beyond it, e.g. Adam's lr / (1 - beta_1^t)); else None."""
     if isinstance(exc, RuntimeError) and "without overflow" in str(exc):
-        return UserError("a value overflowed float32 inside torch during the run (value cannot be converted to "
-                         "type float without overflow): a hyperparameter is too large (a learning rate or a step "
-                         "size?)")
+        return UserError(
+            "a value overflowed float32 inside torch during the run (value cannot be converted to "
+            "type float without overflow): a hyperparameter is too large (a learning rate or a step "
+            "size?)"
+        )
     return None
 
 
@@ -141,8 +153,9 @@ def guarded(out: StagedFolder) -> Iterator[None]:
         if epoch is None:
             out.discard()
             if exc is raised and isinstance(exc, UserError) and str(out.checkpoint) in str(exc):  # unreadable
-                raise UserError(f"{exc}; it was removed with {out.partial}, so the next run starts from the "
-                                "beginning") from raised
+                raise UserError(
+                    f"{exc}; it was removed with {out.partial}, so the next run starts from the beginning"
+                ) from raised
             if exc is raised:
                 raise
             raise exc from raised

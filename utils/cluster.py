@@ -18,6 +18,7 @@ the options that say what each run asks of the cluster (docs/cluster.md).
 Tests only: a node whose environment has ``SAUBENCH_TEST_UNSHARED=<record root>`` looks
 for the token of that record root in another folder, as a node that does not see it would.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ RESOURCE_KEYS = ("cpus", "gpus", "memory")
 
 # -- code shipped to the nodes -----------------------------------------------------------------------------
 
+
 def runtime_env(code: str) -> dict[str, Any] | None:
     """Ray's runtime_env for ``--ray_code``: ``installed`` (None: each node's installed
     code, checked by :func:`check_nodes`) or ``working_dir`` (this checkout, shipped)."""
@@ -47,13 +49,19 @@ def runtime_env(code: str) -> dict[str, Any] | None:
     if code != "working_dir":
         raise UserError(f"--ray_code must be installed or working_dir, got {code!r}")
     if not (CHECKOUT / "setup.cfg").is_file():
-        raise UserError(f"--ray_code working_dir ships a checkout, but the code runs from {CHECKOUT} (an installed "
-                        "package): run from a checkout, or use --ray_code installed")
-    return {"working_dir": str(CHECKOUT), "excludes": [".git", "record/", "data/", "**/__pycache__"],
-            "env_vars": {CODE_ENV: json.dumps(code_version())}}
+        raise UserError(
+            f"--ray_code working_dir ships a checkout, but the code runs from {CHECKOUT} (an installed "
+            "package): run from a checkout, or use --ray_code installed"
+        )
+    return {
+        "working_dir": str(CHECKOUT),
+        "excludes": [".git", "record/", "data/", "**/__pycache__"],
+        "env_vars": {CODE_ENV: json.dumps(code_version())},
+    }
 
 
 # -- the probe on each node ----------------------------------------------------------------------------------
+
 
 def probe(root: str, token_name: str, needs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Runs on one node: the token it reads in ``root`` (None: not there), the datasets of
@@ -91,21 +99,27 @@ def check_nodes(executor: Any, root: Path, needs: Iterable[tuple[str, str]], ray
     for node, answer in answers:
         name = f"node {node[:12]} (host {answer['host']})"
         if answer["token"] != token:
-            raise UserError(f"the record root {root} is not shared storage: {name} cannot read back the file the "
-                            f"driver wrote there; every node must see the record root at the same path (a shared "
-                            f"file system such as NFS, mounted alike on every node: {DOCS})")
+            raise UserError(
+                f"the record root {root} is not shared storage: {name} cannot read back the file the "
+                f"driver wrote there; every node must see the record root at the same path (a shared "
+                f"file system such as NFS, mounted alike on every node: {DOCS})"
+            )
     for node, answer in answers:
         name = f"node {node[:12]} (host {answer['host']})"
         if answer["missing"]:
             dataset, data_root, files = answer["missing"][0]
-            raise UserError(f"dataset {dataset} is not on {name}: no {files} under {data_root} (put the files there "
-                            f"on every node, or keep --data_root on shared storage: {DOCS})")
+            raise UserError(
+                f"dataset {dataset} is not on {name}: no {files} under {data_root} (put the files there "
+                f"on every node, or keep --data_root on shared storage: {DOCS})"
+            )
     if ray_code == "installed":
         for node, answer in answers:
             if not same_code(mine, answer["code"]):
-                raise UserError(f"node {node[:12]} (host {answer['host']}) runs {describe(answer['code'])}, the "
-                                f"driver {describe(mine)}: install the same version on every node, or pass "
-                                f"--ray_code working_dir to ship this checkout ({DOCS})")
+                raise UserError(
+                    f"node {node[:12]} (host {answer['host']}) runs {describe(answer['code'])}, the "
+                    f"driver {describe(mine)}: install the same version on every node, or pass "
+                    f"--ray_code working_dir to ship this checkout ({DOCS})"
+                )
     return len(answers)
 
 
@@ -118,18 +132,22 @@ def same_code(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 # -- resources per method --------------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
 def parse_memory(value: Any, where: str) -> int:
     """Bytes from an integer or a text such as ``512M``, ``8G``, ``8GiB``, ``8GB`` (powers of 1024)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE) \
-        if isinstance(value, str) else None
+    match = (
+        re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
+        if isinstance(value, str)
+        else None
+    )
     if match is None or float(match.group(1)) <= 0:
-        raise UserError(f"{where}: memory must be a positive number of bytes or a size such as 512M or 8G, "
-                        f"got {value!r}")
+        raise UserError(
+            f"{where}: memory must be a positive number of bytes or a size such as 512M or 8G, got {value!r}"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -140,13 +158,13 @@ def parse_resources(value: Any, methods: Sequence[str], where: str) -> dict[str,
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise UserError(f"{where}: 'resources' must be a mapping of attack or defense names to "
-                        "{cpus, gpus, memory}")
+        raise UserError(f"{where}: 'resources' must be a mapping of attack or defense names to {{cpus, gpus, memory}}")
     out: dict[str, dict[str, float | int]] = {}
     for name, spec in value.items():
         if name not in methods:
-            raise UserError(f"{where}: resources: '{name}' is not an attack or defense of the grid "
-                            f"({', '.join(methods)})")
+            raise UserError(
+                f"{where}: resources: '{name}' is not an attack or defense of the grid ({', '.join(methods)})"
+            )
         if not isinstance(spec, dict) or not spec:
             raise UserError(f"{where}: resources: {name} must be a mapping such as {{cpus: 2, gpus: 1, memory: 8G}}")
         unknown = sorted(set(map(str, spec)) - set(RESOURCE_KEYS))
@@ -156,11 +174,16 @@ def parse_resources(value: Any, methods: Sequence[str], where: str) -> dict[str,
         for key in ("cpus", "gpus"):
             if key in spec:
                 number = spec[key]
-                ok = isinstance(number, (int, float)) and not isinstance(number, bool) and \
-                    (number > 0 if key == "cpus" else number >= 0)
+                ok = (
+                    isinstance(number, (int, float))
+                    and not isinstance(number, bool)
+                    and (number > 0 if key == "cpus" else number >= 0)
+                )
                 if not ok:
-                    raise UserError(f"{where}: resources: {name}: {key} must be a number "
-                                    f"{'> 0' if key == 'cpus' else '>= 0'}, got {number!r}")
+                    raise UserError(
+                        f"{where}: resources: {name}: {key} must be a number "
+                        f"{'> 0' if key == 'cpus' else '>= 0'}, got {number!r}"
+                    )
                 checked[key] = float(number)
         if "memory" in spec:
             checked["memory"] = parse_memory(spec["memory"], f"{where}: resources: {name}")

@@ -12,6 +12,7 @@ A recipe file may also say where its values come from (:data:`RECIPE_KEYS`):
 from) and ``recipe_note``. These are metadata: checked, never a run parameter, so they
 stay out of a run's config and of the comparison's reuse check.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,13 @@ def apart_keys(params: Iterable[Param]) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.control == "apart")
 
 
-def config_diff(requested: Mapping[str, Any], stored: Mapping[str, Any], ignore: Iterable[str] = (),
-                labels: tuple[str, str] = ("result", "requested"), defaults: Mapping[str, Any] | None = None
-                ) -> list[str]:
+def config_diff(
+    requested: Mapping[str, Any],
+    stored: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    labels: tuple[str, str] = ("result", "requested"),
+    defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
     """The differences between a requested resolved config and a stored one (a finished
     run's, a checkpoint's), as ``key: result X, requested Y`` texts (``labels`` name the
     two sides); keys in ``ignore`` (:func:`control_keys`) are skipped, floats equal to
@@ -101,12 +106,15 @@ def config_diff(requested: Mapping[str, Any], stored: Mapping[str, Any], ignore:
             if math.isclose(want, float(have), rel_tol=1e-9, abs_tol=0.0):
                 continue
         if want != have:
-            out.append(f"{key}: {labels[0]} {'(absent)' if have is missing else brief(have)}, "
-                       f"{labels[1]} {'(absent)' if want is missing else brief(want)}")
+            out.append(
+                f"{key}: {labels[0]} {'(absent)' if have is missing else brief(have)}, "
+                f"{labels[1]} {'(absent)' if want is missing else brief(want)}"
+            )
     return out
 
 
 # -- value checks ------------------------------------------------------------------
+
 
 def positive(value: Any) -> str | None:
     return None if value is None or value > 0 else "must be > 0"
@@ -133,6 +141,7 @@ def seed(value: Any) -> str | None:
 
 
 # -- types ----------------------------------------------------------------------------
+
 
 def _split_optional(tp: Any) -> tuple[Any, bool]:
     """``X | None`` -> (X, True); anything else -> (tp, False)."""
@@ -225,8 +234,11 @@ def docstring_help(doc: str | None) -> dict[str, str]:
     return out
 
 
-def params_from_signature(cls: type, aliases: Mapping[str, Iterable[str]] | None = None,
-                          checks: Mapping[str, Callable[[Any], str | None]] | None = None) -> list[Param]:
+def params_from_signature(
+    cls: type,
+    aliases: Mapping[str, Iterable[str]] | None = None,
+    checks: Mapping[str, Callable[[Any], str | None]] | None = None,
+) -> list[Param]:
     """The keyword parameters of ``cls.__init__`` (with annotations and defaults) as
     Params; help texts come from the class docstring."""
     hints = typing.get_type_hints(cls.__init__)
@@ -238,8 +250,16 @@ def params_from_signature(cls: type, aliases: Mapping[str, Iterable[str]] | None
         if name not in hints:
             raise TypeError(f"{cls.__name__}.__init__: parameter '{name}' needs a type annotation")
         default = REQUIRED if p.default is p.empty else p.default
-        params.append(Param(name, hints[name], default, helps.get(name, ""),
-                            tuple((aliases or {}).get(name, ())), (checks or {}).get(name)))
+        params.append(
+            Param(
+                name,
+                hints[name],
+                default,
+                helps.get(name, ""),
+                tuple((aliases or {}).get(name, ())),
+                (checks or {}).get(name),
+            )
+        )
     return params
 
 
@@ -249,6 +269,7 @@ def hyperparameters_of(obj: Any) -> dict[str, Any]:
 
 
 # -- the parser -----------------------------------------------------------------------------
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting."""
@@ -283,12 +304,18 @@ def help_text(p: Param) -> str:
     return f"{p.help} (default: {p.default})".strip()
 
 
-def build_parser(prog: str, params: Sequence[Param], description: str = "",
-                 epilog: str = "") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str, params: Sequence[Param], description: str = "", epilog: str = ""
+) -> argparse.ArgumentParser:
     # RawDescriptionHelpFormatter keeps the epilog's lines; the defaults are in help_text,
     # once (ArgumentDefaultsHelpFormatter would add a second "(default: None)").
-    parser = _Parser(prog=prog, description=description, epilog=epilog or None, argument_default=argparse.SUPPRESS,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=prog,
+        description=description,
+        epilog=epilog or None,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for p in params:
         flags = [f"--{p.name}", *(f"--{a}" for a in p.aliases)]
         base, _ = _split_optional(p.type)
@@ -350,8 +377,10 @@ def load_yaml(text: str, source: str) -> Any:
         at = f" (line {where.line + 1})" if where is not None else ""
         raise UserError(f"{source}: not valid YAML{at}") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2021-13-45
-        raise UserError(f"{source}: a value YAML cannot read ({type(exc).__name__}: "
-                        f"{clip(str(exc).splitlines()[0], 120) if str(exc) else 'no detail'})") from None
+        raise UserError(
+            f"{source}: a value YAML cannot read ({type(exc).__name__}: "
+            f"{clip(str(exc).splitlines()[0], 120) if str(exc) else 'no detail'})"
+        ) from None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -388,8 +417,9 @@ class _Brief(reprlib.Repr):
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.maxlevel = 3
-        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = self.maxset = self.maxfrozenset = \
-            self.maxdeque = 6
+        self.maxtuple = self.maxlist = self.maxarray = self.maxdict = self.maxset = self.maxfrozenset = (
+            self.maxdeque
+        ) = 6
         # twice the limit: brief() cuts the end itself, so a long string reads from its start
         self.maxstring = self.maxother = self.maxlong = min(2 * limit + 10, 1000)
 
@@ -409,15 +439,15 @@ def brief(value: Any, limit: int = 80) -> str:
     """``repr(value)`` on one line, cut to ``limit`` characters (for error messages); a
     nested or long value is abbreviated (reprlib-style), never walked in full."""
     text = " ".join(_Brief(limit).repr(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def clip(text: Any, limit: int = 80) -> str:
     """``str(text)`` on one line, cut to ``limit`` characters (for names and paths in
     messages, shown without quotes)."""
-    text = str(text)[:limit * 4]
+    text = str(text)[: limit * 4]
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # The largest magnitude a float parameter may have: float32's (torch's default dtype), so
@@ -440,8 +470,10 @@ def _checked(param: Param, value: Any, source: str) -> Any:
     except TypeError:
         raise UserError(f"{source}: '{param.name}' must be {type_name(param.type)}, got {brief(value)}") from None
     if _out_of_range(value):
-        raise UserError(f"{source}: '{param.name}' must be within float32's range (at most {FLOAT_LIMIT:.4g} in "
-                        f"magnitude), got {brief(value)}")
+        raise UserError(
+            f"{source}: '{param.name}' must be within float32's range (at most {FLOAT_LIMIT:.4g} in "
+            f"magnitude), got {brief(value)}"
+        )
     complaint = param.check(value) if param.check else None
     if complaint:
         raise UserError(f"{source}: '{param.name}' {complaint}, got {brief(value)}")
@@ -524,8 +556,9 @@ def resolved_text(title: str, params: Sequence[Param], layers: Sequence[Layer]) 
     return "\n".join(lines)
 
 
-def check_early(params: Sequence[Param], values: Mapping[str, Any], names: Iterable[str],
-                source: str = "keyword arguments") -> None:
+def check_early(
+    params: Sequence[Param], values: Mapping[str, Any], names: Iterable[str], source: str = "keyword arguments"
+) -> None:
     """Check the values of ``names`` that are used before the layers are resolved (the
     files to read, the dataset or record they depend on)."""
     by_name = {p.name: p for p in params}
@@ -544,8 +577,7 @@ def given(name: str, layers: Sequence[Layer], cli: Mapping[str, Any] | None = No
 USER_ONLY_KEYS = ("data_root", "record_root", "trust_record")
 
 
-def refuse_user_only(layers: Sequence[Layer], keys: Iterable[str] = USER_ONLY_KEYS,
-                     what: str = "a YAML file") -> None:
+def refuse_user_only(layers: Sequence[Layer], keys: Iterable[str] = USER_ONLY_KEYS, what: str = "a YAML file") -> None:
     """One line when a file layer (any layer but the keyword arguments) sets one of
     ``keys`` (default :data:`USER_ONLY_KEYS`)."""
     for layer in layers:
@@ -553,8 +585,10 @@ def refuse_user_only(layers: Sequence[Layer], keys: Iterable[str] = USER_ONLY_KE
             continue
         for key in keys:
             if key in layer.values:
-                raise UserError(f"{layer.source}: '{key}' can be given only on the command line (or as a keyword "
-                                f"argument), not in {what}")
+                raise UserError(
+                    f"{layer.source}: '{key}' can be given only on the command line (or as a keyword "
+                    f"argument), not in {what}"
+                )
 
 
 def _suggest(key: str, known: Iterable[str]) -> str:
@@ -594,8 +628,9 @@ def fill_template(template: str, fields: Mapping[str, Any]) -> str:
             continue
         if name not in fields or conversion is not None or spec:
             shown = "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
-            raise ValueError(f"{clip(shown, 40)} is not one of the plain fields "
-                             + ", ".join("{" + k + "}" for k in fields))
+            raise ValueError(
+                f"{clip(shown, 40)} is not one of the plain fields " + ", ".join("{" + k + "}" for k in fields)
+            )
         out.append(str(fields[name]))
     return "".join(out)
 

@@ -9,6 +9,7 @@ torchvision downloads it to, or from DIR itself when DIR holds X's files. When t
 are missing, torchvision downloads them where it can; otherwise one line says which files
 to put where.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -120,14 +121,19 @@ class DatasetEntry:
 _DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(info: DatasetInfo, *, present: Callable[[Path], bool] = lambda folder: True,
-                     subfolders: Iterable[str] = (), download: Callable[[Path], None] | None = None,
-                     fallbacks: Iterable[Path] = (), bundled: bool = False):
+def register_dataset(
+    info: DatasetInfo,
+    *,
+    present: Callable[[Path], bool] = lambda folder: True,
+    subfolders: Iterable[str] = (),
+    download: Callable[[Path], None] | None = None,
+    fallbacks: Iterable[Path] = (),
+    bundled: bool = False,
+):
     """Register a loader ``load(folder, info, options) -> (train, test)`` under ``info.name``."""
 
     def wrap(load: Loader) -> Loader:
-        _DATASETS[info.name] = DatasetEntry(info, load, present, tuple(subfolders), download, tuple(fallbacks),
-                                            bundled)
+        _DATASETS[info.name] = DatasetEntry(info, load, present, tuple(subfolders), download, tuple(fallbacks), bundled)
         return load
 
     return wrap
@@ -169,8 +175,14 @@ def load_dataset(name: str, data_root: str | Path = "data", download: bool = Tru
     train, test = entry.load(folder, entry.info, options)
     where = folder if folder is not None else "the installed packages"
     info = _check(entry.info, train, test, where)
-    log.info("%s: %d train / %d test images of %s from %s", name, len(train), len(test),
-             "x".join(map(str, train.images.shape[1:])), where)
+    log.info(
+        "%s: %d train / %d test images of %s from %s",
+        name,
+        len(train),
+        len(test),
+        "x".join(map(str, train.images.shape[1:])),
+        where,
+    )
     return Dataset(info, train, test, folder)
 
 
@@ -182,8 +194,10 @@ def _locate(name: str, entry: DatasetEntry, root: Path, download: bool) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             entry.download(root)
         except Exception as exc:  # any network or archive failure
-            raise UserError(f"{name}: files not found and the download failed ({_reason(exc)}); "
-                            f"put {entry.info.files} in {root / name}/") from None
+            raise UserError(
+                f"{name}: files not found and the download failed ({_reason(exc)}); "
+                f"put {entry.info.files} in {root / name}/"
+            ) from None
         folder = find_files(name, root)
     if folder is None:
         if not root.exists():
@@ -206,11 +220,12 @@ def _check(info: DatasetInfo, train: ImageData, test: ImageData, folder: Path | 
             raise UserError(f"{info.name} in {folder}: the {split} split is empty")
     c, h, w = train.images.shape[1:]
     if info.num_classes <= 0:  # discovered at load time
-        info = replace(info, num_classes=int(max(train.labels.max(), test.labels.max())) + 1,
-                       channels=c, size=(h, w))
+        info = replace(info, num_classes=int(max(train.labels.max(), test.labels.max())) + 1, channels=c, size=(h, w))
     if (c, h, w) != (info.channels, *info.size) or tuple(test.images.shape[1:]) != (c, h, w):
-        raise UserError(f"{info.name} in {folder}: images are {tuple(train.images.shape[1:])} (train) and "
-                        f"{tuple(test.images.shape[1:])} (test), expected {(info.channels, *info.size)}")
+        raise UserError(
+            f"{info.name} in {folder}: images are {tuple(train.images.shape[1:])} (train) and "
+            f"{tuple(test.images.shape[1:])} (test), expected {(info.channels, *info.size)}"
+        )
     for split, data in (("train", train), ("test", test)):
         if int(data.labels.min()) < 0 or int(data.labels.max()) >= info.num_classes:
             raise UserError(f"{info.name} in {folder}: {split} labels outside 0..{info.num_classes - 1}")
@@ -218,6 +233,7 @@ def _check(info: DatasetInfo, train: ImageData, test: ImageData, folder: Path | 
 
 
 # -- file formats -------------------------------------------------------------------------------------
+
 
 def _open_maybe_gz(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
@@ -252,8 +268,10 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-_IDX_STEMS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _idx_present(folder: Path) -> bool:
@@ -267,8 +285,9 @@ def _load_idx(folder: Path, info: DatasetInfo, options: dict) -> tuple[ImageData
         labels = read_idx(_first_existing(folder, labels_stem))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{folder}: IDX images {images.shape} and labels {labels.shape} do not match")
-        splits.append(ImageData(torch.from_numpy(images.copy()).unsqueeze(1),
-                                torch.from_numpy(labels.astype(np.int64))))
+        splits.append(
+            ImageData(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+        )
     return splits[0], splits[1]
 
 
@@ -282,14 +301,23 @@ def _torchvision_download(cls_name: str) -> Callable[[Path], None]:
     return download
 
 
-IDX_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
-             "(.gz or not)")
+IDX_FILES = (
+    "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or not)"
+)
 
-register_dataset(DatasetInfo("mnist", 10, 1, (28, 28), (0.5,), (0.5,), crop_padding=4, files=IDX_FILES),
-                 present=_idx_present, subfolders=("MNIST/raw",), download=_torchvision_download("MNIST"))(_load_idx)
-register_dataset(DatasetInfo("fashion_mnist", 10, 1, (28, 28), (0.5,), (0.5,), crop_padding=4, files=IDX_FILES),
-                 present=_idx_present, subfolders=("FashionMNIST/raw", "fashion-mnist"),
-                 download=_torchvision_download("FashionMNIST"), fallbacks=(DEBIAN_FASHION_MNIST,))(_load_idx)
+register_dataset(
+    DatasetInfo("mnist", 10, 1, (28, 28), (0.5,), (0.5,), crop_padding=4, files=IDX_FILES),
+    present=_idx_present,
+    subfolders=("MNIST/raw",),
+    download=_torchvision_download("MNIST"),
+)(_load_idx)
+register_dataset(
+    DatasetInfo("fashion_mnist", 10, 1, (28, 28), (0.5,), (0.5,), crop_padding=4, files=IDX_FILES),
+    present=_idx_present,
+    subfolders=("FashionMNIST/raw", "fashion-mnist"),
+    download=_torchvision_download("FashionMNIST"),
+    fallbacks=(DEBIAN_FASHION_MNIST,),
+)(_load_idx)
 
 
 # CIFAR: the "python version" pickled batches -------------------------------------------------------
@@ -303,14 +331,18 @@ register_dataset(DatasetInfo("fashion_mnist", 10, 1, (28, 28), (0.5,), (0.5,), c
 # and, for files that Python 3 wrote with protocol 2, ``_codecs.encode`` limited to
 # latin-1 (how that protocol spells bytes). Anything else is refused before it is called.
 
+
 class RefusedGlobal(pickle.UnpicklingError):
     """A pickle names a callable that a CIFAR batch never holds (message: which)."""
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     """``_codecs.encode`` as protocol-2 pickles use it (bytes spelled as latin-1 text), and only so."""
-    if not isinstance(text, str) or not isinstance(encoding, str) or \
-            encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+    if (
+        not isinstance(text, str)
+        or not isinstance(encoding, str)
+        or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591")
+    ):
         raise RefusedGlobal(f"it calls _codecs.encode with {encoding!r}"[:120])
     return text.encode("latin-1")
 
@@ -320,10 +352,13 @@ def _cifar_globals() -> dict[tuple[str, str], object]:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # NumPy 1.x
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): _latin1_encode}
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -349,8 +384,10 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as fh:
             data = CifarUnpickler(fh, encoding="bytes").load()
     except RefusedGlobal as exc:
-        raise UserError(f"{path}: not a CIFAR batch file ({_reason(exc)}; a CIFAR batch holds only arrays, lists "
-                        "and numbers, and dataset files are never unpickled)") from None
+        raise UserError(
+            f"{path}: not a CIFAR batch file ({_reason(exc)}; a CIFAR batch holds only arrays, lists "
+            "and numbers, and dataset files are never unpickled)"
+        ) from None
     except Exception as exc:  # any damage: truncated, not a pickle, wrong values
         raise UserError(f"{path}: not a CIFAR batch file ({type(exc).__name__})") from None
     if not isinstance(data, dict):
@@ -366,8 +403,10 @@ def _cifar_batches(files: Sequence[Path], label_key: bytes) -> ImageData:
             images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[label_key], dtype=np.int64).reshape(-1))
         except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}: not a CIFAR batch file (expected b'data', N x 3072 bytes, and "
-                            f"{label_key!r}; {type(exc).__name__}: {_reason(exc)})") from None
+            raise UserError(
+                f"{path}: not a CIFAR batch file (expected b'data', N x 3072 bytes, and "
+                f"{label_key!r}; {type(exc).__name__}: {_reason(exc)})"
+            ) from None
         if len(labels[-1]) != len(images[-1]):
             raise UserError(f"{path}: {len(images[-1])} images but {len(labels[-1])} labels")
     return ImageData(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -377,6 +416,7 @@ def _cifar_download(cls_name: str) -> Callable[[Path], None]:
     """Fetch and unpack torchvision's CIFAR archive (its URL and MD5) without building
     torchvision's dataset class, which would unpickle the files; they are then read
     with :class:`CifarUnpickler` like any others."""
+
     def download(root: Path) -> None:
         import torchvision.datasets as tvd
         from torchvision.datasets.utils import download_and_extract_archive
@@ -391,8 +431,10 @@ _CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
 def _load_cifar10(folder: Path, info: DatasetInfo, options: dict) -> tuple[ImageData, ImageData]:
-    return (_cifar_batches([folder / f for f in _CIFAR10_TRAIN], b"labels"),
-            _cifar_batches([folder / "test_batch"], b"labels"))
+    return (
+        _cifar_batches([folder / f for f in _CIFAR10_TRAIN], b"labels"),
+        _cifar_batches([folder / "test_batch"], b"labels"),
+    )
 
 
 def _load_cifar100(folder: Path, info: DatasetInfo, options: dict) -> tuple[ImageData, ImageData]:
@@ -400,17 +442,37 @@ def _load_cifar100(folder: Path, info: DatasetInfo, options: dict) -> tuple[Imag
 
 
 register_dataset(
-    DatasetInfo("cifar10", 10, 3, (32, 32), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), crop_padding=4,
-                hflip=True, files="cifar-10-batches-py/ (data_batch_1..5, test_batch)"),
+    DatasetInfo(
+        "cifar10",
+        10,
+        3,
+        (32, 32),
+        (0.4914, 0.4822, 0.4465),
+        (0.247, 0.243, 0.261),
+        crop_padding=4,
+        hflip=True,
+        files="cifar-10-batches-py/ (data_batch_1..5, test_batch)",
+    ),
     present=lambda f: all((f / n).is_file() for n in [*_CIFAR10_TRAIN, "test_batch"]),
     subfolders=("cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
-    download=_cifar_download("CIFAR10"))(_load_cifar10)
+    download=_cifar_download("CIFAR10"),
+)(_load_cifar10)
 register_dataset(
-    DatasetInfo("cifar100", 100, 3, (32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), crop_padding=4,
-                hflip=False, files="cifar-100-python/ (train, test)"),
+    DatasetInfo(
+        "cifar100",
+        100,
+        3,
+        (32, 32),
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        crop_padding=4,
+        hflip=False,
+        files="cifar-100-python/ (train, test)",
+    ),
     present=lambda f: (f / "train").is_file() and (f / "test").is_file(),
     subfolders=("cifar-100-python", "cifar100/cifar-100-python"),
-    download=_cifar_download("CIFAR100"))(_load_cifar100)
+    download=_cifar_download("CIFAR100"),
+)(_load_cifar100)
 
 
 # Folders of image files (GTSRB, Tiny-ImageNet, a user's own) ---------------------------------------
@@ -433,15 +495,18 @@ def read_image(path: Path, size: tuple[int, int] | None, channels: int = 3) -> n
     return img[None] if img.ndim == 2 else img.transpose(2, 0, 1)
 
 
-def read_images(paths: Sequence[Path], labels: Sequence[int], size: tuple[int, int] | None,
-                channels: int = 3) -> ImageData:
+def read_images(
+    paths: Sequence[Path], labels: Sequence[int], size: tuple[int, int] | None, channels: int = 3
+) -> ImageData:
     if not paths:
         return ImageData(torch.zeros((0, channels, *(size or (1, 1))), dtype=torch.uint8), torch.zeros(0))
     arrays = [read_image(p, size, channels) for p in paths]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise UserError(f"{paths[0].parent.parent}: images have different sizes {sorted(shapes)[:3]}; "
-                        "pass --img_size to resize them")
+        raise UserError(
+            f"{paths[0].parent.parent}: images have different sizes {sorted(shapes)[:3]}; "
+            "pass --img_size to resize them"
+        )
     return ImageData(torch.from_numpy(np.stack(arrays)), torch.tensor(list(labels), dtype=torch.long))
 
 
@@ -452,9 +517,13 @@ def _images_in(folder: Path) -> list[Path]:
 # GTSRB, in the layout torchvision downloads: GTSRB/Training/000NN/*.ppm, GTSRB/Final_Test/Images/*.ppm
 # and GT-final_test.csv (semicolon-separated, ClassId last) beside GTSRB/ or inside it.
 
+
 def _gtsrb_test_csv(folder: Path) -> Path | None:
-    for candidate in (folder / "GT-final_test.csv", folder / "GTSRB" / "GT-final_test.csv",
-                      folder / "GTSRB" / "Final_Test" / "Images" / "GT-final_test.csv"):
+    for candidate in (
+        folder / "GT-final_test.csv",
+        folder / "GTSRB" / "GT-final_test.csv",
+        folder / "GTSRB" / "Final_Test" / "Images" / "GT-final_test.csv",
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -486,11 +555,24 @@ def _download_gtsrb(root: Path) -> None:
 
 
 register_dataset(
-    DatasetInfo("gtsrb", 43, 3, (32, 32), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), crop_padding=4,
-                files="GTSRB/Training/000NN/*.ppm, GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv"),
-    present=lambda f: (f / "GTSRB" / "Training").is_dir() and (f / "GTSRB" / "Final_Test" / "Images").is_dir()
-    and _gtsrb_test_csv(f) is not None,
-    subfolders=("gtsrb",), download=_download_gtsrb)(_load_gtsrb)
+    DatasetInfo(
+        "gtsrb",
+        43,
+        3,
+        (32, 32),
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        crop_padding=4,
+        files="GTSRB/Training/000NN/*.ppm, GTSRB/Final_Test/Images/*.ppm and GT-final_test.csv",
+    ),
+    present=lambda f: (
+        (f / "GTSRB" / "Training").is_dir()
+        and (f / "GTSRB" / "Final_Test" / "Images").is_dir()
+        and _gtsrb_test_csv(f) is not None
+    ),
+    subfolders=("gtsrb",),
+    download=_download_gtsrb,
+)(_load_gtsrb)
 
 
 # Tiny-ImageNet (tiny-imagenet-200/): wnids.txt, train/<wnid>/images/*.JPEG, val/images + val_annotations.txt
@@ -523,14 +605,27 @@ def _download_tiny(root: Path) -> None:
 
 
 register_dataset(
-    DatasetInfo("tiny", 200, 3, (64, 64), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), crop_padding=4,
-                hflip=False, files="tiny-imagenet-200/ (wnids.txt, train/, val/)"),
-    present=lambda f: (f / "wnids.txt").is_file() and (f / "train").is_dir()
-    and (f / "val" / "val_annotations.txt").is_file(),
-    subfolders=("tiny-imagenet-200", "tiny/tiny-imagenet-200"), download=_download_tiny)(_load_tiny)
+    DatasetInfo(
+        "tiny",
+        200,
+        3,
+        (64, 64),
+        (0.4802, 0.4481, 0.3975),
+        (0.2302, 0.2265, 0.2262),
+        crop_padding=4,
+        hflip=False,
+        files="tiny-imagenet-200/ (wnids.txt, train/, val/)",
+    ),
+    present=lambda f: (
+        (f / "wnids.txt").is_file() and (f / "train").is_dir() and (f / "val" / "val_annotations.txt").is_file()
+    ),
+    subfolders=("tiny-imagenet-200", "tiny/tiny-imagenet-200"),
+    download=_download_tiny,
+)(_load_tiny)
 
 
 # A user's own data: <root>/train/<class>/* and <root>/test/<class>/* ---------------------------------
+
 
 def _load_imagefolder(folder: Path, info: DatasetInfo, options: dict) -> tuple[ImageData, ImageData]:
     classes = sorted(d.name for d in (folder / "train").iterdir() if d.is_dir())
@@ -552,15 +647,26 @@ def _load_imagefolder(folder: Path, info: DatasetInfo, options: dict) -> tuple[I
         splits.append(read_images(paths, labels, size))
     train, test = splits
     if size is None and len(test) and train.images.shape[2:] != test.images.shape[2:]:
-        raise UserError(f"{folder}: train images are {'x'.join(map(str, train.images.shape[2:]))} but test images "
-                        f"are {'x'.join(map(str, test.images.shape[2:]))}; pass --img_size to resize them")
+        raise UserError(
+            f"{folder}: train images are {'x'.join(map(str, train.images.shape[2:]))} but test images "
+            f"are {'x'.join(map(str, test.images.shape[2:]))}; pass --img_size to resize them"
+        )
     return train, test
 
 
 register_dataset(
-    DatasetInfo("imagefolder", 0, 3, (0, 0), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), crop_padding=4,
-                files="train/<class>/*.png and test/<class>/*.png"),
-    present=lambda f: (f / "train").is_dir() and (f / "test").is_dir())(_load_imagefolder)
+    DatasetInfo(
+        "imagefolder",
+        0,
+        3,
+        (0, 0),
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        crop_padding=4,
+        files="train/<class>/*.png and test/<class>/*.png",
+    ),
+    present=lambda f: (f / "train").is_dir() and (f / "test").is_dir(),
+)(_load_imagefolder)
 
 
 # digits: scikit-learn's bundled 8x8 digits, the offline default ------------------------------------
@@ -575,12 +681,17 @@ def _load_digits(folder: Path | None, info: DatasetInfo, options: dict) -> tuple
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
     labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=DIGITS_SPLIT_SEED,
-                                           stratify=labels)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, random_state=DIGITS_SPLIT_SEED, stratify=labels
+    )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    return (ImageData(torch.from_numpy(images[train_idx]), torch.from_numpy(labels[train_idx])),
-            ImageData(torch.from_numpy(images[test_idx]), torch.from_numpy(labels[test_idx])))
+    return (
+        ImageData(torch.from_numpy(images[train_idx]), torch.from_numpy(labels[train_idx])),
+        ImageData(torch.from_numpy(images[test_idx]), torch.from_numpy(labels[test_idx])),
+    )
 
 
-register_dataset(DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), crop_padding=1,
-                             files="nothing (bundled with scikit-learn)"), bundled=True)(_load_digits)
+register_dataset(
+    DatasetInfo("digits", 10, 1, (8, 8), (0.5,), (0.5,), crop_padding=1, files="nothing (bundled with scikit-learn)"),
+    bundled=True,
+)(_load_digits)

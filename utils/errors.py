@@ -1,4 +1,5 @@
 """The project's own error: a message meant for the user, printed as one line."""
+
 from __future__ import annotations
 
 import difflib

@@ -6,6 +6,7 @@ beside its final place, under a lock, and renamed into place when complete
 (:func:`inside_root`: paths resolved, symlinks followed). The record formats that use them
 are in :mod:`utils.records`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint, kept in its staging fol
 
 
 # -- writing ----------------------------------------------------------------------------------
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it to ``path``."""
@@ -85,8 +87,9 @@ def png_bytes(pixels: torch.Tensor) -> bytes:
     """A uint8 C x H x W image (1 or 3 channels, RGB) encoded as an 8-bit PNG, exactly."""
     import cv2
 
-    array = pixels[0].numpy() if pixels.shape[0] == 1 else cv2.cvtColor(pixels.permute(1, 2, 0).numpy(),
-                                                                           cv2.COLOR_RGB2BGR)
+    array = (
+        pixels[0].numpy() if pixels.shape[0] == 1 else cv2.cvtColor(pixels.permute(1, 2, 0).numpy(), cv2.COLOR_RGB2BGR)
+    )
     ok, encoded = cv2.imencode(".png", array)
     if not ok:
         raise ValueError(f"cannot encode an image of shape {tuple(pixels.shape)} as PNG")
@@ -149,8 +152,9 @@ class StagedFolder:
         it holds a checkpoint (stray temporary files removed)."""
         if self.final.exists() and not self.overwrite:
             if resume:
-                raise UserError(f"{self.final} is complete: there is nothing to resume "
-                                "(pass --overwrite to run it again)")
+                raise UserError(
+                    f"{self.final} is complete: there is nothing to resume (pass --overwrite to run it again)"
+                )
             raise UserError(f"{self.final} already exists; pass --overwrite to replace it")
         try:
             self._acquire()
@@ -173,7 +177,8 @@ class StagedFolder:
             if self.checkpoint.is_file():
                 logging.getLogger("saubench").warning(
                     "discarding the checkpoint of an interrupted run in %s (--resume would continue from it)",
-                    self.partial)
+                    self.partial,
+                )
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
         return self.partial
@@ -236,6 +241,7 @@ def lock_holder(lock: Path) -> str | None:
 
 # -- places ----------------------------------------------------------------------------------------
 
+
 def inside_root(root: Path, path: Path) -> Path:
     """``path``, after checking that it stays inside ``root`` once both are resolved
     (symlinks followed, ``..`` removed; parts that do not exist yet are taken as
@@ -246,8 +252,10 @@ def inside_root(root: Path, path: Path) -> Path:
     real_root = Path(os.path.realpath(root))
     real = Path(os.path.realpath(path))
     if real != real_root and real_root not in real.parents:
-        raise UserError(f"{path} leads outside the record root {root} (to {real}, through a symlink): SAU-Bench "
-                        "writes and reads records only inside the record root")
+        raise UserError(
+            f"{path} leads outside the record root {root} (to {real}, through a symlink): SAU-Bench "
+            "writes and reads records only inside the record root"
+        )
     return path
 
 

@@ -2,6 +2,7 @@
 index column first), as its summary CSV (``<name>_df_summary.csv``: per column the last
 value, the largest number and whether a value was NaN) and as a plot of the
 accuracy-like curves."""
+
 from __future__ import annotations
 
 import csv

@@ -17,6 +17,7 @@ Hosts compare the heartbeat with their own clock: a cluster's clocks must agree 
 within the lease (NTP does that). A run stalled for longer than the lease (a machine
 suspended) may lose its lock to another run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,8 +86,11 @@ def inspect(lock: Path) -> LockState:
         lease = lease_seconds()
         if age <= lease:
             return LockState(f"process {pid} on host {host}", remote=True)
-        return LockState(free=f"the lease of process {pid} on host {host} expired (last heartbeat {age:.0f} s ago, "
-                              f"lease {lease:.0f} s)", remote=True)
+        return LockState(
+            free=f"the lease of process {pid} on host {host} expired (last heartbeat {age:.0f} s ago, "
+            f"lease {lease:.0f} s)",
+            remote=True,
+        )
     if pid == os.getpid():
         return LockState(free="held by this process earlier")  # an earlier run of it that failed
     try:
@@ -136,10 +140,16 @@ class Lease:
             except FileExistsError:
                 state = inspect(self.path)
                 if state.holder is not None:
-                    later = f" (a lock whose heartbeat is older than {lease_seconds():.0f} s is taken over)" \
-                        if state.remote else ""
-                    raise LockHeld(f"{what} is being written by another run ({state.holder}); wait for it to "
-                                   f"finish, or remove {self.path} if that run is gone{later}", self.path) from None
+                    later = (
+                        f" (a lock whose heartbeat is older than {lease_seconds():.0f} s is taken over)"
+                        if state.remote
+                        else ""
+                    )
+                    raise LockHeld(
+                        f"{what} is being written by another run ({state.holder}); wait for it to "
+                        f"finish, or remove {self.path} if that run is gone{later}",
+                        self.path,
+                    ) from None
                 if state.free and state.free != "held by this process earlier":
                     log.warning("taking over the lock %s: %s", self.path, state.free)
                 self.path.unlink(missing_ok=True)
@@ -152,8 +162,12 @@ class Lease:
 
     def _start_heartbeat(self) -> None:
         self._stop = threading.Event()
-        thread = threading.Thread(target=self._beat, args=(self._stop, max(lease_seconds() / 4, 0.05)),
-                                  name=f"lease {self.path.name}", daemon=True)
+        thread = threading.Thread(
+            target=self._beat,
+            args=(self._stop, max(lease_seconds() / 4, 0.05)),
+            name=f"lease {self.path.name}",
+            daemon=True,
+        )
         thread.start()
 
     def _beat(self, stop: threading.Event, every: float) -> None:
@@ -189,4 +203,3 @@ def wait_until_free(lock: Path, timeout: float | None = None, poll: float = 1.0)
         if current is None or time.monotonic() >= deadline:
             return current
         time.sleep(poll)
-

@@ -17,6 +17,7 @@ are "higher = more suspicious"), :func:`detection_metrics`:
 * ROC: the curve's (FPR, TPR) points, at most :data:`ROC_POINTS` of them (:func:`roc_points`),
   for plots; their trapezoid area is the AUROC when the curve has no more points than that.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def der(asr_before: float, asr_after: float, acc_before: float, acc_after: float
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
-def closing_text(after: dict[str, float | None], before: dict[str, float | None] | None = None,
-                 der_value: float | None = None) -> str:
+def closing_text(
+    after: dict[str, float | None], before: dict[str, float | None] | None = None, der_value: float | None = None
+) -> str:
     """The numbers of a run's closing line, from its summary's headlines (C-Acc, ASR,
     RA as fractions; None: undefined): ``C-Acc 0.9500 -> 0.9400  ...  DER 0.9700`` with
     ``before``, ``C-Acc 0.9500  ASR ...`` without."""
@@ -64,8 +66,10 @@ def closing_text(after: dict[str, float | None], before: dict[str, float | None]
 def detection_text(metrics: dict[str, Any]) -> str:
     """The numbers of a detector's closing line, from its summary's ``detection``:
     AUROC, TPR at 5% FPR and the F1 of the flagged set (n/a when it flags none)."""
-    return "  ".join(f"{label} {_number(metrics.get(key))}"
-                     for key, label in (("auroc", "AUROC"), ("tpr_at_5fpr", "TPR@5%FPR"), ("f1", "F1")))
+    return "  ".join(
+        f"{label} {_number(metrics.get(key))}"
+        for key, label in (("auroc", "AUROC"), ("tpr_at_5fpr", "TPR@5%FPR"), ("f1", "F1"))
+    )
 
 
 def _number(value: float | None) -> str:
@@ -73,8 +77,14 @@ def _number(value: float | None) -> str:
 
 
 # BackdoorBench's metric columns of a <defense>_df.csv (after "epoch"), in its order.
-COLUMNS = ("clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch", "ra_test_loss_avg_over_batch",
-           "test_acc", "test_asr", "test_ra")
+COLUMNS = (
+    "clean_test_loss_avg_over_batch",
+    "bd_test_loss_avg_over_batch",
+    "ra_test_loss_avg_over_batch",
+    "test_acc",
+    "test_asr",
+    "test_ra",
+)
 
 
 @dataclass
@@ -92,8 +102,10 @@ class Metrics:
 
     def headline(self) -> dict[str, float | None]:
         """C-Acc, ASR and RA as fractions; None where undefined (no backdoor test set)."""
-        return {k: None if math.isnan(v) else v for k, v in
-                {"clean_acc": self.clean_acc, "asr": self.asr, "ra": self.ra}.items()}
+        return {
+            k: None if math.isnan(v) else v
+            for k, v in {"clean_acc": self.clean_acc, "asr": self.asr, "ra": self.ra}.items()
+        }
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -105,8 +117,9 @@ def eval_batch_size(device: torch.device) -> int:
     return 1024 if device.type == "cuda" else 256
 
 
-def logits_fp32(model: nn.Module, images: torch.Tensor, *, device: torch.device,
-                batch_size: int | None = None) -> torch.Tensor:
+def logits_fp32(
+    model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int | None = None
+) -> torch.Tensor:
     """Logits (float32, on the CPU) of every image, in order, in one pass: in
     ``torch.inference_mode`` and float32 whatever autocast the caller runs under (metrics
     are never computed in reduced precision); the model's mode is kept. ``batch_size``
@@ -118,7 +131,7 @@ def logits_fp32(model: nn.Module, images: torch.Tensor, *, device: torch.device,
     try:
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for start in range(0, len(images), batch_size):
-                x = images[start:start + batch_size].to(device, non_blocking=True)
+                x = images[start : start + batch_size].to(device, non_blocking=True)
                 x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
                 out.append(model(x).float())
     finally:
@@ -126,8 +139,15 @@ def logits_fp32(model: nn.Module, images: torch.Tensor, *, device: torch.device,
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, device: torch.device,
-             batch_size: int | None = None, amp: bool | None = None) -> Metrics:
+def evaluate(
+    model: nn.Module,
+    clean_test: ImageData,
+    bd_test: PoisonedSet,
+    *,
+    device: torch.device,
+    batch_size: int | None = None,
+    amp: bool | None = None,
+) -> Metrics:
     """C-Acc, ASR, RA and their losses: one float32 forward pass of each clean test image
     and of each backdoor test image, whose logits give both ASR (against the attacker's
     labels) and RA (against the true labels). ``amp`` is accepted and ignored: evaluation
@@ -135,12 +155,18 @@ def evaluate(model: nn.Module, clean_test: ImageData, bd_test: PoisonedSet, *, d
     del amp  # metrics are float32 always
     clean = logits_fp32(model, clean_test.images, device=device, batch_size=batch_size)
     bd = logits_fp32(model, bd_test.images, device=device, batch_size=batch_size)
-    return Metrics(clean_acc=accuracy(clean, clean_test.labels), asr=accuracy(bd, bd_test.labels),
-                   ra=accuracy(bd, bd_test.original_labels), clean_loss=mean_loss(clean, clean_test.labels),
-                   bd_loss=mean_loss(bd, bd_test.labels), ra_loss=mean_loss(bd, bd_test.original_labels))
+    return Metrics(
+        clean_acc=accuracy(clean, clean_test.labels),
+        asr=accuracy(bd, bd_test.labels),
+        ra=accuracy(bd, bd_test.original_labels),
+        clean_loss=mean_loss(clean, clean_test.labels),
+        bd_loss=mean_loss(bd, bd_test.labels),
+        ra_loss=mean_loss(bd, bd_test.original_labels),
+    )
 
 
 # -- detection --------------------------------------------------------------------------------------
+
 
 def _detection_inputs(scores: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     s = torch.as_tensor(scores).detach().double().cpu().flatten().numpy()
@@ -179,8 +205,9 @@ def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, fpr: float = 0.05) ->
 ROC_POINTS = 101  # the most (FPR, TPR) points a summary keeps of a ROC curve
 
 
-def roc_points(scores: torch.Tensor, labels: torch.Tensor,
-               max_points: int = ROC_POINTS) -> dict[str, list[float]] | None:
+def roc_points(
+    scores: torch.Tensor, labels: torch.Tensor, max_points: int = ROC_POINTS
+) -> dict[str, list[float]] | None:
     """The ROC curve of ``scores`` against 0/1 ``labels`` as ``{"fpr": [...], "tpr": [...]}``:
     from (0, 0) to (1, 1), both coordinates non-decreasing, tied scores one diagonal step
     (so the trapezoid area is :func:`auroc`), collinear points dropped. A longer curve is
@@ -214,20 +241,35 @@ def flagged_metrics(flagged: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
 
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    return {"tpr": recall, "fpr": ratio(fp, fp + tn), "precision": precision, "recall": recall, "f1": f1,
-            "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    return {
+        "tpr": recall,
+        "fpr": ratio(fp, fp + tn),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
 
 
-def detection_metrics(scores: torch.Tensor, labels: torch.Tensor,
-                      flagged: torch.Tensor | None = None) -> dict[str, Any]:
+def detection_metrics(
+    scores: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Every detection metric, once: ``auroc``, ``tpr_at_5fpr`` (at ``at_fpr``), the
     positives and negatives counted, the ROC curve's points (``roc``, :func:`roc_points`)
     and, when the method flags a set, that set's ``tpr``, ``fpr``, ``precision``,
     ``recall``, ``f1`` and counts (``flagged``). None stands for an undefined value (one
     class only, an empty denominator)."""
     y = torch.as_tensor(labels).bool().cpu().flatten()
-    out: dict[str, Any] = {"auroc": auroc(scores, y), "tpr_at_5fpr": tpr_at_fpr(scores, y, 0.05),
-                           "positives": int(y.sum()), "negatives": int((~y).sum()), "roc": roc_points(scores, y)}
+    out: dict[str, Any] = {
+        "auroc": auroc(scores, y),
+        "tpr_at_5fpr": tpr_at_fpr(scores, y, 0.05),
+        "positives": int(y.sum()),
+        "negatives": int((~y).sum()),
+        "roc": roc_points(scores, y),
+    }
     if flagged is not None:
         out.update(flagged_metrics(flagged, y))
         out["flagged"] = int(torch.as_tensor(flagged).bool().sum())
@@ -250,11 +292,22 @@ def detection_info_csv(record: str, metrics: dict[str, Any]) -> str:
     import csv
     import io
 
-    values = {"record": record, "TN": metrics.get("tn"), "FP": metrics.get("fp"), "FN": metrics.get("fn"),
-              "TP": metrics.get("tp"), "TPR": metrics.get("tpr"), "FPR": metrics.get("fpr"),
-              "AUC": metrics.get("auroc"), "target": "None", "precision": metrics.get("precision"),
-              "F1": metrics.get("f1"), "TPR_at_5FPR": metrics.get("tpr_at_5fpr"),
-              "positives": metrics.get("positives"), "negatives": metrics.get("negatives")}
+    values = {
+        "record": record,
+        "TN": metrics.get("tn"),
+        "FP": metrics.get("fp"),
+        "FN": metrics.get("fn"),
+        "TP": metrics.get("tp"),
+        "TPR": metrics.get("tpr"),
+        "FPR": metrics.get("fpr"),
+        "AUC": metrics.get("auroc"),
+        "target": "None",
+        "precision": metrics.get("precision"),
+        "F1": metrics.get("f1"),
+        "TPR_at_5FPR": metrics.get("tpr_at_5fpr"),
+        "positives": metrics.get("positives"),
+        "negatives": metrics.get("negatives"),
+    }
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     columns = (*BACKDOORBENCH_DETECTION_COLUMNS, *DETECTION_EXTRA_COLUMNS)

@@ -5,6 +5,7 @@ A poisoned view is a clean split + poison indices + an image transform (the trig
 applied to float [0, 1] images) + a label transform (all2one or all2all). Poisoned
 images are quantised to uint8 when they are stored, as BackdoorBench stores PNGs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,12 @@ class PoisonedSet:
         return int(self.images.shape[0])
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {"images": self.images, "labels": self.labels.long(),
-                "original_labels": self.original_labels.long(), "indices": self.indices.long()}
+        return {
+            "images": self.images,
+            "labels": self.labels.long(),
+            "original_labels": self.original_labels.long(),
+            "indices": self.indices.long(),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, torch.Tensor]) -> "PoisonedSet":
@@ -85,9 +90,16 @@ def eligible(labels: torch.Tensor, label_trans: LabelTrans, target: int) -> torc
     return torch.arange(len(labels))
 
 
-def select_poison_indices(labels: torch.Tensor, pratio: float, *, label_trans: LabelTrans, target: int,
-                          clean_label: bool, rng: np.random.Generator,
-                          exclude_target_class: bool = False) -> torch.Tensor:
+def select_poison_indices(
+    labels: torch.Tensor,
+    pratio: float,
+    *,
+    label_trans: LabelTrans,
+    target: int,
+    clean_label: bool,
+    rng: np.random.Generator,
+    exclude_target_class: bool = False,
+) -> torch.Tensor:
     """Seeded choice of the poisoned training samples, sorted.
 
     Dirty-label: ``round(pratio * N)`` samples drawn from all N training samples, as
@@ -110,8 +122,13 @@ def select_poison_indices(labels: torch.Tensor, pratio: float, *, label_trans: L
     else:
         pool = torch.arange(n)
     if count > len(pool):
-        log.warning("pratio %.3f asks for %d poisoned samples but only %d are eligible; using %d",
-                    pratio, count, len(pool), len(pool))
+        log.warning(
+            "pratio %.3f asks for %d poisoned samples but only %d are eligible; using %d",
+            pratio,
+            count,
+            len(pool),
+            len(pool),
+        )
         count = len(pool)
     if count == 0 and pratio > 0:
         raise UserError(f"pratio {pratio} poisons no sample of {n}")
@@ -123,7 +140,7 @@ def apply_trigger(images: torch.Tensor, trigger: Trigger, batch_size: int = 1024
     """Apply ``trigger`` to uint8 images in batches; returns uint8."""
     out = torch.empty_like(images)
     for start in range(0, len(images), batch_size):
-        out[start:start + batch_size] = to_uint8(trigger(to_float(images[start:start + batch_size])))
+        out[start : start + batch_size] = to_uint8(trigger(to_float(images[start : start + batch_size])))
     return out
 
 

@@ -14,6 +14,7 @@ summary.json (attack_summary.json, a defense's summary.json).
   into the environment variable :data:`CODE_ENV` (JSON) of the tasks, and that is used
   when the copy has no git metadata of its own.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -62,8 +63,7 @@ def code_version() -> dict[str, Any]:
     """``{"package": "sau-bench X.Y.Z", "commit": sha or None, "dirty": bool or None}``
     (computed once per process)."""
     version = _package_version()
-    code: dict[str, Any] = {"package": f"{DISTRIBUTION} {version}" if version else None, "commit": None,
-                            "dirty": None}
+    code: dict[str, Any] = {"package": f"{DISTRIBUTION} {version}" if version else None, "commit": None, "dirty": None}
     head = _git("rev-parse", "HEAD") if (CHECKOUT / ".git").exists() else None
     if head:
         status = _git("status", "--porcelain", "--untracked-files=no")

@@ -39,6 +39,7 @@ write discipline every output of the project follows.
   BackdoorBench writes them: no ``net.`` prefix; channel masks as ``masks.<layer>``);
   :func:`load_defense_result` returns them as a Classifier's keys.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +58,7 @@ import torch
 
 from utils.config import brief, clip
 from utils.errors import UserError
-from utils.files import (inside_root,
-                         lock_holder, save_torch)
+from utils.files import inside_root, lock_holder, save_torch
 from utils.poison import PoisonedSet
 
 log = logging.getLogger("saubench")
@@ -74,6 +74,7 @@ MAX_CHANNELS = 4
 
 
 # -- defense runs in progress ---------------------------------------------------------------------
+
 
 def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
     """The locks of defense runs writing into ``record_folder/defense/`` that may still
@@ -91,6 +92,7 @@ def live_defense_locks(record_folder: Path) -> list[tuple[Path, str]]:
 
 # -- names and places ----------------------------------------------------------------------------
 
+
 def record_dir(record_root: Path, name: str) -> Path:
     """``record_root/name``, refusing names that would leave the record folder, literally
     or through a symlink (:func:`inside_root`)."""
@@ -98,9 +100,11 @@ def record_dir(record_root: Path, name: str) -> Path:
         raise UserError(f"invalid record name {name!r}")
     parts = Path(name).parts
     if Path(name).is_absolute() or ".." in parts or any(p.startswith(".") for p in parts):
-        raise UserError(f"record name {name!r} must be a folder name inside {record_root} "
-                        "(no absolute paths, '..' or hidden folders; --result_file also takes the path of a record "
-                        f"folder that holds {RECORD_FILE}, e.g. /abs/path/badnet_digits)")
+        raise UserError(
+            f"record name {name!r} must be a folder name inside {record_root} "
+            "(no absolute paths, '..' or hidden folders; --result_file also takes the path of a record "
+            f"folder that holds {RECORD_FILE}, e.g. /abs/path/badnet_digits)"
+        )
     return inside_root(record_root, Path(record_root) / name)
 
 
@@ -128,11 +132,15 @@ def existing_records(record_root: Path) -> list[str]:
     root = Path(record_root)
     if not root.is_dir():
         return []
-    return sorted(str(p.parent.relative_to(root)) for p in root.rglob(RECORD_FILE)
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        str(p.parent.relative_to(root))
+        for p in root.rglob(RECORD_FILE)
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 # -- digests ----------------------------------------------------------------------------------------
+
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes, in sorted name order."""
@@ -147,10 +155,15 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 NO_SET = "none"  # the digest of an absent poisoned set (bd_train, cross_test)
 LEGACY_DIGESTS = ("model", "bd_test")  # what records written before the full set carry
 NEW_DIGESTS = ("bd_train", "cross_test", "poison_indices", "extras", "fields")
-DIGEST_PARTS = {"model": "the model weights", "bd_test": "the backdoor test set",
-                "bd_train": "the poisoned training set (bd_train)", "cross_test": "the cross test set (cross_test)",
-                "poison_indices": "the poison indices", "extras": "the attack's extra tensors (extras)",
-                "fields": "the record's fields (names, sizes, normalization, attack_params, config)"}
+DIGEST_PARTS = {
+    "model": "the model weights",
+    "bd_test": "the backdoor test set",
+    "bd_train": "the poisoned training set (bd_train)",
+    "cross_test": "the cross test set (cross_test)",
+    "poison_indices": "the poison indices",
+    "extras": "the attack's extra tensors (extras)",
+    "fields": "the record's fields (names, sizes, normalization, attack_params, config)",
+}
 # Config keys that say where or how a run was made (folders, names, flags), not what it
 # computed: left out of the fields' digest, so that the same run made in two places gives
 # the same record identity.
@@ -175,10 +188,17 @@ def fields_digest(record: "AttackRecord") -> str:
     """SHA-256 of a record's fields other than its tensors (the config without
     :data:`LOCATION_KEYS`)."""
     config = {k: v for k, v in record.config.items() if k not in LOCATION_KEYS}
-    fields = {"model_name": record.model_name, "num_classes": int(record.num_classes),
-              "img_size": [int(v) for v in record.img_size], "clean_data": record.clean_data,
-              "attack": record.attack, "attack_params": record.attack_params,
-              "mean": [float(v) for v in record.mean], "std": [float(v) for v in record.std], "config": config}
+    fields = {
+        "model_name": record.model_name,
+        "num_classes": int(record.num_classes),
+        "img_size": [int(v) for v in record.img_size],
+        "clean_data": record.clean_data,
+        "attack": record.attack,
+        "attack_params": record.attack_params,
+        "mean": [float(v) for v in record.mean],
+        "std": [float(v) for v in record.std],
+        "config": config,
+    }
     if record.clean_train:  # absent from older records: their identity stays
         fields["clean_train"] = record.clean_train
     text = json.dumps(_canonical(fields), sort_keys=True, separators=(",", ":"))
@@ -187,13 +207,19 @@ def fields_digest(record: "AttackRecord") -> str:
 
 def record_digests(record: "AttackRecord") -> dict[str, str]:
     """The SHA-256 of each part of ``record`` (see :data:`DIGEST_PARTS`)."""
+
     def of(s: "PoisonedSet | None") -> str:
         return NO_SET if s is None else tensor_digest(s.to_dict())
 
-    return {"model": tensor_digest(record.model), "bd_test": of(record.bd_test), "bd_train": of(record.bd_train),
-            "cross_test": of(record.cross_test),
-            "poison_indices": tensor_digest({"poison_indices": record.poison_indices.long()}),
-            "extras": tensor_digest(record.extras), "fields": fields_digest(record)}
+    return {
+        "model": tensor_digest(record.model),
+        "bd_test": of(record.bd_test),
+        "bd_train": of(record.bd_train),
+        "cross_test": of(record.cross_test),
+        "poison_indices": tensor_digest({"poison_indices": record.poison_indices.long()}),
+        "extras": tensor_digest(record.extras),
+        "fields": fields_digest(record),
+    }
 
 
 def split_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -205,8 +231,10 @@ def check_clean_train(record: "AttackRecord", images: torch.Tensor, labels: torc
     """UserError unless the training split loaded from ``where`` is the one the record was
     made on (when the record says which: its ``clean_train``)."""
     if record.clean_train and split_digest(images, labels) != record.clean_train:
-        raise UserError(f"{record.path}: the training set in {where} is not the one the record was made on (its "
-                        f"SHA-256 differs from the record's clean_train_sha256): other files of {record.clean_data}?")
+        raise UserError(
+            f"{record.path}: the training set in {where} is not the one the record was made on (its "
+            f"SHA-256 differs from the record's clean_train_sha256): other files of {record.clean_data}?"
+        )
 
 
 def record_identity(digests: Mapping[str, str]) -> str:
@@ -216,6 +244,7 @@ def record_identity(digests: Mapping[str, str]) -> str:
 
 
 # -- the attack record --------------------------------------------------------------------------------
+
 
 @dataclass
 class AttackRecord:
@@ -258,8 +287,9 @@ class AttackRecord:
         defense result's weights, masks included)."""
         from utils.models import create_model, load_weights
 
-        model = create_model(self.model_name, self.num_classes, self.in_channels, tuple(self.img_size[:2]),
-                             self.mean, self.std)
+        model = create_model(
+            self.model_name, self.num_classes, self.in_channels, tuple(self.img_size[:2]), self.mean, self.std
+        )
         where = source or (str(self.path / RECORD_FILE) if self.path is not None else "the record")
         return load_weights(model, dict(self.model if state is None else state), where)
 
@@ -268,15 +298,22 @@ class AttackRecord:
             return None if s is None else s.to_dict()
 
         return {
-            "format": RECORD_FORMAT, "version": RECORD_VERSION,
-            "model_name": self.model_name, "num_classes": int(self.num_classes),
+            "format": RECORD_FORMAT,
+            "version": RECORD_VERSION,
+            "model_name": self.model_name,
+            "num_classes": int(self.num_classes),
             "model": {k: v.detach().cpu() for k, v in self.model.items()},
-            "img_size": [int(v) for v in self.img_size], "clean_data": self.clean_data,
-            "attack": self.attack, "attack_params": self.attack_params,
+            "img_size": [int(v) for v in self.img_size],
+            "clean_data": self.clean_data,
+            "attack": self.attack,
+            "attack_params": self.attack_params,
             "poison_indices": self.poison_indices.long().cpu(),
-            "bd_train": opt(self.bd_train), "bd_test": opt(self.bd_test), "cross_test": opt(self.cross_test),
+            "bd_train": opt(self.bd_train),
+            "bd_test": opt(self.bd_test),
+            "cross_test": opt(self.cross_test),
             "normalization": {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]},
-            "extras": dict(self.extras), "config": self.config,
+            "extras": dict(self.extras),
+            "config": self.config,
             **({"clean_train_sha256": self.clean_train} if self.clean_train else {}),
             "sha256": record_digests(self),
         }
@@ -291,8 +328,9 @@ class AttackRecord:
         return path
 
 
-def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = True,
-               safe_globals: Sequence[Any] = ()) -> Any:
+def _safe_load(
+    path: Path, what: str, trust: bool = False, trustable: bool = True, safe_globals: Sequence[Any] = ()
+) -> Any:
     """``torch.load(weights_only=True)`` with every failure turned into one line; with
     ``trust``, a file that needs pickle is unpickled (``weights_only=False``);
     ``trustable`` False: a kind of file that is never unpickled (checkpoints).
@@ -315,26 +353,34 @@ def _safe_load(path: Path, what: str, trust: bool = False, trustable: bool = Tru
         needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         blocked = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
         if blocked:  # os.system and the like: never unpickled, --trust_record or not
-            raise UserError(f"{path}: this {what} holds a reference to {clip(blocked.group(1), 60)}, from a module "
-                            f"torch's safe loader blocks ({clip(blocked.group(2), 40)}); no {what} needs it, and "
-                            "unpickling it could run code: the file is refused") from None
+            raise UserError(
+                f"{path}: this {what} holds a reference to {clip(blocked.group(1), 60)}, from a module "
+                f"torch's safe loader blocks ({clip(blocked.group(2), 40)}); no {what} needs it, and "
+                "unpickling it could run code: the file is refused"
+            ) from None
         if not needs:
             refusal = _weights_only_refusal(text)
             if refusal is not None:
-                raise UserError(f"{path}: cannot read this {what}: torch's weights-only loader refused it "
-                                f"({refusal})") from None
-            raise UserError(f"{path}: cannot read this {what}: not a complete torch file (truncated or "
-                            "corrupted?)") from None
+                raise UserError(
+                    f"{path}: cannot read this {what}: torch's weights-only loader refused it ({refusal})"
+                ) from None
+            raise UserError(
+                f"{path}: cannot read this {what}: not a complete torch file (truncated or corrupted?)"
+            ) from None
         if not trust:
             how = ": pass --trust_record to unpickle it if you trust where it came from" if trustable else ""
-            raise UserError(f"{path}: this {what} holds a Python object ({needs.group(1)}) that only pickle can "
-                            "load, and unpickling a file can run any code in it; SAU-Bench's own files never need "
-                            f"it{how}") from None
+            raise UserError(
+                f"{path}: this {what} holds a Python object ({needs.group(1)}) that only pickle can "
+                "load, and unpickling a file can run any code in it; SAU-Bench's own files never need "
+                f"it{how}"
+            ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise UserError(f"{path}: cannot unpickle this {what} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})") from None
+        raise UserError(
+            f"{path}: cannot unpickle this {what} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'})"
+        ) from None
 
 
 def _weights_only_refusal(text: str) -> str | None:
@@ -347,7 +393,8 @@ def _weights_only_refusal(text: str) -> str | None:
     for i, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
             reason = line.split("WeightsUnpickler error:", 1)[1].strip() or next(
-                (rest for rest in lines[i + 1:] if rest), "")
+                (rest for rest in lines[i + 1 :] if rest), ""
+            )
             return clip(reason, 160) if reason else None
     return None
 
@@ -390,19 +437,26 @@ def load_record(folder: Path, trust: bool = False) -> AttackRecord:
         root = folder.parent
         known = existing_records(root)
         listing = ", ".join(known) if known else "none"
-        hint = ("; give --record_root DIR (the folder that holds the records) or a path to the record folder "
-                f"(e.g. --result_file path/to/{folder.name})")
+        hint = (
+            "; give --record_root DIR (the folder that holds the records) or a path to the record folder "
+            f"(e.g. --result_file path/to/{folder.name})"
+        )
         if folder.is_dir():
-            raise UserError(f"{folder} holds no {RECORD_FILE} (records in {root}: {listing}; looked in "
-                            f"{folder.resolve()}){hint}")
-        raise UserError(f"no attack record named '{folder.name}' in {root} (records there: {listing}; looked in "
-                        f"{folder.resolve()}){hint}")
+            raise UserError(
+                f"{folder} holds no {RECORD_FILE} (records in {root}: {listing}; looked in {folder.resolve()}){hint}"
+            )
+        raise UserError(
+            f"no attack record named '{folder.name}' in {root} (records there: {listing}; looked in "
+            f"{folder.resolve()}){hint}"
+        )
     data = _safe_load(path, "attack record", trust, safe_globals=RECORD_SAFE_GLOBALS)
     stamp = _stamp(path)  # before reading: a file replaced meanwhile differs from it
     if _tagged(data, "format", RECORD_FORMAT):
         if not _tagged(data, "version", RECORD_VERSION):
-            raise UserError(f"{path}: record version {brief(data.get('version'))} is not supported "
-                            f"(this SAU-Bench reads version {RECORD_VERSION})")
+            raise UserError(
+                f"{path}: record version {brief(data.get('version'))} is not supported "
+                f"(this SAU-Bench reads version {RECORD_VERSION})"
+            )
         record = _parse_record(data, path, folder)
         _finish(record, path, stamp, own=True)
         return record
@@ -475,16 +529,20 @@ def check_record(record: AttackRecord) -> None:
     if record.bd_train is not None and len(record.bd_train):
         left_out = ~torch.isin(record.bd_train.indices, poison.long())
         if left_out.any():
-            raise MalformedRecord(f"'poison_indices' leaves out poisoned training samples of bd_train (e.g. "
-                                  f"{int(record.bd_train.indices[left_out][0])})")
+            raise MalformedRecord(
+                f"'poison_indices' leaves out poisoned training samples of bd_train (e.g. "
+                f"{int(record.bd_train.indices[left_out][0])})"
+            )
 
 
 def check_img_size(hwc: Sequence[Any]) -> None:
     """``hwc``: (H, W, C) with sides in 1..MAX_IMAGE_SIDE and C in 1..MAX_CHANNELS."""
     ok = len(hwc) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in hwc)
     if not ok or not (1 <= hwc[0] <= MAX_IMAGE_SIDE and 1 <= hwc[1] <= MAX_IMAGE_SIDE and 1 <= hwc[2] <= MAX_CHANNELS):
-        raise MalformedRecord(f"'img_size' must be [H, W, C] with H, W in 1..{MAX_IMAGE_SIDE} and C in "
-                              f"1..{MAX_CHANNELS}, not {brief(list(hwc) if isinstance(hwc, (list, tuple)) else hwc)}")
+        raise MalformedRecord(
+            f"'img_size' must be [H, W, C] with H, W in 1..{MAX_IMAGE_SIDE} and C in "
+            f"1..{MAX_CHANNELS}, not {brief(list(hwc) if isinstance(hwc, (list, tuple)) else hwc)}"
+        )
 
 
 def _output_layer(state: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
@@ -507,8 +565,10 @@ def check_record_unchanged(record: AttackRecord, trust: bool = False) -> None:
     path = record.path / RECORD_FILE
     if record.stamp is not None and _stamp(path) == record.stamp:
         return
-    stale = UserError(f"{record.path}: the attack record was replaced while this run used it (its identity "
-                      f"{record.identity[:12]} is gone): the result is not written; run it again on the new record")
+    stale = UserError(
+        f"{record.path}: the attack record was replaced while this run used it (its identity "
+        f"{record.identity[:12]} is gone): the result is not written; run it again on the new record"
+    )
     try:
         with _quiet():
             now = load_record(record.path, trust=trust)
@@ -543,8 +603,7 @@ class MalformedRecord(Exception):
 _MISSING = object()
 
 
-def _field(data: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], what: str,
-           optional: bool = False) -> Any:
+def _field(data: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], what: str, optional: bool = False) -> Any:
     value = data.get(key, _MISSING) if isinstance(data, Mapping) else _MISSING
     if value is _MISSING or (value is None and not optional):
         raise MalformedRecord(f"'{key}' is missing" if value is _MISSING else f"'{key}' is null")
@@ -578,7 +637,8 @@ def _tensors(value: Any, key: str) -> dict[str, torch.Tensor]:
 
 def _numbers(value: Any, key: str) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
         raise MalformedRecord(f"'{key}' must be a list of numbers")
     return tuple(float(v) for v in value)
 
@@ -590,8 +650,10 @@ def _poisoned(value: Any, key: str, chw: tuple[int, int, int]) -> PoisonedSet:
     if images.dtype != torch.uint8:
         raise MalformedRecord(f"'{key}.images' must be uint8, not {images.dtype}")
     if tuple(images.shape[1:]) != chw:
-        raise MalformedRecord(f"'{key}.images' are {'x'.join(map(str, images.shape[1:]))} but img_size says "
-                              f"{'x'.join(map(str, chw))} (C x H x W)")
+        raise MalformedRecord(
+            f"'{key}.images' are {'x'.join(map(str, images.shape[1:]))} but img_size says "
+            f"{'x'.join(map(str, chw))} (C x H x W)"
+        )
     parts = {}
     for name in ("labels", "original_labels", "indices"):
         t = _tensor(_field(value, name, torch.Tensor, "a tensor"), f"{key}.{name}", dims=1, integer=True)
@@ -616,13 +678,16 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
         bd_train = _field(data, "bd_train", Mapping, "a mapping of tensors", optional=True)
         cross_test = data.get("cross_test")
         record = AttackRecord(
-            model_name=model_name, num_classes=num_classes,
+            model_name=model_name,
+            num_classes=num_classes,
             model=_tensors(_field(data, "model", Mapping, "a state_dict"), "model"),
-            img_size=tuple(img_size), clean_data=_field(data, "clean_data", str, "a dataset name"),
+            img_size=tuple(img_size),
+            clean_data=_field(data, "clean_data", str, "a dataset name"),
             attack=_field(data, "attack", str, "an attack name"),
             attack_params=dict(_field(data, "attack_params", Mapping, "a mapping")),
-            poison_indices=_tensor(_field(data, "poison_indices", torch.Tensor, "a tensor"), "poison_indices",
-                                   dims=1, integer=True).long(),
+            poison_indices=_tensor(
+                _field(data, "poison_indices", torch.Tensor, "a tensor"), "poison_indices", dims=1, integer=True
+            ).long(),
             bd_test=_poisoned(_field(data, "bd_test", Mapping, "a mapping of tensors"), "bd_test", chw),
             bd_train=None if bd_train is None else _poisoned(bd_train, "bd_train", chw),
             cross_test=None if cross_test is None else _poisoned(cross_test, "cross_test", chw),
@@ -631,7 +696,8 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
             extras=_tensors(data.get("extras") or {}, "extras"),
             config=dict(_field(data, "config", Mapping, "a mapping", optional=True) or {}),
             clean_train=_field(data, "clean_train_sha256", str, "a digest") if "clean_train_sha256" in data else "",
-            path=folder)
+            path=folder,
+        )
         digests = _field(data, "sha256", Mapping, "a mapping of digests")
     except MalformedRecord as exc:
         raise UserError(f"{path}: malformed attack record ({exc})") from None
@@ -644,12 +710,17 @@ def _parse_record(data: dict[str, Any], path: Path, folder: Path) -> AttackRecor
     present = [key for key in NEW_DIGESTS if key in digests]
     if not present:
         record.legacy = True
-        log.warning("%s: written before records carried digests of every tensor: only the model and the backdoor "
-                    "test set are checked (re-run the attack to cover the rest)", path)
+        log.warning(
+            "%s: written before records carried digests of every tensor: only the model and the backdoor "
+            "test set are checked (re-run the attack to cover the rest)",
+            path,
+        )
     elif len(present) < len(NEW_DIGESTS):
         missing = [key for key in NEW_DIGESTS if key not in digests]
-        raise UserError(f"{path}: malformed attack record ('sha256' lacks the digests of {', '.join(missing)}: "
-                        "a record carries all of them or, written before them, none)")
+        raise UserError(
+            f"{path}: malformed attack record ('sha256' lacks the digests of {', '.join(missing)}: "
+            "a record carries all of them or, written before them, none)"
+        )
     for key in present:
         if not _tagged(digests, key, record.sha256[key]):
             raise _changed(path, key)
@@ -667,8 +738,13 @@ def _changed(path: Path, key: str) -> UserError:
 BARE_LAYOUT = "backdoorbench"  # defense_result.pt's "layout": weights keyed as the architecture's own
 
 
-def save_defense_result(folder: Path, model_name: str, num_classes: int, model: Mapping[str, torch.Tensor],
-                        extras: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_defense_result(
+    folder: Path,
+    model_name: str,
+    num_classes: int,
+    model: Mapping[str, torch.Tensor],
+    extras: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """``defense_result.pt``: BackdoorBench's keys (model_name, num_classes, model: the
     weights in the architecture's key layout, so that BackdoorBench's
     ``generate_cls_model(...).load_state_dict`` takes them) plus the format tag, the
@@ -677,9 +753,19 @@ def save_defense_result(folder: Path, model_name: str, num_classes: int, model: 
 
     state = bare_state({k: v.detach().cpu() for k, v in model.items()})
     path = Path(folder) / "defense_result.pt"
-    save_torch({"format": RESULT_FORMAT, "version": RECORD_VERSION, "model_name": model_name,
-                "num_classes": int(num_classes), "model": state, "layout": BARE_LAYOUT,
-                "extras": dict(extras or {}), "sha256": {"model": tensor_digest(state)}}, path)
+    save_torch(
+        {
+            "format": RESULT_FORMAT,
+            "version": RECORD_VERSION,
+            "model_name": model_name,
+            "num_classes": int(num_classes),
+            "model": state,
+            "layout": BARE_LAYOUT,
+            "extras": dict(extras or {}),
+            "sha256": {"model": tensor_digest(state)},
+        },
+        path,
+    )
     return path
 
 
@@ -706,6 +792,7 @@ def load_defense_result(path: Path, trust: bool = False) -> dict[str, Any]:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
+
 
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
     """Write a run's checkpoint atomically; Ctrl-C waits until it is in place."""

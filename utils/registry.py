@@ -17,6 +17,7 @@ has its class registered under ``my_defense`` when ``defense`` is imported (grou
 ``saubench.attacks`` for attacks). The value may also name a module whose import
 registers its classes with the decorator.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -116,8 +117,11 @@ class Registry(Generic[T]):
         def wrap(cls: type[T]) -> type[T]:
             existing = self._classes.get(name)
             if existing is not None and existing is not cls:
-                if cls.__module__ == "__main__" or existing.__qualname__ == cls.__qualname__ and \
-                        existing.__module__.rsplit(".", 1)[-1] == cls.__module__.rsplit(".", 1)[-1]:
+                if (
+                    cls.__module__ == "__main__"
+                    or existing.__qualname__ == cls.__qualname__
+                    and existing.__module__.rsplit(".", 1)[-1] == cls.__module__.rsplit(".", 1)[-1]
+                ):
                     return cls  # the same file run as a script; keep the package's class
                 raise ValueError(f"{self.side} '{name}' is registered twice ({existing.__module__}, {cls.__module__})")
             cls.name = name  # type: ignore[attr-defined]
@@ -195,8 +199,17 @@ def describe(registry: Registry[Any], name: str) -> MethodInfo:
     else:
         source = cls.__module__.replace(".", "/") + ".py"
     defaults = {k: ("required" if v is cfg.REQUIRED else v) for k, v in cls.defaults().items()}
-    return MethodInfo(name, cls.summary(), cls.paper, cls.year, cls.kind, defaults,
-                      tuple(registry.aliases_of(name)), source, dist is not None)
+    return MethodInfo(
+        name,
+        cls.summary(),
+        cls.paper,
+        cls.year,
+        cls.kind,
+        defaults,
+        tuple(registry.aliases_of(name)),
+        source,
+        dist is not None,
+    )
 
 
 def load_plugins(registry: Registry[Any], group: str, base: type) -> list[str]:
@@ -217,8 +230,12 @@ def load_plugins(registry: Registry[Any], group: str, base: type) -> list[str]:
                 if not registry.holds(obj):
                     registry.register(ep.name)(obj)
         except Exception as exc:  # any failure of third-party code: skip it, say which
-            warnings.warn(f"{registry.side} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
-                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{registry.side} plugin '{ep.name}' ({ep.value}, from {dist}) was not loaded: "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             continue
         for name in sorted(set(registry.names()) - before):
             registry.get(name)._plugin_distribution = dist

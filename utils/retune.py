@@ -20,6 +20,7 @@ dataset's train transform.
 These values are this project's reading of the paper's setting (a small retuning set
 with a few poisoned samples, a few epochs), recalled, not checked against its text or code.
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,8 +76,9 @@ def retune_set(train: ImageData, poisoned: PoisonedSet | None, seed: int) -> Ret
     return RetuneSet(images, labels, n_poison, n_clean)
 
 
-def retune(model: nn.Module, samples: RetuneSet, info: DatasetInfo, device: torch.device, seed: int,
-           amp: bool = False) -> nn.Module:
+def retune(
+    model: nn.Module, samples: RetuneSet, info: DatasetInfo, device: torch.device, seed: int, amp: bool = False
+) -> nn.Module:
     """A copy of ``model`` fine-tuned on ``samples`` (``model`` is left unchanged)."""
     tuned = copy.deepcopy(model)
     for p in tuned.parameters():
@@ -85,9 +87,19 @@ def retune(model: nn.Module, samples: RetuneSet, info: DatasetInfo, device: torc
     scaler = grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(EPOCHS):
-        train_epoch(tuned, samples.images, samples.labels, optimizer, batch_size=BATCH_SIZE, device=device,
-                    epoch=epoch, augment=lambda x: train_transform(info, x), scaler=scaler, amp=amp,
-                    generator=generator, desc=f"retune {epoch}")
-    log.info("retuned on %d poisoned + %d clean training samples, %d epochs", samples.poisoned, samples.clean,
-             EPOCHS)
+        train_epoch(
+            tuned,
+            samples.images,
+            samples.labels,
+            optimizer,
+            batch_size=BATCH_SIZE,
+            device=device,
+            epoch=epoch,
+            augment=lambda x: train_transform(info, x),
+            scaler=scaler,
+            amp=amp,
+            generator=generator,
+            desc=f"retune {epoch}",
+        )
+    log.info("retuned on %d poisoned + %d clean training samples, %d epochs", samples.poisoned, samples.clean, EPOCHS)
     return tuned.eval()

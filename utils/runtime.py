@@ -1,5 +1,6 @@
 """Devices, seeds, mixed precision, logging, random states and Ctrl-C: the run-time
 plumbing shared by every entry point."""
+
 from __future__ import annotations
 
 import contextlib
@@ -211,17 +212,26 @@ def tqdm_disable() -> bool | None:
     return None
 
 
-def progress(iterable: Any = None, *, desc: str, total: int | None = None, unit: str = "it",
-             delay: float = 2.0) -> Any:
+def progress(iterable: Any = None, *, desc: str, total: int | None = None, unit: str = "it", delay: float = 2.0) -> Any:
     """A tqdm bar on stderr that appears only after ``delay`` seconds (short loops stay
     quiet) and never where :func:`tqdm_disable` says so; it leaves no line behind."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, unit=unit, delay=delay, leave=False, file=sys.stderr,
-                dynamic_ncols=True, disable=tqdm_disable())
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        unit=unit,
+        delay=delay,
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=tqdm_disable(),
+    )
 
 
 # -- random states, for checkpoints ----------------------------------------------------------------
+
 
 def rng_state() -> dict[str, Any]:
     """The global random states of Python, NumPy and torch (CPU and every CUDA device), as
@@ -231,8 +241,13 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
-        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
-                  float(cached)],
+        "numpy": [
+            str(kind),
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -248,11 +263,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        cuda = list(state["cuda"])[:torch.cuda.device_count()]
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda)
 
 
 # -- Ctrl-C and SIGTERM ------------------------------------------------------------------------------
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM during a command-line run (see utils.cli.entry): handled like Ctrl-C (the

@@ -1,6 +1,7 @@
 """Training and inference loops over in-memory uint8 splits, on any device, with mixed
 precision on CUDA, and the checkpoints that make a loop resumable. One place for the
 loops that attacks and defenses share."""
+
 from __future__ import annotations
 
 import collections
@@ -25,16 +26,23 @@ log = logging.getLogger("saubench")
 BatchHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def batches(images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device: torch.device,
-            shuffle: bool = False, generator: torch.Generator | None = None,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Float [0, 1] image batches and label batches on ``device``. ``images`` may be
     uint8 (converted per batch) or float; on CPU or already on the device."""
     n = len(images)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         x = images[idx.to(images.device)].to(device, non_blocking=True)
         y = labels[idx.to(labels.device)].to(device, non_blocking=True)
         yield (x.float().div_(255.0) if x.dtype == torch.uint8 else x), y
@@ -46,8 +54,9 @@ def check_finite(value: torch.Tensor, epoch: int, step: int, what: str = "loss")
     finite = torch.isfinite(value.detach())
     if not bool(finite.all()):
         bad = float(value.detach()[~finite].flatten()[0])
-        raise UserError(f"the {what} became {bad} at epoch {epoch}, batch {step}; "
-                        "lower the learning rate or check the data")
+        raise UserError(
+            f"the {what} became {bad} at epoch {epoch}, batch {step}; lower the learning rate or check the data"
+        )
 
 
 def first_non_finite(value: torch.Tensor) -> torch.Tensor:
@@ -70,12 +79,23 @@ def check_all_finite(checked: Sequence[tuple[torch.Tensor, int, int, str]]) -> N
 Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
-def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer], *, batch_size: int,
-                device: torch.device, epoch: int = 0, augment: Callable | None = None,
-                batch_hook: BatchHook | None = None, step: Step | None = None,
-                scaler: torch.amp.GradScaler | None = None, amp: bool = True,
-                generator: torch.Generator | None = None, desc: str = "train") -> dict[str, float]:
+def train_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    *,
+    batch_size: int,
+    device: torch.device,
+    epoch: int = 0,
+    augment: Callable | None = None,
+    batch_hook: BatchHook | None = None,
+    step: Step | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: bool = True,
+    generator: torch.Generator | None = None,
+    desc: str = "train",
+) -> dict[str, float]:
     """One epoch over shuffled batches; returns the mean loss and accuracy.
 
     By default the loss is the cross-entropy of ``model``; ``augment`` is the dataset's
@@ -88,9 +108,15 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     steps = math.ceil(len(images) / batch_size)
-    for i, (x, y) in enumerate(tqdm(batches(images, labels, batch_size=batch_size, device=device, shuffle=True,
-                                            generator=generator), total=steps, desc=desc, leave=False,
-                                    disable=tqdm_disable())):
+    for i, (x, y) in enumerate(
+        tqdm(
+            batches(images, labels, batch_size=batch_size, device=device, shuffle=True, generator=generator),
+            total=steps,
+            desc=desc,
+            leave=False,
+            disable=tqdm_disable(),
+        )
+    ):
         if augment is not None:
             x = augment(x)
         if step is None and batch_hook is not None:
@@ -121,23 +147,34 @@ def train_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 512,
-            amp: bool = True) -> torch.Tensor:
+def predict(
+    model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 512, amp: bool = True
+) -> torch.Tensor:
     """Logits (float32, on the CPU) for every image, in order; the model's mode is kept."""
     was_training = model.training
     model.eval()
     out = []
     dummy = torch.zeros(len(images), dtype=torch.long)
-    for x, _ in progress(batches(images, dummy, batch_size=batch_size, device=device), desc="evaluate",
-                         total=math.ceil(len(images) / batch_size), unit="batch"):
+    for x, _ in progress(
+        batches(images, dummy, batch_size=batch_size, device=device),
+        desc="evaluate",
+        total=math.ceil(len(images) / batch_size),
+        unit="batch",
+    ):
         with autocast(device, amp):
             out.append(model(x).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+def make_optimizer(
+    params,
+    name: str,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
     """BackdoorBench's optimizers: sgd (momentum, weight decay) or adam (amsgrad)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -157,6 +194,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int):
 
 # -- checkpoints ---------------------------------------------------------------------------------------
 
+
 class Checkpoint:
     """The resumable state of one training loop, written to ``path`` every ``every``
     epochs and after the last (``every`` 0: never), and restored with ``resume``.
@@ -172,8 +210,14 @@ class Checkpoint:
     values) is stored and must match on resume, except the keys in ``ignore`` (the run's
     controls, utils.config.control_keys: how the run is made, not what it computes)."""
 
-    def __init__(self, path: Path | None, every: int = 1, resume: bool = False,
-                 config: Mapping[str, Any] | None = None, ignore: Iterable[str] = ()):
+    def __init__(
+        self,
+        path: Path | None,
+        every: int = 1,
+        resume: bool = False,
+        config: Mapping[str, Any] | None = None,
+        ignore: Iterable[str] = (),
+    ):
         self.path = None if path is None else Path(path)
         self.every = int(every)
         self.resume = resume
@@ -209,9 +253,17 @@ class Checkpoint:
         """Write the tracked state after ``epoch`` with ``extra`` (plain values)."""
         if self.path is None or self.objects is None:
             return
-        save_checkpoint({"epoch": int(epoch), "config": self.config, "rng": rng_state(), "seconds": self.elapsed(),
-                         "objects": {name: _state_of(obj) for name, obj in self.objects.items()},
-                         "extra": extra}, self.path)
+        save_checkpoint(
+            {
+                "epoch": int(epoch),
+                "config": self.config,
+                "rng": rng_state(),
+                "seconds": self.elapsed(),
+                "objects": {name: _state_of(obj) for name, obj in self.objects.items()},
+                "extra": extra,
+            },
+            self.path,
+        )
         self.saved = int(epoch)
         log.debug("checkpoint after epoch %d written to %s", epoch, self.path)
 
@@ -229,23 +281,33 @@ class Checkpoint:
             stored, objects, epoch = data["config"], data["objects"], int(data["epoch"])
             differences = config_diff(self.config, stored, self.ignore, labels=("checkpoint", "now"))
             if differences:
-                raise UserError(f"cannot resume from {self.path}: it was made with other settings ("
-                                + "; ".join(differences[:4])
-                                + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
-                                + "); run without --resume to start again")
+                raise UserError(
+                    f"cannot resume from {self.path}: it was made with other settings ("
+                    + "; ".join(differences[:4])
+                    + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+                    + "); run without --resume to start again"
+                )
             if set(objects) != set(self.objects):
-                raise UserError(f"cannot resume from {self.path}: it holds the state of {sorted(objects)}, "
-                                f"this run trains {sorted(self.objects)}")
+                raise UserError(
+                    f"cannot resume from {self.path}: it holds the state of {sorted(objects)}, "
+                    f"this run trains {sorted(self.objects)}"
+                )
             for name, obj in self.objects.items():
                 _load_state(obj, objects[name], name)
             set_rng_state(data["rng"])
             seconds = data.get("seconds", 0.0)  # absent in checkpoints of older versions
-            if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) \
-                    and seconds >= 0:
+            if (
+                isinstance(seconds, (int, float))
+                and not isinstance(seconds, bool)
+                and math.isfinite(seconds)
+                and seconds >= 0
+            ):
                 self.earlier_seconds = float(seconds)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            raise UserError(f"cannot resume from {self.path}: it does not fit this run "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+            raise UserError(
+                f"cannot resume from {self.path}: it does not fit this run "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            ) from None
         self.saved = epoch
         log.info("resuming after epoch %d from %s", epoch, self.path)
         return {**dict(data.get("extra") or {}), "epoch": epoch}
@@ -269,8 +331,9 @@ def _load_state(obj: Any, state: Any, name: str) -> None:
         obj.set_state(state["generator"])
     elif isinstance(obj, (list, tuple)):
         if not isinstance(state, list) or len(state) != len(obj):
-            raise ValueError(f"'{name}' holds {len(state) if isinstance(state, list) else '?'} states for "
-                             f"{len(obj)} objects")
+            raise ValueError(
+                f"'{name}' holds {len(state) if isinstance(state, list) else '?'} states for {len(obj)} objects"
+            )
         for i, (o, st) in enumerate(zip(obj, state)):
             _load_state(o, st, f"{name}[{i}]")
     elif isinstance(obj, dict):

@@ -10,6 +10,7 @@ architecture), so state_dict keys are ``net.<the architecture's own keys>``. Eac
 architecture declares the names of its feature stages (attention distillation) and of
 the layer whose output channels feed the classifier (pruning).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -81,8 +82,9 @@ class _ChannelMask:
     def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
         mask = getattr(self.masks, self.key)
         if mask.numel() != out.shape[1]:
-            raise UserError(f"the mask of layer '{self.layer}' has {mask.numel()} values, "
-                            f"but the layer has {out.shape[1]} channels")
+            raise UserError(
+                f"the mask of layer '{self.layer}' has {mask.numel()} values, but the layer has {out.shape[1]} channels"
+            )
         return out * mask.to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
 
 
@@ -203,8 +205,14 @@ class Classifier(nn.Module):
         return self.net.get_submodule(self.spec.feature_layer)
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, img_size: tuple[int, int] = (32, 32),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Classifier:
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    img_size: tuple[int, int] = (32, 32),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Classifier:
     spec = model_spec(name)
     if min(img_size) < spec.min_size:
         raise UserError(f"model '{name}' needs inputs of at least {spec.min_size}x{spec.min_size}, got {img_size}")
@@ -225,7 +233,7 @@ def bare_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A :class:`Classifier`'s state_dict in its architecture's own key layout (the layout
     of BackdoorBench's and torchvision's models): ``net.`` removed; channel masks stay
     ``masks.<layer>``, polarizers ``polarizers.<layer>.*``."""
-    return {k[len(NET_PREFIX):] if k.startswith(NET_PREFIX) else k: v for k, v in state.items()}
+    return {k[len(NET_PREFIX) :] if k.startswith(NET_PREFIX) else k: v for k, v in state.items()}
 
 
 def classifier_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,7 +242,7 @@ def classifier_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     out = {}
     for key, value in state.items():
         if key.startswith(DATA_PARALLEL_PREFIX):
-            key = key[len(DATA_PARALLEL_PREFIX):]
+            key = key[len(DATA_PARALLEL_PREFIX) :]
         out[key if key.startswith((MASK_PREFIX, POLARIZER_PREFIX)) else NET_PREFIX + key] = value
     return out
 
@@ -244,7 +252,7 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
     user-facing error naming ``source``."""
     for key, value in state.items():
         if key.startswith(POLARIZER_PREFIX) and key.endswith(".conv.weight"):
-            layer = key[len(POLARIZER_PREFIX):-len(".conv.weight")].replace("__", ".")
+            layer = key[len(POLARIZER_PREFIX) : -len(".conv.weight")].replace("__", ".")
             try:
                 model.insert_polarizer(layer, int(value.shape[0]))
             except AttributeError:
@@ -252,7 +260,7 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
             except ValueError as exc:
                 raise UserError(f"{source}: {exc}") from None
         if key.startswith(MASK_PREFIX):
-            layer = key[len(MASK_PREFIX):].replace("__", ".")
+            layer = key[len(MASK_PREFIX) :].replace("__", ".")
             try:
                 model.set_mask(layer, value)
             except AttributeError:
@@ -267,8 +275,9 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
     if result.missing_keys or result.unexpected_keys:
         missing = ", ".join(result.missing_keys[:3]) or "none"
         unexpected = ", ".join(result.unexpected_keys[:3]) or "none"
-        raise UserError(f"{source}: the weights do not fit model '{model.name}' "
-                        f"(missing: {missing}; unexpected: {unexpected})")
+        raise UserError(
+            f"{source}: the weights do not fit model '{model.name}' (missing: {missing}; unexpected: {unexpected})"
+        )
     return model
 
 

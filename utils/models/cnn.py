@@ -1,5 +1,6 @@
 """A small CNN for 28x28 and 8x8 inputs (MNIST, Fashion-MNIST, digits): three stages of
 3x3 convolutions with BatchNorm and ReLU, global average pooling and a linear layer."""
+
 from __future__ import annotations
 
 from torch import nn

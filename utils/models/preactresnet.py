@@ -2,6 +2,7 @@
 backdoor literature trains it on 32x32 inputs: a 3x3 stem with stride 1, four stages of
 two pre-activation blocks, adaptive average pooling, a linear head. Module names follow
 BackdoorBench's, so its state_dicts load as they are (prefixed with ``net.``)."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

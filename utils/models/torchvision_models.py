@@ -1,6 +1,7 @@
 """torchvision architectures, trained from scratch (no downloaded weights), adapted to any
 channel count and class count. ViT-B/16 resizes its input to 224x224 first, as
 BackdoorBench does (its module is ``Sequential(resize, vit)``, keys ``1.*``)."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,17 @@ def _replace_first_conv(conv: nn.Conv2d, in_channels: int, init: Callable[[nn.Co
     applies to it (PyTorch's default init would differ from it, up to 7x in scale)."""
     if conv.in_channels == in_channels:
         return conv
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
     init(new)
     return new
 
@@ -53,8 +63,9 @@ def resnet18(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> n
     return net
 
 
-@register_model("vgg19_bn", stages=("features.25", "features.38", "features.51"), feature_layer="features.51",
-                min_size=32)
+@register_model(
+    "vgg19_bn", stages=("features.25", "features.38", "features.51"), feature_layer="features.51", min_size=32
+)
 def vgg19_bn(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
     """torchvision's VGG-19 with BatchNorm."""
     net = tvm.vgg19_bn(weights=None, num_classes=num_classes)
@@ -62,8 +73,7 @@ def vgg19_bn(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> n
     return net
 
 
-@register_model("mobilenet_v3_large", stages=("features.6", "features.12", "features.16"),
-                feature_layer="features.16")
+@register_model("mobilenet_v3_large", stages=("features.6", "features.12", "features.16"), feature_layer="features.16")
 def mobilenet_v3_large(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
     """torchvision's MobileNetV3-Large."""
     net = tvm.mobilenet_v3_large(weights=None, num_classes=num_classes)
@@ -71,8 +81,9 @@ def mobilenet_v3_large(num_classes: int, in_channels: int, img_size: tuple[int, 
     return net
 
 
-@register_model("convnext_tiny", stages=("features.3", "features.5", "features.7"), feature_layer="features.7",
-                min_size=32)
+@register_model(
+    "convnext_tiny", stages=("features.3", "features.5", "features.7"), feature_layer="features.7", min_size=32
+)
 def convnext_tiny(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
     """torchvision's ConvNeXt-Tiny."""
     net = tvm.convnext_tiny(weights=None, num_classes=num_classes)
@@ -93,8 +104,15 @@ class Resize(nn.Module):
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
 
 
-@register_model("vit_b_16", stages=("1.encoder.layers.encoder_layer_3", "1.encoder.layers.encoder_layer_7",
-                                    "1.encoder.layers.encoder_layer_11"), feature_layer=None)
+@register_model(
+    "vit_b_16",
+    stages=(
+        "1.encoder.layers.encoder_layer_3",
+        "1.encoder.layers.encoder_layer_7",
+        "1.encoder.layers.encoder_layer_11",
+    ),
+    feature_layer=None,
+)
 def vit_b_16(num_classes: int, in_channels: int, img_size: tuple[int, int]) -> nn.Module:
     """torchvision's ViT-B/16; resizes its input to 224x224 first, as BackdoorBench does."""
     vit = tvm.vit_b_16(weights=None, num_classes=num_classes, image_size=224)
