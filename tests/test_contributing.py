@@ -72,6 +72,16 @@ def test_new_skeletons_pass_the_contract_unchanged_in_a_copy_of_the_project(tmp_
         assert f"{side}/{name}.py" in proc.stdout and "README.md: tables updated" in proc.stdout
         for path in (f"{side}/{name}.py", f"config/{side}/{name}/default.yaml", f"tests/test_{name}.py"):
             assert (tmp_path / path).is_file(), path
+        ruff = shutil.which("ruff")
+        if ruff is not None:  # the skeletons are in the project's style: CI's format check passes with them
+            style = subprocess.run(
+                [ruff, "format", "--check", f"{side}/{name}.py", f"tests/test_{name}.py"],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert style.returncode == 0, style.stdout + style.stderr
     # One run of the copy's tests: the skeletons' own tests, every contract test selecting them,
     # the attack record contract, and the README check (the README now lists both).
     proc = subprocess.run(

@@ -220,6 +220,7 @@ Deviations from the paper or from BackdoorBench: <none yet>.
 
     python defense/${name}.py --result_file badnet_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -286,6 +287,7 @@ lr: 0.01
 
 DEFENSE_TEST = '''"""defense/${name}.py. tests/test_defense_contract.py already holds ${name} to the contract
 (it is registered); this file tests what the method itself does."""
+
 from __future__ import annotations
 
 from defense import DEFENSES, create_defense
@@ -320,6 +322,7 @@ Deviations from the paper or from BackdoorBench: <none yet>.
 
     python attack/${name}.py --dataset digits --save_folder_name ${name}_digits
 """
+
 from __future__ import annotations
 
 import utils.boot  # noqa: F401  (first, before torch: Ctrl-C while loading is one line)
@@ -375,6 +378,7 @@ alpha: 0.2
 ATTACK_TEST = '''"""attack/${name}.py. tests/test_attack_contract.py and tests/test_attack.py already hold
 ${name} to the contract and check its record (it is registered); this file tests what the
 attack itself does."""
+
 from __future__ import annotations
 
 import attack
