@@ -687,7 +687,10 @@ def tuned_recipe(root: Path, record: str, defense: str, dataset: str = "") -> tu
     if not path.is_file():
         shipped = cfg.tuned_yaml("defense", defense, dataset)
         if shipped is None:
-            return None, f"no tuned recipe (python -m defense tune {defense} --result_file {record})"
+            return None, (
+                f"no tuned recipe (python -m defense tune {defense} --result_file {record}; "
+                f"none shipped for {dataset or 'its dataset'} either)"
+            )
         path = shipped
     elif not path.resolve().is_relative_to(root.resolve()):
         return None, f"no tuned recipe: {path} leads outside {root}"

@@ -117,6 +117,12 @@ def test_tune_never_reads_the_test_set_and_compare_runs_its_recipe(record_root, 
     assert not {k for k, v in shipped.items() if k in default and default[k] == v}  # ... not what default.yaml says
     monkeypatch.undo()
 
+    # the record's own study comes first; without one, the shipped recipe of the record's dataset
+    assert compare.tuned_recipe(record_root, "badnet_digits", "sau", "digits")[0] == folder / "recipe.yaml"
+    shipped = cfg.CONFIG_DIR / "defense" / "ft" / "digits_tuned.yaml"
+    assert compare.tuned_recipe(record_root, "badnet_digits", "ft", "digits")[0] == shipped
+    assert compare.tuned_recipe(record_root, "badnet_digits", "ft", "mnist")[0] is None
+    monkeypatch.setattr(cfg, "tuned_yaml", lambda *args: None)  # as if nothing were shipped: ft has no tuned recipe
     table = compare.run(
         result_file=["badnet_digits"],
         record_root=str(record_root),
