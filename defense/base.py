@@ -793,6 +793,7 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
         control["resume"],
         {**values, "record_sha256": record.sha256},
         CONTROL_KEYS,
+        cfg.absent_defaults([*COMMON, *type(defense).params()]),
     )
     with guarded(out):
         with log_to(folder, f"{defense.name}.log"):

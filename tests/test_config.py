@@ -256,6 +256,15 @@ def test_checkpoint_resumes_across_control_changes_but_not_across_others(tmp_pat
     other.track(model=nn.Linear(2, 2))
     with pytest.raises(UserError, match=r"other settings \(lr: checkpoint 0.1, now 0.2\)"):
         other.restore()
+    # a parameter added after the checkpoint was made (absent_is_default), at its default: resumes
+    newer = {"lr": 0.1, "device": "cpu", "eval_every": 1, "retune": False}
+    later = Checkpoint(path, 1, True, newer, controls, defaults={"retune": False})
+    later.track(model=nn.Linear(2, 2))
+    assert later.restore()["epoch"] == 0
+    asked = Checkpoint(path, 1, True, {**newer, "retune": True}, controls, defaults={"retune": False})
+    asked.track(model=nn.Linear(2, 2))
+    with pytest.raises(UserError, match=r"other settings \(retune: checkpoint False, now True\)"):
+        asked.restore()
 
 
 # -- --help and `show` -------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ class Checkpoint:
     values are written (utils.records.save_checkpoint: atomically, Ctrl-C held back), so
     the file loads with ``torch.load(weights_only=True)``. ``config`` (the run's resolved
     values) is stored and must match on resume, except the keys in ``ignore`` (the run's
-    controls, utils.config.control_keys: how the run is made, not what it computes)."""
+    controls, utils.config.control_keys: how the run is made, not what it computes); a
+    checkpoint older than a parameter of ``defaults`` (utils.config.absent_defaults) holds its default."""
 
     def __init__(
         self,
@@ -217,11 +218,13 @@ class Checkpoint:
         resume: bool = False,
         config: Mapping[str, Any] | None = None,
         ignore: Iterable[str] = (),
+        defaults: Mapping[str, Any] | None = None,
     ):
         self.path = None if path is None else Path(path)
         self.every = int(every)
         self.resume = resume
         self.ignore = frozenset(ignore)
+        self.defaults = dict(defaults or {})  # utils.config.absent_defaults: what an older checkpoint lacks
         self.config = plain({k: v for k, v in (config or {}).items() if k not in self.ignore})
         self.objects: dict[str, Any] | None = None
         self.saved: int | None = None  # the epoch of the last checkpoint written or restored
@@ -279,7 +282,9 @@ class Checkpoint:
         data = load_checkpoint(self.path)
         try:
             stored, objects, epoch = data["config"], data["objects"], int(data["epoch"])
-            differences = config_diff(self.config, stored, self.ignore, labels=("checkpoint", "now"))
+            differences = config_diff(
+                self.config, stored, self.ignore, labels=("checkpoint", "now"), defaults=self.defaults
+            )
             if differences:
                 raise UserError(
                     f"cannot resume from {self.path}: it was made with other settings ("
