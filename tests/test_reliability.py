@@ -650,7 +650,7 @@ RESUMABLE = {
     "ft": {"epochs": 2},
     "fp": {"epochs": 2, "once_prune_ratio": 0.05},
     "nad": {"epochs": 2, "te_epochs": 1},
-    "nc": {"epochs": 2, "nc_epochs": 2, "batch_size": 64},
+    "nc": {"epochs": 2, "nc_epochs": 2, "batch_size": 64, "ratio": 0.05},  # flags the target here: it unlearns
     "ibau": {"epochs": 2, "batch_size": 128, "K": 2},
 }
 
