@@ -19,11 +19,12 @@ Runs ``--rounds`` rounds of SAU twice in one process, on the same record, clean 
 
 Both use this project's loss functions (L_sar in log space), so the numbers are equal
 where the optimisations are exact. With ``--exact-only``, (b) evaluates every round and
-runs in float32 (no --amp) in the default memory layout (SAU's channels_last on the CPU
-computes the same function with other rounding, and the search's sign steps can turn a
-rounding difference into another perturbation), so that only number-preserving changes
-are timed, and every
-round's C-Acc/ASR/RA are compared (exit status 1 if any differs).
+runs in float32 (no --amp) in the default memory layout (``memory_format: contiguous``; SAU's
+``auto`` layout, channels_last on the CPU, computes the same function with other rounding,
+and the search's sign steps can turn a rounding difference into another perturbation), so
+that only number-preserving changes are timed, and every round's C-Acc/ASR/RA are compared
+(exit status 1 if any differs). What the layout does to the final numbers over seeds:
+``benchmarks/sau_layout.py``.
 
 Printed: per-round seconds of search, unlearning and evaluation for each, their ratio,
 both runs' C-Acc/ASR/RA, a torch.profiler table of (b)'s top 10 operators over one more
@@ -213,7 +214,7 @@ def default_rounds(
     clock: Clock,
     evaluate_fn,
     eval_every: int,
-    channels_last: bool = True,
+    memory_format: str = "auto",
 ) -> dict[int, Metrics]:
     metrics: dict[int, Metrics] = {}
 
@@ -239,18 +240,14 @@ def default_rounds(
         metrics[clock.round] = out
         return out
 
-    timed_sau = TimedSAU(**{**sau.hyperparameters(), "epochs": rounds})
+    timed_sau = TimedSAU(**{**sau.hyperparameters(), "epochs": rounds, "memory_format": memory_format})
     data.monitor = TimedMonitor(measured, eval_every, rounds - 1)
     original, sau_module.SharedAdversarialExamples = sau_module.SharedAdversarialExamples, TimedSAE
-    layout = sau_module.channels_last_helps
-    if not channels_last:  # the default layout, as (a) runs: bit-for-bit comparable numbers
-        sau_module.channels_last_helps = lambda *_: False
     try:
         clock.round = 0
         timed_sau.mitigate(model, data)
     finally:
         sau_module.SharedAdversarialExamples = original
-        sau_module.channels_last_helps = layout
         data.monitor = None
     return metrics
 
@@ -298,7 +295,7 @@ def main() -> int:
         img_size=record.config.get("img_size"),
     )
     idx = clean_indices(data.train.labels, record.poison_indices, ratio, args.seed)
-    amp = not args.exact_only
+    amp = False  # the default (mixed precision is opt-in, and a no-op on the CPU)
     eval_every = 1 if args.exact_only else args.eval_every
 
     def defender() -> DefenseData:
@@ -313,11 +310,11 @@ def main() -> int:
         f"torch threads {torch.get_num_threads()}; test {len(data.test)} + backdoor test {len(record.bd_test)}"
     )
     print(
-        f"(b): the default, amp {amp and device.type == 'cuda'}, evaluation every {eval_every} rounds and the last"
+        f"(b): the default, amp {amp}, evaluation every {eval_every} rounds and the last, memory_format "
         + (
-            ", the default memory layout (channels_last changes rounding, so it is left out here)"
+            "contiguous (channels_last changes rounding, so it is left out here)"
             if args.exact_only
-            else ""
+            else sau.memory_format
         )
     )
 
@@ -341,7 +338,8 @@ def main() -> int:
         clocks["b"],
         lambda m: evaluate(m, data.test, record.bd_test, device=device),
         eval_every,
-        channels_last=not args.exact_only,
+        # the default layout, as (a) runs, for bit-for-bit comparable numbers
+        memory_format="contiguous" if args.exact_only else sau.memory_format,
     )
 
     print(

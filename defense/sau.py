@@ -53,7 +53,10 @@ still names the first bad batch), not with a host sync per batch. On the CPU, mo
 convolutions run in channels_last memory format (oneDNN's faster kernels, about 25% less
 time a search step measured on cnn and preactresnet18): the same function, with other
 floating-point rounding (logits within 1e-8 on cnn), so a CPU run's numbers are not bit
-for bit those of a run before this change; the returned model is contiguous again.
+for bit those of a run in the default layout; the returned model is contiguous again.
+``memory_format: contiguous`` keeps the default layout (every number as the reference loop's,
+as ``benchmarks/sau_speed.py --exact-only`` runs it); ``benchmarks/sau_layout.py`` measures
+what the layout does to the final numbers over seeds (docs/results.md).
 
 --resume continues the unlearning rounds exactly (the model, Adam's state, the shuffling
 and random states are checkpointed; the reference model is the record's).
@@ -88,11 +91,17 @@ def shared_adversarial_risk(
     return -log_one_minus_p.sum() / len(labels)
 
 
-def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
-    """Whether SAU runs ``model`` in channels_last: on the CPU, for models with 2-D
-    convolutions (measured: about 25% less time a search step for cnn and preactresnet18
-    with oneDNN; on CUDA the default layout is kept)."""
-    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+def memory_format_for(
+    model: nn.Module, device: torch.device, choice: Literal["auto", "contiguous", "channels_last"] = "auto"
+) -> torch.memory_format:
+    """The memory layout SAU runs ``model`` in. ``auto``: channels_last on the CPU for models
+    with 2-D convolutions (measured: about 25% less time a search step for cnn and
+    preactresnet18 with oneDNN), the default layout otherwise (CUDA, models without
+    convolutions)."""
+    if choice == "auto":
+        convolutional = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        choice = "channels_last" if device.type == "cpu" and convolutional else "contiguous"
+    return torch.channels_last if choice == "channels_last" else torch.contiguous_format
 
 
 @register_defense("sau")
@@ -116,6 +125,7 @@ class SAU(Defense):
         outer_steps: unlearning steps per found perturbation
         train_mode: BatchNorm in training mode during unlearning
         lr_scheduler: per-round learning-rate schedule (none: constant, as BackdoorBench runs it)
+        memory_format: memory layout during the run (auto: channels_last for conv models on the CPU; contiguous: exact)
     """
 
     paper = "Wei, Zhang, Zha and Wu, Shared Adversarial Unlearning, NeurIPS 2023, arXiv:2307.10562"
@@ -132,6 +142,7 @@ class SAU(Defense):
     }
     param_aliases = {"epochs": ("n_rounds",)}
     smoke_params = {"epochs": 2}
+    params_added_later = frozenset({"memory_format"})  # results before it ran "auto"
     param_checks = {
         "epochs": cfg.non_negative,
         "batch_size": cfg.positive,
@@ -160,6 +171,7 @@ class SAU(Defense):
         outer_steps: int = 1,
         train_mode: bool = False,
         lr_scheduler: Literal["none", "CosineAnnealingLR"] = "none",
+        memory_format: Literal["auto", "contiguous", "channels_last"] = "auto",
     ):
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.norm_type, self.trigger_norm, self.adv_lr = norm_type, trigger_norm, adv_lr
@@ -167,11 +179,10 @@ class SAU(Defense):
         self.beta_1, self.beta_2 = beta_1, beta_2
         self.lmd_1, self.lmd_2, self.lmd_3 = lmd_1, lmd_2, lmd_3
         self.outer_steps, self.train_mode = outer_steps, train_mode
-        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler, self.memory_format = lr_scheduler, memory_format
 
     def mitigate(self, model: nn.Module, data: DefenseData) -> nn.Module:
-        # channels_last on the CPU: measured faster for convolutional models (see the docstring)
-        fmt = torch.channels_last if channels_last_helps(model, data.device) else torch.contiguous_format
+        fmt = memory_format_for(model, data.device, self.memory_format)
         model.to(memory_format=fmt)
         model_ref = frozen_copy(model)
         model.eval()

@@ -188,3 +188,60 @@ def test_the_after_evaluation_reuses_the_last_report_unless_the_model_changed(re
     assert len(calls) == 4  # the returned model is evaluated again
     rows = (record_root / "badnet_digits/defense/sau/sau_df.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[-1].split(",")[1] == ""  # its row, without an epoch
+
+
+def test_sau_memory_layout_auto_is_channels_last_only_for_convolutions_on_the_cpu():
+    from defense.sau import memory_format_for
+
+    conv, linear = nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert memory_format_for(conv, cpu) == torch.channels_last
+    assert memory_format_for(conv, cuda) == torch.contiguous_format
+    assert memory_format_for(linear, cpu) == torch.contiguous_format
+    assert memory_format_for(conv, cpu, "contiguous") == torch.contiguous_format
+    assert memory_format_for(linear, cuda, "channels_last") == torch.channels_last
+
+
+def test_a_sau_result_saved_before_memory_format_existed_holds_auto():
+    from bench.compare import _defaults
+    from defense.base import CONTROL_KEYS
+    from utils.config import config_diff
+
+    stored = {"epochs": 3, "lr": 0.1}  # made when SAU always ran "auto"
+    defaults = _defaults("defense", "sau")
+    assert defaults["memory_format"] == "auto"
+    assert config_diff({**stored, "memory_format": "auto"}, stored, CONTROL_KEYS, defaults=defaults) == []
+    assert config_diff({**stored, "memory_format": "contiguous"}, stored, CONTROL_KEYS, defaults=defaults) == [
+        "memory_format: result 'auto', requested 'contiguous'"
+    ]
+
+
+def test_params_added_later_must_name_a_hyperparameter():
+    from defense.sau import SAU
+
+    class Typo(SAU):
+        params_added_later = frozenset({"memory_fromat"})
+
+    with pytest.raises(TypeError, match="memory_fromat"):
+        Typo.params()
+
+
+def test_sau_searches_in_the_layout_asked_for(record_root, monkeypatch):
+    import defense
+    import defense.sae as sae_module
+
+    seen: list[bool] = []
+    search = sae_module.SharedAdversarialExamples.search
+
+    def spy(self, x, *args, **kwargs):  # a weight with several input channels shows the layout (one does not)
+        w = next(m.weight for m in self.model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+        seen.append(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous())
+        return search(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(sae_module.SharedAdversarialExamples, "search", spy)
+    run = dict(result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=1, adv_steps=2)
+    for fmt, channels_last in (("contiguous", False), ("auto", True)):
+        seen.clear()
+        summary = defense.run("sau", **run, memory_format=fmt, result_name=f"sau_{fmt}", overwrite=True)
+        assert seen and set(seen) == {channels_last}, fmt
+        assert summary["config"]["memory_format"] == fmt

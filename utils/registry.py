@@ -25,7 +25,7 @@ import importlib.metadata
 import inspect
 import pkgutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Generic, Iterable, TypeVar
 
 from utils import config as cfg
@@ -40,8 +40,11 @@ class Method:
     arguments of ``__init__`` with the paper's defaults, each kept as an attribute of the
     same name. ``param_aliases`` and ``param_checks`` add command-line aliases and value
     checks; ``smoke_params`` are the hyperparameters of a seconds-long run on digits
-    (contract tests, smoke grids). The first line of the class docstring is the method's
-    one-line summary (``--help``, ``python -m defense list``, the README's tables)."""
+    (contract tests, smoke grids); ``params_added_later`` names hyperparameters added after
+    results were saved whose default computes what those results computed (a stored
+    config without one is taken to hold its default: see ``cfg.Param.absent_is_default``).
+    The first line of the class docstring is the method's one-line summary (``--help``,
+    ``python -m defense list``, the README's tables)."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
@@ -50,6 +53,7 @@ class Method:
     param_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
     param_checks: ClassVar[dict[str, Callable[[Any], str | None]]] = {}
     smoke_params: ClassVar[dict[str, Any]] = {}
+    params_added_later: ClassVar[frozenset[str]] = frozenset()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """Check the hyperparameters against ``param_checks`` on every route (the command
@@ -80,7 +84,11 @@ class Method:
 
     @classmethod
     def params(cls) -> list[cfg.Param]:
-        return cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
+        params = cfg.params_from_signature(cls, cls.param_aliases, cls.param_checks)
+        unknown = set(cls.params_added_later) - {p.name for p in params}
+        if unknown:
+            raise TypeError(f"{cls.__name__}.params_added_later names no hyperparameter: {sorted(unknown)}")
+        return [replace(p, absent_is_default=p.name in cls.params_added_later) for p in params]
 
     def hyperparameters(self) -> dict[str, Any]:
         return cfg.hyperparameters_of(self)
