@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from utils import config as cfg
 from utils.config import Layer, Param
@@ -389,3 +390,20 @@ def test_layered_shipped_yamls_resolve_to_the_reference_and_dataset_values():
     assert "recipe: reference" in digits and (value(digits, "ratio"), value(digits, "lr")) == ("0.2", "0.0001")
     gtsrb = show_config("ft_sam", "gtsrb")
     assert (value(gtsrb, "rho"), value(gtsrb, "epochs"), value(gtsrb, "label_smoothing")) == ("8.0", "50", "0.0")
+
+
+@pytest.mark.parametrize(("grid", "share"), [("digits_seeds.yaml", "0.2"), ("fashion_mnist_badnet.yaml", "0.05")])
+def test_every_mitigation_of_a_shipped_grid_gets_the_same_clean_share(grid, share):
+    """The protocol: on one dataset every compared defense holds the same clean subset."""
+    import re
+
+    from defense import DEFENSES
+    from defense.base import show_config
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/grid" / grid).read_text())
+    names = [d if isinstance(d, str) else next(iter(d)) for d in spec["defenses"]]
+    mitigations = [n for n in names if DEFENSES.get(n).kind == "mitigation"]
+    assert len(mitigations) >= 9
+    for name in mitigations:
+        text = show_config(name, spec["datasets"][0])
+        assert re.search(r"^  ratio +=\s(\S+)", text, re.M).group(1) == share, name
