@@ -37,7 +37,9 @@ asks of every reported table).
 Where results go. Seed 0 writes ``record/<record>/defense/<defense>/`` as
 ``python defense/<defense>.py`` does; seed k writes ``defense/<defense>_seed<k>/`` (the
 harness's ``--result_name``). The comparison writes ``record/compare/<name>/``:
-table.md (a row per defense, with "ASR after retuning" when a run was made with --retune;
+table.md (a row per defense, with "ASR after retuning" when a run was made with --retune:
+``--option retune=true`` on finished mitigation results made without it adds the retuning
+to them, on their saved models, without running the defense again;
 detectors, named with --defenses or in the grid, in a table of their own after it: per
 record, a row per detector with AUROC, TPR@5%FPR, F1, time and the retrained model's C-Acc
 and ASR when one was retrained), table_by_record.md
@@ -93,7 +95,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from bench.executors import Resources, make_executor
 from bench.grid import RecordSpec, Spec, columns_of, load_grid, spec_from_records
-from bench.jobs import Progress, Run, execute, identity_problem, read_json
+from bench.jobs import Progress, Run, execute, identity_problem
 from bench.tables import (
     Table,
     aggregate,
@@ -110,7 +112,7 @@ from utils import cluster, config as cfg
 from utils.cli import entry
 from utils.config import Param
 from utils.errors import UserError
-from utils.files import inside_root, save_json, save_text
+from utils.files import inside_root, read_json, save_json, save_text
 from utils.records import RECORD_FILE, load_record, record_dir
 
 log = logging.getLogger("saubench.compare")
@@ -717,6 +719,7 @@ def _defense_run(
     """``resolved``: the resolved config of this (record, defense), shared by its seeds:
     resolved once (which checks every option's value before anything runs), then only
     the seed and the result folder change."""
+    from defense import DEFENSES
     from defense.base import CONTROL_KEYS as DEFENSE_CONTROLS, resolve_config as resolve_defense
 
     recipes = values.get("recipes", "reference")
@@ -771,7 +774,12 @@ def _defense_run(
     problem = identity_problem(summary, base.identity, base.legacy)
     if problem is not None:
         return _mismatch(run, values, problem)
-    diff = config_diff(requested, summary.get("config") or {}, DEFENSE_CONTROLS, defaults=_defaults("defense", name))
+    stored, defaults = summary.get("config") or {}, _defaults("defense", name)
+    diff = config_diff(requested, stored, DEFENSE_CONTROLS, defaults=defaults)
+    mitigation = DEFENSES.get(name).kind == "mitigation"
+    if diff and requested.get("retune") and "retune" not in summary and mitigation:
+        if not config_diff({**requested, "retune": False}, stored, DEFENSE_CONTROLS, defaults=defaults):
+            return run  # made without --retune: the harness adds the retuning to it (defense.base.add_retune)
     if diff:
         return _mismatch(run, values, "config differs: " + "; ".join(diff))
     run.status, run.summary = "reused", summary

@@ -8,7 +8,6 @@ built from the summaries the runs write is in :mod:`bench.tables`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import sys
@@ -178,14 +177,6 @@ def identity_problem(summary: dict[str, Any], identity: str | None, legacy: bool
     if have is None:
         return "it names no record identity (made before results named one), so it may be " + STALE
     return f"{STALE} ({str(have)[:12]}, the record in place is {str(identity)[:12]})"
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # -- execution ---------------------------------------------------------------------------------------

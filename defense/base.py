@@ -68,7 +68,7 @@ from utils.errors import UserError
 from utils.history import History
 from utils.metrics import COLUMNS as METRIC_COLUMNS, Metrics, closing_text, der, detection_text, evaluate
 from utils.models import Classifier
-from utils.files import StagedFolder, save_json, save_png, save_text
+from utils.files import StagedFolder, read_json, save_json, save_png, save_text
 from utils.poison import PoisonedSet
 from utils.provenance import provenance
 from utils.records import (
@@ -76,6 +76,7 @@ from utils.records import (
     check_clean_train,
     check_record_unchanged,
     load_record,
+    load_defense_result,
     locate_record,
     record_dir,
     save_defense_result,
@@ -596,7 +597,8 @@ COMMON: list[Param] = [
         False,
         "after a mitigation, also fine-tune a copy of the purified model on a small seeded "
         "mix of poisoned and clean training samples (the retuning attack, Min et al., NeurIPS 2024; "
-        "utils/retune.py) and report its metrics as summary.json's 'retune'",
+        "utils/retune.py) and report its metrics as summary.json's 'retune' (on a finished result made "
+        "without it, the same config otherwise: added to it, on its saved model, without running the defense again)",
         absent_is_default=True,
     ),
     Param(
@@ -776,6 +778,9 @@ def _run(name: str, argv: Sequence[str], overrides: dict[str, Any]) -> dict[str,
     out = StagedFolder(
         record.path / "defense" / values["result_name"], values["overwrite"], root=Path(values["record_root"])
     )
+    finished = finished_without_retune(out.final, values, record, defense)
+    if finished is not None:
+        return add_retune(finished, out.final, defense, record, values, device, inputs)
     if (
         out.final.is_dir()
         and not values["overwrite"]
@@ -1044,6 +1049,57 @@ def _defend(
         "config": cfg.plain({k: v for k, v in values.items() if k not in ("debug",)}),
         **provenance(),
     }
+    save_json(summary, folder / "summary.json")
+    return summary
+
+
+def finished_without_retune(
+    folder: Path, values: dict[str, Any], record: AttackRecord, defense: Defense
+) -> dict[str, Any] | None:
+    """The summary of a finished mitigation result in ``folder`` that is the run asked for
+    except that it was made without --retune (same record, same config otherwise), when the
+    request asks for --retune and no --overwrite: the retuning evaluation is then added to it
+    (:func:`add_retune`) instead of running the defense again. None otherwise."""
+    if not values.get("retune") or values["overwrite"] or defense.kind != "mitigation":
+        return None
+    summary = read_json(folder / "summary.json")
+    if summary is None or "retune" in summary or not (folder / "defense_result.pt").is_file():
+        return None
+    if summary.get("record_identity") != record.identity:
+        return None
+    stored = summary.get("config")
+    defaults = cfg.absent_defaults([*COMMON, *type(defense).params()])
+    request = {**cfg.plain(values), "retune": False}
+    if not isinstance(stored, dict) or cfg.config_diff(request, stored, CONTROL_KEYS, defaults=defaults):
+        return None
+    return summary
+
+
+def add_retune(
+    summary: dict[str, Any],
+    folder: Path,
+    defense: Defense,
+    record: AttackRecord,
+    values: dict[str, Any],
+    device: torch.device,
+    inputs: tuple[Dataset, torch.Tensor],
+) -> dict[str, Any]:
+    """--retune on a finished result made without it: the retuning attack on its saved
+    purified model, added to its summary.json (``retune``, and ``config.retune`` true). The
+    numbers are those a run made with --retune from the start gives (the same weights, the
+    same seeded retuning); the defense is not run again."""
+    data = inputs[0]
+    purified = record.build_model()
+    purified.load_state_dict(load_defense_result(folder / "defense_result.pt")["model"])
+    purified.to(device).eval()
+    with log_to(folder, f"{defense.name}.log"):
+        log.info("--retune on the finished result in %s (the defense is not run again)", folder)
+        retuned = _retune(
+            purified, record, data, values, device, lambda m: evaluate(m, data.test, record.bd_test, device=device)
+        )
+    if retuned is None:
+        return summary
+    summary = {**summary, "retune": retuned, "config": {**summary["config"], "retune": True}}
     save_json(summary, folder / "summary.json")
     return summary
 

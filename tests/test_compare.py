@@ -19,9 +19,10 @@ import pytest
 import defense
 from bench import compare
 from bench.executors import DependencyFailed, InlineExecutor, ProcessExecutor
-from bench.jobs import Run, read_json
+from bench.jobs import Run
 from bench.tables import NO_DEFENSE, aggregate, config_diff, markdown, to_csv, to_json
 from utils.errors import UserError
+from utils.files import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,6 +261,19 @@ def test_a_result_with_another_config_is_reported_not_reused(record_root):
     assert calls.calls == [("sau", 0)] and redone["rows"][1]["n"] == 1
     summary = json.loads((record_root / "badnet_digits/defense/sau/summary.json").read_text())
     assert summary["config"]["epochs"] == 2
+
+
+def test_retune_asked_of_a_finished_result_adds_the_retuning_without_running_the_defense_again(record_root):
+    first = _compare(record_root, defenses=["fst"], option=["epochs=1"])
+    folder = record_root / "badnet_digits/defense/fst"
+    weights = (folder / "defense_result.pt").read_bytes()
+    result = _compare(record_root, defenses=["fst"], option=["epochs=1", "retune=true"])
+    run = next(r for r in result["runs"] if r["side"] == "defense")
+    assert run["status"] == "done" and run["seconds"] == first["runs"][1]["seconds"]
+    assert (folder / "defense_result.pt").read_bytes() == weights  # the same purified model, not a new run
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["config"]["retune"] is True and 0 <= summary["retune"]["asr"] <= 1
+    assert "ASR after retuning" in result["markdown"]
 
 
 def test_bad_input_is_one_user_error(record_root, tmp_path):

@@ -42,3 +42,31 @@ def test_a_run_with_retune_reports_it_and_keeps_the_purified_model(record_root):
     assert 0.0 <= tuned["retune"]["asr"] <= 1.0
     written = json.loads((record_root / "badnet_digits" / "defense" / "fst_retuned" / "summary.json").read_text())
     assert written["retune"] == tuned["retune"]
+
+
+def test_retune_added_to_a_finished_result_equals_retune_from_the_start(record_root):
+    common = dict(result_file="badnet_digits", record_root=str(record_root), device="cpu", epochs=1)
+    from_start = run("fst", result_name="fst_start", retune=True, **common)
+    finished = run("fst", result_name="fst_later", **common)
+    folder = record_root / "badnet_digits" / "defense" / "fst_later"
+    weights = (folder / "defense_result.pt").read_bytes()
+    later = run("fst", result_name="fst_later", retune=True, **common)  # no --overwrite: only the retuning runs
+    assert later["retune"] == from_start["retune"]
+    assert later["after"] == finished["after"] and later["seconds"] == finished["seconds"]  # not run again
+    assert (folder / "defense_result.pt").read_bytes() == weights
+    written = json.loads((folder / "summary.json").read_text())
+    assert written["retune"] == from_start["retune"] and written["config"]["retune"] is True
+    assert "the defense is not run again" in (folder / "fst.log").read_text()
+
+
+def test_retune_is_not_added_to_a_result_of_another_config(record_root):
+    import pytest
+
+    from utils.errors import UserError
+
+    common = dict(result_file="badnet_digits", record_root=str(record_root), device="cpu")
+    run("fst", result_name="fst_other", epochs=1, **common)
+    with pytest.raises(UserError):  # the folder holds another run: refused as before, not extended
+        run("fst", result_name="fst_other", epochs=2, retune=True, **common)
+    summary = json.loads((record_root / "badnet_digits" / "defense" / "fst_other" / "summary.json").read_text())
+    assert "retune" not in summary

@@ -83,6 +83,15 @@ def save_json(obj: Any, path: Path) -> None:
     save_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when the file is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def png_bytes(pixels: torch.Tensor) -> bytes:
     """A uint8 C x H x W image (1 or 3 channels, RGB) encoded as an 8-bit PNG, exactly."""
     import cv2
