@@ -29,8 +29,8 @@ that only number-preserving changes are timed, and every round's C-Acc/ASR/RA ar
 Printed: per-round seconds of search, unlearning and evaluation for each, their ratio,
 both runs' C-Acc/ASR/RA, a torch.profiler table of (b)'s top 10 operators over one more
 round, and the FLOPs of one round (measured with torch.utils.flop_counter.FlopCounterMode
-over a whole round of each; convolutions and matrix products, forward and backward) with
-the achieved GFLOP/s.
+over a round of each on the first ``--flop_samples`` clean samples, scaled to the subset;
+convolutions and matrix products, forward and backward) with the achieved GFLOP/s.
 """
 
 from __future__ import annotations
@@ -278,6 +278,13 @@ def main() -> int:
     parser.add_argument("--data_root", default=None, help="default: the record's, else ./data")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiled round")
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counted rounds")
+    parser.add_argument(
+        "--flop_samples",
+        type=int,
+        default=512,
+        help="clean samples of the FLOP-counted rounds (FlopCounterMode's bookkeeping over a whole round of a "
+        "large clean subset needs tens of GB); the count is scaled to the whole subset",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -298,8 +305,8 @@ def main() -> int:
     amp = False  # the default (mixed precision is opt-in, and a no-op on the CPU)
     eval_every = 1 if args.exact_only else args.eval_every
 
-    def defender() -> DefenseData:
-        d = DefenseData(data.train.subset(idx), data.info, device, amp, args.seed)
+    def defender(limit: int | None = None) -> DefenseData:
+        d = DefenseData(data.train.subset(idx[:limit]), data.info, device, amp, args.seed)
         d.tensors()
         return d
 
@@ -379,14 +386,16 @@ def main() -> int:
     if args.flops:
         # FLOPs of one round (a fresh copy of the backdoored model, one round each), and GFLOP/s
         flops = {}
+        counted = min(args.flop_samples, len(idx))
         for k in ("a", "b"):
             seed_everything(args.seed)
-            m, d, c = copy.deepcopy(backdoored), defender(), Clock(device)
+            m, d, c = copy.deepcopy(backdoored), defender(counted), Clock(device)
             if k == "a":
                 flops[k] = round_flops(lambda: reference_rounds(sau, m, d, 1, c, lambda _: None))
             else:
                 nan = Metrics(*[float("nan")] * 6)
                 flops[k] = round_flops(lambda: default_rounds(sau, m, d, 1, c, lambda _: nan, 1))
+            flops[k] = flops[k] * len(idx) / counted  # scaled from the counted samples to the whole subset
         with torch.no_grad():
             per_sample = round_flops(lambda: backdoored(data.train.images[:64].to(device).float() / 255)) / 64
         n_eval = len(data.test) + len(record.bd_test)
